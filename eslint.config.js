@@ -1,0 +1,30 @@
+import tseslint from 'typescript-eslint';
+import importX from 'eslint-plugin-import-x';
+
+// agent/ and coordinator/ talk only through common/ (and the wire); this keeps either side deployable alone.
+const boundary = (other) => ({
+  'no-restricted-imports': [
+    'error',
+    { patterns: [{ group: [`**/${other}/**`, `../${other}`, `../${other}/*`], message: `import from common/ only, never from ${other}/` }] },
+  ],
+});
+
+export default tseslint.config(
+  { ignores: ['dist/**', 'node_modules/**', 'common/proto/**', 'bin/**', '.bench/**'] },
+  ...tseslint.configs.recommendedTypeChecked,
+  {
+    languageOptions: { parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname } },
+    plugins: { 'import-x': importX },
+    rules: {
+      '@typescript-eslint/no-floating-promises': 'error',
+      '@typescript-eslint/no-misused-promises': ['error', { checksVoidReturn: { arguments: false } }],
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
+      '@typescript-eslint/restrict-template-expressions': ['error', { allowNumber: true, allowBoolean: true }],
+      'import-x/no-cycle': 'error',
+    },
+  },
+  { files: ['agent/**/*.ts'], rules: boundary('coordinator') },
+  { files: ['coordinator/**/*.ts'], rules: boundary('agent') },
+  { files: ['common/**/*.ts'], rules: { 'no-restricted-imports': ['error', { patterns: ['**/agent/**', '**/coordinator/**'] }] } },
+  { files: ['eslint.config.js', 'vitest.config.ts'], ...tseslint.configs.disableTypeChecked },
+);
