@@ -21,6 +21,23 @@ export function grpcStatusDisposition(code: status): Disposition {
   }
 }
 
+// ErrorReply codes that a new connection would receive again until someone changes an installation or a
+// configuration: a protocol major mismatch, a refused agent, a message the coordinator cannot accept.
+const FATAL_REPLY_CODES = new Set([
+  'EKACI_ERR_PROTOCOL_MISMATCH',
+  'EKACI_ERR_AUTH',
+  'EKACI_ERR_PROTOCOL',
+  'EKACI_ERR_CONFIG',
+]);
+
+/**
+ * How an agent treats an `ErrorReply` on its `Connect` stream. Unknown codes are retried: a coordinator that is
+ * starting up, or still holds the agent's previous stream, refuses only for a moment.
+ */
+export function errorReplyDisposition(code: string): Disposition {
+  return FATAL_REPLY_CODES.has(code) ? 'fatal' : 'retry';
+}
+
 // Nix 2.x exit status for failed builds: 100 plus bit flags (1 = timed out, 2 = hash mismatch, 4 = check mismatch).
 const NIX_BUILD_FAILURE_BASE = 100;
 const NIX_TIMED_OUT_BIT = 1;

@@ -1,0 +1,186 @@
+import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { closeSync, mkdirSync, openSync, read, rmSync, unlinkSync, write, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { IllegalStateError } from '../../common/errors.js';
+
+// Bytes a build may get ahead of the disk before its output pipes are paused: enough to absorb a burst of
+// compiler output, small enough that a stuck disk stalls the build instead of the agent's memory.
+const WRITE_HIGH_WATER_BYTES = 1024 * 1024;
+
+// A lease id is chosen by the coordinator; one that is not a plain file name is hashed so it cannot escape the
+// spool directory or collide with a sibling's GC-root directory.
+const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$/;
+
+/**
+ * The agent's on-disk spool: one log file per lease under `logs/`, Nix GC roots per lease under `gcroots/` (so a
+ * build's outputs survive until they are uploaded and reported) and the `netrc` Nix uses to reach the cache.
+ */
+export class LogSpool {
+  constructor(readonly dir: string) {}
+
+  get netrcPath(): string {
+    return join(this.dir, 'netrc');
+  }
+
+  /**
+   * Creates the directories and removes what an earlier agent process left: its leases died with it (message ids
+   * and the session nonce start anew), so the coordinator has already given them up.
+   */
+  prepare(): void {
+    for (const sub of ['logs', 'gcroots']) {
+      rmSync(join(this.dir, sub), { recursive: true, force: true });
+      mkdirSync(join(this.dir, sub), { recursive: true, mode: 0o700 });
+    }
+  }
+
+  /** Creates (truncating) the spool file of a lease. */
+  open(leaseId: string): LeaseLog {
+    return new LeaseLog(join(this.dir, 'logs', `${fileName(leaseId)}.log`));
+  }
+
+  /** The `--add-root` path of a lease; Nix adds `-<output>` for outputs other than the first. */
+  gcRoot(leaseId: string): string {
+    const dir = join(this.dir, 'gcroots', fileName(leaseId));
+    mkdirSync(dir, { recursive: true });
+    return join(dir, 'result');
+  }
+
+  /** Releases a lease's outputs to the garbage collector (they are in the cache by now, or not worth keeping). */
+  removeGcRoots(leaseId: string): void {
+    rmSync(join(this.dir, 'gcroots', fileName(leaseId)), { recursive: true, force: true });
+  }
+
+  /** Writes the credentials Nix sends to the coordinator's cache, readable by the agent's user only. */
+  writeNetrc(host: string, token: string): void {
+    rmSync(this.netrcPath, { force: true });
+    writeFileSync(this.netrcPath, `machine ${host} login ekaci password ${token}\n`, { mode: 0o600, flag: 'wx' });
+  }
+}
+
+function fileName(leaseId: string): string {
+  if (SAFE_NAME.test(leaseId)) return leaseId;
+  return `h-${createHash('sha256').update(leaseId).digest('hex').slice(0, 40)}`;
+}
+
+type LeaseLogState = 'open' | 'closing' | 'closed' | 'removed';
+
+interface LeaseLogEvents {
+  /** More bytes are on disk. */
+  grow: [];
+  /** The writer is done; `size` is final. */
+  closed: [];
+  /** Pending writes fell below the high-water mark after `append` returned false. */
+  drain: [];
+}
+
+/**
+ * One lease's build output on disk. Bytes count (`size`) only once the write finished, so whatever reads up to
+ * `size` reads what is really in the file.
+ *
+ * States: open → closing → closed → removed (or straight to removed). Appending is legal only while open.
+ */
+export class LeaseLog extends EventEmitter<LeaseLogEvents> {
+  private readonly fd: number;
+  private state: LeaseLogState = 'open';
+  private durable = 0;
+  private appended = 0;
+  private writes: Promise<void> = Promise.resolve();
+  private readonly reads = new Set<Promise<unknown>>();
+  private blocked = false;
+  /** The first write error (a full disk): the build is then reported as an infrastructure failure. */
+  writeError: Error | null = null;
+
+  constructor(readonly path: string) {
+    super();
+    this.fd = openSync(path, 'w+', 0o600);
+  }
+
+  get size(): number {
+    return this.durable;
+  }
+
+  get closed(): boolean {
+    return this.state === 'closed';
+  }
+
+  /** Queues bytes for the file; false means "pause the producer until `drain`". */
+  append(chunk: Buffer): boolean {
+    if (this.state !== 'open') throw new IllegalStateError(`cannot append to a ${this.state} log ${this.path}`);
+    const position = this.appended;
+    this.appended += chunk.length;
+    this.writes = this.writes.then(async () => {
+      if (this.writeError !== null || this.state === 'removed') return;
+      try {
+        await writeFully(this.fd, chunk, position);
+        this.durable += chunk.length;
+        this.emit('grow');
+      } catch (err) {
+        this.writeError = err instanceof Error ? err : new Error(String(err));
+      }
+      if (this.blocked && this.appended - this.durable <= WRITE_HIGH_WATER_BYTES / 2) {
+        this.blocked = false;
+        this.emit('drain');
+      }
+    });
+    if (this.appended - this.durable > WRITE_HIGH_WATER_BYTES) this.blocked = true;
+    return !this.blocked;
+  }
+
+  /** Waits for queued writes; afterwards `size` is the final length. Idempotent. */
+  async close(): Promise<void> {
+    if (this.state === 'open') this.state = 'closing';
+    await this.writes;
+    if (this.state === 'closing') {
+      this.state = 'closed';
+      this.emit('closed');
+    }
+  }
+
+  /** Reads up to `length` bytes at `offset`; never beyond `size`. */
+  read(offset: number, length: number): Promise<Buffer> {
+    if (this.state === 'removed') return Promise.reject(new IllegalStateError(`log ${this.path} was removed`));
+    const n = Math.max(0, Math.min(length, this.durable - offset));
+    const p = readFully(this.fd, n, offset);
+    this.reads.add(p);
+    const forget = (): void => void this.reads.delete(p);
+    p.then(forget, forget);
+    return p;
+  }
+
+  /** Deletes the file once pending reads and writes are over (the descriptor must not be reused under them). */
+  async remove(): Promise<void> {
+    if (this.state === 'removed') return;
+    this.state = 'removed';
+    await this.writes;
+    await Promise.allSettled([...this.reads]);
+    closeSync(this.fd);
+    try {
+      unlinkSync(this.path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+  }
+}
+
+async function writeFully(fd: number, chunk: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < chunk.length) {
+    done += await new Promise<number>((resolve, reject) =>
+      write(fd, chunk, done, chunk.length - done, position + done, (err, n) => (err ? reject(err) : resolve(n))),
+    );
+  }
+}
+
+async function readFully(fd: number, length: number, position: number): Promise<Buffer> {
+  const buffer = Buffer.alloc(length);
+  let done = 0;
+  while (done < length) {
+    const n = await new Promise<number>((resolve, reject) =>
+      read(fd, buffer, done, length - done, position + done, (err, bytes) => (err ? reject(err) : resolve(bytes))),
+    );
+    if (n === 0) break;
+    done += n;
+  }
+  return buffer.subarray(0, done);
+}

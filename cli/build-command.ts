@@ -1,0 +1,95 @@
+import { UsageError } from '../common/errors.js';
+import { createLogger, silentLogger } from '../common/logging.js';
+import { loadCoordinatorConfig } from '../coordinator/config.js';
+import { instantiate } from '../coordinator/eval/instantiate.js';
+import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
+import { EmbeddedSystem } from './embedded.js';
+
+export interface BuildCommandOptions {
+  attr: string[];
+  agents: string;
+  json?: boolean;
+  config?: string;
+  dataDir?: string;
+  maxJobs?: string;
+  verbose?: boolean;
+}
+
+const SUCCESS = new Set(['succeeded', 'substituted']);
+
+/**
+ * `ekaci build FILE [-A ATTR]…`: evaluates the attributes, builds them on the embedded system and prints one
+ * line per attribute. Returns the exit status: 0 when all succeeded, 1 when any did not.
+ */
+export async function buildCommand(file: string, opts: BuildCommandOptions): Promise<number> {
+  const agents = Number(opts.agents);
+  if (!Number.isInteger(agents) || agents < 0) throw new UsageError(`--agents takes a whole number, got "${opts.agents}"`);
+  const maxJobs = opts.maxJobs === undefined ? undefined : Number(opts.maxJobs);
+  if (maxJobs !== undefined && (!Number.isInteger(maxJobs) || maxJobs < 1)) {
+    throw new UsageError(`--max-jobs takes a whole number ≥ 1, got "${opts.maxJobs}"`);
+  }
+  const config = loadCoordinatorConfig(opts.config);
+  if (opts.dataDir) config.dataDir = opts.dataDir;
+  if (agents > 0) {
+    // A private run: agents are ours, so the ports need not be known in advance.
+    config.web = { ...config.web, address: '127.0.0.1', port: 0 };
+    config.grpc = { ...config.grpc, address: '127.0.0.1', port: 0 };
+  }
+  const roots = await instantiate(file, opts.attr);
+  const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
+  const system = new EmbeddedSystem({
+    coordinator: config,
+    agents,
+    maxJobs: maxJobs ?? config.localAgent.maxJobs,
+    logger,
+  });
+  const started = Date.now();
+  await system.start();
+  const onSignal = (): void => {
+    process.stderr.write('interrupted: cancelling builds…\n');
+    system.coordinator.manager.cancel(system.coordinator.manager.activeDerivations(), 'interrupted by the user');
+  };
+  process.once('SIGINT', onSignal);
+  try {
+    const requestId = await system.coordinator.manager.submit(
+      roots.map((r) => ({ attr: r.attr, drvPath: r.drvPath })),
+      `ekaci build ${file}`,
+    );
+    const results = await system.coordinator.manager.waitFor(requestId);
+    const seconds = (Date.now() - started) / 1000;
+    process.stdout.write(opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds));
+    return results.every((r) => SUCCESS.has(r.state)) ? 0 : 1;
+  } finally {
+    process.off('SIGINT', onSignal);
+    await system.stop();
+  }
+}
+
+export function toJson(results: readonly BuildResult[]): unknown {
+  return {
+    builds: results.map((r) => ({
+      attr: r.attr,
+      drv: r.drvPath,
+      state: r.state,
+      attempts: r.attempts,
+      agent: r.agent,
+      outputs: r.outputs.map((o) => ({ name: o.name, path: o.path, narSize: o.narSize, closureSize: o.closureSize })),
+      ...(r.rootCause ? { rootCause: r.rootCause } : {}),
+      ...(r.error ? { error: r.error } : {}),
+    })),
+  };
+}
+
+function renderText(results: readonly BuildResult[], seconds: number): string {
+  const width = Math.max(...results.map((r) => r.attr.length), 4);
+  const lines = results.map((r) => {
+    let line = `${r.state.padEnd(17)} ${r.attr.padEnd(width)} ${r.drvPath}`;
+    if (r.rootCause) line += `\n${' '.repeat(18)}root cause: ${r.rootCause}`;
+    if (r.error && !SUCCESS.has(r.state)) line += `\n${' '.repeat(18)}${r.error.split('\n')[0]}`;
+    return line;
+  });
+  const counts = new Map<string, number>();
+  for (const r of results) counts.set(r.state, (counts.get(r.state) ?? 0) + 1);
+  const summary = [...counts].map(([state, n]) => `${n} ${state}`).join(', ');
+  return `${lines.join('\n')}\n\n${summary} (${results.length} attributes, ${seconds.toFixed(1)} s)\n`;
+}

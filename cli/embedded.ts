@@ -1,0 +1,116 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Agent } from '../agent/agent.js';
+import type { Logger } from '../common/logging.js';
+import { Coordinator } from '../coordinator/coordinator.js';
+import type { CoordinatorOptions } from '../coordinator/config.js';
+
+/**
+ * The embedded system: a coordinator plus local agents that reach it over loopback gRPC — the same protocol and
+ * code path as remote agents. This module is the one place that knows both sides; `agent/` and `coordinator/`
+ * never import each other.
+ *
+ * One agent runs in this process against the machine's Nix store. More agents (`--agents N`, as root) each run
+ * as a child process in a private mount namespace with its own empty `/nix`, so derivations and outputs really
+ * travel through the coordinator's binary cache, as they do between machines.
+ */
+export interface EmbeddedOptions {
+  coordinator: CoordinatorOptions;
+  agents: number;
+  /** Build slots per agent; defaults to the coordinator's local_agent.max_jobs, then Nix's max-jobs. */
+  maxJobs: number | undefined;
+  logger: Logger;
+  /** Where agent children send their pino output (fd); inherited stderr by default. */
+  agentLogLevel?: string;
+}
+
+export class EmbeddedSystem {
+  readonly coordinator: Coordinator;
+  private readonly localAgents: Agent[] = [];
+  private readonly children: ChildProcess[] = [];
+
+  constructor(private readonly options: EmbeddedOptions) {
+    this.coordinator = new Coordinator(options.coordinator, options.logger.child({ component: 'coordinator' }));
+  }
+
+  async start(): Promise<void> {
+    await this.coordinator.start();
+    const { agents } = this.options;
+    const isolate = agents > 1 && process.getuid?.() === 0;
+    for (let i = 1; i <= agents; i++) {
+      const agentId = `local-${i}`;
+      const dir = join(this.options.coordinator.dataDir, 'agents', agentId);
+      if (isolate) this.children.push(this.spawnIsolatedAgent(agentId, dir));
+      else {
+        const agent = new Agent({
+          coordinator: this.coordinator.grpcTarget,
+          token: this.coordinator.localAgentToken,
+          agentId,
+          maxJobs: this.options.maxJobs,
+          spoolDir: join(dir, 'spool'),
+          logger: this.options.logger.child({ component: 'agent', agentId }),
+        });
+        this.localAgents.push(agent);
+        await agent.start();
+      }
+    }
+    await this.coordinator.agentHub.waitForAgents(agents);
+  }
+
+  /** Cancels what runs, stops agents, then the coordinator. */
+  async stop(): Promise<void> {
+    await Promise.all(this.localAgents.map((a) => a.stopNow()));
+    await Promise.all(
+      this.children.map(
+        (c) =>
+          new Promise<void>((resolve) => {
+            if (c.exitCode !== null || c.signalCode !== null) return resolve();
+            c.once('exit', () => resolve());
+            c.kill('SIGKILL');
+          }),
+      ),
+    );
+    await this.coordinator.stopNow();
+  }
+
+  private spawnIsolatedAgent(agentId: string, dir: string): ChildProcess {
+    const nixDir = join(dir, 'nix');
+    mkdirSync(nixDir, { recursive: true });
+    const args = [
+      ...process.execArgv,
+      agentMainPath(),
+      '--coordinator',
+      this.coordinator.grpcTarget,
+      '--id',
+      agentId,
+      '--spool-dir',
+      join(dir, 'spool'),
+      ...(this.options.maxJobs ? ['--max-jobs', String(this.options.maxJobs)] : []),
+    ];
+    // A private mount namespace whose /nix is an empty directory of this agent's: its own store and database.
+    const child = spawn(
+      'unshare',
+      ['--mount', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /nix && exec "$@"', nixDir, process.execPath, ...args],
+      {
+        stdio: ['ignore', 'ignore', 'inherit'],
+        env: {
+          ...process.env,
+          EKACI_AGENT_TOKEN: this.coordinator.localAgentToken,
+          EKACI_LOG_LEVEL: this.options.agentLogLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn',
+        },
+      },
+    );
+    child.on('exit', (code, signal) => {
+      if (code !== 0 && signal !== 'SIGKILL') this.options.logger.warn({ agentId, code, signal }, 'agent process exited');
+    });
+    return child;
+  }
+}
+
+/** The agent's entry point next to this module: `.ts` under tsx (development, tests), `.js` when built. */
+export function agentMainPath(): string {
+  const self = fileURLToPath(import.meta.url);
+  return join(self, '..', '..', 'agent', `main${self.endsWith('.ts') ? '.ts' : '.js'}`);
+}

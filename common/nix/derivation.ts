@@ -1,0 +1,337 @@
+import { readFile } from 'node:fs/promises';
+import { DerivationParseError } from '../errors.js';
+import { isDrvPath } from './store-path.js';
+
+/** One output of a derivation. `hashAlgo`/`hash` are empty for input-addressed outputs, as in the .drv file. */
+export interface DerivationOutput {
+  /** Empty for floating content-addressed outputs, whose path is only known after the build. */
+  path: string;
+  /** `sha256` for flat hashing, `r:sha256` for recursive (NAR) hashing, `text:sha256` for text. */
+  hashAlgo: string;
+  hash: string;
+}
+
+/** A parsed `.drv` file, field for field as `nix show-derivation` shows it. */
+export interface Derivation {
+  outputs: Record<string, DerivationOutput>;
+  /** drv path -> names of the outputs used. */
+  inputDrvs: Record<string, string[]>;
+  inputSrcs: string[];
+  system: string;
+  builder: string;
+  args: string[];
+  env: Record<string, string>;
+}
+
+const QUOTE = 0x22;
+const COMMA = 0x2c;
+const OPEN_PAREN = 0x28;
+const CLOSE_PAREN = 0x29;
+const OPEN_BRACKET = 0x5b;
+const CLOSE_BRACKET = 0x5d;
+
+/** How many characters of the offending input an error message quotes. */
+const ERROR_CONTEXT_CHARS = 24;
+
+/**
+ * A single pass over the text with index arithmetic and native `indexOf`, because the graph parses every .drv
+ * of an evaluation (100,000 and more for nixpkgs) and a tokenizer or regex-per-token is several times slower.
+ */
+class Scanner {
+  pos = 0;
+  /** Index of the first backslash at or after the last string start; `text.length` when there is none. */
+  private nextBackslash = -1;
+
+  constructor(
+    private readonly text: string,
+    private readonly file: string,
+  ) {}
+
+  literal(s: string): void {
+    if (!this.text.startsWith(s, this.pos)) {
+      // A file cut short inside the literal is reported as truncated, like every other truncation.
+      const rest = this.text.slice(this.pos);
+      this.fail(`expected ${JSON.stringify(s)}`, s.startsWith(rest) ? this.text.length : this.pos);
+    }
+    this.pos += s.length;
+  }
+
+  char(code: number): void {
+    if (this.text.charCodeAt(this.pos) !== code) this.fail(`expected '${String.fromCharCode(code)}'`);
+    this.pos++;
+  }
+
+  /** Consumes `[` and returns whether the list has an element, consuming `]` if it has none. */
+  openList(): boolean {
+    this.char(OPEN_BRACKET);
+    if (this.text.charCodeAt(this.pos) !== CLOSE_BRACKET) return true;
+    this.pos++;
+    return false;
+  }
+
+  /** After a list element: consumes `,` and returns true, or consumes `]` and returns false. */
+  more(): boolean {
+    const c = this.text.charCodeAt(this.pos++);
+    if (c !== COMMA && c !== CLOSE_BRACKET) this.fail("expected ',' or ']'", this.pos - 1);
+    return c === COMMA;
+  }
+
+  string(): string {
+    const open = this.pos;
+    this.char(QUOTE);
+    const { text } = this;
+    const end = text.indexOf('"', this.pos);
+    if (end < 0) this.unterminated(open);
+    if (this.nextBackslash < this.pos) {
+      const b = text.indexOf('\\', this.pos);
+      this.nextBackslash = b < 0 ? text.length : b;
+    }
+    // Almost every string in a .drv has no escape: return a slice without copying characters.
+    if (end < this.nextBackslash) {
+      const s = text.slice(this.pos, end);
+      this.pos = end + 1;
+      return s;
+    }
+    return this.escapedString(open);
+  }
+
+  /** Nix writes `\"`, `\\`, `\n`, `\r` and `\t`; like Nix's own parser, any other escaped character stands for itself. */
+  private escapedString(open: number): string {
+    const { text } = this;
+    let out = '';
+    let i = this.pos;
+    let quote = text.indexOf('"', i);
+    let backslash = this.nextBackslash;
+    // Jump between backslashes and the closing quote with indexOf; each is searched again only once passed.
+    while (quote >= 0) {
+      if (backslash < i) backslash = text.indexOf('\\', i);
+      if (backslash < 0 || quote < backslash) {
+        this.pos = quote + 1;
+        return out + text.slice(i, quote);
+      }
+      const e = text[backslash + 1];
+      if (e === undefined) break;
+      out += text.slice(i, backslash) + (e === 'n' ? '\n' : e === 'r' ? '\r' : e === 't' ? '\t' : e);
+      i = backslash + 2;
+      if (quote < i) quote = text.indexOf('"', i);
+    }
+    return this.unterminated(open);
+  }
+
+  /** A string and the separator after it: ',' between fields, ')' after the last field of a tuple. */
+  stringThen(next: number): string {
+    const s = this.string();
+    this.char(next);
+    return s;
+  }
+
+  stringList(): string[] {
+    const list: string[] = [];
+    if (this.openList()) {
+      do list.push(this.string());
+      while (this.more());
+    }
+    return list;
+  }
+
+  end(): void {
+    // Nix writes no trailing newline, but a file that went through an editor or `echo` may have one.
+    if (this.text.slice(this.pos).trim() !== '') this.fail('expected end of file after the closing parenthesis');
+  }
+
+  private unterminated(open: number): never {
+    return this.fail(`expected the '"' closing the string at byte ${this.byteOffset(open)}`, this.text.length);
+  }
+
+  /** Positions are reported in bytes so that they match `head -c`, `xxd` and editors' byte offsets. */
+  private byteOffset(at: number): number {
+    return Buffer.byteLength(this.text.slice(0, at), 'utf8');
+  }
+
+  fail(expected: string, at = this.pos): never {
+    const byte = this.byteOffset(at);
+    const found =
+      at >= this.text.length
+        ? 'the end of the file (is it truncated?)'
+        : JSON.stringify(this.text.slice(at, at + ERROR_CONTEXT_CHARS)) +
+          (at + ERROR_CONTEXT_CHARS < this.text.length ? '…' : '');
+    throw new DerivationParseError(`${this.file}: malformed derivation at byte ${byte}: ${expected}, found ${found}`);
+  }
+}
+
+/** Dictionaries without a prototype, so that an environment variable called `__proto__` is kept as data. */
+function dict<T>(): Record<string, T> {
+  return Object.create(null) as Record<string, T>;
+}
+
+/**
+ * Parses the ATerm text of a `.drv` file. Throws DerivationParseError naming `pathForErrors` and the byte position.
+ */
+export function parseDerivation(text: string, pathForErrors = '<derivation>'): Derivation {
+  const s = new Scanner(text, pathForErrors);
+  if (text.startsWith('DrvWithVersion(')) {
+    // The versioned form carries dynamic-derivation input trees, which the scheduler cannot represent yet.
+    s.fail(
+      'expected a plain "Derive(" derivation (this one uses an experimental versioned format, e.g. dynamic derivations)',
+    );
+  }
+  s.literal('Derive(');
+
+  const outputs = dict<DerivationOutput>();
+  if (s.openList()) {
+    do {
+      s.char(OPEN_PAREN);
+      const name = s.stringThen(COMMA);
+      const path = s.stringThen(COMMA);
+      const hashAlgo = s.stringThen(COMMA);
+      outputs[name] = { path, hashAlgo, hash: s.stringThen(CLOSE_PAREN) };
+    } while (s.more());
+  }
+  s.char(COMMA);
+
+  const inputDrvs = dict<string[]>();
+  if (s.openList()) {
+    do {
+      s.char(OPEN_PAREN);
+      const drv = s.stringThen(COMMA);
+      inputDrvs[drv] = s.stringList();
+      s.char(CLOSE_PAREN);
+    } while (s.more());
+  }
+  s.char(COMMA);
+  const inputSrcs = s.stringList();
+  s.char(COMMA);
+  const system = s.stringThen(COMMA);
+  const builder = s.stringThen(COMMA);
+  const args = s.stringList();
+  s.char(COMMA);
+
+  const env = dict<string>();
+  if (s.openList()) {
+    do {
+      s.char(OPEN_PAREN);
+      const key = s.stringThen(COMMA);
+      env[key] = s.stringThen(CLOSE_PAREN);
+    } while (s.more());
+  }
+  s.char(CLOSE_PAREN);
+  s.end();
+  return { outputs, inputDrvs, inputSrcs, system, builder, args, env };
+}
+
+/**
+ * Whether the derivation is fixed-output (a fetcher): its result is known in advance, so it may use the network
+ * and the scheduler gives it its own lane. Impure derivations also carry a hash algorithm but their hash field
+ * reads `impure`; floating content-addressed ones have an empty hash. Neither is fixed-output.
+ */
+export function isFixedOutput(d: Derivation): boolean {
+  const names = Object.keys(d.outputs);
+  const hash = d.outputs.out?.hash;
+  return names.length === 1 && hash !== undefined && hash !== '' && hash !== 'impure';
+}
+
+const structuredAttrsCache = new WeakMap<Derivation, Record<string, unknown>>();
+
+/** With `__structuredAttrs = true`, Nix puts every attribute into one JSON string in `env.__json`. */
+function structuredAttrs(d: Derivation): Record<string, unknown> | undefined {
+  const json = d.env.__json;
+  if (json === undefined) return undefined;
+  let attrs = structuredAttrsCache.get(d);
+  if (attrs === undefined) {
+    try {
+      attrs = JSON.parse(json) as Record<string, unknown>;
+    } catch (e) {
+      throw new DerivationParseError(`structured attributes (env.__json) are not valid JSON: ${String(e)}`);
+    }
+    structuredAttrsCache.set(d, attrs);
+  }
+  return attrs;
+}
+
+/**
+ * The system features an agent must offer to build `d`, without duplicates. Like Nix, a derivation whose output
+ * paths are unknown before building (floating content-addressed) also needs `ca-derivations`.
+ */
+export function requiredSystemFeatures(d: Derivation): string[] {
+  const attrs = structuredAttrs(d);
+  let features: string[];
+  if (attrs !== undefined) {
+    const v = attrs.requiredSystemFeatures;
+    features = Array.isArray(v) ? v.filter((f): f is string => typeof f === 'string') : [];
+  } else {
+    features = (d.env.requiredSystemFeatures ?? '').split(/\s+/).filter((f) => f !== '');
+  }
+  if (Object.values(d.outputs).some((o) => o.path === '')) features.push('ca-derivations');
+  return [...new Set(features)];
+}
+
+/** Whether the derivation asks to be built where it was evaluated rather than on a remote builder (trivial builders). */
+export function preferLocalBuild(d: Derivation): boolean {
+  const attrs = structuredAttrs(d);
+  return attrs !== undefined ? attrs.preferLocalBuild === true : d.env.preferLocalBuild === '1';
+}
+
+/** Output name -> store path. Floating content-addressed outputs are left out: their paths are not known yet. */
+export function outputPaths(d: Derivation): Record<string, string> {
+  const paths = dict<string>();
+  for (const [name, o] of Object.entries(d.outputs)) if (o.path !== '') paths[name] = o.path;
+  return paths;
+}
+
+/**
+ * Enough parallel reads to hide file-system latency (a cold store on network or spinning disks), few enough to
+ * stay far below the default 1024 open-file limit while other parts of the coordinator also hold descriptors.
+ */
+const CLOSURE_READ_CONCURRENCY = 64;
+
+/**
+ * Reads the `.drv` closure of `roots` from the local store, breadth first over `inputDrvs`. A path for which
+ * `skip` returns true (already known to the caller) is neither read nor descended into. Read errors (a drv
+ * missing from the store) and parse errors reject the whole load; reads still in flight are left to finish.
+ */
+export async function loadDerivationClosure(
+  roots: string[],
+  skip: (drvPath: string) => boolean = () => false,
+): Promise<Map<string, Derivation>> {
+  const loaded = new Map<string, Derivation>();
+  const seen = new Set<string>();
+  const queue: string[] = [];
+  let head = 0;
+  const enqueue = (p: string): void => {
+    if (seen.has(p)) return;
+    seen.add(p);
+    if (!skip(p)) queue.push(p);
+  };
+  for (const root of roots) {
+    if (!isDrvPath(root)) throw new RangeError(`not a derivation path: ${JSON.stringify(root)}`);
+    enqueue(root);
+  }
+
+  return new Promise((resolve, reject) => {
+    let active = 0;
+    let failed = false;
+    const load = async (p: string): Promise<void> => {
+      const d = parseDerivation(await readFile(p, 'utf8'), p);
+      loaded.set(p, d);
+      for (const input in d.inputDrvs) enqueue(input);
+    };
+    const pump = (): void => {
+      while (!failed && active < CLOSURE_READ_CONCURRENCY && head < queue.length) {
+        const p = queue[head++] as string;
+        active++;
+        load(p).then(
+          () => {
+            active--;
+            pump();
+          },
+          (e: unknown) => {
+            failed = true;
+            reject(e instanceof Error ? e : new Error(String(e)));
+          },
+        );
+      }
+      if (!failed && active === 0 && head === queue.length) resolve(loaded);
+    };
+    pump();
+  });
+}

@@ -1,0 +1,238 @@
+import { type ServerDuplexStream, status } from '@grpc/grpc-js';
+import { jitter } from '../../common/backoff.js';
+import type { Logger } from '../../common/logging.js';
+import type { AgentMessage, CoordinatorMessage, Hello, JobEvent } from '../../common/proto/ekaci/agent/v1/agent.js';
+import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
+import type { AuditLog } from '../audit-log.js';
+import type { Db } from '../db/database.js';
+import type { BuildManager } from '../scheduler/build-manager.js';
+import { type AgentCapabilities, agentMatchesLane } from '../scheduler/scheduler.js';
+import { AgentSession, type SessionHandlers } from './agent-session.js';
+import type { TokenStore } from './token-store.js';
+
+export interface AgentHubOptions {
+  leaseTtlMs: number;
+  cacheUrl: string;
+  cachePublicKey: string;
+  cancelGraceSeconds: number;
+}
+
+// Heartbeats come four times per lease TTL, so a lease survives three lost heartbeats.
+const HEARTBEATS_PER_TTL = 4;
+// An agent may have this many log bytes unacknowledged: enough to keep a fast build's log flowing over a
+// high-latency link, small enough that a stalled coordinator never holds much of any agent's memory.
+const LOG_WINDOW_BYTES = 1024 * 1024;
+// How often leases, grace periods and token revocations are checked. Lease TTLs are tens of seconds.
+const SWEEP_INTERVAL_MS = 1_000;
+// Revocations made by the CLI in another process reach a running coordinator within this time.
+const TOKEN_REFRESH_INTERVAL_MS = 5_000;
+
+/**
+ * Every connected agent: authenticates streams, runs one AgentSession per stream, and connects them to the
+ * BuildManager — dispatching buildable work to agents with free slots, passing results, logs and heartbeats.
+ */
+export class AgentHub {
+  private readonly sessions = new Map<string, AgentSession>();
+  private dispatchScheduled = false;
+  private timers: NodeJS.Timeout[] = [];
+  private readonly handlers: SessionHandlers;
+
+  constructor(
+    private readonly manager: BuildManager,
+    private readonly tokens: TokenStore,
+    private readonly audit: AuditLog,
+    private readonly db: Db,
+    private readonly options: AgentHubOptions,
+    private readonly logger: Logger,
+  ) {
+    this.handlers = {
+      hello: (s, hello) => this.onHello(s, hello),
+      jobEvent: (s, e) => this.onJobEvent(s, e),
+      logChunk: (s, leaseId, offset, data) =>
+        this.manager.appendLog(s.agentId, leaseId, offset, data) ?? offset + data.length,
+      heartbeat: (s, leaseIds) => this.manager.renew(s.agentId, leaseIds),
+      credit: () => this.scheduleDispatch(),
+      closed: (s) => this.onClosed(s),
+    };
+    manager.on('work', () => this.scheduleDispatch());
+    manager.on('cancel-lease', (leaseId: string, agentId: string, reason: string) => {
+      this.sessions.get(agentId)?.send({
+        msg: { $case: 'cancel', value: { leaseId, graceSeconds: this.options.cancelGraceSeconds, reason } },
+      });
+    });
+  }
+
+  /** The gRPC service implementation (`AgentServiceServer`). */
+  readonly service = {
+    connect: (call: ServerDuplexStream<AgentMessage, CoordinatorMessage>): void => this.connect(call),
+  };
+
+  start(): void {
+    const sweep = (): void => {
+      this.manager.expireLeases();
+      this.manager.markUnbuildable(this.connectedCapabilities());
+      this.timers[0] = setTimeout(sweep, jitter(SWEEP_INTERVAL_MS));
+    };
+    const refresh = (): void => {
+      for (const name of this.tokens.refresh()) this.revoked(name);
+      this.timers[1] = setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS));
+    };
+    this.timers = [setTimeout(sweep, jitter(SWEEP_INTERVAL_MS)), setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS))];
+  }
+
+  stop(): void {
+    for (const t of this.timers) clearTimeout(t);
+    for (const s of [...this.sessions.values()]) s.terminate(status.UNAVAILABLE, 'coordinator shutting down');
+  }
+
+  connectedCapabilities(): AgentCapabilities[] {
+    return [...this.sessions.values()].flatMap((s) => (s.capabilities ? [s.capabilities] : []));
+  }
+
+  get agentCount(): number {
+    return this.sessions.size;
+  }
+
+  /** Resolves once `count` agents are connected and welcomed. */
+  waitForAgents(count: number): Promise<void> {
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (this.sessions.size < count) return;
+        clearInterval(timer);
+        resolve();
+      };
+      const timer = setInterval(check, 20);
+      check();
+    });
+  }
+
+  /** Tells connected agents to take no new work. */
+  drain(reason: string): void {
+    for (const s of this.sessions.values()) s.send({ msg: { $case: 'drain', value: { reason } } });
+  }
+
+  /** A token was revoked: its streams end with UNAUTHENTICATED. */
+  revoked(tokenName: string): void {
+    for (const s of [...this.sessions.values()]) {
+      if (s.tokenName !== tokenName) continue;
+      s.terminate(status.UNAUTHENTICATED, `EKACI_ERR_AUTH: token "${tokenName}" was revoked`);
+    }
+  }
+
+  private connect(call: ServerDuplexStream<AgentMessage, CoordinatorMessage>): void {
+    // The token is checked before a single message is read.
+    const header = call.metadata.get('authorization')[0];
+    const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
+    const identity = this.tokens.verify(token);
+    if (!identity) {
+      this.audit.record(call.getPeer(), 'agent.refused', { reason: token ? 'unknown or revoked token' : 'no token' });
+      call.emit('error', {
+        code: status.UNAUTHENTICATED,
+        details: 'EKACI_ERR_AUTH: agent token unknown or revoked (create one with `ekaci-coordinator agent-token create NAME`)',
+      });
+      return;
+    }
+    new AgentSession(call, identity.name, this.handlers, this.logger.child({ peer: call.getPeer() }));
+  }
+
+  private onHello(session: AgentSession, hello: Hello): ReturnType<SessionHandlers['hello']> {
+    const previous = this.sessions.get(hello.agentId);
+    if (previous && previous !== session) {
+      // The agent reconnected before its old stream was noticed dead; the newer stream wins.
+      this.sessions.delete(hello.agentId);
+      previous.terminate(status.ABORTED, 'replaced by a newer stream from the same agent');
+    }
+    this.sessions.set(hello.agentId, session);
+    this.db
+      .prepare(
+        `INSERT INTO agents (agent_id, token_name, hostname, os, systems, features, mandatory, max_jobs, nix_version, last_seen)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET token_name = excluded.token_name,
+         hostname = excluded.hostname, os = excluded.os, systems = excluded.systems, features = excluded.features,
+         mandatory = excluded.mandatory, max_jobs = excluded.max_jobs, nix_version = excluded.nix_version,
+         last_seen = excluded.last_seen`,
+      )
+      .run(
+        hello.agentId,
+        session.tokenName,
+        hello.hostname,
+        hello.os,
+        JSON.stringify(hello.systems),
+        JSON.stringify(hello.supportedFeatures),
+        JSON.stringify(hello.mandatoryFeatures),
+        hello.maxJobs,
+        hello.nixVersion,
+        Date.now(),
+      );
+    const leaseDecisions = this.manager.reconcile(hello.agentId, hello.runningLeases);
+    session.send({
+      msg: {
+        $case: 'welcome',
+        value: {
+          protocolVersion: PROTOCOL_VERSION,
+          heartbeatIntervalMs: Math.round(this.options.leaseTtlMs / HEARTBEATS_PER_TTL),
+          leaseTtlMs: this.options.leaseTtlMs,
+          logWindowBytes: LOG_WINDOW_BYTES,
+          cacheUrl: this.options.cacheUrl,
+          cachePublicKey: this.options.cachePublicKey,
+          leaseDecisions,
+        },
+      },
+    });
+    this.logger.info(
+      { agentId: hello.agentId, systems: hello.systems, features: hello.supportedFeatures, maxJobs: hello.maxJobs },
+      'agent connected',
+    );
+    return {};
+  }
+
+  private onJobEvent(session: AgentSession, e: JobEvent): void {
+    const agentId = session.agentId;
+    switch (e.event?.$case) {
+      case 'accepted':
+        this.manager.accepted(agentId, e.leaseId);
+        return;
+      case 'started':
+        this.manager.started(agentId, e.leaseId, e.event.value.startedAtMs);
+        return;
+      case 'finished':
+        this.manager.finished(agentId, e.leaseId, e.event.value);
+        return;
+      case undefined:
+        return;
+    }
+  }
+
+  private onClosed(session: AgentSession): void {
+    if (this.sessions.get(session.agentId) === session) this.sessions.delete(session.agentId);
+    // Its leases stay until their TTL runs out: the agent may reconnect and keep them.
+    this.logger.info({ agentId: session.agentId }, 'agent disconnected');
+  }
+
+  private scheduleDispatch(): void {
+    if (this.dispatchScheduled) return;
+    this.dispatchScheduled = true;
+    setImmediate(() => {
+      this.dispatchScheduled = false;
+      this.dispatch();
+    });
+  }
+
+  /** Gives buildable work to agents with free slots, one build per agent per round so work spreads evenly. */
+  private dispatch(): void {
+    const othersCanTake = (self: string) => (lane: string, excluded: ReadonlySet<string>) =>
+      [...this.sessions.values()].some(
+        (s) => s.agentId !== self && s.capabilities && !excluded.has(s.agentId) && agentMatchesLane(s.capabilities, lane),
+      );
+    let progress = true;
+    while (progress) {
+      progress = false;
+      for (const s of this.sessions.values()) {
+        if (!s.capabilities || s.freeSlots === 0) continue;
+        const assigns = this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
+        if (assigns.length === 0) continue;
+        s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
+        progress = true;
+      }
+    }
+  }
+}

@@ -1,0 +1,187 @@
+import { Server, ServerCredentials } from '@grpc/grpc-js';
+import type { Server as HttpServer } from 'node:http';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { IllegalStateError } from '../common/errors.js';
+import { serverChannelOptions } from '../common/grpc-options.js';
+import type { Logger } from '../common/logging.js';
+import { AgentServiceService } from '../common/proto/ekaci/agent/v1/agent.js';
+import { AgentHub } from './agents/agent-hub.js';
+import { TokenStore, generateToken } from './agents/token-store.js';
+import { AuditLog } from './audit-log.js';
+import { BinaryCache } from './cache/binary-cache.js';
+import { cacheRouter, tokenAuthenticator } from './cache/http-routes.js';
+import { loadOrCreateSigningKey } from './cache/signing-key.js';
+import type { CoordinatorOptions } from './config.js';
+import { type Db, openDatabase } from './db/database.js';
+import { apiRouter } from './http/api.js';
+import { createHttpApp, listen } from './http/server.js';
+import { LogStore } from './logs/log-store.js';
+import { createMetrics } from './metrics.js';
+import { BuildManager } from './scheduler/build-manager.js';
+import { BuildStore } from './scheduler/build-store.js';
+
+/**
+ * Lifecycle: `created` → `running` (start) → `stopped` (stopGracefully / stopNow). Graceful stop drains agents
+ * and lets running builds keep their leases for the next start; stopNow closes everything at once.
+ */
+export type CoordinatorState = 'created' | 'starting' | 'running' | 'stopping' | 'stopped';
+
+// Agents get this long to stop a cancelled build (SIGTERM) before it is killed (SIGKILL).
+const CANCEL_GRACE_SECONDS = 10;
+
+export class Coordinator {
+  state: CoordinatorState = 'created';
+  readonly db: Db;
+  readonly manager: BuildManager;
+  readonly store: BuildStore;
+  readonly logs: LogStore;
+  readonly audit: AuditLog;
+  readonly tokens: TokenStore;
+  /** A token for agents started by this process (the embedded system); never written anywhere. */
+  readonly localAgentToken = generateToken();
+  private hub: AgentHub | undefined;
+  private cache: BinaryCache | undefined;
+  private grpcServer: Server | undefined;
+  private httpServer: HttpServer | undefined;
+  grpcPort = 0;
+  httpPort = 0;
+
+  constructor(
+    readonly options: CoordinatorOptions,
+    readonly logger: Logger,
+  ) {
+    this.db = openDatabase(join(options.dataDir, 'ekaci.sqlite'));
+    this.store = new BuildStore(this.db);
+    this.logs = new LogStore(join(options.dataDir, 'logs'));
+    this.audit = new AuditLog(this.db);
+    this.tokens = new TokenStore(this.db, this.audit, [
+      ...options.agentTokens,
+      { name: 'local-agent', token: this.localAgentToken },
+    ]);
+    const lazyCache = {
+      hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
+      pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) => this.requireCache().pushFromLocalStore(paths, o),
+    };
+    this.manager = new BuildManager(
+      this.store,
+      lazyCache,
+      this.logs,
+      {
+        leaseTtlMs: options.leaseTtlMs,
+        maxAttempts: options.maxAttempts,
+        unbuildableGraceMs: options.unbuildableGraceSeconds * 1000,
+        noOutputTimeoutSeconds: options.noOutputTimeoutSeconds,
+        maxDurationSeconds: options.maxDurationSeconds,
+      },
+      logger.child({ component: 'builds' }),
+    );
+  }
+
+  get cacheUrl(): string {
+    return `${this.options.web.publicUrl ?? `http://${hostFor(this.options.web.address)}:${this.httpPort}`}/cache`;
+  }
+
+  get cachePublicKey(): string {
+    return this.requireCache().publicKey;
+  }
+
+  get grpcTarget(): string {
+    return `${hostFor(this.options.grpc.address)}:${this.grpcPort}`;
+  }
+
+  get agentHub(): AgentHub {
+    if (!this.hub) throw new IllegalStateError('the coordinator is not running');
+    return this.hub;
+  }
+
+  async start(): Promise<void> {
+    if (this.state !== 'created') throw new IllegalStateError(`cannot start a coordinator that is ${this.state}`);
+    this.state = 'starting';
+    const key = await loadOrCreateSigningKey(join(this.options.dataDir, 'cache-key.sec'), this.options.cache.keyName);
+    this.cache = new BinaryCache({
+      dir: join(this.options.dataDir, 'cache'),
+      secretKey: key.secretKey,
+      logger: this.logger.child({ component: 'cache' }),
+    });
+    const metrics = createMetrics({ db: this.db, agentCount: () => this.hub?.agentCount ?? 0, pending: () => this.manager.pendingCount });
+    const app = createHttpApp(
+      {
+        cache: cacheRouter(this.cache, { authenticateUpload: tokenAuthenticator((t) => this.tokens.verify(t) !== undefined) }),
+        api: apiRouter(this.store, this.logs, this.manager),
+        metrics,
+        ready: () => this.state === 'running',
+      },
+      this.logger.child({ component: 'http' }),
+    );
+    const http = await listen(app, this.options.web.address, this.options.web.port);
+    this.httpServer = http.server;
+    this.httpPort = http.port;
+
+    this.hub = new AgentHub(
+      this.manager,
+      this.tokens,
+      this.audit,
+      this.db,
+      {
+        leaseTtlMs: this.options.leaseTtlMs,
+        cacheUrl: this.cacheUrl,
+        cachePublicKey: this.cache.publicKey,
+        cancelGraceSeconds: CANCEL_GRACE_SECONDS,
+      },
+      this.logger.child({ component: 'agents' }),
+    );
+    this.grpcServer = new Server(serverChannelOptions);
+    this.grpcServer.addService(AgentServiceService, this.hub.service);
+    const tls = this.options.grpc.tls;
+    const credentials = tls
+      ? ServerCredentials.createSsl(null, [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }])
+      : ServerCredentials.createInsecure();
+    this.grpcPort = await new Promise<number>((resolve, reject) =>
+      this.grpcServer!.bindAsync(`${this.options.grpc.address}:${this.options.grpc.port}`, credentials, (err, port) =>
+        err ? reject(err) : resolve(port),
+      ),
+    );
+    this.manager.recover();
+    this.hub.start();
+    this.state = 'running';
+    this.logger.info({ grpcPort: this.grpcPort, httpPort: this.httpPort, dataDir: this.options.dataDir }, 'coordinator running');
+  }
+
+  /** Tells agents to drain, closes the ports; leases stay in the database for the next start. */
+  async stopGracefully(): Promise<void> {
+    if (this.state !== 'running') return this.stopNow();
+    this.state = 'stopping';
+    this.hub?.drain('coordinator shutting down');
+    this.hub?.stop();
+    await new Promise<void>((resolve) => this.grpcServer?.tryShutdown(() => resolve()) ?? resolve());
+    await this.closeRest();
+  }
+
+  async stopNow(): Promise<void> {
+    if (this.state === 'stopped') return;
+    this.state = 'stopping';
+    this.grpcServer?.forceShutdown();
+    await this.closeRest();
+  }
+
+  private async closeRest(): Promise<void> {
+    this.hub?.stop();
+    await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
+    this.httpServer?.closeAllConnections();
+    this.logs.closeAll();
+    this.db.close();
+    this.state = 'stopped';
+  }
+
+  private requireCache(): BinaryCache {
+    if (!this.cache) throw new IllegalStateError('the binary cache is not open before start()');
+    return this.cache;
+  }
+}
+
+/** An address to dial for one we listen on: a wildcard listener is reached on loopback. */
+function hostFor(address: string): string {
+  if (address === '0.0.0.0' || address === '::' || address === '') return '127.0.0.1';
+  return address.includes(':') ? `[${address}]` : address;
+}

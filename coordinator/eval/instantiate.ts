@@ -1,0 +1,101 @@
+import { existsSync, statSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { EvaluationError } from '../../common/errors.js';
+import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
+
+export interface Instantiated {
+  attr: string;
+  drvPath: string;
+}
+
+/**
+ * Evaluates attributes of a Nix file to `.drv` paths in one `nix-instantiate --eval` process. Each attribute is
+ * checked in the language itself (exists? a derivation?) so the answer names the attribute at fault; an error
+ * Nix cannot catch (throw, abort) is re-run per attribute to say which one raised it.
+ *
+ * With no attributes, the file's value is used: a derivation is built as `default`; an attribute set yields
+ * its top-level attributes.
+ */
+export async function instantiate(file: string, attrs: readonly string[]): Promise<Instantiated[]> {
+  const path = resolve(file);
+  if (!existsSync(path)) throw new EvaluationError(`${file}: no such file`);
+  if (!statSync(path).isFile() && !existsSync(resolve(path, 'default.nix'))) {
+    throw new EvaluationError(`${file}: not a Nix file (and no default.nix inside)`);
+  }
+  const names = attrs.length > 0 ? attrs : await topLevelNames(path);
+  if (names.length === 0) throw new EvaluationError(`${file}: has no attributes to build`);
+  const r = await evalJson(path, names);
+  if (r.ok) return interpret(file, names, r.value);
+  // Something threw or aborted: find which attribute, and report Nix's own message for it.
+  for (const name of names) {
+    const single = await evalJson(path, [name]);
+    if (!single.ok) throw new EvaluationError(`${file}: attribute '${name}' failed to evaluate: ${single.error}`);
+  }
+  throw new EvaluationError(`${file}: evaluation failed: ${r.error}`);
+}
+
+type Verdict = { drv: string } | { missing: string } | { notDrv: string };
+
+function interpret(file: string, names: readonly string[], value: unknown): Instantiated[] {
+  const verdicts = value as Verdict[];
+  return names.map((attr, i) => {
+    const v = verdicts[i]!;
+    if ('missing' in v) throw new EvaluationError(`${file}: attribute '${attr}' does not exist (no '${v.missing}')`);
+    if ('notDrv' in v) throw new EvaluationError(`${file}: attribute '${attr}' is a ${v.notDrv}, not a derivation`);
+    return { attr, drvPath: v.drv };
+  });
+}
+
+// Walks a dotted path with hasAttr so a missing attribute is an answer, not an uncatchable error.
+const EXPRESSION = `
+  file: paths:
+  let
+    raw = import file;
+    root = if builtins.isFunction raw then raw {} else raw;
+    walk = value: parts: seen:
+      if parts == [] then
+        (if builtins.isAttrs value && (value.type or null) == "derivation" then { drv = value.drvPath; }
+         else { notDrv = if builtins.isAttrs value then "set" else builtins.typeOf value; })
+      else
+        let head = builtins.head parts; in
+        if builtins.isAttrs value && builtins.hasAttr head value
+        then walk value.\${head} (builtins.tail parts) (seen ++ [head])
+        else { missing = builtins.concatStringsSep "." (seen ++ [head]); };
+    split = p: builtins.filter builtins.isString (builtins.split "\\\\." p);
+  in map (p: if p == "default" && (root.type or null) == "derivation" then walk root [] [] else walk root (split p) []) paths
+`;
+
+async function evalJson(
+  path: string,
+  names: readonly string[],
+): Promise<{ ok: true; value: unknown } | { ok: false; error: string }> {
+  const call = `(${EXPRESSION}) ${nixString(path)} (builtins.fromJSON ${nixString(JSON.stringify(names))})`;
+  const r = await runNix('nix-instantiate', [...NO_SUBSTITUTERS, '--eval', '--strict', '--json', '--expr', call]);
+  if (r.code !== 0) return { ok: false, error: nixErrorText(r.stderr) };
+  return { ok: true, value: JSON.parse(r.stdout) as unknown };
+}
+
+/** A Nix string literal: JSON escaping plus `$` so that `${` never starts an interpolation. */
+function nixString(s: string): string {
+  return JSON.stringify(s).replace(/\$/g, '\\$');
+}
+
+async function topLevelNames(path: string): Promise<string[]> {
+  const r = await runNix('nix-instantiate', [
+    ...NO_SUBSTITUTERS,
+    '--eval',
+    '--strict',
+    '--json',
+    '--expr',
+    `let raw = import ${nixString(path)}; v = if builtins.isFunction raw then raw {} else raw; in ` +
+      `if (v.type or null) == "derivation" then [ "default" ] else builtins.attrNames v`,
+  ]);
+  if (r.code !== 0) throw new EvaluationError(`${path}: ${nixErrorText(r.stderr)}`);
+  return JSON.parse(r.stdout) as string[];
+}
+
+/** Nix's error without its warnings and the "--show-trace" hint, which mean nothing to an eka-ci user. */
+function nixErrorText(stderr: string): string {
+  const lines = stderr.split('\n').filter((l) => !/^warning:|^\(use '--show-trace'/.test(l));
+  return lastLines(lines.join('\n'), 6);
+}

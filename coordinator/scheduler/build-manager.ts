@@ -1,0 +1,482 @@
+import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import type { Logger } from '../../common/logging.js';
+import { NixCommandError } from '../../common/errors.js';
+import { lastLines, runNix } from '../../common/nix/cli.js';
+import { type Assign, type Finished, type LeaseDecision, Outcome, type RunningLease } from '../../common/proto/ekaci/agent/v1/agent.js';
+import { outcomeDisposition } from '../../common/retry.js';
+import { readClosure } from '../graph/ingest.js';
+import type { LogStore } from '../logs/log-store.js';
+import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
+import type { AttemptState, BuildStore, DerivationRow, NewDerivation } from './build-store.js';
+import { type AgentCapabilities, Scheduler, agentMatchesLane } from './scheduler.js';
+
+/** What the build pipeline needs from the binary cache. */
+export interface OutputCache {
+  hasPaths(storePaths: string[]): Set<string> | Promise<Set<string>>;
+  pushFromLocalStore(paths: string[], options?: { derivation?: boolean }): Promise<void>;
+}
+
+export interface BuildManagerOptions {
+  leaseTtlMs: number;
+  maxAttempts: number;
+  unbuildableGraceMs: number;
+  noOutputTimeoutSeconds: number;
+  maxDurationSeconds: number;
+}
+
+interface Lease {
+  leaseId: string;
+  drvPath: string;
+  attempt: number;
+  agentId: string;
+  expiresAt: number;
+  logPath: string;
+}
+
+export interface BuildResult {
+  attr: string;
+  drvPath: string;
+  state: BuildState;
+  attempts: number;
+  agent: string | null;
+  error: string | null;
+  rootCause: string | null;
+  outputs: Array<{ name: string; path: string; narSize: number | null; closureSize: number | null }>;
+}
+
+// Nix's exit when asked about paths it doesn't have is fine; a long argument list is split to stay under ARG_MAX.
+const VALIDITY_BATCH = 2_000;
+
+/**
+ * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
+ * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
+ * (leaseId, agentId, reason), `settled` (a derivation reached a terminal state).
+ */
+export class BuildManager extends EventEmitter {
+  private readonly scheduler: Scheduler;
+  private readonly leases = new Map<string, Lease>();
+
+  constructor(
+    private readonly store: BuildStore,
+    private readonly cache: OutputCache,
+    private readonly logs: LogStore,
+    private readonly options: BuildManagerOptions,
+    private readonly logger: Logger,
+    private readonly now: () => number = Date.now,
+  ) {
+    super();
+    this.scheduler = new Scheduler(now);
+  }
+
+  get pendingCount(): number {
+    return this.scheduler.size;
+  }
+
+  /** Rebuilds the in-memory graph and the open leases from the database after a start or a crash. */
+  recover(): void {
+    const active = this.store.activeDerivations();
+    const activeSet = new Map(active.map((d) => [d.drv_path, d]));
+    const specs = active.map((d) => ({
+      drvPath: d.drv_path,
+      system: d.system,
+      requiredFeatures: JSON.parse(d.required_features) as string[],
+      fixedOutput: d.is_fod === 1,
+      pendingInputs: this.store.inputsOf(d.drv_path).filter((i) => activeSet.has(i)),
+      priority: 0,
+    }));
+    this.scheduler.add(specs);
+    // Agents get one lease TTL from now to reconnect and claim their leases.
+    const expiresAt = this.now() + this.options.leaseTtlMs;
+    for (const a of this.store.openAttempts()) {
+      if (!this.scheduler.has(a.drv_path)) continue;
+      this.scheduler.markBuilding(a.drv_path);
+      this.leases.set(a.lease_id, {
+        leaseId: a.lease_id,
+        drvPath: a.drv_path,
+        attempt: a.attempt,
+        agentId: a.agent_id,
+        expiresAt,
+        logPath: a.log_path,
+      });
+    }
+    // A derivation recorded as building without an open attempt lost it in the crash; build it again.
+    for (const d of active) {
+      if (d.state === 'building' && ![...this.leases.values()].some((l) => l.drvPath === d.drv_path)) {
+        this.scheduler.retry(d.drv_path, d.agent_id ?? '');
+      }
+    }
+    if (active.length > 0) {
+      this.logger.info({ derivations: active.length, leases: this.leases.size }, 'recovered unfinished builds');
+      this.emit('work');
+    }
+  }
+
+  /**
+   * Takes a build request: the closure of the roots is read, what is already built or in a cache is settled at
+   * once, the rest is queued. Returns the request id.
+   */
+  async submit(roots: ReadonlyArray<{ attr: string; drvPath: string }>, source: string): Promise<number> {
+    const rootPaths = [...new Set(roots.map((r) => r.drvPath))];
+    const retryable = new Set<BuildState>(['cancelled', 'unbuildable', 'dependency-failed']);
+    const known = (p: string): boolean => {
+      if (this.scheduler.has(p)) return true;
+      const row = this.store.derivation(p);
+      return row !== undefined && !retryable.has(row.state);
+    };
+    const fresh = await readClosure(rootPaths, known);
+    const freshSet = new Set(fresh.map((d) => d.drvPath));
+    const settled = await this.findSettled(fresh);
+    const toBuild = fresh.filter((d) => !settled.has(d.drvPath));
+    if (toBuild.length > 0) {
+      // Agents with their own stores fetch the .drv closure from the cache.
+      await this.cache.pushFromLocalStore(toBuild.map((d) => d.drvPath), { derivation: true });
+    }
+
+    const now = this.now();
+    const inputStates = this.store.states([...new Set(fresh.flatMap((d) => d.inputs.filter((i) => !freshSet.has(i))))]);
+    const specs: Parameters<Scheduler['add']>[0][number][] = [];
+    const depFailed = new Map<string, string>(); // drv -> root cause
+    const requestId = this.store.transaction(() => {
+      this.store.insertDerivations(fresh, now);
+      for (const d of fresh) {
+        const prior = this.store.derivation(d.drvPath)!;
+        if (prior.state !== 'queued') this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
+        if (settled.has(d.drvPath)) {
+          this.store.setState(d.drvPath, 'substituted', prior.attempts, now);
+          continue;
+        }
+        const pending: string[] = [];
+        let rootCause: string | undefined;
+        for (const input of d.inputs) {
+          const cause = depFailed.get(input);
+          if (cause) rootCause ??= cause;
+          else if (freshSet.has(input)) {
+            if (!settled.has(input)) pending.push(input);
+          } else if (this.scheduler.has(input)) pending.push(input);
+          else {
+            const row = inputStates.get(input);
+            if (row && FAILURE_STATES.has(row.state)) rootCause ??= row.root_cause ?? input;
+          }
+        }
+        if (rootCause) {
+          depFailed.set(d.drvPath, rootCause);
+          this.store.setState(d.drvPath, 'dependency-failed', prior.attempts, now, { rootCause });
+          continue;
+        }
+        specs.push({
+          drvPath: d.drvPath,
+          system: d.system,
+          requiredFeatures: d.requiredFeatures,
+          fixedOutput: d.fixedOutput,
+          pendingInputs: pending,
+          priority: 0,
+        });
+      }
+      const ready = this.scheduler.add(specs);
+      for (const r of ready) this.store.setState(r, 'buildable', 0, now);
+      return this.store.createRequest(source, roots, now);
+    });
+    this.logger.info(
+      { requestId, roots: rootPaths.length, new: fresh.length, substituted: settled.size, queued: specs.length },
+      'build request accepted',
+    );
+    if (specs.length > 0) this.emit('work');
+    this.emit('settled');
+    return requestId;
+  }
+
+  /**
+   * Hands up to `slots` buildable derivations to an agent as leases. The attempts are committed before the
+   * caller sends the assignments, so a crash never leaves a build running that the database does not know.
+   */
+  assign(
+    agent: AgentCapabilities,
+    slots: number,
+    othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
+  ): Assign[] {
+    const out: Assign[] = [];
+    const now = this.now();
+    this.store.transaction(() => {
+      while (out.length < slots) {
+        const drvPath = this.scheduler.take(agent, othersCanTake);
+        if (!drvPath) break;
+        const row = this.store.derivation(drvPath)!;
+        const attempt = row.attempts + 1;
+        const lease: Lease = {
+          leaseId: randomUUID(),
+          drvPath,
+          attempt,
+          agentId: agent.agentId,
+          expiresAt: now + this.options.leaseTtlMs,
+          logPath: this.logs.pathFor(drvPath, attempt),
+        };
+        this.store.insertAttempt({ ...lease, now });
+        this.store.setState(drvPath, 'building', attempt, now, { agentId: agent.agentId });
+        this.leases.set(lease.leaseId, lease);
+        out.push({
+          leaseId: lease.leaseId,
+          drvPath,
+          attempt,
+          maxSilentSeconds: this.options.noOutputTimeoutSeconds,
+          timeoutSeconds: this.options.maxDurationSeconds,
+          outputNames: this.store.outputsOf(drvPath).map((o) => o.name),
+        });
+      }
+    });
+    return out;
+  }
+
+  accepted(agentId: string, leaseId: string): void {
+    if (this.ownLease(agentId, leaseId)) this.store.acceptAttempt(leaseId);
+  }
+
+  started(agentId: string, leaseId: string, at: number): void {
+    if (this.ownLease(agentId, leaseId)) this.store.startAttempt(leaseId, at || this.now());
+  }
+
+  /** Records a finished attempt. Idempotent: a result for a lease that is already closed changes nothing. */
+  finished(agentId: string, leaseId: string, f: Finished): void {
+    const lease = this.ownLease(agentId, leaseId);
+    if (!lease) return;
+    const now = this.now();
+    this.leases.delete(leaseId);
+    this.logs.close(lease.logPath);
+    const attemptState = ATTEMPT_STATE[f.outcome] ?? 'infra-error';
+    const error = f.error || null;
+    this.store.transaction(() => {
+      this.store.finishAttempt(leaseId, attemptState, error, now);
+      this.store.setLogBytes(leaseId, this.logs.storedBytes(lease.logPath));
+      if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
+        for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
+        this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
+      } else if (outcomeDisposition(f.outcome) === 'retry') {
+        this.retryOrFail(lease, error ?? 'infrastructure failure', now);
+      } else {
+        const state: BuildState =
+          f.outcome === Outcome.OUTCOME_TIMED_OUT ? 'timed-out' : f.outcome === Outcome.OUTCOME_CANCELLED ? 'cancelled' : 'failed';
+        this.settle(lease.drvPath, state, lease.attempt, now, { agentId, error: error ?? undefined });
+      }
+    });
+    this.emit('work');
+    this.emit('settled');
+  }
+
+  /** Stores a log chunk; returns the bytes stored for the lease, or undefined for a lease that is not open. */
+  appendLog(agentId: string, leaseId: string, offset: number, data: Uint8Array): number | undefined {
+    const lease = this.ownLease(agentId, leaseId);
+    if (!lease) return undefined;
+    return this.logs.append(lease.logPath, offset, data);
+  }
+
+  /** Heartbeat: extends the agent's leases it still holds. Returns those renewed. */
+  renew(agentId: string, leaseIds: readonly string[]): { renewed: string[]; expiresAt: number } {
+    const expiresAt = this.now() + this.options.leaseTtlMs;
+    const renewed = leaseIds.filter((id) => {
+      const lease = this.ownLease(agentId, id);
+      if (lease) lease.expiresAt = expiresAt;
+      return lease !== undefined;
+    });
+    return { renewed, expiresAt };
+  }
+
+  /**
+   * An agent (re)connected and listed what it runs: each listed lease is kept if it is still this agent's, with
+   * the log length the coordinator has; this agent's leases it did not list died with it and are retried.
+   */
+  reconcile(agentId: string, running: readonly RunningLease[]): LeaseDecision[] {
+    const decisions = running.map((r): LeaseDecision => {
+      const lease = this.ownLease(agentId, r.leaseId);
+      if (!lease) return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: 'lease is no longer valid' };
+      lease.expiresAt = this.now() + this.options.leaseTtlMs;
+      return { leaseId: r.leaseId, keep: true, logOffset: this.logs.storedBytes(lease.logPath), reason: '' };
+    });
+    const listed = new Set(running.map((r) => r.leaseId));
+    const lost = [...this.leases.values()].filter((l) => l.agentId === agentId && !listed.has(l.leaseId));
+    for (const lease of lost) this.lose(lease, 'the agent restarted without it');
+    return decisions;
+  }
+
+  /** Leases whose agents stopped renewing them are lost: the derivation is retried (elsewhere if possible). */
+  expireLeases(): void {
+    const now = this.now();
+    for (const lease of [...this.leases.values()]) {
+      if (lease.expiresAt <= now) this.lose(lease, `lease expired: agent ${lease.agentId} stopped renewing it`);
+    }
+  }
+
+  /**
+   * Buildable derivations that no connected agent can build, past the grace period, become `unbuildable` and
+   * their dependents `dependency-failed`.
+   */
+  markUnbuildable(agents: readonly AgentCapabilities[]): void {
+    const now = this.now();
+    let changed = false;
+    for (const [lane, since] of this.scheduler.waitingLanes()) {
+      if (agents.some((a) => agentMatchesLane(a, lane))) continue;
+      if (now - since < this.options.unbuildableGraceMs) continue;
+      const [, system, features] = lane.split('|');
+      const why = `no connected agent builds ${system}${features ? ` with features ${features}` : ''}`;
+      this.store.transaction(() => {
+        for (const drvPath of this.scheduler.buildableIn(lane)) {
+          const row = this.store.derivation(drvPath)!;
+          this.settle(drvPath, 'unbuildable', row.attempts, now, { error: why });
+        }
+      });
+      changed = true;
+    }
+    if (changed) this.emit('settled');
+  }
+
+  /** Cancels derivations: queued ones at once, running ones through their agents (`cancel-lease`). */
+  cancel(drvPaths: readonly string[], reason: string): void {
+    const now = this.now();
+    this.store.transaction(() => {
+      for (const drvPath of drvPaths) {
+        const status = this.scheduler.status(drvPath);
+        if (status === undefined) continue;
+        if (status === 'building') {
+          const lease = [...this.leases.values()].find((l) => l.drvPath === drvPath);
+          if (lease) this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
+          continue;
+        }
+        const row = this.store.derivation(drvPath)!;
+        this.settle(drvPath, 'cancelled', row.attempts, now, { error: reason });
+      }
+    });
+    this.emit('settled');
+  }
+
+  /** Every derivation that is not finished, for shutdown: cancel the running ones. */
+  activeDerivations(): string[] {
+    return this.store.activeDerivations().map((d) => d.drv_path);
+  }
+
+  results(requestId: number): BuildResult[] {
+    return this.store.requestRoots(requestId).map((r) => {
+      const row = this.store.derivation(r.drvPath);
+      return {
+        attr: r.attr,
+        drvPath: r.drvPath,
+        state: row?.state ?? 'queued',
+        attempts: row?.attempts ?? 0,
+        agent: row?.agent_id ?? null,
+        error: row?.error ?? null,
+        rootCause: row?.root_cause ?? null,
+        outputs: this.store.outputsOf(r.drvPath).map((o) => ({
+          name: o.name,
+          path: o.path,
+          narSize: o.nar_size,
+          closureSize: o.closure_size,
+        })),
+      };
+    });
+  }
+
+  isSettled(requestId: number): boolean {
+    return this.store.requestRoots(requestId).every((r) => {
+      const row = this.store.derivation(r.drvPath);
+      return row !== undefined && isTerminal(row.state);
+    });
+  }
+
+  /** Resolves when every root of the request has reached a terminal state. */
+  waitFor(requestId: number): Promise<BuildResult[]> {
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (!this.isSettled(requestId)) return;
+        this.off('settled', check);
+        resolve(this.results(requestId));
+      };
+      this.on('settled', check);
+      check();
+    });
+  }
+
+  private ownLease(agentId: string, leaseId: string): Lease | undefined {
+    const lease = this.leases.get(leaseId);
+    return lease && lease.agentId === agentId ? lease : undefined;
+  }
+
+  private lose(lease: Lease, reason: string): void {
+    const now = this.now();
+    this.leases.delete(lease.leaseId);
+    this.logs.close(lease.logPath);
+    this.logger.warn({ leaseId: lease.leaseId, drvPath: lease.drvPath, agentId: lease.agentId }, reason);
+    this.store.transaction(() => {
+      this.store.finishAttempt(lease.leaseId, 'lost', reason, now);
+      this.store.setLogBytes(lease.leaseId, this.logs.storedBytes(lease.logPath));
+      this.retryOrFail(lease, reason, now);
+    });
+    this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
+    this.emit('work');
+    this.emit('settled');
+  }
+
+  private retryOrFail(lease: Lease, reason: string, now: number): void {
+    if (lease.attempt >= this.options.maxAttempts) {
+      this.settle(lease.drvPath, 'failed', lease.attempt, now, {
+        error: `gave up after ${lease.attempt} attempts; last: ${reason}`,
+      });
+      return;
+    }
+    this.scheduler.retry(lease.drvPath, lease.agentId);
+    this.store.setState(lease.drvPath, 'buildable', lease.attempt, now, { detail: `retrying: ${reason}` });
+  }
+
+  /** A derivation reached a terminal state; dependents follow (buildable on success, dependency-failed else). */
+  private settle(
+    drvPath: string,
+    state: BuildState,
+    attempt: number,
+    now: number,
+    extra: { agentId?: string; error?: string },
+  ): void {
+    this.store.setState(drvPath, state, attempt, now, extra);
+    if (SUCCESS_STATES.has(state)) {
+      for (const ready of this.scheduler.succeeded(drvPath)) this.store.setState(ready, 'buildable', 0, now);
+      return;
+    }
+    for (const dependent of this.scheduler.failed(drvPath)) {
+      const row = this.store.derivation(dependent)!;
+      this.store.setState(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
+    }
+  }
+
+  /** Derivations whose outputs are all in the cache already, or valid in the local store (then pushed). */
+  private async findSettled(drvs: readonly NewDerivation[]): Promise<Set<string>> {
+    const allOutputs = drvs.flatMap((d) => Object.values(d.outputs));
+    if (allOutputs.length === 0) return new Set();
+    const inCache = await this.cache.hasPaths(allOutputs);
+    const missing = allOutputs.filter((p) => !inCache.has(p));
+    const locallyValid = await validPaths(missing);
+    if (locallyValid.size > 0) await this.cache.pushFromLocalStore([...locallyValid]);
+    const available = (p: string): boolean => inCache.has(p) || locallyValid.has(p);
+    return new Set(
+      drvs.filter((d) => Object.keys(d.outputs).length > 0 && Object.values(d.outputs).every(available)).map((d) => d.drvPath),
+    );
+  }
+}
+
+const ATTEMPT_STATE: Partial<Record<Outcome, AttemptState>> = {
+  [Outcome.OUTCOME_SUCCEEDED]: 'succeeded',
+  [Outcome.OUTCOME_FAILED]: 'failed',
+  [Outcome.OUTCOME_TIMED_OUT]: 'timed-out',
+  [Outcome.OUTCOME_INFRA_ERROR]: 'infra-error',
+  [Outcome.OUTCOME_CANCELLED]: 'cancelled',
+};
+
+/** Which store paths are valid in the local Nix store, asked in batches (not one process per path). */
+async function validPaths(paths: readonly string[]): Promise<Set<string>> {
+  const valid = new Set<string>();
+  for (let i = 0; i < paths.length; i += VALIDITY_BATCH) {
+    const batch = paths.slice(i, i + VALIDITY_BATCH);
+    const r = await runNix('nix-store', ['--check-validity', '--print-invalid', ...batch]);
+    if (r.code !== 0) throw new NixCommandError(`nix-store --check-validity failed: ${lastLines(r.stderr, 3)}`, r.code, r.stderr);
+    const invalid = new Set(r.stdout.split('\n').filter(Boolean));
+    for (const p of batch) if (!invalid.has(p)) valid.add(p);
+  }
+  return valid;
+}
+
+export type { DerivationRow };

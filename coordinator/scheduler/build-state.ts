@@ -1,0 +1,75 @@
+import { IllegalStateError } from '../../common/errors.js';
+
+/**
+ * The life of a derivation (ARCHITECTURE §5):
+ *
+ *   queued ──inputs done──▶ buildable ──leased──▶ building ──▶ succeeded | failed | timed-out | cancelled
+ *     │                        │  ▲                  │
+ *     │                        │  └── infra failure ─┘   (retried, on another agent where one exists)
+ *     │                        └──no capable agent past the grace period──▶ unbuildable
+ *     ├──outputs already in a cache──▶ substituted
+ *     └──an input failed──▶ dependency-failed (root_cause names the failed derivation)
+ *
+ * `unbuildable` and `dependency-failed` go back to `queued` when what blocked them is gone (a capable agent
+ * joined; the failed root was rebuilt successfully).
+ */
+export type BuildState =
+  | 'queued'
+  | 'buildable'
+  | 'building'
+  | 'succeeded'
+  | 'failed'
+  | 'dependency-failed'
+  | 'timed-out'
+  | 'cancelled'
+  | 'unbuildable'
+  | 'substituted';
+
+export const TERMINAL_STATES: ReadonlySet<BuildState> = new Set([
+  'succeeded',
+  'failed',
+  'dependency-failed',
+  'timed-out',
+  'cancelled',
+  'unbuildable',
+  'substituted',
+]);
+
+/** States whose outputs exist in the cache: dependents may build. */
+export const SUCCESS_STATES: ReadonlySet<BuildState> = new Set(['succeeded', 'substituted']);
+
+/** States that make every dependent `dependency-failed`. */
+export const FAILURE_STATES: ReadonlySet<BuildState> = new Set([
+  'failed',
+  'timed-out',
+  'dependency-failed',
+  'unbuildable',
+  'cancelled',
+]);
+
+const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
+  queued: ['buildable', 'substituted', 'dependency-failed', 'cancelled'],
+  buildable: ['building', 'unbuildable', 'dependency-failed', 'cancelled', 'substituted'],
+  building: ['succeeded', 'failed', 'timed-out', 'cancelled', 'buildable'],
+  unbuildable: ['queued'],
+  'dependency-failed': ['queued'],
+  cancelled: ['queued'],
+  failed: ['queued'],
+  'timed-out': ['queued'],
+  succeeded: [],
+  substituted: [],
+};
+
+export function isTerminal(state: BuildState): boolean {
+  return TERMINAL_STATES.has(state);
+}
+
+export function assertTransition(drvPath: string, from: BuildState, to: BuildState): void {
+  if (!TRANSITIONS[from].includes(to)) {
+    throw new IllegalStateError(`derivation ${drvPath}: illegal transition ${from} → ${to}`);
+  }
+}
+
+export function isBuildState(s: string): s is BuildState {
+  return s in TRANSITIONS;
+}

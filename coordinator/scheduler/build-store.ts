@@ -1,0 +1,227 @@
+import type { Db } from '../db/database.js';
+import type { BuildState } from './build-state.js';
+
+/** The rows the build pipeline reads and writes; every statement is prepared once. */
+
+export interface DerivationRow {
+  drv_path: string;
+  system: string;
+  required_features: string;
+  is_fod: number;
+  prefer_local: number;
+  state: BuildState;
+  attempts: number;
+  root_cause: string | null;
+  error: string | null;
+  agent_id: string | null;
+}
+
+export interface AttemptRow {
+  lease_id: string;
+  drv_path: string;
+  attempt: number;
+  agent_id: string;
+  state: AttemptState;
+  assigned_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+  expires_at: number;
+  error: string | null;
+  log_path: string;
+  log_bytes: number;
+}
+
+export type AttemptState =
+  | 'assigned'
+  | 'accepted'
+  | 'started'
+  | 'succeeded'
+  | 'failed'
+  | 'timed-out'
+  | 'infra-error'
+  | 'cancelled'
+  | 'lost';
+
+export const OPEN_ATTEMPT_STATES: ReadonlySet<AttemptState> = new Set(['assigned', 'accepted', 'started']);
+
+export interface NewDerivation {
+  drvPath: string;
+  system: string;
+  requiredFeatures: readonly string[];
+  fixedOutput: boolean;
+  preferLocal: boolean;
+  inputs: readonly string[];
+  outputs: Record<string, string>;
+}
+
+export interface OutputRow {
+  drv_path: string;
+  name: string;
+  path: string;
+  nar_size: number | null;
+  closure_size: number | null;
+}
+
+// SQLite's default limit on bound parameters is 32766; stay well below it per IN (...) query.
+const IN_BATCH = 500;
+
+export class BuildStore {
+  private readonly s;
+
+  constructor(readonly db: Db) {
+    this.s = {
+      insertDrv: db.prepare(
+        `INSERT OR IGNORE INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state,
+           attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?)`,
+      ),
+      insertInput: db.prepare('INSERT OR IGNORE INTO derivation_inputs (drv_path, input_drv) VALUES (?, ?)'),
+      insertOutput: db.prepare('INSERT OR IGNORE INTO derivation_outputs (drv_path, name, path) VALUES (?, ?, ?)'),
+      setOutputSizes: db.prepare(
+        'UPDATE derivation_outputs SET nar_size = ?, closure_size = ?, path = ? WHERE drv_path = ? AND name = ?',
+      ),
+      setState: db.prepare(
+        'UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ? WHERE drv_path = ?',
+      ),
+      setAttempts: db.prepare('UPDATE derivations SET attempts = ?, agent_id = ?, updated_at = ? WHERE drv_path = ?'),
+      getDrv: db.prepare('SELECT * FROM derivations WHERE drv_path = ?'),
+      activeDrvs: db.prepare("SELECT * FROM derivations WHERE state IN ('queued', 'buildable', 'building')"),
+      inputsOf: db.prepare('SELECT input_drv FROM derivation_inputs WHERE drv_path = ?'),
+      outputsOf: db.prepare('SELECT * FROM derivation_outputs WHERE drv_path = ? ORDER BY name'),
+      event: db.prepare(
+        'INSERT INTO events (drv_path, attempt, state, agent_id, detail, at) VALUES (?, ?, ?, ?, ?, ?)',
+      ),
+      insertAttempt: db.prepare(
+        `INSERT INTO attempts (lease_id, drv_path, attempt, agent_id, state, assigned_at, expires_at, log_path)
+         VALUES (?, ?, ?, ?, 'assigned', ?, ?, ?)`,
+      ),
+      getAttempt: db.prepare('SELECT * FROM attempts WHERE lease_id = ?'),
+      openAttempts: db.prepare("SELECT * FROM attempts WHERE state IN ('assigned', 'accepted', 'started')"),
+      setAttemptState: db.prepare('UPDATE attempts SET state = ?, error = ?, finished_at = ? WHERE lease_id = ?'),
+      startAttempt: db.prepare("UPDATE attempts SET state = 'started', started_at = ? WHERE lease_id = ?"),
+      acceptAttempt: db.prepare("UPDATE attempts SET state = 'accepted' WHERE lease_id = ? AND state = 'assigned'"),
+      setLogBytes: db.prepare('UPDATE attempts SET log_bytes = ? WHERE lease_id = ?'),
+      attemptsOf: db.prepare('SELECT * FROM attempts WHERE drv_path = ? ORDER BY attempt'),
+      insertRequest: db.prepare('INSERT INTO requests (created_at, source) VALUES (?, ?)'),
+      insertRoot: db.prepare('INSERT OR REPLACE INTO request_roots (request_id, attr, drv_path) VALUES (?, ?, ?)'),
+      rootsOf: db.prepare('SELECT attr, drv_path FROM request_roots WHERE request_id = ? ORDER BY rowid'),
+    };
+  }
+
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
+  insertDerivations(drvs: readonly NewDerivation[], now: number): void {
+    for (const d of drvs) {
+      this.s.insertDrv.run(
+        d.drvPath,
+        d.system,
+        JSON.stringify(d.requiredFeatures),
+        d.fixedOutput ? 1 : 0,
+        d.preferLocal ? 1 : 0,
+        now,
+        now,
+      );
+      for (const i of d.inputs) this.s.insertInput.run(d.drvPath, i);
+      for (const [name, path] of Object.entries(d.outputs)) this.s.insertOutput.run(d.drvPath, name, path);
+    }
+  }
+
+  /** States of the given derivations that exist, in batches. */
+  states(drvPaths: readonly string[]): Map<string, DerivationRow> {
+    const out = new Map<string, DerivationRow>();
+    for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
+      const batch = drvPaths.slice(i, i + IN_BATCH);
+      const rows = this.db
+        .prepare(`SELECT * FROM derivations WHERE drv_path IN (${batch.map(() => '?').join(',')})`)
+        .all(...batch) as DerivationRow[];
+      for (const r of rows) out.set(r.drv_path, r);
+    }
+    return out;
+  }
+
+  derivation(drvPath: string): DerivationRow | undefined {
+    return this.s.getDrv.get(drvPath) as DerivationRow | undefined;
+  }
+
+  activeDerivations(): DerivationRow[] {
+    return this.s.activeDrvs.all() as DerivationRow[];
+  }
+
+  inputsOf(drvPath: string): string[] {
+    return (this.s.inputsOf.all(drvPath) as Array<{ input_drv: string }>).map((r) => r.input_drv);
+  }
+
+  outputsOf(drvPath: string): OutputRow[] {
+    return this.s.outputsOf.all(drvPath) as OutputRow[];
+  }
+
+  setState(
+    drvPath: string,
+    state: BuildState,
+    attempt: number,
+    at: number,
+    extra: { rootCause?: string; error?: string; agentId?: string; detail?: string } = {},
+  ): void {
+    this.s.setState.run(state, extra.rootCause ?? null, extra.error ?? null, at, drvPath);
+    this.s.event.run(drvPath, attempt, state, extra.agentId ?? null, extra.detail ?? extra.error ?? null, at);
+  }
+
+  recordOutput(drvPath: string, name: string, path: string, narSize: number, closureSize: number): void {
+    this.s.setOutputSizes.run(narSize, closureSize, path, drvPath, name);
+  }
+
+  insertAttempt(a: {
+    leaseId: string;
+    drvPath: string;
+    attempt: number;
+    agentId: string;
+    now: number;
+    expiresAt: number;
+    logPath: string;
+  }): void {
+    this.s.insertAttempt.run(a.leaseId, a.drvPath, a.attempt, a.agentId, a.now, a.expiresAt, a.logPath);
+    this.s.setAttempts.run(a.attempt, a.agentId, a.now, a.drvPath);
+  }
+
+  attempt(leaseId: string): AttemptRow | undefined {
+    return this.s.getAttempt.get(leaseId) as AttemptRow | undefined;
+  }
+
+  openAttempts(): AttemptRow[] {
+    return this.s.openAttempts.all() as AttemptRow[];
+  }
+
+  attemptsOf(drvPath: string): AttemptRow[] {
+    return this.s.attemptsOf.all(drvPath) as AttemptRow[];
+  }
+
+  acceptAttempt(leaseId: string): void {
+    this.s.acceptAttempt.run(leaseId);
+  }
+
+  startAttempt(leaseId: string, at: number): void {
+    this.s.startAttempt.run(at, leaseId);
+  }
+
+  finishAttempt(leaseId: string, state: AttemptState, error: string | null, at: number): void {
+    this.s.setAttemptState.run(state, error, at, leaseId);
+  }
+
+  setLogBytes(leaseId: string, bytes: number): void {
+    this.s.setLogBytes.run(bytes, leaseId);
+  }
+
+  createRequest(source: string, roots: ReadonlyArray<{ attr: string; drvPath: string }>, now: number): number {
+    const id = Number(this.s.insertRequest.run(now, source).lastInsertRowid);
+    for (const r of roots) this.s.insertRoot.run(id, r.attr, r.drvPath);
+    return id;
+  }
+
+  requestRoots(requestId: number): Array<{ attr: string; drvPath: string }> {
+    return (this.s.rootsOf.all(requestId) as Array<{ attr: string; drv_path: string }>).map((r) => ({
+      attr: r.attr,
+      drvPath: r.drv_path,
+    }));
+  }
+}

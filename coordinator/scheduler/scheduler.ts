@@ -1,0 +1,283 @@
+import { IllegalStateError } from '../../common/errors.js';
+import { PriorityHeap } from './priority-heap.js';
+
+/**
+ * The in-memory build graph of unfinished derivations and the queues they wait in. It decides, and nothing
+ * else: persistence and messaging belong to the BuildManager that drives it.
+ *
+ * A node waits in `queued` until all its inputs succeeded, then enters one lane — fixed-output derivations
+ * (downloads) have their own lanes so they never wait behind long compilations, every other derivation waits in
+ * the lane of its system and required features. Inside a lane: higher request priority first, then the longer
+ * critical path (more derivations waiting behind it), then first come.
+ */
+
+export interface NodeSpec {
+  drvPath: string;
+  system: string;
+  requiredFeatures: readonly string[];
+  fixedOutput: boolean;
+  /** Input derivations that have not succeeded yet (each must be a node of this scheduler). */
+  pendingInputs: readonly string[];
+  priority: number;
+}
+
+export interface AgentCapabilities {
+  agentId: string;
+  systems: readonly string[];
+  supportedFeatures: readonly string[];
+  mandatoryFeatures: readonly string[];
+}
+
+type NodeStatus = 'queued' | 'buildable' | 'building';
+
+interface Node {
+  readonly spec: NodeSpec;
+  readonly lane: string;
+  status: NodeStatus;
+  waitingOn: number;
+  readonly dependents: string[];
+  criticalPath: number;
+  seq: number;
+  readySince: number;
+  readonly excludedAgents: Set<string>;
+}
+
+// How far down a lane the scheduler looks for work that an agent is not excluded from before giving up on the
+// lane; exclusions are rare (only after an infrastructure failure), so a short scan suffices.
+const EXCLUSION_SCAN_DEPTH = 32;
+
+// Derivations with system "builtin" (builtin:fetchurl) run on any agent.
+const ANY_SYSTEM = 'builtin';
+
+export function laneOf(spec: Pick<NodeSpec, 'system' | 'requiredFeatures' | 'fixedOutput'>): string {
+  return `${spec.fixedOutput ? 'fod' : 'build'}|${spec.system}|${[...spec.requiredFeatures].sort().join(',')}`;
+}
+
+/** Whether an agent may build derivations of a lane: its system, every required feature, every mandatory one. */
+export function agentMatchesLane(agent: AgentCapabilities, lane: string): boolean {
+  const [, system = '', features = ''] = lane.split('|');
+  const required = features === '' ? [] : features.split(',');
+  if (system !== ANY_SYSTEM && !agent.systems.includes(system)) return false;
+  const has = (f: string): boolean => agent.supportedFeatures.includes(f) || agent.mandatoryFeatures.includes(f);
+  return required.every(has) && agent.mandatoryFeatures.every((f) => required.includes(f));
+}
+
+export class Scheduler {
+  private readonly nodes = new Map<string, Node>();
+  private readonly lanes = new Map<string, PriorityHeap<Node>>();
+  private seq = 0;
+
+  constructor(private readonly now: () => number = Date.now) {}
+
+  get size(): number {
+    return this.nodes.size;
+  }
+
+  has(drvPath: string): boolean {
+    return this.nodes.has(drvPath);
+  }
+
+  status(drvPath: string): NodeStatus | undefined {
+    return this.nodes.get(drvPath)?.status;
+  }
+
+  /**
+   * Adds unfinished derivations. Specs may come in any order within one call, but every pending input must be
+   * in this call or already known. Returns the derivations that became buildable.
+   */
+  add(specs: readonly NodeSpec[]): string[] {
+    const added: Node[] = [];
+    for (const spec of specs) {
+      if (this.nodes.has(spec.drvPath)) continue;
+      const node: Node = {
+        spec,
+        lane: laneOf(spec),
+        status: 'queued',
+        waitingOn: spec.pendingInputs.length,
+        dependents: [],
+        criticalPath: 1,
+        seq: 0,
+        readySince: 0,
+        excludedAgents: new Set(),
+      };
+      this.nodes.set(spec.drvPath, node);
+      added.push(node);
+    }
+    for (const node of added) {
+      for (const input of node.spec.pendingInputs) {
+        const inputNode = this.nodes.get(input);
+        if (!inputNode) throw new IllegalStateError(`${node.spec.drvPath}: pending input ${input} is not scheduled`);
+        inputNode.dependents.push(node.spec.drvPath);
+      }
+    }
+    this.updateCriticalPaths(added);
+    const ready: string[] = [];
+    for (const node of added) {
+      if (node.waitingOn === 0) {
+        this.enqueue(node);
+        ready.push(node.spec.drvPath);
+      }
+    }
+    return ready;
+  }
+
+  /** Lanes that hold buildable work, with the time their oldest item became buildable. */
+  waitingLanes(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const [lane, heap] of this.lanes) {
+      if (heap.size === 0) continue;
+      out.set(lane, heap.toArray().reduce((min, n) => Math.min(min, n.readySince), Infinity));
+    }
+    return out;
+  }
+
+  buildableIn(lane: string): string[] {
+    return (this.lanes.get(lane)?.toArray() ?? []).map((n) => n.spec.drvPath);
+  }
+
+  /**
+   * Takes the best buildable derivation for this agent, or undefined. `othersCanTake(drv)` says whether another
+   * connected agent could take a derivation of that lane this agent is excluded from; if none could, the exclusion yields.
+   */
+  take(
+    agent: AgentCapabilities,
+    othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
+  ): string | undefined {
+    let best: { heap: PriorityHeap<Node>; node: Node } | undefined;
+    for (const [lane, heap] of this.lanes) {
+      const head = heap.peek();
+      if (!head || !agentMatchesLane(agent, lane)) continue;
+      const candidate = this.firstAllowed(heap, agent, othersCanTake);
+      if (candidate && (!best || laneFirst(candidate, best.node))) best = { heap, node: candidate };
+    }
+    if (!best) return undefined;
+    const chosen = best.node;
+    if (best.heap.peek() === chosen) best.heap.pop();
+    else best.heap.removeWhere((n) => n === chosen);
+    chosen.status = 'building';
+    return chosen.spec.drvPath;
+  }
+
+  /** A build succeeded: returns the dependents that became buildable. */
+  succeeded(drvPath: string): string[] {
+    const node = this.require(drvPath);
+    this.remove(node);
+    const ready: string[] = [];
+    for (const d of node.dependents) {
+      const dep = this.nodes.get(d);
+      if (!dep) continue;
+      dep.waitingOn -= 1;
+      if (dep.waitingOn === 0) {
+        this.enqueue(dep);
+        ready.push(d);
+      }
+    }
+    return ready;
+  }
+
+  /** A derivation ended without outputs: removes it and every transitive dependent, which are returned. */
+  failed(drvPath: string): string[] {
+    const node = this.require(drvPath);
+    this.remove(node);
+    const dependents: string[] = [];
+    const stack = [...node.dependents];
+    while (stack.length > 0) {
+      const d = this.nodes.get(stack.pop()!);
+      if (!d) continue;
+      this.remove(d);
+      dependents.push(d.spec.drvPath);
+      stack.push(...d.dependents);
+    }
+    return dependents;
+  }
+
+  /** An attempt was lost to an infrastructure failure: the derivation is buildable again, avoiding `agentId`. */
+  retry(drvPath: string, agentId: string): void {
+    const node = this.require(drvPath);
+    if (node.status !== 'building') throw new IllegalStateError(`${drvPath} is ${node.status}, not building`);
+    node.excludedAgents.add(agentId);
+    this.enqueue(node);
+  }
+
+  /** Marks a derivation as building without going through `take` (a lease kept across a coordinator restart). */
+  markBuilding(drvPath: string): void {
+    const node = this.require(drvPath);
+    if (node.status === 'buildable') this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    node.status = 'building';
+  }
+
+  private firstAllowed(
+    heap: PriorityHeap<Node>,
+    agent: AgentCapabilities,
+    othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
+  ): Node | undefined {
+    const items = heap.toArray();
+    const head = heap.peek();
+    if (head && !head.excludedAgents.has(agent.agentId)) return head;
+    // Heap order is only partial beyond the head; sort the scanned prefix to keep priority order.
+    const scan = [...items].sort((a, b) => (laneFirst(a, b) ? -1 : 1)).slice(0, EXCLUSION_SCAN_DEPTH);
+    for (const node of scan) {
+      if (!node.excludedAgents.has(agent.agentId)) return node;
+      if (!othersCanTake(node.lane, node.excludedAgents)) return node;
+    }
+    return undefined;
+  }
+
+  private enqueue(node: Node): void {
+    node.status = 'buildable';
+    node.seq = this.seq++;
+    node.readySince = this.now();
+    let heap = this.lanes.get(node.lane);
+    if (!heap) {
+      heap = new PriorityHeap(laneFirst);
+      this.lanes.set(node.lane, heap);
+    }
+    heap.push(node);
+  }
+
+  private remove(node: Node): void {
+    if (node.status === 'buildable') this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    this.nodes.delete(node.spec.drvPath);
+  }
+
+  private require(drvPath: string): Node {
+    const node = this.nodes.get(drvPath);
+    if (!node) throw new IllegalStateError(`${drvPath} is not scheduled`);
+    return node;
+  }
+
+  /** Critical path of a node = 1 + the longest critical path among its dependents, computed over new nodes. */
+  private updateCriticalPaths(added: Node[]): void {
+    const memo = new Map<Node, number>();
+    const isNew = new Set(added);
+    const visit = (root: Node): void => {
+      // Iterative post-order: dependency chains can be thousands deep.
+      const stack: Array<{ node: Node; expanded: boolean }> = [{ node: root, expanded: false }];
+      while (stack.length > 0) {
+        const top = stack[stack.length - 1]!;
+        if (memo.has(top.node)) {
+          stack.pop();
+          continue;
+        }
+        const deps = top.node.dependents.map((d) => this.nodes.get(d)).filter((d): d is Node => d !== undefined);
+        if (!top.expanded) {
+          top.expanded = true;
+          for (const d of deps) if (!memo.has(d) && isNew.has(d)) stack.push({ node: d, expanded: false });
+          continue;
+        }
+        stack.pop();
+        const cp = 1 + deps.reduce((max, d) => Math.max(max, memo.get(d) ?? d.criticalPath), 0);
+        memo.set(top.node, cp);
+        top.node.criticalPath = cp;
+      }
+    };
+    for (const node of added) visit(node);
+  }
+}
+
+function laneFirst(a: Node, b: Node): boolean {
+  if (a.spec.fixedOutput !== b.spec.fixedOutput) return a.spec.fixedOutput;
+  if (a.spec.priority !== b.spec.priority) return a.spec.priority > b.spec.priority;
+  if (a.criticalPath !== b.criticalPath) return a.criticalPath > b.criticalPath;
+  return a.seq < b.seq;
+}
