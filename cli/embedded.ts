@@ -68,7 +68,8 @@ export class EmbeddedSystem {
           new Promise<void>((resolve) => {
             if (c.exitCode !== null || c.signalCode !== null) return resolve();
             c.once('exit', () => resolve());
-            c.kill('SIGKILL');
+            // The whole process group: the agent and the builds it runs.
+            if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
           }),
       ),
     );
@@ -76,37 +77,61 @@ export class EmbeddedSystem {
   }
 
   private spawnIsolatedAgent(agentId: string, dir: string): ChildProcess {
-    const nixDir = join(dir, 'nix');
-    mkdirSync(nixDir, { recursive: true });
-    const args = [
-      ...process.execArgv,
-      agentMainPath(),
-      '--coordinator',
-      this.coordinator.grpcTarget,
-      '--id',
+    const child = spawnAgentProcess({
+      coordinator: this.coordinator.grpcTarget,
+      token: this.coordinator.localAgentToken,
       agentId,
-      '--spool-dir',
-      join(dir, 'spool'),
-      ...(this.options.maxJobs ? ['--max-jobs', String(this.options.maxJobs)] : []),
-    ];
-    // A private mount namespace whose /nix is an empty directory of this agent's: its own store and database.
-    const child = spawn(
-      'unshare',
-      ['--mount', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /nix && exec "$@"', nixDir, process.execPath, ...args],
-      {
-        stdio: ['ignore', 'ignore', 'inherit'],
-        env: {
-          ...process.env,
-          EKACI_AGENT_TOKEN: this.coordinator.localAgentToken,
-          EKACI_LOG_LEVEL: this.options.agentLogLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn',
-        },
-      },
-    );
+      dir,
+      isolated: true,
+      maxJobs: this.options.maxJobs,
+      logLevel: this.options.agentLogLevel,
+    });
     child.on('exit', (code, signal) => {
       if (code !== 0 && signal !== 'SIGKILL') this.options.logger.warn({ agentId, code, signal }, 'agent process exited');
     });
     return child;
   }
+}
+
+export interface AgentProcessOptions {
+  coordinator: string;
+  token: string;
+  agentId: string;
+  /** The agent's own directory: `spool/` and, when isolated, `nix/` (its store) live here. */
+  dir: string;
+  /** In a private mount namespace with its own empty /nix (needs root). */
+  isolated: boolean;
+  maxJobs?: number | undefined;
+  extraArgs?: string[];
+  logLevel?: string | undefined;
+  stdio?: 'inherit' | 'ignore' | 'pipe';
+}
+
+/** Starts `ekaci-agent` as a child process, optionally as a separate builder host with its own Nix store. */
+export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
+  const args = [
+    ...process.execArgv,
+    agentMainPath(),
+    '--coordinator',
+    o.coordinator,
+    '--id',
+    o.agentId,
+    '--spool-dir',
+    join(o.dir, 'spool'),
+    ...(o.maxJobs ? ['--max-jobs', String(o.maxJobs)] : []),
+    ...(o.extraArgs ?? []),
+  ];
+  const env = { ...process.env, EKACI_AGENT_TOKEN: o.token, EKACI_LOG_LEVEL: o.logLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn' };
+  const stdio = ['ignore', 'ignore', o.stdio ?? 'inherit'] as const;
+  if (!o.isolated) return spawn(process.execPath, args, { stdio: [...stdio], env, detached: true });
+  const nixDir = join(o.dir, 'nix');
+  mkdirSync(nixDir, { recursive: true });
+  // A private mount namespace whose /nix is an empty directory of this agent's: its own store and database.
+  return spawn(
+    'unshare',
+    ['--mount', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /nix && exec "$@"', nixDir, process.execPath, ...args],
+    { stdio: [...stdio], env, detached: true },
+  );
 }
 
 /** The agent's entry point next to this module: `.ts` under tsx (development, tests), `.js` when built. */

@@ -21,6 +21,11 @@ export function grpcStatusDisposition(code: status): Disposition {
   }
 }
 
+/** Whether a fatal stream status means the coordinator refused the agent's token (unknown, revoked, not allowed). */
+export function isTokenRefusal(code: status): boolean {
+  return code === status.UNAUTHENTICATED || code === status.PERMISSION_DENIED;
+}
+
 // ErrorReply codes that a new connection would receive again until someone changes an installation or a
 // configuration: a protocol major mismatch, a refused agent, a message the coordinator cannot accept.
 const FATAL_REPLY_CODES = new Set([

@@ -195,6 +195,7 @@ export class Build {
   }
 
   private async checked(command: string, args: string[], what = `${command} ${args[0] ?? ''} failed`): Promise<string> {
+    if (this.cancelReason !== null) throw new Error(`cancelled before ${command} ${args[0] ?? ''}`);
     const r = await this.spawnTracked(command, args, false);
     if (r.spawnError !== null) throw new Error(`${what}: ${r.spawnError.message}`);
     if (r.code !== 0) throw new Error(`${what} (exit ${r.code ?? r.signal}): ${lastLines(r.stderr, 5)}`);

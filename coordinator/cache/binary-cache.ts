@@ -154,8 +154,8 @@ export class BinaryCache {
 
   /**
    * Validates an uploaded narinfo against the NAR already uploaded, replaces its signatures with the
-   * coordinator's, and stores it. The first narinfo stored for a path stays: substituters may already have
-   * fetched it, and a binary cache entry must not change under them.
+   * coordinator's, and stores it; returns it as signed. The first narinfo stored for a path stays: substituters
+   * may already have fetched it, and a binary cache entry must not change under them.
    */
   async writeNarInfo(relativePath: string, text: string): Promise<NarInfo> {
     const info = parseNarInfo(text);

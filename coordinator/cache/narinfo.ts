@@ -25,8 +25,6 @@ export interface NarInfo {
   ca?: string;
 }
 
-export const NARINFO_CONTENT_TYPE = 'text/x-nix-narinfo';
-
 /** Nix assumes bzip2 for a narinfo without a Compression line (the format predates the field). */
 const DEFAULT_COMPRESSION = 'bzip2';
 

@@ -1,0 +1,185 @@
+import { status } from '@grpc/grpc-js';
+import { readFileSync } from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { runNixChecked, NO_SUBSTITUTERS } from '../common/nix/cli.js';
+import { Outcome } from '../common/proto/ekaci/agent/v1/agent.js';
+import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import type { Coordinator } from '../coordinator/coordinator.js';
+import { RawAgent, startCoordinator } from './support/coordinator-harness.js';
+import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
+
+let coordinator: Coordinator | undefined;
+const agents: RawAgent[] = [];
+
+afterEach(async () => {
+  for (const a of agents.splice(0)) a.close();
+  await coordinator?.stopNow();
+  coordinator = undefined;
+});
+
+function raw(token: string | undefined): RawAgent {
+  const a = new RawAgent(coordinator!.grpcTarget, token);
+  agents.push(a);
+  return a;
+}
+
+async function instantiateAll(body: string): Promise<Record<string, string>> {
+  const file = writeNixFile(tempDir(), nonce(), body);
+  const names = JSON.parse(
+    await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, '--eval', '--json', '-E', `builtins.attrNames (import ${file})`]),
+  ) as string[];
+  const out: Record<string, string> = {};
+  for (const n of names) out[n] = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', n])).trim();
+  return out;
+}
+
+describe('the coordinator side of the agent protocol', () => {
+  it('refuses a stream without a valid token before reading anything', async () => {
+    coordinator = await startCoordinator(tempDir());
+    const a = raw('ekaci_not-a-real-token');
+    const end = await a.ended();
+    expect(end.code).toBe(status.UNAUTHENTICATED);
+    expect(end.details).toMatch(/agent token unknown or revoked/);
+    await expect(raw(undefined).ended()).resolves.toMatchObject({ code: status.UNAUTHENTICATED });
+    expect(coordinator.audit.recent().some((r) => r.action === 'agent.refused')).toBe(true);
+  });
+
+  it('refuses a protocol major mismatch naming both versions', async () => {
+    coordinator = await startCoordinator(tempDir());
+    const a = raw(coordinator.localAgentToken);
+    a.hello({ protocolVersion: { major: PROTOCOL_VERSION.major + 1, minor: 0 } });
+    const err = await a.next('error');
+    expect(err.code).toBe('EKACI_ERR_PROTOCOL_MISMATCH');
+    expect(err.message).toContain(`speaks protocol ${PROTOCOL_VERSION.major + 1}.0`);
+    expect(err.message).toContain(`coordinator speaks ${PROTOCOL_VERSION.major}.${PROTOCOL_VERSION.minor}`);
+    expect((await a.ended()).code).toBe(status.FAILED_PRECONDITION);
+  });
+
+  it('requires Hello as the first message', async () => {
+    coordinator = await startCoordinator(tempDir());
+    const a = raw(coordinator.localAgentToken);
+    a.send({ $case: 'heartbeat', value: { leaseIds: [] } });
+    expect((await a.next('error')).message).toMatch(/expected Hello/);
+  });
+
+  it('ends the stream of a revoked token with UNAUTHENTICATED', async () => {
+    coordinator = await startCoordinator(tempDir());
+    const token = coordinator.tokens.create('builder-1', 'test');
+    const a = raw(token);
+    a.hello();
+    await a.next('welcome');
+    coordinator.tokens.revoke('builder-1', 'test');
+    coordinator.agentHub.revoked('builder-1');
+    expect((await a.ended()).code).toBe(status.UNAUTHENTICATED);
+    await expect(raw(token).ended()).resolves.toMatchObject({ code: status.UNAUTHENTICATED });
+  });
+
+  it('assigns no more builds than the agent advertised, and acknowledges results after recording them', async () => {
+    coordinator = await startCoordinator(tempDir());
+    const drvs = await instantiateAll(
+      'builtins.listToAttrs (map (i: { name = "d${toString i}"; value = mk "d${toString i}" {}; }) [1 2 3 4 5])',
+    );
+    const a = raw(coordinator.localAgentToken);
+    a.hello({ maxJobs: 2 });
+    await a.next('welcome');
+    const request = await coordinator.manager.submit(
+      Object.entries(drvs).map(([attr, drvPath]) => ({ attr, drvPath })),
+      'test',
+    );
+    a.send({ $case: 'credit', value: { freeSlots: 2, draining: false } });
+    const first = await a.next('assign');
+    const second = await a.next('assign', (x) => x.leaseId !== first.leaseId);
+    // Give the coordinator every chance to over-assign before checking it did not.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(2);
+
+    a.send({ $case: 'jobEvent', value: { messageId: 1, leaseId: first.leaseId, event: { $case: 'accepted', value: {} } } });
+    a.send({
+      $case: 'jobEvent',
+      value: {
+        messageId: 2,
+        leaseId: first.leaseId,
+        event: {
+          $case: 'finished',
+          value: { outcome: Outcome.OUTCOME_FAILED, error: 'builder exited 1', outputs: [], finishedAtMs: Date.now(), logBytes: 0 },
+        },
+      },
+    });
+    const ack = await a.next('ack', (x) => x.messageIds.includes(2));
+    expect(ack.messageIds).toEqual([2]);
+    // Committed before the acknowledgement: the state is visible the moment the agent learns of the ack.
+    expect(coordinator.store.derivation(first.drvPath)?.state).toBe('failed');
+
+    // A result sent again (after a reconnect) changes nothing and is acknowledged again.
+    const eventsBefore = coordinator.store.db.prepare('SELECT COUNT(*) AS n FROM events').get() as { n: number };
+    a.send({
+      $case: 'jobEvent',
+      value: {
+        messageId: 2,
+        leaseId: first.leaseId,
+        event: { $case: 'finished', value: { outcome: Outcome.OUTCOME_SUCCEEDED, error: '', outputs: [], finishedAtMs: 0, logBytes: 0 } },
+      },
+    });
+    await a.next('ack', (x) => x.messageIds.includes(2), a.received.indexOf(a.received.find((m) => m.msg?.value === ack)!) + 1);
+    expect(coordinator.store.derivation(first.drvPath)?.state).toBe('failed');
+    expect(coordinator.store.db.prepare('SELECT COUNT(*) AS n FROM events').get()).toEqual(eventsBefore);
+
+    // One slot freed: exactly one more assignment.
+    a.send({ $case: 'jobEvent', value: { messageId: 3, leaseId: second.leaseId, event: { $case: 'accepted', value: {} } } });
+    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    await a.next('assign', (x) => x.leaseId !== first.leaseId && x.leaseId !== second.leaseId);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(3);
+    expect(coordinator.manager.isSettled(request)).toBe(false);
+  });
+
+  it('stores log chunks by offset, skipping bytes it already has, and keeps a lease across a reconnect', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
+    const drvs = await instantiateAll('{ only = mk "only" {}; }');
+    const a = raw(coordinator.localAgentToken);
+    a.hello();
+    await a.next('welcome');
+    await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
+    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const lease = await a.next('assign');
+    const chunk = (offset: number, text: string): void =>
+      a.send({ $case: 'logChunk', value: { leaseId: lease.leaseId, offset, data: Buffer.from(text) } });
+    chunk(0, 'hello ');
+    chunk(0, 'hello '); // a duplicate
+    chunk(3, 'lo world'); // overlaps
+    expect((await a.next('logAck', (x) => x.storedBytes === 11)).storedBytes).toBe(11);
+    a.close();
+
+    const again = raw(coordinator.localAgentToken);
+    again.hello({ runningLeases: [{ leaseId: lease.leaseId, logBytes: 20 }, { leaseId: 'unknown-lease', logBytes: 0 }] });
+    const welcome = await again.next('welcome');
+    expect(welcome.leaseDecisions).toEqual([
+      { leaseId: lease.leaseId, keep: true, logOffset: 11, reason: '' },
+      { leaseId: 'unknown-lease', keep: false, logOffset: 0, reason: 'lease is no longer valid' },
+    ]);
+    again.send({ $case: 'logChunk', value: { leaseId: lease.leaseId, offset: 11, data: Buffer.from('!\n') } });
+    await again.next('logAck', (x) => x.storedBytes === 13);
+    const logPath = coordinator.logs.pathFor(lease.drvPath, lease.attempt);
+    expect(readFileSync(logPath, 'utf8')).toBe('hello world!\n');
+  });
+
+  it('retries a build whose agent reconnects without it', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
+    const drvs = await instantiateAll('{ only = mk "only" {}; }');
+    const a = raw(coordinator.localAgentToken);
+    a.hello();
+    await a.next('welcome');
+    await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
+    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const lease = await a.next('assign');
+    a.close();
+    const again = raw(coordinator.localAgentToken);
+    again.hello({ runningLeases: [] });
+    await again.next('welcome');
+    again.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const retry = await again.next('assign');
+    expect(retry.drvPath).toBe(lease.drvPath);
+    expect(retry.attempt).toBe(2);
+    expect(coordinator.store.attempt(lease.leaseId)?.state).toBe('lost');
+  });
+});

@@ -1,0 +1,119 @@
+import { credentials, Metadata } from '@grpc/grpc-js';
+import { clientChannelOptions } from '../../common/grpc-options.js';
+import { silentLogger } from '../../common/logging.js';
+import {
+  type AgentMessage,
+  AgentServiceClient,
+  type CoordinatorMessage,
+  type Hello,
+} from '../../common/proto/ekaci/agent/v1/agent.js';
+import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
+import { compileCoordinatorConfig } from '../../coordinator/config.js';
+import { Coordinator } from '../../coordinator/coordinator.js';
+
+/** A coordinator on loopback ports chosen by the OS, in its own data directory, with test-sized timings. */
+export async function startCoordinator(dataDir: string, overrides: Record<string, unknown> = {}): Promise<Coordinator> {
+  const options = compileCoordinatorConfig(
+    {
+      data_dir: dataDir,
+      lease_ttl_seconds: 2,
+      unbuildable_grace_seconds: 0,
+      web: { port: 0 },
+      grpc: { port: 0 },
+      ...overrides,
+    },
+    'test',
+  );
+  const c = new Coordinator(options, silentLogger());
+  await c.start();
+  return c;
+}
+
+/**
+ * A hand-driven agent stream: the test writes protocol messages and reads the coordinator's answers, to check
+ * the coordinator's side of the contract message by message.
+ */
+export class RawAgent {
+  readonly received: CoordinatorMessage[] = [];
+  readonly client: AgentServiceClient;
+  readonly call;
+  status: { code: number; details: string } | undefined;
+  private waiters: Array<() => void> = [];
+
+  constructor(target: string, token: string | undefined) {
+    this.client = new AgentServiceClient(target, credentials.createInsecure(), clientChannelOptions);
+    const md = new Metadata();
+    if (token !== undefined) md.set('authorization', `Bearer ${token}`);
+    this.call = this.client.connect(md);
+    this.call.on('data', (m: CoordinatorMessage) => {
+      this.received.push(m);
+      this.notify();
+    });
+    this.call.on('error', (e: { code: number; details: string }) => {
+      this.status = { code: e.code, details: e.details };
+      this.notify();
+    });
+    this.call.on('status', (s: { code: number; details: string }) => {
+      this.status ??= { code: s.code, details: s.details };
+      this.notify();
+    });
+  }
+
+  send(msg: AgentMessage['msg']): void {
+    this.call.write({ msg });
+  }
+
+  hello(overrides: Partial<Hello> = {}): void {
+    this.send({
+      $case: 'hello',
+      value: {
+        agentId: 'raw-agent',
+        protocolVersion: PROTOCOL_VERSION,
+        nixVersion: '2.8.0',
+        hostname: 'raw',
+        os: 'linux',
+        systems: ['x86_64-linux'],
+        supportedFeatures: [],
+        mandatoryFeatures: [],
+        maxJobs: 2,
+        runningLeases: [],
+        sessionNonce: 'n',
+        ...overrides,
+      },
+    });
+  }
+
+  /** Waits until a received message satisfies `pick`, and returns it. */
+  async next<K extends NonNullable<CoordinatorMessage['msg']>['$case']>(
+    kind: K,
+    pick: (m: Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value']) => boolean = () => true,
+    from = 0,
+  ): Promise<Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value']> {
+    for (;;) {
+      for (const m of this.received.slice(from)) {
+        if (m.msg?.$case === kind) {
+          const v = m.msg.value as Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value'];
+          if (pick(v)) return v;
+        }
+      }
+      if (this.status) throw new Error(`stream ended (${this.status.code}: ${this.status.details}) before ${kind}`);
+      await new Promise<void>((r) => this.waiters.push(r));
+    }
+  }
+
+  async ended(): Promise<{ code: number; details: string }> {
+    while (!this.status) await new Promise<void>((r) => this.waiters.push(r));
+    return this.status;
+  }
+
+  close(): void {
+    this.call.cancel();
+    this.client.close();
+  }
+
+  private notify(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const r of w) r();
+  }
+}
