@@ -2,10 +2,15 @@ import tseslint from 'typescript-eslint';
 import importX from 'eslint-plugin-import-x';
 
 // agent/ and coordinator/ talk only through common/ (and the wire); this keeps either side deployable alone.
-const boundary = (other) => ({
+const boundary = (...others) => ({
   'no-restricted-imports': [
     'error',
-    { patterns: [{ group: [`**/${other}/**`, `../${other}`, `../${other}/*`], message: `import from common/ only, never from ${other}/` }] },
+    {
+      patterns: others.map((other) => ({
+        regex: `^(\\.\\./)+${other}/`,
+        message: `import from common/ only, never from ${other}/`,
+      })),
+    },
   ],
 });
 
@@ -23,8 +28,8 @@ export default tseslint.config(
       'import-x/no-cycle': 'error',
     },
   },
-  { files: ['agent/**/*.ts'], rules: boundary('coordinator') },
-  { files: ['coordinator/**/*.ts'], rules: boundary('agent') },
-  { files: ['common/**/*.ts'], rules: { 'no-restricted-imports': ['error', { patterns: ['**/agent/**', '**/coordinator/**'] }] } },
+  { files: ['agent/**/*.ts'], rules: boundary('coordinator', 'cli') },
+  { files: ['coordinator/**/*.ts'], rules: boundary('agent', 'cli') },
+  { files: ['common/**/*.ts'], rules: boundary('agent', 'coordinator', 'cli') },
   { files: ['eslint.config.js', 'vitest.config.ts'], ...tseslint.configs.disableTypeChecked },
 );

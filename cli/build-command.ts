@@ -23,7 +23,8 @@ const SUCCESS = new Set(['succeeded', 'substituted']);
  */
 export async function buildCommand(file: string, opts: BuildCommandOptions): Promise<number> {
   const agents = Number(opts.agents);
-  if (!Number.isInteger(agents) || agents < 0) throw new UsageError(`--agents takes a whole number, got "${opts.agents}"`);
+  if (!Number.isInteger(agents) || agents < 0)
+    throw new UsageError(`--agents takes a whole number, got "${opts.agents}"`);
   const maxJobs = opts.maxJobs === undefined ? undefined : Number(opts.maxJobs);
   if (maxJobs !== undefined && (!Number.isInteger(maxJobs) || maxJobs < 1)) {
     throw new UsageError(`--max-jobs takes a whole number ≥ 1, got "${opts.maxJobs}"`);

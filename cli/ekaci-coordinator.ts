@@ -26,7 +26,11 @@ const program = new Command('ekaci-coordinator')
     });
     await system.start();
     logger.info(
-      { grpc: system.coordinator.grpcTarget, cache: system.coordinator.cacheUrl, publicKey: system.coordinator.cachePublicKey },
+      {
+        grpc: system.coordinator.grpcTarget,
+        cache: system.coordinator.cacheUrl,
+        publicKey: system.coordinator.cachePublicKey,
+      },
       'ready',
     );
     let stopping = false;
@@ -71,7 +75,7 @@ tokens
   .command('revoke')
   .argument('<name>')
   .option('--config <file>', 'TOML configuration file')
-  .description("revoke a token; agents using it are disconnected within seconds")
+  .description('revoke a token; agents using it are disconnected within seconds')
   .action((name: string, opts: { config?: string }) => {
     if (!withTokens(opts.config, (s) => s.revoke(name, actor))) {
       process.stderr.write(`ekaci-coordinator: no active token named "${name}"\n`);

@@ -87,7 +87,8 @@ export class EmbeddedSystem {
       logLevel: this.options.agentLogLevel,
     });
     child.on('exit', (code, signal) => {
-      if (code !== 0 && signal !== 'SIGKILL') this.options.logger.warn({ agentId, code, signal }, 'agent process exited');
+      if (code !== 0 && signal !== 'SIGKILL')
+        this.options.logger.warn({ agentId, code, signal }, 'agent process exited');
     });
     return child;
   }
@@ -121,7 +122,11 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
     ...(o.maxJobs ? ['--max-jobs', String(o.maxJobs)] : []),
     ...(o.extraArgs ?? []),
   ];
-  const env = { ...process.env, EKACI_AGENT_TOKEN: o.token, EKACI_LOG_LEVEL: o.logLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn' };
+  const env = {
+    ...process.env,
+    EKACI_AGENT_TOKEN: o.token,
+    EKACI_LOG_LEVEL: o.logLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn',
+  };
   const stdio = ['ignore', 'ignore', o.stdio ?? 'inherit'] as const;
   if (!o.isolated) return spawn(process.execPath, args, { stdio: [...stdio], env, detached: true });
   const nixDir = join(o.dir, 'nix');
@@ -129,7 +134,17 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
   // A private mount namespace whose /nix is an empty directory of this agent's: its own store and database.
   return spawn(
     'unshare',
-    ['--mount', '--propagation', 'private', 'sh', '-c', 'mount --bind "$0" /nix && exec "$@"', nixDir, process.execPath, ...args],
+    [
+      '--mount',
+      '--propagation',
+      'private',
+      'sh',
+      '-c',
+      'mount --bind "$0" /nix && exec "$@"',
+      nixDir,
+      process.execPath,
+      ...args,
+    ],
     { stdio: [...stdio], env, detached: true },
   );
 }

@@ -11,7 +11,9 @@ export class AuditLog {
   }
 
   recent(limit = 100): Array<{ at: number; actor: string; action: string; detail: string }> {
-    return this.db.prepare('SELECT at, actor, action, detail FROM audit_log ORDER BY id DESC LIMIT ?').all(limit) as Array<{
+    return this.db
+      .prepare('SELECT at, actor, action, detail FROM audit_log ORDER BY id DESC LIMIT ?')
+      .all(limit) as Array<{
       at: number;
       actor: string;
       action: string;

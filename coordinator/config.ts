@@ -64,7 +64,10 @@ const schema = z
       .prefault({}),
     cache: z
       .object({
-        key_name: z.string().regex(/^[A-Za-z0-9._-]+$/).default('ekaci-1'),
+        key_name: z
+          .string()
+          .regex(/^[A-Za-z0-9._-]+$/)
+          .default('ekaci-1'),
       })
       .strict()
       .prefault({}),
@@ -103,7 +106,10 @@ export function defaultDataDir(): string {
 }
 
 /** Reads and compiles a TOML file; `undefined` compiles the defaults (the embedded system). */
-export function loadCoordinatorConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env): CoordinatorOptions {
+export function loadCoordinatorConfig(
+  file: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): CoordinatorOptions {
   let raw: unknown = {};
   if (file !== undefined) {
     let text: string;
@@ -131,7 +137,7 @@ export function compileCoordinatorConfig(
   const parsed = schema.safeParse(withEnv);
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    const key = [...issue.path, ...('keys' in issue ? [(issue.keys as string[]).join(', ')] : [])].join('.');
+    const key = [...issue.path, ...('keys' in issue ? [issue.keys.join(', ')] : [])].join('.');
     throw new ConfigError(`${source}: ${key || '(top level)'}: ${issue.message}`);
   }
   const c = parsed.data;

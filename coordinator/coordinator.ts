@@ -61,7 +61,8 @@ export class Coordinator {
     ]);
     const lazyCache = {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
-      pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) => this.requireCache().pushFromLocalStore(paths, o),
+      pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
+        this.requireCache().pushFromLocalStore(paths, o),
     };
     this.manager = new BuildManager(
       this.store,
@@ -104,10 +105,16 @@ export class Coordinator {
       secretKey: key.secretKey,
       logger: this.logger.child({ component: 'cache' }),
     });
-    const metrics = createMetrics({ db: this.db, agentCount: () => this.hub?.agentCount ?? 0, pending: () => this.manager.pendingCount });
+    const metrics = createMetrics({
+      db: this.db,
+      agentCount: () => this.hub?.agentCount ?? 0,
+      pending: () => this.manager.pendingCount,
+    });
     const app = createHttpApp(
       {
-        cache: cacheRouter(this.cache, { authenticateUpload: tokenAuthenticator((t) => this.tokens.verify(t) !== undefined) }),
+        cache: cacheRouter(this.cache, {
+          authenticateUpload: tokenAuthenticator((t) => this.tokens.verify(t) !== undefined),
+        }),
         api: apiRouter(this.store, this.logs, this.manager),
         metrics,
         ready: () => this.state === 'running',
@@ -135,7 +142,9 @@ export class Coordinator {
     this.grpcServer.addService(AgentServiceService, this.hub.service);
     const tls = this.options.grpc.tls;
     const credentials = tls
-      ? ServerCredentials.createSsl(null, [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }])
+      ? ServerCredentials.createSsl(null, [
+          { cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) },
+        ])
       : ServerCredentials.createInsecure();
     this.grpcPort = await new Promise<number>((resolve, reject) =>
       this.grpcServer!.bindAsync(`${this.options.grpc.address}:${this.options.grpc.port}`, credentials, (err, port) =>
@@ -145,7 +154,10 @@ export class Coordinator {
     this.manager.recover();
     this.hub.start();
     this.state = 'running';
-    this.logger.info({ grpcPort: this.grpcPort, httpPort: this.httpPort, dataDir: this.options.dataDir }, 'coordinator running');
+    this.logger.info(
+      { grpcPort: this.grpcPort, httpPort: this.httpPort, dataDir: this.options.dataDir },
+      'coordinator running',
+    );
   }
 
   /** Tells agents to drain, closes the ports; leases stay in the database for the next start. */

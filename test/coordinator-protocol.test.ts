@@ -26,7 +26,13 @@ function raw(token: string | undefined): RawAgent {
 async function instantiateAll(body: string): Promise<Record<string, string>> {
   const file = writeNixFile(tempDir(), nonce(), body);
   const names = JSON.parse(
-    await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, '--eval', '--json', '-E', `builtins.attrNames (import ${file})`]),
+    await runNixChecked('nix-instantiate', [
+      ...NO_SUBSTITUTERS,
+      '--eval',
+      '--json',
+      '-E',
+      `builtins.attrNames (import ${file})`,
+    ]),
   ) as string[];
   const out: Record<string, string> = {};
   for (const n of names) out[n] = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', n])).trim();
@@ -93,7 +99,10 @@ describe('the coordinator side of the agent protocol', () => {
     await new Promise((r) => setTimeout(r, 300));
     expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(2);
 
-    a.send({ $case: 'jobEvent', value: { messageId: 1, leaseId: first.leaseId, event: { $case: 'accepted', value: {} } } });
+    a.send({
+      $case: 'jobEvent',
+      value: { messageId: 1, leaseId: first.leaseId, event: { $case: 'accepted', value: {} } },
+    });
     a.send({
       $case: 'jobEvent',
       value: {
@@ -101,7 +110,13 @@ describe('the coordinator side of the agent protocol', () => {
         leaseId: first.leaseId,
         event: {
           $case: 'finished',
-          value: { outcome: Outcome.OUTCOME_FAILED, error: 'builder exited 1', outputs: [], finishedAtMs: Date.now(), logBytes: 0 },
+          value: {
+            outcome: Outcome.OUTCOME_FAILED,
+            error: 'builder exited 1',
+            outputs: [],
+            finishedAtMs: Date.now(),
+            logBytes: 0,
+          },
         },
       },
     });
@@ -117,15 +132,25 @@ describe('the coordinator side of the agent protocol', () => {
       value: {
         messageId: 2,
         leaseId: first.leaseId,
-        event: { $case: 'finished', value: { outcome: Outcome.OUTCOME_SUCCEEDED, error: '', outputs: [], finishedAtMs: 0, logBytes: 0 } },
+        event: {
+          $case: 'finished',
+          value: { outcome: Outcome.OUTCOME_SUCCEEDED, error: '', outputs: [], finishedAtMs: 0, logBytes: 0 },
+        },
       },
     });
-    await a.next('ack', (x) => x.messageIds.includes(2), a.received.indexOf(a.received.find((m) => m.msg?.value === ack)!) + 1);
+    await a.next(
+      'ack',
+      (x) => x.messageIds.includes(2),
+      a.received.indexOf(a.received.find((m) => m.msg?.value === ack)!) + 1,
+    );
     expect(coordinator.store.derivation(first.drvPath)?.state).toBe('failed');
     expect(coordinator.store.db.prepare('SELECT COUNT(*) AS n FROM events').get()).toEqual(eventsBefore);
 
     // One slot freed: exactly one more assignment.
-    a.send({ $case: 'jobEvent', value: { messageId: 3, leaseId: second.leaseId, event: { $case: 'accepted', value: {} } } });
+    a.send({
+      $case: 'jobEvent',
+      value: { messageId: 3, leaseId: second.leaseId, event: { $case: 'accepted', value: {} } },
+    });
     a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
     await a.next('assign', (x) => x.leaseId !== first.leaseId && x.leaseId !== second.leaseId);
     await new Promise((r) => setTimeout(r, 300));
@@ -151,7 +176,12 @@ describe('the coordinator side of the agent protocol', () => {
     a.close();
 
     const again = raw(coordinator.localAgentToken);
-    again.hello({ runningLeases: [{ leaseId: lease.leaseId, logBytes: 20 }, { leaseId: 'unknown-lease', logBytes: 0 }] });
+    again.hello({
+      runningLeases: [
+        { leaseId: lease.leaseId, logBytes: 20 },
+        { leaseId: 'unknown-lease', logBytes: 0 },
+      ],
+    });
     const welcome = await again.next('welcome');
     expect(welcome.leaseDecisions).toEqual([
       { leaseId: lease.leaseId, keep: true, logOffset: 11, reason: '' },

@@ -33,7 +33,12 @@ export function runNix(command: string, args: string[], options: NixRunOptions =
     child.stderr?.on('data', (b: Buffer) => err.push(b));
     child.on('error', reject);
     child.on('close', (code, signal) =>
-      resolve({ stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), code, signal }),
+      resolve({
+        stdout: Buffer.concat(out).toString('utf8'),
+        stderr: Buffer.concat(err).toString('utf8'),
+        code,
+        signal,
+      }),
     );
     if (options.input !== undefined && child.stdin) child.stdin.end(options.input);
   });

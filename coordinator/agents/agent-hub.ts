@@ -77,7 +77,10 @@ export class AgentHub {
       for (const name of this.tokens.refresh()) this.revoked(name);
       this.timers[1] = setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS));
     };
-    this.timers = [setTimeout(sweep, jitter(SWEEP_INTERVAL_MS)), setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS))];
+    this.timers = [
+      setTimeout(sweep, jitter(SWEEP_INTERVAL_MS)),
+      setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS)),
+    ];
   }
 
   stop(): void {
@@ -128,7 +131,8 @@ export class AgentHub {
       this.audit.record(call.getPeer(), 'agent.refused', { reason: token ? 'unknown or revoked token' : 'no token' });
       call.emit('error', {
         code: status.UNAUTHENTICATED,
-        details: 'EKACI_ERR_AUTH: agent token unknown or revoked (create one with `ekaci-coordinator agent-token create NAME`)',
+        details:
+          'EKACI_ERR_AUTH: agent token unknown or revoked (create one with `ekaci-coordinator agent-token create NAME`)',
       });
       return;
     }
@@ -221,7 +225,8 @@ export class AgentHub {
   private dispatch(): void {
     const othersCanTake = (self: string) => (lane: string, excluded: ReadonlySet<string>) =>
       [...this.sessions.values()].some(
-        (s) => s.agentId !== self && s.capabilities && !excluded.has(s.agentId) && agentMatchesLane(s.capabilities, lane),
+        (s) =>
+          s.agentId !== self && s.capabilities && !excluded.has(s.agentId) && agentMatchesLane(s.capabilities, lane),
       );
     let progress = true;
     while (progress) {

@@ -113,7 +113,11 @@ export class AgentSession {
     if (!msg || this.state === 'closed') return;
     if (this.state === 'awaiting-hello') {
       if (msg.$case !== 'hello') {
-        this.refuse('EKACI_ERR_PROTOCOL', `expected Hello as the first message, got ${msg.$case}`, status.FAILED_PRECONDITION);
+        this.refuse(
+          'EKACI_ERR_PROTOCOL',
+          `expected Hello as the first message, got ${msg.$case}`,
+          status.FAILED_PRECONDITION,
+        );
         return;
       }
       this.onHello(msg.value);
@@ -125,7 +129,9 @@ export class AgentSession {
         return;
       case 'heartbeat': {
         const r = this.handlers.heartbeat(this, msg.value.leaseIds);
-        this.send({ msg: { $case: 'heartbeatAck', value: { renewedLeaseIds: r.renewed, leaseExpiresAtMs: r.expiresAt } } });
+        this.send({
+          msg: { $case: 'heartbeatAck', value: { renewedLeaseIds: r.renewed, leaseExpiresAtMs: r.expiresAt } },
+        });
         return;
       }
       case 'credit':
@@ -161,7 +167,11 @@ export class AgentSession {
       return;
     }
     if (!hello.agentId || hello.systems.length === 0 || hello.maxJobs < 1) {
-      this.refuse('EKACI_ERR_PROTOCOL', 'Hello needs agent_id, at least one system and max_jobs ≥ 1', status.INVALID_ARGUMENT);
+      this.refuse(
+        'EKACI_ERR_PROTOCOL',
+        'Hello needs agent_id, at least one system and max_jobs ≥ 1',
+        status.INVALID_ARGUMENT,
+      );
       return;
     }
     this.hello = hello;

@@ -54,10 +54,10 @@ export class TokenStore {
   }
 
   create(name: string, actor: string): string {
-    if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new ConfigError(`token name "${name}": letters, digits, ".", "_", "-" only`);
+    if (!/^[A-Za-z0-9._-]+$/.test(name))
+      throw new ConfigError(`token name "${name}": letters, digits, ".", "_", "-" only`);
     const exists = this.db.prepare('SELECT revoked_at FROM agent_tokens WHERE name = ?').get(name) as
-      | { revoked_at: number | null }
-      | undefined;
+      { revoked_at: number | null } | undefined;
     if (exists && exists.revoked_at === null) {
       throw new ConfigError(`an agent token named "${name}" exists already; revoke it first`);
     }

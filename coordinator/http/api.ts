@@ -30,7 +30,7 @@ export function apiRouter(store: BuildStore, logs: LogStore, manager: BuildManag
 
 function findDrv(store: BuildStore, hashOrName: string): string | undefined {
   const row = store.db
-    .prepare("SELECT drv_path FROM derivations WHERE drv_path >= ? AND drv_path < ? LIMIT 1")
+    .prepare('SELECT drv_path FROM derivations WHERE drv_path >= ? AND drv_path < ? LIMIT 1')
     .get(`/nix/store/${hashOrName}`, `/nix/store/${hashOrName}\uffff`) as { drv_path: string } | undefined;
   return row?.drv_path;
 }

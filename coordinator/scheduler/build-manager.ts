@@ -3,7 +3,13 @@ import { EventEmitter } from 'node:events';
 import type { Logger } from '../../common/logging.js';
 import { NixCommandError } from '../../common/errors.js';
 import { lastLines, runNix } from '../../common/nix/cli.js';
-import { type Assign, type Finished, type LeaseDecision, Outcome, type RunningLease } from '../../common/proto/ekaci/agent/v1/agent.js';
+import {
+  type Assign,
+  type Finished,
+  type LeaseDecision,
+  Outcome,
+  type RunningLease,
+} from '../../common/proto/ekaci/agent/v1/agent.js';
 import { outcomeDisposition } from '../../common/retry.js';
 import { readClosure } from '../graph/ingest.js';
 import type { LogStore } from '../logs/log-store.js';
@@ -130,7 +136,10 @@ export class BuildManager extends EventEmitter {
     const toBuild = fresh.filter((d) => !settled.has(d.drvPath));
     if (toBuild.length > 0) {
       // Agents with their own stores fetch the .drv closure from the cache.
-      await this.cache.pushFromLocalStore(toBuild.map((d) => d.drvPath), { derivation: true });
+      await this.cache.pushFromLocalStore(
+        toBuild.map((d) => d.drvPath),
+        { derivation: true },
+      );
     }
 
     const now = this.now();
@@ -141,7 +150,8 @@ export class BuildManager extends EventEmitter {
       this.store.insertDerivations(fresh, now);
       for (const d of fresh) {
         const prior = this.store.derivation(d.drvPath)!;
-        if (prior.state !== 'queued') this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
+        if (prior.state !== 'queued')
+          this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
         if (settled.has(d.drvPath)) {
           this.store.setState(d.drvPath, 'substituted', prior.attempts, now);
           continue;
@@ -254,7 +264,11 @@ export class BuildManager extends EventEmitter {
         this.retryOrFail(lease, error ?? 'infrastructure failure', now);
       } else {
         const state: BuildState =
-          f.outcome === Outcome.OUTCOME_TIMED_OUT ? 'timed-out' : f.outcome === Outcome.OUTCOME_CANCELLED ? 'cancelled' : 'failed';
+          f.outcome === Outcome.OUTCOME_TIMED_OUT
+            ? 'timed-out'
+            : f.outcome === Outcome.OUTCOME_CANCELLED
+              ? 'cancelled'
+              : 'failed';
         this.settle(lease.drvPath, state, lease.attempt, now, { agentId, error: error ?? undefined });
       }
     });
@@ -453,7 +467,9 @@ export class BuildManager extends EventEmitter {
     if (locallyValid.size > 0) await this.cache.pushFromLocalStore([...locallyValid]);
     const available = (p: string): boolean => inCache.has(p) || locallyValid.has(p);
     return new Set(
-      drvs.filter((d) => Object.keys(d.outputs).length > 0 && Object.values(d.outputs).every(available)).map((d) => d.drvPath),
+      drvs
+        .filter((d) => Object.keys(d.outputs).length > 0 && Object.values(d.outputs).every(available))
+        .map((d) => d.drvPath),
     );
   }
 }
@@ -472,7 +488,8 @@ async function validPaths(paths: readonly string[]): Promise<Set<string>> {
   for (let i = 0; i < paths.length; i += VALIDITY_BATCH) {
     const batch = paths.slice(i, i + VALIDITY_BATCH);
     const r = await runNix('nix-store', ['--check-validity', '--print-invalid', ...batch]);
-    if (r.code !== 0) throw new NixCommandError(`nix-store --check-validity failed: ${lastLines(r.stderr, 3)}`, r.code, r.stderr);
+    if (r.code !== 0)
+      throw new NixCommandError(`nix-store --check-validity failed: ${lastLines(r.stderr, 3)}`, r.code, r.stderr);
     const invalid = new Set(r.stdout.split('\n').filter(Boolean));
     for (const p of batch) if (!invalid.has(p)) valid.add(p);
   }

@@ -32,15 +32,7 @@ export interface AttemptRow {
 }
 
 export type AttemptState =
-  | 'assigned'
-  | 'accepted'
-  | 'started'
-  | 'succeeded'
-  | 'failed'
-  | 'timed-out'
-  | 'infra-error'
-  | 'cancelled'
-  | 'lost';
+  'assigned' | 'accepted' | 'started' | 'succeeded' | 'failed' | 'timed-out' | 'infra-error' | 'cancelled' | 'lost';
 
 export const OPEN_ATTEMPT_STATES: ReadonlySet<AttemptState> = new Set(['assigned', 'accepted', 'started']);
 

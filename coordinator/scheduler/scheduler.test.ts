@@ -24,9 +24,9 @@ describe('Scheduler', () => {
   it('hands out a derivation only after all its inputs succeeded', () => {
     const s = new Scheduler();
     // diamond: top <- left, right <- base
-    expect(s.add([spec('top', ['left', 'right']), spec('left', ['base']), spec('right', ['base']), spec('base')])).toEqual([
-      'base',
-    ]);
+    expect(
+      s.add([spec('top', ['left', 'right']), spec('left', ['base']), spec('right', ['base']), spec('base')]),
+    ).toEqual(['base']);
     const a = agent('a');
     expect(drain(s, a)).toEqual(['base']);
     expect(s.succeeded('base').sort()).toEqual(['left', 'right']);
@@ -65,9 +65,9 @@ describe('Scheduler', () => {
   });
 
   it('runs builtin derivations on any system', () => {
-    expect(agentMatchesLane(agent('a', { systems: ['aarch64-darwin'] }), laneOf(spec('f', [], { system: 'builtin' })))).toBe(
-      true,
-    );
+    expect(
+      agentMatchesLane(agent('a', { systems: ['aarch64-darwin'] }), laneOf(spec('f', [], { system: 'builtin' }))),
+    ).toBe(true);
   });
 
   it('retries a lost build on another agent when one can take it, else on the same one', () => {

@@ -126,7 +126,10 @@ export class Scheduler {
     const out = new Map<string, number>();
     for (const [lane, heap] of this.lanes) {
       if (heap.size === 0) continue;
-      out.set(lane, heap.toArray().reduce((min, n) => Math.min(min, n.readySince), Infinity));
+      out.set(
+        lane,
+        heap.toArray().reduce((min, n) => Math.min(min, n.readySince), Infinity),
+      );
     }
     return out;
   }

@@ -1,0 +1,323 @@
+import { EventEmitter } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { credentials as grpcCredentials, type ChannelCredentials } from '@grpc/grpc-js';
+import { Backoff } from '../common/backoff.js';
+import { ConfigError, EkaciError, IllegalStateError } from '../common/errors.js';
+import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import type { CoordinatorMessage, Hello, Outcome, Welcome } from '../common/proto/ekaci/agent/v1/agent.js';
+import { DEFAULT_HEARTBEAT_INTERVAL_MS, HeartbeatLoop } from './connection/heartbeat.js';
+import { Outbox } from './connection/outbox.js';
+import { Session, type SessionHandler } from './connection/session.js';
+import { AgentStoppedError } from './errors.js';
+import { Workload } from './jobs/workload.js';
+import { LogShipper } from './logs/shipper.js';
+import { LogSpool } from './logs/spool.js';
+import { detectNix, type NixCapabilities } from './nix/detect.js';
+import { coordinatorHost, type AgentOptions } from './options.js';
+
+export type { AgentOptions } from './options.js';
+
+/**
+ * The agent's lifecycle:
+ *
+ *   created → starting          start(): detect Nix, prepare the spool, connect
+ *   starting → running          the first Welcome arrived
+ *   starting|running → draining stopGracefully(): no new work; running builds finish and report
+ *   draining → stopped          nothing is left to report; the stream was closed
+ *   starting|running|draining → stopping   stopNow(), or a fatal error: builds are killed
+ *   stopping → stopped | failed
+ *   created → stopped           stopped before it started
+ */
+export type AgentState = 'created' | 'starting' | 'running' | 'draining' | 'stopping' | 'stopped' | 'failed';
+
+const TRANSITIONS: Record<AgentState, readonly AgentState[]> = {
+  created: ['starting', 'stopped'],
+  starting: ['running', 'draining', 'stopping'],
+  running: ['draining', 'stopping'],
+  draining: ['stopping', 'stopped'],
+  stopping: ['stopped', 'failed'],
+  stopped: [],
+  failed: [],
+};
+
+export interface AgentEvents {
+  state: [state: AgentState];
+  welcome: [welcome: Welcome];
+  assigned: [leaseId: string];
+  started: [leaseId: string];
+  /** The Finished event went out (its log is fully acknowledged). */
+  finished: [leaseId: string, outcome: Outcome];
+  /** The coordinator acknowledged Finished; the lease's spool is gone. */
+  settled: [leaseId: string];
+  disconnected: [reason: string];
+  /** The agent stops because retrying cannot help (token refused, protocol mismatch). */
+  fatal: [error: EkaciError];
+}
+
+/** A builder agent: dials the coordinator, takes builds as its slots allow, runs them with Nix, reports back. */
+export class Agent extends EventEmitter<AgentEvents> {
+  private state: AgentState = 'created';
+  private readonly outbox = new Outbox();
+  private readonly spool: LogSpool;
+  private readonly shipper: LogShipper;
+  private workload: Workload | null = null;
+  private session: Session | null = null;
+  private readonly heartbeat: HeartbeatLoop;
+  private capabilities: NixCapabilities | null = null;
+  private lastWelcome: Welcome | null = null;
+  // While a Welcome is applied, events are re-sent from the outbox in one ordered pass, not one by one.
+  private welcoming = false;
+  private drainRequested = false;
+  private fatalError: EkaciError | null = null;
+  private readonly welcomed = deferred();
+  private readonly stopped = deferred();
+
+  constructor(readonly options: AgentOptions) {
+    super();
+    this.spool = new LogSpool(options.spoolDir);
+    this.shipper = new LogShipper(options.logChunkBytes, options.logger.child({ component: 'logs' }));
+    this.heartbeat = new HeartbeatLoop({
+      send: (value) => this.session?.send({ msg: { $case: 'heartbeat', value } }) ?? false,
+      heldLeaseIds: () => this.workload?.heldLeaseIds() ?? [],
+      notRenewed: (ids) => ids.forEach((id) => this.workload?.drop(id, 'the coordinator did not renew it')),
+      silent: () => this.session?.restart('no message from the coordinator for three heartbeat intervals'),
+    });
+  }
+
+  get status(): AgentState {
+    return this.state;
+  }
+
+  get sessionNonce(): string {
+    return this.outbox.sessionNonce;
+  }
+
+  /** Connects; resolves at the first Welcome, rejects with the fatal error (token refused, protocol refused). */
+  async start(): Promise<void> {
+    this.transition('starting');
+    let credentials: ChannelCredentials;
+    try {
+      const o = this.options;
+      this.capabilities = await detectNix(o);
+      credentials = o.tlsCaPath === null ? grpcCredentials.createInsecure() : grpcCredentials.createSsl(readCa(o.tlsCaPath));
+      this.spool.prepare();
+      this.spool.writeNetrc(coordinatorHost(o.coordinator), o.token);
+    } catch (err) {
+      this.fail(err instanceof EkaciError ? err : new ConfigError(`cannot start the agent: ${String(err)}`));
+      return this.welcomed.promise;
+    }
+    if (this.state !== 'starting') throw new AgentStoppedError();
+    this.workload = this.createWorkload(this.capabilities.maxJobs);
+    this.session = new Session({
+      address: this.options.coordinator,
+      credentials,
+      token: this.options.token,
+      backoff: new Backoff(this.options.backoffBaseMs, this.options.backoffCapMs),
+      logger: this.options.logger.child({ component: 'session' }),
+      handler: this.sessionHandler(),
+    });
+    this.session.on('writable', () => this.shipper.pump());
+    this.session.open();
+    return this.welcomed.promise;
+  }
+
+  /** Takes no new work, lets running builds finish and report, then closes the stream. */
+  stopGracefully(): Promise<void> {
+    if (this.state === 'created') this.finish('stopped');
+    if (this.state !== 'starting' && this.state !== 'running') return this.stopped.promise;
+    this.transition('draining');
+    this.sendCredit();
+    void this.drain();
+    return this.stopped.promise;
+  }
+
+  /** Cancels every build (SIGTERM, SIGKILL after the stop grace) and closes the stream without waiting for acks. */
+  stopNow(): Promise<void> {
+    if (this.state === 'created') this.finish('stopped');
+    if (this.state === 'stopping' || this.state === 'stopped' || this.state === 'failed') return this.stopped.promise;
+    this.transition('stopping');
+    this.tearDown('stopped', 'the agent is stopping now');
+    return this.stopped.promise;
+  }
+
+  /** Resolves when the agent has stopped; rejects with the fatal error if it failed. */
+  async whenStopped(): Promise<void> {
+    await this.stopped.promise;
+    if (this.fatalError !== null) throw this.fatalError;
+  }
+
+  private async drain(): Promise<void> {
+    await this.workload?.whenIdle();
+    if (this.state !== 'draining') return;
+    await this.session?.close(this.options.closeTimeoutMs);
+    this.heartbeat.stop();
+    if (this.state === 'draining') this.finish('stopped');
+  }
+
+  private sessionHandler(): SessionHandler {
+    return {
+      hello: () => this.hello(),
+      welcome: (welcome) => this.onWelcome(welcome),
+      message: (message) => this.onMessage(message),
+      disconnected: (reason) => {
+        this.heartbeat.stop();
+        this.shipper.detach();
+        this.emit('disconnected', reason);
+      },
+      failed: (error) => this.fail(error),
+    };
+  }
+
+  private hello(): Hello {
+    const caps = this.capabilities as NixCapabilities;
+    return {
+      agentId: this.options.agentId,
+      protocolVersion: PROTOCOL_VERSION,
+      nixVersion: caps.nixVersion,
+      hostname: hostname(),
+      os: caps.os,
+      systems: caps.systems,
+      supportedFeatures: caps.features,
+      mandatoryFeatures: caps.mandatoryFeatures,
+      maxJobs: caps.maxJobs,
+      runningLeases: this.workload?.runningLeases() ?? [],
+      sessionNonce: this.outbox.sessionNonce,
+    };
+  }
+
+  private onWelcome(welcome: Welcome): void {
+    this.lastWelcome = welcome;
+    // A coordinator's Drain holds for one stream: after a reconnect it says again if it still wants it.
+    this.drainRequested = false;
+    if (this.state === 'starting') this.transition('running');
+    const workload = this.workload as Workload;
+    this.welcoming = true;
+    try {
+      workload.applyDecisions(welcome.leaseDecisions);
+      this.sendCredit();
+      for (const event of workload.resendable()) this.session?.send({ msg: { $case: 'jobEvent', value: event } });
+    } finally {
+      this.welcoming = false;
+    }
+    this.shipper.attach(this.session as Session, welcome.logWindowBytes);
+    this.heartbeat.start(welcome.heartbeatIntervalMs || DEFAULT_HEARTBEAT_INTERVAL_MS);
+    this.welcomed.resolve();
+    this.emit('welcome', welcome);
+  }
+
+  private onMessage(message: CoordinatorMessage): void {
+    this.heartbeat.heard();
+    const workload = this.workload as Workload;
+    const msg = message.msg;
+    switch (msg?.$case) {
+      case 'assign':
+        return workload.assign(msg.value);
+      case 'ack':
+        return workload.acknowledged(msg.value.messageIds);
+      case 'logAck':
+        return this.shipper.ack(msg.value.leaseId, msg.value.storedBytes);
+      case 'cancel':
+        workload.cancel(msg.value).catch((err: unknown) => this.options.logger.error({ err }, 'cancel failed'));
+        return;
+      case 'drain':
+        this.options.logger.info({ reason: msg.value.reason }, 'coordinator asked to drain');
+        this.drainRequested = true;
+        return this.sendCredit();
+      case 'heartbeatAck':
+        return this.heartbeat.acked(msg.value);
+      default:
+        return;
+    }
+  }
+
+  private createWorkload(maxJobs: number): Workload {
+    const workload = new Workload({
+      maxJobs,
+      spool: this.spool,
+      shipper: this.shipper,
+      outbox: this.outbox,
+      logger: this.options.logger,
+      localCancelGraceMs: this.options.localCancelGraceMs,
+      host: {
+        sendEvent: (value) => {
+          if (!this.welcoming) this.session?.send({ msg: { $case: 'jobEvent', value } });
+        },
+        sendCancelAck: (leaseId) => this.session?.send({ msg: { $case: 'cancelAck', value: { leaseId } } }),
+        slotsFreed: () => this.sendCredit(),
+        cache: () => ({
+          cacheUrl: this.lastWelcome?.cacheUrl ?? '',
+          cachePublicKey: this.lastWelcome?.cachePublicKey ?? '',
+        }),
+      },
+    });
+    workload.on('assigned', (id) => this.emit('assigned', id));
+    workload.on('started', (id) => this.emit('started', id));
+    workload.on('finished', (id, outcome) => this.emit('finished', id, outcome));
+    workload.on('settled', (id) => this.emit('settled', id));
+    return workload;
+  }
+
+  private sendCredit(): void {
+    const draining = this.state !== 'running' || this.drainRequested;
+    const freeSlots = draining ? 0 : (this.workload?.freeSlots() ?? 0);
+    this.session?.send({ msg: { $case: 'credit', value: { freeSlots, draining } } });
+  }
+
+  private fail(error: EkaciError): void {
+    if (this.state === 'stopping' || this.state === 'stopped' || this.state === 'failed') return;
+    this.options.logger.error({ code: error.code }, error.message);
+    this.fatalError = error;
+    this.welcomed.reject(error);
+    this.transition('stopping');
+    this.emit('fatal', error);
+    this.tearDown('failed', `the agent failed: ${error.message}`);
+  }
+
+  private tearDown(final: 'stopped' | 'failed', reason: string): void {
+    this.heartbeat.stop();
+    this.shipper.detach();
+    this.session?.abort();
+    const workload = this.workload;
+    const done = workload ? workload.stopAll(reason, this.options.stopNowGraceMs) : Promise.resolve();
+    void done.finally(() => this.finish(final));
+  }
+
+  private finish(final: 'stopped' | 'failed'): void {
+    this.transition(final);
+    this.welcomed.reject(this.fatalError ?? new AgentStoppedError());
+    this.stopped.resolve();
+  }
+
+  private transition(to: AgentState): void {
+    if (!TRANSITIONS[this.state].includes(to)) throw new IllegalStateError(`agent: illegal transition ${this.state} → ${to}`);
+    this.state = to;
+    this.emit('state', to);
+  }
+}
+
+function readCa(path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new ConfigError(`cannot read the TLS root certificate ${path}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (err: Error) => void;
+}
+
+/** A promise settled from outside; only its first settlement counts, and an unobserved rejection is not reported. */
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (err: Error) => void;
+  const promise = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => {});
+  return { promise, resolve, reject };
+}

@@ -1,0 +1,296 @@
+import { EventEmitter } from 'node:events';
+import { IllegalStateError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import type {
+  Assign,
+  Cancel,
+  JobEvent,
+  LeaseDecision,
+  Outcome,
+  RunningLease,
+} from '../../common/proto/ekaci/agent/v1/agent.js';
+import { Outcome as Outcomes } from '../../common/proto/ekaci/agent/v1/agent.js';
+import type { Outbox } from '../connection/outbox.js';
+import type { LogShipper } from '../logs/shipper.js';
+import type { LeaseLog, LogSpool } from '../logs/spool.js';
+import { Build, type BuildContext, type BuildResult } from './build.js';
+
+/**
+ * The life of a lease on this agent:
+ *
+ *   queued → building          a slot is free
+ *   queued → awaiting-logs     cancelled before it started
+ *   building → awaiting-logs   the build (and upload) ended, whatever the outcome
+ *   awaiting-logs → reporting  every log byte is acknowledged: Finished goes out
+ *   reporting → settled        the coordinator acknowledged Finished; spool and GC roots are removed
+ *   any but settled → dropped  the coordinator gave the lease up (lease decision, missed renewal) or stopNow()
+ */
+export type LeaseState = 'queued' | 'building' | 'awaiting-logs' | 'reporting' | 'settled' | 'dropped';
+
+const TRANSITIONS: Record<LeaseState, readonly LeaseState[]> = {
+  queued: ['building', 'awaiting-logs', 'dropped'],
+  building: ['awaiting-logs', 'dropped'],
+  'awaiting-logs': ['reporting', 'dropped'],
+  reporting: ['settled', 'dropped'],
+  settled: [],
+  dropped: [],
+};
+
+class Lease {
+  state: LeaseState = 'queued';
+  build: Build | null = null;
+  result: BuildResult | null = null;
+  finished: JobEvent | null = null;
+
+  constructor(
+    readonly assign: Assign,
+    readonly log: LeaseLog,
+  ) {}
+
+  get id(): string {
+    return this.assign.leaseId;
+  }
+
+  transition(to: LeaseState): void {
+    if (!TRANSITIONS[this.state].includes(to)) {
+      throw new IllegalStateError(`lease ${this.id}: illegal transition ${this.state} → ${to}`);
+    }
+    this.state = to;
+  }
+}
+
+/** What the workload needs from the agent around it. */
+export interface WorkloadHost {
+  /** Sends a job event if a stream is ready; the outbox keeps it either way. */
+  sendEvent(event: JobEvent): void;
+  sendCancelAck(leaseId: string): void;
+  /** A build slot became free: advertise credit again. */
+  slotsFreed(): void;
+  /** Cache settings from the latest Welcome. */
+  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey'>;
+}
+
+export interface WorkloadOptions {
+  maxJobs: number;
+  spool: LogSpool;
+  shipper: LogShipper;
+  outbox: Outbox;
+  host: WorkloadHost;
+  logger: Logger;
+  /** SIGTERM → SIGKILL grace for cancels the agent decides itself (dropped or unrenewed leases). */
+  localCancelGraceMs: number;
+}
+
+interface WorkloadEvents {
+  assigned: [leaseId: string];
+  started: [leaseId: string];
+  finished: [leaseId: string, outcome: Outcome];
+  settled: [leaseId: string];
+}
+
+/**
+ * The leases this agent holds and the builds running for them. At most `maxJobs` builds run at once; an `Assign`
+ * beyond that (a coordinator that raced a Credit) waits in a local queue instead of being refused.
+ */
+export class Workload extends EventEmitter<WorkloadEvents> {
+  private readonly leases = new Map<string, Lease>();
+  private readonly queue: Lease[] = [];
+  private readonly builds = new Set<Promise<void>>();
+  private running = 0;
+  private halted = false;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(private readonly options: WorkloadOptions) {
+    super();
+    options.shipper.on('complete', (leaseId) => {
+      const lease = this.leases.get(leaseId);
+      if (lease !== undefined) this.report(lease);
+    });
+  }
+
+  /** Builds that could start now: what `Credit.free_slots` advertises. */
+  freeSlots(): number {
+    return Math.max(0, this.options.maxJobs - this.running - this.queue.length);
+  }
+
+  heldLeaseIds(): string[] {
+    return [...this.leases.keys()];
+  }
+
+  /** For `Hello.running_leases`: every lease whose result the coordinator has not yet acknowledged. */
+  runningLeases(): RunningLease[] {
+    return [...this.leases.values()].map((lease) => ({ leaseId: lease.id, logBytes: lease.log.size }));
+  }
+
+  /** Unacknowledged events that may go out on a new stream; a Finished waits until its log is acknowledged again. */
+  resendable(): JobEvent[] {
+    const shipper = this.options.shipper;
+    return this.options.outbox
+      .unacked()
+      .filter((e) => e.event?.$case !== 'finished' || shipper.fullyAcked(e.leaseId));
+  }
+
+  assign(assign: Assign): void {
+    const { outbox, host, shipper, logger } = this.options;
+    if (this.leases.has(assign.leaseId)) {
+      logger.warn({ leaseId: assign.leaseId }, 'ignoring a repeated Assign');
+      return;
+    }
+    const lease = new Lease(assign, this.options.spool.open(assign.leaseId));
+    this.leases.set(lease.id, lease);
+    shipper.track(lease.id, lease.log);
+    host.sendEvent(outbox.add(lease.id, { $case: 'accepted', value: {} }));
+    this.emit('assigned', lease.id);
+    this.queue.push(lease);
+    this.startQueued();
+  }
+
+  async cancel(cancel: Cancel): Promise<void> {
+    const lease = this.leases.get(cancel.leaseId);
+    const reason = cancel.reason || 'cancelled by the coordinator';
+    if (lease?.state === 'queued') {
+      this.unqueue(lease);
+      lease.result = cancelledResult(reason);
+      lease.transition('awaiting-logs');
+      // Closing the (empty) log completes it; the shipper's 'complete' then reports Finished.
+      void lease.log.close();
+    } else if (lease?.state === 'building' && lease.build !== null) {
+      await lease.build.cancel(reason, cancel.graceSeconds * 1000);
+    }
+    // Unknown or already finished leases are acknowledged too: Cancel is idempotent and the result stands.
+    this.options.host.sendCancelAck(cancel.leaseId);
+  }
+
+  /** Applies `Welcome.lease_decisions`; a lease the coordinator did not mention is no longer ours. */
+  applyDecisions(decisions: readonly LeaseDecision[]): void {
+    const byId = new Map(decisions.map((d) => [d.leaseId, d]));
+    for (const lease of [...this.leases.values()]) {
+      const decision = byId.get(lease.id);
+      if (decision?.keep) this.options.shipper.resume(lease.id, decision.logOffset);
+      else this.drop(lease.id, decision ? decision.reason || 'dropped by the coordinator' : 'not named in Welcome');
+    }
+  }
+
+  /** Forgets a lease that is no longer ours, stopping its build. */
+  drop(leaseId: string, reason: string, graceMs = this.options.localCancelGraceMs): void {
+    const lease = this.leases.get(leaseId);
+    if (lease === undefined) return;
+    this.options.logger.warn({ leaseId, reason }, 'dropping lease');
+    const wasQueued = lease.state === 'queued';
+    lease.transition('dropped');
+    this.leases.delete(leaseId);
+    this.options.outbox.forgetLease(leaseId);
+    this.options.shipper.untrack(leaseId);
+    if (wasQueued) this.unqueue(lease);
+    // A running build cleans up when its process is gone (buildEnded); anything else can go now.
+    if (lease.build !== null && lease.build.status !== 'done') void lease.build.cancel(reason, graceMs);
+    else this.cleanUp(lease);
+    this.checkIdle();
+  }
+
+  /** Handles `Ack`: a settled lease leaves the spool. */
+  acknowledged(messageIds: readonly number[]): void {
+    for (const event of this.options.outbox.ack(messageIds)) {
+      const lease = this.leases.get(event.leaseId);
+      if (lease?.state !== 'reporting' || lease.finished?.messageId !== event.messageId) continue;
+      lease.transition('settled');
+      this.leases.delete(lease.id);
+      this.options.shipper.untrack(lease.id);
+      this.cleanUp(lease);
+      this.emit('settled', lease.id);
+      this.checkIdle();
+    }
+  }
+
+  /** Resolves once no lease is held and no build process is left. */
+  whenIdle(): Promise<void> {
+    if (this.idle()) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Drops every lease, stopping builds with SIGTERM and SIGKILL after `graceMs`, and waits for the processes. */
+  async stopAll(reason: string, graceMs: number): Promise<void> {
+    this.halted = true;
+    for (const leaseId of [...this.leases.keys()]) this.drop(leaseId, reason, graceMs);
+    await Promise.allSettled([...this.builds]);
+  }
+
+  private startQueued(): void {
+    while (!this.halted && this.running < this.options.maxJobs) {
+      const lease = this.queue.shift();
+      if (lease === undefined) return;
+      this.startBuild(lease);
+    }
+  }
+
+  private startBuild(lease: Lease): void {
+    const { host, outbox, spool, logger } = this.options;
+    lease.transition('building');
+    this.running++;
+    const context = { ...host.cache(), netrcPath: spool.netrcPath, gcRoot: spool.gcRoot(lease.id) };
+    const build = new Build(lease.assign, context, lease.log, logger.child({ leaseId: lease.id }));
+    lease.build = build;
+    host.sendEvent(outbox.add(lease.id, { $case: 'started', value: { startedAtMs: Date.now() } }));
+    this.emit('started', lease.id);
+    const done = build.run().then((result) => {
+      this.running--;
+      this.buildEnded(lease, result);
+      this.startQueued();
+      host.slotsFreed();
+    });
+    this.builds.add(done);
+    void done.finally(() => this.builds.delete(done));
+  }
+
+  private buildEnded(lease: Lease, result: BuildResult): void {
+    if (lease.state === 'dropped') {
+      this.cleanUp(lease);
+    } else {
+      lease.result = result;
+      lease.transition('awaiting-logs');
+      this.report(lease);
+    }
+    this.checkIdle();
+  }
+
+  /** Sends Finished once the log is fully acknowledged, or re-sends it when a new stream re-acknowledged the log. */
+  private report(lease: Lease): void {
+    const { outbox, host, shipper } = this.options;
+    if (!shipper.fullyAcked(lease.id)) return;
+    if (lease.state === 'reporting' && lease.finished !== null) {
+      host.sendEvent(lease.finished);
+      return;
+    }
+    if (lease.state !== 'awaiting-logs' || lease.result === null) return;
+    const r = lease.result;
+    const finished = { ...r, logBytes: lease.log.size };
+    lease.finished = outbox.add(lease.id, { $case: 'finished', value: finished });
+    lease.transition('reporting');
+    host.sendEvent(lease.finished);
+    this.emit('finished', lease.id, r.outcome);
+  }
+
+  private unqueue(lease: Lease): void {
+    const index = this.queue.indexOf(lease);
+    if (index >= 0) this.queue.splice(index, 1);
+  }
+
+  private cleanUp(lease: Lease): void {
+    const { spool, logger } = this.options;
+    spool.removeGcRoots(lease.id);
+    lease.log.remove().catch((err: unknown) => logger.warn({ err, leaseId: lease.id }, 'cannot remove spool file'));
+  }
+
+  private idle(): boolean {
+    return this.leases.size === 0 && this.running === 0;
+  }
+
+  private checkIdle(): void {
+    if (!this.idle()) return;
+    for (const resolve of this.idleWaiters.splice(0)) resolve();
+  }
+}
+
+function cancelledResult(reason: string): BuildResult {
+  return { outcome: Outcomes.OUTCOME_CANCELLED, error: `cancelled: ${reason}`, outputs: [], finishedAtMs: Date.now() };
+}

@@ -1,0 +1,99 @@
+import { Command, CommanderError } from 'commander';
+import { EkaciError, UsageError } from '../common/errors.js';
+import { createLogger } from '../common/logging.js';
+import { Agent } from './agent.js';
+import { compileAgentOptions, parseCount, parseList, readTokenFile, type AgentOptions } from './options.js';
+
+// Exit statuses: 2 is the conventional "you called me wrong" (bad flags, unusable token file).
+const EXIT_FAILED = 1;
+const EXIT_USAGE = 2;
+
+interface Flags {
+  coordinator: string;
+  tokenFile?: string;
+  id?: string;
+  maxJobs?: number;
+  system: string[];
+  features?: string[];
+  mandatoryFeatures?: string[];
+  spoolDir?: string;
+  tlsCa?: string;
+}
+
+function parseArgs(argv: string[]): Flags {
+  const program = new Command('ekaci-agent')
+    .description('eka-ci builder agent: dials the coordinator and builds what it is given with Nix')
+    .requiredOption('--coordinator <host:port>', "the coordinator's gRPC endpoint")
+    .option('--token-file <file>', 'file holding the agent token (mode 0600); default: $EKACI_AGENT_TOKEN')
+    .option('--id <id>', 'agent id, stable across restarts (default: the hostname)')
+    .option('--max-jobs <n>', "builds at once (default: Nix's max-jobs)", (v) => parseCount('--max-jobs', v))
+    .option('--system <system>', 'a system this host builds (repeatable; default: from Nix)', collect, [])
+    .option('--features <list>', 'supported features, comma-separated (default: from Nix)', parseList)
+    .option('--mandatory-features <list>', 'features every accepted derivation must require', parseList)
+    .option('--spool-dir <dir>', 'where build logs wait until the coordinator has them')
+    .option('--tls-ca <file>', 'PEM root certificate: connect with TLS')
+    .exitOverride()
+    .configureOutput({ writeErr: () => {} });
+  try {
+    program.parse(argv);
+  } catch (err) {
+    if (err instanceof CommanderError && err.exitCode === 0) process.exit(0); // --help, --version
+    throw new UsageError(err instanceof CommanderError ? err.message.replace(/^error: /, '') : String(err));
+  }
+  return program.opts<Flags>();
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function compile(flags: Flags): AgentOptions {
+  const envToken = process.env.EKACI_AGENT_TOKEN;
+  let token: string;
+  if (flags.tokenFile !== undefined) token = readTokenFile(flags.tokenFile);
+  else if (envToken !== undefined && envToken.trim() !== '') token = envToken.trim();
+  else throw new UsageError('no agent token: pass --token-file FILE or set EKACI_AGENT_TOKEN');
+  return compileAgentOptions({
+    coordinator: flags.coordinator,
+    token,
+    agentId: flags.id,
+    maxJobs: flags.maxJobs,
+    systems: flags.system.length > 0 ? flags.system : undefined,
+    features: flags.features,
+    mandatoryFeatures: flags.mandatoryFeatures,
+    spoolDir: flags.spoolDir,
+    tlsCaPath: flags.tlsCa,
+    logger: createLogger('ekaci-agent'),
+  });
+}
+
+async function main(): Promise<number> {
+  let options: AgentOptions;
+  try {
+    options = compile(parseArgs(process.argv));
+  } catch (err) {
+    if (!(err instanceof EkaciError)) throw err;
+    process.stderr.write(`ekaci-agent: ${err.message} (${err.code})\n`);
+    return EXIT_USAGE;
+  }
+  const agent = new Agent(options);
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    signals++;
+    options.logger.info({ signal }, signals === 1 ? 'draining; send it again to stop now' : 'stopping now');
+    void (signals === 1 ? agent.stopGracefully() : agent.stopNow());
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  try {
+    await agent.start();
+    await agent.whenStopped();
+    return 0;
+  } catch (err) {
+    const message = err instanceof EkaciError ? `${err.message} (${err.code})` : String(err);
+    process.stderr.write(`ekaci-agent: ${message}\n`);
+    return err instanceof EkaciError && err.code === 'EKACI_ERR_AGENT_STOPPED' ? 0 : EXIT_FAILED;
+  }
+}
+
+process.exitCode = await main();

@@ -1,0 +1,141 @@
+import { statSync, readFileSync } from 'node:fs';
+import { homedir, hostname } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, UsageError } from '../common/errors.js';
+import { LOG_CHUNK_BYTES } from '../common/grpc-options.js';
+import { createLogger, type Logger } from '../common/logging.js';
+
+// First reconnect after a blip comes quickly; the cap spreads a fleet that lost a restarting coordinator over
+// half a minute instead of letting it arrive at once (jitter does the rest).
+const DEFAULT_BACKOFF_BASE_MS = 500;
+const DEFAULT_BACKOFF_CAP_MS = 30_000;
+
+// Grace for cancels the agent decides itself (a lease dropped at reconnect or not renewed): time for Nix to stop
+// its builder and release its locks before SIGKILL.
+const DEFAULT_LOCAL_CANCEL_GRACE_MS = 10_000;
+
+// stopNow() is for "stop now": a short grace still lets Nix kill its builders (they run in sessions of their own
+// and outlive a SIGKILLed nix-store).
+const DEFAULT_STOP_NOW_GRACE_MS = 3_000;
+
+// How long a graceful stop waits for the coordinator to end the stream after the agent half-closed it.
+const DEFAULT_CLOSE_TIMEOUT_MS = 5_000;
+
+/** The agent's configuration, validated and complete: nothing reads raw flags or files after this. */
+export interface AgentOptions {
+  /** The coordinator's gRPC endpoint, `host:port`. */
+  coordinator: string;
+  token: string;
+  /** Stable across restarts; defaults to the hostname. */
+  agentId: string;
+  /** `null` takes Nix's `max-jobs`. */
+  maxJobs: number | null;
+  /** `null` takes Nix's `system` and `extra-platforms`. */
+  systems: string[] | null;
+  /** `null` takes Nix's `system-features`. */
+  features: string[] | null;
+  mandatoryFeatures: string[];
+  spoolDir: string;
+  /** PEM root certificate for TLS; `null` connects without TLS. */
+  tlsCaPath: string | null;
+  logger: Logger;
+  backoffBaseMs: number;
+  backoffCapMs: number;
+  /** Largest LogChunk payload; tests shrink it to exercise windowing. */
+  logChunkBytes: number;
+  localCancelGraceMs: number;
+  stopNowGraceMs: number;
+  closeTimeoutMs: number;
+}
+
+export type AgentOptionsInput = Pick<AgentOptions, 'coordinator' | 'token'> & Partial<AgentOptions>;
+
+/** Fills in defaults and validates; a bad value is a ConfigError naming it. */
+export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
+  const options: AgentOptions = {
+    agentId: hostname(),
+    maxJobs: null,
+    systems: null,
+    features: null,
+    mandatoryFeatures: [],
+    spoolDir: defaultSpoolDir(),
+    tlsCaPath: null,
+    logger: input.logger ?? createLogger('ekaci-agent'),
+    backoffBaseMs: DEFAULT_BACKOFF_BASE_MS,
+    backoffCapMs: DEFAULT_BACKOFF_CAP_MS,
+    logChunkBytes: LOG_CHUNK_BYTES,
+    localCancelGraceMs: DEFAULT_LOCAL_CANCEL_GRACE_MS,
+    stopNowGraceMs: DEFAULT_STOP_NOW_GRACE_MS,
+    closeTimeoutMs: DEFAULT_CLOSE_TIMEOUT_MS,
+    ...withoutUndefined(input),
+    coordinator: input.coordinator,
+    token: input.token,
+  };
+  coordinatorHost(options.coordinator);
+  if (options.token.trim() === '') throw new ConfigError('the agent token is empty');
+  if (options.agentId.trim() === '') throw new ConfigError('the agent id is empty');
+  if (options.maxJobs !== null) positiveInteger('maxJobs', options.maxJobs);
+  for (const key of ['backoffBaseMs', 'backoffCapMs', 'logChunkBytes', 'stopNowGraceMs', 'closeTimeoutMs'] as const) {
+    positiveInteger(key, options[key]);
+  }
+  if (options.logChunkBytes > LOG_CHUNK_BYTES) {
+    throw new ConfigError(`logChunkBytes must be at most ${LOG_CHUNK_BYTES}, the protocol's limit`);
+  }
+  if (options.systems?.length === 0) throw new ConfigError('the list of systems is empty');
+  return options;
+}
+
+/** The host part of `host:port` or `[v6]:port`; a ConfigError if the address has no port. */
+export function coordinatorHost(address: string): string {
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(address);
+  if (match === null) throw new ConfigError(`coordinator address '${address}' is not host:port`);
+  return match[1] ?? match[2] ?? '';
+}
+
+/**
+ * Reads an agent token file. Refuses a file that group or others may read: the token lets its holder take builds
+ * and write to the cache.
+ */
+export function readTokenFile(path: string): string {
+  let mode: number;
+  let text: string;
+  try {
+    mode = statSync(path).mode & 0o777;
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`cannot read token file ${path}: ${(err as Error).message}`, { cause: err });
+  }
+  if ((mode & 0o077) !== 0) {
+    throw new ConfigError(
+      `token file ${path} is readable by group or others (mode 0${mode.toString(8)}); run 'chmod 600 ${path}'`,
+    );
+  }
+  const token = text.trim();
+  if (token === '') throw new ConfigError(`token file ${path} is empty`);
+  return token;
+}
+
+/** Parses a count flag such as `--max-jobs`. */
+export function parseCount(flag: string, value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`${flag} must be a positive integer, not '${value}'`);
+  return Number(value);
+}
+
+/** Parses a comma- or space-separated list flag such as `--features kvm,big-parallel`. */
+export function parseList(value: string): string[] {
+  return value.split(/[\s,]+/).filter((x) => x !== '');
+}
+
+// systemd's StateDirectory= sets STATE_DIRECTORY; otherwise the XDG state directory of the agent's user.
+function defaultSpoolDir(): string {
+  const state = process.env.STATE_DIRECTORY?.split(':')[0];
+  return join(state ?? join(homedir(), '.local', 'state', 'ekaci-agent'), 'spool');
+}
+
+function positiveInteger(key: string, value: number): void {
+  if (!Number.isInteger(value) || value < 1) throw new ConfigError(`${key} must be a positive integer, not ${value}`);
+}
+
+function withoutUndefined<T extends object>(input: T): Partial<T> {
+  return Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined)) as Partial<T>;
+}

@@ -1,0 +1,210 @@
+import type { ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Agent } from '../agent/agent.js';
+import { spawnAgentProcess } from '../cli/embedded.js';
+import { silentLogger } from '../common/logging.js';
+import type { Coordinator } from '../coordinator/coordinator.js';
+import { instantiate } from '../coordinator/eval/instantiate.js';
+import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
+import { startCoordinator } from './support/coordinator-harness.js';
+import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
+
+const isRoot = process.getuid?.() === 0;
+
+let coordinator: Coordinator | undefined;
+const agents: Agent[] = [];
+const children: ChildProcess[] = [];
+
+afterEach(async () => {
+  for (const c of children.splice(0)) killGroup(c);
+  await Promise.all(agents.splice(0).map((a) => a.stopNow()));
+  await coordinator?.stopNow();
+  coordinator = undefined;
+});
+
+function killGroup(c: ChildProcess): void {
+  try {
+    if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+async function localAgent(
+  agentId: string,
+  extra: Partial<ConstructorParameters<typeof Agent>[0]> = {},
+): Promise<Agent> {
+  const agent = new Agent({
+    coordinator: coordinator!.grpcTarget,
+    token: coordinator!.localAgentToken,
+    agentId,
+    maxJobs: 2,
+    spoolDir: join(tempDir(), 'spool'),
+    logger: silentLogger(),
+    ...extra,
+  });
+  agents.push(agent);
+  await agent.start();
+  return agent;
+}
+
+/** A separate builder host: an agent process with its own empty /nix in a private mount namespace. */
+function isolatedAgent(agentId: string, extraArgs: string[] = []): ChildProcess {
+  const child = spawnAgentProcess({
+    coordinator: coordinator!.grpcTarget,
+    token: coordinator!.localAgentToken,
+    agentId,
+    dir: tempDir(`ekaci-${agentId}-`),
+    isolated: true,
+    maxJobs: 1,
+    extraArgs,
+    logLevel: 'error',
+  });
+  children.push(child);
+  return child;
+}
+
+async function build(body: string, attrs: string[]): Promise<Record<string, BuildResult>> {
+  const file = writeNixFile(tempDir(), nonce(), body);
+  const roots = await instantiate(file, attrs);
+  const request = await coordinator!.manager.submit(roots, 'test');
+  const results = await coordinator!.manager.waitFor(request);
+  return Object.fromEntries(results.map((r) => [r.attr, r]));
+}
+
+function attemptsOf(drvPath: string): Array<{ agent_id: string; state: string }> {
+  return coordinator!.store.attemptsOf(drvPath);
+}
+
+describe('building derivations on agents', () => {
+  it.skipIf(!isRoot)(
+    'builds a diamond across two hosts with separate stores, moving outputs through the coordinator cache',
+    async () => {
+      coordinator = await startCoordinator(tempDir());
+      // Features pin each derivation to one host, so every edge of the diamond crosses between stores.
+      isolatedAgent('host-a', ['--features', 'side-a']);
+      isolatedAgent('host-b', ['--features', 'side-b']);
+      await coordinator.agentHub.waitForAgents(2);
+      const r = await build(
+        String.raw`rec {
+          base = mk "base" { script = "echo base > $out"; requiredSystemFeatures = [ "side-b" ]; };
+          left = mk "left" { deps = [ base ]; script = "read b < ${base}; echo left-$b > $out"; requiredSystemFeatures = [ "side-a" ]; };
+          right = mk "right" { deps = [ base ]; script = "read b < ${base}; echo right-$b > $out"; requiredSystemFeatures = [ "side-b" ]; };
+          top = mk "top" { deps = [ left right ]; script = "read l < ${left}; read r < ${right}; echo $l $r > $out"; requiredSystemFeatures = [ "side-a" ]; };
+        }`,
+        ['base', 'left', 'right', 'top'],
+      );
+      for (const attr of ['base', 'left', 'right', 'top']) expect(r[attr]?.state, attr).toBe('succeeded');
+      expect(r.base?.agent).toBe('host-b');
+      expect(r.left?.agent).toBe('host-a');
+      expect(r.right?.agent).toBe('host-b');
+      expect(r.top?.agent).toBe('host-a');
+      const top = r.top!.outputs[0]!;
+      expect(top.narSize).toBeGreaterThan(0);
+      // top's closure holds left, right and base too
+      expect(top.closureSize).toBeGreaterThan(top.narSize!);
+      // The coordinator's store never built it; its content comes from the cache, as the agents left it.
+      const cached = await coordinator.store.outputsOf(r.top!.drvPath);
+      expect(cached[0]?.path).toBe(top.path);
+      const log = readFileSync(coordinator.logs.pathFor(r.top!.drvPath, 1), 'utf8');
+      expect(log).toMatch(/copying path .*right/);
+    },
+  );
+
+  it.skipIf(!isRoot)('moves a build whose agent dies mid-build to the other agent once the lease expires', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 2 });
+    const hosts = new Map([
+      ['host-a', isolatedAgent('host-a')],
+      ['host-b', isolatedAgent('host-b')],
+    ]);
+    await coordinator.agentHub.waitForAgents(2);
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      `{ slow = mk "slow" { script = "echo starting; /bin/sleep 4; echo done > $out"; }; }`,
+    );
+    const [root] = await instantiate(file, ['slow']);
+    const request = await coordinator.manager.submit([root!], 'test');
+    let first: { agent_id: string; state: string } | undefined;
+    while (!(first = attemptsOf(root!.drvPath).find((a) => a.state === 'started'))) await sleep(50);
+    killGroup(hosts.get(first.agent_id)!);
+    const [result] = await coordinator.manager.waitFor(request);
+    expect(result?.state).toBe('succeeded');
+    expect(result?.attempts).toBe(2);
+    const attempts = attemptsOf(root!.drvPath);
+    expect(attempts.map((a) => a.state)).toEqual(['lost', 'succeeded']);
+    expect(attempts[1]?.agent_id).not.toBe(first.agent_id);
+  });
+
+  it('stops a silent build at max-silent-time and records it as timed out', async () => {
+    coordinator = await startCoordinator(tempDir(), { build_no_output_timeout_seconds: 1 });
+    await localAgent('local');
+    const r = await build(`{ quiet = mk "quiet" { script = "/bin/sleep 30; echo > $out"; }; }`, ['quiet']);
+    expect(r.quiet?.state).toBe('timed-out');
+    expect(r.quiet?.attempts).toBe(1);
+  });
+
+  it('reports a derivation that needs a feature no agent has as unbuildable, and its dependents as dependency-failed', async () => {
+    coordinator = await startCoordinator(tempDir(), { unbuildable_grace_seconds: 0 });
+    await localAgent('local');
+    const r = await build(
+      `rec {
+        gpu = mk "gpu" { requiredSystemFeatures = [ "cuda-h100" ]; };
+        report = mk "report" { deps = [ gpu ]; };
+        fine = mk "fine" { };
+      }`,
+      ['gpu', 'report', 'fine'],
+    );
+    expect(r.gpu?.state).toBe('unbuildable');
+    expect(r.gpu?.error).toMatch(/no connected agent builds .* with features cuda-h100/);
+    expect(r.report?.state).toBe('dependency-failed');
+    expect(r.report?.rootCause).toBe(r.gpu?.drvPath);
+    expect(r.fine?.state).toBe('succeeded');
+  });
+
+  it('fails dependents of a failed build with the root cause, without retrying the failure', async () => {
+    coordinator = await startCoordinator(tempDir());
+    await localAgent('local');
+    const r = await build(
+      `rec {
+        broken = mk "broken" { script = "echo something went wrong; exit 3"; };
+        user = mk "user" { deps = [ broken ]; };
+        app = mk "app" { deps = [ user ]; };
+      }`,
+      ['broken', 'user', 'app'],
+    );
+    expect(r.broken?.state).toBe('failed');
+    expect(r.broken?.attempts).toBe(1);
+    expect(r.user?.state).toBe('dependency-failed');
+    expect(r.app?.state).toBe('dependency-failed');
+    expect(r.app?.rootCause).toBe(r.broken?.drvPath);
+    expect(readFileSync(coordinator.logs.pathFor(r.broken!.drvPath, 1), 'utf8')).toContain('something went wrong');
+    // Requested again: the failure is remembered, not rebuilt.
+    const again = await coordinator.manager.waitFor(
+      await coordinator.manager.submit([{ attr: 'broken', drvPath: r.broken!.drvPath }], 'test'),
+    );
+    expect(again[0]?.state).toBe('failed');
+    expect(attemptsOf(r.broken!.drvPath)).toHaveLength(1);
+  });
+
+  it('finds outputs that are already built without building them again', async () => {
+    coordinator = await startCoordinator(tempDir());
+    await localAgent('local');
+    const body = `rec { a = mk "a" {}; b = mk "b" { deps = [ a ]; }; }`;
+    const file = writeNixFile(tempDir(), nonce(), body);
+    const roots = await instantiate(file, ['a', 'b']);
+    const first = await coordinator.manager.waitFor(await coordinator.manager.submit(roots, 'test'));
+    expect(first.map((x) => x.state)).toEqual(['succeeded', 'succeeded']);
+    await coordinator.stopNow();
+    // A new coordinator with an empty database: the outputs are valid in the local store and are found in one query.
+    coordinator = await startCoordinator(tempDir());
+    const second = await coordinator.manager.waitFor(await coordinator.manager.submit(roots, 'test'));
+    expect(second.map((x) => x.state)).toEqual(['substituted', 'substituted']);
+  });
+});
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

@@ -1,0 +1,205 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { basename, join } from 'node:path';
+import Database from 'better-sqlite3';
+import { afterEach, describe, expect, it } from 'vitest';
+import { spawnAgentProcess } from '../cli/embedded.js';
+import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
+
+const ROOT = join(import.meta.dirname, '..');
+const children: ChildProcess[] = [];
+
+afterEach(() => {
+  for (const c of children.splice(0)) {
+    try {
+      if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
+  }
+});
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function ekaci(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; done: Promise<Run> } {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), ...args], {
+    cwd: ROOT,
+    env: { ...process.env, ...env },
+    detached: true,
+  });
+  children.push(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  return { child, done };
+}
+
+describe('ekaci build', () => {
+  it('builds the requested attributes and prints JSON; exit 1 when one fails', async () => {
+    const dir = tempDir();
+    const file = writeNixFile(
+      dir,
+      nonce(),
+      `rec { ok = mk "ok" { }; bad = mk "bad" { script = "exit 1"; }; after = mk "after" { deps = [ bad ]; }; }`,
+    );
+    const r = await ekaci(['build', file, '-A', 'ok', '-A', 'after', '--json', '--data-dir', join(dir, 'data')]).done;
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(1);
+    const json = JSON.parse(r.stdout) as { builds: Array<Record<string, unknown>> };
+    expect(json.builds.map((b) => [b.attr, b.state])).toEqual([
+      ['ok', 'succeeded'],
+      ['after', 'dependency-failed'],
+    ]);
+    expect(json.builds[1]?.rootCause).toMatch(/-bad-.*\.drv$/);
+    const outputs = json.builds[0]?.outputs as Array<{
+      name: string;
+      path: string;
+      narSize: number;
+      closureSize: number;
+    }>;
+    expect(outputs[0]?.name).toBe('out');
+    expect(outputs[0]?.narSize).toBeGreaterThan(0);
+    expect(outputs[0]?.closureSize).toBeGreaterThanOrEqual(outputs[0]!.narSize);
+    expect(json.builds[0]).toMatchObject({ attempts: 1, agent: 'local-1' });
+  });
+
+  it('exits 0 and prints one line per attribute when everything succeeds', async () => {
+    const dir = tempDir();
+    const file = writeNixFile(dir, nonce(), `rec { a = mk "a" { }; b = mk "b" { deps = [ a ]; }; }`);
+    const r = await ekaci(['build', file, '--data-dir', join(dir, 'data')]).done;
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^succeeded +a +\/nix\/store\/.*-a-.*\.drv$/m);
+    expect(r.stdout).toMatch(/^succeeded +b +/m);
+    expect(r.stdout).toMatch(/2 succeeded \(2 attributes/);
+  });
+
+  it.each([
+    [['build', '/nonexistent/file.nix'], /no such file/],
+    [['build', 'FILE', '-A', 'nope'], /attribute 'nope' does not exist/],
+    [['build', 'FILE', '-A', 'number'], /attribute 'number' is a int, not a derivation/],
+    [['build', 'FILE', '-A', 'a', '--config', 'BADTOML'], /is not valid TOML/],
+    [['build', 'FILE', '-A', 'a', '--config', 'UNKNOWNKEY'], /web\.colour: Unrecognized key/],
+    [['build', 'FILE', '--agents', 'many'], /--agents takes a whole number/],
+    [['build'], /missing required argument 'file'/],
+  ])('refuses bad input %j with exit 2 and a clear message', async (args, message) => {
+    const dir = tempDir();
+    const file = writeNixFile(dir, nonce(), `{ a = mk "a" { }; number = 3; }`);
+    writeFileSync(join(dir, 'bad.toml'), 'data_dir = [unclosed');
+    writeFileSync(join(dir, 'unknown.toml'), '[web]\ncolour = "blue"\n');
+    const resolved = args.map((a) =>
+      a === 'FILE'
+        ? file
+        : a === 'BADTOML'
+          ? join(dir, 'bad.toml')
+          : a === 'UNKNOWNKEY'
+            ? join(dir, 'unknown.toml')
+            : a,
+    );
+    const r = await ekaci([...resolved, '--data-dir', join(dir, 'data')]).done;
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(message);
+    expect(r.stdout).toBe('');
+  });
+});
+
+describe('a coordinator killed with SIGKILL mid-build', () => {
+  it('resumes after a restart: the agent keeps its lease, the result is recorded once, no log byte is lost', async () => {
+    const dir = tempDir();
+    const data = join(dir, 'data');
+    const [grpcPort, webPort] = [await freePort(), await freePort()];
+    const token = `ekaci_test_${nonce()}${nonce()}`;
+    const config = join(dir, 'coordinator.toml');
+    writeFileSync(
+      config,
+      `data_dir = "${data}"
+lease_ttl_seconds = 20
+unbuildable_grace_seconds = 120
+[web]
+port = ${webPort}
+[grpc]
+port = ${grpcPort}
+[local_agent]
+enabled = false
+[[agent_tokens]]
+name = "restart-test"
+token = "${token}"
+`,
+    );
+    const file = writeNixFile(
+      dir,
+      nonce(),
+      `{ chatty = mk "chatty" { script = "i=1; while [ $i -le 20 ]; do echo line $i; /bin/sleep 0.25; i=$((i+1)); done; echo ok > $out"; }; }`,
+    );
+    const args = ['build', file, '-A', 'chatty', '--agents', '0', '--config', config, '--json'];
+    const first = ekaci(args);
+    children.push(
+      spawnAgentProcess({
+        coordinator: `127.0.0.1:${grpcPort}`,
+        token,
+        agentId: 'survivor',
+        dir: join(dir, 'agent'),
+        isolated: process.getuid?.() === 0,
+        logLevel: 'error',
+      }),
+    );
+    // Wait until the build is running and part of its log has reached the coordinator.
+    const logDir = join(data, 'logs');
+    let log: string | undefined;
+    while (!(log = findLog(logDir)) || statSync(log).size < 30) await sleep(50);
+    first.child.kill('SIGKILL');
+    await first.done;
+    await sleep(1_000); // the build goes on, its log spooled by the agent
+
+    const second = await ekaci(args).done;
+    expect(second.stderr).toBe('');
+    expect(second.code).toBe(0);
+    const [build] = (JSON.parse(second.stdout) as { builds: Array<{ state: string; attempts: number; drv: string }> })
+      .builds;
+    expect(build).toMatchObject({ state: 'succeeded', attempts: 1 });
+
+    const expected = Array.from({ length: 20 }, (_, i) => `line ${i + 1}`);
+    const lines = readFileSync(log, 'utf8')
+      .split('\n')
+      .filter((l) => l.startsWith('line '));
+    expect(lines).toEqual(expected);
+
+    const db = new Database(join(data, 'ekaci.sqlite'), { readonly: true });
+    const events = db
+      .prepare("SELECT COUNT(*) AS n FROM events WHERE drv_path = ? AND state = 'succeeded'")
+      .get(build!.drv);
+    const attempts = db.prepare('SELECT state FROM attempts WHERE drv_path = ?').all(build!.drv);
+    db.close();
+    expect(events).toEqual({ n: 1 });
+    expect(attempts).toEqual([{ state: 'succeeded' }]);
+  });
+});
+
+function findLog(logDir: string): string | undefined {
+  if (!existsSync(logDir)) return undefined;
+  const entries = readdirSync(logDir).filter((e) => e.includes('-chatty-'));
+  if (entries.length === 0) return undefined;
+  const file = join(logDir, basename(entries[0]!), '1.log');
+  return existsSync(file) ? file : undefined;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
