@@ -14,9 +14,9 @@ import { Workload } from './jobs/workload.js';
 import { LogShipper } from './logs/shipper.js';
 import { LogSpool } from './logs/spool.js';
 import { detectNix, type NixCapabilities } from './nix/detect.js';
-import { coordinatorHost, type AgentOptions } from './options.js';
+import { compileAgentOptions, coordinatorHost, type AgentOptions, type AgentOptionsInput } from './options.js';
 
-export type { AgentOptions } from './options.js';
+export type { AgentOptions, AgentOptionsInput } from './options.js';
 
 /**
  * The agent's lifecycle:
@@ -73,10 +73,15 @@ export class Agent extends EventEmitter<AgentEvents> {
   private readonly welcomed = deferred();
   private readonly stopped = deferred();
 
-  constructor(readonly options: AgentOptions) {
+  /** The compiled options: defaults filled in and validated once, here. */
+  readonly options: AgentOptions;
+
+  /** Takes raw or compiled options (compiling is idempotent); a bad value throws a ConfigError. */
+  constructor(options: AgentOptionsInput) {
     super();
-    this.spool = new LogSpool(options.spoolDir);
-    this.shipper = new LogShipper(options.logChunkBytes, options.logger.child({ component: 'logs' }));
+    this.options = compileAgentOptions(options);
+    this.spool = new LogSpool(this.options.spoolDir);
+    this.shipper = new LogShipper(this.options.logChunkBytes, this.options.logger.child({ component: 'logs' }));
     this.heartbeat = new HeartbeatLoop({
       send: (value) => this.session?.send({ msg: { $case: 'heartbeat', value } }) ?? false,
       heldLeaseIds: () => this.workload?.heldLeaseIds() ?? [],
@@ -93,14 +98,18 @@ export class Agent extends EventEmitter<AgentEvents> {
     return this.outbox.sessionNonce;
   }
 
-  /** Connects; resolves at the first Welcome, rejects with the fatal error (token refused, protocol refused). */
+  /**
+   * Connects; resolves at the first Welcome. Rejects, once the agent has stopped, with the fatal error (token
+   * refused, protocol refused) or AgentStoppedError if a stop came first. Retryable failures are retried meanwhile.
+   */
   async start(): Promise<void> {
     this.transition('starting');
     let credentials: ChannelCredentials;
     try {
       const o = this.options;
       this.capabilities = await detectNix(o);
-      credentials = o.tlsCaPath === null ? grpcCredentials.createInsecure() : grpcCredentials.createSsl(readCa(o.tlsCaPath));
+      credentials =
+        o.tlsCaPath === null ? grpcCredentials.createInsecure() : grpcCredentials.createSsl(readCa(o.tlsCaPath));
       this.spool.prepare();
       this.spool.writeNetrc(coordinatorHost(o.coordinator), o.token);
     } catch (err) {
@@ -150,8 +159,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private async drain(): Promise<void> {
     await this.workload?.whenIdle();
     if (this.state !== 'draining') return;
-    await this.session?.close(this.options.closeTimeoutMs);
     this.heartbeat.stop();
+    await this.session?.close(this.options.closeTimeoutMs);
     if (this.state === 'draining') this.finish('stopped');
   }
 
@@ -268,7 +277,6 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (this.state === 'stopping' || this.state === 'stopped' || this.state === 'failed') return;
     this.options.logger.error({ code: error.code }, error.message);
     this.fatalError = error;
-    this.welcomed.reject(error);
     this.transition('stopping');
     this.emit('fatal', error);
     this.tearDown('failed', `the agent failed: ${error.message}`);
@@ -290,7 +298,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 
   private transition(to: AgentState): void {
-    if (!TRANSITIONS[this.state].includes(to)) throw new IllegalStateError(`agent: illegal transition ${this.state} → ${to}`);
+    if (!TRANSITIONS[this.state].includes(to))
+      throw new IllegalStateError(`agent: illegal transition ${this.state} → ${to}`);
     this.state = to;
     this.emit('state', to);
   }

@@ -13,7 +13,7 @@ interface Flags {
   tokenFile?: string;
   id?: string;
   maxJobs?: number;
-  system: string[];
+  system?: string[];
   features?: string[];
   mandatoryFeatures?: string[];
   spoolDir?: string;
@@ -27,7 +27,7 @@ function parseArgs(argv: string[]): Flags {
     .option('--token-file <file>', 'file holding the agent token (mode 0600); default: $EKACI_AGENT_TOKEN')
     .option('--id <id>', 'agent id, stable across restarts (default: the hostname)')
     .option('--max-jobs <n>', "builds at once (default: Nix's max-jobs)", (v) => parseCount('--max-jobs', v))
-    .option('--system <system>', 'a system this host builds (repeatable; default: from Nix)', collect, [])
+    .option('--system <system>', 'a system this host builds (repeatable; default: from Nix)', collect)
     .option('--features <list>', 'supported features, comma-separated (default: from Nix)', parseList)
     .option('--mandatory-features <list>', 'features every accepted derivation must require', parseList)
     .option('--spool-dir <dir>', 'where build logs wait until the coordinator has them')
@@ -38,13 +38,14 @@ function parseArgs(argv: string[]): Flags {
     program.parse(argv);
   } catch (err) {
     if (err instanceof CommanderError && err.exitCode === 0) process.exit(0); // --help, --version
+    if (err instanceof EkaciError) throw err;
     throw new UsageError(err instanceof CommanderError ? err.message.replace(/^error: /, '') : String(err));
   }
   return program.opts<Flags>();
 }
 
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
 }
 
 function compile(flags: Flags): AgentOptions {
@@ -58,7 +59,7 @@ function compile(flags: Flags): AgentOptions {
     token,
     agentId: flags.id,
     maxJobs: flags.maxJobs,
-    systems: flags.system.length > 0 ? flags.system : undefined,
+    systems: flags.system,
     features: flags.features,
     mandatoryFeatures: flags.mandatoryFeatures,
     spoolDir: flags.spoolDir,

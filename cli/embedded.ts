@@ -1,7 +1,8 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Agent } from '../agent/agent.js';
 import type { Logger } from '../common/logging.js';
 import { Coordinator } from '../coordinator/coordinator.js';
@@ -48,7 +49,7 @@ export class EmbeddedSystem {
           coordinator: this.coordinator.grpcTarget,
           token: this.coordinator.localAgentToken,
           agentId,
-          maxJobs: this.options.maxJobs,
+          maxJobs: this.options.maxJobs ?? null,
           spoolDir: join(dir, 'spool'),
           logger: this.options.logger.child({ component: 'agent', agentId }),
         });
@@ -110,9 +111,10 @@ export interface AgentProcessOptions {
 
 /** Starts `ekaci-agent` as a child process, optionally as a separate builder host with its own Nix store. */
 export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
+  const main = agentMainPath();
   const args = [
-    ...process.execArgv,
-    agentMainPath(),
+    ...nodeArgsFor(main),
+    main,
     '--coordinator',
     o.coordinator,
     '--id',
@@ -122,11 +124,19 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
     ...(o.maxJobs ? ['--max-jobs', String(o.maxJobs)] : []),
     ...(o.extraArgs ?? []),
   ];
-  const env = {
+  const env: NodeJS.ProcessEnv = {
     ...process.env,
     EKACI_AGENT_TOKEN: o.token,
     EKACI_LOG_LEVEL: o.logLevel ?? process.env.EKACI_LOG_LEVEL ?? 'warn',
+    // Nix keeps narinfos it uploaded in a per-user disk cache, carrying the uploader's (absent) signature;
+    // another store of the same user would read them from there and refuse them. One cache per agent.
+    XDG_CACHE_HOME: join(o.dir, 'cache'),
   };
+  if (o.isolated) {
+    // The nixbld users are the machine's, shared by every store on it: two stores taking the same build user
+    // kill each other's builds. Isolated stores build as the agent's own user instead.
+    env.NIX_CONFIG = `${process.env.NIX_CONFIG ?? ''}\nbuild-users-group =`;
+  }
   const stdio = ['ignore', 'ignore', o.stdio ?? 'inherit'] as const;
   if (!o.isolated) return spawn(process.execPath, args, { stdio: [...stdio], env, detached: true });
   const nixDir = join(o.dir, 'nix');
@@ -147,6 +157,12 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
     ],
     { stdio: [...stdio], env, detached: true },
   );
+}
+
+/** Node flags to run `main`: TypeScript sources (development, tests) load through tsx. */
+function nodeArgsFor(main: string): string[] {
+  if (!main.endsWith('.ts')) return [];
+  return ['--import', pathToFileURL(createRequire(import.meta.url).resolve('tsx')).href];
 }
 
 /** The agent's entry point next to this module: `.ts` under tsx (development, tests), `.js` when built. */

@@ -88,15 +88,15 @@ describe('building derivations on agents', () => {
       isolatedAgent('host-b', ['--features', 'side-b']);
       await coordinator.agentHub.waitForAgents(2);
       const r = await build(
-        String.raw`rec {
+        `rec {
           base = mk "base" { script = "echo base > $out"; requiredSystemFeatures = [ "side-b" ]; };
-          left = mk "left" { deps = [ base ]; script = "read b < ${base}; echo left-$b > $out"; requiredSystemFeatures = [ "side-a" ]; };
-          right = mk "right" { deps = [ base ]; script = "read b < ${base}; echo right-$b > $out"; requiredSystemFeatures = [ "side-b" ]; };
-          top = mk "top" { deps = [ left right ]; script = "read l < ${left}; read r < ${right}; echo $l $r > $out"; requiredSystemFeatures = [ "side-a" ]; };
+          left = mk "left" { deps = [ base ]; script = "read b < \${base}; echo left-$b > $out"; requiredSystemFeatures = [ "side-a" ]; };
+          right = mk "right" { deps = [ base ]; script = "read b < \${base}; echo right-$b > $out"; requiredSystemFeatures = [ "side-b" ]; };
+          top = mk "top" { deps = [ left right ]; script = "read l < \${left}; read r < \${right}; echo $l $r > $out"; requiredSystemFeatures = [ "side-a" ]; };
         }`,
         ['base', 'left', 'right', 'top'],
       );
-      for (const attr of ['base', 'left', 'right', 'top']) expect(r[attr]?.state, attr).toBe('succeeded');
+      for (const attr of ['base', 'left', 'right', 'top']) expect(r[attr]?.state, `${attr}: ${r[attr]?.error} ${readFileSync(coordinator.logs.pathFor(r[attr]!.drvPath, 1), 'utf8')}`).toBe('succeeded');
       expect(r.base?.agent).toBe('host-b');
       expect(r.left?.agent).toBe('host-a');
       expect(r.right?.agent).toBe('host-b');

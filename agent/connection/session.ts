@@ -45,6 +45,9 @@ const TRANSITIONS: Record<SessionState, readonly SessionState[]> = {
   failed: [],
 };
 
+// How long after the call's status the last buffered message may still be on its way to the 'data' handler.
+const END_AFTER_STATUS_MS = 1000;
+
 /** What the agent does with the stream's traffic. */
 export interface SessionHandler {
   /** Built afresh for every stream: it lists the leases still running. */
@@ -176,6 +179,11 @@ export class Session extends EventEmitter<SessionEvents> implements LogSink {
     call.on('status', (s: StatusObject) => {
       status = s;
       settle();
+      // 'end' follows as soon as the buffered messages are read; never let a missing one stall the reconnect.
+      setTimeout(() => {
+        ended = true;
+        settle();
+      }, END_AFTER_STATUS_MS).unref();
     });
     call.on('end', () => {
       ended = true;
@@ -225,6 +233,7 @@ export class Session extends EventEmitter<SessionEvents> implements LogSink {
     if (call !== this.call) return;
     this.call = null;
     this.queue = [];
+    this.blocked = false;
     if (this.state === 'closing') return this.finishClose();
     const refusal = this.refusal;
     const disposition = refusal ? errorReplyDisposition(refusal.code) : grpcStatusDisposition(status.code);

@@ -119,7 +119,8 @@ export class Build {
     const realise = await this.spawnTracked('nix-store', this.realiseArgs(), true);
     await this.log.close();
     if (this.cancelReason !== null) return this.finishCancelled();
-    if (realise.spawnError !== null) return this.finish(Outcome.OUTCOME_INFRA_ERROR, `cannot run nix-store: ${realise.spawnError.message}`);
+    if (realise.spawnError !== null)
+      return this.finish(Outcome.OUTCOME_INFRA_ERROR, `cannot run nix-store: ${realise.spawnError.message}`);
     if (this.log.writeError !== null) {
       return this.finish(Outcome.OUTCOME_INFRA_ERROR, `cannot write the log spool: ${this.log.writeError.message}`);
     }
@@ -170,17 +171,34 @@ export class Build {
 
   private async upload(paths: string[]): Promise<void> {
     const c = this.context;
-    const args = ['copy', ...NIX_COMMAND, '--to', c.cacheUrl, '--option', 'netrc-file', c.netrcPath, ...NO_SUBSTITUTERS];
+    const args = [
+      'copy',
+      ...NIX_COMMAND,
+      '--to',
+      c.cacheUrl,
+      '--option',
+      'netrc-file',
+      c.netrcPath,
+      ...NO_SUBSTITUTERS,
+    ];
     await this.checked('nix', [...args, ...paths], `upload to ${c.cacheUrl} failed`);
   }
 
   private async measure(paths: Map<string, string>): Promise<BuiltOutput[]> {
-    const out = await this.checked('nix', ['path-info', ...NIX_COMMAND, ...NO_SUBSTITUTERS, '--json', '-S', ...paths.values()]);
+    const out = await this.checked('nix', [
+      'path-info',
+      ...NIX_COMMAND,
+      ...NO_SUBSTITUTERS,
+      '--json',
+      '-S',
+      ...paths.values(),
+    ]);
     // Nix ≤ 2.18 prints an array of { path, … }; later versions an object keyed by path.
     const parsed = JSON.parse(out) as unknown;
     const infos = new Map<string, { narSize?: number; closureSize?: number }>();
     if (Array.isArray(parsed)) {
-      for (const info of parsed as { path: string; narSize?: number; closureSize?: number }[]) infos.set(info.path, info);
+      for (const info of parsed as { path: string; narSize?: number; closureSize?: number }[])
+        infos.set(info.path, info);
     } else {
       for (const [path, info] of Object.entries(parsed as Record<string, { narSize?: number; closureSize?: number }>)) {
         infos.set(path, info);
@@ -275,5 +293,7 @@ function summarise(tail: string, exit: Exit): string {
     .split('\n')
     .reverse()
     .find((line) => line.startsWith('error: '));
-  return errorLine?.slice('error: '.length) ?? `nix-store exited with ${exit.code ?? exit.signal}: ${lastLines(tail, 3)}`;
+  return (
+    errorLine?.slice('error: '.length) ?? `nix-store exited with ${exit.code ?? exit.signal}: ${lastLines(tail, 3)}`
+  );
 }

@@ -41,6 +41,7 @@ class Lease {
   build: Build | null = null;
   result: BuildResult | null = null;
   finished: JobEvent | null = null;
+  cancelAckDue = false;
 
   constructor(
     readonly assign: Assign,
@@ -96,6 +97,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   private readonly leases = new Map<string, Lease>();
   private readonly queue: Lease[] = [];
   private readonly builds = new Set<Promise<void>>();
+  private readonly cleanups = new Set<Promise<void>>();
   private running = 0;
   private halted = false;
   private idleWaiters: (() => void)[] = [];
@@ -125,9 +127,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   /** Unacknowledged events that may go out on a new stream; a Finished waits until its log is acknowledged again. */
   resendable(): JobEvent[] {
     const shipper = this.options.shipper;
-    return this.options.outbox
-      .unacked()
-      .filter((e) => e.event?.$case !== 'finished' || shipper.fullyAcked(e.leaseId));
+    return this.options.outbox.unacked().filter((e) => e.event?.$case !== 'finished' || shipper.fullyAcked(e.leaseId));
   }
 
   assign(assign: Assign): void {
@@ -136,7 +136,16 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       logger.warn({ leaseId: assign.leaseId }, 'ignoring a repeated Assign');
       return;
     }
-    const lease = new Lease(assign, this.options.spool.open(assign.leaseId));
+    let log: LeaseLog;
+    try {
+      log = this.options.spool.open(assign.leaseId);
+    } catch (err) {
+      // Without a spool there is no log to stand behind a result. Not holding the lease lets it lapse at its
+      // first unanswered renewal, and the coordinator queues it again elsewhere as an infrastructure failure.
+      logger.error({ err, leaseId: assign.leaseId }, 'cannot create the spool file; not taking the lease');
+      return;
+    }
+    const lease = new Lease(assign, log);
     this.leases.set(lease.id, lease);
     shipper.track(lease.id, lease.log);
     host.sendEvent(outbox.add(lease.id, { $case: 'accepted', value: {} }));
@@ -155,7 +164,10 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       // Closing the (empty) log completes it; the shipper's 'complete' then reports Finished.
       void lease.log.close();
     } else if (lease?.state === 'building' && lease.build !== null) {
+      // CancelAck goes out from buildEnded, once the processes are gone and before Finished.
+      lease.cancelAckDue = true;
       await lease.build.cancel(reason, cancel.graceSeconds * 1000);
+      return;
     }
     // Unknown or already finished leases are acknowledged too: Cancel is idempotent and the result stands.
     this.options.host.sendCancelAck(cancel.leaseId);
@@ -184,7 +196,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     if (wasQueued) this.unqueue(lease);
     // A running build cleans up when its process is gone (buildEnded); anything else can go now.
     if (lease.build !== null && lease.build.status !== 'done') void lease.build.cancel(reason, graceMs);
-    else this.cleanUp(lease);
+    else void this.cleanUp(lease);
     this.checkIdle();
   }
 
@@ -196,8 +208,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       lease.transition('settled');
       this.leases.delete(lease.id);
       this.options.shipper.untrack(lease.id);
-      this.cleanUp(lease);
-      this.emit('settled', lease.id);
+      void this.cleanUp(lease).then(() => this.emit('settled', lease.id));
       this.checkIdle();
     }
   }
@@ -213,6 +224,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     this.halted = true;
     for (const leaseId of [...this.leases.keys()]) this.drop(leaseId, reason, graceMs);
     await Promise.allSettled([...this.builds]);
+    await Promise.allSettled([...this.cleanups]);
   }
 
   private startQueued(): void {
@@ -244,8 +256,9 @@ export class Workload extends EventEmitter<WorkloadEvents> {
 
   private buildEnded(lease: Lease, result: BuildResult): void {
     if (lease.state === 'dropped') {
-      this.cleanUp(lease);
+      void this.cleanUp(lease);
     } else {
+      if (lease.cancelAckDue) this.options.host.sendCancelAck(lease.id);
       lease.result = result;
       lease.transition('awaiting-logs');
       this.report(lease);
@@ -275,10 +288,19 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     if (index >= 0) this.queue.splice(index, 1);
   }
 
-  private cleanUp(lease: Lease): void {
+  private cleanUp(lease: Lease): Promise<void> {
     const { spool, logger } = this.options;
-    spool.removeGcRoots(lease.id);
-    lease.log.remove().catch((err: unknown) => logger.warn({ err, leaseId: lease.id }, 'cannot remove spool file'));
+    const done = (async () => {
+      try {
+        spool.removeGcRoots(lease.id);
+        await lease.log.remove();
+      } catch (err) {
+        logger.warn({ err, leaseId: lease.id }, 'cannot remove the spool of a lease');
+      }
+    })();
+    this.cleanups.add(done);
+    void done.then(() => this.cleanups.delete(done));
+    return done;
   }
 
   private idle(): boolean {

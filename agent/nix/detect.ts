@@ -42,7 +42,11 @@ const SHOW_CONFIG_ATTEMPTS: { args: string[]; format: 'json' | 'text' }[] = [
 export async function detectNix(overrides: CapabilityOverrides, nixBin = 'nix'): Promise<NixCapabilities> {
   const version = await runNix(nixBin, ['--version']);
   if (version.code !== 0) {
-    throw new NixCommandError(`'${nixBin} --version' failed: ${lastLines(version.stderr, 3)}`, version.code, version.stderr);
+    throw new NixCommandError(
+      `'${nixBin} --version' failed: ${lastLines(version.stderr, 3)}`,
+      version.code,
+      version.stderr,
+    );
   }
   const needSettings = overrides.systems === null || overrides.features === null || overrides.maxJobs === null;
   const settings = needSettings ? await readSettings(nixBin) : {};

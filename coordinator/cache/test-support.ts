@@ -3,7 +3,7 @@
  * store, a second store in a private mount namespace, and the cache served over real HTTP.
  */
 import { randomUUID } from 'node:crypto';
-import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -73,12 +73,16 @@ export async function buildTrivial(dir: string, env: NodeJS.ProcessEnv, depCount
  * Runs a Nix command against a store of its own: a private mount namespace with an empty directory over /nix.
  * Debian's Nix lives in /usr, so it still runs, but nothing of the machine's store is visible to it.
  */
-export async function inFreshStore(emptyDir: string, env: NodeJS.ProcessEnv, command: string[]): Promise<NixResult> {
-  // Builds run as the nixbld users, who must traverse /nix; mkdtemp makes directories 0700.
-  await chmod(emptyDir, 0o755);
-  // Another host has its own narinfo disk cache. Sharing it would hand this store the narinfos exactly as the
-  // uploading agent sent them, before the coordinator re-signed them.
-  const ownEnv = { ...env, XDG_CACHE_HOME: join(emptyDir, '.xdg-cache') };
+export function inFreshStore(emptyDir: string, env: NodeJS.ProcessEnv, command: string[]): Promise<NixResult> {
+  const ownEnv = {
+    ...env,
+    // Another host has its own narinfo disk cache. Sharing it would hand this store the narinfos exactly as the
+    // uploading agent sent them, before the coordinator re-signed them.
+    XDG_CACHE_HOME: join(emptyDir, '.xdg-cache'),
+    // Build users are machine-wide but their locks live in each store: two stores would both take nixbld1, and
+    // Nix kills every process of a build user before building, i.e. the other store's build. Build as root.
+    NIX_CONFIG: 'build-users-group =',
+  };
   return runNix('unshare', ['-m', 'sh', '-c', 'mount --bind "$0" /nix && exec "$@"', emptyDir, ...command], {
     env: ownEnv,
   });

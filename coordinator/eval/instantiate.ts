@@ -25,13 +25,30 @@ export async function instantiate(file: string, attrs: readonly string[]): Promi
   const names = attrs.length > 0 ? attrs : await topLevelNames(path);
   if (names.length === 0) throw new EvaluationError(`${file}: has no attributes to build`);
   const r = await evalJson(path, names);
-  if (r.ok) return interpret(file, names, r.value);
+  if (r.ok) {
+    const found = interpret(file, names, r.value);
+    await writeDerivations(path, names, found, attrs.length === 0 && names.length === 1 && names[0] === 'default');
+    return found;
+  }
   // Something threw or aborted: find which attribute, and report Nix's own message for it.
   for (const name of names) {
     const single = await evalJson(path, [name]);
     if (!single.ok) throw new EvaluationError(`${file}: attribute '${name}' failed to evaluate: ${single.error}`);
   }
   throw new EvaluationError(`${file}: evaluation failed: ${r.error}`);
+}
+
+/** `--eval` is read-only: it computes drv paths without writing the `.drv` files, which this call does. */
+async function writeDerivations(
+  path: string,
+  names: readonly string[],
+  found: readonly Instantiated[],
+  isRootDrv: boolean,
+): Promise<void> {
+  // The file's own derivation, reported as `default`, is attribute path "" to Nix.
+  const selectors = names.map((n, i) => (found[i]!.attr === 'default' && isRootDrv ? '' : n));
+  const r = await runNix('nix-instantiate', [...NO_SUBSTITUTERS, path, ...selectors.flatMap((n) => ['-A', n])]);
+  if (r.code !== 0) throw new EvaluationError(`${path}: ${nixErrorText(r.stderr)}`);
 }
 
 type Verdict = { drv: string } | { missing: string } | { notDrv: string };

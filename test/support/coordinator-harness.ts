@@ -29,6 +29,10 @@ export async function startCoordinator(dataDir: string, overrides: Record<string
   return c;
 }
 
+type Msg = NonNullable<CoordinatorMessage['msg']>;
+type Kind = Msg['$case'];
+type ValueOf<K extends Kind> = Extract<Msg, { $case: K }>['value'];
+
 /**
  * A hand-driven agent stream: the test writes protocol messages and reads the coordinator's answers, to check
  * the coordinator's side of the contract message by message.
@@ -84,15 +88,11 @@ export class RawAgent {
   }
 
   /** Waits until a received message satisfies `pick`, and returns it. */
-  async next<K extends NonNullable<CoordinatorMessage['msg']>['$case']>(
-    kind: K,
-    pick: (m: Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value']) => boolean = () => true,
-    from = 0,
-  ): Promise<Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value']> {
+  async next<K extends Kind>(kind: K, pick: (m: ValueOf<K>) => boolean = () => true, from = 0): Promise<ValueOf<K>> {
     for (;;) {
       for (const m of this.received.slice(from)) {
         if (m.msg?.$case === kind) {
-          const v = m.msg.value as Extract<NonNullable<CoordinatorMessage['msg']>, { $case: K }>['value'];
+          const v = m.msg.value as ValueOf<K>;
           if (pick(v)) return v;
         }
       }

@@ -1,0 +1,128 @@
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { silentLogger } from '../../common/logging.js';
+import { Outcome, type Assign } from '../../common/proto/ekaci/agent/v1/agent.js';
+import { LogSpool } from '../logs/spool.js';
+import { shellDerivation } from '../testing/derivations.js';
+import { Build } from './build.js';
+
+let dir: string;
+let spool: LogSpool;
+let cacheDir: string;
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'ekaci-build-'));
+  spool = new LogSpool(join(dir, 'spool'));
+  spool.prepare();
+  spool.writeNetrc('127.0.0.1', 'secret');
+  cacheDir = join(dir, 'cache');
+});
+
+afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): Assign {
+  return { leaseId, drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'], ...extra };
+}
+
+function build(a: Assign, cacheUrl = `file://${cacheDir}`) {
+  const log = spool.open(a.leaseId);
+  const context = { cacheUrl, cachePublicKey: '', netrcPath: spool.netrcPath, gcRoot: spool.gcRoot(a.leaseId) };
+  return { log, build: new Build(a, context, log, silentLogger()) };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('Build', () => {
+  it('builds a derivation, spools its log, uploads every output and measures it', async () => {
+    const drv = await shellDerivation('echo hello; echo x > $out; echo yy > $dev', 'outputs = [ "out" "dev" ];');
+    const { log, build: b } = build(assign('ok', drv));
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    expect(result.error).toBe('');
+    expect(result.outputs.map((o) => o.name).sort()).toEqual(['dev', 'out']);
+    for (const output of result.outputs) {
+      expect(output.path).toMatch(/^\/nix\/store\/[a-z0-9]{32}-ekaci-agent-test-/);
+      expect(output.narSize).toBeGreaterThan(0);
+      expect(output.closureSize).toBeGreaterThanOrEqual(output.narSize);
+      const hash = output.path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+      expect(existsSync(join(cacheDir, `${hash}.narinfo`))).toBe(true);
+    }
+    expect(log.closed).toBe(true);
+    expect(readFileSync(log.path, 'utf8')).toContain('hello\n');
+    expect(readdirSync(join(dir, 'spool', 'gcroots', 'ok')).sort()).toEqual(['result', 'result-dev']);
+  });
+
+  it('reports a failing builder as FAILED with Nix verdict as the error', async () => {
+    const drv = await shellDerivation('echo about to fail; exit 3');
+    const { log, build: b } = build(assign('bad', drv));
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_FAILED);
+    expect(result.error).toMatch(/failed with exit code 3/);
+    expect(result.outputs).toEqual([]);
+    expect(readFileSync(log.path, 'utf8')).toContain('about to fail');
+  });
+
+  it('reports a build silent for longer than max-silent-time as TIMED_OUT', async () => {
+    const drv = await shellDerivation('echo start; /bin/sleep 5; echo x > $out');
+    const { build: b } = build(assign('quiet', drv, { maxSilentSeconds: 1 }));
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_TIMED_OUT);
+    expect(result.error).toMatch(/timed out after 1 seconds of silence/);
+  });
+
+  it('reports a build running past its timeout as TIMED_OUT', async () => {
+    const drv = await shellDerivation('while true; do echo tick; /bin/sleep 0.2; done');
+    const { build: b } = build(assign('long', drv, { timeoutSeconds: 1 }));
+    expect((await b.run()).outcome).toBe(Outcome.OUTCOME_TIMED_OUT);
+  });
+
+  it('reports a cache that refuses the upload as INFRA_ERROR after a successful build', async () => {
+    const drv = await shellDerivation('echo x > $out');
+    const { build: b } = build(assign('upload', drv), 'file:///proc/ekaci-no-such-cache');
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
+    expect(result.error).toMatch(/upload to file:\/\/\/proc\/ekaci-no-such-cache failed/);
+  });
+
+  it('cancels by stopping the whole process tree and reports CANCELLED', async () => {
+    const drv = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
+    const { log, build: b } = build(assign('cancel', drv));
+    const running = b.run();
+    const pids = await waitForPids(log.path);
+    expect(pids.every(alive)).toBe(true);
+    await b.cancel('test', 2000);
+    const result = await running;
+    expect(result.outcome).toBe(Outcome.OUTCOME_CANCELLED);
+    expect(result.error).toBe('cancelled: test');
+    // Killed processes are reaped asynchronously by init; they must be gone promptly, not instantly.
+    await expect.poll(() => pids.filter(alive), { timeout: 2000 }).toEqual([]);
+  });
+
+  it('kills the builder even when nix-store gets no chance to stop it', async () => {
+    const drv = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
+    const { log, build: b } = build(assign('kill', drv));
+    const running = b.run();
+    const pids = await waitForPids(log.path);
+    await b.kill('forced');
+    expect((await running).outcome).toBe(Outcome.OUTCOME_CANCELLED);
+    await expect.poll(() => pids.filter(alive), { timeout: 2000 }).toEqual([]);
+  });
+});
+
+async function waitForPids(path: string): Promise<number[]> {
+  let match: RegExpExecArray | null = null;
+  await expect
+    .poll(() => (match = /pids (\d+) (\d+)/.exec(readFileSync(path, 'utf8'))), { timeout: 10_000, interval: 50 })
+    .not.toBeNull();
+  const m = match as RegExpExecArray | null;
+  return m === null ? [] : [Number(m[1]), Number(m[2])];
+}
