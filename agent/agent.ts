@@ -13,6 +13,7 @@ import { AgentStoppedError } from './errors.js';
 import { Workload } from './jobs/workload.js';
 import { LogShipper } from './logs/shipper.js';
 import { LogSpool } from './logs/spool.js';
+import { warmUpCache } from './nix/cache-warmup.js';
 import { detectNix, type NixCapabilities } from './nix/detect.js';
 import { compileAgentOptions, coordinatorHost, type AgentOptions, type AgentOptionsInput } from './options.js';
 
@@ -66,6 +67,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   private readonly heartbeat: HeartbeatLoop;
   private capabilities: NixCapabilities | null = null;
   private lastWelcome: Welcome | null = null;
+  private warmedCacheUrl = '';
   // While a Welcome is applied, events are re-sent from the outbox in one ordered pass, not one by one.
   private welcoming = false;
   private drainRequested = false;
@@ -201,6 +203,11 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.drainRequested = false;
     if (this.state === 'starting') this.transition('running');
     const workload = this.workload as Workload;
+    if (welcome.cacheUrl !== '' && welcome.cacheUrl !== this.warmedCacheUrl) {
+      this.warmedCacheUrl = welcome.cacheUrl;
+      workload.pause();
+      void warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() => workload.resume());
+    }
     this.welcoming = true;
     try {
       workload.applyDecisions(welcome.leaseDecisions);
@@ -257,6 +264,9 @@ export class Agent extends EventEmitter<AgentEvents> {
         cache: () => ({
           cacheUrl: this.lastWelcome?.cacheUrl ?? '',
           cachePublicKey: this.lastWelcome?.cachePublicKey ?? '',
+          systemFeatures: this.capabilities
+            ? [...this.capabilities.features, ...this.capabilities.mandatoryFeatures]
+            : [],
         }),
       },
     });

@@ -90,23 +90,28 @@ describe('building derivations on agents', () => {
       const r = await build(
         `rec {
           base = mk "base" { script = "echo base > $out"; requiredSystemFeatures = [ "side-b" ]; };
-          left = mk "left" { deps = [ base ]; script = "read b < \${base}; echo left-$b > $out"; requiredSystemFeatures = [ "side-a" ]; };
-          right = mk "right" { deps = [ base ]; script = "read b < \${base}; echo right-$b > $out"; requiredSystemFeatures = [ "side-b" ]; };
-          top = mk "top" { deps = [ left right ]; script = "read l < \${left}; read r < \${right}; echo $l $r > $out"; requiredSystemFeatures = [ "side-a" ]; };
+          left = mk "left" { deps = [ base ]; script = "read b < \${base}; echo left-$b \${base} > $out"; requiredSystemFeatures = [ "side-a" ]; };
+          right = mk "right" { deps = [ base ]; script = "read b < \${base}; echo right-$b \${base} > $out"; requiredSystemFeatures = [ "side-b" ]; };
+          top = mk "top" { deps = [ left right ]; script = "read l < \${left}; read r < \${right}; echo $l $r \${left} \${right} > $out"; requiredSystemFeatures = [ "side-a" ]; };
         }`,
         ['base', 'left', 'right', 'top'],
       );
-      for (const attr of ['base', 'left', 'right', 'top']) expect(r[attr]?.state, `${attr}: ${r[attr]?.error} ${readFileSync(coordinator.logs.pathFor(r[attr]!.drvPath, 1), 'utf8')}`).toBe('succeeded');
+      for (const attr of ['base', 'left', 'right', 'top'])
+        expect(
+          r[attr]?.state,
+          `${attr}: ${r[attr]?.error} ${readFileSync(coordinator.logs.pathFor(r[attr]!.drvPath, 1), 'utf8')}`,
+        ).toBe('succeeded');
       expect(r.base?.agent).toBe('host-b');
       expect(r.left?.agent).toBe('host-a');
       expect(r.right?.agent).toBe('host-b');
       expect(r.top?.agent).toBe('host-a');
       const top = r.top!.outputs[0]!;
       expect(top.narSize).toBeGreaterThan(0);
-      // top's closure holds left, right and base too
-      expect(top.closureSize).toBeGreaterThan(top.narSize!);
+      // top's output refers to left and right, which refer to base: its closure holds all four
+      const nar = (attr: string): number => r[attr]!.outputs[0]!.narSize!;
+      expect(top.closureSize).toBe(nar('top') + nar('left') + nar('right') + nar('base'));
       // The coordinator's store never built it; its content comes from the cache, as the agents left it.
-      const cached = await coordinator.store.outputsOf(r.top!.drvPath);
+      const cached = coordinator.store.outputsOf(r.top!.drvPath);
       expect(cached[0]?.path).toBe(top.path);
       const log = readFileSync(coordinator.logs.pathFor(r.top!.drvPath, 1), 'utf8');
       expect(log).toMatch(/copying path .*right/);

@@ -28,7 +28,13 @@ function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): 
 
 function build(a: Assign, cacheUrl = `file://${cacheDir}`) {
   const log = spool.open(a.leaseId);
-  const context = { cacheUrl, cachePublicKey: '', netrcPath: spool.netrcPath, gcRoot: spool.gcRoot(a.leaseId) };
+  const context = {
+    cacheUrl,
+    cachePublicKey: '',
+    netrcPath: spool.netrcPath,
+    gcRoot: spool.gcRoot(a.leaseId),
+    systemFeatures: [],
+  };
   return { log, build: new Build(a, context, log, silentLogger()) };
 }
 

@@ -29,6 +29,8 @@ export interface BuildContext {
   netrcPath: string;
   /** `--add-root` path keeping the outputs alive until they are uploaded and reported. */
   gcRoot: string;
+  /** The features this agent announced (supported and mandatory): Nix must agree to build what they allow. */
+  systemFeatures: readonly string[];
 }
 
 export interface BuildResult {
@@ -153,6 +155,7 @@ export class Build {
       ...['--option', 'netrc-file', c.netrcPath],
       // The coordinator chose this host for the build; remote builders from nix.conf would defeat that choice.
       ...['--option', 'builders', ''],
+      ...['--option', 'system-features', c.systemFeatures.join(' ')],
       ...['--add-root', c.gcRoot, '--indirect'],
     ];
   }

@@ -68,7 +68,7 @@ export interface WorkloadHost {
   /** A build slot became free: advertise credit again. */
   slotsFreed(): void;
   /** Cache settings from the latest Welcome. */
-  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey'>;
+  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey' | 'systemFeatures'>;
 }
 
 export interface WorkloadOptions {
@@ -100,6 +100,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   private readonly cleanups = new Set<Promise<void>>();
   private running = 0;
   private halted = false;
+  private paused = false;
   private idleWaiters: (() => void)[] = [];
 
   constructor(private readonly options: WorkloadOptions) {
@@ -108,6 +109,16 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       const lease = this.leases.get(leaseId);
       if (lease !== undefined) this.report(lease);
     });
+  }
+
+  /** Holds queued builds back (they stay accepted and keep their slots) until `resume`. */
+  pause(): void {
+    this.paused = true;
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.startQueued();
   }
 
   /** Builds that could start now: what `Credit.free_slots` advertises. */
@@ -228,7 +239,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   }
 
   private startQueued(): void {
-    while (!this.halted && this.running < this.options.maxJobs) {
+    while (!this.halted && !this.paused && this.running < this.options.maxJobs) {
       const lease = this.queue.shift();
       if (lease === undefined) return;
       this.startBuild(lease);

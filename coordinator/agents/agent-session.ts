@@ -55,7 +55,12 @@ export class AgentSession {
       this.writable = true;
       this.flush();
     });
-    call.on('end', () => this.close());
+    // The agent half-closed: end our side too, so its graceful stop need not wait for a timeout.
+    call.on('end', () => {
+      this.flush();
+      call.end();
+      this.close();
+    });
     call.on('error', () => this.close());
     call.on('close', () => this.close());
     call.on('cancelled', () => this.close());
