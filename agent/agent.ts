@@ -205,6 +205,8 @@ export class Agent extends EventEmitter<AgentEvents> {
     const workload = this.workload as Workload;
     if (welcome.cacheUrl !== '' && welcome.cacheUrl !== this.warmedCacheUrl) {
       this.warmedCacheUrl = welcome.cacheUrl;
+      // The cache may be served under another name than the gRPC endpoint (public_url): credentials follow it.
+      this.spool.writeNetrc(cacheHost(welcome.cacheUrl), this.options.token);
       workload.pause();
       void warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() => workload.resume());
     }
@@ -339,4 +341,12 @@ function deferred(): Deferred {
   });
   promise.catch(() => {});
   return { promise, resolve, reject };
+}
+
+function cacheHost(url: string): string {
+  try {
+    return new URL(url).hostname.replace(/^\[|\]$/g, '');
+  } catch {
+    return url;
+  }
 }

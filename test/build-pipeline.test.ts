@@ -1,5 +1,7 @@
 import type { ChildProcess } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { status } from '@grpc/grpc-js';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../agent/agent.js';
@@ -8,7 +10,7 @@ import { silentLogger } from '../common/logging.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
-import { startCoordinator } from './support/coordinator-harness.js';
+import { RawAgent, startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -192,6 +194,30 @@ describe('building derivations on agents', () => {
     );
     expect(again[0]?.state).toBe('failed');
     expect(attemptsOf(r.broken!.drvPath)).toHaveLength(1);
+  });
+
+  it('serves agents over TLS when configured with a certificate', async () => {
+    const dir = tempDir();
+    const [key, cert] = [join(dir, 'key.pem'), join(dir, 'cert.pem')];
+    execFileSync(
+      'openssl',
+      [
+        ...['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=localhost'],
+        ...['-addext', 'subjectAltName=DNS:localhost', '-keyout', key, '-out', cert],
+      ],
+      { stdio: 'ignore' },
+    );
+    coordinator = await startCoordinator(join(dir, 'data'), {
+      grpc: { port: 0, tls_cert_file: cert, tls_key_file: key },
+    });
+    await localAgent('tls', { tlsCaPath: cert, coordinator: `localhost:${coordinator.grpcPort}` });
+    const r = await build(`{ secure = mk "secure" { }; }`, ['secure']);
+    expect(r.secure?.state, r.secure?.error ?? '').toBe('succeeded');
+    // Without the certificate, the agent cannot even start its stream.
+    const plain = new RawAgent(`localhost:${coordinator.grpcPort}`, coordinator.localAgentToken);
+    plain.hello();
+    expect((await plain.ended()).code).toBe(status.UNAVAILABLE);
+    plain.close();
   });
 
   it('finds outputs that are already built without building them again', async () => {
