@@ -22,6 +22,7 @@ import { CoordinatorRefusedError } from './errors.js';
 import { compileAgentOptions, type AgentOptionsInput } from './options.js';
 import { shellDerivation } from './testing/derivations.js';
 import { is, ScriptedCoordinator, type ScriptOptions } from './testing/scripted-coordinator.js';
+import { alive } from './testing/processes.js';
 
 let dir: string;
 let cacheDir: string;
@@ -508,13 +509,4 @@ async function pidsIn(c: ScriptedCoordinator, leaseId: string): Promise<number[]
   await expect.poll(() => /pids \d+ \d+/.test(c.logs.get(leaseId)?.toString() ?? ''), { timeout: 10_000 }).toBe(true);
   const m = /pids (\d+) (\d+)/.exec(c.logs.get(leaseId)?.toString() ?? '');
   return m === null ? [] : [Number(m[1]), Number(m[2])];
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }

@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { shellDerivation } from './testing/derivations.js';
 import { is, ScriptedCoordinator } from './testing/scripted-coordinator.js';
+import { alive } from './testing/processes.js';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 
@@ -133,12 +134,3 @@ describe('ekaci-agent', () => {
     await expect.poll(() => [builder, sleeper].filter((pid) => alive(Number(pid))), { timeout: 2000 }).toEqual([]);
   });
 });
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}

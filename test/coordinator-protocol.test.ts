@@ -39,6 +39,18 @@ async function instantiateAll(body: string): Promise<Record<string, string>> {
   return out;
 }
 
+/** A coordinator with long leases, one derivation, and a raw agent that has been given it. */
+async function leaseOneBuild() {
+  coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
+  const drvs = await instantiateAll('{ only = mk "only" {}; }');
+  const a = raw(coordinator.localAgentToken);
+  a.hello();
+  await a.next('welcome');
+  await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
+  a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+  return { a, lease: await a.next('assign') };
+}
+
 describe('the coordinator side of the agent protocol', () => {
   it('refuses a stream without a valid token before reading anything', async () => {
     coordinator = await startCoordinator(tempDir());
@@ -159,14 +171,7 @@ describe('the coordinator side of the agent protocol', () => {
   });
 
   it('stores log chunks by offset, skipping bytes it already has, and keeps a lease across a reconnect', async () => {
-    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
-    const drvs = await instantiateAll('{ only = mk "only" {}; }');
-    const a = raw(coordinator.localAgentToken);
-    a.hello();
-    await a.next('welcome');
-    await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
-    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
-    const lease = await a.next('assign');
+    const { a, lease } = await leaseOneBuild();
     const chunk = (offset: number, text: string): void =>
       a.send({ $case: 'logChunk', value: { leaseId: lease.leaseId, offset, data: Buffer.from(text) } });
     chunk(0, 'hello ');
@@ -194,14 +199,7 @@ describe('the coordinator side of the agent protocol', () => {
   });
 
   it('retries a build whose agent reconnects without it', async () => {
-    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
-    const drvs = await instantiateAll('{ only = mk "only" {}; }');
-    const a = raw(coordinator.localAgentToken);
-    a.hello();
-    await a.next('welcome');
-    await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
-    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
-    const lease = await a.next('assign');
+    const { a, lease } = await leaseOneBuild();
     a.close();
     const again = raw(coordinator.localAgentToken);
     again.hello({ runningLeases: [] });

@@ -7,6 +7,7 @@ import { Outcome, type Assign } from '../../common/proto/ekaci/agent/v1/agent.js
 import { LogSpool } from '../logs/spool.js';
 import { shellDerivation } from '../testing/derivations.js';
 import { Build } from './build.js';
+import { alive } from '../testing/processes.js';
 
 let dir: string;
 let spool: LogSpool;
@@ -36,15 +37,6 @@ function build(a: Assign, cacheUrl = `file://${cacheDir}`) {
     systemFeatures: [],
   };
   return { log, build: new Build(a, context, log, silentLogger()) };
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('Build', () => {
