@@ -180,7 +180,7 @@ describe('the coordinator side of the agent protocol', () => {
     expect((await a.next('logAck', (x) => x.storedBytes === 11)).storedBytes).toBe(11);
     a.close();
 
-    const again = raw(coordinator.localAgentToken);
+    const again = raw(coordinator!.localAgentToken);
     again.hello({
       runningLeases: [
         { leaseId: lease.leaseId, logBytes: 20 },
@@ -194,20 +194,20 @@ describe('the coordinator side of the agent protocol', () => {
     ]);
     again.send({ $case: 'logChunk', value: { leaseId: lease.leaseId, offset: 11, data: Buffer.from('!\n') } });
     await again.next('logAck', (x) => x.storedBytes === 13);
-    const logPath = coordinator.logs.pathFor(lease.drvPath, lease.attempt);
+    const logPath = coordinator!.logs.pathFor(lease.drvPath, lease.attempt);
     expect(readFileSync(logPath, 'utf8')).toBe('hello world!\n');
   });
 
   it('retries a build whose agent reconnects without it', async () => {
     const { a, lease } = await leaseOneBuild();
     a.close();
-    const again = raw(coordinator.localAgentToken);
+    const again = raw(coordinator!.localAgentToken);
     again.hello({ runningLeases: [] });
     await again.next('welcome');
     again.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
     const retry = await again.next('assign');
     expect(retry.drvPath).toBe(lease.drvPath);
     expect(retry.attempt).toBe(2);
-    expect(coordinator.store.attempt(lease.leaseId)?.state).toBe('lost');
+    expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('lost');
   });
 });
