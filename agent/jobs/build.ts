@@ -5,7 +5,7 @@ import { lastLines } from '../../common/nix/cli.js';
 import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { nixBuildOutcome } from '../../common/retry.js';
 import type { LeaseLog } from '../logs/spool.js';
-import { descendantGroups, signalGroup } from './process-tree.js';
+import { descendantGroups, signalGroup } from '../../common/process-tree.js';
 
 // How much of the end of the output is kept in memory: Nix prints its verdict (and the machine problems
 // nixBuildOutcome looks for) in the last lines; 16 KiB holds them even after a verbose builder.

@@ -55,6 +55,9 @@ export const Stderr = {
 export const RES_BUILD_LOG_LINE = 101;
 /** Verbosity lvlError: wopSetOptions sends it for "verbose build" (anything else means quiet) and as the level. */
 export const LVL_ERROR = 0;
+// Nix verbosity levels: error 0, warn 1, notice 2, info 3, talkative 4, … Activities at info or above are what
+// `nix-store --realise` prints by default.
+export const LVL_INFO = 3;
 /** BuildMode bmNormal for wopBuildPaths. */
 export const BUILD_MODE_NORMAL = 0;
 
@@ -232,9 +235,10 @@ export interface StderrHandlers {
   onMessage?: (text: string) => void;
   /** STDERR_RESULT of type resBuildLogLine: one line of a builder's output, without its newline. */
   onBuildLogLine?: (line: string) => void;
+  /** STDERR_START_ACTIVITY at info level or above: "building '…'", "copying path '…' from '…'". */
+  onActivity?: (text: string) => void;
 }
 
-// eslint-disable-next-line no-control-regex -- ESC is exactly what we strip
 const ANSI_ESCAPE = /\u001b\[[0-9;]*[A-Za-z]/g;
 
 export const stripAnsi = (text: string): string => text.replace(ANSI_ESCAPE, '');
@@ -243,7 +247,10 @@ export const stripAnsi = (text: string): string => text.replace(ANSI_ESCAPE, '')
  * Reads the stderr stream of one operation up to its end. Resolves with undefined at STDERR_LAST (the reply
  * follows) or with the daemon's error at STDERR_ERROR (no reply follows).
  */
-export async function readStderr(reader: WireReader, handlers: StderrHandlers = {}): Promise<DaemonErrorInfo | undefined> {
+export async function readStderr(
+  reader: WireReader,
+  handlers: StderrHandlers = {},
+): Promise<DaemonErrorInfo | undefined> {
   for (;;) {
     const code = await reader.u64();
     switch (code) {
@@ -256,12 +263,17 @@ export async function readStderr(reader: WireReader, handlers: StderrHandlers = 
         handlers.onMessage?.(text);
         break;
       }
-      case Stderr.StartActivity:
-        await reader.skip(24); // id, level, type
-        await reader.stringBytes(); // text, e.g. "building '/nix/store/…drv'"
+      case Stderr.StartActivity: {
+        await reader.skip(8); // id
+        const level = await reader.u64();
+        await reader.skip(8); // type
+        const text = stripAnsi(await reader.string()); // e.g. "copying path '/nix/store/…' from '…'"
         await readFields(reader);
         await reader.skip(8); // parent id
+        // What `nix-store --realise` would print at its default verbosity: copying and building lines.
+        if (text !== '' && level <= LVL_INFO) handlers.onActivity?.(text);
         break;
+      }
       case Stderr.StopActivity:
         await reader.skip(8);
         break;
@@ -323,7 +335,9 @@ export function exitStatusFromMessages(messages: readonly string[]): number {
   if (/timed out after \d+ seconds/.test(text)) mask |= 0x04 | 0x01;
   if (/hash mismatch in fixed-output derivation/.test(text)) mask |= 0x04 | 0x02;
   if (/may not be deterministic/.test(text)) mask |= 0x08;
-  if (/^builder for '.*' (failed|was killed)|failed to build|^build of .* failed|failed to produce output/m.test(text)) {
+  if (
+    /^builder for '.*' (failed|was killed)|failed to build|^build of .* failed|failed to produce output/m.test(text)
+  ) {
     mask |= 0x04;
   }
   return mask === 0 ? 1 : mask | 0x60;

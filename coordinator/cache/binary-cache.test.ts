@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
 import { runNixChecked } from '../../common/nix/cli.js';
 import { BinaryCache, NIX_CACHE_INFO, PUSH_COMPRESSION } from './binary-cache.js';
-import { fingerprint, nixBase32, serializeNarInfo } from './narinfo.js';
+import { fingerprint, nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
 import { TempDirs, buildTrivial, inFreshStore, nixEnv, type Built } from './test-support.js';
 

@@ -17,7 +17,7 @@ import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isStorePath, storePathHash } from '../../common/nix/store-path.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
-import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from './narinfo.js';
+import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
 import { signFingerprint, signingKeyFromSecret } from './signing-key.js';
 
 /**

@@ -6,7 +6,7 @@ import { silentLogger } from '../../common/logging.js';
 import { NO_SUBSTITUTERS, runNix, runNixChecked } from '../../common/nix/cli.js';
 import { BinaryCache } from './binary-cache.js';
 import { cacheRouter, tokenAuthenticator, uploadToken } from './http-routes.js';
-import { fingerprint } from './narinfo.js';
+import { fingerprint } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
 import { NIX, TempDirs, buildTrivial, inFreshStore, nixEnv, serveUnderCache, type TestServer } from './test-support.js';
 

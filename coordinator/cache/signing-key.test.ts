@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CacheError } from '../../common/errors.js';
 import { NO_SUBSTITUTERS, runNix, runNixChecked } from '../../common/nix/cli.js';
-import { fingerprint, parseNarInfo } from './narinfo.js';
+import { fingerprint, parseNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, loadOrCreateSigningKey, signFingerprint, signingKeyFromSecret } from './signing-key.js';
 import { NIX, TempDirs, buildTrivial, nixEnv, type Built } from './test-support.js';
 

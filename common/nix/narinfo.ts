@@ -3,8 +3,8 @@
  * (`NarInfo::NarInfo` / `NarInfo::to_string` in libstore). Fields are `Key: value` lines; unknown keys are
  * ignored, as Nix ignores them.
  */
-import { CacheError } from '../../common/errors.js';
-import { NIX_BASE32_ALPHABET, STORE_DIR, isStorePath } from '../../common/nix/store-path.js';
+import { CacheError } from '../errors.js';
+import { NIX_BASE32_ALPHABET, STORE_DIR, isStorePath } from './store-path.js';
 
 export interface NarInfo {
   storePath: string;

@@ -2,8 +2,8 @@ import { createHash } from 'node:crypto';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CacheError } from '../../common/errors.js';
-import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
+import { CacheError } from '../errors.js';
+import { NO_SUBSTITUTERS, runNixChecked } from './cli.js';
 import { fingerprint, nixBase32, normaliseSha256, parseNarInfo, serializeNarInfo } from './narinfo.js';
 import { NIX, TempDirs, buildTrivial, nixEnv } from './test-support.js';
 

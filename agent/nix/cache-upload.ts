@@ -1,0 +1,131 @@
+import { mkdir, rename, writeFile } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { fileURLToPath } from 'node:url';
+import { LRUCache } from 'lru-cache';
+import { CacheError } from '../../common/errors.js';
+import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-client.js';
+import { nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
+import { storePathHash } from '../../common/nix/store-path.js';
+
+// Path infos are immutable for a store path, and an agent meets the same inputs build after build: remembering
+// them makes closure sizes and uploads cost one query per new path. 200k entries is some tens of MiB.
+const PATH_INFO_MEMORY = 200_000;
+
+/**
+ * Uploads store paths from the agent's store to the coordinator's binary cache — streamed out of the Nix
+ * daemon connection the build already holds, with no `nix copy` process — and measures closures. Uploads are
+ * uncompressed NARs; the coordinator signs the narinfo on arrival. Paths the cache already has are skipped, and
+ * references missing from the cache are uploaded first, so the cache never holds a path without its closure.
+ */
+export class CacheUploader {
+  private readonly infos = new LRUCache<string, PathInfo>({ max: PATH_INFO_MEMORY });
+  private readonly uploaded = new LRUCache<string, true>({ max: PATH_INFO_MEMORY });
+
+  constructor(private readonly token: string) {}
+
+  async pathInfo(conn: NixDaemonConnection, path: string): Promise<PathInfo> {
+    const known = this.infos.get(path);
+    if (known) return known;
+    const info = await conn.queryPathInfo(path);
+    if (!info) throw new CacheError(`${path} is not valid in the agent's store`);
+    this.infos.set(path, info);
+    return info;
+  }
+
+  /** The NAR size of each path and the total NAR size of its closure. */
+  async sizes(conn: NixDaemonConnection, path: string): Promise<{ narSize: number; closureSize: number }> {
+    const seen = new Set<string>();
+    const stack = [path];
+    let closureSize = 0;
+    while (stack.length > 0) {
+      const p = stack.pop()!;
+      if (seen.has(p)) continue;
+      seen.add(p);
+      const info = await this.pathInfo(conn, p);
+      closureSize += info.narSize;
+      for (const r of info.references) if (!seen.has(r)) stack.push(r);
+    }
+    return { narSize: (await this.pathInfo(conn, path)).narSize, closureSize };
+  }
+
+  /** Uploads `paths` and whatever of their closures the cache lacks. */
+  async upload(conn: NixDaemonConnection, cacheUrl: string, paths: readonly string[]): Promise<void> {
+    const target = cacheUrl.replace(/\/+$/, '');
+    for (const path of paths) await this.uploadWithClosure(conn, target, path, new Set());
+  }
+
+  private async uploadWithClosure(
+    conn: NixDaemonConnection,
+    target: string,
+    path: string,
+    visiting: Set<string>,
+  ): Promise<void> {
+    const key = `${target} ${path}`;
+    if (this.uploaded.has(key) || visiting.has(path)) return;
+    visiting.add(path);
+    if (await this.cacheHas(target, path)) {
+      this.uploaded.set(key, true);
+      return;
+    }
+    const info = await this.pathInfo(conn, path);
+    for (const r of info.references) if (r !== path) await this.uploadWithClosure(conn, target, r, visiting);
+    await this.put(conn, target, path, info);
+    this.uploaded.set(key, true);
+  }
+
+  private async cacheHas(target: string, path: string): Promise<boolean> {
+    if (target.startsWith('file://')) return false; // writing again is harmless for a local directory
+    const r = await fetch(`${target}/${storePathHash(path)}.narinfo`, { method: 'HEAD', headers: this.auth() });
+    return r.ok;
+  }
+
+  private async put(conn: NixDaemonConnection, target: string, path: string, info: PathInfo): Promise<void> {
+    const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
+    const narFile = `nar/${narHash.slice('sha256:'.length)}.nar`;
+    const narinfo = serializeNarInfo({
+      storePath: path,
+      url: narFile,
+      compression: 'none',
+      fileHash: narHash,
+      fileSize: info.narSize,
+      narHash,
+      narSize: info.narSize,
+      references: info.references,
+      deriver: info.deriver === '' ? undefined : info.deriver,
+      sigs: [],
+      ca: info.ca === '' ? undefined : info.ca,
+    });
+    if (target.startsWith('file://')) {
+      const dir = fileURLToPath(target);
+      await mkdir(join(dir, 'nar'), { recursive: true });
+      await pipeline(Readable.from(conn.narFromPath(path)), createWriteStream(join(dir, narFile)));
+      const tmp = join(dir, `.${storePathHash(path)}.narinfo.tmp`);
+      await writeFile(tmp, narinfo);
+      await rename(tmp, join(dir, `${storePathHash(path)}.narinfo`));
+      return;
+    }
+    const nar = await fetch(`${target}/${narFile}`, {
+      method: 'PUT',
+      headers: { ...this.auth(), 'content-type': 'application/x-nix-nar', 'content-length': String(info.narSize) },
+      body: Readable.toWeb(Readable.from(conn.narFromPath(path))) as ReadableStream,
+      duplex: 'half',
+    } as RequestInit);
+    if (!nar.ok) throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
+    const meta = await fetch(`${target}/${storePathHash(path)}.narinfo`, {
+      method: 'PUT',
+      headers: { ...this.auth(), 'content-type': 'text/x-nix-narinfo' },
+      body: narinfo,
+    });
+    if (!meta.ok) {
+      throw new CacheError(`uploading the narinfo of ${path} to ${target}: HTTP ${meta.status} ${await meta.text()}`);
+    }
+  }
+
+  private auth(): Record<string, string> {
+    return { authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}` };
+  }
+}
+

@@ -1,0 +1,46 @@
+import type { Logger } from '../../common/logging.js';
+import { NixDaemonConnection } from '../../common/nix/daemon-client.js';
+
+/**
+ * Long-lived `nix-daemon --stdio` connections to the agent's store, one per build slot at most. A build takes a
+ * connection for its whole life and gives it back; a connection that was killed (a cancelled build) or broke is
+ * dropped, and the next build opens a fresh one. Start-up of Nix is paid once per slot, not once per build.
+ */
+export class StorePool {
+  private readonly idle: NixDaemonConnection[] = [];
+  private readonly all = new Set<NixDaemonConnection>();
+
+  constructor(
+    private readonly logger: Logger,
+    private readonly env: NodeJS.ProcessEnv = process.env,
+  ) {}
+
+  async acquire(): Promise<NixDaemonConnection> {
+    for (let c = this.idle.pop(); c; c = this.idle.pop()) {
+      if (c.status === 'ready') return c;
+      this.all.delete(c);
+    }
+    const c = await NixDaemonConnection.open({ env: this.env });
+    this.all.add(c);
+    this.logger.debug({ pid: c.pid, open: this.all.size }, 'opened a nix-daemon connection');
+    return c;
+  }
+
+  release(c: NixDaemonConnection): void {
+    if (c.status === 'ready') this.idle.push(c);
+    else this.all.delete(c);
+  }
+
+  /** Closes idle connections and kills busy ones (their builds end with the agent). */
+  async closeAll(): Promise<void> {
+    const conns = [...this.all];
+    this.all.clear();
+    this.idle.length = 0;
+    await Promise.all(
+      conns.map(async (c) => {
+        if (c.status === 'ready') await c.close().catch(() => c.kill());
+        else c.kill();
+      }),
+    );
+  }
+}

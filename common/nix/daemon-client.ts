@@ -1,0 +1,502 @@
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Readable, Writable } from 'node:stream';
+import { IllegalStateError, NixCommandError } from '../errors.js';
+import { descendantGroups, signalGroup } from '../process-tree.js';
+import {
+  BUILD_MODE_NORMAL,
+  CLIENT_PROTOCOL_VERSION,
+  LVL_ERROR,
+  MIN_DAEMON_PROTOCOL_VERSION,
+  Op,
+  PROTOCOL_WITH_NIX_VERSION,
+  WORKER_MAGIC_1,
+  WORKER_MAGIC_2,
+  WireReader,
+  WireWriter,
+  exitStatusFromMessages,
+  protocolMajor,
+  readNar,
+  readStderr,
+  showProtocol,
+  type DaemonErrorInfo,
+  type StderrHandlers,
+} from './worker-protocol.js';
+
+// The daemon answers the greeting within milliseconds; one that has not after this long is stuck (a wrapper that
+// never execs, a store lock held elsewhere) and the caller is better off with an error than a hang.
+const HANDSHAKE_TIMEOUT_MS = 60_000;
+// close() waits this long for the daemon to exit after its stdin closed before it kills it.
+const CLOSE_TIMEOUT_MS = 10_000;
+// How much of the daemon's own stderr (not the protocol's stderr stream) is kept to explain its death.
+const STDERR_TAIL_BYTES = 8 * 1024;
+const STDERR_TAIL_LINES = 10;
+
+// Nix 2.8 starts its build hook once per wopBuildPaths. The default hook, build-remote, is a whole Nix process
+// (≈18 ms, 2/3 of a trivial build) that only answers "decline-permanently" when no remote builders are configured.
+// This one gives the same answer at the cost of a shell; it must keep reading, since Nix writes its settings and
+// request to the hook after starting it and an early exit fails the build with EPIPE.
+const DECLINING_BUILD_HOOK = '#!/bin/sh\necho "# decline-permanently" >&2\nexec cat >/dev/null\n';
+
+export interface DaemonOptions {
+  /** `--option NAME VALUE` pairs for the daemon: global for the connection, unlike setOptions' per-call values. */
+  nixOptions?: Record<string, string>;
+  env?: NodeJS.ProcessEnv;
+  /** The program to run with `--stdio --option …` appended; a wrapper must exec nix-daemon in place. */
+  command?: string;
+  /**
+   * Let Nix hand builds to the remote builders of its `builders` setting. Off by default: the build hook is then
+   * replaced by one that declines at once (see DECLINING_BUILD_HOOK), a 3× speed-up for trivial builds. That
+   * hook is a script under os.tmpdir(): a `command` that hides the directory from the daemon must allow remote
+   * builds or set `build-hook` itself. A `build-hook` in nixOptions wins over both.
+   */
+  remoteBuilds?: boolean;
+}
+
+export interface BuildOptions {
+  /** Seconds without output before Nix kills a build (101); 0 = never. */
+  maxSilentTime?: number;
+  /** Seconds a build may run in total (101); 0 = unlimited. Sent as the `timeout` setting. */
+  buildTimeout?: number;
+  /** NIX_BUILD_CORES for builders; 0 = all. */
+  buildCores?: number;
+  maxBuildJobs?: number;
+  useSubstitutes?: boolean;
+  keepGoing?: boolean;
+  /** Any other nix.conf setting; the connection is trusted, so every one applies. */
+  overrides?: Record<string, string>;
+}
+
+export type BuildOutcome = { ok: true } | { ok: false; status: number; message: string };
+
+export interface PathInfo {
+  /** The `.drv` that produced the path, or '' when unknown. */
+  deriver: string;
+  /** SHA-256 of the path's NAR in lowercase hex, without an algorithm prefix (as the daemon sends it). */
+  narHash: string;
+  references: string[];
+  /** Seconds since the epoch. */
+  registrationTime: number;
+  narSize: number;
+  /** Built on this machine rather than substituted or copied in. */
+  ultimate: boolean;
+  sigs: string[];
+  /** Content address (`fixed:…`, `text:…`) or ''. */
+  ca: string;
+}
+
+/**
+ * opening → ready ⇄ busy; ready → closing → closed (close()); any → closed (kill(), or the daemon died).
+ * An operation starts only in `ready`; a second call while one runs throws IllegalStateError.
+ */
+export type DaemonState = 'opening' | 'ready' | 'busy' | 'closing' | 'closed';
+
+type DaemonChild = ChildProcessByStdio<Writable, Readable, Readable>;
+
+/**
+ * One long-lived `nix-daemon --stdio`, trusted and working directly on the local store (Nix 2.8 serves the
+ * connection itself when no daemon socket exists), so a build costs a request rather than a Nix start-up.
+ *
+ * Failures: a build that fails resolves `{ ok: false }`; an error the daemon reports for any other operation
+ * rejects with NixCommandError and leaves the connection ready; a daemon that dies or breaks the protocol rejects
+ * the pending call with NixCommandError (quoting its stderr) and leaves the connection closed.
+ *
+ * Cancelling a build is kill(): SIGKILL to the daemon's process group and to every descendant's group — Nix starts
+ * each builder in a session of its own, so the daemon's group alone would leave it running.
+ */
+export class NixDaemonConnection {
+  private state: DaemonState = 'opening';
+  private currentOp: string | undefined;
+  private readonly reader: WireReader;
+  private stderrTail = Buffer.alloc(0);
+  private readonly exited: Promise<void>;
+  /** Errors the daemon reported with STDERR_ERROR: the connection is still in step after them. */
+  private readonly reportedErrors = new WeakSet<Error>();
+  private protocolVersion = 0;
+  private closedBy: Error | undefined;
+  private nixVersionText = '';
+
+  private constructor(
+    private readonly child: DaemonChild,
+    private readonly command: string,
+  ) {
+    this.reader = new WireReader({ pause: () => child.stdout.pause(), resume: () => child.stdout.resume() });
+    child.stdout.on('data', (chunk: Buffer) => this.reader.push(chunk));
+    child.stderr.on('data', (chunk: Buffer) => this.keepStderr(chunk));
+    child.stdin.on('error', () => {}); // EPIPE after the daemon died; its exit is reported instead
+    this.exited = new Promise((resolve) => {
+      child.once('error', (error) => {
+        this.gone(new NixCommandError(`cannot run ${command}: ${error.message}`, null, ''));
+        resolve();
+      });
+      child.once('close', (code, signal) => {
+        this.gone(this.deathError(code, signal));
+        resolve();
+      });
+    });
+  }
+
+  /** Spawns `nix-daemon --stdio` and completes the handshake. */
+  static async open(options: DaemonOptions = {}): Promise<NixDaemonConnection> {
+    const command = options.command ?? 'nix-daemon';
+    const nixOptions = {
+      ...(options.remoteBuilds ? {} : { 'build-hook': decliningBuildHook() }),
+      ...options.nixOptions,
+    };
+    const args = ['--stdio'];
+    for (const [name, value] of Object.entries(nixOptions)) args.push('--option', name, value);
+    // detached: a process group of its own, so kill() reaches whatever the daemon runs inside it.
+    const child = spawn(command, args, { env: options.env ?? process.env, stdio: 'pipe', detached: true });
+    const connection = new NixDaemonConnection(child, command);
+    const timer = setTimeout(
+      () => connection.terminate(`no handshake from ${command} within ${HANDSHAKE_TIMEOUT_MS / 1000} s`),
+      HANDSHAKE_TIMEOUT_MS,
+    );
+    try {
+      await connection.handshake();
+    } catch (error) {
+      connection.kill();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+    return connection;
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get status(): DaemonState {
+    return this.state;
+  }
+
+  /** The protocol version both sides speak, e.g. 0x122 for 1.34. */
+  get protocol(): number {
+    return this.protocolVersion;
+  }
+
+  /** The daemon's Nix version ("2.8.0"); '' before protocol 1.33. */
+  get nixVersion(): string {
+    return this.nixVersionText;
+  }
+
+  /** wopSetOptions. Every field is sent, so one left out returns to its default rather than keeping an old value. */
+  setOptions(o: BuildOptions = {}): Promise<void> {
+    return this.run('setOptions', async () => {
+      const overrides = { timeout: String(o.buildTimeout ?? 0), ...o.overrides };
+      const w = new WireWriter()
+        .u64(Op.SetOptions)
+        .u64(false) // keepFailed
+        .u64(o.keepGoing ?? false)
+        .u64(false) // tryFallback
+        .u64(LVL_ERROR) // verbosity of STDERR_NEXT messages: errors only; build output comes as results
+        .u64(o.maxBuildJobs ?? 1)
+        .u64(o.maxSilentTime ?? 0)
+        .u64(true) // obsolete useBuildHook
+        .u64(LVL_ERROR) // verboseBuild
+        .u64(0) // obsolete logType
+        .u64(0) // obsolete printBuildTrace
+        .u64(o.buildCores ?? availableParallelism())
+        .u64(o.useSubstitutes ?? true)
+        .u64(Object.keys(overrides).length);
+      for (const [name, value] of Object.entries(overrides)) w.string(name).string(value);
+      await this.exchange(w.bytes());
+    });
+  }
+
+  /**
+   * wopBuildPaths of derived paths such as `/nix/store/…drv!*` or `/nix/store/…drv!out`. Build log lines and
+   * the daemon's messages go to `onLog` as they arrive; it must not throw (that would end the connection).
+   */
+  buildPaths(paths: string[], onLog?: (line: string) => void): Promise<BuildOutcome> {
+    return this.run('buildPaths', async () => {
+      const messages: string[] = [];
+      const handlers: StderrHandlers = {
+        onBuildLogLine: onLog,
+        onActivity: onLog,
+        onMessage: (text) => {
+          messages.push(text);
+          onLog?.(text);
+        },
+      };
+      this.send(new WireWriter().u64(Op.BuildPaths).strings(paths).u64(BUILD_MODE_NORMAL).bytes());
+      const failure = await readStderr(this.reader, handlers);
+      if (failure) {
+        const message = failureText(failure);
+        return { ok: false, status: exitStatusFromMessages([message, ...messages]), message };
+      }
+      await this.reader.u64(); // always 1
+      return { ok: true };
+    });
+  }
+
+  /** wopQueryPathInfo; undefined when the path is not valid in the store. */
+  queryPathInfo(path: string): Promise<PathInfo | undefined> {
+    return this.run('queryPathInfo', () => this.pathInfo(path));
+  }
+
+  /** wopQueryValidPaths: the subset of `paths` that is valid, after substituting the rest if `substitute`. */
+  queryValidPaths(paths: string[], substitute = false): Promise<Set<string>> {
+    return this.run('queryValidPaths', async () => {
+      await this.exchange(new WireWriter().u64(Op.QueryValidPaths).strings(paths).u64(substitute).bytes());
+      return new Set(await this.reader.strings());
+    });
+  }
+
+  /**
+   * wopNarFromPath: the NAR serialisation of a valid path, streamed. The operation starts at the first read and
+   * holds the connection until the NAR ends; a consumer that stops early makes it read and discard the rest.
+   */
+  async *narFromPath(path: string): AsyncGenerator<Buffer> {
+    this.claim('narFromPath');
+    let frames: AsyncGenerator<Buffer> | undefined;
+    let inStep = false;
+    try {
+      // The daemon would fail an invalid path only after STDERR_LAST, half-way into the reply; asking first keeps
+      // the connection in step, and narSize double-checks the framing.
+      const info = await this.pathInfo(path);
+      if (!info) throw this.reported(`path '${path}' is not valid`);
+      await this.exchange(new WireWriter().u64(Op.NarFromPath).string(path).bytes());
+      frames = readNar(this.reader);
+      let size = 0;
+      for (;;) {
+        const next = await frames.next();
+        if (next.done) break;
+        size += next.value.length;
+        yield next.value;
+      }
+      if (info.narSize !== 0 && size !== info.narSize) {
+        throw new NixCommandError(`the NAR of ${path} has ${size} bytes, its path info says ${info.narSize}`, null, '');
+      }
+      inStep = true;
+    } catch (error) {
+      const settled = this.settle(error);
+      inStep = this.reportedErrors.has(settled);
+      throw settled;
+    } finally {
+      // Neither finished nor failed: the consumer stopped early. Read the rest so that the next reply lines up.
+      if (!inStep && frames && this.state === 'busy') {
+        try {
+          while (!(await frames.next()).done);
+          inStep = true;
+        } catch (error) {
+          this.settle(error);
+        }
+      }
+      if (inStep) this.release();
+    }
+  }
+
+  /** Ends the connection: closes the daemon's stdin and waits for it to exit (killing it after a grace period). */
+  async close(): Promise<void> {
+    if (this.state === 'closed') return this.exited;
+    if (this.state !== 'ready' && this.state !== 'closing') {
+      throw new IllegalStateError(`cannot close the nix-daemon connection while it is ${this.describeState()}`);
+    }
+    if (this.state === 'ready') {
+      this.state = 'closing';
+      this.child.stdin.end(); // the daemon exits at end of input
+      const timer = setTimeout(() => this.kill(), CLOSE_TIMEOUT_MS);
+      await this.exited;
+      clearTimeout(timer);
+    }
+    return this.exited;
+  }
+
+  /** SIGKILL for the daemon, its process group and its builders' groups; a pending call rejects. Any state. */
+  kill(): void {
+    this.terminate('kill() was called');
+  }
+
+  private terminate(reason: string): void {
+    const pid = this.child.pid;
+    if (this.state === 'closed' || pid === undefined) return;
+    const builders = descendantGroups(pid);
+    signalGroup(pid, 'SIGKILL');
+    for (const group of builders) signalGroup(group, 'SIGKILL');
+    this.gone(
+      new NixCommandError(
+        `nix-daemon (pid ${pid}) killed during ${this.describeState()}: ${reason}`,
+        null,
+        this.stderrText(),
+      ),
+    );
+  }
+
+  private async handshake(): Promise<void> {
+    this.send(new WireWriter().u64(WORKER_MAGIC_1).bytes());
+    const magic = await this.reader.u64();
+    if (magic !== WORKER_MAGIC_2)
+      throw new NixCommandError(
+        `${this.command} --stdio did not answer as a Nix daemon (magic 0x${magic.toString(16)})`,
+        null,
+        this.stderrText(),
+      );
+    const daemonVersion = await this.reader.u64();
+    if (
+      protocolMajor(daemonVersion) !== protocolMajor(CLIENT_PROTOCOL_VERSION) ||
+      daemonVersion < MIN_DAEMON_PROTOCOL_VERSION
+    ) {
+      throw new NixCommandError(
+        `nix-daemon speaks worker protocol ${showProtocol(daemonVersion)}; eka-ci speaks ${showProtocol(CLIENT_PROTOCOL_VERSION)} and needs at least ${showProtocol(MIN_DAEMON_PROTOCOL_VERSION)} (Nix ≥ 2.4)`,
+        null,
+        this.stderrText(),
+      );
+    }
+    this.protocolVersion = Math.min(daemonVersion, CLIENT_PROTOCOL_VERSION);
+    this.send(new WireWriter().u64(this.protocolVersion).u64(0).u64(0).bytes());
+    if (this.protocolVersion >= PROTOCOL_WITH_NIX_VERSION) this.nixVersionText = await this.reader.string();
+    const failure = await readStderr(this.reader);
+    if (failure)
+      throw new NixCommandError(`nix-daemon refused the connection: ${failure.message}`, null, this.stderrText());
+    this.state = 'ready';
+  }
+
+  private async pathInfo(path: string): Promise<PathInfo | undefined> {
+    await this.exchange(new WireWriter().u64(Op.QueryPathInfo).string(path).bytes());
+    if ((await this.reader.u64()) === 0) return undefined;
+    return {
+      deriver: await this.reader.string(),
+      narHash: await this.reader.string(),
+      references: await this.reader.strings(),
+      registrationTime: await this.reader.u64(),
+      narSize: await this.reader.u64(),
+      ultimate: (await this.reader.u64()) !== 0,
+      sigs: await this.reader.strings(),
+      ca: await this.reader.string(),
+    };
+  }
+
+  /** Sends a request and reads its stderr stream; a reported error is thrown as an in-step NixCommandError. */
+  private async exchange(request: Buffer): Promise<void> {
+    this.send(request);
+    const failure = await readStderr(this.reader);
+    if (failure) throw this.reported(failureText(failure));
+  }
+
+  private async run<T>(op: string, body: () => Promise<T>): Promise<T> {
+    this.claim(op);
+    try {
+      const result = await body();
+      this.release();
+      return result;
+    } catch (error) {
+      const settled = this.settle(error);
+      if (this.reportedErrors.has(settled)) this.release();
+      throw settled;
+    }
+  }
+
+  private claim(op: string): void {
+    if (this.state !== 'ready') {
+      throw new IllegalStateError(`cannot start ${op}: the nix-daemon connection is ${this.describeState()}`);
+    }
+    this.state = 'busy';
+    this.currentOp = op;
+  }
+
+  private release(): void {
+    if (this.state !== 'busy') return;
+    this.state = 'ready';
+    this.currentOp = undefined;
+  }
+
+  /** An error out of an operation: reported ones keep the connection; anything else ends it. */
+  private settle(error: unknown): Error {
+    if (error instanceof Error && this.reportedErrors.has(error)) return error;
+    this.terminate(error instanceof Error ? error.message : String(error));
+    return error instanceof Error ? error : new NixCommandError(String(error), null, '');
+  }
+
+  private reported(message: string): NixCommandError {
+    const error = new NixCommandError(`nix-daemon: ${this.currentOp ?? 'operation'} failed: ${message}`, null, '');
+    this.reportedErrors.add(error);
+    return error;
+  }
+
+  private send(bytes: Buffer): void {
+    this.child.stdin.write(bytes);
+  }
+
+  private gone(error: NixCommandError): void {
+    if (this.state === 'closed') return;
+    this.closedBy = error;
+    this.reader.fail(error);
+    this.state = 'closed';
+  }
+
+  private deathError(code: number | null, signal: NodeJS.Signals | null): NixCommandError {
+    const how = code !== null ? `exited with code ${code}` : `was killed by ${signal ?? 'a signal'}`;
+    const tail = this.stderrText().trimEnd().split('\n').slice(-STDERR_TAIL_LINES).join('\n');
+    const during = this.state === 'closing' ? 'after close()' : `during ${this.describeState()}`;
+    return new NixCommandError(
+      `${this.command} --stdio (pid ${this.child.pid}) ${how} ${during}; ${tail ? `its stderr ends with:\n${tail}` : 'it wrote nothing on stderr'}`,
+      code,
+      this.stderrText(),
+    );
+  }
+
+  private describeState(): string {
+    if (this.state === 'busy') return `busy with ${this.currentOp ?? 'an operation'}`;
+    if (this.state === 'closed' && this.closedBy) return `closed (${this.closedBy.message})`;
+    return this.state;
+  }
+
+  private keepStderr(chunk: Buffer): void {
+    const joined = Buffer.concat([this.stderrTail, chunk]);
+    this.stderrTail = joined.length > STDERR_TAIL_BYTES ? joined.subarray(joined.length - STDERR_TAIL_BYTES) : joined;
+  }
+
+  private stderrText(): string {
+    return this.stderrTail.toString('utf8');
+  }
+}
+
+let decliningHookPath: string | undefined;
+
+/**
+ * The declining build hook's path. It lives in one private directory per user so that processes share it and a
+ * killed one leaves nothing behind; if that directory is not safely ours, in a fresh one of this process.
+ */
+function decliningBuildHook(): string {
+  if (decliningHookPath !== undefined) return decliningHookPath;
+  const uid = process.getuid?.() ?? -1;
+  let dir = join(tmpdir(), `ekaci-${uid}`);
+  try {
+    mkdirSync(dir, { mode: 0o700 });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+  }
+  const st = lstatSync(dir);
+  if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) {
+    dir = mkdtempSync(join(tmpdir(), 'ekaci-'));
+    const ownDir = dir;
+    process.once('exit', () => rmSync(ownDir, { recursive: true, force: true }));
+  }
+  const path = join(dir, 'decline-build-hook');
+  if (!existsSync(path) || readFileSync(path, 'utf8') !== DECLINING_BUILD_HOOK) {
+    // Written aside and renamed, so that a daemon of another process never runs a half-written script.
+    const partial = `${path}.${process.pid}`;
+    writeFileSync(partial, DECLINING_BUILD_HOOK, { mode: 0o755 });
+    renameSync(partial, path);
+  }
+  decliningHookPath = path;
+  return path;
+}
+
+function failureText(failure: DaemonErrorInfo): string {
+  return [failure.message, ...failure.traces].join('\n');
+}
+
