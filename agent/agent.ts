@@ -14,6 +14,8 @@ import { Workload } from './jobs/workload.js';
 import { LogShipper } from './logs/shipper.js';
 import { LogSpool } from './logs/spool.js';
 import { warmUpCache } from './nix/cache-warmup.js';
+import { CacheUploader } from './nix/cache-upload.js';
+import { StorePool } from './nix/store-pool.js';
 import { detectNix, type NixCapabilities } from './nix/detect.js';
 import { compileAgentOptions, coordinatorHost, type AgentOptions, type AgentOptionsInput } from './options.js';
 
@@ -65,6 +67,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private workload: Workload | null = null;
   private session: Session | null = null;
   private readonly heartbeat: HeartbeatLoop;
+  private readonly pool: StorePool;
+  private readonly uploader: CacheUploader;
   private capabilities: NixCapabilities | null = null;
   private lastWelcome: Welcome | null = null;
   private warmedCacheUrl = '';
@@ -84,6 +88,13 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.options = compileAgentOptions(options);
     this.spool = new LogSpool(this.options.spoolDir);
     this.shipper = new LogShipper(this.options.logChunkBytes, this.options.logger.child({ component: 'logs' }));
+    this.pool = new StorePool(this.options.logger.child({ component: 'store' }), () => ({
+      // Nix must agree to build what the features this agent announced allow.
+      'system-features': this.capabilities
+        ? [...this.capabilities.features, ...this.capabilities.mandatoryFeatures].join(' ')
+        : '',
+    }));
+    this.uploader = new CacheUploader(this.options.token);
     this.heartbeat = new HeartbeatLoop({
       send: (value) => this.session?.send({ msg: { $case: 'heartbeat', value } }) ?? false,
       heldLeaseIds: () => this.workload?.heldLeaseIds() ?? [],
@@ -206,7 +217,8 @@ export class Agent extends EventEmitter<AgentEvents> {
     if (welcome.cacheUrl !== '' && welcome.cacheUrl !== this.warmedCacheUrl) {
       this.warmedCacheUrl = welcome.cacheUrl;
       // The cache may be served under another name than the gRPC endpoint (public_url): credentials follow it.
-      this.spool.writeNetrc(cacheHost(welcome.cacheUrl), this.options.token);
+      const host = cacheHost(welcome.cacheUrl);
+      if (host !== undefined) this.spool.writeNetrc(host, this.options.token);
       workload.pause();
       void warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() => workload.resume());
     }
@@ -252,6 +264,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private createWorkload(maxJobs: number): Workload {
     const workload = new Workload({
       maxJobs,
+      pool: this.pool,
+      uploader: this.uploader,
       spool: this.spool,
       shipper: this.shipper,
       outbox: this.outbox,
@@ -304,6 +318,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 
   private finish(final: 'stopped' | 'failed'): void {
+    void this.pool.closeAll();
     this.transition(final);
     this.welcomed.reject(this.fatalError ?? new AgentStoppedError());
     this.stopped.resolve();
@@ -343,10 +358,12 @@ function deferred(): Deferred {
   return { promise, resolve, reject };
 }
 
-function cacheHost(url: string): string {
+/** The host of an http(s) cache URL; undefined for local caches (`file://`), which need no credentials. */
+function cacheHost(url: string): string | undefined {
   try {
-    return new URL(url).hostname.replace(/^\[|\]$/g, '');
+    const u = new URL(url);
+    return u.protocol === 'http:' || u.protocol === 'https:' ? u.hostname.replace(/^\[|\]$/g, '') : undefined;
   } catch {
-    return url;
+    return undefined;
   }
 }

@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -6,12 +6,15 @@ import { silentLogger } from '../../common/logging.js';
 import { Outcome, type Assign } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { LogSpool } from '../logs/spool.js';
 import { shellDerivation } from '../testing/derivations.js';
+import { CacheUploader } from '../nix/cache-upload.js';
+import { StorePool } from '../nix/store-pool.js';
 import { Build } from './build.js';
 import { alive } from '../testing/processes.js';
 
 let dir: string;
 let spool: LogSpool;
 let cacheDir: string;
+let pool: StorePool;
 
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'ekaci-build-'));
@@ -19,9 +22,13 @@ beforeEach(() => {
   spool.prepare();
   spool.writeNetrc('127.0.0.1', 'secret');
   cacheDir = join(dir, 'cache');
+  pool = new StorePool(silentLogger());
 });
 
-afterEach(() => rmSync(dir, { recursive: true, force: true }));
+afterEach(async () => {
+  await pool.closeAll();
+  rmSync(dir, { recursive: true, force: true });
+});
 
 function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): Assign {
   return { leaseId, drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'], ...extra };
@@ -33,8 +40,8 @@ function build(a: Assign, cacheUrl = `file://${cacheDir}`) {
     cacheUrl,
     cachePublicKey: '',
     netrcPath: spool.netrcPath,
-    gcRoot: spool.gcRoot(a.leaseId),
-    systemFeatures: [],
+    pool,
+    uploader: new CacheUploader('secret'),
   };
   return { log, build: new Build(a, context, log, silentLogger()) };
 }
@@ -56,7 +63,6 @@ describe('Build', () => {
     }
     expect(log.closed).toBe(true);
     expect(readFileSync(log.path, 'utf8')).toContain('hello\n');
-    expect(readdirSync(join(dir, 'spool', 'gcroots', 'ok')).sort()).toEqual(['result', 'result-dev']);
   });
 
   it('reports a failing builder as FAILED with Nix verdict as the error', async () => {

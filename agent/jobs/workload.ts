@@ -13,6 +13,8 @@ import { Outcome as Outcomes } from '../../common/proto/ekaci/agent/v1/agent.js'
 import type { Outbox } from '../connection/outbox.js';
 import type { LogShipper } from '../logs/shipper.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
+import type { CacheUploader } from '../nix/cache-upload.js';
+import type { StorePool } from '../nix/store-pool.js';
 import { Build, type BuildContext, type BuildResult } from './build.js';
 
 /**
@@ -68,11 +70,13 @@ export interface WorkloadHost {
   /** A build slot became free: advertise credit again. */
   slotsFreed(): void;
   /** Cache settings from the latest Welcome. */
-  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey' | 'systemFeatures'>;
+  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey'>;
 }
 
 export interface WorkloadOptions {
   maxJobs: number;
+  pool: StorePool;
+  uploader: CacheUploader;
   spool: LogSpool;
   shipper: LogShipper;
   outbox: Outbox;
@@ -250,7 +254,12 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     const { host, outbox, spool, logger } = this.options;
     lease.transition('building');
     this.running++;
-    const context = { ...host.cache(), netrcPath: spool.netrcPath, gcRoot: spool.gcRoot(lease.id) };
+    const context = {
+      ...host.cache(),
+      netrcPath: spool.netrcPath,
+      pool: this.options.pool,
+      uploader: this.options.uploader,
+    };
     const build = new Build(lease.assign, context, lease.log, logger.child({ leaseId: lease.id }));
     lease.build = build;
     host.sendEvent(outbox.add(lease.id, { $case: 'started', value: { startedAtMs: Date.now() } }));

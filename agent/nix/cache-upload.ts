@@ -100,7 +100,8 @@ export class CacheUploader {
     });
     if (target.startsWith('file://')) {
       const dir = fileURLToPath(target);
-      await mkdir(join(dir, 'nar'), { recursive: true });
+      // Not `recursive`: Node 20's recursive mkdir loops forever under /proc. One level of parent is enough.
+      for (const d of [dir, join(dir, 'nar')]) await mkdir(d).catch(ignoreExisting);
       await pipeline(Readable.from(conn.narFromPath(path)), createWriteStream(join(dir, narFile)));
       const tmp = join(dir, `.${storePathHash(path)}.narinfo.tmp`);
       await writeFile(tmp, narinfo);
@@ -113,7 +114,8 @@ export class CacheUploader {
       body: Readable.toWeb(Readable.from(conn.narFromPath(path))) as ReadableStream,
       duplex: 'half',
     } as RequestInit);
-    if (!nar.ok) throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
+    if (!nar.ok)
+      throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
     const meta = await fetch(`${target}/${storePathHash(path)}.narinfo`, {
       method: 'PUT',
       headers: { ...this.auth(), 'content-type': 'text/x-nix-narinfo' },
@@ -129,3 +131,6 @@ export class CacheUploader {
   }
 }
 
+function ignoreExisting(err: NodeJS.ErrnoException): void {
+  if (err.code !== 'EEXIST') throw err;
+}

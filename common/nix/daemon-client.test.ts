@@ -140,11 +140,11 @@ describe('NixDaemonConnection', () => {
     expect(c.pid).toBeGreaterThan(0);
   });
 
-  it('builds a derivation and streams its log lines as they arrive', async () => {
+  it('builds a derivation and streams its log lines as they arrive, after the line announcing the build', async () => {
     const c = await open();
     const lines: string[] = [];
     expect(await c.buildPaths([`${drv.hello}!*`], (l) => lines.push(l))).toEqual({ ok: true });
-    expect(lines).toEqual(['hello', 'world']);
+    expect(lines).toEqual([`building '${drv.hello}'`, 'hello', 'world']);
     expect(readFileSync(out.hello, 'utf8')).toBe('x\n');
     expect(c.status).toBe('ready');
   });
@@ -153,7 +153,7 @@ describe('NixDaemonConnection', () => {
     const c = await open({ remoteBuilds: true });
     const lines: string[] = [];
     expect(await c.buildPaths([`${drv.viaHook}!out`], (l) => lines.push(l))).toEqual({ ok: true });
-    expect(lines).toEqual(['built beside the hook']);
+    expect(lines).toEqual([`building '${drv.viaHook}'`, 'built beside the hook']);
   });
 
   it('runs two builds one after the other on one connection', async () => {

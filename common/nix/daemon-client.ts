@@ -499,4 +499,3 @@ function decliningBuildHook(): string {
 function failureText(failure: DaemonErrorInfo): string {
   return [failure.message, ...failure.traces].join('\n');
 }
-
