@@ -51,10 +51,14 @@ export class CacheUploader {
     return { narSize: (await this.pathInfo(conn, path)).narSize, closureSize };
   }
 
-  /** Uploads `paths` and whatever of their closures the cache lacks. */
+  /**
+   * Uploads `paths` — outputs this agent just built, which the cache cannot have unless another agent built the
+   * same derivation, so they are sent without asking — and whatever of their closures the cache lacks.
+   */
   async upload(conn: NixDaemonConnection, cacheUrl: string, paths: readonly string[]): Promise<void> {
     const target = cacheUrl.replace(/\/+$/, '');
-    for (const path of paths) await this.uploadWithClosure(conn, target, path, new Set());
+    const fresh = new Set(paths);
+    for (const path of paths) await this.uploadWithClosure(conn, target, path, new Set(), fresh);
   }
 
   private async uploadWithClosure(
@@ -62,16 +66,17 @@ export class CacheUploader {
     target: string,
     path: string,
     visiting: Set<string>,
+    fresh: ReadonlySet<string>,
   ): Promise<void> {
     const key = `${target} ${path}`;
     if (this.uploaded.has(key) || visiting.has(path)) return;
     visiting.add(path);
-    if (await this.cacheHas(target, path)) {
+    if (!fresh.has(path) && (await this.cacheHas(target, path))) {
       this.uploaded.set(key, true);
       return;
     }
     const info = await this.pathInfo(conn, path);
-    for (const r of info.references) if (r !== path) await this.uploadWithClosure(conn, target, r, visiting);
+    for (const r of info.references) if (r !== path) await this.uploadWithClosure(conn, target, r, visiting, fresh);
     await this.put(conn, target, path, info);
     this.uploaded.set(key, true);
   }

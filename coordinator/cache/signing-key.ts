@@ -79,9 +79,18 @@ export function signingKeyFromSecret(secretKey: string, source = 'secret key'): 
 
 /** Signs a narinfo fingerprint (see `fingerprint` in narinfo.ts) as Nix does: `name:base64(ed25519 signature)`. */
 export function signFingerprint(secretKey: string, fingerprint: string): string {
-  const { name, privateKey } = parseSecretKey(secretKey, 'secret key');
+  // Building the KeyObject costs more than signing; a coordinator signs every upload with the same key.
+  let parsed = parsedKeys.get(secretKey);
+  if (!parsed) {
+    parsed = parseSecretKey(secretKey, 'secret key');
+    parsedKeys.clear();
+    parsedKeys.set(secretKey, parsed);
+  }
+  const { name, privateKey } = parsed;
   return `${name}:${sign(null, Buffer.from(fingerprint, 'utf8'), privateKey).toString('base64')}`;
 }
+
+const parsedKeys = new Map<string, ReturnType<typeof parseSecretKey>>();
 
 function parseSecretKey(secretKey: string, source: string): { name: string; privateKey: KeyObject; publicKey: Buffer } {
   const colon = secretKey.indexOf(':');

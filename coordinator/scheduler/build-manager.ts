@@ -62,6 +62,8 @@ const VALIDITY_BATCH = 2_000;
 export class BuildManager extends EventEmitter {
   private readonly scheduler: Scheduler;
   private readonly leases = new Map<string, Lease>();
+  /** Derivations that reached a terminal state since the last `announceSettled()`; announced after the commit. */
+  private settledNow: string[] = [];
 
   constructor(
     private readonly store: BuildStore,
@@ -154,6 +156,7 @@ export class BuildManager extends EventEmitter {
           this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
         if (settled.has(d.drvPath)) {
           this.store.setState(d.drvPath, 'substituted', prior.attempts, now);
+          this.settledNow.push(d.drvPath);
           continue;
         }
         const pending: string[] = [];
@@ -172,6 +175,7 @@ export class BuildManager extends EventEmitter {
         if (rootCause) {
           depFailed.set(d.drvPath, rootCause);
           this.store.setState(d.drvPath, 'dependency-failed', prior.attempts, now, { rootCause });
+          this.settledNow.push(d.drvPath);
           continue;
         }
         specs.push({
@@ -192,7 +196,7 @@ export class BuildManager extends EventEmitter {
       'build request accepted',
     );
     if (specs.length > 0) this.emit('work');
-    this.emit('settled');
+    this.announceSettled();
     return requestId;
   }
 
@@ -273,7 +277,7 @@ export class BuildManager extends EventEmitter {
       }
     });
     this.emit('work');
-    this.emit('settled');
+    this.announceSettled();
   }
 
   /** Stores a log chunk; returns the bytes stored for the lease, or undefined for a lease that is not open. */
@@ -339,7 +343,7 @@ export class BuildManager extends EventEmitter {
       });
       changed = true;
     }
-    if (changed) this.emit('settled');
+    if (changed) this.announceSettled();
   }
 
   /** Cancels derivations: queued ones at once, running ones through their agents (`cancel-lease`). */
@@ -358,7 +362,7 @@ export class BuildManager extends EventEmitter {
         this.settle(drvPath, 'cancelled', row.attempts, now, { error: reason });
       }
     });
-    this.emit('settled');
+    this.announceSettled();
   }
 
   /** Every derivation that is not finished, for shutdown: cancel the running ones. */
@@ -396,15 +400,32 @@ export class BuildManager extends EventEmitter {
 
   /** Resolves when every root of the request has reached a terminal state. */
   waitFor(requestId: number): Promise<BuildResult[]> {
+    const pending = new Set(
+      this.store
+        .requestRoots(requestId)
+        .map((r) => r.drvPath)
+        .filter((p) => {
+          const row = this.store.derivation(p);
+          return row === undefined || !isTerminal(row.state);
+        }),
+    );
     return new Promise((resolve) => {
-      const check = (): void => {
-        if (!this.isSettled(requestId)) return;
+      const check = (drvPath?: string): void => {
+        if (drvPath !== undefined) pending.delete(drvPath);
+        if (pending.size > 0) return;
         this.off('settled', check);
         resolve(this.results(requestId));
       };
       this.on('settled', check);
       check();
     });
+  }
+
+  /** Emits `settled` for each derivation that reached a terminal state, once their transaction committed. */
+  private announceSettled(): void {
+    const done = this.settledNow;
+    this.settledNow = [];
+    for (const drvPath of done) this.emit('settled', drvPath);
   }
 
   private ownLease(agentId: string, leaseId: string): Lease | undefined {
@@ -424,7 +445,7 @@ export class BuildManager extends EventEmitter {
     });
     this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
     this.emit('work');
-    this.emit('settled');
+    this.announceSettled();
   }
 
   private retryOrFail(lease: Lease, reason: string, now: number): void {
@@ -447,6 +468,7 @@ export class BuildManager extends EventEmitter {
     extra: { agentId?: string; error?: string },
   ): void {
     this.store.setState(drvPath, state, attempt, now, extra);
+    this.settledNow.push(drvPath);
     if (SUCCESS_STATES.has(state)) {
       for (const ready of this.scheduler.succeeded(drvPath)) this.store.setState(ready, 'buildable', 0, now);
       return;
@@ -454,6 +476,7 @@ export class BuildManager extends EventEmitter {
     for (const dependent of this.scheduler.failed(drvPath)) {
       const row = this.store.derivation(dependent)!;
       this.store.setState(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
+      this.settledNow.push(dependent);
     }
   }
 
