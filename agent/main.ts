@@ -18,6 +18,7 @@ interface Flags {
   mandatoryFeatures?: string[];
   spoolDir?: string;
   tlsCa?: string;
+  exitWithParent?: boolean;
 }
 
 function parseArgs(argv: string[]): Flags {
@@ -32,6 +33,7 @@ function parseArgs(argv: string[]): Flags {
     .option('--mandatory-features <list>', 'features every accepted derivation must require', parseList)
     .option('--spool-dir <dir>', 'where build logs wait until the coordinator has them')
     .option('--tls-ca <file>', 'PEM root certificate: connect with TLS')
+    .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
     .configureOutput({ writeErr: () => {} });
   try {
@@ -70,8 +72,10 @@ function compile(flags: Flags): AgentOptions {
 
 async function main(): Promise<number> {
   let options: AgentOptions;
+  let flags: Flags;
   try {
-    options = compile(parseArgs(process.argv));
+    flags = parseArgs(process.argv);
+    options = compile(flags);
   } catch (err) {
     if (!(err instanceof EkaciError)) throw err;
     process.stderr.write(`ekaci-agent: ${err.message} (${err.code})\n`);
@@ -86,6 +90,7 @@ async function main(): Promise<number> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  if (flags.exitWithParent) watchParent(() => void agent.stopNow());
   try {
     await agent.start();
     await agent.whenStopped();
@@ -95,6 +100,20 @@ async function main(): Promise<number> {
     process.stderr.write(`ekaci-agent: ${message}\n`);
     return err instanceof EkaciError && err.code === 'EKACI_ERR_AGENT_STOPPED' ? 0 : EXIT_FAILED;
   }
+}
+
+// How often an embedded agent checks that its parent lives: an orphaned agent would otherwise redial a
+// coordinator that is gone, forever.
+const PARENT_CHECK_INTERVAL_MS = 1_000;
+
+function watchParent(onGone: () => void): void {
+  const parent = process.ppid;
+  const timer = setInterval(() => {
+    if (process.ppid === parent) return;
+    clearInterval(timer);
+    onGone();
+  }, PARENT_CHECK_INTERVAL_MS);
+  timer.unref();
 }
 
 process.exitCode = await main();

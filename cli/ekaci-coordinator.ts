@@ -14,6 +14,8 @@ import { runCli } from './run-cli.js';
  */
 const program = new Command('ekaci-coordinator')
   .description('the eka-ci coordinator: derivation graph, queues, binary cache and the agent endpoint')
+  // `--config` after a subcommand belongs to the subcommand, not to the coordinator itself.
+  .enablePositionalOptions()
   .option('--config <file>', 'TOML configuration file')
   .action(async (opts: { config?: string }) => {
     const options = loadCoordinatorConfig(opts.config);

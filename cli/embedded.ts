@@ -85,6 +85,7 @@ export class EmbeddedSystem {
       dir,
       isolated: true,
       maxJobs: this.options.maxJobs,
+      extraArgs: ['--exit-with-parent'],
       logLevel: this.options.agentLogLevel,
     });
     child.on('exit', (code, signal) => {

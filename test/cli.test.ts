@@ -26,8 +26,12 @@ interface Run {
   stderr: string;
 }
 
-function ekaci(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; done: Promise<Run> } {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), ...args], {
+function ekaci(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  program = 'ekaci',
+): { child: ChildProcess; done: Promise<Run> } {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', `${program}.ts`), ...args], {
     cwd: ROOT,
     env: { ...process.env, ...env },
     detached: true,
@@ -106,6 +110,59 @@ describe('ekaci build', () => {
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(message);
     expect(r.stdout).toBe('');
+  });
+});
+
+describe('ekaci-coordinator agent-token', () => {
+  it('creates a token a running coordinator accepts, and revokes it so the agent is disconnected', async () => {
+    const dir = tempDir();
+    const [grpcPort, webPort] = [await freePort(), await freePort()];
+    const config = join(dir, 'coordinator.toml');
+    writeFileSync(
+      config,
+      `data_dir = "${join(dir, 'data')}"\n[web]\nport = ${webPort}\n[grpc]\nport = ${grpcPort}\n[local_agent]\nenabled = false\n`,
+    );
+    const created = await ekaci(['agent-token', 'create', 'builder-1', '--config', config], {}, 'ekaci-coordinator')
+      .done;
+    expect(created.code).toBe(0);
+    const token = created.stdout.trim();
+    expect(token).toMatch(/^ekaci_[0-9a-f]{64}$/);
+    ekaci(['--config', config], {}, 'ekaci-coordinator');
+    while (
+      !(await fetch(`http://127.0.0.1:${webPort}/readyz`).then(
+        (r) => r.ok,
+        () => false,
+      ))
+    )
+      await sleep(100);
+
+    const agent = spawnAgentProcess({
+      coordinator: `127.0.0.1:${grpcPort}`,
+      token,
+      agentId: 'builder-1',
+      dir: join(dir, 'agent'),
+      isolated: false,
+      logLevel: 'error',
+      stdio: 'pipe',
+    });
+    children.push(agent);
+    let agentErr = '';
+    agent.stderr!.on('data', (b: Buffer) => (agentErr += b.toString()));
+    const agentExit = new Promise<number | null>((resolve) => agent.on('exit', (code) => resolve(code)));
+    const connected = async (): Promise<string> =>
+      (await (await fetch(`http://127.0.0.1:${webPort}/metrics`)).text()).match(
+        /^ekaci_agents_connected (\d+)/m,
+      )?.[1] ?? '';
+    while ((await connected()) !== '1') await sleep(100);
+
+    const revoked = await ekaci(['agent-token', 'revoke', 'builder-1', '--config', config], {}, 'ekaci-coordinator')
+      .done;
+    expect(revoked.code).toBe(0);
+    expect(await agentExit).not.toBe(0);
+    expect(agentErr).toMatch(/token refused by coordinator/);
+    expect(await connected()).toBe('0');
+    const listed = await ekaci(['agent-token', 'list', '--config', config], {}, 'ekaci-coordinator').done;
+    expect(listed.stdout).toMatch(/^builder-1\t\S+\trevoked /m);
   });
 });
 
