@@ -72,6 +72,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   private capabilities: NixCapabilities | null = null;
   private lastWelcome: Welcome | null = null;
   private warmedCacheUrl = '';
+  private warmUp: Promise<void> = Promise.resolve();
   // While a Welcome is applied, events are re-sent from the outbox in one ordered pass, not one by one.
   private welcoming = false;
   private drainRequested = false;
@@ -220,7 +221,9 @@ export class Agent extends EventEmitter<AgentEvents> {
       const host = cacheHost(welcome.cacheUrl);
       if (host !== undefined) this.spool.writeNetrc(host, this.options.token);
       workload.pause();
-      void warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() => workload.resume());
+      this.warmUp = warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() =>
+        workload.resume(),
+      );
     }
     this.welcoming = true;
     try {
@@ -318,7 +321,11 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 
   private finish(final: 'stopped' | 'failed'): void {
-    void this.pool.closeAll();
+    // Nix processes the agent started (store connections, a cache warm-up) end before the agent says it stopped.
+    void Promise.all([this.pool.closeAll(), this.warmUp]).finally(() => this.settle(final));
+  }
+
+  private settle(final: 'stopped' | 'failed'): void {
     this.transition(final);
     this.welcomed.reject(this.fatalError ?? new AgentStoppedError());
     this.stopped.resolve();
