@@ -29,7 +29,8 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
   if (maxJobs !== undefined && (!Number.isInteger(maxJobs) || maxJobs < 1)) {
     throw new UsageError(`--max-jobs takes a whole number ≥ 1, got "${opts.maxJobs}"`);
   }
-  const config = loadCoordinatorConfig(opts.config);
+  // With local agents only, nobody else can join later: what they cannot build is unbuildable at once.
+  const config = loadCoordinatorConfig(opts.config, process.env, agents > 0 ? { unbuildable_grace_seconds: 0 } : {});
   if (opts.dataDir) config.dataDir = opts.dataDir;
   if (agents > 0) {
     // A private run: agents are ours, so the ports need not be known in advance.

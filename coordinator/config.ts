@@ -105,10 +105,14 @@ export function defaultDataDir(): string {
   return join(xdg && isAbsolute(xdg) ? xdg : join(homedir(), '.local', 'share'), 'ekaci');
 }
 
-/** Reads and compiles a TOML file; `undefined` compiles the defaults (the embedded system). */
+/**
+ * Reads and compiles a TOML file; `undefined` compiles the defaults (the embedded system). `defaults` replaces
+ * built-in defaults of top-level keys for one kind of run (what the file says still wins).
+ */
 export function loadCoordinatorConfig(
   file: string | undefined,
   env: NodeJS.ProcessEnv = process.env,
+  defaults: Record<string, unknown> = {},
 ): CoordinatorOptions {
   let raw: unknown = {};
   if (file !== undefined) {
@@ -124,7 +128,8 @@ export function loadCoordinatorConfig(
       throw new ConfigError(`${file} is not valid TOML: ${(e as Error).message}`);
     }
   }
-  return compileCoordinatorConfig(raw, file ?? '(defaults)', env, file ? resolve(file, '..') : process.cwd());
+  const layered = typeof raw === 'object' && raw !== null ? { ...defaults, ...(raw as Record<string, unknown>) } : raw;
+  return compileCoordinatorConfig(layered, file ?? '(defaults)', env, file ? resolve(file, '..') : process.cwd());
 }
 
 export function compileCoordinatorConfig(

@@ -51,15 +51,34 @@ describe('ekaci build', () => {
     const file = writeNixFile(
       dir,
       nonce(),
-      `rec { ok = mk "ok" { }; bad = mk "bad" { script = "exit 1"; }; after = mk "after" { deps = [ bad ]; }; }`,
+      `rec {
+        ok = mk "ok" { };
+        bad = mk "bad" { script = "exit 1"; };
+        after = mk "after" { deps = [ bad ]; };
+        gpu = mk "gpu" { requiredSystemFeatures = [ "cuda" ]; };
+      }`,
     );
-    const r = await ekaci(['build', file, '-A', 'ok', '-A', 'after', '--json', '--data-dir', join(dir, 'data')]).done;
+    const r = await ekaci([
+      'build',
+      file,
+      '-A',
+      'ok',
+      '-A',
+      'after',
+      '-A',
+      'gpu',
+      '--json',
+      '--data-dir',
+      join(dir, 'data'),
+    ]).done;
     expect(r.stderr).toBe('');
     expect(r.code).toBe(1);
     const json = JSON.parse(r.stdout) as { builds: Array<Record<string, unknown>> };
     expect(json.builds.map((b) => [b.attr, b.state])).toEqual([
       ['ok', 'succeeded'],
       ['after', 'dependency-failed'],
+      // No local agent has the feature and none can join an embedded run: reported at once, not after a grace.
+      ['gpu', 'unbuildable'],
     ]);
     expect(json.builds[1]?.rootCause).toMatch(/-bad-.*\.drv$/);
     const outputs = json.builds[0]?.outputs as Array<{
