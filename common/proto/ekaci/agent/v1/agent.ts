@@ -41,6 +41,13 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  *  3. From then on both sides exchange messages until either closes. The agent never receives more work
  *     than the free slots it advertised in its last `Credit`; the coordinator never assigns more.
  *
+ * ## Credit
+ *
+ * `Credit.free_slots` counts every `Assign` the agent has processed when it sends the Credit, and the agent
+ * answers each `Assign` with `Accepted` before it sends its next Credit. The coordinator therefore takes a
+ * Credit's free slots minus the assignments not yet `Accepted` (still in flight towards the agent), and
+ * subtracts one per `Assign` it sends. Since the stream is ordered, this is exact.
+ *
  * ## Leases
  *
  * Every build handed to an agent is a lease (`Assign`) with a TTL. Each `Heartbeat` lists the leases the
