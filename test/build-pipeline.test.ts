@@ -135,7 +135,14 @@ describe('building derivations on agents', () => {
     const [root] = await instantiate(file, ['slow']);
     const request = await coordinator.manager.submit([root!], 'test');
     let first: { agent_id: string; state: string } | undefined;
-    while (!(first = attemptsOf(root!.drvPath).find((a) => a.state === 'started'))) await sleep(50);
+    // Wait until the build runs and its first log line has reached the coordinator.
+    const firstLog = (): string => coordinator!.logs.read(coordinator!.logs.pathFor(root!.drvPath, 1)).toString();
+    while (
+      !(first = attemptsOf(root!.drvPath).find((a) => a.state === 'started')) ||
+      !firstLog().includes('starting')
+    ) {
+      await sleep(50);
+    }
     killGroup(hosts.get(first.agent_id)!);
     const [result] = await coordinator.manager.waitFor(request);
     expect(result?.state).toBe('succeeded');
@@ -143,6 +150,10 @@ describe('building derivations on agents', () => {
     const attempts = attemptsOf(root!.drvPath);
     expect(attempts.map((a) => a.state)).toEqual(['lost', 'succeeded']);
     expect(attempts[1]?.agent_id).not.toBe(first.agent_id);
+    // Each attempt keeps its own log: the retry did not overwrite what the lost attempt had sent.
+    for (const attempt of [1, 2]) {
+      expect(readFileSync(coordinator.logs.pathFor(root!.drvPath, attempt), 'utf8')).toContain('starting');
+    }
   });
 
   it('stops a silent build at max-silent-time and records it as timed out', async () => {
