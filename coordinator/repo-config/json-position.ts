@@ -12,7 +12,7 @@ export interface JsonPosition {
 }
 
 const NUMBER = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?/y;
-const HEX4 = /[0-9a-fA-F]{4}/y;
+const HEX_DIGIT = /^[0-9a-fA-F]$/;
 const LITERALS = ['true', 'false', 'null'];
 
 type State = 'value' | 'firstValue' | 'key' | 'firstKey' | 'colon' | 'after';
@@ -46,12 +46,13 @@ function jsonErrorOffset(text: string): number | undefined {
         continue;
       }
       const escape = text[i + 1];
+      // Like V8, blame the character after the backslash.
+      i++;
       if (escape === 'u') {
-        HEX4.lastIndex = i + 2;
-        if (!HEX4.test(text)) return false;
-        i += 6;
+        const end = i + 5;
+        for (i++; i < end; i++) if (!HEX_DIGIT.test(text[i] ?? '')) return false;
       } else if (escape !== undefined && '"\\/bfnrt'.includes(escape)) {
-        i += 2;
+        i++;
       } else {
         return false;
       }

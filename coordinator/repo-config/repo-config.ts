@@ -203,6 +203,8 @@ function parseJson(text: string, source: string): unknown {
   } catch (e) {
     const at = jsonErrorPosition(json);
     const where = at ? ` at line ${at.line}, column ${at.column} (position ${at.offset})` : '';
-    throw new RepoConfigError(source, [`invalid JSON${where}: ${(e as Error).message}`], { cause: e });
+    // V8 quotes a multi-line snippet of the input; the position says more, and a problem must stay on one line.
+    const reason = (e as Error).message.replace(/, (?:\.\.\.)?".*" is not valid JSON$/s, '').replace(/\s+/g, ' ');
+    throw new RepoConfigError(source, [`invalid JSON${where}: ${reason}`], { cause: e });
   }
 }
