@@ -1,0 +1,55 @@
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { nonce, tempDir } from '../../test/support/nix-project.js';
+
+const EVALUATOR = fileURLToPath(new URL('./evaluator.ts', import.meta.url));
+const REPO = fileURLToPath(new URL('../..', import.meta.url));
+
+describe('GC roots of evaluated derivations', () => {
+  it('keep the .drv files through a nix-store --gc, which collects an unrooted one (private mount-namespace store)', () => {
+    const dir = tempDir('ekaci-gcroots-');
+    const tag = nonce();
+    const emptyNix = join(dir, 'nix');
+    mkdirSync(emptyNix);
+    const drv = (name: string) =>
+      `derivation { name = "${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }`;
+    const file = join(dir, 'jobs.nix');
+    writeFileSync(file, `{ a = ${drv('a')}; b = ${drv('b')}; c = ${drv('c')}; }`);
+    const script = join(dir, 'inside.mts');
+    // Runs inside the namespace, where /nix is an empty directory: the shared store is never collected.
+    writeFileSync(
+      script,
+      `import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { evaluateBuiltIn } from ${JSON.stringify(EVALUATOR)};
+const nix = ['--option', 'substituters', ''];
+const rooted = [];
+for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2 })) rooted.push(r.drvPath);
+const control = execFileSync('nix-instantiate', [...nix, '--expr', ${JSON.stringify(drv('control'))}], { encoding: 'utf8' }).trim();
+const before = [...rooted, control].map((p) => existsSync(p));
+execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
+console.log(JSON.stringify({ rooted, control, before, after: rooted.map((p) => existsSync(p)), controlAfter: existsSync(control) }));
+`,
+    );
+    const r = spawnSync(
+      'unshare',
+      ['-m', 'sh', '-c', `mount --bind "$1" /nix && exec node --import tsx "$2"`, 'sh', emptyNix, script],
+      { cwd: REPO, encoding: 'utf8', timeout: 120_000 },
+    );
+    expect(r.status, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as {
+      rooted: string[];
+      control: string;
+      before: boolean[];
+      after: boolean[];
+      controlAfter: boolean;
+    };
+    expect(out.rooted).toHaveLength(3);
+    expect(out.before).toEqual([true, true, true, true]);
+    expect(out.after).toEqual([true, true, true]);
+    expect(out.controlAfter, 'an unrooted .drv is collected, so the collector did run').toBe(false);
+  });
+});

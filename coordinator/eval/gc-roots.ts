@@ -1,0 +1,43 @@
+import { createHash } from 'node:crypto';
+import { mkdir, readlink, symlink, unlink } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+
+/** Nix's state directory, where the collector looks for `gcroots/auto`. */
+function nixStateDir(): string {
+  return process.env.NIX_STATE_DIR ?? '/nix/var/nix';
+}
+
+/**
+ * Keeps `.drv` files alive as indirect GC roots, the way `nix-store --add-root --indirect` does: a symlink
+ * `dir/<drv name>` → the `.drv`, registered by a symlink in `gcroots/auto` pointing at it. Deleting the file in
+ * `dir` releases the root. No Nix process runs per root (`nix-store -r --add-root` would build the derivation).
+ */
+export class GcRoots {
+  private ready: Promise<void> | undefined;
+
+  constructor(readonly dir: string) {}
+
+  async add(drvPath: string): Promise<void> {
+    // A fresh store has no gcroots/auto until something first registers an indirect root.
+    this.ready ??= Promise.all([
+      mkdir(this.dir, { recursive: true }),
+      mkdir(join(nixStateDir(), 'gcroots', 'auto'), { recursive: true }),
+    ]).then(() => undefined);
+    await this.ready;
+    const link = resolve(join(this.dir, basename(drvPath)));
+    await replaceSymlink(drvPath, link);
+    const id = createHash('sha256').update(link).digest('hex').slice(0, 32);
+    await replaceSymlink(link, join(nixStateDir(), 'gcroots', 'auto', `ekaci-${id}`));
+  }
+}
+
+async function replaceSymlink(target: string, path: string): Promise<void> {
+  try {
+    await symlink(target, path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    if ((await readlink(path)) === target) return;
+    await unlink(path);
+    await symlink(target, path);
+  }
+}
