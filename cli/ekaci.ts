@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { runCli } from './run-cli.js';
 import { buildCommand } from './build-command.js';
+import { diffCommand, evalCommand } from './eval-commands.js';
 
 /** `ekaci`: the developer's and admin's command line. */
 const program = new Command('ekaci').description('eka-ci: continuous integration for Nix package sets');
@@ -18,6 +19,33 @@ program
   .option('-v, --verbose', 'log what the coordinator and agents do (JSON on stderr)')
   .action(async (file: string, opts: Parameters<typeof buildCommand>[1]) => {
     process.exitCode = await buildCommand(file, opts);
+  });
+
+program
+  .command('eval')
+  .description("evaluate a commit's jobs (from its .eka-ci/config.json) in a local or remote git repository")
+  .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched; a mirror is used)')
+  .requiredOption('--rev <rev>', 'commit, branch or ref to evaluate')
+  .option('--job <name>', 'only this job (repeatable)', collect, [])
+  .option('--json', 'print the evaluation as JSON')
+  .option('--data-dir <dir>', 'state directory (git mirrors, GC roots)')
+  .option('-v, --verbose', 'log what happens (JSON on stderr)')
+  .action(async (opts: Parameters<typeof evalCommand>[0]) => {
+    process.exitCode = await evalCommand(opts);
+  });
+
+program
+  .command('diff')
+  .description('what a change rebuilds: attributes added, removed, changed, with blast radius and rebuild counts')
+  .requiredOption('--repo <path-or-url>', 'git repository')
+  .requiredOption('--base <rev>', 'the commit the change is based on')
+  .requiredOption('--head <rev>', 'the changed commit')
+  .option('--job <name>', 'only this job (repeatable)', collect, [])
+  .option('--json', 'print the diff as JSON')
+  .option('--data-dir <dir>', 'state directory (git mirrors, GC roots)')
+  .option('-v, --verbose', 'log what happens (JSON on stderr)')
+  .action(async (opts: Parameters<typeof diffCommand>[0]) => {
+    process.exitCode = await diffCommand(opts);
   });
 
 function collect(value: string, previous: string[]): string[] {

@@ -5,7 +5,15 @@ import { EkaciError } from '../common/errors.js';
 /** Exit status for bad usage or bad input, for every eka-ci command. */
 export const EXIT_USAGE = 2;
 // Errors that are the user's to fix (exit 2) rather than a failure of the run (exit 1).
-const INPUT_CODES = new Set(['EKACI_ERR_USAGE', 'EKACI_ERR_CONFIG', 'EKACI_ERR_EVALUATION', 'EKACI_ERR_DRV_PARSE']);
+const INPUT_CODES = new Set([
+  'EKACI_ERR_USAGE',
+  'EKACI_ERR_CONFIG',
+  'EKACI_ERR_EVALUATION',
+  'EKACI_ERR_DRV_PARSE',
+  'EKACI_ERR_REPO_CONFIG',
+  'EKACI_ERR_GIT_REVISION',
+  'EKACI_ERR_GIT_URL',
+]);
 
 /**
  * Runs a commander program with eka-ci's exit conventions: 2 for bad usage or input with the message on

@@ -1,0 +1,115 @@
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { UsageError } from '../common/errors.js';
+import { createLogger, silentLogger } from '../common/logging.js';
+import { defaultDataDir } from '../coordinator/config.js';
+import type { EvalResult } from '../coordinator/eval/eval-result.js';
+import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
+import { readClosure } from '../coordinator/graph/ingest.js';
+import { type ClosureSource, diffEvaluations } from '../coordinator/graph/rebuild-diff.js';
+
+interface CommonOptions {
+  repo: string;
+  job: string[];
+  json?: boolean;
+  dataDir?: string;
+  verbose?: boolean;
+}
+
+function context(opts: CommonOptions): { repo: string; dataDir: string; logger: ReturnType<typeof silentLogger> } {
+  const repo = resolve(opts.repo);
+  if (!/^[a-z]+:\/\//.test(opts.repo) && !existsSync(repo))
+    throw new UsageError(`--repo ${opts.repo}: no such directory`);
+  return {
+    repo: /^[a-z]+:\/\//.test(opts.repo) ? opts.repo : repo,
+    dataDir: opts.dataDir ? resolve(opts.dataDir) : defaultDataDir(),
+    logger: opts.verbose ? createLogger('ekaci') : silentLogger(),
+  };
+}
+
+/**
+ * `ekaci eval --repo PATH --rev REV [--job NAME]… [--json]`: the evaluation of a commit's jobs. Exit 1 when an
+ * attribute failed to evaluate in a job that does not allow evaluation failures.
+ */
+export async function evalCommand(opts: CommonOptions & { rev: string }): Promise<number> {
+  const c = context(opts);
+  const result = await evaluateCommit({ ...c, rev: opts.rev, jobs: opts.job });
+  const json = {
+    jobs: result.jobs.map((j) => ({ name: j.name, attrs: j.attrs.map(attrJson), seconds: round(j.seconds) })),
+  };
+  process.stdout.write(opts.json ? `${JSON.stringify(json, null, 2)}\n` : renderEval(result));
+  return result.jobs.some((j) => !j.allowEvalFailures && j.attrs.some((a) => a.error)) ? 1 : 0;
+}
+
+/** `ekaci diff --repo PATH --base REV --head REV [--job NAME]… [--json]`: what the change rebuilds. */
+export async function diffCommand(opts: CommonOptions & { base: string; head: string }): Promise<number> {
+  const c = context(opts);
+  const base = await evaluateCommit({ ...c, rev: opts.base, jobs: opts.job });
+  const head = await evaluateCommit({ ...c, rev: opts.head, jobs: opts.job });
+  const graph = await closureOf([...base.jobs, ...head.jobs].flatMap((j) => j.attrs));
+  const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))];
+  const jobs = names.map((name) => {
+    const d = diffEvaluations(
+      base.jobs.find((j) => j.name === name)?.attrs ?? [],
+      head.jobs.find((j) => j.name === name)?.attrs ?? [],
+      graph,
+    );
+    return { name, attrs: d.attrs, rebuildCountBySystem: d.rebuildCountBySystem };
+  });
+  if (opts.json) process.stdout.write(`${JSON.stringify({ jobs }, null, 2)}\n`);
+  else {
+    for (const j of jobs) {
+      process.stdout.write(`job ${j.name}\n`);
+      for (const a of j.attrs.filter((x) => x.change !== 'unchanged')) {
+        process.stdout.write(
+          `  ${a.change.padEnd(9)} ${a.attr}${a.blastRadius ? ` (blast radius ${a.blastRadius})` : ''}\n`,
+        );
+      }
+      const counts = Object.entries(j.rebuildCountBySystem).map(([s, n]) => `${s}: ${n}`);
+      process.stdout.write(`  rebuilds: ${counts.length ? counts.join(', ') : 'none'}\n`);
+    }
+  }
+  return 0;
+}
+
+/** Inputs and systems of every derivation the evaluations reached, read from the `.drv` files in-process. */
+async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
+  const roots = [...new Set(attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])))];
+  const nodes = new Map((await readClosure(roots, () => false)).map((n) => [n.drvPath, n]));
+  return {
+    inputsOf: (drv) => nodes.get(drv)?.inputs ?? [],
+    systemOf: (drv) => nodes.get(drv)?.system ?? 'unknown',
+  };
+}
+
+function attrJson(a: EvalResult): Record<string, unknown> {
+  return {
+    attr: a.attr,
+    ...(a.drvPath ? { drv: a.drvPath } : {}),
+    ...(a.system ? { system: a.system } : {}),
+    ...(a.outputs ? { outputs: a.outputs } : {}),
+    ...(a.meta ? { meta: a.meta } : {}),
+    ...(a.error ? { error: a.error } : {}),
+    ...(a.skipped ? { skipped: a.skipped } : {}),
+  };
+}
+
+function renderEval(r: CommitEvaluation): string {
+  const lines: string[] = [];
+  for (const j of r.jobs) {
+    const failed = j.attrs.filter((a) => a.error).length;
+    lines.push(`job ${j.name}: ${j.attrs.length} attributes, ${failed} failed to evaluate (${round(j.seconds)} s)`);
+    for (const a of j.attrs) {
+      lines.push(
+        a.error
+          ? `  error   ${a.attr}: ${a.error.split('\n')[0]}`
+          : `  ${a.skipped ? 'skipped' : 'ok     '} ${a.attr} ${a.drvPath ?? ''}`,
+      );
+    }
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function round(s: number): number {
+  return Math.round(s * 1000) / 1000;
+}

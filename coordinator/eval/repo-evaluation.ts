@@ -1,0 +1,78 @@
+import { join } from 'node:path';
+import { EvaluationError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { GitMirrors } from '../git/git-mirrors.js';
+import { RepoConfigError } from '../repo-config/errors.js';
+import { type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
+import type { EvalResult } from './eval-result.js';
+import { evaluate } from './evaluator.js';
+
+export interface JobEvaluation {
+  name: string;
+  allowEvalFailures: boolean;
+  attrs: EvalResult[];
+  seconds: number;
+}
+
+export interface CommitEvaluation {
+  commit: string;
+  jobs: JobEvaluation[];
+}
+
+/**
+ * Evaluates the jobs of a repository at one revision: the commit is checked out from the coordinator's mirror
+ * of the repository, its `.eka-ci/config.json` read, and each job evaluated. The checkout is released after.
+ */
+export async function evaluateCommit(options: {
+  dataDir: string;
+  repo: string;
+  rev: string;
+  jobs?: readonly string[];
+  logger: Logger;
+}): Promise<CommitEvaluation> {
+  const mirrors = new GitMirrors({ dir: join(options.dataDir, 'git'), logger: options.logger });
+  const checkout = await mirrors.checkout(options.repo, options.rev);
+  try {
+    const config = await loadRepoConfig(checkout.dir);
+    if (!config) {
+      throw new RepoConfigError(options.rev, [
+        'no eka-ci configuration (.eka-ci/config.json or .ekaci/config.json) at this revision',
+      ]);
+    }
+    const unknown = (options.jobs ?? []).filter((j) => !config.jobs.some((c) => c.name === j));
+    if (unknown.length > 0) {
+      throw new EvaluationError(
+        `no job named ${unknown.join(', ')} in ${config.source} (jobs: ${config.jobs.map((j) => j.name).join(', ')})`,
+      );
+    }
+    const selected = config.jobs.filter((j) => !options.jobs?.length || options.jobs.includes(j.name));
+    const jobs: JobEvaluation[] = [];
+    for (const job of selected) {
+      const started = performance.now();
+      const attrs: EvalResult[] = [];
+      for await (const r of evaluateJob(job, join(options.dataDir, 'gcroots', checkout.commit))) attrs.push(r);
+      attrs.sort((a, b) => (a.attr < b.attr ? -1 : a.attr > b.attr ? 1 : 0));
+      jobs.push({
+        name: job.name,
+        allowEvalFailures: job.allowEvalFailures,
+        attrs,
+        seconds: (performance.now() - started) / 1000,
+      });
+    }
+    return { commit: checkout.commit, jobs };
+  } finally {
+    await checkout.release();
+  }
+}
+
+function evaluateJob(job: RepoJob, gcRootsDir: string): AsyncGenerator<EvalResult> {
+  if (job.kind === 'flake') {
+    throw new EvaluationError(`job ${job.name}: flake jobs are not evaluated yet by this version of eka-ci`);
+  }
+  return evaluate({
+    file: job.file,
+    attrPath: job.attrPath,
+    gcRootsDir,
+    ...(job.systems ? { systems: job.systems } : {}),
+  });
+}

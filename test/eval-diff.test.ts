@@ -1,0 +1,121 @@
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { nonce, tempDir } from './support/nix-project.js';
+
+const ROOT = join(import.meta.dirname, '..');
+const GIT_ENV = {
+  ...process.env,
+  GIT_AUTHOR_NAME: 'eka-ci test',
+  GIT_AUTHOR_EMAIL: 'test@eka-ci.invalid',
+  GIT_COMMITTER_NAME: 'eka-ci test',
+  GIT_COMMITTER_EMAIL: 'test@eka-ci.invalid',
+};
+
+function git(repo: string, ...args: string[]): string {
+  return execFileSync('git', ['-C', repo, ...args], { env: GIT_ENV, encoding: 'utf8' }).trim();
+}
+
+function packageSet(tag: string, body: string): string {
+  return `let mk = name: deps: derivation {
+  name = "\${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo \${name} $deps > $out" ]; inherit deps;
+};
+in rec {
+${body}
+}
+`;
+}
+
+/** A repository with a base and a head commit of a small package set, its config under `.ekaci/`. */
+function makeRepo(): { repo: string; base: string; head: string } {
+  const repo = tempDir('ekaci-eval-repo-');
+  const tag = nonce();
+  git(repo, 'init', '-q');
+  mkdirSync(join(repo, '.ekaci'));
+  mkdirSync(join(repo, 'ci'));
+  // Root-absolute job file: a path inside the repository.
+  writeFileSync(join(repo, '.ekaci', 'config.json'), JSON.stringify({ jobs: { main: { file: '/ci/jobs.nix' } } }));
+  const common = `app = mk "app" [ lib ]; tool = mk "tool" [ app ]; same = mk "same" [ ];`;
+  writeFileSync(
+    join(repo, 'ci', 'jobs.nix'),
+    packageSet(tag, `lib = mk "lib" [ ]; ${common} gone = mk "gone" [ ]; broken = throw "broken in base";`),
+  );
+  git(repo, 'add', '-A');
+  git(repo, 'commit', '-qm', 'base');
+  const base = git(repo, 'rev-parse', 'HEAD');
+  writeFileSync(
+    join(repo, 'ci', 'jobs.nix'),
+    packageSet(tag, `lib = mk "lib-2" [ ]; ${common} fresh = mk "fresh" [ ]; broken = abort "still broken";`),
+  );
+  git(repo, 'commit', '-qam', 'head');
+  return { repo, base, head: git(repo, 'rev-parse', 'HEAD') };
+}
+
+function ekaci(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), ...args], { cwd: ROOT });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+interface DiffJson {
+  jobs: Array<{
+    name: string;
+    attrs: Array<{ attr: string; change: string; blastRadius: number; evalError?: Record<string, string> }>;
+    rebuildCountBySystem: Record<string, number>;
+  }>;
+}
+
+describe('ekaci eval and ekaci diff', () => {
+  it('evaluates a commit of a git repository, isolating the attribute that fails', async () => {
+    const { repo, head } = makeRepo();
+    const r = await ekaci(['eval', '--repo', repo, '--rev', head, '--json', '--data-dir', tempDir()]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(1); // an attribute failed and the job does not allow evaluation failures
+    const json = JSON.parse(r.stdout) as { jobs: Array<{ name: string; attrs: Array<Record<string, unknown>> }> };
+    expect(json.jobs.map((j) => j.name)).toEqual(['main']);
+    const attrs: Record<string, Record<string, unknown>> = Object.fromEntries(
+      json.jobs[0]!.attrs.map((a) => [String(a.attr), a]),
+    );
+    expect(Object.keys(attrs).sort()).toEqual(['app', 'broken', 'fresh', 'lib', 'same', 'tool']);
+    expect(attrs.broken?.error).toMatch(/still broken/);
+    expect(attrs.tool?.drv).toMatch(/-tool-.*\.drv$/);
+    expect(attrs.tool?.outputs).toMatchObject({ out: expect.stringMatching(/-tool-/) as unknown });
+  });
+
+  it('classifies every attribute and counts what the change rebuilds, including changes through a dependency', async () => {
+    const { repo, base, head } = makeRepo();
+    const r = await ekaci(['diff', '--repo', repo, '--base', base, '--head', head, '--json', '--data-dir', tempDir()]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const [job] = (JSON.parse(r.stdout) as DiffJson).jobs;
+    const by = Object.fromEntries(job!.attrs.map((a) => [a.attr, a]));
+    expect(by.lib).toMatchObject({ change: 'changed', blastRadius: 2 }); // app and tool depend on it
+    expect(by.app).toMatchObject({ change: 'changed', blastRadius: 1 }); // changed only through lib
+    expect(by.tool).toMatchObject({ change: 'changed', blastRadius: 0 });
+    expect(by.same).toMatchObject({ change: 'unchanged' });
+    expect(by.fresh).toMatchObject({ change: 'added' });
+    expect(by.gone).toMatchObject({ change: 'removed' });
+    expect(by.broken?.evalError).toEqual({
+      base: expect.stringMatching(/broken in base/) as unknown,
+      head: expect.stringMatching(/still broken/) as unknown,
+    });
+    // lib-2, app, tool and fresh are new derivations
+    expect(Object.values(job!.rebuildCountBySystem)).toEqual([4]);
+  });
+
+  it('refuses a revision without an eka-ci configuration with exit 2', async () => {
+    const repo = tempDir('ekaci-eval-empty-');
+    git(repo, 'init', '-q');
+    writeFileSync(join(repo, 'README'), 'nothing here');
+    git(repo, 'add', '-A');
+    git(repo, 'commit', '-qm', 'no config');
+    const r = await ekaci(['eval', '--repo', repo, '--rev', 'HEAD', '--data-dir', tempDir()]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/no eka-ci configuration/);
+  });
+});
