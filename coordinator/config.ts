@@ -4,6 +4,7 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { z } from 'zod';
 import { ConfigError } from '../common/errors.js';
+import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
 
 /**
  * The coordinator's TOML configuration: parsed and validated once at startup into `CoordinatorOptions`, a fully
@@ -35,6 +36,7 @@ const schema = z
     unbuildable_grace_seconds: seconds.default(DEFAULT_UNBUILDABLE_GRACE_S),
     lease_ttl_seconds: z.number().positive().default(DEFAULT_LEASE_TTL_S),
     max_attempts: z.number().int().min(1).default(DEFAULT_MAX_ATTEMPTS),
+    graph_lru_capacity: z.number().int().min(1).default(DEFAULT_GRAPH_LRU_CAPACITY),
     web: z
       .object({
         address: z.string().default('127.0.0.1'),
@@ -92,6 +94,8 @@ export interface CoordinatorOptions {
   unbuildableGraceSeconds: number;
   leaseTtlMs: number;
   maxAttempts: number;
+  /** Derivations kept in memory beyond those with pending work (the rest reload from SQLite). */
+  graphLruCapacity: number;
   web: { address: string; port: number; publicUrl: string | undefined };
   grpc: { address: string; port: number; tls: { certFile: string; keyFile: string } | undefined };
   localAgent: { enabled: boolean; maxJobs: number | undefined };
@@ -160,6 +164,7 @@ export function compileCoordinatorConfig(
     unbuildableGraceSeconds: c.unbuildable_grace_seconds,
     leaseTtlMs: Math.round(c.lease_ttl_seconds * 1000),
     maxAttempts: c.max_attempts,
+    graphLruCapacity: c.graph_lru_capacity,
     web: { address: c.web.address, port: c.web.port, publicUrl: c.web.public_url },
     grpc: {
       address: c.grpc.address,

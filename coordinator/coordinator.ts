@@ -12,6 +12,7 @@ import { AuditLog } from './audit-log.js';
 import { BinaryCache } from './cache/binary-cache.js';
 import { cacheRouter, tokenAuthenticator } from './cache/http-routes.js';
 import { loadOrCreateSigningKey } from './cache/signing-key.js';
+import { DerivationGraph } from './graph/derivation-graph.js';
 import type { CoordinatorOptions } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
@@ -76,6 +77,7 @@ export class Coordinator {
         maxDurationSeconds: options.maxDurationSeconds,
       },
       logger.child({ component: 'builds' }),
+      new DerivationGraph(this.store, options.graphLruCapacity),
     );
   }
 

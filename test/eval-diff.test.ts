@@ -108,6 +108,31 @@ describe('ekaci eval and ekaci diff', () => {
     expect(Object.values(job!.rebuildCountBySystem)).toEqual([4]);
   });
 
+  it('evaluates a flake job (config under .eka-ci/) for the local system', async () => {
+    const repo = tempDir('ekaci-eval-flake-');
+    const tag = nonce();
+    git(repo, 'init', '-q');
+    mkdirSync(join(repo, '.eka-ci'));
+    writeFileSync(
+      join(repo, '.eka-ci', 'config.json'),
+      JSON.stringify({ jobs: { flake: { flake: { outputs: ['packages', 'checks'] } } } }),
+    );
+    const pkg = (name: string): string =>
+      `derivation { name = "${name}-${tag}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }`;
+    writeFileSync(
+      join(repo, 'flake.nix'),
+      `{ outputs = { self }: { packages.x86_64-linux.hello = ${pkg('hello')}; checks.x86_64-linux.t = ${pkg('t')}; }; }`,
+    );
+    git(repo, 'add', '-A');
+    git(repo, 'commit', '-qm', 'flake');
+    const r = await ekaci(['eval', '--repo', repo, '--rev', 'HEAD', '--json', '--data-dir', tempDir()]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const json = JSON.parse(r.stdout) as { jobs: Array<{ attrs: Array<{ attr: string; drv?: string }> }> };
+    expect(json.jobs[0]!.attrs.map((a) => a.attr)).toEqual(['checks.x86_64-linux.t', 'packages.x86_64-linux.hello']);
+    expect(json.jobs[0]!.attrs.every((a) => a.drv?.endsWith('.drv'))).toBe(true);
+  });
+
   it('refuses a revision without an eka-ci configuration with exit 2', async () => {
     const repo = tempDir('ekaci-eval-empty-');
     git(repo, 'init', '-q');

@@ -1,7 +1,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { NO_SUBSTITUTERS } from '../../common/nix/cli.js';
+import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS } from '../../common/nix/cli.js';
 
 /**
  * What one request to the evaluator answered: the value it printed, or the error text Nix wrote instead; and, in
@@ -57,7 +57,8 @@ export class EvalWorker {
 
   /** Starts a repl and runs `setup` (lines defining the evaluator's helpers); rejects if setup fails. */
   static async start(setup: readonly string[]): Promise<EvalWorker> {
-    const child = spawn('nix', ['repl', ...NO_SUBSTITUTERS], { stdio: ['pipe', 'pipe', 'pipe'] });
+    // Flakes on for `builtins.getFlake` (flake jobs, see `evaluateFlake`); a plain file evaluates the same.
+    const child = spawn('nix', ['repl', ...NO_SUBSTITUTERS, ...NIX_EXPERIMENTAL], { stdio: ['pipe', 'pipe', 'pipe'] });
     const worker = new EvalWorker(child);
     worker.state = 'ready';
     for (const line of setup) {

@@ -3,7 +3,9 @@ import { EvaluationError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { GitMirrors } from '../git/git-mirrors.js';
 import { RepoConfigError } from '../repo-config/errors.js';
-import { type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
+import { type FlakeJob, type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
+import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
+import { evaluateFlake } from './flake.js';
 import type { EvalResult } from './eval-result.js';
 import { evaluate } from './evaluator.js';
 
@@ -50,7 +52,8 @@ export async function evaluateCommit(options: {
     for (const job of selected) {
       const started = performance.now();
       const attrs: EvalResult[] = [];
-      for await (const r of evaluateJob(job, join(options.dataDir, 'gcroots', checkout.commit))) attrs.push(r);
+      for await (const r of evaluateJob(job, checkout, join(options.dataDir, 'gcroots', checkout.commit)))
+        attrs.push(r);
       attrs.sort((a, b) => (a.attr < b.attr ? -1 : a.attr > b.attr ? 1 : 0));
       jobs.push({
         name: job.name,
@@ -65,14 +68,40 @@ export async function evaluateCommit(options: {
   }
 }
 
-function evaluateJob(job: RepoJob, gcRootsDir: string): AsyncGenerator<EvalResult> {
-  if (job.kind === 'flake') {
-    throw new EvaluationError(`job ${job.name}: flake jobs are not evaluated yet by this version of eka-ci`);
-  }
+function evaluateJob(
+  job: RepoJob,
+  checkout: { dir: string; commit: string },
+  gcRootsDir: string,
+): AsyncGenerator<EvalResult> {
+  if (job.kind === 'flake') return evaluateFlakeJob(job, checkout, gcRootsDir);
   return evaluate({
     file: job.file,
     attrPath: job.attrPath,
     gcRootsDir,
     ...(job.systems ? { systems: job.systems } : {}),
   });
+}
+
+async function* evaluateFlakeJob(
+  job: FlakeJob,
+  checkout: { dir: string; commit: string },
+  gcRootsDir: string,
+): AsyncGenerator<EvalResult> {
+  // Without a list, the job is evaluated for what this machine builds; a coordinator adds its agents' systems.
+  const systems = job.systems ?? [await localSystem()];
+  yield* evaluateFlake({ checkoutDir: checkout.dir, rev: checkout.commit, outputs: job.outputs, systems, gcRootsDir });
+}
+
+let cachedSystem: Promise<string> | undefined;
+
+/** The local Nix's `system` (asked once per process). */
+function localSystem(): Promise<string> {
+  cachedSystem ??= runNixChecked('nix-instantiate', [
+    ...NO_SUBSTITUTERS,
+    '--eval',
+    '--json',
+    '-E',
+    'builtins.currentSystem',
+  ]).then((out) => JSON.parse(out) as string);
+  return cachedSystem;
 }

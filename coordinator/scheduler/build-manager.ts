@@ -11,6 +11,7 @@ import {
   type RunningLease,
 } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { outcomeDisposition } from '../../common/retry.js';
+import type { DerivationGraph } from '../graph/derivation-graph.js';
 import { readClosure } from '../graph/ingest.js';
 import type { LogStore } from '../logs/log-store.js';
 import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
@@ -71,6 +72,7 @@ export class BuildManager extends EventEmitter {
     private readonly logs: LogStore,
     private readonly options: BuildManagerOptions,
     private readonly logger: Logger,
+    readonly graph: DerivationGraph,
     private readonly now: () => number = Date.now,
   ) {
     super();
@@ -188,6 +190,7 @@ export class BuildManager extends EventEmitter {
         });
       }
       const ready = this.scheduler.add(specs);
+      this.graph.add(fresh, (p) => this.scheduler.has(p));
       for (const r of ready) this.store.setState(r, 'buildable', 0, now);
       return this.store.createRequest(source, roots, now);
     });
@@ -425,7 +428,10 @@ export class BuildManager extends EventEmitter {
   private announceSettled(): void {
     const done = this.settledNow;
     this.settledNow = [];
-    for (const drvPath of done) this.emit('settled', drvPath);
+    for (const drvPath of done) {
+      this.graph.unpin(drvPath);
+      this.emit('settled', drvPath);
+    }
   }
 
   private ownLease(agentId: string, leaseId: string): Lease | undefined {
