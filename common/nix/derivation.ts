@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { DerivationParseError } from '../errors.js';
 import { isDrvPath } from './store-path.js';
 
@@ -279,15 +279,16 @@ export function outputPaths(d: Derivation): Record<string, string> {
 }
 
 /**
- * Enough parallel reads to hide file-system latency (a cold store on network or spinning disks), few enough to
- * stay far below the default 1024 open-file limit while other parts of the coordinator also hold descriptors.
+ * How many `.drv` files are read synchronously before the event loop gets a turn. Small synchronous reads are
+ * several times faster than one promise per file through the thread pool (100k drvs: about 1 s against 7 s);
+ * batching keeps the coordinator's heartbeats and streams served while a large closure loads.
  */
-const CLOSURE_READ_CONCURRENCY = 64;
+const CLOSURE_READ_BATCH = 500;
 
 /**
  * Reads the `.drv` closure of `roots` from the local store, breadth first over `inputDrvs`. A path for which
- * `skip` returns true (already known to the caller) is neither read nor descended into. Read errors (a drv
- * missing from the store) and parse errors reject the whole load; reads still in flight are left to finish.
+ * `skip` returns true (already known to the caller) is neither read nor descended into. A read error (a drv
+ * missing from the store) or a parse error rejects the whole load.
  */
 export async function loadDerivationClosure(
   roots: string[],
@@ -296,7 +297,6 @@ export async function loadDerivationClosure(
   const loaded = new Map<string, Derivation>();
   const seen = new Set<string>();
   const queue: string[] = [];
-  let head = 0;
   const enqueue = (p: string): void => {
     if (seen.has(p)) return;
     seen.add(p);
@@ -306,32 +306,15 @@ export async function loadDerivationClosure(
     if (!isDrvPath(root)) throw new RangeError(`not a derivation path: ${JSON.stringify(root)}`);
     enqueue(root);
   }
-
-  return new Promise((resolve, reject) => {
-    let active = 0;
-    let failed = false;
-    const load = async (p: string): Promise<void> => {
-      const d = parseDerivation(await readFile(p, 'utf8'), p);
+  for (let head = 0; head < queue.length;) {
+    const end = Math.min(queue.length, head + CLOSURE_READ_BATCH);
+    for (; head < end; head++) {
+      const p = queue[head] as string;
+      const d = parseDerivation(readFileSync(p, 'utf8'), p);
       loaded.set(p, d);
       for (const input in d.inputDrvs) enqueue(input);
-    };
-    const pump = (): void => {
-      while (!failed && active < CLOSURE_READ_CONCURRENCY && head < queue.length) {
-        const p = queue[head++] as string;
-        active++;
-        load(p).then(
-          () => {
-            active--;
-            pump();
-          },
-          (e: unknown) => {
-            failed = true;
-            reject(e instanceof Error ? e : new Error(String(e)));
-          },
-        );
-      }
-      if (!failed && active === 0 && head === queue.length) resolve(loaded);
-    };
-    pump();
-  });
+    }
+    if (head < queue.length) await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+  return loaded;
 }
