@@ -1,12 +1,15 @@
 import { existsSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { UsageError } from '../common/errors.js';
 import { createLogger, silentLogger } from '../common/logging.js';
 import { defaultDataDir } from '../coordinator/config.js';
 import type { EvalResult } from '../coordinator/eval/eval-result.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { readClosure } from '../coordinator/graph/ingest.js';
+import { DiffStore, type StoredJobDiff } from '../coordinator/graph/diff-store.js';
 import { type ClosureSource, diffEvaluations } from '../coordinator/graph/rebuild-diff.js';
+import { openDatabase } from '../coordinator/db/database.js';
+import { GitMirrors } from '../coordinator/git/git-mirrors.js';
 
 interface CommonOptions {
   repo: string;
@@ -44,11 +47,38 @@ export async function evalCommand(opts: CommonOptions & { rev: string }): Promis
 /** `ekaci diff --repo PATH --base REV --head REV [--job NAME]… [--json]`: what the change rebuilds. */
 export async function diffCommand(opts: CommonOptions & { base: string; head: string }): Promise<number> {
   const c = context(opts);
-  const base = await evaluateCommit({ ...c, rev: opts.base, jobs: opts.job });
-  const head = await evaluateCommit({ ...c, rev: opts.head, jobs: opts.job });
+  const mirrors = new GitMirrors({ dir: join(c.dataDir, 'git'), logger: c.logger });
+  const [baseCommit, headCommit] = [
+    await mirrors.ensureCommit(c.repo, opts.base),
+    await mirrors.ensureCommit(c.repo, opts.head),
+  ];
+  const db = openDatabase(join(c.dataDir, 'ekaci.sqlite'));
+  try {
+    const diffs = new DiffStore(db);
+    // A diff of every job is stored; one narrowed with --job is computed afresh.
+    let jobs = opts.job.length === 0 ? diffs.load(c.repo, baseCommit, headCommit) : undefined;
+    if (!jobs) {
+      jobs = await computeDiff(c, baseCommit, headCommit, opts.job);
+      if (opts.job.length === 0) diffs.save(c.repo, baseCommit, headCommit, jobs);
+    }
+    printDiff(jobs, opts.json ?? false);
+  } finally {
+    db.close();
+  }
+  return 0;
+}
+
+async function computeDiff(
+  c: ReturnType<typeof context>,
+  baseRev: string,
+  headRev: string,
+  jobFilter: readonly string[],
+): Promise<StoredJobDiff[]> {
+  const base = await evaluateCommit({ ...c, rev: baseRev, jobs: jobFilter });
+  const head = await evaluateCommit({ ...c, rev: headRev, jobs: jobFilter });
   const graph = await closureOf([...base.jobs, ...head.jobs].flatMap((j) => j.attrs));
   const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))];
-  const jobs = names.map((name) => {
+  return names.map((name) => {
     const d = diffEvaluations(
       base.jobs.find((j) => j.name === name)?.attrs ?? [],
       head.jobs.find((j) => j.name === name)?.attrs ?? [],
@@ -56,7 +86,10 @@ export async function diffCommand(opts: CommonOptions & { base: string; head: st
     );
     return { name, attrs: d.attrs, rebuildCountBySystem: d.rebuildCountBySystem };
   });
-  if (opts.json) process.stdout.write(`${JSON.stringify({ jobs }, null, 2)}\n`);
+}
+
+function printDiff(jobs: readonly StoredJobDiff[], json: boolean): void {
+  if (json) process.stdout.write(`${JSON.stringify({ jobs }, null, 2)}\n`);
   else {
     for (const j of jobs) {
       process.stdout.write(`job ${j.name}\n`);
@@ -69,7 +102,6 @@ export async function diffCommand(opts: CommonOptions & { base: string; head: st
       process.stdout.write(`  rebuilds: ${counts.length ? counts.join(', ') : 'none'}\n`);
     }
   }
-  return 0;
 }
 
 /** Inputs and systems of every derivation the evaluations reached, read from the `.drv` files in-process. */

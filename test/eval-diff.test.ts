@@ -1,5 +1,5 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { nonce, tempDir } from './support/nix-project.js';
@@ -89,7 +89,8 @@ describe('ekaci eval and ekaci diff', () => {
 
   it('classifies every attribute and counts what the change rebuilds, including changes through a dependency', async () => {
     const { repo, base, head } = makeRepo();
-    const r = await ekaci(['diff', '--repo', repo, '--base', base, '--head', head, '--json', '--data-dir', tempDir()]);
+    const dataDir = tempDir();
+    const r = await ekaci(['diff', '--repo', repo, '--base', base, '--head', head, '--json', '--data-dir', dataDir]);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const [job] = (JSON.parse(r.stdout) as DiffJson).jobs;
@@ -106,6 +107,26 @@ describe('ekaci eval and ekaci diff', () => {
     });
     // lib-2, app, tool and fresh are new derivations
     expect(Object.values(job!.rebuildCountBySystem)).toEqual([4]);
+
+    // The diff is stored: asked again, it is read back instead of evaluating both commits (which would root
+    // their derivations under gcroots/ again).
+    rmSync(join(dataDir, 'gcroots'), { recursive: true, force: true });
+    const again = await ekaci([
+      'diff',
+      '--repo',
+      repo,
+      '--base',
+      base,
+      '--head',
+      head,
+      '--json',
+      '--data-dir',
+      dataDir,
+    ]);
+    expect(again.stderr).toBe('');
+    expect(again.code).toBe(0);
+    expect(JSON.parse(again.stdout)).toEqual(JSON.parse(r.stdout));
+    expect(existsSync(join(dataDir, 'gcroots'))).toBe(false);
   });
 
   it('evaluates a flake job (config under .eka-ci/) for the local system', async () => {

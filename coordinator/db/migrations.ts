@@ -109,4 +109,17 @@ export const MIGRATIONS: readonly string[] = [
     detail TEXT
   );
   `,
+  `
+  -- Rebuild diffs between two commits of a repository, per job: a change summary reads them back instead of
+  -- evaluating both commits again.
+  CREATE TABLE rebuild_diffs (
+    repo        TEXT NOT NULL,
+    base_commit TEXT NOT NULL,
+    head_commit TEXT NOT NULL,
+    job         TEXT NOT NULL,
+    diff_json   TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (repo, base_commit, head_commit, job)
+  ) WITHOUT ROWID;
+  `,
 ];
