@@ -9,7 +9,7 @@ const EVALUATOR = fileURLToPath(new URL('./evaluator.ts', import.meta.url));
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 
 describe('GC roots of evaluated derivations', () => {
-  it('keep the .drv files through a nix-store --gc, which collects an unrooted one (private mount-namespace store)', () => {
+  it('keep the .drv files through nix-store --gc runs during and after evaluation, which collect an unrooted one (private mount-namespace store)', () => {
     const dir = tempDir('ekaci-gcroots-');
     const tag = nonce();
     const emptyNix = join(dir, 'nix');
@@ -27,7 +27,11 @@ import { existsSync } from 'node:fs';
 import { evaluateBuiltIn } from ${JSON.stringify(EVALUATOR)};
 const nix = ['--option', 'substituters', ''];
 const rooted = [];
-for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2 })) rooted.push(r.drvPath);
+for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2 })) {
+  // A collection while the evaluation is still running must neither break it nor take what it rooted.
+  if (rooted.length === 0) execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
+  rooted.push(r.drvPath);
+}
 const control = execFileSync('nix-instantiate', [...nix, '--expr', ${JSON.stringify(drv('control'))}], { encoding: 'utf8' }).trim();
 const before = [...rooted, control].map((p) => existsSync(p));
 execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
