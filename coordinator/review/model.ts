@@ -1,0 +1,67 @@
+/**
+ * The review of a change — what a reviewer reads to decide "should I merge this?". One model, rendered three
+ * ways: markdown (check runs, `ekaci review`), JSON (API, `ekaci review --json`) and HTML (web UI). The JSON
+ * form is exactly this model.
+ */
+
+export type Change = 'added' | 'removed' | 'changed' | 'unchanged';
+
+export type BuildOutcomeName =
+  'succeeded' | 'failed' | 'dependency-failed' | 'timed-out' | 'unbuildable' | 'cancelled' | 'not-built';
+
+/** How a changed attribute's build moved between base and head. */
+export type Outcome = 'newly-failing' | 'still-failing' | 'newly-succeeding' | 'still-succeeding';
+
+export interface SideResult {
+  drv: string | null;
+  eval: 'ok' | 'error';
+  error?: string;
+  build: BuildOutcomeName;
+}
+
+export interface OutputSizes {
+  output: string;
+  base: { narSize: number; closureSize: number } | null;
+  head: { narSize: number; closureSize: number } | null;
+  narSizeDelta: number | null;
+  closureSizeDelta: number | null;
+  /** Closure growth in percent of the base closure; null without a base. */
+  closureSizePercent: number | null;
+  /** The job's size_check.max_increase_percent was exceeded. */
+  warning: boolean;
+}
+
+export interface DependencyChange {
+  name: string;
+  /** Versions on each side; [] where the dependency is absent. */
+  base: string[];
+  head: string[];
+  kind: 'added' | 'removed' | 'changed';
+}
+
+export interface RootCause {
+  drv: string;
+  /** The last lines of the root's build log. */
+  logTail: string;
+}
+
+export interface AttrReview {
+  job: string;
+  attr: string;
+  system: string | null;
+  change: Change;
+  outcome?: Outcome;
+  base?: SideResult;
+  head?: SideResult;
+  sizes?: OutputSizes[];
+  dependencies?: DependencyChange[];
+  rootCauses?: RootCause[];
+}
+
+export interface Review {
+  base: { rev: string };
+  head: { rev: string };
+  attrs: AttrReview[];
+  /** Counts per outcome, plus `added`, `removed`, `eval-failing` (new evaluation errors) and `size-warnings`. */
+  summary: Record<string, number>;
+}
