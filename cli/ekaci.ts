@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { runCli } from './run-cli.js';
 import { buildCommand } from './build-command.js';
 import { diffCommand, evalCommand } from './eval-commands.js';
+import { reviewCommand } from './review-command.js';
 
 /** `ekaci`: the developer's and admin's command line. */
 const program = new Command('ekaci').description('eka-ci: continuous integration for Nix package sets');
@@ -46,6 +47,24 @@ program
   .option('-v, --verbose', 'log what happens (JSON on stderr)')
   .action(async (opts: Parameters<typeof diffCommand>[0]) => {
     process.exitCode = await diffCommand(opts);
+  });
+
+program
+  .command('review')
+  .description('should I merge this? Evaluate both commits, build what the change touches, and report')
+  .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched)')
+  .requiredOption('--base <rev>', 'the commit the change is based on')
+  .requiredOption('--head <rev>', 'the changed commit')
+  .option('--job <name>', 'only this job (repeatable)', collect, [])
+  .option('--agents <n>', 'local agents (more than one: each in its own mount namespace and /nix, as root)', '1')
+  .option('--config <file>', 'coordinator TOML configuration (timeouts, …)')
+  .option('--markdown <file>', 'also write the summary as GitHub-flavoured markdown to FILE')
+  .option('--json <file>', 'also write the review as JSON to FILE')
+  .option('--no-build', 'evaluate and diff only')
+  .option('--data-dir <dir>', 'state directory (database, logs, cache, git mirrors)')
+  .option('-v, --verbose', 'log what happens (JSON on stderr)')
+  .action(async (opts: Parameters<typeof reviewCommand>[0]) => {
+    process.exitCode = await reviewCommand(opts);
   });
 
 function collect(value: string, previous: string[]): string[] {

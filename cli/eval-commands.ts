@@ -11,7 +11,7 @@ import { type ClosureSource, diffEvaluations } from '../coordinator/graph/rebuil
 import { openDatabase } from '../coordinator/db/database.js';
 import { GitMirrors } from '../coordinator/git/git-mirrors.js';
 
-interface CommonOptions {
+export interface CommonOptions {
   repo: string;
   job: string[];
   json?: boolean;
@@ -19,7 +19,11 @@ interface CommonOptions {
   verbose?: boolean;
 }
 
-function context(opts: CommonOptions): { repo: string; dataDir: string; logger: ReturnType<typeof silentLogger> } {
+export function context(opts: CommonOptions): {
+  repo: string;
+  dataDir: string;
+  logger: ReturnType<typeof silentLogger>;
+} {
   const repo = resolve(opts.repo);
   if (!/^[a-z]+:\/\//.test(opts.repo) && !existsSync(repo))
     throw new UsageError(`--repo ${opts.repo}: no such directory`);
@@ -76,6 +80,11 @@ async function computeDiff(
 ): Promise<StoredJobDiff[]> {
   const base = await evaluateCommit({ ...c, rev: baseRev, jobs: jobFilter });
   const head = await evaluateCommit({ ...c, rev: headRev, jobs: jobFilter });
+  return diffOf(base, head);
+}
+
+/** The rebuild diff of two evaluations, job by job. */
+export async function diffOf(base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
   const graph = await closureOf([...base.jobs, ...head.jobs].flatMap((j) => j.attrs));
   const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))];
   return names.map((name) => {

@@ -85,6 +85,11 @@ export class Coordinator {
     return `${this.options.web.publicUrl ?? `http://${hostFor(this.options.web.address)}:${this.httpPort}`}/cache`;
   }
 
+  /** A store path's references as the built-in cache knows them; [] for a path it does not have. */
+  async references(path: string): Promise<string[]> {
+    return (await this.requireCache().narInfo(path))?.references ?? [];
+  }
+
   get cachePublicKey(): string {
     return this.requireCache().publicKey;
   }

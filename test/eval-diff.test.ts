@@ -1,21 +1,8 @@
-import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { ekaci, git } from './support/cli.js';
 import { nonce, tempDir } from './support/nix-project.js';
-
-const ROOT = join(import.meta.dirname, '..');
-const GIT_ENV = {
-  ...process.env,
-  GIT_AUTHOR_NAME: 'eka-ci test',
-  GIT_AUTHOR_EMAIL: 'test@eka-ci.invalid',
-  GIT_COMMITTER_NAME: 'eka-ci test',
-  GIT_COMMITTER_EMAIL: 'test@eka-ci.invalid',
-};
-
-function git(repo: string, ...args: string[]): string {
-  return execFileSync('git', ['-C', repo, ...args], { env: GIT_ENV, encoding: 'utf8' }).trim();
-}
 
 function packageSet(tag: string, body: string): string {
   return `let mk = name: deps: derivation {
@@ -51,15 +38,6 @@ function makeRepo(): { repo: string; base: string; head: string } {
   );
   git(repo, 'commit', '-qam', 'head');
   return { repo, base, head: git(repo, 'rev-parse', 'HEAD') };
-}
-
-function ekaci(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), ...args], { cwd: ROOT });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
 }
 
 interface DiffJson {

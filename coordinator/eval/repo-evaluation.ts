@@ -12,6 +12,8 @@ import { evaluate } from './evaluator.js';
 export interface JobEvaluation {
   name: string;
   allowEvalFailures: boolean;
+  /** The job's size_check threshold, if any. */
+  maxIncreasePercent: number | undefined;
   attrs: EvalResult[];
   seconds: number;
 }
@@ -58,6 +60,7 @@ export async function evaluateCommit(options: {
       jobs.push({
         name: job.name,
         allowEvalFailures: job.allowEvalFailures,
+        maxIncreasePercent: job.sizeCheck?.maxIncreasePercent,
         attrs,
         seconds: (performance.now() - started) / 1000,
       });

@@ -1,0 +1,236 @@
+import { describe, expect, it } from 'vitest';
+import { GITHUB_SUMMARY_MAX_CHARS, renderMarkdown } from './markdown.js';
+import type { AttrReview, BuildOutcomeName, Outcome, Review } from './model.js';
+
+const ok = (build: BuildOutcomeName) => ({ drv: '/nix/store/aaa-x.drv', eval: 'ok' as const, build });
+
+function attr(name: string, outcome: Outcome, extra: Partial<AttrReview> = {}): AttrReview {
+  const [base, head]: BuildOutcomeName[] = {
+    'newly-failing': ['succeeded', 'failed'],
+    'still-failing': ['failed', 'failed'],
+    'newly-succeeding': ['failed', 'succeeded'],
+    'still-succeeding': ['succeeded', 'succeeded'],
+  }[outcome] as BuildOutcomeName[];
+  return {
+    job: 'nixpkgs',
+    attr: name,
+    system: 'x86_64-linux',
+    change: 'changed',
+    outcome,
+    base: ok(base ?? 'succeeded'),
+    head: ok(head ?? 'succeeded'),
+    ...extra,
+  };
+}
+
+function review(attrs: AttrReview[]): Review {
+  return { base: { rev: 'a'.repeat(40) }, head: { rev: 'b'.repeat(40) }, attrs, summary: {} };
+}
+
+const logLines = (n: number, width = 20) =>
+  Array.from({ length: n }, (_, i) => `line ${i} `.padEnd(width, 'x')).join('\n');
+
+/** One attribute for every section of the review. */
+function everySection(): Review {
+  return review([
+    attr('hello', 'newly-failing', {
+      head: { ...ok('dependency-failed') },
+      rootCauses: [{ drv: '/nix/store/bbb-openssl-3.0.drv', logTail: logLines(40) + '\nerror: tests failed\n' }],
+    }),
+    attr('broken-eval', 'newly-failing', {
+      head: {
+        drv: null,
+        eval: 'error',
+        error: "error:\n  … while evaluating\n\n  error: attribute 'a|b' missing",
+        build: 'not-built',
+      },
+    }),
+    attr('chromium', 'still-succeeding', {
+      sizes: [
+        {
+          output: 'out',
+          base: { narSize: 100, closureSize: 100 * 1024 * 1024 },
+          head: { narSize: 150, closureSize: 150 * 1024 * 1024 },
+          narSizeDelta: 50,
+          closureSizeDelta: 50 * 1024 * 1024,
+          closureSizePercent: 50,
+          warning: true,
+        },
+      ],
+      dependencies: [{ name: 'glibc', base: ['2.39'], head: ['2.40'], kind: 'changed' }],
+    }),
+    attr('fixed', 'newly-succeeding'),
+    attr('flaky', 'still-failing'),
+    { job: 'nixpkgs', attr: 'newpkg', system: 'x86_64-linux', change: 'added', head: ok('succeeded') },
+    { job: 'nixpkgs', attr: 'oldpkg', system: 'x86_64-linux', change: 'removed', base: ok('succeeded') },
+    attr('curl', 'still-succeeding'),
+    { job: 'nixpkgs', attr: 'same', system: 'x86_64-linux', change: 'unchanged' },
+  ]);
+}
+
+const headings = (md: string) => md.split('\n').filter((l) => l.startsWith('### '));
+
+describe('renderMarkdown', () => {
+  it('starts with a one-line verdict counting what is newly failing', () => {
+    expect(renderMarkdown(everySection()).split('\n')[0]).toBe(
+      '❌ 2 newly failing, 1 new evaluation error · ⚠️ 1 size warning',
+    );
+    expect(renderMarkdown(review([attr('curl', 'still-succeeding')])).split('\n')[0]).toBe('✅ nothing newly failing');
+  });
+
+  it('orders sections by what a reviewer needs first and only counts what still succeeds', () => {
+    const md = renderMarkdown(everySection());
+
+    expect(headings(md)).toEqual([
+      '### Newly failing (2)',
+      '### Evaluation regressions (1)',
+      '### Size warnings (1)',
+      '### Newly succeeding (1)',
+      '### Still failing (1)',
+      '### Added (1)',
+      '### Removed (1)',
+      '### Runtime dependency changes (1)',
+    ]);
+    expect(md).toContain('Not listed: 2 still succeeding, 1 unchanged.');
+    expect(md).not.toContain('`curl`');
+  });
+
+  it('lists a newly failing attribute with its system, base → head result and a details link', () => {
+    const md = renderMarkdown(everySection(), { detailsUrl: (a) => `https://ci.example/attr/${a.attr}` });
+
+    expect(md).toContain('| attribute | system | base → head | details |');
+    expect(md).toContain(
+      '| `hello` | `x86_64-linux` | succeeded → dependency-failed | [details](https://ci.example/attr/hello) |',
+    );
+  });
+
+  it('names the root cause of a dependency failure and shows its last 30 log lines inside <details>', () => {
+    const md = renderMarkdown(everySection());
+
+    expect(md).toContain('**Root cause** `/nix/store/bbb-openssl-3.0.drv` breaks `hello`');
+    const details = /<details><summary>(.*)<\/summary>\n\n```\n([\s\S]*?)\n```\n\n<\/details>/.exec(md);
+    expect(details?.[1]).toBe('Last 30 log lines of <code>/nix/store/bbb-openssl-3.0.drv</code>');
+    const shown = details?.[2]?.split('\n') ?? [];
+    expect(shown).toHaveLength(30);
+    expect(shown.at(-1)).toBe('error: tests failed');
+    expect(shown[0]).toMatch(/^line 11 /);
+  });
+
+  it('fences a log containing backtick runs with a longer fence, so the log cannot close it', () => {
+    const r = review([
+      attr('docs', 'newly-failing', {
+        rootCauses: [{ drv: '/nix/store/ccc-docs.drv', logTail: 'see ```nix\nfoo\n```\nand ````` five\n' }],
+      }),
+    ]);
+
+    const md = renderMarkdown(r);
+
+    expect(md).toContain('\n\n``````\nsee ```nix\nfoo\n```\nand ````` five\n``````\n\n</details>');
+  });
+
+  it('escapes a pipe in an evaluation error and shows the final error message, not the trace', () => {
+    const md = renderMarkdown(everySection());
+
+    const row = md.split('\n').find((l) => l.startsWith('| `broken-eval`') && l.includes('error:'));
+    expect(row).toBe("| `broken-eval` | `x86_64-linux` | ok → error | error: attribute 'a\\|b' missing |");
+    // Exactly five unescaped pipes: four columns.
+    expect(row?.match(/(?<!\\)\|/g)).toHaveLength(5);
+  });
+
+  it('escapes pipes, backticks and newlines in table cells', () => {
+    const r = review([
+      attr('weird`name|x', 'newly-failing', {
+        head: { drv: null, eval: 'error', error: 'error: `a` | *b*\nsecond', build: 'not-built' },
+      }),
+    ]);
+
+    const md = renderMarkdown(r);
+
+    expect(md).toContain('| ``weird`name\\|x`` |');
+    expect(md).toContain('| error: \\`a\\` \\| \\*b\\*<br>second |');
+  });
+
+  it('shows size warnings with base and head closure sizes, delta and percent', () => {
+    expect(renderMarkdown(everySection())).toContain(
+      '| `chromium` | `out` | 100.0 MiB | 150.0 MiB | +50.0 MiB | +50.0 % |',
+    );
+  });
+
+  it('shows runtime dependency changes once per change with the attributes they affect', () => {
+    const r = review(
+      ['a', 'b', 'c', 'd', 'e'].map((name) =>
+        attr(name, 'still-succeeding', {
+          dependencies: [{ name: 'openssl', base: ['3.0.1'], head: ['3.0.2'], kind: 'changed' }],
+        }),
+      ),
+    );
+
+    expect(renderMarkdown(r)).toContain('| `openssl` | 3.0.1 | 3.0.2 | `a`, `b`, `c` and 2 more |');
+  });
+
+  it('fits a review of 20,000 attributes with long logs into a check-run summary and names what it left out', () => {
+    const attrs: AttrReview[] = [];
+    for (let i = 0; i < 40; i++) {
+      attrs.push(
+        attr(`failing-${i}`, 'newly-failing', {
+          head: ok('dependency-failed'),
+          rootCauses: [{ drv: `/nix/store/${i}-root.drv`, logTail: logLines(5_000, 120) }],
+        }),
+      );
+    }
+    for (let i = 0; i < 2_000; i++) attrs.push(attr(`still-failing-${i}`, 'still-failing'));
+    for (let i = 0; i < 1_000; i++) attrs.push(attr(`succeeding-now-${i}`, 'newly-succeeding'));
+    for (let i = 0; i < 16_960; i++) {
+      attrs.push(
+        attr(`pkg-${i}`, 'still-succeeding', {
+          dependencies: [{ name: `dep-${i % 3_000}`, base: ['1.0'], head: ['1.1'], kind: 'changed' }],
+        }),
+      );
+    }
+
+    const md = renderMarkdown(review(attrs));
+
+    expect(md.length).toBeLessThanOrEqual(GITHUB_SUMMARY_MAX_CHARS);
+    expect(md.split('\n')[0]).toBe('❌ 40 newly failing');
+    const failingRows = md.split('\n').filter((l) => l.startsWith('| `failing-'));
+    expect(failingRows).toHaveLength(40);
+    for (let i = 0; i < 40; i++) expect(md).toContain(`**Root cause** \`/nix/store/${i}-root.drv\``);
+    expect(md).toMatch(/… log excerpts of \d+ root causes left out to fit\./);
+    expect(md).toContain('… 3,000 dependency changes left out to fit.');
+    expect(md).toContain('Not listed: 16,960 still succeeding.');
+    expect(md).toContain('_Shortened to fit 65,535 characters; what was left out is noted above._');
+    expect(headings(md)).toEqual([
+      '### Newly failing (40)',
+      '### Newly succeeding (1,000)',
+      '### Still failing (2,000)',
+      '### Runtime dependency changes (3,000)',
+    ]);
+  });
+
+  it('truncates the rows of a table too long to fit, never cutting it mid-row, and says how many are missing', () => {
+    const attrs = Array.from({ length: 500 }, (_, i) => attr(`failing-${i}`, 'newly-failing'));
+
+    const md = renderMarkdown(review(attrs), { maxChars: 5_000 });
+
+    expect(md.length).toBeLessThanOrEqual(5_000);
+    const rows = md.split('\n').filter((l) => l.startsWith('| `failing-'));
+    expect(rows.length).toBeGreaterThan(10);
+    for (const row of rows) expect(row).toMatch(/^\| `failing-\d+` \| `x86_64-linux` \| succeeded → failed \|$/);
+    expect(md).toContain(`\n\n… ${500 - rows.length} more not shown.`);
+  });
+
+  it('still starts with the verdict and stays within a tiny limit', () => {
+    const attrs = Array.from({ length: 2_000 }, (_, i) =>
+      attr(`failing-${i}`, 'newly-failing', {
+        rootCauses: [{ drv: `/nix/store/${i}-root.drv`, logTail: logLines(100) }],
+      }),
+    );
+
+    for (const maxChars of [2_000, 200, 10]) {
+      const md = renderMarkdown(review(attrs), { maxChars });
+
+      expect(md.length).toBeLessThanOrEqual(maxChars);
+      expect(md.startsWith('❌ 2,000 newly failing'.slice(0, maxChars - 1))).toBe(true);
+    }
+  });
+});

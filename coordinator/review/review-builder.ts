@@ -1,0 +1,116 @@
+import type { EvalResult } from '../eval/eval-result.js';
+import type { StoredJobDiff } from '../graph/diff-store.js';
+import type { BuildState } from '../scheduler/build-state.js';
+import { classifyOutcome, summarise } from './classify.js';
+import { diffClosures, runtimeClosure } from './closure-diff.js';
+import type { AttrReview, BuildOutcomeName, Review, SideResult } from './model.js';
+import { compareSizes } from './sizes.js';
+
+/** What the builder needs to know about one derivation's build, from the coordinator's database. */
+export interface BuildFacts {
+  state: BuildState;
+  rootCause: string | null;
+  outputs: Array<{ name: string; path: string; narSize: number | null; closureSize: number | null }>;
+}
+
+export interface ReviewInputs {
+  baseRev: string;
+  headRev: string;
+  jobs: ReadonlyArray<{
+    name: string;
+    maxIncreasePercent: number | undefined;
+    diff: StoredJobDiff;
+    base: readonly EvalResult[];
+    head: readonly EvalResult[];
+  }>;
+  build(drvPath: string): BuildFacts | undefined;
+  /** The last `lines` lines of the newest build log of a derivation. */
+  logTail(drvPath: string, lines: number): string;
+  /** A store path's references, from the binary cache; [] when unknown. */
+  references(path: string): Promise<string[]>;
+}
+
+// As many log lines as a reviewer reads before opening the full log.
+const ROOT_CAUSE_LOG_LINES = 30;
+
+/** Assembles the review of a change from its rebuild diff, evaluations and build results. */
+export async function buildReview(inputs: ReviewInputs): Promise<Review> {
+  const attrs: AttrReview[] = [];
+  for (const job of inputs.jobs) {
+    const baseByAttr = new Map(job.base.map((a) => [a.attr, a]));
+    const headByAttr = new Map(job.head.map((a) => [a.attr, a]));
+    for (const d of job.diff.attrs) {
+      const baseEval = baseByAttr.get(d.attr);
+      const headEval = headByAttr.get(d.attr);
+      const base = baseEval ? side(baseEval, inputs) : undefined;
+      const head = headEval ? side(headEval, inputs) : undefined;
+      const review: AttrReview = {
+        job: job.name,
+        attr: d.attr,
+        system: d.system,
+        change: d.change,
+        ...(base ? { base } : {}),
+        ...(head ? { head } : {}),
+      };
+      const outcome = d.change === 'changed' ? classifyOutcome(base, head, d.change) : undefined;
+      if (outcome) review.outcome = outcome;
+      const rootCause = head?.drv ? inputs.build(head.drv)?.rootCause : null;
+      if (head?.build === 'dependency-failed' && rootCause) {
+        review.rootCauses = [{ drv: rootCause, logTail: inputs.logTail(rootCause, ROOT_CAUSE_LOG_LINES) }];
+      }
+      if (d.change === 'changed' && base?.drv && head?.drv) {
+        const baseOut = sizesOf(inputs.build(base.drv));
+        const headOut = sizesOf(inputs.build(head.drv));
+        if (baseOut || headOut) review.sizes = compareSizes(baseOut, headOut, job.maxIncreasePercent);
+        if (base.build === 'succeeded' && head.build === 'succeeded') {
+          const dependencies = diffClosures(
+            await closureOf(inputs.build(base.drv), inputs),
+            await closureOf(inputs.build(head.drv), inputs),
+          );
+          if (dependencies.length > 0) review.dependencies = dependencies;
+        }
+      }
+      attrs.push(review);
+    }
+  }
+  return { base: { rev: inputs.baseRev }, head: { rev: inputs.headRev }, attrs, summary: summarise(attrs) };
+}
+
+function side(e: EvalResult, inputs: ReviewInputs): SideResult {
+  if (e.error || !e.drvPath)
+    return { drv: e.drvPath ?? null, eval: 'error', error: e.error ?? 'no derivation', build: 'not-built' };
+  return { drv: e.drvPath, eval: 'ok', build: outcomeName(inputs.build(e.drvPath)?.state) };
+}
+
+export function outcomeName(state: BuildState | undefined): BuildOutcomeName {
+  switch (state) {
+    case 'succeeded':
+    case 'substituted':
+      return 'succeeded';
+    case 'failed':
+    case 'dependency-failed':
+    case 'timed-out':
+    case 'unbuildable':
+    case 'cancelled':
+      return state;
+    default:
+      return 'not-built';
+  }
+}
+
+function sizesOf(facts: BuildFacts | undefined): Record<string, { narSize: number; closureSize: number }> | undefined {
+  if (!facts || facts.outputs.every((o) => o.narSize === null)) return undefined;
+  return Object.fromEntries(
+    facts.outputs.map((o) => [o.name, { narSize: o.narSize ?? 0, closureSize: o.closureSize ?? 0 }]),
+  );
+}
+
+async function closureOf(facts: BuildFacts | undefined, inputs: ReviewInputs): Promise<string[]> {
+  if (!facts) return [];
+  return [
+    ...(await runtimeClosure(
+      facts.outputs.map((o) => o.path),
+      (p) => inputs.references(p),
+    )),
+  ];
+}

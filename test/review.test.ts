@@ -1,0 +1,111 @@
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import type { Review } from '../coordinator/review/model.js';
+import { ekaci, git } from './support/cli.js';
+import { nonce, tempDir } from './support/nix-project.js';
+
+/**
+ * A repository whose change covers the common review categories: a library change that reaches an
+ * application only through its dependency, a package that starts failing, one that is fixed, one added, one
+ * removed, and an attribute whose evaluation breaks.
+ */
+function changeRepo(): { repo: string; base: string; head: string } {
+  const repo = tempDir('ekaci-review-repo-');
+  const tag = nonce();
+  git(repo, 'init', '-q');
+  mkdirSync(join(repo, '.eka-ci'));
+  writeFileSync(join(repo, '.eka-ci', 'config.json'), JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } }));
+  const write = (body: string): void =>
+    writeFileSync(
+      join(repo, 'default.nix'),
+      `let mk = name: script: deps: derivation {
+  name = "\${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" script ]; inherit deps;
+};
+in rec {
+${body}
+}
+`,
+    );
+  const ok = (word: string): string => `"echo ${word} $deps > $out"`;
+  write(`lib = mk "lib" ${ok('v1')} [ ];
+  app = mk "app" ${ok('app')} [ lib ];
+  breaks = mk "breaks" ${ok('fine')} [ ];
+  fixed = mk "fixed" "echo broken; exit 1" [ ];
+  gone = mk "gone" ${ok('gone')} [ ];
+  evals = mk "evals" ${ok('evals')} [ ];`);
+  git(repo, 'add', '-A');
+  git(repo, 'commit', '-qm', 'base');
+  const base = git(repo, 'rev-parse', 'HEAD');
+  write(`lib = mk "lib" ${ok('v2')} [ ];
+  app = mk "app" ${ok('app')} [ lib ];
+  breaks = mk "breaks" "echo this change broke it; exit 2" [ ];
+  fixed = mk "fixed" ${ok('repaired')} [ ];
+  fresh = mk "fresh" ${ok('fresh')} [ ];
+  evals = abort "evaluation broke";`);
+  git(repo, 'commit', '-qam', 'head');
+  return { repo, base, head: git(repo, 'rev-parse', 'HEAD') };
+}
+
+describe('ekaci review', () => {
+  it('reports what the change does, writes markdown and JSON, and exits 1 when something is newly failing', async () => {
+    const { repo, base, head } = changeRepo();
+    const dir = tempDir();
+    const args = ['review', '--repo', repo, '--base', base, '--head', head, '--data-dir', join(dir, 'data')];
+    const r = await ekaci([...args, '--markdown', join(dir, 'review.md'), '--json', join(dir, 'review.json')]);
+    expect(r.code).toBe(1);
+    const review = JSON.parse(readFileSync(join(dir, 'review.json'), 'utf8')) as Review;
+    expect(review.base.rev).toBe(base);
+    expect(review.head.rev).toBe(head);
+    const by = Object.fromEntries(review.attrs.map((a) => [a.attr, a]));
+    expect(by.lib).toMatchObject({ change: 'changed', outcome: 'still-succeeding' });
+    expect(by.app).toMatchObject({ change: 'changed', outcome: 'still-succeeding' }); // only through lib
+    expect(by.breaks).toMatchObject({ change: 'changed', outcome: 'newly-failing', head: { build: 'failed' } });
+    expect(by.fixed).toMatchObject({ change: 'changed', outcome: 'newly-succeeding', base: { build: 'failed' } });
+    expect(by.fresh).toMatchObject({ change: 'added', head: { build: 'succeeded', eval: 'ok' } });
+    expect(by.gone).toMatchObject({ change: 'removed' });
+    expect(by.evals?.head).toMatchObject({ eval: 'error', build: 'not-built' });
+    expect(by.evals?.head?.error).toMatch(/evaluation broke/);
+    const sizes = by.lib?.sizes?.[0];
+    expect(sizes?.base?.narSize).toBeGreaterThan(0);
+    expect(sizes?.head?.closureSize).toBeGreaterThan(0);
+    expect(review.summary['newly-failing']).toBe(1);
+    expect(review.summary['newly-succeeding']).toBe(1);
+
+    const markdown = readFileSync(join(dir, 'review.md'), 'utf8');
+    expect(markdown).toBe(r.stdout);
+    expect(markdown.split('\n')[0]).toMatch(/newly failing/i);
+    expect(markdown).toMatch(/breaks/);
+    expect(markdown.indexOf('breaks')).toBeLessThan(markdown.indexOf('fresh'));
+
+    // The base side's results are remembered: a second review of the same change builds nothing there.
+    const again = await ekaci([...args, '--json', join(dir, 'again.json')]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/building \d+ head and 0 base attributes/);
+  });
+
+  it('evaluates and diffs only with --no-build; a new evaluation failure still makes it exit 1', async () => {
+    const { repo, base, head } = changeRepo();
+    const dir = tempDir();
+    const r = await ekaci([
+      'review',
+      '--repo',
+      repo,
+      '--base',
+      base,
+      '--head',
+      head,
+      '--no-build',
+      '--json',
+      join(dir, 'r.json'),
+      '--data-dir',
+      join(dir, 'data'),
+    ]);
+    // Evaluation broke for `evals`: that is newly failing even without building.
+    expect(r.code).toBe(1);
+    const review = JSON.parse(readFileSync(join(dir, 'r.json'), 'utf8')) as Review;
+    expect(review.attrs.find((a) => a.attr === 'breaks')?.head?.build).toBe('not-built');
+    expect(review.summary['eval-failing']).toBe(1);
+  });
+});
