@@ -22,47 +22,40 @@ program
     process.exitCode = await buildCommand(file, opts);
   });
 
-program
-  .command('eval')
-  .description("evaluate a commit's jobs (from its .eka-ci/config.json) in a local or remote git repository")
-  .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched; a mirror is used)')
+/** A subcommand over commits of a git repository: --repo, --job, --data-dir and -v, shared by all of them. */
+function repoCommand(name: string, description: string): Command {
+  return program
+    .command(name)
+    .description(description)
+    .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched; a mirror is used)')
+    .option('--job <name>', 'only this job (repeatable)', collect, [])
+    .option('--data-dir <dir>', 'state directory (database, logs, cache, git mirrors, GC roots)')
+    .option('-v, --verbose', 'log what happens (JSON on stderr)');
+}
+
+repoCommand('eval', "evaluate a commit's jobs (from its .eka-ci/config.json) in a local or remote git repository")
   .requiredOption('--rev <rev>', 'commit, branch or ref to evaluate')
-  .option('--job <name>', 'only this job (repeatable)', collect, [])
   .option('--json', 'print the evaluation as JSON')
-  .option('--data-dir <dir>', 'state directory (git mirrors, GC roots)')
-  .option('-v, --verbose', 'log what happens (JSON on stderr)')
   .action(async (opts: Parameters<typeof evalCommand>[0]) => {
     process.exitCode = await evalCommand(opts);
   });
 
-program
-  .command('diff')
-  .description('what a change rebuilds: attributes added, removed, changed, with blast radius and rebuild counts')
-  .requiredOption('--repo <path-or-url>', 'git repository')
+repoCommand('diff', 'what a change rebuilds: attributes added, removed, changed, with blast radius and rebuild counts')
   .requiredOption('--base <rev>', 'the commit the change is based on')
   .requiredOption('--head <rev>', 'the changed commit')
-  .option('--job <name>', 'only this job (repeatable)', collect, [])
   .option('--json', 'print the diff as JSON')
-  .option('--data-dir <dir>', 'state directory (git mirrors, GC roots)')
-  .option('-v, --verbose', 'log what happens (JSON on stderr)')
   .action(async (opts: Parameters<typeof diffCommand>[0]) => {
     process.exitCode = await diffCommand(opts);
   });
 
-program
-  .command('review')
-  .description('should I merge this? Evaluate both commits, build what the change touches, and report')
-  .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched)')
+repoCommand('review', 'should I merge this? Evaluate both commits, build what the change touches, and report')
   .requiredOption('--base <rev>', 'the commit the change is based on')
   .requiredOption('--head <rev>', 'the changed commit')
-  .option('--job <name>', 'only this job (repeatable)', collect, [])
   .option('--agents <n>', 'local agents (more than one: each in its own mount namespace and /nix, as root)', '1')
   .option('--config <file>', 'coordinator TOML configuration (timeouts, …)')
   .option('--markdown <file>', 'also write the summary as GitHub-flavoured markdown to FILE')
   .option('--json <file>', 'also write the review as JSON to FILE')
   .option('--no-build', 'evaluate and diff only')
-  .option('--data-dir <dir>', 'state directory (database, logs, cache, git mirrors)')
-  .option('-v, --verbose', 'log what happens (JSON on stderr)')
   .action(async (opts: Parameters<typeof reviewCommand>[0]) => {
     process.exitCode = await reviewCommand(opts);
   });
