@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { UsageError } from '../common/errors.js';
-import { createLogger, silentLogger } from '../common/logging.js';
+import { createLogger, type Logger, silentLogger } from '../common/logging.js';
 import { defaultDataDir } from '../coordinator/config.js';
 import type { EvalResult } from '../coordinator/eval/eval-result.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
@@ -22,15 +22,19 @@ export interface CommonOptions {
 export function context(opts: CommonOptions): {
   repo: string;
   dataDir: string;
-  logger: ReturnType<typeof silentLogger>;
+  logger: Logger;
+  mirrors: GitMirrors;
 } {
+  const isUrl = /^[a-z]+:\/\//.test(opts.repo);
   const repo = resolve(opts.repo);
-  if (!/^[a-z]+:\/\//.test(opts.repo) && !existsSync(repo))
-    throw new UsageError(`--repo ${opts.repo}: no such directory`);
+  if (!isUrl && !existsSync(repo)) throw new UsageError(`--repo ${opts.repo}: no such directory`);
+  const dataDir = opts.dataDir ? resolve(opts.dataDir) : defaultDataDir();
+  const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
   return {
-    repo: /^[a-z]+:\/\//.test(opts.repo) ? opts.repo : repo,
-    dataDir: opts.dataDir ? resolve(opts.dataDir) : defaultDataDir(),
-    logger: opts.verbose ? createLogger('ekaci') : silentLogger(),
+    repo: isUrl ? opts.repo : repo,
+    dataDir,
+    logger,
+    mirrors: new GitMirrors({ dir: join(dataDir, 'git'), logger }),
   };
 }
 
@@ -51,10 +55,9 @@ export async function evalCommand(opts: CommonOptions & { rev: string }): Promis
 /** `ekaci diff --repo PATH --base REV --head REV [--job NAME]… [--json]`: what the change rebuilds. */
 export async function diffCommand(opts: CommonOptions & { base: string; head: string }): Promise<number> {
   const c = context(opts);
-  const mirrors = new GitMirrors({ dir: join(c.dataDir, 'git'), logger: c.logger });
   const [baseCommit, headCommit] = [
-    await mirrors.ensureCommit(c.repo, opts.base),
-    await mirrors.ensureCommit(c.repo, opts.head),
+    await c.mirrors.ensureCommit(c.repo, opts.base),
+    await c.mirrors.ensureCommit(c.repo, opts.head),
   ];
   const db = openDatabase(join(c.dataDir, 'ekaci.sqlite'));
   try {

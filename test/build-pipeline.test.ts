@@ -6,10 +6,12 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../agent/agent.js';
 import { spawnAgentProcess } from '../cli/embedded.js';
+import { sleep } from '../common/backoff.js';
 import { silentLogger } from '../common/logging.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
+import { killGroup } from './support/cli.js';
 import { RawAgent, startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
@@ -25,14 +27,6 @@ afterEach(async () => {
   await coordinator?.stopNow();
   coordinator = undefined;
 });
-
-function killGroup(c: ChildProcess): void {
-  try {
-    if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
-  } catch {
-    // already gone
-  }
-}
 
 async function localAgent(
   agentId: string,
@@ -246,7 +240,3 @@ describe('building derivations on agents', () => {
     expect(second.map((x) => x.state)).toEqual(['substituted', 'substituted']);
   });
 });
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}

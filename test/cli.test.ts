@@ -1,48 +1,24 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { basename, join } from 'node:path';
+import { sleep } from '../common/backoff.js';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawnAgentProcess } from '../cli/embedded.js';
+import { killGroup, startCli } from './support/cli.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
-const ROOT = join(import.meta.dirname, '..');
 const children: ChildProcess[] = [];
 
 afterEach(() => {
-  for (const c of children.splice(0)) {
-    try {
-      if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
-    } catch {
-      // gone already
-    }
-  }
+  for (const c of children.splice(0)) killGroup(c);
 });
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function ekaci(
-  args: string[],
-  env: NodeJS.ProcessEnv = {},
-  program = 'ekaci',
-): { child: ChildProcess; done: Promise<Run> } {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', `${program}.ts`), ...args], {
-    cwd: ROOT,
-    env: { ...process.env, ...env },
-    detached: true,
-  });
-  children.push(child);
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-  return { child, done };
+function ekaci(args: string[], env: NodeJS.ProcessEnv = {}, program = 'ekaci'): ReturnType<typeof startCli> {
+  const run = startCli(args, { env, program });
+  children.push(run.child);
+  return run;
 }
 
 describe('ekaci build', () => {
@@ -274,8 +250,4 @@ function freePort(): Promise<number> {
       s.close(() => resolve(port));
     });
   });
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

@@ -1,7 +1,6 @@
 import { join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
-import type { Logger } from '../../common/logging.js';
-import { GitMirrors } from '../git/git-mirrors.js';
+import type { GitMirrors } from '../git/git-mirrors.js';
 import { RepoConfigError } from '../repo-config/errors.js';
 import { type FlakeJob, type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
@@ -26,16 +25,16 @@ export interface CommitEvaluation {
 /**
  * Evaluates the jobs of a repository at one revision: the commit is checked out from the coordinator's mirror
  * of the repository, its `.eka-ci/config.json` read, and each job evaluated. The checkout is released after.
+ * `mirrors` is the process's one GitMirrors for the data directory (it cleans up stale worktrees when created).
  */
 export async function evaluateCommit(options: {
+  mirrors: GitMirrors;
   dataDir: string;
   repo: string;
   rev: string;
   jobs?: readonly string[];
-  logger: Logger;
 }): Promise<CommitEvaluation> {
-  const mirrors = new GitMirrors({ dir: join(options.dataDir, 'git'), logger: options.logger });
-  const checkout = await mirrors.checkout(options.repo, options.rev);
+  const checkout = await options.mirrors.checkout(options.repo, options.rev);
   try {
     const config = await loadRepoConfig(checkout.dir);
     if (!config) {

@@ -1,4 +1,4 @@
-import { execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { join } from 'node:path';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -22,12 +22,38 @@ export interface CliRun {
   stderr: string;
 }
 
-/** Runs `ekaci` (from the TypeScript sources) to completion. */
-export function ekaci(args: string[]): Promise<CliRun> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), ...args], { cwd: ROOT });
+/**
+ * Starts an eka-ci command (`ekaci`, `ekaci-coordinator`) from the TypeScript sources, as the leader of its own
+ * process group so that `killGroup` also reaches what it started.
+ */
+export function startCli(
+  args: string[],
+  options: { program?: string; env?: NodeJS.ProcessEnv } = {},
+): { child: ChildProcess; done: Promise<CliRun> } {
+  const program = join(ROOT, 'cli', `${options.program ?? 'ekaci'}.ts`);
+  const child = spawn(process.execPath, ['--import', 'tsx', program, ...args], {
+    cwd: ROOT,
+    env: { ...process.env, ...options.env },
+    detached: true,
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
   child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-  return new Promise((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  const done = new Promise<CliRun>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  return { child, done };
+}
+
+/** Runs `ekaci` to completion. */
+export function ekaci(args: string[]): Promise<CliRun> {
+  return startCli(args).done;
+}
+
+/** SIGKILL to a child's whole process group; a group already gone is fine. */
+export function killGroup(c: ChildProcess): void {
+  try {
+    if (c.pid !== undefined) process.kill(-c.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
 }
