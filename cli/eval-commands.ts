@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { UsageError } from '../common/errors.js';
@@ -5,9 +6,8 @@ import { createLogger, type Logger, silentLogger } from '../common/logging.js';
 import { defaultDataDir } from '../coordinator/config.js';
 import type { EvalResult } from '../coordinator/eval/eval-result.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
-import { readClosure } from '../coordinator/graph/ingest.js';
+import { diffCommits } from '../coordinator/graph/commit-diff.js';
 import { DiffStore, type StoredJobDiff } from '../coordinator/graph/diff-store.js';
-import { type ClosureSource, diffEvaluations } from '../coordinator/graph/rebuild-diff.js';
 import { openDatabase } from '../coordinator/db/database.js';
 import { GitMirrors } from '../coordinator/git/git-mirrors.js';
 
@@ -24,6 +24,8 @@ export function context(opts: CommonOptions): {
   dataDir: string;
   logger: Logger;
   mirrors: GitMirrors;
+  /** A revision as the user's repository names it (`HEAD~1`, `main`, a short sha) → its commit id. */
+  revision(rev: string): string;
 } {
   const isUrl = /^[a-z]+:\/\//.test(opts.repo);
   const repo = resolve(opts.repo);
@@ -35,7 +37,27 @@ export function context(opts: CommonOptions): {
     dataDir,
     logger,
     mirrors: new GitMirrors({ dir: join(dataDir, 'git'), logger }),
+    revision: (rev) => (isUrl ? rev : localRevision(repo, rev)),
   };
+}
+
+/**
+ * Resolves a revision in a local repository the way its user would (`HEAD~1`, a branch, a short sha), read-only.
+ * What the repository cannot resolve is passed on unchanged, for the mirror to fetch or to reject with a reason.
+ */
+function localRevision(repo: string, rev: string): string {
+  try {
+    return execFileSync(
+      'git',
+      ['-C', repo, 'rev-parse', '--verify', '--quiet', '--end-of-options', `${rev}^{commit}`],
+      {
+        encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'ignore'],
+      },
+    ).trim();
+  } catch {
+    return rev;
+  }
 }
 
 /**
@@ -44,7 +66,7 @@ export function context(opts: CommonOptions): {
  */
 export async function evalCommand(opts: CommonOptions & { rev: string }): Promise<number> {
   const c = context(opts);
-  const result = await evaluateCommit({ ...c, rev: opts.rev, jobs: opts.job });
+  const result = await evaluateCommit({ ...c, rev: c.revision(opts.rev), jobs: opts.job });
   const json = {
     jobs: result.jobs.map((j) => ({ name: j.name, attrs: j.attrs.map(attrJson), seconds: round(j.seconds) })),
   };
@@ -56,8 +78,8 @@ export async function evalCommand(opts: CommonOptions & { rev: string }): Promis
 export async function diffCommand(opts: CommonOptions & { base: string; head: string }): Promise<number> {
   const c = context(opts);
   const [baseCommit, headCommit] = [
-    await c.mirrors.ensureCommit(c.repo, opts.base),
-    await c.mirrors.ensureCommit(c.repo, opts.head),
+    await c.mirrors.ensureCommit(c.repo, c.revision(opts.base)),
+    await c.mirrors.ensureCommit(c.repo, c.revision(opts.head)),
   ];
   const db = openDatabase(join(c.dataDir, 'ekaci.sqlite'));
   try {
@@ -83,21 +105,7 @@ async function computeDiff(
 ): Promise<StoredJobDiff[]> {
   const base = await evaluateCommit({ ...c, rev: baseRev, jobs: jobFilter });
   const head = await evaluateCommit({ ...c, rev: headRev, jobs: jobFilter });
-  return diffOf(base, head);
-}
-
-/** The rebuild diff of two evaluations, job by job. */
-export async function diffOf(base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
-  const graph = await closureOf([...base.jobs, ...head.jobs].flatMap((j) => j.attrs));
-  const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))];
-  return names.map((name) => {
-    const d = diffEvaluations(
-      base.jobs.find((j) => j.name === name)?.attrs ?? [],
-      head.jobs.find((j) => j.name === name)?.attrs ?? [],
-      graph,
-    );
-    return { name, attrs: d.attrs, rebuildCountBySystem: d.rebuildCountBySystem };
-  });
+  return diffCommits(base, head);
 }
 
 function printDiff(jobs: readonly StoredJobDiff[], json: boolean): void {
@@ -114,16 +122,6 @@ function printDiff(jobs: readonly StoredJobDiff[], json: boolean): void {
       process.stdout.write(`  rebuilds: ${counts.length ? counts.join(', ') : 'none'}\n`);
     }
   }
-}
-
-/** Inputs and systems of every derivation the evaluations reached, read from the `.drv` files in-process. */
-async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
-  const roots = [...new Set(attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])))];
-  const nodes = new Map((await readClosure(roots, () => false)).map((n) => [n.drvPath, n]));
-  return {
-    inputsOf: (drv) => nodes.get(drv)?.inputs ?? [],
-    systemOf: (drv) => nodes.get(drv)?.system ?? 'unknown',
-  };
 }
 
 function attrJson(a: EvalResult): Record<string, unknown> {

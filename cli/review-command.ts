@@ -1,14 +1,13 @@
 import { writeFileSync } from 'node:fs';
-import { UsageError } from '../common/errors.js';
+import { IllegalStateError, UsageError } from '../common/errors.js';
 import { loadCoordinatorConfig } from '../coordinator/config.js';
-import { evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
+import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { isTerminal } from '../coordinator/scheduler/build-state.js';
 import { isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
-import { buildReview } from '../coordinator/review/review-builder.js';
-import type { Review } from '../coordinator/review/model.js';
 import { EmbeddedSystem } from './embedded.js';
-import { type CommonOptions, context, diffOf } from './eval-commands.js';
+import { type CommonOptions, context } from './eval-commands.js';
+import { Progress } from './progress.js';
 
 export interface ReviewOptions extends Omit<CommonOptions, 'json'> {
   base: string;
@@ -30,15 +29,23 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
   const agents = Number(opts.agents);
   if (!Number.isInteger(agents) || agents < 1)
     throw new UsageError(`--agents takes a whole number ≥ 1, got "${opts.agents}"`);
-  const c = context({ ...opts, json: false });
-  const progress = (line: string): void => void process.stderr.write(`${line}\n`);
-  progress(`evaluating ${opts.base} (base)…`);
-  const base = await evaluateCommit({ ...c, rev: opts.base, jobs: opts.job });
-  progress(`evaluating ${opts.head} (head)…`);
-  const head = await evaluateCommit({ ...c, rev: opts.head, jobs: opts.job });
-  const diffs = await diffOf(base, head);
-
   const config = loadCoordinatorConfig(opts.config, process.env, { unbuildable_grace_seconds: 0 });
+  const c = context({ ...opts, json: false });
+  const progress = new Progress(process.stderr);
+  const evaluate = async (rev: string, side: string): Promise<CommitEvaluation> => {
+    progress.line(`evaluating ${side} ${rev}…`);
+    const e = await evaluateCommit({ ...c, rev: c.revision(rev), jobs: opts.job });
+    const attrs = e.jobs.flatMap((j) => j.attrs);
+    const errors = attrs.filter((a) => a.error).length;
+    const seconds = e.jobs.reduce((t, j) => t + j.seconds, 0);
+    progress.line(
+      `  ${side} ${e.commit.slice(0, 12)}: ${attrs.length} attributes, ${errors} evaluation errors (${seconds.toFixed(1)} s)`,
+    );
+    return e;
+  };
+  const base = await evaluate(opts.base, 'base');
+  const head = await evaluate(opts.head, 'head');
+
   config.dataDir = c.dataDir;
   config.web = { ...config.web, address: '127.0.0.1', port: 0 };
   config.grpc = { ...config.grpc, address: '127.0.0.1', port: 0 };
@@ -49,9 +56,14 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
     logger: c.logger,
   });
   await system.start();
+  const { manager, store, reviews } = system.coordinator;
+  const onSignal = (): void => {
+    progress.line('interrupted: cancelling builds…');
+    manager.cancel(manager.activeDerivations(), 'interrupted by the user');
+  };
+  process.once('SIGINT', onSignal);
   try {
-    const manager = system.coordinator.manager;
-    const store = system.coordinator.store;
+    const diffs = await reviews.record(c.repo, base, head);
     if (opts.build) {
       const headRoots = diffs.flatMap((d) =>
         d.attrs
@@ -68,49 +80,26 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
           })
           .map((a) => ({ attr: `${d.name}.${a.attr}`, drvPath: a.baseDrv! })),
       );
-      progress(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
-      const requests = [];
-      if (headRoots.length > 0) requests.push(await manager.submit(headRoots, `ekaci review head ${head.commit}`));
-      if (baseRoots.length > 0) requests.push(await manager.submit(baseRoots, `ekaci review base ${base.commit}`));
-      await Promise.all(requests.map((r) => manager.waitFor(r)));
+      progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
+      progress.watch(manager, store);
+      try {
+        const requests = [];
+        if (headRoots.length > 0) requests.push(await manager.submit(headRoots, `ekaci review head ${head.commit}`));
+        if (baseRoots.length > 0) requests.push(await manager.submit(baseRoots, `ekaci review base ${base.commit}`));
+        await Promise.all(requests.map((r) => manager.waitFor(r)));
+      } finally {
+        progress.stop();
+      }
     }
-    const review: Review = await buildReview({
-      baseRev: base.commit,
-      headRev: head.commit,
-      jobs: diffs.map((d) => ({
-        name: d.name,
-        maxIncreasePercent: head.jobs.find((j) => j.name === d.name)?.maxIncreasePercent,
-        diff: d,
-        base: base.jobs.find((j) => j.name === d.name)?.attrs ?? [],
-        head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],
-      })),
-      build: (drv) => {
-        const row = store.derivation(drv);
-        if (!row) return undefined;
-        return {
-          state: row.state,
-          rootCause: row.root_cause,
-          outputs: store.outputsOf(drv).map((o) => ({
-            name: o.name,
-            path: o.path,
-            narSize: o.nar_size,
-            closureSize: o.closure_size,
-          })),
-        };
-      },
-      logTail: (drv, lines) => {
-        const attempt = store.derivation(drv)?.attempts ?? 0;
-        const text = system.coordinator.logs.read(system.coordinator.logs.pathFor(drv, attempt)).toString('utf8');
-        return text.trimEnd().split('\n').slice(-lines).join('\n');
-      },
-      references: (path) => system.coordinator.references(path),
-    });
+    const review = await reviews.reviewOf(c.repo, base.commit, head.commit, opts.job);
+    if (!review) throw new IllegalStateError('the evaluations just recorded are missing from the database');
     const markdown = renderMarkdown(review);
     if (opts.markdown) writeFileSync(opts.markdown, markdown);
     if (opts.json) writeFileSync(opts.json, `${JSON.stringify(review, null, 2)}\n`);
     process.stdout.write(markdown);
     return isNewlyFailing(review) ? 1 : 0;
   } finally {
+    process.off('SIGINT', onSignal);
     await system.stop();
   }
 }

@@ -13,6 +13,8 @@ import { BinaryCache } from './cache/binary-cache.js';
 import { cacheRouter, tokenAuthenticator } from './cache/http-routes.js';
 import { loadOrCreateSigningKey } from './cache/signing-key.js';
 import { DerivationGraph } from './graph/derivation-graph.js';
+import { DiffStore } from './graph/diff-store.js';
+import { EvaluationStore } from './eval/evaluation-store.js';
 import type { CoordinatorOptions } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
@@ -21,6 +23,7 @@ import { LogStore } from './logs/log-store.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
 import { BuildStore } from './scheduler/build-store.js';
+import { ReviewService } from './review/review-service.js';
 
 /**
  * Lifecycle: `created` → `running` (start) → `stopped` (stopGracefully / stopNow). Graceful stop drains agents
@@ -39,6 +42,8 @@ export class Coordinator {
   readonly logs: LogStore;
   readonly audit: AuditLog;
   readonly tokens: TokenStore;
+  readonly evaluations: EvaluationStore;
+  readonly reviews: ReviewService;
   /** A token for agents started by this process (the embedded system); never written anywhere. */
   readonly localAgentToken = generateToken();
   private hub: AgentHub | undefined;
@@ -64,6 +69,7 @@ export class Coordinator {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
       pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
         this.requireCache().pushFromLocalStore(paths, o),
+      sizes: (paths: readonly string[]) => this.requireCache().sizes(paths),
     };
     this.manager = new BuildManager(
       this.store,
@@ -79,6 +85,14 @@ export class Coordinator {
       logger.child({ component: 'builds' }),
       new DerivationGraph(this.store, options.graphLruCapacity),
     );
+    this.evaluations = new EvaluationStore(this.db);
+    this.reviews = new ReviewService({
+      store: this.store,
+      logs: this.logs,
+      evaluations: this.evaluations,
+      diffs: new DiffStore(this.db),
+      references: (path) => this.references(path),
+    });
   }
 
   get cacheUrl(): string {
@@ -122,7 +136,13 @@ export class Coordinator {
         cache: cacheRouter(this.cache, {
           authenticateUpload: tokenAuthenticator((t) => this.tokens.verify(t) !== undefined),
         }),
-        api: apiRouter(this.store, this.logs, this.manager),
+        api: apiRouter({
+          store: this.store,
+          logs: this.logs,
+          manager: this.manager,
+          reviews: this.reviews,
+          evaluations: this.evaluations,
+        }),
         metrics,
         ready: () => this.state === 'running',
       },

@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -107,5 +108,20 @@ describe('ekaci review', () => {
     const review = JSON.parse(readFileSync(join(dir, 'r.json'), 'utf8')) as Review;
     expect(review.attrs.find((a) => a.attr === 'breaks')?.head?.build).toBe('not-built');
     expect(review.summary['eval-failing']).toBe(1);
+  });
+});
+
+describe('the demo (npm run demo)', () => {
+  it('reviews the example change: nothing newly failing, a size warning, a fix, an addition', () => {
+    const dir = tempDir();
+    const r = spawnSync('bash', [join(import.meta.dirname, '..', 'examples', 'demo.sh'), '--data-dir', dir], {
+      encoding: 'utf8',
+    });
+    expect(r.stderr).not.toMatch(/ekaci:/);
+    expect(r.status).toBe(0);
+    expect(r.stdout.split('\n')[0]).toBe('✅ nothing newly failing · ⚠️ 2 size warnings');
+    expect(r.stdout).toContain('| `cowsay` | `x86_64-linux` | failed → succeeded |');
+    expect(r.stdout).toContain('| `lolcat` | `x86_64-linux` | succeeded |');
+    expect(r.stdout).toContain('| `greeting` | 1.0 | 1.1 | `greeting`, `hello` |');
   });
 });

@@ -103,6 +103,42 @@ export class BinaryCache {
   }
 
   /**
+   * NAR size and closure size (the sum of the NAR sizes of its runtime closure) of each path the cache holds with
+   * its whole closure; paths whose closure is incomplete in the cache are left out.
+   */
+  async sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>> {
+    const infos = new Map<string, NarInfo | undefined>();
+    const info = async (p: string): Promise<NarInfo | undefined> => {
+      if (!infos.has(p)) infos.set(p, await this.narInfo(p));
+      return infos.get(p);
+    };
+    const out = new Map<string, { narSize: number; closureSize: number }>();
+    for (const root of storePaths) {
+      const top = await info(root);
+      if (!top) continue;
+      const seen = new Set([root]);
+      const todo = [root];
+      let closureSize = 0;
+      let complete = true;
+      while (todo.length > 0) {
+        const i = await info(todo.pop()!);
+        if (!i) {
+          complete = false;
+          break;
+        }
+        closureSize += i.narSize;
+        for (const r of i.references) {
+          if (seen.has(r)) continue;
+          seen.add(r);
+          todo.push(r);
+        }
+      }
+      if (complete) out.set(root, { narSize: top.narSize, closureSize });
+    }
+    return out;
+  }
+
+  /**
    * Copies `paths` and their closures from the coordinator's Nix store into the cache, signed, in one `nix copy`.
    * With `derivation`, `.drv` paths are copied as files (with their input `.drv`s and sources) rather than
    * resolved to their outputs — what an agent needs before it can build them.

@@ -122,4 +122,19 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (repo, base_commit, head_commit, job)
   ) WITHOUT ROWID;
   `,
+  `
+  -- Each job's evaluation of a commit, kept so a review can be recomputed from the database for any pair of
+  -- commits the coordinator has seen.
+  CREATE TABLE commit_evaluations (
+    repo                 TEXT NOT NULL,
+    commit_sha           TEXT NOT NULL,
+    job                  TEXT NOT NULL,
+    allow_eval_failures  INTEGER NOT NULL,
+    max_increase_percent REAL,
+    attrs_json           TEXT NOT NULL,            -- JSON array of EvalResult
+    seconds              REAL NOT NULL,
+    created_at           INTEGER NOT NULL,
+    PRIMARY KEY (repo, commit_sha, job)
+  ) WITHOUT ROWID;
+  `,
 ];

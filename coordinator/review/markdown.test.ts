@@ -83,7 +83,7 @@ describe('renderMarkdown', () => {
 
     expect(headings(md)).toEqual([
       '### Newly failing (2)',
-      '### Evaluation regressions (1)',
+      '### Evaluation errors (1)',
       '### Size warnings (1)',
       '### Newly succeeding (1)',
       '### Still failing (1)',

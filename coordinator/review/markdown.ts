@@ -2,9 +2,9 @@ import type { AttrReview, OutputSizes, Review, SideResult } from './model.js';
 
 /**
  * The review as GitHub-flavoured markdown, for a check run's summary and `ekaci review`. Sections come in the
- * order a reviewer needs them — verdict, newly failing, evaluation regressions, size warnings, then the rest —
- * and when the text would not fit in `maxChars` it is shortened from the least important end, always saying
- * what was left out. Tables are never cut mid-row: a table is either shown (perhaps with its first rows only)
+ * order a reviewer needs them — verdict, newly failing, evaluation errors (new ones first), size warnings, then
+ * the rest — and when the text would not fit in `maxChars` it is shortened from the least important end, always
+ * saying what was left out. Tables are never cut mid-row: a table is either shown (perhaps with its first rows only)
  * or replaced by a count line.
  */
 
@@ -170,12 +170,15 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
   const oldEval = attrs.filter((a) => a.head?.eval === 'error' && a.base?.eval === 'error');
   const sizeWarnings = attrs.flatMap((a) => (a.sizes ?? []).filter((s) => s.warning).map((s) => ({ a, s })));
   const added = attrs.filter((a) => a.change === 'added');
+  // Changed attributes whose head evaluated but whose comparison says nothing: unbuildable (no agent with the
+  // system or features), cancelled, or not built at all (`--no-build`). A reviewer must see them, not miss them.
+  const notBuilt = attrs.filter((a) => a.change === 'changed' && !a.outcome && a.head?.eval === 'ok');
   const removed = attrs.filter((a) => a.change === 'removed');
 
   const tables: Table[] = [
     results('Newly failing', 'newly failing attributes', newlyFailing),
     {
-      heading: 'Evaluation regressions',
+      heading: 'Evaluation errors',
       noun: 'evaluation errors',
       header: header(['attribute', 'system', 'evaluation base → head', 'error']),
       rows: [...newEval, ...oldEval].map((a) =>
@@ -190,6 +193,12 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
     },
     results('Newly succeeding', 'newly succeeding attributes', outcome('newly-succeeding')),
     results('Still failing', 'still failing attributes', outcome('still-failing')),
+    {
+      heading: 'Not built',
+      noun: 'changed attributes not built',
+      header: header(['attribute', 'system', 'base → head', ...linkHeader]),
+      rows: notBuilt.map((a) => row([label(a), system(a), moved(a), ...link(a)])),
+    },
     {
       heading: 'Added',
       noun: 'added attributes',

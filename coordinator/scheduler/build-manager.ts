@@ -22,6 +22,8 @@ import { type AgentCapabilities, Scheduler, agentMatchesLane } from './scheduler
 export interface OutputCache {
   hasPaths(storePaths: string[]): Set<string> | Promise<Set<string>>;
   pushFromLocalStore(paths: string[], options?: { derivation?: boolean }): Promise<void>;
+  /** NAR and closure sizes of paths the cache holds (with their closures). */
+  sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>>;
 }
 
 export interface BuildManagerOptions {
@@ -138,6 +140,9 @@ export class BuildManager extends EventEmitter {
     const freshSet = new Set(fresh.map((d) => d.drvPath));
     const settled = await this.findSettled(fresh);
     const toBuild = fresh.filter((d) => !settled.has(d.drvPath));
+    // Outputs found already built still get their sizes recorded: a review compares them like built ones.
+    const settledOutputs = fresh.filter((d) => settled.has(d.drvPath)).flatMap((d) => Object.values(d.outputs));
+    const sizes = settledOutputs.length > 0 ? await this.cache.sizes(settledOutputs) : new Map<string, never>();
     if (toBuild.length > 0) {
       // Agents with their own stores fetch the .drv closure from the cache.
       await this.cache.pushFromLocalStore(
@@ -157,6 +162,10 @@ export class BuildManager extends EventEmitter {
         if (prior.state !== 'queued')
           this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
         if (settled.has(d.drvPath)) {
+          for (const [name, path] of Object.entries(d.outputs)) {
+            const size = sizes.get(path);
+            if (size) this.store.recordOutput(d.drvPath, name, path, size.narSize, size.closureSize);
+          }
           this.store.setState(d.drvPath, 'substituted', prior.attempts, now);
           this.settledNow.push(d.drvPath);
           continue;

@@ -1,0 +1,115 @@
+import { isTerminal } from '../coordinator/scheduler/build-state.js';
+import type { BuildManager } from '../coordinator/scheduler/build-manager.js';
+import type { BuildStore } from '../coordinator/scheduler/build-store.js';
+import { storePathName } from '../common/nix/store-path.js';
+
+// Redraws this often on a terminal: smooth enough for elapsed-time counters, cheap on the event loop.
+const REDRAW_MS = 250;
+// Without a terminal a status line is written this often, so a CI log shows progress without flooding.
+const PLAIN_STATUS_MS = 15_000;
+// Running builds listed by name on a terminal; the rest are counted.
+const MAX_RUNNING_SHOWN = 8;
+
+const SUCCEEDED = new Set(['succeeded', 'substituted']);
+
+/**
+ * What `ekaci review` shows while it works: the phase (evaluating, building), the build queue, running builds
+ * with their names, agents and elapsed time, and counts of done and failed derivations. On a terminal the block
+ * is redrawn in place; otherwise plain lines are written (each failure at once, a status line now and then).
+ */
+export class Progress {
+  private block = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private watching: { manager: BuildManager; store: BuildStore; off: () => void } | undefined;
+  private done = 0;
+  private failed = 0;
+  private buildStarted = 0;
+  private lastPlain = 0;
+
+  constructor(
+    private readonly out: NodeJS.WriteStream,
+    private readonly tty = out.isTTY === true,
+  ) {}
+
+  /** A line that stays (a phase starting or ending). */
+  line(text: string): void {
+    this.clear();
+    this.out.write(`${text}\n`);
+    this.draw();
+  }
+
+  /** Follows the builds of `manager` until `stop()`. */
+  watch(manager: BuildManager, store: BuildStore): void {
+    const onSettled = (drvPath: string): void => {
+      const row = store.derivation(drvPath);
+      if (!row || !isTerminal(row.state)) return;
+      if (SUCCEEDED.has(row.state)) this.done++;
+      else {
+        this.failed++;
+        this.line(`  ${row.state.padEnd(17)} ${storePathName(drvPath)}`);
+      }
+    };
+    manager.on('settled', onSettled);
+    this.watching = { manager, store, off: () => manager.off('settled', onSettled) };
+    this.buildStarted = Date.now();
+    this.lastPlain = this.buildStarted;
+    this.timer = setInterval(() => this.tick(), REDRAW_MS);
+    this.timer.unref();
+    this.draw();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    this.clear();
+    if (this.watching) {
+      this.out.write(`${this.status()}\n`);
+      this.watching.off();
+      this.watching = undefined;
+    }
+  }
+
+  private tick(): void {
+    if (this.tty) {
+      this.clear();
+      this.draw();
+    } else if (Date.now() - this.lastPlain >= PLAIN_STATUS_MS) {
+      this.lastPlain = Date.now();
+      this.out.write(`${this.status()}\n`);
+    }
+  }
+
+  private status(): string {
+    const running = this.watching?.store.openAttempts().length ?? 0;
+    const queued = this.watching?.manager.pendingCount ?? 0;
+    return `builds: ${queued} queued, ${running} running, ${this.done} done, ${this.failed} failed (${clock(Date.now() - this.buildStarted)})`;
+  }
+
+  private draw(): void {
+    if (!this.tty || !this.watching) return;
+    const running = this.watching.store.openAttempts();
+    const now = Date.now();
+    const lines = [this.status()];
+    for (const a of running.slice(0, MAX_RUNNING_SHOWN)) {
+      const since = a.started_at ?? a.assigned_at;
+      lines.push(`  ▸ ${storePathName(a.drv_path)}  ${clock(now - since)}  on ${a.agent_id}`);
+    }
+    if (running.length > MAX_RUNNING_SHOWN) lines.push(`  … and ${running.length - MAX_RUNNING_SHOWN} more`);
+    // Lines longer than the terminal wrap and would break the redraw: cut them to its width.
+    const width = this.out.columns > 0 ? this.out.columns : 120;
+    this.out.write(`${lines.map((l) => (l.length > width ? `${l.slice(0, width - 1)}…` : l)).join('\n')}\n`);
+    this.block = lines.length;
+  }
+
+  private clear(): void {
+    if (!this.tty || this.block === 0) return;
+    // Up to the first line of the block, then erase to the end of the screen.
+    this.out.write(`\x1b[${this.block}F\x1b[J`);
+    this.block = 0;
+  }
+}
+
+function clock(ms: number): string {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+}

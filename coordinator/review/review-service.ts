@@ -1,0 +1,106 @@
+import type { CommitEvaluation } from '../eval/repo-evaluation.js';
+import type { EvaluationStore } from '../eval/evaluation-store.js';
+import { diffCommits } from '../graph/commit-diff.js';
+import type { DiffStore, StoredJobDiff } from '../graph/diff-store.js';
+import type { LogStore } from '../logs/log-store.js';
+import type { BuildStore } from '../scheduler/build-store.js';
+import type { Review } from './model.js';
+import { type BuildFacts, buildReview } from './review-builder.js';
+
+export interface ReviewSources {
+  store: BuildStore;
+  logs: LogStore;
+  evaluations: EvaluationStore;
+  diffs: DiffStore;
+  /** A store path's references, from the binary cache; [] when unknown. */
+  references(path: string): Promise<string[]>;
+}
+
+/**
+ * Reviews computed from the database: the evaluations of both commits, their rebuild diff, and whatever the
+ * build store knows of each derivation right now. `ekaci review` and the coordinator (API, GitHub summary) use
+ * the same code, so a review reads the same wherever it is shown.
+ */
+export class ReviewService {
+  constructor(private readonly sources: ReviewSources) {}
+
+  /** Keeps both evaluations and returns their rebuild diff (stored, so later reviews of the pair reuse it). */
+  async record(repo: string, base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
+    this.sources.evaluations.save(repo, base);
+    this.sources.evaluations.save(repo, head);
+    return this.diff(repo, base, head);
+  }
+
+  /**
+   * The review of `head` against `base`, or undefined when either commit was never evaluated. `jobs` narrows it
+   * to some jobs (all by default).
+   */
+  async reviewOf(
+    repo: string,
+    baseCommit: string,
+    headCommit: string,
+    jobs?: readonly string[],
+  ): Promise<Review | undefined> {
+    const narrow = (e: CommitEvaluation): CommitEvaluation => ({
+      commit: e.commit,
+      jobs: e.jobs.filter((j) => !jobs?.length || jobs.includes(j.name)),
+    });
+    const baseEval = this.sources.evaluations.load(repo, baseCommit);
+    const headEval = this.sources.evaluations.load(repo, headCommit);
+    if (!baseEval || !headEval) return undefined;
+    const base = narrow(baseEval);
+    const head = narrow(headEval);
+    const diffs = await this.diff(repo, base, head);
+    const { store, logs } = this.sources;
+    return buildReview({
+      baseRev: base.commit,
+      headRev: head.commit,
+      jobs: diffs.map((d) => ({
+        name: d.name,
+        maxIncreasePercent: head.jobs.find((j) => j.name === d.name)?.maxIncreasePercent,
+        diff: d,
+        base: base.jobs.find((j) => j.name === d.name)?.attrs ?? [],
+        head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],
+      })),
+      build: (drv) => buildFacts(store, drv),
+      logTail: (drv, lines) => {
+        const attempt = store.derivation(drv)?.attempts ?? 0;
+        const text = logs.read(logs.pathFor(drv, attempt)).toString('utf8');
+        return text.trimEnd().split('\n').slice(-lines).join('\n');
+      },
+      references: (path) => this.sources.references(path),
+    });
+  }
+
+  /** The diff of each job both evaluations have; jobs never diffed before are diffed now and stored. */
+  private async diff(repo: string, base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
+    const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))].sort();
+    const stored = new Map((this.sources.diffs.load(repo, base.commit, head.commit) ?? []).map((d) => [d.name, d]));
+    const missing = names.filter((n) => !stored.has(n));
+    if (missing.length > 0) {
+      const only = (e: CommitEvaluation): CommitEvaluation => ({
+        commit: e.commit,
+        jobs: e.jobs.filter((j) => missing.includes(j.name)),
+      });
+      const fresh = await diffCommits(only(base), only(head));
+      this.sources.diffs.save(repo, base.commit, head.commit, fresh);
+      for (const d of fresh) stored.set(d.name, d);
+    }
+    return names.map((n) => stored.get(n)!);
+  }
+}
+
+function buildFacts(store: BuildStore, drv: string): BuildFacts | undefined {
+  const row = store.derivation(drv);
+  if (!row) return undefined;
+  return {
+    state: row.state,
+    rootCause: row.root_cause,
+    outputs: store.outputsOf(drv).map((o) => ({
+      name: o.name,
+      path: o.path,
+      narSize: o.nar_size,
+      closureSize: o.closure_size,
+    })),
+  };
+}
