@@ -4,14 +4,18 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { z } from 'zod';
 import { ConfigError } from '../common/errors.js';
+import { credentialSource, credentialsSchema, resolveCredentials, type AppCredentials } from './github/credentials.js';
+import { GitHubCredentialsError } from './github/errors.js';
+import { compilePermissions, permissionsSchema, type AppPermissions } from './github/permissions.js';
 import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
 
 /**
  * The coordinator's TOML configuration: parsed and validated once at startup into `CoordinatorOptions`, a fully
  * populated object; nothing reads raw configuration later. Unknown keys are errors naming the key.
  *
- * Secrets may come from the environment instead of the file: `EKACI_<KEY>` for a top-level key, and
- * `EKACI_AGENT_TOKEN_<NAME>` for the agent token called NAME (upper case, `-` as `_`).
+ * Secrets may come from the environment instead of the file: `EKACI_<KEY>` for a top-level key,
+ * `EKACI_AGENT_TOKEN_<NAME>` for the agent token called NAME (upper case, `-` as `_`), `GITHUB_WEBHOOK_SECRET` for
+ * the webhook secret; GitHub App credentials name their own sources (see github/credentials.ts).
  */
 
 // An hour of silence or ten hours in total: a nixpkgs build that says nothing for an hour is stuck.
@@ -24,9 +28,29 @@ const DEFAULT_UNBUILDABLE_GRACE_S = 300;
 const DEFAULT_LEASE_TTL_S = 60;
 // An infrastructure failure is retried this many times in all before the derivation is given up as failed.
 const DEFAULT_MAX_ATTEMPTS = 3;
+// Check runs are updated at most this often per run: a 5,000-derivation rebuild finishes builds faster than GitHub's
+// API rate limit (5,000 requests an hour per installation) allows one update each, and a person reading the check
+// does not need it fresher.
+const DEFAULT_CHECK_RUN_UPDATE_INTERVAL_S = 5;
+const DEFAULT_GITHUB_API_URL = 'https://api.github.com';
+// GitHub generates no webhook secret itself; a short one is guessable offline from any one signed delivery.
+const MIN_WEBHOOK_SECRET_LENGTH = 16;
 
 const port = z.number().int().min(0).max(65_535);
 const seconds = z.number().int().min(0);
+
+const githubApp = z
+  .object({
+    id: z.string().regex(/^[A-Za-z0-9._-]+$/, 'letters, digits, ".", "_" and "-" only'),
+    credentials: credentialsSchema,
+    permissions: permissionsSchema,
+    api_url: z
+      .string()
+      .url()
+      .refine((u) => /^https?:\/\//.test(u), 'an http(s) URL')
+      .default(DEFAULT_GITHUB_API_URL),
+  })
+  .strict();
 
 const schema = z
   .object({
@@ -84,8 +108,38 @@ const schema = z
           .strict(),
       )
       .default([]),
+    github_apps: z
+      .array(githubApp)
+      .default([])
+      .refine((apps) => new Set(apps.map((a) => a.id)).size === apps.length, { message: 'two apps share an id' }),
+    security: z
+      .object({
+        webhook_secret: z.string().min(MIN_WEBHOOK_SECRET_LENGTH).optional(),
+        allow_insecure_webhooks: z.boolean().default(false),
+        require_approval: z.boolean().default(false),
+        approved_users: z.array(z.string().min(1)).default([]),
+      })
+      .strict()
+      .prefault({}),
+    github: z
+      .object({
+        build_draft_pull_requests: z.boolean().default(false),
+        check_run_update_interval_seconds: z.number().min(0).default(DEFAULT_CHECK_RUN_UPDATE_INTERVAL_S),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
+
+export interface GitHubAppOptions {
+  /** The configuration's name for the app. */
+  id: string;
+  /** Server-side only: never handed to anything a repository controls. */
+  credentials: AppCredentials;
+  permissions: AppPermissions;
+  /** REST API root without a trailing `/`: `https://api.github.com`, or `https://HOST/api/v3` for GHES. */
+  apiUrl: string;
+}
 
 export interface CoordinatorOptions {
   dataDir: string;
@@ -102,6 +156,15 @@ export interface CoordinatorOptions {
   cache: { keyName: string };
   /** Tokens declared in the configuration (more live in the database). */
   agentTokens: Array<{ name: string; token: string }>;
+  githubApps: GitHubAppOptions[];
+  security: {
+    /** Undefined only with `allowInsecureWebhooks` or without GitHub Apps. */
+    webhookSecret: string | undefined;
+    allowInsecureWebhooks: boolean;
+    requireApproval: boolean;
+    approvedUsers: string[];
+  };
+  github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
 }
 
 export function defaultDataDir(): string {
@@ -157,6 +220,18 @@ export function compileCoordinatorConfig(
     if (!token) throw new ConfigError(`${source}: agent_tokens.${t.name}: needs token, token_file or env`);
     return { name: t.name, token };
   });
+  const githubApps = c.github_apps.map((app) => compileGitHubApp(app, source, env, baseDir));
+  const webhookSecret = env.GITHUB_WEBHOOK_SECRET || c.security.webhook_secret;
+  if (webhookSecret !== undefined && webhookSecret.length < MIN_WEBHOOK_SECRET_LENGTH) {
+    throw new ConfigError(`GITHUB_WEBHOOK_SECRET: shorter than ${MIN_WEBHOOK_SECRET_LENGTH} characters`);
+  }
+  if (githubApps.length > 0 && webhookSecret === undefined && !c.security.allow_insecure_webhooks) {
+    throw new ConfigError(
+      `${source}: security.webhook_secret: GitHub Apps are configured but no webhook secret is: set ` +
+        'security.webhook_secret or GITHUB_WEBHOOK_SECRET to the secret in the app settings (or, for a local test ' +
+        'only, security.allow_insecure_webhooks = true)',
+    );
+  }
   return {
     dataDir: c.data_dir ? rel(c.data_dir) : defaultDataDir(),
     noOutputTimeoutSeconds: c.build_no_output_timeout_seconds,
@@ -176,7 +251,46 @@ export function compileCoordinatorConfig(
     localAgent: { enabled: c.local_agent.enabled, maxJobs: c.local_agent.max_jobs },
     cache: { keyName: c.cache.key_name },
     agentTokens,
+    githubApps,
+    security: withoutSecretInJson({
+      webhookSecret,
+      allowInsecureWebhooks: c.security.allow_insecure_webhooks,
+      requireApproval: c.security.require_approval,
+      approvedUsers: c.security.approved_users,
+    }),
+    github: {
+      buildDraftPullRequests: c.github.build_draft_pull_requests,
+      checkRunUpdateIntervalMs: Math.round(c.github.check_run_update_interval_seconds * 1000),
+    },
   };
+}
+
+function compileGitHubApp(
+  app: z.infer<typeof githubApp>,
+  source: string,
+  env: NodeJS.ProcessEnv,
+  baseDir: string,
+): GitHubAppOptions {
+  let resolved: AppCredentials;
+  try {
+    resolved = resolveCredentials(credentialSource(app.credentials), env, baseDir, app.id);
+  } catch (err) {
+    if (!(err instanceof GitHubCredentialsError)) throw err;
+    throw new ConfigError(`${source}: github_apps.${app.id}.credentials: ${err.message}`, { cause: err });
+  }
+  return {
+    id: app.id,
+    credentials: resolved,
+    permissions: compilePermissions(app.permissions),
+    apiUrl: app.api_url.replace(/\/+$/, ''),
+  };
+}
+
+/** Options get logged when debugging start-up; the webhook secret must not be, so JSON (and pino) omit it. */
+function withoutSecretInJson<T extends { webhookSecret: string | undefined }>(security: T): T {
+  const shown = (): object => ({ ...security, webhookSecret: security.webhookSecret ? '[redacted]' : undefined });
+  Object.defineProperty(security, 'toJSON', { value: shown, enumerable: false });
+  return security;
 }
 
 /** `EKACI_<TOP_LEVEL_KEY>` replaces a top-level scalar, so secrets and paths can stay out of the file. */

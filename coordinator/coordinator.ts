@@ -24,6 +24,8 @@ import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
 import { BuildStore } from './scheduler/build-store.js';
 import { ReviewService } from './review/review-service.js';
+import { GitMirrors } from './git/git-mirrors.js';
+import { GitHubService } from './github/github-service.js';
 
 /**
  * Lifecycle: `created` → `running` (start) → `stopped` (stopGracefully / stopNow). Graceful stop drains agents
@@ -44,6 +46,8 @@ export class Coordinator {
   readonly tokens: TokenStore;
   readonly evaluations: EvaluationStore;
   readonly reviews: ReviewService;
+  /** The GitHub App side, when `[[github_apps]]` are configured. */
+  readonly github: GitHubService | undefined;
   /** A token for agents started by this process (the embedded system); never written anywhere. */
   readonly localAgentToken = generateToken();
   private hub: AgentHub | undefined;
@@ -93,10 +97,30 @@ export class Coordinator {
       diffs: new DiffStore(this.db),
       references: (path) => this.references(path),
     });
+    this.github =
+      options.githubApps.length > 0
+        ? new GitHubService({
+            options,
+            db: this.db,
+            audit: this.audit,
+            evaluations: this.evaluations,
+            reviews: this.reviews,
+            manager: this.manager,
+            store: this.store,
+            mirrors: new GitMirrors({ dir: join(options.dataDir, 'git'), logger: logger.child({ component: 'git' }) }),
+            publicUrl: () => this.publicUrl,
+            logger,
+          })
+        : undefined;
+  }
+
+  /** Where users and GitHub reach this coordinator's HTTP server. */
+  get publicUrl(): string {
+    return this.options.web.publicUrl ?? `http://${hostFor(this.options.web.address)}:${this.httpPort}`;
   }
 
   get cacheUrl(): string {
-    return `${this.options.web.publicUrl ?? `http://${hostFor(this.options.web.address)}:${this.httpPort}`}/cache`;
+    return `${this.publicUrl}/cache`;
   }
 
   /** A store path's references as the built-in cache knows them; [] for a path it does not have. */
@@ -131,6 +155,7 @@ export class Coordinator {
       agentCount: () => this.hub?.agentCount ?? 0,
       pending: () => this.manager.pendingCount,
     });
+    this.github?.metrics.register(metrics);
     const app = createHttpApp(
       {
         cache: cacheRouter(this.cache, {
@@ -144,6 +169,7 @@ export class Coordinator {
           evaluations: this.evaluations,
         }),
         metrics,
+        ...(this.github ? { github: this.github.router() } : {}),
         ready: () => this.state === 'running',
       },
       this.logger.child({ component: 'http' }),
@@ -180,6 +206,7 @@ export class Coordinator {
     );
     this.manager.recover();
     this.hub.start();
+    this.github?.start();
     this.state = 'running';
     this.logger.info(
       { grpcPort: this.grpcPort, httpPort: this.httpPort, dataDir: this.options.dataDir },
@@ -194,6 +221,7 @@ export class Coordinator {
     this.hub?.drain('coordinator shutting down');
     this.hub?.stop();
     await new Promise<void>((resolve) => this.grpcServer?.tryShutdown(() => resolve()) ?? resolve());
+    await this.github?.stopGracefully();
     await this.closeRest();
   }
 
@@ -206,6 +234,7 @@ export class Coordinator {
 
   private async closeRest(): Promise<void> {
     this.hub?.stop();
+    this.github?.stopNow();
     await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
     this.httpServer?.closeAllConnections();
     this.logs.closeAll();

@@ -137,4 +137,107 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (repo, commit_sha, job)
   ) WITHOUT ROWID;
   `,
+  `
+  -- GitHub webhook deliveries, stored before they are acknowledged so a restart loses none (see
+  -- coordinator/github/delivery-queue.ts). The delivery id doubles as the replay guard. Arrival order is the rowid.
+  CREATE TABLE webhook_deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    event       TEXT NOT NULL,
+    action      TEXT,
+    payload     TEXT NOT NULL,                   -- the JSON body exactly as GitHub signed it
+    source      TEXT NOT NULL,                   -- the address it came from
+    received_at INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'processing', 'done', 'failed')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    finished_at INTEGER
+  );
+  CREATE INDEX webhook_deliveries_open ON webhook_deliveries(state) WHERE state IN ('pending', 'processing');
+  CREATE INDEX webhook_deliveries_finished ON webhook_deliveries(finished_at) WHERE finished_at IS NOT NULL;
+  `,
+  `
+  -- GitHub App state: installations and the repositories they serve, pull requests as last seen, and runs (one
+  -- evaluation + build + report of a commit, possibly against a base) with the derivations each run needs.
+  CREATE TABLE github_installations (
+    installation_id INTEGER PRIMARY KEY,
+    app             TEXT NOT NULL,                 -- the [[github_apps]] id serving it
+    account         TEXT NOT NULL,
+    suspended       INTEGER NOT NULL DEFAULT 0,
+    updated_at      INTEGER NOT NULL
+  );
+  CREATE TABLE github_repositories (
+    full_name       TEXT PRIMARY KEY,              -- owner/name
+    installation_id INTEGER NOT NULL,
+    clone_url       TEXT NOT NULL,
+    default_branch  TEXT NOT NULL,
+    private         INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+  ) WITHOUT ROWID;
+  CREATE TABLE github_pull_requests (
+    repo               TEXT NOT NULL,
+    number             INTEGER NOT NULL,
+    state              TEXT NOT NULL,              -- open | closed
+    head_sha           TEXT NOT NULL,
+    head_clone_url     TEXT NOT NULL,
+    base_sha           TEXT NOT NULL,
+    base_ref           TEXT NOT NULL,
+    author             TEXT NOT NULL,
+    author_association TEXT NOT NULL,
+    draft              INTEGER NOT NULL,
+    approved_by        TEXT,                       -- who approved an outside contributor's PR by command
+    merge_method       TEXT,                       -- a pending @eka-ci merge …
+    merge_for_sha      TEXT,                       -- … for this head
+    merge_by           TEXT,
+    merge_comment_id   INTEGER,                    -- the command's comment, for the rocket when merged
+    updated_at         INTEGER NOT NULL,
+    PRIMARY KEY (repo, number)
+  ) WITHOUT ROWID;
+  CREATE TABLE github_runs (
+    id              INTEGER PRIMARY KEY,
+    repo            TEXT NOT NULL,
+    installation_id INTEGER NOT NULL,
+    kind            TEXT NOT NULL,                 -- pull_request | push | merge_group
+    pr_number       INTEGER,
+    base_sha        TEXT,
+    head_sha        TEXT NOT NULL,
+    base_clone_url  TEXT NOT NULL,
+    head_clone_url  TEXT NOT NULL,
+    extra_attrs     TEXT NOT NULL,                 -- JSON: attributes built even if unchanged
+    rebuild_failed  INTEGER NOT NULL,
+    state           TEXT NOT NULL,                 -- see coordinator/github/run-store.ts
+    error           TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+  );
+  CREATE INDEX github_runs_open ON github_runs(state) WHERE state IN ('queued', 'evaluating', 'building');
+  CREATE INDEX github_runs_commit ON github_runs(repo, head_sha);
+  CREATE TABLE github_run_roots (
+    run_id   INTEGER NOT NULL,
+    side     TEXT NOT NULL,                        -- base | head
+    drv_path TEXT NOT NULL,
+    attr     TEXT NOT NULL,
+    system   TEXT NOT NULL,
+    PRIMARY KEY (run_id, side, drv_path)
+  ) WITHOUT ROWID;
+  CREATE INDEX github_run_roots_drv ON github_run_roots(drv_path);
+  `,
+  `
+  -- GitHub check runs as eka-ci wants them (desired) and as GitHub last acknowledged them (sent); see
+  -- coordinator/github/check-runs.ts. A row is dirty while the two differ and a send is owed.
+  CREATE TABLE check_runs (
+    owner           TEXT NOT NULL,
+    repo            TEXT NOT NULL,
+    head_sha        TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    installation_id INTEGER NOT NULL,
+    github_id       INTEGER,                       -- null until GitHub created the check run
+    desired_json    TEXT NOT NULL,
+    sent_json       TEXT,                          -- null until the first successful send
+    dirty           INTEGER NOT NULL,
+    last_sent_at    INTEGER,
+    failed_error    TEXT,                          -- GitHub refused the desired state for good
+    PRIMARY KEY (owner, repo, head_sha, name)
+  ) WITHOUT ROWID;
+  CREATE INDEX check_runs_dirty ON check_runs(dirty) WHERE dirty = 1;
+  `,
 ];

@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
-import type { GitMirrors } from '../git/git-mirrors.js';
+import type { FetchOptions, GitMirrors } from '../git/git-mirrors.js';
 import { RepoConfigError } from '../repo-config/errors.js';
 import { type FlakeJob, type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
@@ -33,8 +33,10 @@ export async function evaluateCommit(options: {
   repo: string;
   rev: string;
   jobs?: readonly string[];
+  /** Credentials for a private repository (a GitHub installation token). */
+  fetch?: FetchOptions;
 }): Promise<CommitEvaluation> {
-  const checkout = await options.mirrors.checkout(options.repo, options.rev);
+  const checkout = await options.mirrors.checkout(options.repo, options.rev, options.fetch);
   try {
     const config = await loadRepoConfig(checkout.dir);
     if (!config) {

@@ -64,17 +64,27 @@ export interface GitHttpServer {
 }
 
 /** Serves every repository under `projectRoot` over smart HTTP, to clients that send `credentials` as Basic auth. */
-export async function serveGitOverHttp(projectRoot: string, credentials: GitAuth): Promise<GitHttpServer> {
-  const expected = `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`).toString('base64')}`;
+export async function serveGitOverHttp(
+  projectRoot: string,
+  credentials: GitAuth | ((given: GitAuth) => boolean),
+): Promise<GitHttpServer> {
+  const accepts =
+    typeof credentials === 'function'
+      ? credentials
+      : (given: GitAuth) => given.username === credentials.username && given.password === credentials.password;
   const state = { served: 0 };
   const server = createServer((req, res) => {
-    if (req.headers.authorization !== expected) {
+    const basic = /^Basic (.+)$/.exec(req.headers.authorization ?? '')?.[1];
+    const [username = '', ...password] = Buffer.from(basic ?? '', 'base64')
+      .toString('utf8')
+      .split(':');
+    if (!basic || !accepts({ username, password: password.join(':') })) {
       req.resume();
       res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="eka-ci test"' }).end();
       return;
     }
     state.served += 1;
-    httpBackend(projectRoot, credentials.username, req, res);
+    httpBackend(projectRoot, username, req, res);
   });
   server.listen(0, '127.0.0.1');
   await new Promise<void>((resolve) => server.once('listening', resolve));

@@ -10,6 +10,8 @@ export interface HttpRoutes {
   metrics: Registry;
   ready: () => boolean;
   api: Router;
+  /** The GitHub webhook endpoint, when GitHub Apps are configured. */
+  github?: Router;
 }
 
 /** The coordinator's HTTP port: the binary cache, health, metrics and the API. */
@@ -31,6 +33,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   });
   root.use('/cache', routes.cache.routes(), routes.cache.allowedMethods());
   root.use('/api/v1', routes.api.routes(), routes.api.allowedMethods());
+  if (routes.github) root.use(routes.github.routes(), routes.github.allowedMethods());
   app.use(root.routes()).use(root.allowedMethods());
   return app;
 }

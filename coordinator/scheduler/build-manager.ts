@@ -128,9 +128,19 @@ export class BuildManager extends EventEmitter {
    * Takes a build request: the closure of the roots is read, what is already built or in a cache is settled at
    * once, the rest is queued. Returns the request id.
    */
-  async submit(roots: ReadonlyArray<{ attr: string; drvPath: string }>, source: string): Promise<number> {
+  async submit(
+    roots: ReadonlyArray<{ attr: string; drvPath: string }>,
+    source: string,
+    options: { rebuildFailed?: boolean } = {},
+  ): Promise<number> {
     const rootPaths = [...new Set(roots.map((r) => r.drvPath))];
-    const retryable = new Set<BuildState>(['cancelled', 'unbuildable', 'dependency-failed']);
+    // A build failure is final unless someone asks for a rebuild (a "Rebuild failed" button, `@eka-ci rebuild`).
+    const retryable = new Set<BuildState>([
+      'cancelled',
+      'unbuildable',
+      'dependency-failed',
+      ...(options.rebuildFailed ? (['failed', 'timed-out'] as const) : []),
+    ]);
     const known = (p: string): boolean => {
       if (this.scheduler.has(p)) return true;
       const row = this.store.derivation(p);
@@ -375,6 +385,23 @@ export class BuildManager extends EventEmitter {
       }
     });
     this.announceSettled();
+  }
+
+  /** The unfinished derivations in the closures of `roots` (what cancelling a request would stop). */
+  unfinishedClosure(roots: readonly string[]): Set<string> {
+    const out = new Set<string>();
+    const seen = new Set<string>();
+    const todo = [...roots];
+    while (todo.length > 0) {
+      const drv = todo.pop()!;
+      if (seen.has(drv)) continue;
+      seen.add(drv);
+      const row = this.store.derivation(drv);
+      if (!row || isTerminal(row.state)) continue;
+      out.add(drv);
+      todo.push(...this.store.inputsOf(drv));
+    }
+    return out;
   }
 
   /** Every derivation that is not finished, for shutdown: cancel the running ones. */

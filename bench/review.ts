@@ -1,0 +1,379 @@
+/**
+ * bench/review: the end-to-end time of `ekaci review --no-build` (bin/ekaci.js as a child process, fresh
+ * --data-dir) on a generated git repository of N attributes — L "libraries", each used by C−1 "apps" — whose
+ * head commit changes one library, so exactly C attributes change. The baseline, measured in the same run, is
+ * two bare `nix-instantiate` runs of every attribute, one per commit, each on its own `git worktree`. Prints
+ * both times, the ratio, the peak RSS of the ekaci process and when each of its progress lines appeared;
+ * writes the figures to .bench/review.json. Fails when the review does not say exactly C attributes changed.
+ *
+ *   [BENCH_ATTRS=5000 BENCH_CHANGED=50 BENCH_ROUNDS=1] npm run bench:review
+ *
+ * Measures dist/ (what bin/ekaci.js runs): build first; a warning says when a source file is newer.
+ */
+import { type SpawnSyncReturns, spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Review } from '../coordinator/review/model.js';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const ekaciBin = join(root, 'bin', 'ekaci.js');
+const NO_SUBSTITUTERS = ['--option', 'substituters', ''];
+const dir = mkdtempSync(join(tmpdir(), 'ekaci-bench-review-'));
+const nonce = (): string => randomBytes(5).toString('hex');
+
+const attrs = envInt('BENCH_ATTRS', 5000);
+const changed = envInt('BENCH_CHANGED', 50);
+if (changed < 1 || attrs % changed !== 0)
+  fail(`BENCH_ATTRS (${attrs}) must be a multiple of BENCH_CHANGED (${changed}), which must be ≥ 1`);
+// One changed library plus its apps is exactly `changed` attributes.
+const libraries = attrs / changed;
+const appsPerLibrary = changed - 1;
+const roundCount = envInt('BENCH_ROUNDS', 1);
+
+// bin/ekaci.js runs dist/, not the sources: a stale build would be measured without anyone noticing.
+const distStale = staleDist();
+if (distStale) process.stderr.write(`warning: dist/ is older than ${distStale}; run npm run build first\n`);
+
+// Untimed warm-up: the first nix, git and node start-ups read their binaries from disk.
+run('nix-instantiate', [...NO_SUBSTITUTERS, '--eval', '-E', 'builtins.currentSystem']);
+run('git', ['--version']);
+run('node', [ekaciBin, '--help']);
+
+/*
+ * Order and nonces. Each side gets its own repository with its own nonce, so each writes the same N + C new
+ * .drv files: had both used one repository, whichever ran second would find every .drv already valid in the
+ * store and skip writing it (the head commit shows how much that is worth: its nix-instantiate, with all but C
+ * .drv files already written, takes a tenth of the base's). With separate nonces, order matters only through
+ * warm caches (page cache, Nix's database), which the warm-up above mostly evens out; ekaci runs first so that
+ * whatever warm-up is left favours the baseline — the ratio errs against ekaci, never for it. With
+ * BENCH_ROUNDS > 1 the order alternates and the median ratio is reported: on a busy machine single runs
+ * swing widely (2× to 5× at the defaults, on 2 CPUs shared with other work).
+ */
+const rounds: Round[] = [];
+for (let i = 0; i < roundCount; i++) {
+  const roundDir = join(dir, `round-${i + 1}`);
+  process.stderr.write(`round ${i + 1}/${roundCount}: two repositories of ${attrs} attributes in ${roundDir}…\n`);
+  const ekaciRepo = makeRepo(join(roundDir, 'ekaci-repo'), nonce());
+  const baselineRepo = makeRepo(join(roundDir, 'baseline-repo'), nonce());
+  const ekaciFirst = i % 2 === 0;
+  let ekaci: EkaciRun | undefined;
+  if (ekaciFirst) ekaci = await measureEkaci(ekaciRepo, roundDir);
+  const baseline = measureBaseline(baselineRepo, roundDir);
+  ekaci ??= await measureEkaci(ekaciRepo, roundDir);
+  rounds.push({ ekaciFirst, ekaci, baseline, ratio: ekaci.seconds / baseline.seconds });
+}
+
+// The round of the median ratio (the lower middle one for an even count) is the one shown in full.
+const byRatio = [...rounds].sort((a, b) => a.ratio - b.ratio);
+const median = byRatio[Math.floor((byRatio.length - 1) / 2)]!;
+const medianRatio = byRatio.length % 2 === 1 ? median.ratio : (median.ratio + byRatio[byRatio.length / 2]!.ratio) / 2;
+const peakRssKiB = maxOf(rounds.map((r) => r.ekaci.peakRssKiB));
+const treePeakRssKiB = maxOf(rounds.map((r) => r.ekaci.treePeakRssKiB));
+
+const mib = (kib: number | undefined): string => (kib === undefined ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);
+const { ekaci, baseline } = median;
+const rows: [string, string][] = [
+  ['attributes', `${attrs} (${libraries} libraries × ${appsPerLibrary} apps + the libraries), ${changed} changed`],
+  ['CPUs', String(availableParallelism())],
+  ...(rounds.length > 1
+    ? rounds.map((r, i): [string, string] => [
+        `round ${i + 1}`,
+        `baseline ${r.baseline.seconds.toFixed(2)} s, ekaci ${r.ekaci.seconds.toFixed(2)} s, ` +
+          `${r.ratio.toFixed(2)}× (${r.ekaciFirst ? 'ekaci' : 'baseline'} first)${r === median ? ', shown below' : ''}`,
+      ])
+    : []),
+  ['nix-instantiate base', `${baseline.baseSeconds.toFixed(2)} s`],
+  ['nix-instantiate head', `${baseline.headSeconds.toFixed(2)} s`],
+  [
+    'baseline (both)',
+    `${baseline.seconds.toFixed(2)} s (+ ${baseline.worktreeSeconds.toFixed(2)} s of worktrees, not counted)`,
+  ],
+  ['ekaci review --no-build', `${ekaci.seconds.toFixed(2)} s`],
+  // When each of ekaci's progress lines appeared: where its time goes.
+  ...ekaci.timeline.map((l): [string, string] => [`  at ${l.at.toFixed(2)} s`, l.line.trim().slice(0, 100)]),
+  [`  at ${ekaci.seconds.toFixed(2)} s`, 'exit'],
+  ['ratio ekaci/baseline', `${medianRatio.toFixed(2)}×${rounds.length > 1 ? ` (median of ${rounds.length})` : ''}`],
+  ['ekaci peak RSS', mib(peakRssKiB)],
+  ['largest in its tree', `${mib(treePeakRssKiB)} (ekaci or one of its nix processes, /usr/bin/time -v)`],
+];
+const width = Math.max(...rows.map(([k]) => k.length));
+for (const [k, v] of rows) console.log(`${k.padEnd(width)}  ${v}`);
+if (distStale) console.log(`(dist/ was older than ${distStale}: the figures may not be those of the sources)`);
+
+const results = {
+  bench: 'review',
+  date: new Date().toISOString(),
+  commit: run('git', ['-C', root, 'rev-parse', 'HEAD']).stdout.trim(),
+  distStale: distStale ?? null,
+  nix: run('nix-instantiate', ['--version']).stdout.trim(),
+  node: process.version,
+  cpus: availableParallelism(),
+  attrs,
+  changed,
+  libraries,
+  appsPerLibrary,
+  ratio: medianRatio,
+  peakRssKiB: peakRssKiB ?? null,
+  treePeakRssKiB: treePeakRssKiB ?? null,
+  rounds: rounds.map((r) => ({
+    ekaciFirst: r.ekaciFirst,
+    ratio: r.ratio,
+    baseline: r.baseline,
+    ekaci: {
+      seconds: r.ekaci.seconds,
+      timeline: r.ekaci.timeline,
+      peakRssKiB: r.ekaci.peakRssKiB ?? null,
+      treePeakRssKiB: r.ekaci.treePeakRssKiB ?? null,
+    },
+  })),
+};
+mkdirSync(join(root, '.bench'), { recursive: true });
+writeFileSync(join(root, '.bench', 'review.json'), `${JSON.stringify(results, null, 2)}\n`);
+rmSync(dir, { recursive: true, force: true });
+
+interface Repo {
+  dir: string;
+  base: string;
+  head: string;
+}
+
+interface BaselineRun {
+  baseSeconds: number;
+  headSeconds: number;
+  /** Both nix-instantiate runs: the baseline. */
+  seconds: number;
+  /** Creating the two worktrees, not part of the baseline. */
+  worktreeSeconds: number;
+}
+
+interface Round {
+  ekaciFirst: boolean;
+  ekaci: EkaciRun;
+  baseline: BaselineRun;
+  ratio: number;
+}
+
+/** One worktree per commit (timed apart), then a bare nix-instantiate of every attribute on each. */
+function measureBaseline(repo: Repo, roundDir: string): BaselineRun {
+  process.stderr.write('  baseline: nix-instantiate of both commits…\n');
+  const t0 = performance.now();
+  const worktrees = (['base', 'head'] as const).map((side) => {
+    const wt = join(roundDir, `baseline-${side}`);
+    run('git', ['-C', repo.dir, 'worktree', 'add', '--quiet', '--detach', wt, repo[side]]);
+    return wt;
+  });
+  const worktreeSeconds = (performance.now() - t0) / 1000;
+  const [base, head] = worktrees.map((wt) => {
+    const t = performance.now();
+    const r = run('nix-instantiate', [...NO_SUBSTITUTERS, join(wt, 'default.nix')]);
+    const seconds = (performance.now() - t) / 1000;
+    const drvs = r.stdout.split('\n').filter(Boolean);
+    if (drvs.length !== attrs) fail(`nix-instantiate gave ${drvs.length} derivations, expected ${attrs}`);
+    return { seconds, drvs };
+  }) as [{ seconds: number; drvs: string[] }, { seconds: number; drvs: string[] }];
+  // Same attributes in the same (sorted) order on both sides: the baseline must see the same change as ekaci.
+  const differ = base.drvs.filter((d, i) => d !== head.drvs[i]).length;
+  if (differ !== changed) fail(`the baseline sees ${differ} changed derivations, not ${changed}`);
+  return {
+    baseSeconds: base.seconds,
+    headSeconds: head.seconds,
+    seconds: base.seconds + head.seconds,
+    worktreeSeconds,
+  };
+}
+
+function maxOf(values: (number | undefined)[]): number | undefined {
+  const known = values.filter((v): v is number => v !== undefined);
+  return known.length > 0 ? Math.max(...known) : undefined;
+}
+
+/** A git repository with a base commit and a head commit that changes library 0. */
+function makeRepo(repoDir: string, tag: string): Repo {
+  mkdirSync(join(repoDir, '.eka-ci'), { recursive: true });
+  const git = (...args: string[]): string =>
+    run('git', [
+      '-C',
+      repoDir,
+      '-c',
+      'user.name=bench',
+      '-c',
+      'user.email=bench@localhost',
+      '-c',
+      'commit.gpgsign=false',
+      ...args,
+    ]).stdout.trim();
+  git('init', '--quiet', '--initial-branch=main');
+  writeFileSync(
+    join(repoDir, '.eka-ci', 'config.json'),
+    `${JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } })}\n`,
+  );
+  writeFileSync(join(repoDir, 'default.nix'), packageSet(tag, 1));
+  git('add', '.');
+  git('commit', '--quiet', '-m', 'base');
+  const base = git('rev-parse', 'HEAD');
+  writeFileSync(join(repoDir, 'default.nix'), packageSet(tag, 2));
+  git('commit', '--quiet', '-am', 'head: library 0, version 2');
+  return { dir: repoDir, base, head: git('rev-parse', 'HEAD') };
+}
+
+/** `libraries` libraries (lib<l>) and their apps (app<l>_<a>, each depending on its library). */
+function packageSet(tag: string, lib0Version: number): string {
+  const lines: string[] = [];
+  for (let l = 0; l < libraries; l++) {
+    lines.push(`  lib${l} = mk "lib${l}" "${l === 0 ? lib0Version : 1}" [ ];`);
+    for (let a = 0; a < appsPerLibrary; a++) lines.push(`  app${l}_${a} = mk "app${l}_${a}" "1" [ lib${l} ];`);
+  }
+  return `let
+  mk = name: version: deps: derivation {
+    name = "\${name}-${tag}-\${version}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo $deps > $out" ];
+    inherit deps;
+  };
+in rec {
+${lines.join('\n')}
+}
+`;
+}
+
+interface EkaciRun {
+  seconds: number;
+  /** Each stderr line (ekaci's progress) and when it appeared, in seconds from the start of the process. */
+  timeline: { at: number; line: string }[];
+  stderr: string;
+  peakRssKiB: number | undefined;
+  treePeakRssKiB: number | undefined;
+}
+
+/** `ekaci review --no-build` of the repository's two commits, checked to be the review of the change made. */
+async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
+  process.stderr.write('  ekaci review --no-build…\n');
+  const jsonFile = join(roundDir, 'review.json');
+  const rssFile = join(roundDir, 'ekaci-rss');
+  const timeFile = join(roundDir, 'ekaci-time');
+  // The ekaci process's own peak RSS, written as it exits (the variable is not passed on to its children).
+  const hook =
+    'data:text/javascript,import { appendFileSync } from "node:fs"; const f = process.env.EKACI_BENCH_RSS_FILE; ' +
+    'delete process.env.EKACI_BENCH_RSS_FILE; ' +
+    'if (f) process.on("exit", () => appendFileSync(f, `${process.resourceUsage().maxRSS}\\n`));';
+  const ekaciArgs = [
+    '--import',
+    hook,
+    ekaciBin,
+    'review',
+    '--repo',
+    repo.dir,
+    '--base',
+    repo.base,
+    '--head',
+    repo.head,
+    '--no-build',
+    '--json',
+    jsonFile,
+    '--data-dir',
+    join(roundDir, 'ekaci-data'),
+  ];
+  const withTime = existsSync('/usr/bin/time');
+  const [cmd, args] = withTime
+    ? ['/usr/bin/time', ['-v', '-o', timeFile, process.execPath, ...ekaciArgs]]
+    : [process.execPath, ekaciArgs];
+  const lines: EkaciRun['timeline'] = [];
+  let stderr = '';
+  const t = performance.now();
+  const child = spawn(cmd, args, {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, EKACI_BENCH_RSS_FILE: rssFile },
+  });
+  let partial = '';
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (chunk: string) => {
+    const at = (performance.now() - t) / 1000;
+    stderr += chunk;
+    const parts = (partial + chunk).split('\n');
+    partial = parts.pop() ?? '';
+    for (const line of parts) lines.push({ at, line });
+  });
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (c) => resolve(c));
+  });
+  const seconds = (performance.now() - t) / 1000;
+  if (code !== 0) fail(`ekaci review exited ${code}:\n${stderr.slice(-4000)}`);
+  verifyReview(JSON.parse(readFileSync(jsonFile, 'utf8')) as Review);
+
+  const own = existsSync(rssFile) ? readFileSync(rssFile, 'utf8').split('\n').filter(Boolean).map(Number) : [];
+  const tree = withTime ? /Maximum resident set size \(kbytes\): (\d+)/.exec(readFileSync(timeFile, 'utf8')) : null;
+  return {
+    seconds,
+    timeline: lines,
+    stderr,
+    peakRssKiB: own.length > 0 ? Math.max(...own) : undefined,
+    treePeakRssKiB: tree ? Number(tree[1]) : undefined,
+  };
+}
+
+/** The review must be that of the change made: exactly `changed` attributes, library 0 and its apps. */
+function verifyReview(r: Review): void {
+  const counts = new Map<string, number>();
+  for (const a of r.attrs) counts.set(a.change, (counts.get(a.change) ?? 0) + 1);
+  const expected = new Set(['lib0', ...Array.from({ length: appsPerLibrary }, (_, a) => `app0_${a}`)]);
+  const changedAttrs = r.attrs.filter((a) => a.change === 'changed').map((a) => a.attr);
+  const problems: string[] = [];
+  if (r.attrs.length !== attrs) problems.push(`${r.attrs.length} attributes reviewed, expected ${attrs}`);
+  if (changedAttrs.length !== changed) problems.push(`${changedAttrs.length} changed, expected ${changed}`);
+  const unexpected = changedAttrs.filter((a) => !expected.has(a));
+  if (unexpected.length > 0) problems.push(`unexpectedly changed: ${unexpected.slice(0, 10).join(', ')}`);
+  for (const c of ['added', 'removed']) if (counts.get(c)) problems.push(`${counts.get(c)} ${c}`);
+  const evalErrors = r.attrs.filter((a) => a.base?.eval === 'error' || a.head?.eval === 'error');
+  if (evalErrors.length > 0) problems.push(`${evalErrors.length} evaluation errors, e.g. ${evalErrors[0]!.attr}`);
+  if (problems.length > 0) {
+    fail(`the review is not that of the change (${[...counts].map(([c, n]) => `${c}: ${n}`).join(', ')}):
+  ${problems.join('\n  ')}`);
+  }
+}
+
+/** The newest source file newer than dist/cli/ekaci.js, if any. */
+function staleDist(): string | undefined {
+  const built = join(root, 'dist', 'cli', 'ekaci.js');
+  if (!existsSync(built)) fail('dist/ is missing: run npm run build first');
+  const builtAt = statSync(built).mtimeMs;
+  const sources = run('git', [
+    '-C',
+    root,
+    'ls-files',
+    '--cached',
+    '--others',
+    '--exclude-standard',
+    '--',
+    'cli',
+    'coordinator',
+    'common',
+    'agent',
+  ])
+    .stdout.split('\n')
+    .filter((f) => f.endsWith('.ts') && !f.endsWith('.test.ts') && existsSync(join(root, f)));
+  return sources.find((f) => statSync(join(root, f)).mtimeMs > builtAt);
+}
+
+function run(cmd: string, args: string[]): SpawnSyncReturns<string> {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 30, stdio: ['ignore', 'pipe', 'pipe'] });
+  if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed (${r.status ?? r.signal}):\n${r.stderr.slice(-4000)}`);
+  return r;
+}
+
+function envInt(name: string, fallback: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1) fail(`${name} must be a whole number ≥ 1, got "${raw}"`);
+  return n;
+}
+
+function fail(message: string): never {
+  process.stderr.write(`bench/review FAILED: ${message}\n(files kept in ${dir})\n`);
+  process.exit(1);
+}

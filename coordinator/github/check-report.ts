@@ -1,0 +1,166 @@
+import type { JobEvaluation } from '../eval/repo-evaluation.js';
+import { isNewlyFailing } from '../review/classify.js';
+import { renderMarkdown } from '../review/markdown.js';
+import type { Review } from '../review/model.js';
+import type { BuildState } from '../scheduler/build-state.js';
+import type { CheckConclusion, CheckRunSpec } from './check-runs.js';
+
+/**
+ * What each of a commit's few aggregated check runs says: `eka-ci / evaluation`, one `eka-ci / build (<system>)`
+ * per system, and `eka-ci / summary` (the review). Pure functions of a run's evaluations, build states and review.
+ */
+
+export const EVALUATION_CHECK = 'eka-ci / evaluation';
+export const SUMMARY_CHECK = 'eka-ci / summary';
+export const buildCheckName = (system: string): string => `eka-ci / build (${system})`;
+
+/** Check-run names eka-ci owns, for the merge policy: every one must be green. */
+export function isEkaciCheck(name: string): boolean {
+  return name.startsWith('eka-ci / ');
+}
+
+export const REBUILD_FAILED_ACTION = {
+  label: 'Rebuild failed',
+  description: 'Build the failed derivations again',
+  identifier: 'rebuild-failed',
+} as const;
+
+// Errors listed one by one in the evaluation check; the rest are counted (the summary has them all).
+const MAX_LISTED_ERRORS = 50;
+
+const FAILING: ReadonlySet<BuildState> = new Set(['failed', 'dependency-failed', 'timed-out']);
+
+export function queued(name: string, title: string, detailsUrl?: string): CheckRunSpec {
+  return { name, status: 'queued', title, summary: title, ...(detailsUrl ? { detailsUrl } : {}) };
+}
+
+export function inProgress(name: string, title: string, summary: string, detailsUrl?: string): CheckRunSpec {
+  return { name, status: 'in_progress', title, summary, ...(detailsUrl ? { detailsUrl } : {}) };
+}
+
+export function completed(
+  name: string,
+  conclusion: CheckConclusion,
+  title: string,
+  summary: string,
+  extra: Partial<Pick<CheckRunSpec, 'text' | 'detailsUrl' | 'actions'>> = {},
+): CheckRunSpec {
+  return { name, status: 'completed', conclusion, title, summary, ...extra };
+}
+
+/**
+ * The evaluation check: failure when the head has an evaluation error the base did not have (or, without a base,
+ * any error) in a job that does not allow evaluation failures.
+ */
+export function evaluationCheck(
+  head: readonly JobEvaluation[],
+  base: readonly JobEvaluation[] | undefined,
+  detailsUrl: string | undefined,
+): CheckRunSpec {
+  const baseErrors = new Set(
+    (base ?? []).flatMap((j) => j.attrs.filter((a) => a.error).map((a) => `${j.name}\u0000${a.attr}`)),
+  );
+  const errors = head.flatMap((j) =>
+    j.attrs
+      .filter((a) => a.error)
+      .map((a) => ({ job: j, attr: a.attr, error: a.error!, isNew: !baseErrors.has(`${j.name}\u0000${a.attr}`) })),
+  );
+  const blocking = errors.filter((e) => e.isNew && !e.job.allowEvalFailures);
+  const total = head.reduce((n, j) => n + j.attrs.length, 0);
+  const seconds = head.reduce((t, j) => t + j.seconds, 0);
+  const newCount = errors.filter((e) => e.isNew).length;
+  const title =
+    errors.length === 0
+      ? `${total} attributes evaluated`
+      : `${newCount} new evaluation error${newCount === 1 ? '' : 's'}, ${errors.length} in all`;
+  const lines = [
+    `Evaluated ${total} attributes in ${head.length} job${head.length === 1 ? '' : 's'} (${seconds.toFixed(1)} s).`,
+  ];
+  for (const e of [...errors].sort((a, b) => Number(b.isNew) - Number(a.isNew)).slice(0, MAX_LISTED_ERRORS)) {
+    const first = e.error.split('\n')[0] ?? '';
+    lines.push(`- ${e.isNew ? '**new** ' : ''}\`${e.job.name}.${e.attr}\`: ${first.slice(0, 300)}`);
+  }
+  if (errors.length > MAX_LISTED_ERRORS) lines.push(`- … and ${errors.length - MAX_LISTED_ERRORS} more`);
+  return completed(EVALUATION_CHECK, blocking.length > 0 ? 'failure' : 'success', title, lines.join('\n'), {
+    ...(detailsUrl ? { detailsUrl } : {}),
+  });
+}
+
+export interface RootResult {
+  attr: string;
+  drvPath: string;
+  state: BuildState | undefined;
+  /** Whether the review counts it as newly failing (for runs with a base); every failure counts without one. */
+  newlyFailing: boolean;
+}
+
+/**
+ * A build check for one system: neutral when nothing needed building; failure when a build is newly failing;
+ * timed_out when every newly failing build timed out; cancelled when builds were cancelled and none failed;
+ * success otherwise. A "Rebuild failed" button is offered whenever something failed.
+ */
+export function buildCheck(system: string, roots: readonly RootResult[], detailsUrl: string | undefined): CheckRunSpec {
+  const name = buildCheckName(system);
+  const extra = detailsUrl ? { detailsUrl } : {};
+  if (roots.length === 0)
+    return completed(name, 'neutral', 'Nothing to build', 'No derivation needed building.', extra);
+  const counts = new Map<string, number>();
+  for (const r of roots) counts.set(r.state ?? 'queued', (counts.get(r.state ?? 'queued') ?? 0) + 1);
+  const countLine = [...counts].map(([s, n]) => `${n} ${s}`).join(', ');
+  const failing = roots.filter((r) => r.state !== undefined && FAILING.has(r.state));
+  const newly = failing.filter((r) => r.newlyFailing);
+  const list = (rs: readonly RootResult[]): string =>
+    rs
+      .slice(0, MAX_LISTED_ERRORS)
+      .map((r) => `- \`${r.attr}\`: ${r.state}`)
+      .join('\n') + (rs.length > MAX_LISTED_ERRORS ? `\n- … and ${rs.length - MAX_LISTED_ERRORS} more` : '');
+  const summary = [countLine, ...(failing.length > 0 ? ['', list(failing)] : [])].join('\n');
+  const actions = failing.length > 0 ? { actions: [{ ...REBUILD_FAILED_ACTION }] } : {};
+  let conclusion: CheckConclusion = 'success';
+  if (newly.length > 0) conclusion = newly.every((r) => r.state === 'timed-out') ? 'timed_out' : 'failure';
+  else if (roots.some((r) => r.state === 'cancelled')) conclusion = 'cancelled';
+  const title =
+    newly.length > 0
+      ? `${newly.length} newly failing of ${roots.length}`
+      : `${roots.length - failing.length} of ${roots.length} built`;
+  return completed(name, conclusion, title, summary, { ...extra, ...actions });
+}
+
+/** The running state of a build check, redrawn as builds settle. */
+export function buildProgress(
+  system: string,
+  roots: readonly RootResult[],
+  detailsUrl: string | undefined,
+): CheckRunSpec {
+  const done = roots.filter((r) => r.state !== undefined && !['queued', 'buildable', 'building'].includes(r.state));
+  const failed = done.filter((r) => FAILING.has(r.state!));
+  return inProgress(
+    buildCheckName(system),
+    `${done.length} of ${roots.length} done, ${failed.length} failed`,
+    `Building ${roots.length} derivations for ${system}.`,
+    detailsUrl,
+  );
+}
+
+/** The summary check: the review itself; failure exactly when something is newly failing. */
+export function summaryCheck(
+  review: Review,
+  detailsUrl: string | undefined,
+  attrUrl?: (drvPath: string) => string,
+): CheckRunSpec {
+  const markdown = renderMarkdown(
+    review,
+    attrUrl ? { detailsUrl: (a) => attrUrl(a.head?.drv ?? a.base?.drv ?? '') } : {},
+  );
+  const [verdict = '', ...rest] = markdown.split('\n');
+  const failing = isNewlyFailing(review);
+  return completed(
+    SUMMARY_CHECK,
+    failing ? 'failure' : 'success',
+    verdict.replace(/^[^\w]+/u, '').slice(0, 255),
+    rest.join('\n').trim() || verdict,
+    {
+      ...(detailsUrl ? { detailsUrl } : {}),
+    },
+  );
+}

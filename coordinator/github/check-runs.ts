@@ -1,0 +1,517 @@
+import type { Octokit } from '@octokit/core';
+import { Backoff } from '../../common/backoff.js';
+import { IllegalStateError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import type { Db } from '../db/database.js';
+import { CheckRunSpecError, GitHubUnavailableError } from './errors.js';
+import { classifyFailure } from './rate-limit.js';
+
+/**
+ * GitHub check runs, reported durably and coalesced. `set` commits the desired state of a check run (keyed by
+ * repository, commit and name) to `check_runs` before it returns; sending happens later, so callers may set as often
+ * as their state changes and GitHub sees at most one request per check run per `minIntervalMs`, carrying the latest
+ * state. The first send creates the check run and stores its GitHub id; every later send PATCHes that id, so a
+ * restart (which resumes rows left dirty, in `start`) never creates a check run twice once its id is stored.
+ *
+ * A row is dirty while its desired state differs from what GitHub last acknowledged. Sends that GitHub refuses for
+ * good (as `classifyFailure` in rate-limit.ts decides: a 422, 404, …) mark the row failed with GitHub's message and
+ * stop; a later `set` with a different state tries again. Other failures (GitHub unavailable after the client's own
+ * retries) are retried with jittered backoff. Requests of one installation go out one at a time, as GitHub asks of
+ * integrators to stay clear of its secondary rate limits.
+ *
+ * Reporter lifecycle: `created` → `running` (start) → `stopping` (stopGracefully: sends each pending row once,
+ * without waiting for its interval) → `stopped`; stopNow goes to `stopped` from anywhere at once. `set` works in every
+ * state: rows recorded while no reporter runs wait for the next `start`. A stopped reporter is not restarted.
+ */
+export type CheckRunReporterState = 'created' | 'running' | 'stopping' | 'stopped';
+
+const TRANSITIONS: Record<CheckRunReporterState, readonly CheckRunReporterState[]> = {
+  created: ['running', 'stopped'],
+  running: ['stopping', 'stopped'],
+  stopping: ['stopped'],
+  stopped: [],
+};
+
+export type CheckStatus = 'queued' | 'in_progress' | 'completed';
+export type CheckConclusion =
+  'success' | 'failure' | 'neutral' | 'cancelled' | 'timed_out' | 'action_required' | 'skipped';
+
+export interface CheckRunAction {
+  label: string;
+  description: string;
+  identifier: string;
+}
+
+export interface CheckRunSpec {
+  name: string;
+  status: CheckStatus;
+  /** Required when, and only when, `status` is `completed`. */
+  conclusion?: CheckConclusion;
+  title: string;
+  summary: string;
+  text?: string;
+  detailsUrl?: string;
+  actions?: CheckRunAction[];
+  externalId?: string;
+}
+
+export interface CheckTarget {
+  installationId: number;
+  owner: string;
+  repo: string;
+  headSha: string;
+}
+
+export interface CheckRunState {
+  name: string;
+  status: CheckStatus;
+  conclusion: CheckConclusion | null;
+  githubId: number | null;
+  /** GitHub's refusal of the desired state, when it refused it for good. */
+  failedError: string | null;
+}
+
+export interface CheckRunReporterOptions {
+  /** The least time between two sends of one check run; sets in between coalesce into the later send. */
+  minIntervalMs: number;
+  logger: Logger;
+  now?: () => number;
+  /** Backoff between sends that GitHub could not take; tests shrink it. */
+  retryBaseMs?: number;
+  retryCapMs?: number;
+}
+
+// GitHub's limits on output.summary and output.text (OpenAPI `maxLength: 65535`). GitHub enforces them in UTF-8
+// bytes, not the characters its reference says (github/docs#35252), so clipping by bytes satisfies both readings.
+const MAX_OUTPUT_BYTES = 65_535;
+// The OpenAPI description sets no limit on output.title, which the checks UI shows on one line. 255 is the limit
+// GitHub documents for annotation titles; keeping to it never risks a 422 on a limit GitHub does not publish.
+const MAX_TITLE_BYTES = 255;
+// Actions: OpenAPI `maxItems: 3`, and `maxLength` 20 (label), 40 (description), 20 (identifier).
+const MAX_ACTIONS = 3;
+const MAX_ACTION_LABEL_BYTES = 20;
+const MAX_ACTION_DESCRIPTION_BYTES = 40;
+const MAX_ACTION_IDENTIFIER_BYTES = 20;
+// A send that failed after the GitHub client's own retries met an outage: try again soon, then back off to a few
+// minutes, so a long outage costs GitHub a request per check run every few minutes, not a storm when it returns.
+const RETRY_BASE_MS = 5_000;
+const RETRY_CAP_MS = 5 * 60_000;
+// Errors are for a person reading the row, not a full stack dump.
+const MAX_ERROR_CHARS = 4_000;
+
+/** What `check_runs.desired_json` and `sent_json` hold; field order is fixed so equal states serialise equally. */
+interface Desired {
+  name: string;
+  status: CheckStatus;
+  conclusion: CheckConclusion | null;
+  title: string;
+  summary: string;
+  text: string | null;
+  detailsUrl: string | null;
+  actions: CheckRunAction[];
+  externalId: string | null;
+  startedAt: string | null;
+  completedAt: string | null;
+}
+
+interface Row {
+  owner: string;
+  repo: string;
+  head_sha: string;
+  name: string;
+  installation_id: number;
+  github_id: number | null;
+  desired_json: string;
+  sent_json: string | null;
+  last_sent_at: number | null;
+  failed_error: string | null;
+}
+
+const KEY_WHERE = 'owner = ? AND repo = ? AND head_sha = ? AND name = ?';
+
+export class CheckRunReporter {
+  private current: CheckRunReporterState = 'created';
+  private readonly now: () => number;
+  private timer: NodeJS.Timeout | undefined;
+  private timerAt = Infinity;
+  private readonly inFlight = new Set<string>();
+  private readonly busyInstallations = new Set<number>();
+  private readonly retries = new Map<string, { backoff: Backoff; at: number }>();
+  /** The revision of each row last tried while stopping: each state gets one attempt, then waits for a start. */
+  private readonly triedWhileStopping = new Map<string, number>();
+  // Revisions let flush tell a state recorded before it was called from one recorded after: `revs` counts sets per
+  // row in this process, `settled` is the revision GitHub last acknowledged or refused for good.
+  private readonly revs = new Map<string, number>();
+  private readonly settled = new Map<string, number>();
+  private readonly flushes = new Set<{ pending: Map<string, number>; resolve(): void; reject(e: Error): void }>();
+  private stopped: { promise: Promise<void>; resolve(): void } | undefined;
+
+  constructor(
+    private readonly db: Db,
+    private readonly api: { octokit(installationId: number): Promise<Octokit> },
+    private readonly options: CheckRunReporterOptions,
+  ) {
+    this.now = options.now ?? Date.now;
+  }
+
+  get state(): CheckRunReporterState {
+    return this.current;
+  }
+
+  start(): void {
+    this.transition('running');
+    this.schedule(0);
+  }
+
+  /**
+   * Records the desired state of a check run; it is committed when `set` returns. A completed check run is re-opened
+   * by `in_progress`, but a `queued` state for it is taken as stale and ignored unless `rerun` says the caller is
+   * running the check again.
+   */
+  set(target: CheckTarget, spec: CheckRunSpec, options: { rerun?: boolean } = {}): void {
+    validate(spec);
+    const key = [target.owner, target.repo, target.headSha, spec.name] as const;
+    const id = keyOf(key);
+    const changed = this.db.transaction((): 'unchanged' | 'dirty' | 'clean' => {
+      const row = this.db.prepare(`SELECT desired_json, sent_json FROM check_runs WHERE ${KEY_WHERE}`).get(...key) as
+        Pick<Row, 'desired_json' | 'sent_json'> | undefined;
+      const prev = row ? (JSON.parse(row.desired_json) as Desired) : undefined;
+      if (prev?.status === 'completed' && spec.status === 'queued' && !options.rerun) {
+        this.options.logger.debug({ check: spec.name, sha: target.headSha }, 'ignoring queued for a completed check');
+        return 'unchanged';
+      }
+      const json = JSON.stringify(desiredState(spec, prev, isoSeconds(this.now())));
+      if (json === row?.desired_json) return 'unchanged';
+      const dirty = json !== row?.sent_json;
+      this.db
+        .prepare(
+          `INSERT INTO check_runs (owner, repo, head_sha, name, installation_id, desired_json, dirty)
+           VALUES (?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (owner, repo, head_sha, name) DO UPDATE SET installation_id = excluded.installation_id,
+             desired_json = excluded.desired_json, dirty = excluded.dirty, failed_error = NULL`,
+        )
+        .run(...key, target.installationId, json, dirty ? 1 : 0);
+      return dirty ? 'dirty' : 'clean';
+    })();
+    if (changed === 'unchanged') return;
+    const rev = (this.revs.get(id) ?? 0) + 1;
+    this.revs.set(id, rev);
+    if (changed === 'dirty') {
+      // Not sent synchronously: sets made in the same tick go out as one request.
+      if (this.current === 'running' || this.current === 'stopping') this.schedule(0);
+    } else if (!this.inFlight.has(id)) {
+      // GitHub already has this state, so a wait for an older one is over too. (With a request out, GitHub is about
+      // to get another state; its answer marks the row dirty again, and the send after it settles the wait.)
+      this.settle(id, rev);
+    }
+  }
+
+  /** Resolves once every state recorded so far reached GitHub or was refused for good; rejects if stopped first. */
+  async flush(): Promise<void> {
+    if (this.current !== 'running' && this.current !== 'stopping') {
+      throw new IllegalStateError(`check run reporter cannot flush while ${this.current}`);
+    }
+    const dirty = this.db.prepare('SELECT owner, repo, head_sha, name FROM check_runs WHERE dirty = 1').all() as Row[];
+    const pending = new Map(dirty.map((r) => keyOf(rowKey(r))).map((id) => [id, this.revs.get(id) ?? 0]));
+    if (pending.size === 0) return;
+    await new Promise<void>((resolve, reject) => {
+      this.flushes.add({ pending, resolve, reject });
+      this.checkFlushes();
+    });
+  }
+
+  /** What eka-ci last asked for on a commit (not necessarily on GitHub yet), by check name. */
+  states(owner: string, repo: string, headSha: string): CheckRunState[] {
+    const sql =
+      'SELECT desired_json, github_id, failed_error FROM check_runs WHERE owner = ? AND repo = ? AND head_sha = ?';
+    const rows = this.db.prepare(`${sql} ORDER BY name`).all(owner, repo, headSha) as Row[];
+    return rows.map((r) => {
+      const { name, status, conclusion } = JSON.parse(r.desired_json) as Desired;
+      return { name, status, conclusion, githubId: r.github_id, failedError: r.failed_error };
+    });
+  }
+
+  /** Sends every pending row once, without waiting out its interval, then stops; rows that failed stay for next start. */
+  async stopGracefully(): Promise<void> {
+    if (this.current === 'created') return this.stopNow();
+    if (this.current === 'running') {
+      this.transition('stopping');
+      let resolve = (): void => {};
+      const promise = new Promise<void>((r) => (resolve = r));
+      this.stopped = { promise, resolve };
+      this.schedule(0);
+    }
+    await this.stopped?.promise;
+  }
+
+  /** Stops at once. A request already sent is not cancelled; its answer is still recorded if the database is open. */
+  stopNow(): void {
+    if (this.current === 'stopped') return;
+    this.transition('stopped');
+    this.finishStop();
+  }
+
+  private schedule(delayMs: number): void {
+    const at = this.now() + delayMs;
+    if (this.timer !== undefined && this.timerAt <= at) return;
+    clearTimeout(this.timer);
+    this.timerAt = at;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.timerAt = Infinity;
+      this.pump();
+    }, delayMs);
+  }
+
+  /** Starts every send that is due, and arms the timer for the next one. */
+  private pump(): void {
+    if (this.current !== 'running' && this.current !== 'stopping') return;
+    const now = this.now();
+    let next = Infinity;
+    const rows = this.db
+      .prepare(
+        `SELECT owner, repo, head_sha, name, installation_id, github_id, desired_json, sent_json, last_sent_at
+         FROM check_runs WHERE dirty = 1 ORDER BY last_sent_at IS NOT NULL, last_sent_at, owner, repo, head_sha, name`,
+      )
+      .all() as Row[];
+    for (const row of rows) {
+      const id = keyOf(rowKey(row));
+      if (this.inFlight.has(id) || this.busyInstallations.has(row.installation_id)) continue;
+      const due = this.dueAt(row, id);
+      if (due > now) {
+        next = Math.min(next, due);
+        continue;
+      }
+      this.inFlight.add(id);
+      this.busyInstallations.add(row.installation_id);
+      const rev = this.revs.get(id) ?? 0;
+      void this.send(row, id, rev)
+        .catch((err: unknown) => {
+          // Only the bookkeeping can land here: the row keeps its state and is sent again.
+          this.options.logger.error({ err: errorText(err), check: row.name }, 'check run bookkeeping failed');
+        })
+        .finally(() => {
+          this.inFlight.delete(id);
+          this.busyInstallations.delete(row.installation_id);
+          if (this.current === 'stopping') this.triedWhileStopping.set(id, rev);
+          this.checkFlushes();
+          this.pump();
+        });
+    }
+    if (next !== Infinity) this.schedule(next - now);
+    if (this.current === 'stopping' && this.inFlight.size === 0 && next === Infinity) {
+      this.transition('stopped');
+      this.finishStop();
+    }
+  }
+
+  private dueAt(row: Row, id: string): number {
+    if (this.current === 'stopping') {
+      return (this.triedWhileStopping.get(id) ?? -1) >= (this.revs.get(id) ?? 0) ? Infinity : 0;
+    }
+    const spaced = row.github_id === null ? 0 : (row.last_sent_at ?? 0) + this.options.minIntervalMs;
+    return Math.max(spaced, this.retries.get(id)?.at ?? 0);
+  }
+
+  private async send(row: Row, id: string, rev: number): Promise<void> {
+    const key = rowKey(row);
+    const desired = JSON.parse(row.desired_json) as Desired;
+    const sent = row.sent_json === null ? undefined : (JSON.parse(row.sent_json) as Desired);
+    const sentAt = this.now();
+    const log = { check: row.name, repo: `${row.owner}/${row.repo}`, sha: row.head_sha };
+    try {
+      const octokit = await this.api.octokit(row.installation_id);
+      const body = requestBody(desired, sent);
+      let githubId = row.github_id;
+      if (githubId === null) {
+        const created = await octokit.request('POST /repos/{owner}/{repo}/check-runs', {
+          owner: row.owner,
+          repo: row.repo,
+          head_sha: row.head_sha,
+          ...body,
+        });
+        githubId = Number(created.data.id);
+      } else {
+        const params = { owner: row.owner, repo: row.repo, check_run_id: githubId };
+        await octokit.request('PATCH /repos/{owner}/{repo}/check-runs/{check_run_id}', { ...params, ...body });
+      }
+      this.record(log, () =>
+        this.db
+          .prepare(
+            `UPDATE check_runs SET github_id = ?, sent_json = ?, last_sent_at = ?, failed_error = NULL,
+             dirty = (desired_json <> ?) WHERE ${KEY_WHERE}`,
+          )
+          .run(githubId, row.desired_json, sentAt, row.desired_json, ...key),
+      );
+      this.retries.delete(id);
+      this.settle(id, rev);
+    } catch (err) {
+      if (this.current === 'stopped') return;
+      const message = errorText(err);
+      if (isFatal(err)) {
+        this.options.logger.error({ ...log, err: message }, 'GitHub refused a check run; giving up on this state');
+        // A state set while the request was out may well be accepted: it stays dirty.
+        this.record(log, () =>
+          this.db
+            .prepare(
+              `UPDATE check_runs SET failed_error = ?, dirty = CASE WHEN desired_json = ? THEN 0 ELSE dirty END
+               WHERE ${KEY_WHERE}`,
+            )
+            .run(message, row.desired_json, ...key),
+        );
+        this.retries.delete(id);
+        this.settle(id, rev);
+        return;
+      }
+      const retry = this.retries.get(id) ?? {
+        backoff: new Backoff(this.options.retryBaseMs ?? RETRY_BASE_MS, this.options.retryCapMs ?? RETRY_CAP_MS),
+        at: 0,
+      };
+      const delay = retry.backoff.next();
+      retry.at = this.now() + delay;
+      this.retries.set(id, retry);
+      this.options.logger.warn({ ...log, err: message, retryInMs: delay }, 'check run not sent; will retry');
+    }
+  }
+
+  /** Runs a bookkeeping write; after stopNow the database may be closed, and the row is then resent next start. */
+  private record(log: object, write: () => void): void {
+    try {
+      write();
+    } catch (err) {
+      if (this.current !== 'stopped') throw err;
+      this.options.logger.warn({ ...log, err: errorText(err) }, 'check run sent after stop; not recorded');
+    }
+  }
+
+  private settle(id: string, rev: number): void {
+    this.settled.set(id, Math.max(rev, this.settled.get(id) ?? -1));
+    this.checkFlushes();
+  }
+
+  private checkFlushes(): void {
+    for (const flush of this.flushes) {
+      for (const [id, rev] of flush.pending) if ((this.settled.get(id) ?? -1) >= rev) flush.pending.delete(id);
+      if (flush.pending.size > 0) continue;
+      this.flushes.delete(flush);
+      flush.resolve();
+    }
+  }
+
+  private finishStop(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    for (const flush of this.flushes) {
+      flush.reject(new IllegalStateError('check run reporter stopped before every check run was sent'));
+    }
+    this.flushes.clear();
+    this.stopped?.resolve();
+  }
+
+  private transition(to: CheckRunReporterState): void {
+    if (!TRANSITIONS[this.current].includes(to)) {
+      throw new IllegalStateError(`check run reporter cannot go from ${this.current} to ${to}`);
+    }
+    this.current = to;
+  }
+}
+
+function validate(spec: CheckRunSpec): void {
+  if ((spec.status === 'completed') !== (spec.conclusion !== undefined)) {
+    throw new CheckRunSpecError(`check run ${spec.name}: a conclusion goes with status completed, and only with it`);
+  }
+  const actions = spec.actions ?? [];
+  if (actions.length > MAX_ACTIONS) {
+    throw new CheckRunSpecError(
+      `check run ${spec.name}: ${actions.length} actions; GitHub takes at most ${MAX_ACTIONS}`,
+    );
+  }
+  for (const a of actions) {
+    if (Buffer.byteLength(a.identifier) > MAX_ACTION_IDENTIFIER_BYTES) {
+      throw new CheckRunSpecError(
+        `check run ${spec.name}: action identifier ${a.identifier} is over GitHub's ${MAX_ACTION_IDENTIFIER_BYTES} characters`,
+      );
+    }
+  }
+}
+
+/** The stored form of a spec. Timestamps carry over while the status stays, so an unchanged set compares equal. */
+function desiredState(spec: CheckRunSpec, prev: Desired | undefined, nowIso: string): Desired {
+  let startedAt: string | null = null;
+  if (spec.status === 'in_progress') startedAt = prev?.status === 'in_progress' ? prev.startedAt : nowIso;
+  else if (spec.status === 'completed' && prev !== undefined && prev.status !== 'queued') startedAt = prev.startedAt;
+  const clipped = (text: string): string =>
+    clip(text, MAX_OUTPUT_BYTES, `\n\n… (clipped to GitHub's ${MAX_OUTPUT_BYTES} bytes)`);
+  return {
+    name: spec.name,
+    status: spec.status,
+    conclusion: spec.conclusion ?? null,
+    title: clip(spec.title, MAX_TITLE_BYTES, '…'),
+    summary: clipped(spec.summary),
+    text: spec.text === undefined ? null : clipped(spec.text),
+    detailsUrl: spec.detailsUrl ?? null,
+    actions: (spec.actions ?? []).map((a) => ({
+      label: clip(a.label, MAX_ACTION_LABEL_BYTES, '…'),
+      description: clip(a.description, MAX_ACTION_DESCRIPTION_BYTES, '…'),
+      identifier: a.identifier,
+    })),
+    externalId: spec.externalId ?? null,
+    startedAt,
+    completedAt: spec.status !== 'completed' ? null : prev?.status === 'completed' ? prev.completedAt : nowIso,
+  };
+}
+
+/** The body of a create or update: the whole state each time, so resending after a lost answer is harmless. */
+function requestBody(d: Desired, sent: Desired | undefined) {
+  // GitHub keeps fields an update leaves out: text and actions that went away are cleared explicitly.
+  const text = d.text ?? (sent?.text ? '' : undefined);
+  return {
+    name: d.name,
+    status: d.status,
+    ...(d.status === 'completed' && d.conclusion !== null && d.completedAt !== null
+      ? { conclusion: d.conclusion, completed_at: d.completedAt }
+      : {}),
+    ...(d.startedAt !== null ? { started_at: d.startedAt } : {}),
+    output: { title: d.title, summary: d.summary, ...(text !== undefined ? { text } : {}) },
+    ...(d.detailsUrl !== null ? { details_url: d.detailsUrl } : {}),
+    ...(d.externalId !== null ? { external_id: d.externalId } : {}),
+    ...(d.actions.length > 0 || (sent?.actions.length ?? 0) > 0 ? { actions: d.actions } : {}),
+  };
+}
+
+/** `text` cut to `maxBytes` of UTF-8 with `note` at the end, never inside a character. */
+function clip(text: string, maxBytes: number, note: string): string {
+  const bytes = Buffer.from(text, 'utf8');
+  if (bytes.length <= maxBytes) return text;
+  let end = maxBytes - Buffer.byteLength(note);
+  while (end > 0 && ((bytes[end] ?? 0) & 0xc0) === 0x80) end--;
+  return bytes.subarray(0, end).toString('utf8') + note;
+}
+
+/** Whether retrying the same request cannot help; the decision itself is rate-limit.ts's. */
+function isFatal(err: unknown): boolean {
+  if (err instanceof GitHubUnavailableError) return false;
+  const failure = err as { status?: unknown; response?: { headers?: Record<string, string | number | undefined> } };
+  // No HTTP status: the request never got an answer (connection lost, token not minted), which a retry may fix.
+  if (typeof failure.status !== 'number') return false;
+  const message = err instanceof Error ? err.message : '';
+  return classifyFailure(failure.status, failure.response?.headers ?? {}, message) === 'fatal';
+}
+
+function keyOf(key: readonly [string, string, string, string]): string {
+  return JSON.stringify(key);
+}
+
+function rowKey(r: Pick<Row, 'owner' | 'repo' | 'head_sha' | 'name'>): [string, string, string, string] {
+  return [r.owner, r.repo, r.head_sha, r.name];
+}
+
+/** ISO 8601 without milliseconds, the `YYYY-MM-DDTHH:MM:SSZ` form GitHub documents. */
+function isoSeconds(ms: number): string {
+  return new Date(ms).toISOString().replace(/\.\d{3}Z$/, 'Z');
+}
+
+function errorText(err: unknown): string {
+  const text = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+  return text.length > MAX_ERROR_CHARS ? `${text.slice(0, MAX_ERROR_CHARS)}…` : text;
+}

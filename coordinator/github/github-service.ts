@@ -1,0 +1,178 @@
+import type Router from '@koa/router';
+import { IllegalStateError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import type { AuditLog } from '../audit-log.js';
+import type { CoordinatorOptions } from '../config.js';
+import type { Db } from '../db/database.js';
+import type { EvaluationStore } from '../eval/evaluation-store.js';
+import type { GitMirrors } from '../git/git-mirrors.js';
+import type { ReviewService } from '../review/review-service.js';
+import type { BuildManager } from '../scheduler/build-manager.js';
+import type { BuildStore } from '../scheduler/build-store.js';
+import { storePathHash } from '../../common/nix/store-path.js';
+import type { GitHubAppClientOptions } from './app-client.js';
+import { AppRegistry } from './app-registry.js';
+import { CheckRunReporter } from './check-runs.js';
+import { CommandRunner } from './command-runner.js';
+import { maintainersOfChange } from './change-maintainers.js';
+import { DeliveryQueue } from './delivery-queue.js';
+import { GitHubMetricsSink } from './github-metrics.js';
+import { GitHubEvents } from './github-events.js';
+import { RunPipeline, type RunLinks } from './run-pipeline.js';
+import { RunStore } from './run-store.js';
+import { webhookReceiver } from './webhook-receiver.js';
+
+export interface GitHubServiceDeps {
+  options: CoordinatorOptions;
+  db: Db;
+  audit: AuditLog;
+  evaluations: EvaluationStore;
+  reviews: ReviewService;
+  manager: BuildManager;
+  store: BuildStore;
+  mirrors: GitMirrors;
+  /** The coordinator's public base URL (for details links), known once its HTTP port is bound. */
+  publicUrl: () => string;
+  logger: Logger;
+  /** Tests shrink the client's waits. */
+  clientOptions?: Partial<GitHubAppClientOptions>;
+}
+
+/**
+ * The coordinator as a GitHub App: the webhook endpoint and its durable queue, the event handlers, runs, comment
+ * commands and the check-run reporter. Lifecycle: `created` → `running` (start: resumes unsent check runs,
+ * unhandled deliveries and unfinished runs) → `stopped` (stopGracefully lets handlers and sends finish; stopNow
+ * drops them, to be resumed by the next start).
+ */
+export class GitHubService {
+  state: 'created' | 'running' | 'stopped' = 'created';
+  readonly runs: RunStore;
+  readonly reporter: CheckRunReporter;
+  readonly pipeline: RunPipeline;
+  readonly events: GitHubEvents;
+  readonly commands: CommandRunner;
+  readonly queue: DeliveryQueue;
+  private readonly apps: AppRegistry;
+  /** Registered with the coordinator's Prometheus registry once it exists (see `registerMetrics`). */
+  readonly metrics = new GitHubMetricsSink();
+
+  constructor(private readonly deps: GitHubServiceDeps) {
+    const { options, logger } = deps;
+    const log = logger.child({ component: 'github' });
+    this.runs = new RunStore(deps.db);
+    this.apps = new AppRegistry(options.githubApps, this.runs, log, { metrics: this.metrics, ...deps.clientOptions });
+    this.reporter = new CheckRunReporter(
+      deps.db,
+      { octokit: (id) => this.clientOf(id).octokit(id) },
+      { minIntervalMs: options.github.checkRunUpdateIntervalMs, logger: log },
+    );
+    const links: RunLinks = {
+      review: (repo, base, head) =>
+        `${deps.publicUrl()}/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}&format=markdown`,
+      derivation: (drv) => `${deps.publicUrl()}/api/v1/derivations/${storePathHash(drv)}`,
+    };
+    this.pipeline = new RunPipeline({
+      runs: this.runs,
+      reporter: this.reporter,
+      cloneAuth: (id) => this.clientOf(id).cloneAuth(id),
+      mirrors: deps.mirrors,
+      dataDir: options.dataDir,
+      evaluations: deps.evaluations,
+      reviews: deps.reviews,
+      manager: deps.manager,
+      store: deps.store,
+      links,
+      logger: log,
+      onFinished: (run) => {
+        if (run.pr_number === null) return;
+        this.commands.evaluateMerge(run.repo, run.pr_number).catch((err: Error) => {
+          log.warn({ err: err.message, repo: run.repo, pr: run.pr_number }, 'merge evaluation failed');
+        });
+      },
+    });
+    this.commands = new CommandRunner({
+      runs: this.runs,
+      apps: this.apps,
+      evaluations: deps.evaluations,
+      checkStates: (owner, repo, sha) => this.reporter.states(owner, repo, sha),
+      startRun: (served, repo, pr, baseCloneUrl, extra) =>
+        this.events.startPullRequestRun(served, repo, pr, baseCloneUrl, extra),
+      maintainers: async (pr, changed) =>
+        maintainersOfChange({
+          mirrors: deps.mirrors,
+          cloneUrl: (pr.head.repo ?? pr.base.repo).clone_url,
+          headSha: pr.head.sha,
+          fetch: {
+            auth: await this.clientOf(this.installationOf(pr.base.repo.full_name)).cloneAuth(
+              this.installationOf(pr.base.repo.full_name),
+            ),
+          },
+          changed,
+        }),
+      audit: deps.audit,
+      logger: log,
+    });
+    this.events = new GitHubEvents({
+      runs: this.runs,
+      apps: this.apps,
+      pipeline: this.pipeline,
+      reporter: this.reporter,
+      commands: this.commands,
+      audit: deps.audit,
+      settings: {
+        buildDraftPullRequests: options.github.buildDraftPullRequests,
+        requireApproval: options.security.requireApproval,
+        approvedUsers: options.security.approvedUsers,
+      },
+      logger: log,
+    });
+    this.queue = new DeliveryQueue(deps.db, { logger: log, observe: (o) => this.metrics.observe(o) });
+  }
+
+  /** `POST /github/webhook`, for the coordinator's HTTP server. */
+  router(): Router {
+    return webhookReceiver({
+      queue: this.queue,
+      webhookSecret: this.deps.options.security.webhookSecret,
+      allowInsecureWebhooks: this.deps.options.security.allowInsecureWebhooks,
+      logger: this.deps.logger.child({ component: 'github-webhook' }),
+    });
+  }
+
+  start(): void {
+    if (this.state !== 'created') throw new IllegalStateError(`cannot start a GitHub service that is ${this.state}`);
+    this.state = 'running';
+    this.reporter.start();
+    this.queue.start((d) => this.events.handle(d));
+    // Runs interrupted by a restart start over; cached evaluations and finished builds make that cheap.
+    for (const run of this.runs.openRuns()) this.pipeline.start(run.id);
+  }
+
+  async stopGracefully(): Promise<void> {
+    if (this.state !== 'running') return this.stopNow();
+    await this.queue.stopGracefully();
+    this.pipeline.stop();
+    await this.reporter.stopGracefully();
+    this.state = 'stopped';
+  }
+
+  stopNow(): void {
+    if (this.state === 'stopped') return;
+    this.queue.stopNow();
+    this.pipeline.stop();
+    this.reporter.stopNow();
+    this.state = 'stopped';
+  }
+
+  private installationOf(repo: string): number {
+    const row = this.runs.repository(repo);
+    if (!row) throw new IllegalStateError(`no installation is known for ${repo}`);
+    return row.installation_id;
+  }
+
+  private clientOf(installationId: number) {
+    const client = this.apps.clientOf(installationId);
+    if (!client) throw new IllegalStateError('no GitHub App is configured');
+    return client;
+  }
+}

@@ -1,0 +1,276 @@
+import type { Logger } from '../../common/logging.js';
+import type { EvaluationStore } from '../eval/evaluation-store.js';
+import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
+import type { GitAuth, GitMirrors } from '../git/git-mirrors.js';
+import type { StoredJobDiff } from '../graph/diff-store.js';
+import type { Review } from '../review/model.js';
+import type { ReviewService } from '../review/review-service.js';
+import { isTerminal } from '../scheduler/build-state.js';
+import type { BuildManager } from '../scheduler/build-manager.js';
+import type { BuildStore } from '../scheduler/build-store.js';
+import {
+  EVALUATION_CHECK,
+  SUMMARY_CHECK,
+  type RootResult,
+  buildCheck,
+  buildCheckName,
+  buildProgress,
+  completed,
+  evaluationCheck,
+  inProgress,
+  queued,
+  summaryCheck,
+} from './check-report.js';
+import type { CheckRunSpec, CheckTarget } from './check-runs.js';
+import { OPEN_RUN_STATES, type RunRoot, type RunRow, type RunStore } from './run-store.js';
+
+export interface PipelineDeps {
+  runs: RunStore;
+  reporter: { set(target: CheckTarget, spec: CheckRunSpec): void };
+  /** Credentials to clone the installation's repositories (and public forks). */
+  cloneAuth(installationId: number): Promise<GitAuth>;
+  mirrors: GitMirrors;
+  dataDir: string;
+  evaluations: EvaluationStore;
+  reviews: ReviewService;
+  manager: BuildManager;
+  store: BuildStore;
+  /** Links into the coordinator's web API for check runs' details; undefined without a public URL. */
+  links: RunLinks | undefined;
+  logger: Logger;
+  /** Called when a run is done (the merge policy looks at it). */
+  onFinished(run: RunRow): void;
+}
+
+export interface RunLinks {
+  review(repo: string, base: string, head: string): string;
+  derivation(drvPath: string): string;
+}
+
+// Build checks are redrawn at most this often while builds settle; the reporter coalesces further.
+const PROGRESS_REFRESH_MS = 2_000;
+
+/**
+ * Carries a run from queued to done: evaluate (cached per commit), diff against the base, build the head's
+ * changed and added attributes (and the base's, where not known), then conclude the check runs from the review.
+ * Every step is idempotent, so a run interrupted by a restart is simply run again.
+ */
+export class RunPipeline {
+  private readonly active = new Map<number, Promise<void>>();
+  private stopped = false;
+  private readonly timers = new Set<NodeJS.Timeout>();
+
+  constructor(private readonly deps: PipelineDeps) {}
+
+  /**
+   * Stops touching runs (the coordinator is shutting down): unfinished ones stay as they are in the database and
+   * are resumed by the next start.
+   */
+  stop(): void {
+    this.stopped = true;
+    for (const t of this.timers) clearInterval(t);
+    this.timers.clear();
+  }
+
+  /** Starts (or resumes) a run in the background; a run already going is left alone. */
+  start(runId: number): void {
+    if (this.active.has(runId) || this.stopped) return;
+    const p = this.execute(runId)
+      .catch((err: Error) => this.fail(runId, err))
+      .catch((err: Error) => this.deps.logger.error({ runId, err: err.message }, 'run bookkeeping failed'))
+      .finally(() => this.active.delete(runId));
+    this.active.set(runId, p);
+  }
+
+  /** Resolves when every run started so far has finished (tests, graceful stop). */
+  async idle(): Promise<void> {
+    while (this.active.size > 0) await Promise.allSettled([...this.active.values()]);
+  }
+
+  /**
+   * Cancels a run: its check runs conclude `cancelled`, and the derivations only it needed stop building (those
+   * another open run needs keep going).
+   */
+  cancel(runId: number, reason: string): void {
+    const run = this.deps.runs.run(runId);
+    if (!run || !(OPEN_RUN_STATES.has(run.state) || run.state === 'awaiting-approval')) return;
+    this.deps.runs.setRunState(runId, 'cancelled', reason);
+    const { manager, runs } = this.deps;
+    const mine = manager.unfinishedClosure(runs.roots(runId).map((r) => r.drvPath));
+    const others = manager.unfinishedClosure(runs.rootsOfOtherOpenRuns(runId));
+    const only = [...mine].filter((d) => !others.has(d));
+    if (only.length > 0) manager.cancel(only, reason);
+    const target = targetOf(run);
+    const names = [EVALUATION_CHECK, SUMMARY_CHECK, ...new Set(runs.roots(runId).map((r) => buildCheckName(r.system)))];
+    for (const name of names) this.deps.reporter.set(target, completed(name, 'cancelled', 'Cancelled', reason));
+    this.deps.logger.info({ runId, reason, cancelled: only.length }, 'run cancelled');
+  }
+
+  private async execute(runId: number): Promise<void> {
+    const { runs, reporter } = this.deps;
+    const run = runs.run(runId);
+    if (!run || !OPEN_RUN_STATES.has(run.state)) return;
+    const target = targetOf(run);
+    const details = run.base_sha ? this.deps.links?.review(run.repo, run.base_sha, run.head_sha) : undefined;
+    reporter.set(target, inProgress(EVALUATION_CHECK, 'Evaluating', `Evaluating ${run.head_sha}.`, details));
+    reporter.set(target, queued(SUMMARY_CHECK, 'Waiting for evaluation and builds', details));
+    runs.setRunState(runId, 'evaluating');
+
+    const auth = await this.deps.cloneAuth(run.installation_id);
+    const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, auth);
+    const base = run.base_sha ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, auth) : undefined;
+    if (!this.stillOpen(runId)) return;
+    reporter.set(target, evaluationCheck(head.jobs, base?.jobs, details));
+
+    const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
+    if (!base) this.deps.evaluations.save(run.repo, head);
+    const roots = this.rootsOf(run, head, diffs);
+    runs.setRoots(runId, roots);
+    runs.setRunState(runId, 'building');
+    const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
+    for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
+    reporter.set(target, inProgress(SUMMARY_CHECK, 'Building', `Building ${roots.length} derivations.`, details));
+
+    const refresh = setInterval(() => {
+      if (this.stopped) return;
+      for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
+    }, PROGRESS_REFRESH_MS);
+    refresh.unref();
+    this.timers.add(refresh);
+    try {
+      const requests: number[] = [];
+      const options = { rebuildFailed: run.rebuild_failed === 1 };
+      for (const side of ['head', 'base'] as const) {
+        const list = roots.filter((r) => r.side === side).map((r) => ({ attr: r.attr, drvPath: r.drvPath }));
+        const source = `github ${run.repo} ${run.kind}${run.pr_number ? ` #${run.pr_number}` : ''} ${side}`;
+        if (list.length > 0) requests.push(await this.deps.manager.submit(list, source, options));
+      }
+      await Promise.all(requests.map((r) => this.deps.manager.waitFor(r)));
+    } finally {
+      clearInterval(refresh);
+      this.timers.delete(refresh);
+    }
+    if (!this.stillOpen(runId)) return;
+
+    const review = base ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit) : undefined;
+    const newly = newlyFailingDrvs(review);
+    const allSystems = [...new Set([...systems, ...headSystems(head)])].sort();
+    for (const system of allSystems) {
+      const results = this.results(roots, system).map((r) => ({
+        ...r,
+        newlyFailing: review ? newly.has(r.drvPath) : true,
+      }));
+      reporter.set(target, buildCheck(system, results, details));
+    }
+    if (review) {
+      const links = this.deps.links;
+      reporter.set(target, summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined));
+    } else {
+      const failed = roots.filter((r) => ['failed', 'dependency-failed', 'timed-out'].includes(this.state(r) ?? ''));
+      reporter.set(
+        target,
+        completed(
+          SUMMARY_CHECK,
+          failed.length > 0 ? 'failure' : 'success',
+          `${roots.length - failed.length} of ${roots.length} built`,
+          failed.length > 0 ? failed.map((r) => `- \`${r.attr}\`: ${this.state(r)}`).join('\n') : 'Everything built.',
+        ),
+      );
+    }
+    runs.setRunState(runId, 'done');
+    this.deps.logger.info({ runId, repo: run.repo, head: run.head_sha }, 'run done');
+    this.deps.onFinished(runs.run(runId)!);
+  }
+
+  /** A commit's evaluation, from the database when this coordinator evaluated it before. */
+  private async evaluation(repo: string, url: string, sha: string, auth: GitAuth): Promise<CommitEvaluation> {
+    const known = this.deps.evaluations.load(repo, sha);
+    if (known) return known;
+    const e = await evaluateCommit({
+      mirrors: this.deps.mirrors,
+      dataDir: this.deps.dataDir,
+      repo: url,
+      rev: sha,
+      fetch: { auth },
+    });
+    this.deps.evaluations.save(repo, e);
+    return e;
+  }
+
+  /**
+   * What a run builds. With a base: the head side of changed and added attributes, the base side of changed
+   * ones whose result is not yet known, and attributes asked for by name (commands, commit titles). Without a
+   * base (a push): every attribute of the head.
+   */
+  private rootsOf(run: RunRow, head: CommitEvaluation, diffs: StoredJobDiff[] | undefined): RunRoot[] {
+    const roots: RunRoot[] = [];
+    const extra = new Set(JSON.parse(run.extra_attrs) as string[]);
+    for (const job of head.jobs) {
+      const diff = diffs?.find((d) => d.name === job.name);
+      const changed = new Map((diff?.attrs ?? []).map((a) => [a.attr, a]));
+      for (const a of job.attrs) {
+        if (!a.drvPath || a.skipped) continue;
+        const d = changed.get(a.attr);
+        const wanted = !diffs || extra.has(a.attr) || d?.change === 'changed' || d?.change === 'added';
+        if (wanted)
+          roots.push({
+            side: 'head',
+            drvPath: a.drvPath,
+            attr: `${job.name}.${a.attr}`,
+            system: a.system ?? 'unknown',
+          });
+      }
+      for (const d of diff?.attrs ?? []) {
+        if (d.change !== 'changed' || !d.baseDrv) continue;
+        const row = this.deps.store.derivation(d.baseDrv);
+        if (row && isTerminal(row.state)) continue;
+        roots.push({ side: 'base', drvPath: d.baseDrv, attr: `${job.name}.${d.attr}`, system: d.system ?? 'unknown' });
+      }
+    }
+    return roots;
+  }
+
+  private state(r: RunRoot): RootResult['state'] {
+    return this.deps.store.derivation(r.drvPath)?.state;
+  }
+
+  private results(roots: readonly RunRoot[], system: string): RootResult[] {
+    return roots
+      .filter((r) => r.side === 'head' && r.system === system)
+      .map((r) => ({ attr: r.attr, drvPath: r.drvPath, state: this.state(r), newlyFailing: false }));
+  }
+
+  private stillOpen(runId: number): boolean {
+    if (this.stopped) return false;
+    const run = this.deps.runs.run(runId);
+    return run !== undefined && OPEN_RUN_STATES.has(run.state);
+  }
+
+  private fail(runId: number, err: Error): void {
+    if (this.stopped) return;
+    const run = this.deps.runs.run(runId);
+    this.deps.logger.warn({ runId, err: err.message }, 'run failed');
+    if (!run || !OPEN_RUN_STATES.has(run.state)) return;
+    this.deps.runs.setRunState(runId, 'failed', err.message);
+    const target = targetOf(run);
+    const message = `eka-ci could not evaluate this commit:\n\n\`\`\`\n${err.message.slice(0, 10_000)}\n\`\`\``;
+    this.deps.reporter.set(target, completed(EVALUATION_CHECK, 'failure', 'Evaluation failed', message));
+    this.deps.reporter.set(target, completed(SUMMARY_CHECK, 'failure', 'Evaluation failed', message));
+  }
+}
+
+export function targetOf(run: Pick<RunRow, 'installation_id' | 'repo' | 'head_sha'>): CheckTarget {
+  const [owner = '', repo = ''] = run.repo.split('/');
+  return { installationId: run.installation_id, owner, repo, headSha: run.head_sha };
+}
+
+function newlyFailingDrvs(review: Review | undefined): Set<string> {
+  return new Set(
+    (review?.attrs ?? []).filter((a) => a.outcome === 'newly-failing' && a.head?.drv).map((a) => a.head!.drv!),
+  );
+}
+
+/** Systems the head evaluation has derivations for: each gets a build check, neutral when nothing was built. */
+function headSystems(head: CommitEvaluation): string[] {
+  return [...new Set(head.jobs.flatMap((j) => j.attrs.flatMap((a) => (a.system && !a.skipped ? [a.system] : []))))];
+}

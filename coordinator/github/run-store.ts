@@ -1,0 +1,273 @@
+import type { Db } from '../db/database.js';
+
+/**
+ * A run evaluates a commit (against a base, for pull requests and merge groups), builds what it needs and
+ * reports check runs on the commit.
+ *
+ * Lifecycle: `queued` → `evaluating` → `building` → `done`; `awaiting-approval` (an outside contributor's pull
+ * request, until `@eka-ci approve`); any unfinished state → `cancelled` (the pull request was closed or got a new
+ * head, the merge group was destroyed) or `failed` (the commit could not be fetched or evaluated at all). Runs in
+ * `queued`, `evaluating` or `building` are resumed from the start after a restart: evaluations are cached and
+ * builds already done are not repeated, so resuming costs little.
+ */
+export type RunState = 'queued' | 'awaiting-approval' | 'evaluating' | 'building' | 'done' | 'cancelled' | 'failed';
+
+export const OPEN_RUN_STATES: ReadonlySet<RunState> = new Set(['queued', 'evaluating', 'building']);
+
+export type RunKind = 'pull_request' | 'push' | 'merge_group';
+
+export interface RunRow {
+  id: number;
+  repo: string;
+  installation_id: number;
+  kind: RunKind;
+  pr_number: number | null;
+  base_sha: string | null;
+  head_sha: string;
+  base_clone_url: string;
+  head_clone_url: string;
+  extra_attrs: string;
+  rebuild_failed: number;
+  state: RunState;
+  error: string | null;
+}
+
+export interface NewRun {
+  repo: string;
+  installationId: number;
+  kind: RunKind;
+  prNumber?: number;
+  baseSha?: string;
+  headSha: string;
+  baseCloneUrl: string;
+  headCloneUrl: string;
+  extraAttrs?: readonly string[];
+  rebuildFailed?: boolean;
+  state?: RunState;
+}
+
+export interface RepositoryRow {
+  full_name: string;
+  installation_id: number;
+  clone_url: string;
+  default_branch: string;
+  private: number;
+}
+
+export interface PullRequestRow {
+  repo: string;
+  number: number;
+  state: 'open' | 'closed';
+  head_sha: string;
+  head_clone_url: string;
+  base_sha: string;
+  base_ref: string;
+  author: string;
+  author_association: string;
+  draft: number;
+  approved_by: string | null;
+  merge_method: string | null;
+  merge_for_sha: string | null;
+  merge_by: string | null;
+  merge_comment_id: number | null;
+}
+
+export interface RunRoot {
+  side: 'base' | 'head';
+  drvPath: string;
+  attr: string;
+  system: string;
+}
+
+/** The GitHub App's durable state: installations, repositories, pull requests, runs and their roots. */
+export class RunStore {
+  constructor(readonly db: Db) {}
+
+  upsertInstallation(id: number, app: string, account: string, suspended: boolean): void {
+    this.db
+      .prepare(
+        `INSERT INTO github_installations (installation_id, app, account, suspended, updated_at) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (installation_id) DO UPDATE SET app = excluded.app, account = excluded.account,
+           suspended = excluded.suspended, updated_at = excluded.updated_at`,
+      )
+      .run(id, app, account, suspended ? 1 : 0, Date.now());
+  }
+
+  installation(id: number): { app: string; account: string; suspended: boolean } | undefined {
+    const row = this.db
+      .prepare('SELECT app, account, suspended FROM github_installations WHERE installation_id = ?')
+      .get(id) as { app: string; account: string; suspended: number } | undefined;
+    return row && { app: row.app, account: row.account, suspended: row.suspended === 1 };
+  }
+
+  deleteInstallation(id: number): void {
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM github_installations WHERE installation_id = ?').run(id);
+      this.db.prepare('DELETE FROM github_repositories WHERE installation_id = ?').run(id);
+    })();
+  }
+
+  upsertRepository(r: {
+    fullName: string;
+    installationId: number;
+    cloneUrl: string;
+    defaultBranch: string;
+    private: boolean;
+  }): void {
+    this.db
+      .prepare(
+        `INSERT INTO github_repositories (full_name, installation_id, clone_url, default_branch, private, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (full_name) DO UPDATE SET installation_id = excluded.installation_id,
+           clone_url = excluded.clone_url, default_branch = excluded.default_branch, private = excluded.private,
+           updated_at = excluded.updated_at`,
+      )
+      .run(r.fullName, r.installationId, r.cloneUrl, r.defaultBranch, r.private ? 1 : 0, Date.now());
+  }
+
+  removeRepository(fullName: string): void {
+    this.db.prepare('DELETE FROM github_repositories WHERE full_name = ?').run(fullName);
+  }
+
+  repository(fullName: string): RepositoryRow | undefined {
+    return this.db.prepare('SELECT * FROM github_repositories WHERE full_name = ?').get(fullName) as
+      RepositoryRow | undefined;
+  }
+
+  upsertPullRequest(
+    p: Omit<PullRequestRow, 'approved_by' | 'merge_method' | 'merge_for_sha' | 'merge_by' | 'merge_comment_id'>,
+  ): void {
+    this.db
+      .prepare(
+        `INSERT INTO github_pull_requests (repo, number, state, head_sha, head_clone_url, base_sha, base_ref, author,
+           author_association, draft, updated_at)
+         VALUES (@repo, @number, @state, @head_sha, @head_clone_url, @base_sha, @base_ref, @author,
+           @author_association, @draft, @now)
+         ON CONFLICT (repo, number) DO UPDATE SET state = excluded.state, head_sha = excluded.head_sha,
+           head_clone_url = excluded.head_clone_url, base_sha = excluded.base_sha, base_ref = excluded.base_ref,
+           author_association = excluded.author_association, draft = excluded.draft, updated_at = excluded.updated_at`,
+      )
+      .run({ ...p, now: Date.now() });
+  }
+
+  pullRequest(repo: string, number: number): PullRequestRow | undefined {
+    return this.db.prepare('SELECT * FROM github_pull_requests WHERE repo = ? AND number = ?').get(repo, number) as
+      PullRequestRow | undefined;
+  }
+
+  setApproval(repo: string, number: number, approvedBy: string): void {
+    this.db
+      .prepare('UPDATE github_pull_requests SET approved_by = ? WHERE repo = ? AND number = ?')
+      .run(approvedBy, repo, number);
+  }
+
+  /** Records (or with `method` undefined, clears) a pending `@eka-ci merge` for the given head. */
+  setMerge(
+    repo: string,
+    number: number,
+    merge: { method: string; forSha: string; by: string; commentId: number } | undefined,
+  ): void {
+    this.db
+      .prepare(
+        `UPDATE github_pull_requests SET merge_method = ?, merge_for_sha = ?, merge_by = ?, merge_comment_id = ?
+         WHERE repo = ? AND number = ?`,
+      )
+      .run(merge?.method ?? null, merge?.forSha ?? null, merge?.by ?? null, merge?.commentId ?? null, repo, number);
+  }
+
+  createRun(r: NewRun): number {
+    const now = Date.now();
+    const info = this.db
+      .prepare(
+        `INSERT INTO github_runs (repo, installation_id, kind, pr_number, base_sha, head_sha, base_clone_url,
+           head_clone_url, extra_attrs, rebuild_failed, state, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(
+        r.repo,
+        r.installationId,
+        r.kind,
+        r.prNumber ?? null,
+        r.baseSha ?? null,
+        r.headSha,
+        r.baseCloneUrl,
+        r.headCloneUrl,
+        JSON.stringify(r.extraAttrs ?? []),
+        r.rebuildFailed ? 1 : 0,
+        r.state ?? 'queued',
+        now,
+        now,
+      );
+    return Number(info.lastInsertRowid);
+  }
+
+  run(id: number): RunRow | undefined {
+    return this.db.prepare('SELECT * FROM github_runs WHERE id = ?').get(id) as RunRow | undefined;
+  }
+
+  setRunState(id: number, state: RunState, error: string | null = null): void {
+    this.db
+      .prepare('UPDATE github_runs SET state = ?, error = ?, updated_at = ? WHERE id = ?')
+      .run(state, error, Date.now(), id);
+  }
+
+  openRuns(): RunRow[] {
+    return this.db
+      .prepare("SELECT * FROM github_runs WHERE state IN ('queued', 'evaluating', 'building') ORDER BY id")
+      .all() as RunRow[];
+  }
+
+  /** Unfinished runs of a pull request (all kinds: pull_request runs by number) or of a commit. */
+  runsOf(filter: { repo: string; prNumber?: number; headSha?: string; states?: readonly RunState[] }): RunRow[] {
+    const rows = this.db
+      .prepare(
+        `SELECT * FROM github_runs WHERE repo = ? AND (? IS NULL OR pr_number = ?) AND (? IS NULL OR head_sha = ?)
+         ORDER BY id`,
+      )
+      .all(
+        filter.repo,
+        filter.prNumber ?? null,
+        filter.prNumber ?? null,
+        filter.headSha ?? null,
+        filter.headSha ?? null,
+      ) as RunRow[];
+    return filter.states ? rows.filter((r) => filter.states!.includes(r.state)) : rows;
+  }
+
+  /** The newest run of a commit, whatever its state. */
+  latestRunOf(repo: string, headSha: string): RunRow | undefined {
+    return this.db
+      .prepare('SELECT * FROM github_runs WHERE repo = ? AND head_sha = ? ORDER BY id DESC LIMIT 1')
+      .get(repo, headSha) as RunRow | undefined;
+  }
+
+  setRoots(runId: number, roots: readonly RunRoot[]): void {
+    const put = this.db.prepare(
+      'INSERT OR IGNORE INTO github_run_roots (run_id, side, drv_path, attr, system) VALUES (?, ?, ?, ?, ?)',
+    );
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM github_run_roots WHERE run_id = ?').run(runId);
+      for (const r of roots) put.run(runId, r.side, r.drvPath, r.attr, r.system);
+    })();
+  }
+
+  roots(runId: number): RunRoot[] {
+    return (
+      this.db
+        .prepare('SELECT side, drv_path, attr, system FROM github_run_roots WHERE run_id = ? ORDER BY side, attr')
+        .all(runId) as Array<{ side: 'base' | 'head'; drv_path: string; attr: string; system: string }>
+    ).map((r) => ({ side: r.side, drvPath: r.drv_path, attr: r.attr, system: r.system }));
+  }
+
+  /** Roots of unfinished runs other than `runId`: what cancelling that run must leave running. */
+  rootsOfOtherOpenRuns(runId: number): string[] {
+    return (
+      this.db
+        .prepare(
+          `SELECT DISTINCT r.drv_path FROM github_run_roots r JOIN github_runs g ON g.id = r.run_id
+           WHERE g.id != ? AND g.state IN ('queued', 'evaluating', 'building')`,
+        )
+        .all(runId) as Array<{ drv_path: string }>
+    ).map((r) => r.drv_path);
+  }
+}

@@ -1,0 +1,475 @@
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { EmbeddedSystem } from '../cli/embedded.js';
+import {
+  FakeGitHub,
+  INSTALLATION,
+  commentPayload,
+  deliver,
+  pullRequestPayload,
+  startGitHubCoordinator,
+} from './support/github-app.js';
+import { type StandInCheckRun, webhookExamples } from './support/github-standin.js';
+import { tempDir } from './support/nix-project.js';
+
+const ROOT = join(import.meta.dirname, '..');
+const REVIEW_FIXTURE = join(ROOT, 'test', 'fixtures', 'review');
+const DEMO = join(ROOT, 'examples', 'review');
+const REPO = 'acme/pkgs';
+
+const byName = (runs: StandInCheckRun[]): Record<string, StandInCheckRun> =>
+  Object.fromEntries(runs.map((r) => [r.name, r]));
+
+/** Waits until every eka-ci check run of a commit has completed, and returns them by name. */
+async function completedChecks(github: FakeGitHub, repo: string, sha: string, count: number) {
+  return byName(
+    await github.api.waitFor(() => {
+      const runs = github.api.checkRuns(repo, sha);
+      return runs.length >= count && runs.every((r) => r.status === 'completed') && runs;
+    }, `${count} completed check runs on ${sha}`),
+  );
+}
+
+describe('eka-ci as a GitHub App', () => {
+  let github: FakeGitHub;
+  let system: EmbeddedSystem;
+  let dataDir: string;
+  let repo: { cloneUrl: string; commits: string[] };
+  let base: string;
+  let head: string;
+
+  beforeAll(async () => {
+    github = await FakeGitHub.start();
+    repo = github.makeRepo(REPO, REVIEW_FIXTURE);
+    [base, head] = repo.commits as [string, string];
+    dataDir = join(tempDir('ekaci-github-'), 'data');
+    github.api.addPull(REPO, {
+      number: 7,
+      title: 'breaks: make it break',
+      user: 'alice',
+      authorAssociation: 'MEMBER',
+      headSha: head,
+      headRef: 'change',
+      baseSha: base,
+      baseRef: 'main',
+      commits: [{ sha: head, message: 'stable: rebuild it by name\n\nThe OfBorg convention.' }],
+    });
+    github.api.setPermission(REPO, 'alice', 'write');
+    github.api.setPermission(REPO, 'mallory', 'read');
+    system = await startGitHubCoordinator(github, dataDir);
+  });
+
+  afterAll(async () => {
+    await system?.stop();
+    await github?.close();
+  });
+
+  it('refuses a delivery with a bad signature (401) and does nothing for it', async () => {
+    const before = github.api.requests.length;
+    const payload = pullRequestPayload({
+      action: 'opened',
+      repo: REPO,
+      cloneUrl: repo.cloneUrl,
+      number: 7,
+      base,
+      head,
+    });
+    const r = await deliver(system, 'pull_request', payload, { signature: `sha256=${'0'.repeat(64)}` });
+    expect(r.status).toBe(401);
+    const unsigned = await deliver(system, 'pull_request', payload, { signature: '' });
+    expect(unsigned.status).toBe(401);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    expect(github.api.requests.length).toBe(before);
+    expect(github.api.checkRuns(REPO, head)).toEqual([]);
+  });
+
+  it('evaluates and builds a pull request and reports check runs naming the newly failing attribute', async () => {
+    const payload = pullRequestPayload({
+      action: 'opened',
+      repo: REPO,
+      cloneUrl: repo.cloneUrl,
+      number: 7,
+      base,
+      head,
+    });
+    const first = await deliver(system, 'pull_request', payload, { deliveryId: 'delivery-pr-7' });
+    expect(first.status).toBe(202);
+    // The same delivery again (GitHub's redelivery, or a replay): accepted, processed once.
+    const replay = await deliver(system, 'pull_request', payload, { deliveryId: 'delivery-pr-7' });
+    expect(replay.status).toBe(200);
+    expect(JSON.parse(replay.body)).toMatchObject({ duplicate: true });
+
+    const checks = await completedChecks(github, REPO, head, 3);
+    expect(Object.keys(checks).sort()).toEqual([
+      'eka-ci / build (x86_64-linux)',
+      'eka-ci / evaluation',
+      'eka-ci / summary',
+    ]);
+    // `evals` newly aborts: evaluation fails; `eval-broken` failed before too and is not blamed on the change.
+    expect(checks['eka-ci / evaluation']).toMatchObject({ conclusion: 'failure' });
+    expect(checks['eka-ci / evaluation']!.output.summary).toMatch(/\*\*new\*\* `pkgs\.evals`/);
+    const build = checks['eka-ci / build (x86_64-linux)']!;
+    expect(build.conclusion).toBe('failure');
+    expect(build.actions).toEqual([expect.objectContaining({ identifier: 'rebuild-failed' })]);
+    const summary = checks['eka-ci / summary']!;
+    expect(summary.conclusion).toBe('failure');
+    expect(summary.output.title).toMatch(/3 newly failing/);
+    expect(summary.output.summary).toContain('### Newly failing (3)');
+    expect(summary.output.summary).toMatch(/\| `breaks` \| `x86_64-linux` \| succeeded → failed \|/);
+    expect(summary.detailsUrl).toMatch(/\/api\/v1\/reviews\?repo=acme%2Fpkgs&base=[0-9a-f]{40}&head=[0-9a-f]{40}/);
+    // The details link works: it is the review, served from the coordinator's database.
+    const linked = await fetch(summary.detailsUrl!);
+    expect(linked.status).toBe(200);
+    expect(await linked.text()).toContain('### Newly failing (3)');
+    // One run for the delivery and its replay: each check run was created once.
+    const creations = github.api.requests.filter((r) => r.method === 'POST' && r.path.endsWith('/check-runs'));
+    expect(creations.length).toBe(3);
+    // `stable` is unchanged, but the commit title names it (the OfBorg convention), so it was built too.
+    const stable = system.coordinator.evaluations.load(REPO, head)!.jobs[0]!.attrs.find((a) => a.attr === 'stable')!;
+    expect(system.coordinator.store.derivation(stable.drvPath!)?.state).toMatch(/succeeded|substituted/);
+    // What happened is visible to Prometheus: webhook latency and GitHub API calls.
+    const metrics = await (await fetch(`http://127.0.0.1:${system.coordinator.httpPort}/metrics`)).text();
+    expect(metrics).toMatch(/ekaci_github_webhook_wait_seconds_count\{event="pull_request"\} [1-9]/);
+    expect(metrics).toMatch(/ekaci_github_api_calls_total\{operation="[^"]*check[^"]*",status="201"\} [1-9]/);
+    expect(github.api.invalid).toEqual([]);
+  });
+
+  it('answers comment commands: refused for a reader (-1 and why), accepted for a writer (+1)', async () => {
+    const comment = (id: number, author: string, body: string) =>
+      deliver(
+        system,
+        'issue_comment',
+        commentPayload({ repo: REPO, cloneUrl: repo.cloneUrl, number: 7, id, body, author }),
+      );
+    expect((await comment(901, 'mallory', '@eka-ci rebuild')).status).toBe(202);
+    await github.api.waitFor(() => github.api.reactions(REPO, 901).length > 0, 'a reaction to 901');
+    expect(github.api.reactions(REPO, 901)).toEqual(['-1']);
+    const reply = await github.api.waitFor(
+      () => github.api.comments(REPO, 7).find((c) => c.body.includes('@eka-ci rebuild')),
+      'a reply to the refused command',
+    );
+    expect(reply.body).toMatch(/@mallory/);
+
+    expect((await comment(902, 'alice', '@eka-ci merge squash')).status).toBe(202);
+    await github.api.waitFor(() => github.api.reactions(REPO, 902).length > 0, 'a reaction to 902');
+    expect(github.api.reactions(REPO, 902)).toEqual(['+1']);
+    // The checks failed: the merge is refused with the reason, and nothing is merged.
+    const refused = await github.api.waitFor(
+      () => github.api.comments(REPO, 7).find((c) => c.body.includes('not merging')),
+      'the merge refusal',
+    );
+    expect(refused.body).toMatch(/concluded failure/);
+    expect(github.api.merges(REPO)).toEqual([]);
+
+    expect((await comment(903, 'alice', '@eka-ci build no-such-package')).status).toBe(202);
+    await github.api.waitFor(() => github.api.reactions(REPO, 903).length > 0, 'a reaction to 903');
+    expect(github.api.reactions(REPO, 903)).toEqual(['-1']);
+    expect(github.api.invalid).toEqual([]);
+  });
+
+  it('builds the failed derivations again on the "Rebuild failed" button', async () => {
+    const head7 = system.coordinator.evaluations.load(REPO, head)!.jobs[0]!.attrs;
+    const breaks = head7.find((a) => a.attr === 'breaks')!.drvPath!;
+    const before = system.coordinator.store.derivation(breaks)!.attempts;
+    const payload = webhookExamples('check_run', 'requested_action')[0]!;
+    const checkRun = payload.check_run as Record<string, unknown>;
+    const rerun = {
+      ...payload,
+      check_run: { ...checkRun, head_sha: head, name: 'eka-ci / build (x86_64-linux)' },
+      requested_action: { identifier: 'rebuild-failed' },
+      repository: { ...(payload.repository as object), full_name: REPO, clone_url: repo.cloneUrl },
+      installation: { id: INSTALLATION },
+    };
+    expect((await deliver(system, 'check_run', rerun)).status).toBe(202);
+    await github.api.waitFor(
+      () => system.coordinator.store.derivation(breaks)!.attempts > before,
+      'a second attempt at the failed build',
+    );
+    await completedChecks(github, REPO, head, 3);
+    expect(system.coordinator.audit.recent().map((a) => a.action)).toContain('rebuild-failed');
+  });
+
+  it('lets a maintainer of every changed package merge without write access, and nobody else', async () => {
+    const maintained = github.makeRepo('acme/maintained', join(ROOT, 'test', 'fixtures', 'maintained'));
+    const [mBase, mHead] = maintained.commits as [string, string];
+    github.api.addPull('acme/maintained', {
+      number: 21,
+      title: 'tool: 1.0 -> 1.1',
+      user: 'bob',
+      authorAssociation: 'CONTRIBUTOR',
+      headSha: mHead,
+      headRef: 'change',
+      baseSha: mBase,
+      baseRef: 'main',
+      mergeable: true,
+      commits: [{ sha: mHead, message: 'tool: 1.0 -> 1.1' }],
+    });
+    github.api.setPermission('acme/maintained', 'bob', 'read');
+    github.api.setPermission('acme/maintained', 'carol', 'read');
+    const pr = pullRequestPayload({
+      action: 'opened',
+      repo: 'acme/maintained',
+      cloneUrl: maintained.cloneUrl,
+      number: 21,
+      base: mBase,
+      head: mHead,
+      author: 'bob',
+      association: 'CONTRIBUTOR',
+    });
+    expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
+    await completedChecks(github, 'acme/maintained', mHead, 3);
+    const say = (id: number, author: string) =>
+      deliver(
+        system,
+        'issue_comment',
+        commentPayload({
+          repo: 'acme/maintained',
+          cloneUrl: maintained.cloneUrl,
+          number: 21,
+          id,
+          body: '@eka-ci merge',
+          author,
+        }),
+      );
+    // Carol is listed by name only: a name never authorises the GitHub user who happens to have it.
+    expect((await say(961, 'carol')).status).toBe(202);
+    await github.api.waitFor(() => github.api.reactions('acme/maintained', 961).length > 0, 'a reaction to carol');
+    expect(github.api.reactions('acme/maintained', 961)).toEqual(['-1']);
+    const refusal = await github.api.waitFor(
+      () => github.api.comments('acme/maintained', 21).find((c) => c.body.includes('@carol')),
+      'the reply to carol',
+    );
+    expect(refusal.body).toMatch(/not a maintainer/);
+    expect((await say(962, 'bob')).status).toBe(202);
+    const merged = await github.api.waitFor(() => github.api.merges('acme/maintained')[0], 'the merge by bob');
+    expect(merged).toMatchObject({ number: 21, sha: mHead });
+    expect(github.api.invalid).toEqual([]);
+  });
+
+  it('cancels the builds of a closed pull request', async () => {
+    const slow = github.makeRepo('acme/slow', join(ROOT, 'test', 'fixtures', 'slow'));
+    const [sBase, sHead] = slow.commits as [string, string];
+    github.api.addPull('acme/slow', {
+      number: 31,
+      title: 'slow',
+      user: 'alice',
+      authorAssociation: 'MEMBER',
+      headSha: sHead,
+      headRef: 'change',
+      baseSha: sBase,
+      baseRef: 'main',
+      commits: [{ sha: sHead, message: 'make it slow' }],
+    });
+    const pr = (action: string) =>
+      pullRequestPayload({ action, repo: 'acme/slow', cloneUrl: slow.cloneUrl, number: 31, base: sBase, head: sHead });
+    expect((await deliver(system, 'pull_request', pr('opened'))).status).toBe(202);
+    const slowDrv = await github.api.waitFor(() => {
+      const e = system.coordinator.evaluations.load('acme/slow', sHead);
+      const drv = e?.jobs[0]?.attrs[0]?.drvPath;
+      return drv && system.coordinator.store.derivation(drv)?.state === 'building' && drv;
+    }, 'the endless build to start');
+    expect((await deliver(system, 'pull_request', pr('closed'))).status).toBe(202);
+    await github.api.waitFor(
+      () => system.coordinator.store.derivation(slowDrv)?.state === 'cancelled',
+      'the build to be cancelled',
+    );
+    const checks = await completedChecks(github, 'acme/slow', sHead, 3);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('cancelled');
+  });
+});
+
+describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and restarts', () => {
+  let github: FakeGitHub;
+  let system: EmbeddedSystem | undefined;
+  let dataDir: string;
+
+  beforeAll(async () => {
+    github = await FakeGitHub.start();
+    dataDir = join(tempDir('ekaci-github-'), 'data');
+  });
+
+  afterAll(async () => {
+    await system?.stop();
+    await github?.close();
+  });
+
+  it('merges on @eka-ci merge once every check is green, and reacts with a rocket', async () => {
+    const repo = github.makeRepo('acme/green', DEMO);
+    const [base, head] = repo.commits as [string, string];
+    github.api.addPull('acme/green', {
+      number: 3,
+      title: 'greeting 1.1',
+      user: 'alice',
+      authorAssociation: 'MEMBER',
+      headSha: head,
+      headRef: 'change',
+      baseSha: base,
+      baseRef: 'main',
+      mergeable: true,
+      commits: [{ sha: head, message: 'greeting: 1.0 -> 1.1' }],
+    });
+    github.api.setPermission('acme/green', 'alice', 'write');
+    system = await startGitHubCoordinator(github, dataDir);
+    const pr = pullRequestPayload({
+      action: 'opened',
+      repo: 'acme/green',
+      cloneUrl: repo.cloneUrl,
+      number: 3,
+      base,
+      head,
+    });
+    expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
+    const comment = commentPayload({
+      repo: 'acme/green',
+      cloneUrl: repo.cloneUrl,
+      number: 3,
+      id: 950,
+      body: 'Looks good.\n@eka-ci merge squash',
+      author: 'alice',
+    });
+    expect((await deliver(system, 'issue_comment', comment)).status).toBe(202);
+    const merged = await github.api.waitFor(() => github.api.merges('acme/green')[0], 'the merge');
+    expect(merged).toMatchObject({ number: 3, method: 'squash', sha: head });
+    const checks = await completedChecks(github, 'acme/green', head, 3);
+    expect(Object.values(checks).map((c) => c.conclusion)).toEqual(['success', 'success', 'success']);
+    await github.api.waitFor(() => github.api.reactions('acme/green', 950).includes('rocket'), 'the rocket');
+    expect(github.api.reactions('acme/green', 950)).toEqual(['+1', 'rocket']);
+    const audit = system.coordinator.audit.recent().map((a) => a.action);
+    expect(audit).toEqual(expect.arrayContaining(['merge-requested', 'merged']));
+  });
+
+  it('builds a fork pull request from the fork, and reports on the base repository', async () => {
+    const upstream = github.makeRepo('acme/upstream', DEMO);
+    const fork = github.makeRepo('eve/upstream', DEMO);
+    const [base] = upstream.commits as [string, string];
+    const head = fork.commits[1]!;
+    github.api.addPull('acme/upstream', {
+      number: 11,
+      title: 'from a fork',
+      user: 'eve',
+      authorAssociation: 'CONTRIBUTOR',
+      headSha: head,
+      headRef: 'change',
+      headRepo: 'eve/upstream',
+      baseSha: base,
+      baseRef: 'main',
+      commits: [{ sha: head, message: 'change' }],
+    });
+    const pr = pullRequestPayload({
+      action: 'opened',
+      repo: 'acme/upstream',
+      cloneUrl: upstream.cloneUrl,
+      number: 11,
+      base,
+      head,
+      author: 'eve',
+      association: 'CONTRIBUTOR',
+      headRepo: { fullName: 'eve/upstream', cloneUrl: fork.cloneUrl },
+    });
+    expect((await deliver(system!, 'pull_request', pr)).status).toBe(202);
+    const checks = await completedChecks(github, 'acme/upstream', head, 3);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('success');
+    expect(github.api.checkRuns('eve/upstream')).toEqual([]);
+  });
+
+  it('builds a merge group and reports on its head commit', async () => {
+    const repo = github.makeRepo('acme/queue', DEMO);
+    const [base, head] = repo.commits as [string, string];
+    const payload = {
+      action: 'checks_requested',
+      merge_group: {
+        head_sha: head,
+        head_ref: 'refs/heads/gh-readonly-queue/main/pr-1',
+        base_sha: base,
+        base_ref: 'refs/heads/main',
+      },
+      repository: { full_name: 'acme/queue', clone_url: repo.cloneUrl, default_branch: 'main' },
+      installation: { id: INSTALLATION },
+    };
+    expect((await deliver(system!, 'merge_group', payload)).status).toBe(202);
+    const checks = await completedChecks(github, 'acme/queue', head, 3);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('success');
+  });
+
+  it('finishes a pull request accepted just before a restart', async () => {
+    const repo = github.makeRepo('acme/restart', DEMO);
+    const [base, head] = repo.commits as [string, string];
+    github.api.addPull('acme/restart', {
+      number: 5,
+      title: 'x',
+      user: 'alice',
+      authorAssociation: 'MEMBER',
+      headSha: head,
+      headRef: 'change',
+      baseSha: base,
+      baseRef: 'main',
+      commits: [{ sha: head, message: 'change' }],
+    });
+    const pr = pullRequestPayload({
+      action: 'opened',
+      repo: 'acme/restart',
+      cloneUrl: repo.cloneUrl,
+      number: 5,
+      base,
+      head,
+    });
+    await system!.coordinator.github!.queue.stopGracefully();
+    // Accepted and stored, but the queue no longer takes work: the coordinator goes down with it pending.
+    expect((await deliver(system!, 'pull_request', pr)).status).toBe(202);
+    await system!.stop();
+    system = await startGitHubCoordinator(github, dataDir);
+    const checks = await completedChecks(github, 'acme/restart', head, 3);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('success');
+    expect(github.api.checkRuns('acme/restart', head).filter((c) => c.name === 'eka-ci / summary')).toHaveLength(1);
+  });
+
+  it('asks for approval of an outside contributor, and builds once a writer approves', async () => {
+    await system!.stop();
+    system = await startGitHubCoordinator(github, dataDir, { security: { require_approval: true } });
+    const repo = github.makeRepo('acme/approve', DEMO);
+    const [base, head] = repo.commits as [string, string];
+    github.api.addPull('acme/approve', {
+      number: 9,
+      title: 'x',
+      user: 'stranger',
+      authorAssociation: 'FIRST_TIME_CONTRIBUTOR',
+      headSha: head,
+      headRef: 'change',
+      baseSha: base,
+      baseRef: 'main',
+      commits: [{ sha: head, message: 'change' }],
+    });
+    github.api.setPermission('acme/approve', 'alice', 'write');
+    const pr = pullRequestPayload({
+      action: 'opened',
+      repo: 'acme/approve',
+      cloneUrl: repo.cloneUrl,
+      number: 9,
+      base,
+      head,
+      author: 'stranger',
+      association: 'FIRST_TIME_CONTRIBUTOR',
+    });
+    expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
+    const waiting = await completedChecks(github, 'acme/approve', head, 2);
+    expect(waiting['eka-ci / evaluation']?.conclusion).toBe('action_required');
+    const comment = commentPayload({
+      repo: 'acme/approve',
+      cloneUrl: repo.cloneUrl,
+      number: 9,
+      id: 990,
+      body: '@eka-ci approve',
+      author: 'alice',
+    });
+    expect((await deliver(system, 'issue_comment', comment)).status).toBe(202);
+    await github.api.waitFor(
+      () =>
+        github.api
+          .checkRuns('acme/approve', head)
+          .find((c) => c.name === 'eka-ci / summary' && c.conclusion === 'success'),
+      'the approved pull request built',
+    );
+    expect(github.api.reactions('acme/approve', 990)).toEqual(['+1']);
+    expect(github.api.invalid).toEqual([]);
+  });
+});

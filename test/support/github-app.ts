@@ -1,0 +1,181 @@
+import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { EmbeddedSystem } from '../../cli/embedded.js';
+import { silentLogger } from '../../common/logging.js';
+import { compileCoordinatorConfig } from '../../coordinator/config.js';
+import { type GitHttpServer, serveGitOverHttp } from '../../coordinator/git/test-support.js';
+import { type GitHubStandIn, deliverWebhook, startGitHubStandIn, webhookExamples } from './github-standin.js';
+import { nonce, tempDir } from './nix-project.js';
+
+const ROOT = join(import.meta.dirname, '..', '..');
+export const WEBHOOK_SECRET = 'a-webhook-secret-for-tests';
+export const INSTALLATION = 4242;
+
+/**
+ * GitHub, as far as eka-ci can tell: the API stand-in (every request validated against GitHub's OpenAPI
+ * description) and a git server for the repositories, which accepts the installation tokens the stand-in issued.
+ */
+export class FakeGitHub {
+  private constructor(
+    readonly api: GitHubStandIn,
+    readonly git: GitHttpServer,
+    readonly root: string,
+  ) {}
+
+  static async start(): Promise<FakeGitHub> {
+    const api = await startGitHubStandIn();
+    api.addInstallation(INSTALLATION, 'acme');
+    const root = tempDir('ekaci-github-git-');
+    // Any token the stand-in issued is accepted here: what is tested is that eka-ci clones with one at all.
+    const git = await serveGitOverHttp(
+      root,
+      (given) => given.username === 'x-access-token' && given.password.startsWith('ghs_'),
+    );
+    return new FakeGitHub(api, git, root);
+  }
+
+  /** A repository made from snapshot directories (one commit each); returns its clone URL and commit ids. */
+  makeRepo(fullName: string, snapshots: string): { cloneUrl: string; commits: string[] } {
+    const dir = join(this.root, fullName);
+    const out = execFileSync('bash', [join(ROOT, 'examples', 'make-repo.sh'), snapshots, dir, nonce()], {
+      encoding: 'utf8',
+    });
+    const [owner = '', name = ''] = fullName.split('/');
+    const cloneUrl = `${this.git.base}/${fullName}`;
+    this.api.addRepo({ owner, name, installationId: INSTALLATION, cloneUrl, defaultBranch: 'main' });
+    return { cloneUrl, commits: out.trim().split('\n') };
+  }
+
+  async close(): Promise<void> {
+    await this.api.close();
+    await this.git.close();
+  }
+}
+
+/** An embedded coordinator (with one local agent) configured as a GitHub App against the stand-in. */
+export async function startGitHubCoordinator(
+  github: FakeGitHub,
+  dataDir: string,
+  extra: Record<string, unknown> = {},
+): Promise<EmbeddedSystem> {
+  const credentials = join(dataDir, '..', `app-${nonce()}.json`);
+  writeFileSync(
+    credentials,
+    JSON.stringify({ GITHUB_APP_ID: String(github.api.appId), GITHUB_APP_PRIVATE_KEY: github.api.privateKey }),
+    { mode: 0o600 },
+  );
+  const options = compileCoordinatorConfig(
+    {
+      data_dir: dataDir,
+      lease_ttl_seconds: 2,
+      unbuildable_grace_seconds: 0,
+      build_no_output_timeout_seconds: 2,
+      web: { port: 0 },
+      grpc: { port: 0 },
+      github_apps: [
+        {
+          id: 'test',
+          credentials: { file: { path: credentials } },
+          permissions: { allow_all: true },
+          api_url: github.api.url,
+        },
+      ],
+      security: { webhook_secret: WEBHOOK_SECRET, ...((extra.security as object) ?? {}) },
+      github: { check_run_update_interval_seconds: 0.2 },
+      ...Object.fromEntries(Object.entries(extra).filter(([k]) => k !== 'security')),
+    },
+    'test',
+    {},
+  );
+  const system = new EmbeddedSystem({ coordinator: options, agents: 1, maxJobs: 2, logger: silentLogger() });
+  await system.start();
+  return system;
+}
+
+export function webhookUrl(system: EmbeddedSystem): string {
+  return `http://127.0.0.1:${system.coordinator.httpPort}/github/webhook`;
+}
+
+/** GitHub's own `pull_request` example, pointed at a repository, commits and author of the test's choosing. */
+export function pullRequestPayload(o: {
+  action: string;
+  repo: string;
+  cloneUrl: string;
+  number: number;
+  base: string;
+  head: string;
+  author?: string;
+  association?: string;
+  headRepo?: { fullName: string; cloneUrl: string };
+}): Record<string, unknown> {
+  const payload = webhookExamples('pull_request', 'opened')[0]!;
+  const repository = {
+    ...(payload.repository as object),
+    full_name: o.repo,
+    clone_url: o.cloneUrl,
+    default_branch: 'main',
+  };
+  const pr = payload.pull_request as Record<string, unknown>;
+  const head = pr.head as Record<string, unknown>;
+  const base = pr.base as Record<string, unknown>;
+  return {
+    ...payload,
+    action: o.action,
+    number: o.number,
+    repository,
+    installation: { id: INSTALLATION, node_id: 'x' },
+    pull_request: {
+      ...pr,
+      number: o.number,
+      draft: false,
+      state: o.action === 'closed' ? 'closed' : 'open',
+      user: { ...(pr.user as object), login: o.author ?? 'alice' },
+      author_association: o.association ?? 'MEMBER',
+      head: {
+        ...head,
+        sha: o.head,
+        ref: 'change',
+        repo: o.headRepo
+          ? { ...repository, full_name: o.headRepo.fullName, clone_url: o.headRepo.cloneUrl }
+          : repository,
+      },
+      base: { ...base, sha: o.base, ref: 'main', repo: repository },
+    },
+  };
+}
+
+/** GitHub's own `issue_comment` example, as a comment on a pull request. */
+export function commentPayload(o: {
+  repo: string;
+  cloneUrl: string;
+  number: number;
+  id: number;
+  body: string;
+  author: string;
+}): Record<string, unknown> {
+  const payload = webhookExamples('issue_comment', 'created')[0]!;
+  const issue = payload.issue as Record<string, unknown>;
+  const comment = payload.comment as Record<string, unknown>;
+  return {
+    ...payload,
+    repository: { ...(payload.repository as object), full_name: o.repo, clone_url: o.cloneUrl },
+    installation: { id: INSTALLATION, node_id: 'x' },
+    issue: { ...issue, number: o.number, pull_request: { url: 'x' } },
+    comment: {
+      ...comment,
+      id: o.id,
+      body: o.body,
+      user: { ...(comment.user as object), login: o.author, type: 'User' },
+    },
+  };
+}
+
+export function deliver(
+  system: EmbeddedSystem,
+  event: string,
+  payload: unknown,
+  options: { deliveryId?: string; signature?: string } = {},
+): Promise<{ status: number; body: string }> {
+  return deliverWebhook(webhookUrl(system), WEBHOOK_SECRET, event, payload, options);
+}
