@@ -17,6 +17,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Review } from '../coordinator/review/model.js';
+import { envInt } from './bench-env.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const ekaciBin = join(root, 'bin', 'ekaci.js');
@@ -24,14 +25,14 @@ const NO_SUBSTITUTERS = ['--option', 'substituters', ''];
 const dir = mkdtempSync(join(tmpdir(), 'ekaci-bench-review-'));
 const nonce = (): string => randomBytes(5).toString('hex');
 
-const attrs = envInt('BENCH_ATTRS', 5000);
-const changed = envInt('BENCH_CHANGED', 50);
+const attrs = envInt('BENCH_ATTRS', 5000, fail);
+const changed = envInt('BENCH_CHANGED', 50, fail);
 if (changed < 1 || attrs % changed !== 0)
   fail(`BENCH_ATTRS (${attrs}) must be a multiple of BENCH_CHANGED (${changed}), which must be ≥ 1`);
 // One changed library plus its apps is exactly `changed` attributes.
 const libraries = attrs / changed;
 const appsPerLibrary = changed - 1;
-const roundCount = envInt('BENCH_ROUNDS', 1);
+const roundCount = envInt('BENCH_ROUNDS', 1, fail);
 
 // bin/ekaci.js runs dist/, not the sources: a stale build would be measured without anyone noticing.
 const distStale = staleDist();
@@ -363,14 +364,6 @@ function run(cmd: string, args: string[]): SpawnSyncReturns<string> {
   const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 30, stdio: ['ignore', 'pipe', 'pipe'] });
   if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed (${r.status ?? r.signal}):\n${r.stderr.slice(-4000)}`);
   return r;
-}
-
-function envInt(name: string, fallback: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 1) fail(`${name} must be a whole number ≥ 1, got "${raw}"`);
-  return n;
 }
 
 function fail(message: string): never {

@@ -11,6 +11,7 @@
  * processes seen once a second; writes everything to .bench/webhook.json. Target: p99 < 100 ms.
  *
  *   [BENCH_RATE=50 BENCH_SECONDS=60] npm run bench:webhook
+ *   node --cpu-prof --cpu-prof-dir=/tmp/prof --import tsx bench/webhook.ts     (the same, with a CPU profile)
  *
  * Every head commit is distinct, so every pull request is evaluated (evaluations are cached per commit): the
  * coordinator works through a realistic backlog while deliveries keep arriving. Everything runs in this one Node
@@ -18,13 +19,12 @@
  * coordinator's event loop. The stand-in's rate-limit budget is lifted: 50 pull requests a second spend GitHub's
  * 5,000 requests an hour in well under a minute, and what is measured here is latency, not budget handling.
  */
-import { spawnSync } from 'node:child_process';
+import { ChildProcess, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import type { Octokit } from '@octokit/core';
 import { EVALUATION_CHECK } from '../coordinator/github/check-report.js';
@@ -37,7 +37,8 @@ import {
   startGitHubCoordinator,
   webhookUrl,
 } from '../test/support/github-app.js';
-import { signWebhook } from '../test/support/github-standin.js';
+import { postWebhook, signWebhook } from '../test/support/github-standin.js';
+import { envInt } from './bench-env.js';
 import { tempDir } from '../test/support/nix-project.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -50,12 +51,12 @@ const FIRST_PR = 101;
 const TARGET_P99_MS = 100;
 const GRACE_MS = 30_000;
 const SAMPLE_MS = 1_000;
-// The bench stops sending when the machine runs this low on memory: every pull request starts an evaluation (git
-// worktree, nix processes), and nothing in the coordinator bounds how many run at once.
+// The bench stops sending when the machine runs this low on memory: a guard against a coordinator that stops
+// bounding its evaluations (the pipeline runs a few at a time; the rest wait as queued runs).
 const MIN_AVAILABLE_MIB = 2_048;
 
-const rate = envInt('BENCH_RATE', 50);
-const seconds = envInt('BENCH_SECONDS', 60);
+const rate = envInt('BENCH_RATE', 50, fail);
+const seconds = envInt('BENCH_SECONDS', 60, fail);
 const count = rate * seconds;
 const intervalMs = 1000 / rate;
 
@@ -86,6 +87,21 @@ heads.forEach((sha, i) => addPull(FIRST_PR + i, sha));
 // The production defaults (check runs updated at most every 5 s), not the test's 0.2 s.
 const system = await startGitHubCoordinator(github, join(dataParent, 'data'), { github: {} });
 const service = system.coordinator.github!;
+
+// --- Instrumentation: every child process this process starts, and how long spawn() held the event loop (it is
+// synchronous: it returns once the child has been forked and has run exec). ---
+const spawns: { at: number; what: string; ms: number }[] = [];
+const proto = ChildProcess.prototype as unknown as { spawn: (this: ChildProcess, o: SpawnOptions) => unknown };
+const spawnChild = proto.spawn;
+proto.spawn = function (this: ChildProcess, o: SpawnOptions) {
+  const t = performance.now();
+  try {
+    return spawnChild.call(this, o);
+  } finally {
+    const what = `${o.file} ${o.args.slice(1).find((a) => /^[a-z][a-z-]*$/.test(a)) ?? ''}`.trim();
+    spawns.push({ at: Date.now(), what, ms: performance.now() - t });
+  }
+};
 
 // --- Instrumentation: when each delivery's handler started and ended, when its first check run was set. ---
 const handlerStart = new Map<string, number>();
@@ -178,6 +194,9 @@ interface Sample {
   eventLoopP99Ms: number;
   eventLoopMaxMs: number;
   cpuPercent: number;
+  /** Share of the second the event loop was busy (performance.eventLoopUtilization). */
+  eventLoopBusy: number;
+  rssMiB: number;
   nixProcesses: number;
   gitProcesses: number;
   memAvailableMiB: number;
@@ -189,6 +208,7 @@ let aborted: string | undefined;
 let phaseStart = performance.now();
 let lastCpu = process.cpuUsage();
 let lastCpuAt = performance.now();
+let lastElu = performance.eventLoopUtilization();
 const sampler = setInterval(() => {
   const counts = service.queue.counts();
   const checks = system.coordinator.db
@@ -207,6 +227,8 @@ const sampler = setInterval(() => {
     eventLoopP99Ms: loop.percentile(99) / 1e6,
     eventLoopMaxMs: loop.max / 1e6,
     cpuPercent: ((cpu.user + cpu.system) / 1000 / (now - lastCpuAt)) * 100,
+    eventLoopBusy: performance.eventLoopUtilization(lastElu).utilization,
+    rssMiB: Math.round(process.memoryUsage.rss() / 1024 / 1024),
     nixProcesses: procs.filter((c) => c.startsWith('nix')).length,
     gitProcesses: procs.filter((c) => c.startsWith('git')).length,
     memAvailableMiB: memAvailableMiB(),
@@ -215,6 +237,7 @@ const sampler = setInterval(() => {
   loop.reset();
   lastCpu = process.cpuUsage();
   lastCpuAt = now;
+  lastElu = performance.eventLoopUtilization();
   if (sample.memAvailableMiB < MIN_AVAILABLE_MIB && !aborted) {
     aborted = `only ${sample.memAvailableMiB} MiB of memory available at ${sample.t.toFixed(0)} s`;
     process.stderr.write(`bench/webhook: ${aborted}: no more deliveries\n`);
@@ -305,6 +328,18 @@ const rtt = (op: string): Stats =>
 const rttPost = rtt(`POST /repos/{owner}/{repo}/check-runs`);
 const rttPatch = rtt(`PATCH /repos/{owner}/{repo}/check-runs/{check_run_id}`);
 const rttTitles = rtt(`GET /repos/{owner}/{repo}/pulls/{pull_number}/commits`);
+const sendSpawns = spawns.filter((p) => p.at >= phaseStartAt && p.at <= lastSentAt);
+const spawnMs = sendSpawns.reduce((a, p) => a + p.ms, 0);
+const spawnKinds = Object.entries(countBy(sendSpawns.map((p) => p.what)))
+  .sort((a, b) => b[1] - a[1])
+  .map(([what, n]) => `${n} ${what}`)
+  .join(', ');
+// The reporter sends check runs not yet created in (owner, repo, head sha, name) order: with a backlog, a late sha
+// waits for every earlier one. The p95 of each quarter of the deliveries, by head sha, shows it.
+const bySha = sent.map((d, i) => ({ sha: d.head, total: totals[i]! })).sort((a, b) => (a.sha < b.sha ? -1 : 1));
+const quarters = [0, 1, 2, 3].map((q) =>
+  summarise(bySha.slice((q * bySha.length) / 4, ((q + 1) * bySha.length) / 4).map((x) => x.total)),
+);
 const peak = (key: keyof Sample): number => Math.max(0, ...samples.map((s) => s[key]));
 const failedStandIn = window.filter((r) => r.status >= 400).length;
 const met = stats.p99 < TARGET_P99_MS;
@@ -330,6 +365,7 @@ const rows: [string, string][] = [
     `no check run within ${GRACE_MS / 1000} s`,
     `${missing} of ${sent.length}${aborted ? ` (aborted: ${aborted})` : ''}`,
   ],
+  ['  by head sha, in quarters', quarters.map((q) => `p95 ${ms(q.p95)}`).join(' | ')],
   ['where the time goes', '(per delivery; each stage over the deliveries that reached it)'],
   ['  sent → handler starts', pct(stages.queueWait)],
   ['  handler → check run set', pct(stages.handlerToSet)],
@@ -354,7 +390,16 @@ const rows: [string, string][] = [
     `${peak('checkRunsDirty')} unsent states, ${peak('checkRunsUncreated')} check runs not yet created`,
   ],
   ['event loop delay', `worst second: p99 ${ms(peak('eventLoopP99Ms'))}, max ${ms(peak('eventLoopMaxMs'))}`],
-  ['process CPU', `peak ${peak('cpuPercent').toFixed(0)} % of a core (1 s samples)`],
+  [
+    'event loop busy',
+    `${(mean(samples.filter((s) => s.t <= sendSeconds).map((s) => s.eventLoopBusy)) * 100).toFixed(0)} % while sending; process CPU peak ${peak('cpuPercent').toFixed(0)} % of a core`,
+  ],
+  ['peak RSS', `${peak('rssMiB')} MiB (the whole process: coordinator, stand-in, sender)`],
+  [
+    'spawned while sending',
+    `${sendSpawns.length} processes (${spawnKinds}); spawn() held the event loop ${(spawnMs / 1000).toFixed(1)} s ` +
+      `(${((spawnMs / 1000 / sendSeconds) * 100).toFixed(0)} % of the send phase), ${ms(summarise(sendSpawns.map((p) => p.ms)).p50)} each (p50)`,
+  ],
   ['peak child processes', `${peak('nixProcesses')} nix, ${peak('gitProcesses')} git`],
   ['least memory available', `${Math.min(...samples.map((s) => s.memAvailableMiB))} MiB`],
 ];
@@ -375,20 +420,27 @@ const results = {
   met,
   missing,
   deliveryToFirstCheckRunMs: finite(stats),
+  byHeadShaQuarterMs: quarters.map(finite),
   webhookResponseMs: finite(responses),
   schedulerLagMs: finite(lag),
   stagesMs: Object.fromEntries(Object.entries(stages).map(([k, s]) => [k, finite(s)])),
   roundTripsMs: { postCheckRun: finite(rttPost), patchCheckRun: finite(rttPatch), commitTitles: finite(rttTitles) },
   checkRunRequestsWhileSending: { post: checkPosts, patch: checkPatches },
   standInRefusals: failedStandIn,
+  spawnsWhileSending: {
+    count: sendSpawns.length,
+    blockedMs: round(spawnMs),
+    byCommand: countBy(sendSpawns.map((p) => p.what)),
+  },
   standInInvalid: github.api.invalid.length,
   samples,
-  // Per delivery, in order: [pr, sent (ms after the send phase began), response ms, first check run ms or null,
-  // handler start, first set, handler end (ms after send, or null)].
+  // Per delivery, in order: [pr, head sha, sent (ms after the send phase began), response ms, first check run ms or
+  // null, handler start, first set, handler end (ms after send, or null)].
   deliveries: sent.map((d) => {
     const rel = (v: number | undefined): number | null => (v === undefined ? null : v - d.sentAt!);
     return [
       d.number,
+      d.head,
       round(d.sentMs!),
       d.responseMs === undefined ? null : round(d.responseMs),
       rel(firstPost.get(d.head)?.at),
@@ -404,6 +456,11 @@ await shutdown();
 process.exit(0);
 
 // ---------------------------------------------------------------------------------------------------------------
+
+interface SpawnOptions {
+  file: string;
+  args: string[];
+}
 
 interface Stats {
   n: number;
@@ -426,6 +483,10 @@ function finite(s: Stats): Record<string, number | null> {
   return Object.fromEntries(
     (Object.entries(s) as [string, number][]).map(([k, v]) => [k, Number.isFinite(v) ? round(v) : null]),
   );
+}
+
+function mean(values: number[]): number {
+  return values.length === 0 ? NaN : values.reduce((a, b) => a + b, 0) / values.length;
 }
 
 function round(v: number): number {
@@ -486,25 +547,10 @@ function send(d: Delivery): Promise<void> {
   );
 }
 
-function post(body: string, deliveryId: string, signature = signWebhook(WEBHOOK_SECRET, body)) {
-  const headers = {
-    'content-type': 'application/json',
-    'content-length': String(Buffer.byteLength(body)),
-    'user-agent': 'GitHub-Hookshot/eka-ci-bench',
-    'x-github-event': 'pull_request',
-    'x-github-delivery': deliveryId,
-    'x-github-hook-id': '1',
-    'x-hub-signature-256': signature,
-  };
-  return new Promise<{ status: number; body: string }>((resolve, reject) => {
-    const req = request(webhookUrl(system), { method: 'POST', headers }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (chunk: Buffer) => chunks.push(chunk));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end(body);
+function post(body: string, deliveryId: string, signature?: string) {
+  return postWebhook(webhookUrl(system), WEBHOOK_SECRET, 'pull_request', body, {
+    deliveryId,
+    ...(signature ? { signature } : {}),
   });
 }
 
@@ -580,14 +626,6 @@ async function shutdown(): Promise<void> {
   await github.close();
   rmSync(dataParent, { recursive: true, force: true });
   rmSync(github.root, { recursive: true, force: true });
-}
-
-function envInt(name: string, fallback: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 1) fail(`${name} must be a whole number ≥ 1, got "${raw}"`);
-  return n;
 }
 
 function fail(message: string): never {

@@ -9,7 +9,7 @@ import {
   pullRequestPayload,
   startGitHubCoordinator,
 } from './support/github-app.js';
-import { type StandInCheckRun, webhookExamples } from './support/github-standin.js';
+import { type StandInCheckRun, allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 
 const ROOT = join(import.meta.dirname, '..');
@@ -190,32 +190,16 @@ describe('eka-ci as a GitHub App', () => {
   });
 
   it('lets a maintainer of every changed package merge without write access, and nobody else', async () => {
-    const maintained = github.makeRepo('acme/maintained', join(ROOT, 'test', 'fixtures', 'maintained'));
-    const [mBase, mHead] = maintained.commits as [string, string];
-    github.api.addPull('acme/maintained', {
+    const maintained = github.pullRequest('acme/maintained', join(ROOT, 'test', 'fixtures', 'maintained'), {
       number: 21,
-      title: 'tool: 1.0 -> 1.1',
-      user: 'bob',
-      authorAssociation: 'CONTRIBUTOR',
-      headSha: mHead,
-      headRef: 'change',
-      baseSha: mBase,
-      baseRef: 'main',
-      mergeable: true,
-      commits: [{ sha: mHead, message: 'tool: 1.0 -> 1.1' }],
-    });
-    github.api.setPermission('acme/maintained', 'bob', 'read');
-    github.api.setPermission('acme/maintained', 'carol', 'read');
-    const pr = pullRequestPayload({
-      action: 'opened',
-      repo: 'acme/maintained',
-      cloneUrl: maintained.cloneUrl,
-      number: 21,
-      base: mBase,
-      head: mHead,
       author: 'bob',
       association: 'CONTRIBUTOR',
+      commitMessage: 'tool: 1.0 -> 1.1',
     });
+    const mHead = maintained.head;
+    github.api.setPermission('acme/maintained', 'bob', 'read');
+    github.api.setPermission('acme/maintained', 'carol', 'read');
+    const pr = maintained.payload('opened');
     expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
     await completedChecks(github, 'acme/maintained', mHead, 3);
     const say = (id: number, author: string) =>
@@ -246,22 +230,37 @@ describe('eka-ci as a GitHub App', () => {
     expect(github.api.invalid).toEqual([]);
   });
 
-  it('cancels the builds of a closed pull request', async () => {
-    const slow = github.makeRepo('acme/slow', join(ROOT, 'test', 'fixtures', 'slow'));
-    const [sBase, sHead] = slow.commits as [string, string];
-    github.api.addPull('acme/slow', {
-      number: 31,
-      title: 'slow',
-      user: 'alice',
-      authorAssociation: 'MEMBER',
-      headSha: sHead,
-      headRef: 'change',
-      baseSha: sBase,
-      baseRef: 'main',
-      commits: [{ sha: sHead, message: 'make it slow' }],
+  it('cancels a pending @eka-ci merge when the head moves, and says so', async () => {
+    const slow = github.pullRequest('acme/moving', join(ROOT, 'test', 'fixtures', 'slow'), { number: 41 });
+    github.api.setPermission('acme/moving', 'alice', 'write');
+    expect((await deliver(system, 'pull_request', slow.payload('opened'))).status).toBe(202);
+    const merge = commentPayload({
+      repo: 'acme/moving',
+      cloneUrl: slow.cloneUrl,
+      number: 41,
+      id: 971,
+      body: '@eka-ci merge',
+      author: 'alice',
     });
-    const pr = (action: string) =>
-      pullRequestPayload({ action, repo: 'acme/slow', cloneUrl: slow.cloneUrl, number: 31, base: sBase, head: sHead });
+    expect((await deliver(system, 'issue_comment', merge)).status).toBe(202);
+    await github.api.waitFor(() => github.api.reactions('acme/moving', 971).includes('+1'), 'the merge accepted');
+    // The endless build keeps the checks from going green: the merge waits. Then the author pushes.
+    const moved = slow.payload('synchronize') as { pull_request: { head: { sha: string } } };
+    moved.pull_request.head.sha = slow.base;
+    expect((await deliver(system, 'pull_request', moved)).status).toBe(202);
+    const said = await github.api.waitFor(
+      () => github.api.comments('acme/moving', 41).find((c) => c.body.includes('merge cancelled')),
+      'the merge cancellation',
+    );
+    expect(said.body).toContain(`from ${slow.head} to ${slow.base}`);
+    expect(github.api.merges('acme/moving')).toEqual([]);
+    expect((await deliver(system, 'pull_request', slow.payload('closed'))).status).toBe(202);
+  });
+
+  it('cancels the builds of a closed pull request', async () => {
+    const slow = github.pullRequest('acme/slow', join(ROOT, 'test', 'fixtures', 'slow'), { number: 31 });
+    const sHead = slow.head;
+    const pr = (action: string) => slow.payload(action);
     expect((await deliver(system, 'pull_request', pr('opened'))).status).toBe(202);
     const slowDrv = await github.api.waitFor(() => {
       const e = system.coordinator.evaluations.load('acme/slow', sHead);
@@ -294,30 +293,11 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
   });
 
   it('merges on @eka-ci merge once every check is green, and reacts with a rocket', async () => {
-    const repo = github.makeRepo('acme/green', DEMO);
-    const [base, head] = repo.commits as [string, string];
-    github.api.addPull('acme/green', {
-      number: 3,
-      title: 'greeting 1.1',
-      user: 'alice',
-      authorAssociation: 'MEMBER',
-      headSha: head,
-      headRef: 'change',
-      baseSha: base,
-      baseRef: 'main',
-      mergeable: true,
-      commits: [{ sha: head, message: 'greeting: 1.0 -> 1.1' }],
-    });
+    const repo = github.pullRequest('acme/green', DEMO, { number: 3, commitMessage: 'greeting: 1.0 -> 1.1' });
+    const head = repo.head;
     github.api.setPermission('acme/green', 'alice', 'write');
     system = await startGitHubCoordinator(github, dataDir);
-    const pr = pullRequestPayload({
-      action: 'opened',
-      repo: 'acme/green',
-      cloneUrl: repo.cloneUrl,
-      number: 3,
-      base,
-      head,
-    });
+    const pr = repo.payload('opened');
     expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
     const comment = commentPayload({
       repo: 'acme/green',
@@ -339,33 +319,14 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
   });
 
   it('builds a fork pull request from the fork, and reports on the base repository', async () => {
-    const upstream = github.makeRepo('acme/upstream', DEMO);
-    const fork = github.makeRepo('eve/upstream', DEMO);
-    const [base] = upstream.commits as [string, string];
-    const head = fork.commits[1]!;
-    github.api.addPull('acme/upstream', {
+    const upstream = github.pullRequest('acme/upstream', DEMO, {
       number: 11,
-      title: 'from a fork',
-      user: 'eve',
-      authorAssociation: 'CONTRIBUTOR',
-      headSha: head,
-      headRef: 'change',
-      headRepo: 'eve/upstream',
-      baseSha: base,
-      baseRef: 'main',
-      commits: [{ sha: head, message: 'change' }],
-    });
-    const pr = pullRequestPayload({
-      action: 'opened',
-      repo: 'acme/upstream',
-      cloneUrl: upstream.cloneUrl,
-      number: 11,
-      base,
-      head,
       author: 'eve',
       association: 'CONTRIBUTOR',
-      headRepo: { fullName: 'eve/upstream', cloneUrl: fork.cloneUrl },
+      fork: 'eve/upstream',
     });
+    const head = upstream.head;
+    const pr = upstream.payload('opened');
     expect((await deliver(system!, 'pull_request', pr)).status).toBe(202);
     const checks = await completedChecks(github, 'acme/upstream', head, 3);
     expect(checks['eka-ci / summary']?.conclusion).toBe('success');
@@ -392,27 +353,9 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
   });
 
   it('finishes a pull request accepted just before a restart', async () => {
-    const repo = github.makeRepo('acme/restart', DEMO);
-    const [base, head] = repo.commits as [string, string];
-    github.api.addPull('acme/restart', {
-      number: 5,
-      title: 'x',
-      user: 'alice',
-      authorAssociation: 'MEMBER',
-      headSha: head,
-      headRef: 'change',
-      baseSha: base,
-      baseRef: 'main',
-      commits: [{ sha: head, message: 'change' }],
-    });
-    const pr = pullRequestPayload({
-      action: 'opened',
-      repo: 'acme/restart',
-      cloneUrl: repo.cloneUrl,
-      number: 5,
-      base,
-      head,
-    });
+    const repo = github.pullRequest('acme/restart', DEMO, { number: 5 });
+    const head = repo.head;
+    const pr = repo.payload('opened');
     await system!.coordinator.github!.queue.stopGracefully();
     // Accepted and stored, but the queue no longer takes work: the coordinator goes down with it pending.
     expect((await deliver(system!, 'pull_request', pr)).status).toBe(202);
@@ -426,30 +369,14 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
   it('asks for approval of an outside contributor, and builds once a writer approves', async () => {
     await system!.stop();
     system = await startGitHubCoordinator(github, dataDir, { security: { require_approval: true } });
-    const repo = github.makeRepo('acme/approve', DEMO);
-    const [base, head] = repo.commits as [string, string];
-    github.api.addPull('acme/approve', {
+    const repo = github.pullRequest('acme/approve', DEMO, {
       number: 9,
-      title: 'x',
-      user: 'stranger',
-      authorAssociation: 'FIRST_TIME_CONTRIBUTOR',
-      headSha: head,
-      headRef: 'change',
-      baseSha: base,
-      baseRef: 'main',
-      commits: [{ sha: head, message: 'change' }],
-    });
-    github.api.setPermission('acme/approve', 'alice', 'write');
-    const pr = pullRequestPayload({
-      action: 'opened',
-      repo: 'acme/approve',
-      cloneUrl: repo.cloneUrl,
-      number: 9,
-      base,
-      head,
       author: 'stranger',
       association: 'FIRST_TIME_CONTRIBUTOR',
     });
+    const head = repo.head;
+    github.api.setPermission('acme/approve', 'alice', 'write');
+    const pr = repo.payload('opened');
     expect((await deliver(system, 'pull_request', pr)).status).toBe(202);
     const waiting = await completedChecks(github, 'acme/approve', head, 2);
     expect(waiting['eka-ci / evaluation']?.conclusion).toBe('action_required');
@@ -470,6 +397,65 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
       'the approved pull request built',
     );
     expect(github.api.reactions('acme/approve', 990)).toEqual(['+1']);
+    expect(github.api.invalid).toEqual([]);
+  });
+});
+
+describe("eka-ci as a GitHub App: pushes and GitHub's own example payloads", () => {
+  let github: FakeGitHub;
+  let system: EmbeddedSystem;
+
+  beforeAll(async () => {
+    github = await FakeGitHub.start();
+    // Only acme/* is served: the examples' repositories are not, so they must be turned away cleanly.
+    system = await startGitHubCoordinator(github, join(tempDir('ekaci-github-'), 'data'), {
+      permissions: { allowed_repos: ['acme/*'], allowed_branches: ['main'] },
+    });
+  });
+
+  afterAll(async () => {
+    await system?.stop();
+    await github?.close();
+  });
+
+  it('builds every attribute of a push to the default branch', async () => {
+    const repo = github.makeRepo('acme/history', DEMO);
+    const [base, head] = repo.commits as [string, string];
+    const payload = {
+      ...webhookExamples('push')[0]!,
+      ref: 'refs/heads/main',
+      before: base,
+      after: head,
+      deleted: false,
+      repository: { full_name: 'acme/history', clone_url: repo.cloneUrl, default_branch: 'main' },
+      installation: { id: INSTALLATION },
+    };
+    expect((await deliver(system, 'push', payload)).status).toBe(202);
+    const checks = await completedChecks(github, 'acme/history', head, 3);
+    expect(checks['eka-ci / summary']).toMatchObject({ conclusion: 'success', output: { title: '5 of 5 built' } });
+    const attrs = system.coordinator.evaluations.load('acme/history', head)!.jobs[0]!.attrs;
+    for (const a of attrs)
+      expect(system.coordinator.store.derivation(a.drvPath!)?.state).toMatch(/succeeded|substituted/);
+  });
+
+  it('takes every example payload GitHub publishes, and handles each without error', async () => {
+    const events = allWebhookExamples();
+    let n = 0;
+    for (const { event, payload } of events) {
+      const r = await deliver(system, event, payload, { deliveryId: `example-${n++}` });
+      expect(r.status, `${event} example ${n}`).toBe(202);
+    }
+    const queue = system.coordinator.github!.queue;
+    const counts = await github.api.waitFor(() => {
+      const c = queue.counts();
+      return c.pending + c.processing === 0 && c;
+    }, 'every example handled');
+    const failures = system.coordinator.db
+      .prepare("SELECT event, action, last_error FROM webhook_deliveries WHERE state = 'failed'")
+      .all();
+    expect(failures).toEqual([]);
+    expect(counts.failed).toBe(0);
+    expect(counts.done).toBeGreaterThanOrEqual(events.length);
     expect(github.api.invalid).toEqual([]);
   });
 });

@@ -152,7 +152,8 @@ export const MIGRATIONS: readonly string[] = [
     last_error  TEXT,
     finished_at INTEGER
   );
-  CREATE INDEX webhook_deliveries_open ON webhook_deliveries(state) WHERE state IN ('pending', 'processing');
+  -- (state, rowid): the next pending delivery in arrival order is one index step, however many are kept.
+  CREATE INDEX webhook_deliveries_state ON webhook_deliveries(state);
   CREATE INDEX webhook_deliveries_finished ON webhook_deliveries(finished_at) WHERE finished_at IS NOT NULL;
   `,
   `
@@ -236,6 +237,7 @@ export const MIGRATIONS: readonly string[] = [
     dirty           INTEGER NOT NULL,
     last_sent_at    INTEGER,
     failed_error    TEXT,                          -- GitHub refused the desired state for good
+    created_at      INTEGER NOT NULL,              -- first set: check runs are created in this order
     PRIMARY KEY (owner, repo, head_sha, name)
   ) WITHOUT ROWID;
   CREATE INDEX check_runs_dirty ON check_runs(dirty) WHERE dirty = 1;

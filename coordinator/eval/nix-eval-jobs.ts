@@ -5,13 +5,18 @@ import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
 import { nixString } from './eval-expression.js';
 import type { CompiledEvaluatorOptions, EvalMeta, EvalResult } from './eval-result.js';
 
-/** True when `nix-eval-jobs` is on PATH; it is then preferred over the built-in evaluator. */
-export async function hasNixEvalJobs(): Promise<boolean> {
-  try {
-    return (await runNix('which', ['nix-eval-jobs'])).code === 0;
-  } catch {
-    return false;
-  }
+let found: Promise<boolean> | undefined;
+
+/**
+ * True when `nix-eval-jobs` is on PATH; it is then preferred over the built-in evaluator. Asked once per process:
+ * a coordinator evaluating many commits should not start a process per evaluation to learn the same answer.
+ */
+export function hasNixEvalJobs(): Promise<boolean> {
+  found ??= runNix('which', ['nix-eval-jobs']).then(
+    (r) => r.code === 0,
+    () => false,
+  );
+  return found;
 }
 
 /** Arguments for one `nix-eval-jobs` run over the selected attribute of the file. */

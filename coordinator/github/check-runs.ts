@@ -3,7 +3,16 @@ import { Backoff } from '../../common/backoff.js';
 import { IllegalStateError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { Db } from '../db/database.js';
-import { CheckRunSpecError, GitHubUnavailableError } from './errors.js';
+import {
+  type CheckConclusion,
+  type CheckRunSpec,
+  type CheckStatus,
+  type Desired,
+  desiredState,
+  requestBody,
+  validate,
+} from './check-run-body.js';
+import { GitHubUnavailableError } from './errors.js';
 import { classifyFailure } from './rate-limit.js';
 
 /**
@@ -24,6 +33,7 @@ import { classifyFailure } from './rate-limit.js';
  * state: rows recorded while no reporter runs wait for the next `start`. A stopped reporter is not restarted.
  */
 export type CheckRunReporterState = 'created' | 'running' | 'stopping' | 'stopped';
+export type { CheckConclusion, CheckRunAction, CheckRunSpec, CheckStatus } from './check-run-body.js';
 
 const TRANSITIONS: Record<CheckRunReporterState, readonly CheckRunReporterState[]> = {
   created: ['running', 'stopped'],
@@ -31,29 +41,6 @@ const TRANSITIONS: Record<CheckRunReporterState, readonly CheckRunReporterState[
   stopping: ['stopped'],
   stopped: [],
 };
-
-export type CheckStatus = 'queued' | 'in_progress' | 'completed';
-export type CheckConclusion =
-  'success' | 'failure' | 'neutral' | 'cancelled' | 'timed_out' | 'action_required' | 'skipped';
-
-export interface CheckRunAction {
-  label: string;
-  description: string;
-  identifier: string;
-}
-
-export interface CheckRunSpec {
-  name: string;
-  status: CheckStatus;
-  /** Required when, and only when, `status` is `completed`. */
-  conclusion?: CheckConclusion;
-  title: string;
-  summary: string;
-  text?: string;
-  detailsUrl?: string;
-  actions?: CheckRunAction[];
-  externalId?: string;
-}
 
 export interface CheckTarget {
   installationId: number;
@@ -81,38 +68,12 @@ export interface CheckRunReporterOptions {
   retryCapMs?: number;
 }
 
-// GitHub's limits on output.summary and output.text (OpenAPI `maxLength: 65535`). GitHub enforces them in UTF-8
-// bytes, not the characters its reference says (github/docs#35252), so clipping by bytes satisfies both readings.
-const MAX_OUTPUT_BYTES = 65_535;
-// The OpenAPI description sets no limit on output.title, which the checks UI shows on one line. 255 is the limit
-// GitHub documents for annotation titles; keeping to it never risks a 422 on a limit GitHub does not publish.
-const MAX_TITLE_BYTES = 255;
-// Actions: OpenAPI `maxItems: 3`, and `maxLength` 20 (label), 40 (description), 20 (identifier).
-const MAX_ACTIONS = 3;
-const MAX_ACTION_LABEL_BYTES = 20;
-const MAX_ACTION_DESCRIPTION_BYTES = 40;
-const MAX_ACTION_IDENTIFIER_BYTES = 20;
 // A send that failed after the GitHub client's own retries met an outage: try again soon, then back off to a few
 // minutes, so a long outage costs GitHub a request per check run every few minutes, not a storm when it returns.
 const RETRY_BASE_MS = 5_000;
 const RETRY_CAP_MS = 5 * 60_000;
 // Errors are for a person reading the row, not a full stack dump.
 const MAX_ERROR_CHARS = 4_000;
-
-/** What `check_runs.desired_json` and `sent_json` hold; field order is fixed so equal states serialise equally. */
-interface Desired {
-  name: string;
-  status: CheckStatus;
-  conclusion: CheckConclusion | null;
-  title: string;
-  summary: string;
-  text: string | null;
-  detailsUrl: string | null;
-  actions: CheckRunAction[];
-  externalId: string | null;
-  startedAt: string | null;
-  completedAt: string | null;
-}
 
 interface Row {
   owner: string;
@@ -185,12 +146,12 @@ export class CheckRunReporter {
       const dirty = json !== row?.sent_json;
       this.db
         .prepare(
-          `INSERT INTO check_runs (owner, repo, head_sha, name, installation_id, desired_json, dirty)
-           VALUES (?, ?, ?, ?, ?, ?, ?)
+          `INSERT INTO check_runs (owner, repo, head_sha, name, installation_id, desired_json, dirty, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (owner, repo, head_sha, name) DO UPDATE SET installation_id = excluded.installation_id,
              desired_json = excluded.desired_json, dirty = excluded.dirty, failed_error = NULL`,
         )
-        .run(...key, target.installationId, json, dirty ? 1 : 0);
+        .run(...key, target.installationId, json, dirty ? 1 : 0, this.now());
       return dirty ? 'dirty' : 'clean';
     })();
     if (changed === 'unchanged') return;
@@ -270,10 +231,14 @@ export class CheckRunReporter {
     let next = Infinity;
     const rows = this.db
       .prepare(
-        `SELECT owner, repo, head_sha, name, installation_id, github_id, desired_json, sent_json, last_sent_at
-         FROM check_runs WHERE dirty = 1 ORDER BY last_sent_at IS NOT NULL, last_sent_at, owner, repo, head_sha, name`,
+        // Creations first, in the order they were asked for (an author sees eka-ci picked the change up), then
+        // updates, least recently sent first. The JSON bodies are read by the send that needs them.
+        `SELECT owner, repo, head_sha, name, installation_id, github_id, last_sent_at
+         FROM check_runs WHERE dirty = 1
+         ORDER BY github_id IS NOT NULL, CASE WHEN github_id IS NULL THEN created_at END, last_sent_at,
+           owner, repo, head_sha, name`,
       )
-      .all() as Row[];
+      .all() as Array<Omit<Row, 'desired_json' | 'sent_json'>>;
     for (const row of rows) {
       const id = keyOf(rowKey(row));
       if (this.inFlight.has(id) || this.busyInstallations.has(row.installation_id)) continue;
@@ -305,7 +270,7 @@ export class CheckRunReporter {
     }
   }
 
-  private dueAt(row: Row, id: string): number {
+  private dueAt(row: Pick<Row, 'github_id' | 'last_sent_at'>, id: string): number {
     if (this.current === 'stopping') {
       return (this.triedWhileStopping.get(id) ?? -1) >= (this.revs.get(id) ?? 0) ? Infinity : 0;
     }
@@ -313,8 +278,12 @@ export class CheckRunReporter {
     return Math.max(spaced, this.retries.get(id)?.at ?? 0);
   }
 
-  private async send(row: Row, id: string, rev: number): Promise<void> {
-    const key = rowKey(row);
+  private async send(pending: Omit<Row, 'desired_json' | 'sent_json'>, id: string, rev: number): Promise<void> {
+    const key = rowKey(pending);
+    const bodies = this.db
+      .prepare(`SELECT desired_json, sent_json FROM check_runs WHERE ${KEY_WHERE}`)
+      .get(...key) as Pick<Row, 'desired_json' | 'sent_json'>;
+    const row: Row = { ...pending, ...bodies };
     const desired = JSON.parse(row.desired_json) as Desired;
     const sent = row.sent_json === null ? undefined : (JSON.parse(row.sent_json) as Desired);
     const sentAt = this.now();
@@ -414,78 +383,6 @@ export class CheckRunReporter {
     }
     this.current = to;
   }
-}
-
-function validate(spec: CheckRunSpec): void {
-  if ((spec.status === 'completed') !== (spec.conclusion !== undefined)) {
-    throw new CheckRunSpecError(`check run ${spec.name}: a conclusion goes with status completed, and only with it`);
-  }
-  const actions = spec.actions ?? [];
-  if (actions.length > MAX_ACTIONS) {
-    throw new CheckRunSpecError(
-      `check run ${spec.name}: ${actions.length} actions; GitHub takes at most ${MAX_ACTIONS}`,
-    );
-  }
-  for (const a of actions) {
-    if (Buffer.byteLength(a.identifier) > MAX_ACTION_IDENTIFIER_BYTES) {
-      throw new CheckRunSpecError(
-        `check run ${spec.name}: action identifier ${a.identifier} is over GitHub's ${MAX_ACTION_IDENTIFIER_BYTES} characters`,
-      );
-    }
-  }
-}
-
-/** The stored form of a spec. Timestamps carry over while the status stays, so an unchanged set compares equal. */
-function desiredState(spec: CheckRunSpec, prev: Desired | undefined, nowIso: string): Desired {
-  let startedAt: string | null = null;
-  if (spec.status === 'in_progress') startedAt = prev?.status === 'in_progress' ? prev.startedAt : nowIso;
-  else if (spec.status === 'completed' && prev !== undefined && prev.status !== 'queued') startedAt = prev.startedAt;
-  const clipped = (text: string): string =>
-    clip(text, MAX_OUTPUT_BYTES, `\n\n… (clipped to GitHub's ${MAX_OUTPUT_BYTES} bytes)`);
-  return {
-    name: spec.name,
-    status: spec.status,
-    conclusion: spec.conclusion ?? null,
-    title: clip(spec.title, MAX_TITLE_BYTES, '…'),
-    summary: clipped(spec.summary),
-    text: spec.text === undefined ? null : clipped(spec.text),
-    detailsUrl: spec.detailsUrl ?? null,
-    actions: (spec.actions ?? []).map((a) => ({
-      label: clip(a.label, MAX_ACTION_LABEL_BYTES, '…'),
-      description: clip(a.description, MAX_ACTION_DESCRIPTION_BYTES, '…'),
-      identifier: a.identifier,
-    })),
-    externalId: spec.externalId ?? null,
-    startedAt,
-    completedAt: spec.status !== 'completed' ? null : prev?.status === 'completed' ? prev.completedAt : nowIso,
-  };
-}
-
-/** The body of a create or update: the whole state each time, so resending after a lost answer is harmless. */
-function requestBody(d: Desired, sent: Desired | undefined) {
-  // GitHub keeps fields an update leaves out: text and actions that went away are cleared explicitly.
-  const text = d.text ?? (sent?.text ? '' : undefined);
-  return {
-    name: d.name,
-    status: d.status,
-    ...(d.status === 'completed' && d.conclusion !== null && d.completedAt !== null
-      ? { conclusion: d.conclusion, completed_at: d.completedAt }
-      : {}),
-    ...(d.startedAt !== null ? { started_at: d.startedAt } : {}),
-    output: { title: d.title, summary: d.summary, ...(text !== undefined ? { text } : {}) },
-    ...(d.detailsUrl !== null ? { details_url: d.detailsUrl } : {}),
-    ...(d.externalId !== null ? { external_id: d.externalId } : {}),
-    ...(d.actions.length > 0 || (sent?.actions.length ?? 0) > 0 ? { actions: d.actions } : {}),
-  };
-}
-
-/** `text` cut to `maxBytes` of UTF-8 with `note` at the end, never inside a character. */
-function clip(text: string, maxBytes: number, note: string): string {
-  const bytes = Buffer.from(text, 'utf8');
-  if (bytes.length <= maxBytes) return text;
-  let end = maxBytes - Buffer.byteLength(note);
-  while (end > 0 && ((bytes[end] ?? 0) & 0xc0) === 0x80) end--;
-  return bytes.subarray(0, end).toString('utf8') + note;
 }
 
 /** Whether retrying the same request cannot help; the decision itself is rate-limit.ts's. */

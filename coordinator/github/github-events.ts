@@ -6,7 +6,6 @@ import { EVALUATION_CHECK, SUMMARY_CHECK, completed, queued } from './check-repo
 import type { CheckRunSpec, CheckTarget } from './check-runs.js';
 import type { CommandRunner } from './command-runner.js';
 import type { Delivery } from './delivery-queue.js';
-import { attrsFromCommitTitles } from './ofborg-titles.js';
 import {
   type PullRequestPayload,
   checkRunEvent,
@@ -33,7 +32,7 @@ export interface EventDeps {
   runs: RunStore;
   apps: AppRegistry;
   pipeline: RunPipeline;
-  reporter: { set(target: CheckTarget, spec: CheckRunSpec): void };
+  reporter: { set(target: CheckTarget, spec: CheckRunSpec, options?: { rerun?: boolean }): void };
   commands: CommandRunner;
   audit: AuditLog;
   settings: EventSettings;
@@ -42,8 +41,6 @@ export interface EventDeps {
 
 const ZERO_SHA = /^0+$/;
 const PR_ACTIONS = new Set(['opened', 'synchronize', 'reopened', 'ready_for_review']);
-// Commits read for OfBorg-style titles (`hello: 1.0 -> 2.0`); a PR with more is a mass change built by diff anyway.
-const MAX_TITLE_COMMITS = 250;
 
 /**
  * Turns webhook deliveries into runs and answers: pull requests, pushes to the default branch, merge groups,
@@ -54,6 +51,13 @@ export class GitHubEvents {
   constructor(private readonly deps: EventDeps) {}
 
   async handle(d: Pick<Delivery, 'event' | 'payload' | 'deliveryId'>): Promise<void> {
+    // Repository and organisation webhooks (configured by hand, not by an app) carry no installation: eka-ci
+    // acts only as an app, with an installation's token, so it has nothing to do for them.
+    const installation = (d.payload as { installation?: unknown } | null)?.installation;
+    if (installation === undefined && !d.event.startsWith('installation')) {
+      this.deps.logger.info({ event: d.event, delivery: d.deliveryId }, 'webhook without an installation ignored');
+      return;
+    }
     switch (d.event) {
       case 'pull_request':
         return this.pullRequest(parsePayload(pullRequestEvent, d.event, d.payload));
@@ -176,27 +180,12 @@ export class GitHubEvents {
       }
       return runId;
     }
-    // The first check run goes out before anything slow: the author sees eka-ci picked the change up.
-    this.deps.reporter.set(target, queued(EVALUATION_CHECK, 'Queued'));
-    const titles = await this.commitTitles(served, repo, pr.number);
-    const runId = this.deps.runs.createRun({
-      ...run,
-      extraAttrs: [...new Set([...(extra.attrs ?? []), ...attrsFromCommitTitles(titles)])],
-    });
+    // The first check run goes out before anything slow: the author sees eka-ci picked the change up. The rest
+    // (commit titles, clone, evaluation) happens in the run, so this delivery is handled in a moment.
+    this.deps.reporter.set(target, queued(EVALUATION_CHECK, 'Queued'), { rerun: true });
+    const runId = this.deps.runs.createRun(run);
     this.deps.pipeline.start(runId);
     return runId;
-  }
-
-  private async commitTitles(served: Served, repo: string, number: number): Promise<string[]> {
-    const [owner = '', name = ''] = repo.split('/');
-    const octokit = await this.deps.apps.octokit(served);
-    const { data } = await octokit.request('GET /repos/{owner}/{repo}/pulls/{pull_number}/commits', {
-      owner,
-      repo: name,
-      pull_number: number,
-      per_page: 100,
-    });
-    return data.slice(0, MAX_TITLE_COMMITS).map((c) => c.commit.message.split('\n')[0] ?? '');
   }
 
   private async push(p: ReturnType<typeof pushEvent.parse>): Promise<void> {

@@ -19,8 +19,11 @@ import { DeliveryQueue } from './delivery-queue.js';
 import { GitHubMetricsSink } from './github-metrics.js';
 import { GitHubEvents } from './github-events.js';
 import { RunPipeline, type RunLinks } from './run-pipeline.js';
-import { RunStore } from './run-store.js';
+import { type RunRow, RunStore } from './run-store.js';
 import { webhookReceiver } from './webhook-receiver.js';
+
+// GitHub's largest page; commit titles beyond it belong to mass changes, which the rebuild diff covers anyway.
+const COMMITS_PER_PAGE = 100;
 
 export interface GitHubServiceDeps {
   options: CoordinatorOptions;
@@ -83,6 +86,7 @@ export class GitHubService {
       store: deps.store,
       links,
       logger: log,
+      commitTitles: (run) => this.commitTitles(run),
       onFinished: (run) => {
         if (run.pr_number === null) return;
         this.commands.evaluateMerge(run.repo, run.pr_number).catch((err: Error) => {
@@ -162,6 +166,20 @@ export class GitHubService {
     this.pipeline.stop();
     this.reporter.stopNow();
     this.state = 'stopped';
+  }
+
+  /** First lines of a pull request's commit messages (the first page: a longer PR is a mass change). */
+  private async commitTitles(run: RunRow): Promise<string[]> {
+    if (run.pr_number === null) return [];
+    const [owner = '', repo = ''] = run.repo.split('/');
+    const octokit = await this.clientOf(run.installation_id).octokit(run.installation_id);
+    const { data } = await octokit.request('GET /repos/{owner}/{repo}/pulls/{pull_number}/commits', {
+      owner,
+      repo,
+      pull_number: run.pr_number,
+      per_page: COMMITS_PER_PAGE,
+    });
+    return data.map((c) => c.commit.message.split('\n')[0] ?? '');
   }
 
   private installationOf(repo: string): number {

@@ -1,4 +1,5 @@
 import type { Logger } from '../../common/logging.js';
+import { Semaphore } from '../../common/semaphore.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
 import type { GitAuth, GitMirrors } from '../git/git-mirrors.js';
@@ -18,15 +19,15 @@ import {
   completed,
   evaluationCheck,
   inProgress,
-  queued,
   summaryCheck,
 } from './check-report.js';
 import type { CheckRunSpec, CheckTarget } from './check-runs.js';
+import { attrsFromCommitTitles } from './ofborg-titles.js';
 import { OPEN_RUN_STATES, type RunRoot, type RunRow, type RunStore } from './run-store.js';
 
 export interface PipelineDeps {
   runs: RunStore;
-  reporter: { set(target: CheckTarget, spec: CheckRunSpec): void };
+  reporter: { set(target: CheckTarget, spec: CheckRunSpec, options?: { rerun?: boolean }): void };
   /** Credentials to clone the installation's repositories (and public forks). */
   cloneAuth(installationId: number): Promise<GitAuth>;
   mirrors: GitMirrors;
@@ -40,6 +41,8 @@ export interface PipelineDeps {
   logger: Logger;
   /** Called when a run is done (the merge policy looks at it). */
   onFinished(run: RunRow): void;
+  /** The commit titles of a pull request (attributes named OfBorg-style, `hello: 1.0 -> 2.0`, are built too). */
+  commitTitles(run: RunRow): Promise<string[]>;
 }
 
 export interface RunLinks {
@@ -49,6 +52,10 @@ export interface RunLinks {
 
 // Build checks are redrawn at most this often while builds settle; the reporter coalesces further.
 const PROGRESS_REFRESH_MS = 2_000;
+// Evaluations (and the git work before them) run this many at a time; the rest wait as `queued`. Evaluation is
+// CPU-bound and runs its own workers, so a burst of pushes must not start hundreds of them (or hundreds of git
+// processes, whose spawning blocks the event loop everyone else shares).
+const MAX_CONCURRENT_EVALUATIONS = 2;
 
 /**
  * Carries a run from queued to done: evaluate (cached per commit), diff against the base, build the head's
@@ -59,6 +66,7 @@ export class RunPipeline {
   private readonly active = new Map<number, Promise<void>>();
   private stopped = false;
   private readonly timers = new Set<NodeJS.Timeout>();
+  private readonly evaluations = new Semaphore(MAX_CONCURRENT_EVALUATIONS);
 
   constructor(private readonly deps: PipelineDeps) {}
 
@@ -112,19 +120,25 @@ export class RunPipeline {
     if (!run || !OPEN_RUN_STATES.has(run.state)) return;
     const target = targetOf(run);
     const details = run.base_sha ? this.deps.links?.review(run.repo, run.base_sha, run.head_sha) : undefined;
-    reporter.set(target, inProgress(EVALUATION_CHECK, 'Evaluating', `Evaluating ${run.head_sha}.`, details));
-    reporter.set(target, queued(SUMMARY_CHECK, 'Waiting for evaluation and builds', details));
-    runs.setRunState(runId, 'evaluating');
-
-    const auth = await this.deps.cloneAuth(run.installation_id);
-    const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, auth);
-    const base = run.base_sha ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, auth) : undefined;
-    if (!this.stillOpen(runId)) return;
+    const evaluated = await this.evaluations.run(async () => {
+      if (!this.stillOpen(runId)) return undefined;
+      reporter.set(target, inProgress(EVALUATION_CHECK, 'Evaluating', `Evaluating ${run.head_sha}.`, details), {
+        rerun: true,
+      });
+      runs.setRunState(runId, 'evaluating');
+      const titles = run.kind === 'pull_request' ? await this.deps.commitTitles(run) : [];
+      const auth = await this.deps.cloneAuth(run.installation_id);
+      const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, auth);
+      const base = run.base_sha ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, auth) : undefined;
+      return { head, base, titles };
+    });
+    if (!evaluated || !this.stillOpen(runId)) return;
+    const { head, base, titles } = evaluated;
     reporter.set(target, evaluationCheck(head.jobs, base?.jobs, details));
 
     const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
     if (!base) this.deps.evaluations.save(run.repo, head);
-    const roots = this.rootsOf(run, head, diffs);
+    const roots = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles));
     runs.setRoots(runId, roots);
     runs.setRunState(runId, 'building');
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
@@ -202,9 +216,14 @@ export class RunPipeline {
    * ones whose result is not yet known, and attributes asked for by name (commands, commit titles). Without a
    * base (a push): every attribute of the head.
    */
-  private rootsOf(run: RunRow, head: CommitEvaluation, diffs: StoredJobDiff[] | undefined): RunRoot[] {
+  private rootsOf(
+    run: RunRow,
+    head: CommitEvaluation,
+    diffs: StoredJobDiff[] | undefined,
+    named: readonly string[],
+  ): RunRoot[] {
     const roots: RunRoot[] = [];
-    const extra = new Set(JSON.parse(run.extra_attrs) as string[]);
+    const extra = new Set([...(JSON.parse(run.extra_attrs) as string[]), ...named]);
     for (const job of head.jobs) {
       const diff = diffs?.find((d) => d.name === job.name);
       const changed = new Map((diff?.attrs ?? []).map((a) => [a.attr, a]));

@@ -47,6 +47,57 @@ export class FakeGitHub {
     return { cloneUrl, commits: out.trim().split('\n') };
   }
 
+  /**
+   * A repository made from `snapshots` with a pull request from its first commit (base) to its last (head), known
+   * to the stand-in; `payload(action)` is the matching `pull_request` webhook.
+   */
+  pullRequest(
+    fullName: string,
+    snapshots: string,
+    o: {
+      number: number;
+      author?: string;
+      association?: string;
+      commitMessage?: string;
+      mergeable?: boolean;
+      /** A fork the head comes from (made from the same snapshots). */
+      fork?: string;
+    },
+  ): { cloneUrl: string; base: string; head: string; payload(action: string): Record<string, unknown> } {
+    const repo = this.makeRepo(fullName, snapshots);
+    const fork = o.fork ? this.makeRepo(o.fork, snapshots) : undefined;
+    const base = repo.commits[0]!;
+    const head = (fork ?? repo).commits.at(-1)!;
+    const author = o.author ?? 'alice';
+    const association = o.association ?? 'MEMBER';
+    this.api.addPull(fullName, {
+      number: o.number,
+      title: o.commitMessage ?? 'change',
+      user: author,
+      authorAssociation: association,
+      headSha: head,
+      headRef: 'change',
+      ...(o.fork ? { headRepo: o.fork } : {}),
+      baseSha: base,
+      baseRef: 'main',
+      mergeable: o.mergeable ?? true,
+      commits: [{ sha: head, message: o.commitMessage ?? 'change' }],
+    });
+    const payload = (action: string) =>
+      pullRequestPayload({
+        action,
+        repo: fullName,
+        cloneUrl: repo.cloneUrl,
+        number: o.number,
+        base,
+        head,
+        author,
+        association,
+        ...(fork && o.fork ? { headRepo: { fullName: o.fork, cloneUrl: fork.cloneUrl } } : {}),
+      });
+    return { cloneUrl: repo.cloneUrl, base, head, payload };
+  }
+
   async close(): Promise<void> {
     await this.api.close();
     await this.git.close();
@@ -77,13 +128,13 @@ export async function startGitHubCoordinator(
         {
           id: 'test',
           credentials: { file: { path: credentials } },
-          permissions: { allow_all: true },
+          permissions: extra.permissions ?? { allow_all: true },
           api_url: github.api.url,
         },
       ],
       security: { webhook_secret: WEBHOOK_SECRET, ...((extra.security as object) ?? {}) },
       github: { check_run_update_interval_seconds: 0.2 },
-      ...Object.fromEntries(Object.entries(extra).filter(([k]) => k !== 'security')),
+      ...Object.fromEntries(Object.entries(extra).filter(([k]) => k !== 'security' && k !== 'permissions')),
     },
     'test',
     {},

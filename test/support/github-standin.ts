@@ -18,7 +18,13 @@ import { StandInState } from './github-standin/state.js';
 import type { FailureResponse, GitHubStandIn, InvalidRequest, RecordedRequest } from './github-standin/types.js';
 
 export type * from './github-standin/types.js';
-export { deliverWebhook, signWebhook, webhookExamples } from './github-standin/webhooks.js';
+export {
+  allWebhookExamples,
+  deliverWebhook,
+  postWebhook,
+  signWebhook,
+  webhookExamples,
+} from './github-standin/webhooks.js';
 
 const DEFAULT_APP_ID = 4242;
 const APP_SLUG = 'eka-ci-test';

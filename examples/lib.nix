@@ -1,5 +1,5 @@
-# Plain derivations built by /bin/sh: no nixpkgs. The nonce (written by examples/make-repo.sh) makes every
-# generated repository's derivations new, so each test run really builds.
+# Plain derivations built by /bin/sh: no nixpkgs. examples/make-repo.sh puts this file, and a nonce.nix, into every
+# commit it makes; a fresh nonce makes every generated repository's derivations new, so each run really builds.
 {
   mk =
     { name, version, script, deps ? [ ], features ? [ ] }:
