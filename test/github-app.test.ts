@@ -318,6 +318,80 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
     expect(audit).toEqual(expect.arrayContaining(['merge-requested', 'merged']));
   });
 
+  it('keeps a merge GitHub refuses for now (branch protection) pending, and merges after a review', async () => {
+    const repo = github.pullRequest('acme/protected', DEMO, { number: 4, mergeable: false });
+    github.api.setPermission('acme/protected', 'alice', 'write');
+    expect((await deliver(system!, 'pull_request', repo.payload('opened'))).status).toBe(202);
+    await completedChecks(github, 'acme/protected', repo.head, 3);
+    const merge = commentPayload({
+      repo: 'acme/protected',
+      cloneUrl: repo.cloneUrl,
+      number: 4,
+      id: 955,
+      body: '@eka-ci merge',
+      author: 'alice',
+    });
+    expect((await deliver(system!, 'issue_comment', merge)).status).toBe(202);
+    const waiting = await github.api.waitFor(
+      () => github.api.comments('acme/protected', 4).find((c) => c.body.includes('will not merge yet')),
+      'the explanation why the merge waits',
+    );
+    expect(waiting.body).toContain('not mergeable');
+    // A reviewer approves; branch protection is satisfied now.
+    github.api.addPull('acme/protected', {
+      number: 4,
+      title: 'change',
+      user: 'alice',
+      authorAssociation: 'MEMBER',
+      headSha: repo.head,
+      headRef: 'change',
+      baseSha: repo.base,
+      baseRef: 'main',
+      mergeable: true,
+    });
+    const review = webhookExamples('pull_request_review', 'submitted')[0]!;
+    const submitted = {
+      ...review,
+      pull_request: { ...(review.pull_request as object), number: 4 },
+      repository: { ...(review.repository as object), full_name: 'acme/protected', clone_url: repo.cloneUrl },
+      installation: { id: INSTALLATION },
+    };
+    expect((await deliver(system!, 'pull_request_review', submitted)).status).toBe(202);
+    const merged = await github.api.waitFor(() => github.api.merges('acme/protected')[0], 'the merge after the review');
+    expect(merged).toMatchObject({ number: 4, sha: repo.head });
+    expect(github.api.comments('acme/protected', 4).filter((c) => c.body.includes('will not merge yet'))).toHaveLength(
+      1,
+    );
+  });
+
+  it('cancels the builds of a destroyed merge group', async () => {
+    const repo = github.makeRepo('acme/queue-slow', join(ROOT, 'test', 'fixtures', 'slow'));
+    const [base, head] = repo.commits as [string, string];
+    const group = (action: string) => ({
+      action,
+      merge_group: {
+        head_sha: head,
+        head_ref: 'refs/heads/gh-readonly-queue/main/pr-2',
+        base_sha: base,
+        base_ref: 'refs/heads/main',
+      },
+      repository: { full_name: 'acme/queue-slow', clone_url: repo.cloneUrl, default_branch: 'main' },
+      installation: { id: INSTALLATION },
+    });
+    expect((await deliver(system!, 'merge_group', group('checks_requested'))).status).toBe(202);
+    const slowDrv = await github.api.waitFor(() => {
+      const drv = system!.coordinator.evaluations.load('acme/queue-slow', head)?.jobs[0]?.attrs[0]?.drvPath;
+      return drv && system!.coordinator.store.derivation(drv)?.state === 'building' && drv;
+    }, 'the merge group build to start');
+    expect((await deliver(system!, 'merge_group', group('destroyed'))).status).toBe(202);
+    await github.api.waitFor(
+      () => system!.coordinator.store.derivation(slowDrv)?.state === 'cancelled',
+      'the cancellation',
+    );
+    const checks = await completedChecks(github, 'acme/queue-slow', head, 3);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('cancelled');
+  });
+
   it('builds a fork pull request from the fork, and reports on the base repository', async () => {
     const upstream = github.pullRequest('acme/upstream', DEMO, {
       number: 11,

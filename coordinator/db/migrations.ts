@@ -190,6 +190,7 @@ export const MIGRATIONS: readonly string[] = [
     merge_for_sha      TEXT,                       -- … for this head
     merge_by           TEXT,
     merge_comment_id   INTEGER,                    -- the command's comment, for the rocket when merged
+    merge_waiting      INTEGER NOT NULL DEFAULT 0, -- GitHub refused it for now (405); the author was told
     updated_at         INTEGER NOT NULL,
     PRIMARY KEY (repo, number)
   ) WITHOUT ROWID;

@@ -38,6 +38,9 @@ export interface CommandDeps {
   botName?: string;
 }
 
+// GitHub's answer to a merge that branch protection or a conflict blocks for now ("Method Not Allowed").
+const NOT_MERGEABLE_YET = 405;
+
 const PERMISSIONS: ReadonlySet<string> = new Set(['admin', 'maintain', 'write', 'triage', 'read', 'none']);
 
 /**
@@ -181,17 +184,31 @@ export class CommandRunner {
     const served = known ?? (await this.servedFor(repo));
     if (!served) return;
     const api = new RepoApi(await this.deps.apps.octokit(served), repo);
-    this.deps.runs.setMerge(repo, number, undefined);
     if (decision.action !== 'merge') {
+      this.deps.runs.setMerge(repo, number, undefined);
       await api.reply(number, `@${row.merge_by}: not merging: ${decision.reason}.`);
       return;
     }
     try {
       await api.merge(number, row.head_sha, decision.method);
+      this.deps.runs.setMerge(repo, number, undefined);
       this.deps.audit.record(`github:${row.merge_by}`, 'merged', { repo, pr: number, head: row.head_sha });
       if (row.merge_comment_id !== null) await api.react(row.merge_comment_id, 'rocket');
     } catch (err) {
       if (!(err instanceof GitHubApiError)) throw err;
+      if (err.status === NOT_MERGEABLE_YET) {
+        // Branch protection (a required review, another required check) or a conflict: the merge stays pending
+        // and is tried again when a review is submitted or a run of this head finishes. Said once.
+        if (row.merge_waiting !== 1) {
+          this.deps.runs.setMergeWaiting(repo, number);
+          await api.reply(
+            number,
+            `@${row.merge_by}: eka-ci's checks are green, but GitHub will not merge yet (${err.githubMessage}); the merge stays pending until a review or a new result changes that, or \`@eka-ci merge cancel\`.`,
+          );
+        }
+        return;
+      }
+      this.deps.runs.setMerge(repo, number, undefined);
       await api.reply(number, `@${row.merge_by}: GitHub refused the merge: ${err.githubMessage}`);
     }
   }

@@ -146,7 +146,8 @@ export class RunPipeline {
     reporter.set(target, inProgress(SUMMARY_CHECK, 'Building', `Building ${roots.length} derivations.`, details));
 
     const refresh = setInterval(() => {
-      if (this.stopped) return;
+      // A cancelled run's checks are concluded: redrawing them as running would reopen them.
+      if (!this.stillOpen(runId)) return;
       for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
     }, PROGRESS_REFRESH_MS);
     refresh.unref();

@@ -70,6 +70,7 @@ export interface PullRequestRow {
   merge_for_sha: string | null;
   merge_by: string | null;
   merge_comment_id: number | null;
+  merge_waiting: number;
 }
 
 export interface RunRoot {
@@ -135,7 +136,10 @@ export class RunStore {
   }
 
   upsertPullRequest(
-    p: Omit<PullRequestRow, 'approved_by' | 'merge_method' | 'merge_for_sha' | 'merge_by' | 'merge_comment_id'>,
+    p: Omit<
+      PullRequestRow,
+      'approved_by' | 'merge_method' | 'merge_for_sha' | 'merge_by' | 'merge_comment_id' | 'merge_waiting'
+    >,
   ): void {
     this.db
       .prepare(
@@ -169,10 +173,17 @@ export class RunStore {
   ): void {
     this.db
       .prepare(
-        `UPDATE github_pull_requests SET merge_method = ?, merge_for_sha = ?, merge_by = ?, merge_comment_id = ?
-         WHERE repo = ? AND number = ?`,
+        `UPDATE github_pull_requests SET merge_method = ?, merge_for_sha = ?, merge_by = ?, merge_comment_id = ?,
+           merge_waiting = 0 WHERE repo = ? AND number = ?`,
       )
       .run(merge?.method ?? null, merge?.forSha ?? null, merge?.by ?? null, merge?.commentId ?? null, repo, number);
+  }
+
+  /** GitHub said a pending merge cannot happen yet, and the requester was told so (once). */
+  setMergeWaiting(repo: string, number: number): void {
+    this.db
+      .prepare('UPDATE github_pull_requests SET merge_waiting = 1 WHERE repo = ? AND number = ?')
+      .run(repo, number);
   }
 
   createRun(r: NewRun): number {
