@@ -239,6 +239,7 @@ export const MIGRATIONS: readonly string[] = [
     last_sent_at    INTEGER,
     failed_error    TEXT,                          -- GitHub refused the desired state for good
     created_at      INTEGER NOT NULL,              -- first set: check runs are created in this order
+    create_attempted INTEGER NOT NULL DEFAULT 0,   -- a create was sent; its answer may have been lost
     PRIMARY KEY (owner, repo, head_sha, name)
   ) WITHOUT ROWID;
   CREATE INDEX check_runs_dirty ON check_runs(dirty) WHERE dirty = 1;

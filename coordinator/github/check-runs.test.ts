@@ -176,6 +176,26 @@ describe('CheckRunReporter', () => {
     expect(runs()).toMatchObject([{ status: 'completed', conclusion: 'failure', updates: 1 }]);
   });
 
+  it('after a restart, adopts a check run whose create went out but whose answer was lost, instead of creating another', async () => {
+    const before = reporter();
+    before.start();
+    before.set(target(), spec());
+    await before.flush();
+    before.stopNow();
+    // As if the coordinator died between GitHub creating the check run and the id reaching the database.
+    db.prepare('UPDATE check_runs SET github_id = NULL, sent_json = NULL, dirty = 1').run();
+    db.close();
+
+    const after = reporter({}, (db = openDatabase(dbFile)));
+    after.start();
+    after.set(target(), spec({ status: 'completed', conclusion: 'success', title: 'done' }));
+    await after.flush();
+
+    expect(runs()).toMatchObject([{ status: 'completed', conclusion: 'success', updates: 1 }]);
+    expect(sendsOf().map((s) => s.method)).toEqual(['POST', 'PATCH']);
+    expect(standIn.requests.filter((r) => r.method === 'GET' && r.path.endsWith('/check-runs'))).toHaveLength(1);
+  });
+
   it('records a state GitHub refuses with 422 as failed, gives up on it, and still sends the other check runs', async () => {
     standIn.failNext(
       { method: 'POST', pathPrefix: `/repos/${OWNER}/${REPO}/check-runs` },

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { Octokit } from '@octokit/core';
 import { Backoff } from '../../common/backoff.js';
 import { IllegalStateError } from '../../common/errors.js';
@@ -86,6 +87,7 @@ interface Row {
   sent_json: string | null;
   last_sent_at: number | null;
   failed_error: string | null;
+  create_attempted: number;
 }
 
 const KEY_WHERE = 'owner = ? AND repo = ? AND head_sha = ? AND name = ?';
@@ -233,7 +235,7 @@ export class CheckRunReporter {
       .prepare(
         // Creations first, in the order they were asked for (an author sees eka-ci picked the change up), then
         // updates, least recently sent first. The JSON bodies are read by the send that needs them.
-        `SELECT owner, repo, head_sha, name, installation_id, github_id, last_sent_at
+        `SELECT owner, repo, head_sha, name, installation_id, github_id, last_sent_at, create_attempted
          FROM check_runs WHERE dirty = 1
          ORDER BY github_id IS NOT NULL, CASE WHEN github_id IS NULL THEN created_at END, last_sent_at,
            owner, repo, head_sha, name`,
@@ -270,6 +272,19 @@ export class CheckRunReporter {
     }
   }
 
+  /** The id of a check run this reporter created for the row before (same external id), if GitHub has one. */
+  private async findCreated(octokit: Octokit, row: Row, externalId: string): Promise<number | null> {
+    const { data } = await octokit.request('GET /repos/{owner}/{repo}/commits/{ref}/check-runs', {
+      owner: row.owner,
+      repo: row.repo,
+      ref: row.head_sha,
+      check_name: row.name,
+      filter: 'all',
+    });
+    const found = data.check_runs.find((r) => r.external_id === externalId);
+    return found ? Number(found.id) : null;
+  }
+
   private dueAt(row: Pick<Row, 'github_id' | 'last_sent_at'>, id: string): number {
     if (this.current === 'stopping') {
       return (this.triedWhileStopping.get(id) ?? -1) >= (this.revs.get(id) ?? 0) ? Infinity : 0;
@@ -291,13 +306,19 @@ export class CheckRunReporter {
     try {
       const octokit = await this.api.octokit(row.installation_id);
       const body = requestBody(desired, sent);
-      let githubId = row.github_id;
+      // A create whose answer was lost (a crash, a timeout) may have happened all the same: the check run is found
+      // again by the external id every create carries, rather than created twice.
+      const externalId = desired.externalId ?? defaultExternalId(key);
+      let githubId =
+        row.github_id ?? (row.create_attempted === 1 ? await this.findCreated(octokit, row, externalId) : null);
       if (githubId === null) {
+        this.db.prepare(`UPDATE check_runs SET create_attempted = 1 WHERE ${KEY_WHERE}`).run(...key);
         const created = await octokit.request('POST /repos/{owner}/{repo}/check-runs', {
           owner: row.owner,
           repo: row.repo,
           head_sha: row.head_sha,
           ...body,
+          external_id: externalId,
         });
         githubId = Number(created.data.id);
       } else {
@@ -393,6 +414,11 @@ function isFatal(err: unknown): boolean {
   if (typeof failure.status !== 'number') return false;
   const message = err instanceof Error ? err.message : '';
   return classifyFailure(failure.status, failure.response?.headers ?? {}, message) === 'fatal';
+}
+
+/** The external id a check run is created with when its spec gives none: stable for its repository, commit and name. */
+function defaultExternalId(key: readonly [string, string, string, string]): string {
+  return `ekaci-${createHash('sha256').update(JSON.stringify(key)).digest('hex').slice(0, 32)}`;
 }
 
 function keyOf(key: readonly [string, string, string, string]): string {

@@ -132,6 +132,11 @@ export class GitHubEvents {
       this.deps.runs.setMerge(repo, pr.number, undefined);
       return;
     }
+    if (p.action === 'converted_to_draft' && !this.deps.settings.buildDraftPullRequests) {
+      for (const run of this.openRuns(repo, pr.number))
+        this.deps.pipeline.cancel(run.id, 'the pull request became a draft');
+      return;
+    }
     if (!PR_ACTIONS.has(p.action)) return;
     if (pr.draft && !this.deps.settings.buildDraftPullRequests) return;
     const served = await this.served(p.installation.id, repo, pr.base.ref);
