@@ -104,6 +104,8 @@ class EvaluationRun {
   private waiters: (() => void)[] = [];
   private readonly slots: WorkerSlot[] = [];
   private readonly roots: GcRoots;
+  private readonly rootWrites: Promise<void>[] = [];
+  private rootError: Error | undefined;
   private readonly setup: string[];
 
   constructor(
@@ -128,6 +130,8 @@ class EvaluationRun {
     for (let i = 1; i < this.o.workers; i++) loops.push(this.loop(this.slot(undefined)));
     try {
       await Promise.all(loops);
+      await Promise.all(this.rootWrites);
+      if (this.rootError) throw this.rootError;
     } finally {
       this.stop();
     }
@@ -200,7 +204,13 @@ class EvaluationRun {
       this.wakeAll();
       return;
     }
-    await this.roots.add(item.drvPath);
+    // Roots are written while the worker goes on: waiting for each one idled the worker for most of a chunk. The
+    // run does not finish before every root exists (see `start`).
+    this.rootWrites.push(
+      this.roots.add(item.drvPath).catch((e: Error) => {
+        this.rootError ??= e;
+      }),
+    );
     const result: EvalResult = { attr, drvPath: item.drvPath, system: item.system, outputs: item.outputs };
     const m = item.meta;
     const meta: NonNullable<EvalResult['meta']> = {};
