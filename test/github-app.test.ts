@@ -1,14 +1,7 @@
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
-import {
-  FakeGitHub,
-  INSTALLATION,
-  commentPayload,
-  deliver,
-  pullRequestPayload,
-  startGitHubCoordinator,
-} from './support/github-app.js';
+import { FakeGitHub, INSTALLATION, commentPayload, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { type StandInCheckRun, allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -34,26 +27,17 @@ describe('eka-ci as a GitHub App', () => {
   let github: FakeGitHub;
   let system: EmbeddedSystem;
   let dataDir: string;
-  let repo: { cloneUrl: string; commits: string[] };
-  let base: string;
+  let repo: ReturnType<FakeGitHub['pullRequest']>;
   let head: string;
 
   beforeAll(async () => {
     github = await FakeGitHub.start();
-    repo = github.makeRepo(REPO, REVIEW_FIXTURE);
-    [base, head] = repo.commits as [string, string];
-    dataDir = join(tempDir('ekaci-github-'), 'data');
-    github.api.addPull(REPO, {
+    repo = github.pullRequest(REPO, REVIEW_FIXTURE, {
       number: 7,
-      title: 'breaks: make it break',
-      user: 'alice',
-      authorAssociation: 'MEMBER',
-      headSha: head,
-      headRef: 'change',
-      baseSha: base,
-      baseRef: 'main',
-      commits: [{ sha: head, message: 'stable: rebuild it by name\n\nThe OfBorg convention.' }],
+      commitMessage: 'stable: rebuild it by name\n\nThe OfBorg convention.',
     });
+    head = repo.head;
+    dataDir = join(tempDir('ekaci-github-'), 'data');
     github.api.setPermission(REPO, 'alice', 'write');
     github.api.setPermission(REPO, 'mallory', 'read');
     system = await startGitHubCoordinator(github, dataDir);
@@ -66,14 +50,7 @@ describe('eka-ci as a GitHub App', () => {
 
   it('refuses a delivery with a bad signature (401) and does nothing for it', async () => {
     const before = github.api.requests.length;
-    const payload = pullRequestPayload({
-      action: 'opened',
-      repo: REPO,
-      cloneUrl: repo.cloneUrl,
-      number: 7,
-      base,
-      head,
-    });
+    const payload = repo.payload('opened');
     const r = await deliver(system, 'pull_request', payload, { signature: `sha256=${'0'.repeat(64)}` });
     expect(r.status).toBe(401);
     const unsigned = await deliver(system, 'pull_request', payload, { signature: '' });
@@ -84,14 +61,7 @@ describe('eka-ci as a GitHub App', () => {
   });
 
   it('evaluates and builds a pull request and reports check runs naming the newly failing attribute', async () => {
-    const payload = pullRequestPayload({
-      action: 'opened',
-      repo: REPO,
-      cloneUrl: repo.cloneUrl,
-      number: 7,
-      base,
-      head,
-    });
+    const payload = repo.payload('opened');
     const first = await deliver(system, 'pull_request', payload, { deliveryId: 'delivery-pr-7' });
     expect(first.status).toBe(202);
     // The same delivery again (GitHub's redelivery, or a replay): accepted, processed once.
