@@ -441,6 +441,12 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
       'the approved pull request built',
     );
     expect(github.api.reactions('acme/approve', 990)).toEqual(['+1']);
+    // The approval was for that commit: a new push from the outside contributor waits for approval again.
+    const pushed = repo.payload('synchronize') as { pull_request: { head: { sha: string } } };
+    pushed.pull_request.head.sha = repo.base;
+    expect((await deliver(system, 'pull_request', pushed)).status).toBe(202);
+    const again = await completedChecks(github, 'acme/approve', repo.base, 2);
+    expect(again['eka-ci / evaluation']?.conclusion).toBe('action_required');
     expect(github.api.invalid).toEqual([]);
   });
 });

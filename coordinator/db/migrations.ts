@@ -185,7 +185,8 @@ export const MIGRATIONS: readonly string[] = [
     author             TEXT NOT NULL,
     author_association TEXT NOT NULL,
     draft              INTEGER NOT NULL,
-    approved_by        TEXT,                       -- who approved an outside contributor's PR by command
+    approved_by        TEXT,                       -- who approved an outside contributor's PR by command …
+    approved_sha       TEXT,                       -- … for this head: a later push needs approving again
     merge_method       TEXT,                       -- a pending @eka-ci merge …
     merge_for_sha      TEXT,                       -- … for this head
     merge_by           TEXT,

@@ -74,6 +74,8 @@ export class CommandRunner {
       author_association: pr.author_association,
       draft: pr.draft ? 1 : 0,
     });
+    // Commands act on the pull request's base branch: one the app may not build is not served at all.
+    if (!this.deps.apps.allowed(served, repo, pr.base.ref)) return;
     const actor: Actor = { login: comment.author, permission: await api.permission(comment.author) };
     for (const command of commands) {
       const refusal = await this.refusal(command, actor, repo, pr);
@@ -128,7 +130,7 @@ export class CommandRunner {
         await this.deps.startRun(served, repo, pr, baseCloneUrl, { rebuildFailed: true });
         break;
       case 'approve':
-        this.deps.runs.setApproval(repo, pr.number, comment.author);
+        this.deps.runs.setApproval(repo, pr.number, comment.author, pr.head.sha);
         this.deps.audit.record(actor, 'approve', { repo, pr: pr.number, head: pr.head.sha });
         await this.deps.startRun(served, repo, pr, baseCloneUrl, {});
         break;

@@ -160,7 +160,8 @@ export class GitHubEvents {
     const approval = needsApproval(
       { authorAssociation: pr.author_association, author: pr.user.login },
       this.deps.settings,
-      row?.approved_by != null,
+      // Approval is for the commit that was looked at: a later push from an outside contributor waits again.
+      row?.approved_sha === pr.head.sha,
     );
     const run: NewRun = {
       repo,

@@ -66,6 +66,7 @@ export interface PullRequestRow {
   author_association: string;
   draft: number;
   approved_by: string | null;
+  approved_sha: string | null;
   merge_method: string | null;
   merge_for_sha: string | null;
   merge_by: string | null;
@@ -138,7 +139,13 @@ export class RunStore {
   upsertPullRequest(
     p: Omit<
       PullRequestRow,
-      'approved_by' | 'merge_method' | 'merge_for_sha' | 'merge_by' | 'merge_comment_id' | 'merge_waiting'
+      | 'approved_by'
+      | 'approved_sha'
+      | 'merge_method'
+      | 'merge_for_sha'
+      | 'merge_by'
+      | 'merge_comment_id'
+      | 'merge_waiting'
     >,
   ): void {
     this.db
@@ -159,10 +166,11 @@ export class RunStore {
       PullRequestRow | undefined;
   }
 
-  setApproval(repo: string, number: number, approvedBy: string): void {
+  /** An outside contributor's head commit, approved to build by `@eka-ci approve`. */
+  setApproval(repo: string, number: number, approvedBy: string, headSha: string): void {
     this.db
-      .prepare('UPDATE github_pull_requests SET approved_by = ? WHERE repo = ? AND number = ?')
-      .run(approvedBy, repo, number);
+      .prepare('UPDATE github_pull_requests SET approved_by = ?, approved_sha = ? WHERE repo = ? AND number = ?')
+      .run(approvedBy, headSha, repo, number);
   }
 
   /** Records (or with `method` undefined, clears) a pending `@eka-ci merge` for the given head. */
