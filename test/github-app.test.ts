@@ -237,6 +237,14 @@ describe('eka-ci as a GitHub App', () => {
       const drv = e?.jobs[0]?.attrs[0]?.drvPath;
       return drv && system.coordinator.store.derivation(drv)?.state === 'building' && drv;
     }, 'the endless build to start');
+    // Another event for the head already being built is answered by the run in progress, not a second one.
+    expect((await deliver(system, 'pull_request', pr('reopened'))).status).toBe(202);
+    const queue = system.coordinator.github!.queue;
+    await github.api.waitFor(() => {
+      const c = queue.counts();
+      return c.pending + c.processing === 0;
+    }, 'the reopened delivery handled');
+    expect(system.coordinator.github!.runs.runsOf({ repo: 'acme/slow', prNumber: 31 })).toHaveLength(1);
     expect((await deliver(system, 'pull_request', pr('closed'))).status).toBe(202);
     await github.api.waitFor(
       () => system.coordinator.store.derivation(slowDrv)?.state === 'cancelled',

@@ -152,10 +152,15 @@ export class GitHubEvents {
     baseCloneUrl: string,
     extra: { attrs?: readonly string[]; rebuildFailed?: boolean } = {},
   ): Promise<number> {
-    for (const run of this.openRuns(repo, pr.number)) {
+    const open = this.openRuns(repo, pr.number);
+    for (const run of open) {
       if (run.head_sha !== pr.head.sha) this.deps.pipeline.cancel(run.id, `superseded by ${pr.head.sha}`);
     }
     await this.deps.commands.headMoved(repo, pr.number, pr.head.sha);
+    // Another event for a head already being handled (`reopened` right after `opened`, an edit of the base):
+    // the run in progress answers it. A command asking for more (attributes, rebuilds) starts its own run.
+    const same = open.find((r) => r.head_sha === pr.head.sha && r.base_sha === pr.base.sha);
+    if (same && !extra.attrs?.length && !extra.rebuildFailed && same.state !== 'awaiting-approval') return same.id;
     const row = this.deps.runs.pullRequest(repo, pr.number);
     const approval = needsApproval(
       { authorAssociation: pr.author_association, author: pr.user.login },
@@ -163,6 +168,12 @@ export class GitHubEvents {
       // Approval is for the commit that was looked at: a later push from an outside contributor waits again.
       row?.approved_sha === pr.head.sha,
     );
+    if (!approval) {
+      // Runs parked for approval of this head are answered by the run started now.
+      for (const r of open.filter((o) => o.state === 'awaiting-approval' && o.head_sha === pr.head.sha)) {
+        this.deps.runs.setRunState(r.id, 'cancelled', 'approved: a new run builds this head');
+      }
+    } else if (same?.state === 'awaiting-approval') return same.id;
     const run: NewRun = {
       repo,
       installationId: served.installationId,
