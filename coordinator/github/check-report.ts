@@ -114,15 +114,19 @@ export function buildCheck(system: string, roots: readonly RootResult[], details
       .slice(0, MAX_LISTED_ERRORS)
       .map((r) => `- \`${r.attr}\`: ${r.state}`)
       .join('\n') + (rs.length > MAX_LISTED_ERRORS ? `\n- … and ${rs.length - MAX_LISTED_ERRORS} more` : '');
-  const summary = [countLine, ...(failing.length > 0 ? ['', list(failing)] : [])].join('\n');
+  const listed = [...failing, ...roots.filter((r) => r.state === 'unbuildable')];
+  const summary = [countLine, ...(listed.length > 0 ? ['', list(listed)] : [])].join('\n');
   const actions = failing.length > 0 ? { actions: [{ ...REBUILD_FAILED_ACTION }] } : {};
+  const unbuildable = roots.filter((r) => r.state === 'unbuildable');
   let conclusion: CheckConclusion = 'success';
   if (newly.length > 0) conclusion = newly.every((r) => r.state === 'timed-out') ? 'timed_out' : 'failure';
   else if (roots.some((r) => r.state === 'cancelled')) conclusion = 'cancelled';
-  const title =
-    newly.length > 0
-      ? `${newly.length} newly failing of ${roots.length}`
-      : `${roots.length - failing.length} of ${roots.length} built`;
+  // Nothing is known of a derivation no agent could take: not a success, not the change's fault either.
+  else if (unbuildable.length > 0) conclusion = 'neutral';
+  let title = `${roots.length - failing.length} of ${roots.length} built`;
+  if (newly.length > 0) title = `${newly.length} newly failing of ${roots.length}`;
+  else if (unbuildable.length > 0)
+    title = `${unbuildable.length} of ${roots.length} unbuildable: no agent has their system or features`;
   return completed(name, conclusion, title, summary, { ...extra, ...actions });
 }
 
