@@ -1,4 +1,5 @@
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
 import { loadCoordinatorConfig } from '../coordinator/config.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
@@ -29,6 +30,14 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
   const agents = Number(opts.agents);
   if (!Number.isInteger(agents) || agents < 1)
     throw new UsageError(`--agents takes a whole number ≥ 1, got "${opts.agents}"`);
+  // Checked before the work: a review that ends in "cannot write the file" wasted it.
+  for (const [flag, file] of [
+    ['--markdown', opts.markdown],
+    ['--json', opts.json],
+  ] as const) {
+    if (file !== undefined && !existsSync(dirname(resolve(file))))
+      throw new UsageError(`${flag} ${file}: the directory ${dirname(resolve(file))} does not exist`);
+  }
   const config = loadCoordinatorConfig(opts.config, process.env, { unbuildable_grace_seconds: 0 });
   const c = context({ ...opts, json: false });
   const progress = new Progress(process.stderr);

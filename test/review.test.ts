@@ -125,3 +125,47 @@ describe('the demo (npm run demo)', () => {
     expect(r.stdout).toContain('| `greeting` | 1.0 | 1.1 | `greeting`, `hello` |');
   });
 });
+
+describe('ekaci review with bad input', () => {
+  it('exits 2 naming the problem: unknown revision, unknown job, missing repository, missing option', async () => {
+    const { repo } = changeRepo();
+    const data = ['--data-dir', join(tempDir(), 'data')];
+    const unknownRev = await ekaci(['review', '--repo', repo, '--base', 'nosuch', '--head', 'HEAD', ...data]);
+    expect(unknownRev.code).toBe(2);
+    expect(unknownRev.stderr).toMatch(/revision 'nosuch' not found/);
+    const unknownJob = await ekaci([
+      'review',
+      '--repo',
+      repo,
+      '--base',
+      'HEAD~1',
+      '--head',
+      'HEAD',
+      '--job',
+      'nope',
+      ...data,
+    ]);
+    expect(unknownJob.code).toBe(2);
+    expect(unknownJob.stderr).toMatch(/no job named nope .*\(jobs: pkgs\)/);
+    const noRepo = await ekaci(['review', '--repo', join(tempDir(), 'missing'), '--base', 'a', '--head', 'b', ...data]);
+    expect(noRepo.code).toBe(2);
+    expect(noRepo.stderr).toMatch(/no such directory/);
+    const noHead = await ekaci(['review', '--repo', repo, '--base', 'HEAD', ...data]);
+    expect(noHead.code).toBe(2);
+    expect(noHead.stderr).toMatch(/--head/);
+    const badOut = await ekaci([
+      'review',
+      '--repo',
+      repo,
+      '--base',
+      'HEAD~1',
+      '--head',
+      'HEAD',
+      '--json',
+      join(tempDir(), 'no', 'r.json'),
+      ...data,
+    ]);
+    expect(badOut.code).toBe(2);
+    expect(badOut.stderr).toMatch(/--json .*does not exist/);
+  });
+});
