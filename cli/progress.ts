@@ -25,6 +25,7 @@ export class Progress {
   private failed = 0;
   private buildStarted = 0;
   private lastPlain = 0;
+  private evaluation: { label: string; attrs: number; errors: number; started: number } | undefined;
 
   constructor(
     private readonly out: NodeJS.WriteStream,
@@ -36,6 +37,29 @@ export class Progress {
     this.clear();
     this.out.write(`${text}\n`);
     this.draw();
+  }
+
+  /**
+   * Counts an evaluation's attributes as they arrive (a package set's evaluation takes minutes: the count shows it
+   * moving), until `end`.
+   */
+  evaluating(label: string): { attr(error: boolean): void; end(): void } {
+    const e = { label, attrs: 0, errors: 0, started: Date.now() };
+    this.evaluation = e;
+    this.lastPlain = e.started;
+    this.startTimer();
+    this.draw();
+    return {
+      attr: (error) => {
+        e.attrs++;
+        if (error) e.errors++;
+      },
+      end: () => {
+        this.clear();
+        this.evaluation = undefined;
+        if (!this.watching) this.stopTimer();
+      },
+    };
   }
 
   /** Follows the builds of `manager` until `stop()`. */
@@ -53,20 +77,29 @@ export class Progress {
     this.watching = { manager, store, off: () => manager.off('settled', onSettled) };
     this.buildStarted = Date.now();
     this.lastPlain = this.buildStarted;
-    this.timer = setInterval(() => this.tick(), REDRAW_MS);
-    this.timer.unref();
+    this.startTimer();
     this.draw();
   }
 
   stop(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = undefined;
+    this.stopTimer();
     this.clear();
     if (this.watching) {
       this.out.write(`${this.status()}\n`);
       this.watching.off();
       this.watching = undefined;
     }
+  }
+
+  private startTimer(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => this.tick(), REDRAW_MS);
+    this.timer.unref();
+  }
+
+  private stopTimer(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
   }
 
   private tick(): void {
@@ -80,14 +113,17 @@ export class Progress {
   }
 
   private status(): string {
+    const e = this.evaluation;
+    if (e)
+      return `  ${e.label}: ${e.attrs} attributes, ${e.errors} evaluation errors (${clock(Date.now() - e.started)})`;
     const running = this.watching?.store.openAttempts().length ?? 0;
     const queued = this.watching?.manager.pendingCount ?? 0;
     return `builds: ${queued} queued, ${running} running, ${this.done} done, ${this.failed} failed (${clock(Date.now() - this.buildStarted)})`;
   }
 
   private draw(): void {
-    if (!this.tty || !this.watching) return;
-    const running = this.watching.store.openAttempts();
+    if (!this.tty || (!this.watching && !this.evaluation)) return;
+    const running = this.evaluation ? [] : (this.watching?.store.openAttempts() ?? []);
     const now = Date.now();
     const lines = [this.status()];
     for (const a of running.slice(0, MAX_RUNNING_SHOWN)) {

@@ -43,7 +43,18 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
   const progress = new Progress(process.stderr);
   const evaluate = async (rev: string, side: string): Promise<CommitEvaluation> => {
     progress.line(`evaluating ${side} ${rev}…`);
-    const e = await evaluateCommit({ ...c, rev: c.revision(rev), jobs: opts.job });
+    const counter = progress.evaluating(`${side} ${rev}`);
+    let e: CommitEvaluation;
+    try {
+      e = await evaluateCommit({
+        ...c,
+        rev: c.revision(rev),
+        jobs: opts.job,
+        onResult: (r) => counter.attr(!!r.error),
+      });
+    } finally {
+      counter.end();
+    }
     const attrs = e.jobs.flatMap((j) => j.attrs);
     const errors = attrs.filter((a) => a.error).length;
     const seconds = e.jobs.reduce((t, j) => t + j.seconds, 0);

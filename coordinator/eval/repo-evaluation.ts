@@ -35,6 +35,8 @@ export async function evaluateCommit(options: {
   jobs?: readonly string[];
   /** Credentials for a private repository (a GitHub installation token). */
   fetch?: FetchOptions;
+  /** Called with each attribute as soon as it is evaluated (progress displays). */
+  onResult?: (r: EvalResult, job: string) => void;
 }): Promise<CommitEvaluation> {
   const checkout = await options.mirrors.checkout(options.repo, options.rev, options.fetch);
   try {
@@ -55,8 +57,10 @@ export async function evaluateCommit(options: {
     for (const job of selected) {
       const started = performance.now();
       const attrs: EvalResult[] = [];
-      for await (const r of evaluateJob(job, checkout, join(options.dataDir, 'gcroots', checkout.commit)))
+      for await (const r of evaluateJob(job, checkout, join(options.dataDir, 'gcroots', checkout.commit))) {
         attrs.push(r);
+        options.onResult?.(r, job.name);
+      }
       attrs.sort((a, b) => (a.attr < b.attr ? -1 : a.attr > b.attr ? 1 : 0));
       jobs.push({
         name: job.name,
