@@ -43,10 +43,19 @@ const TRANSITIONS: Record<MirrorState, readonly MirrorState[]> = {
  * The bare mirror of one repository. Everything that writes to it (fetch, worktree add/remove/prune) holds its lock:
  * git guards its own files with `*.lock` files and makes a concurrent second writer fail rather than wait.
  */
+// Commit ids remembered per mirror (about 100 bytes each): a day of a busy repository's pull requests and bases.
+const MAX_REMEMBERED_COMMITS = 10_000;
+
 export class Mirror {
   private state: MirrorState = 'absent';
   private opening: Promise<void> | undefined;
   private readonly lock = new Mutex();
+  /**
+   * Commits fetched by sha, which stay in the mirror (their `refs/ekaci/commits/` ref keeps them from gc): asking for
+   * one again costs no `git cat-file` process, and a busy coordinator asks for the same bases all day. Commits found
+   * only through a branch are not remembered: a force-push could let gc take them.
+   */
+  private readonly present = new Set<string>();
 
   constructor(
     readonly location: RepoLocation,
@@ -66,7 +75,11 @@ export class Mirror {
       // Another caller may have fetched these while we waited for the lock.
       const missing = await this.withoutPresentCommits(pending, shas);
       if (missing.length > 0) await this.fetchFromRemote(missing, auth);
-      for (const revision of missing) shas.set(revision.text, await this.resolveLocal(revision));
+      for (const revision of missing) {
+        shas.set(revision.text, await this.resolveLocal(revision));
+        // Fetched by its sha, the commit now has a ref of its own: it stays, whatever happens to branches.
+        if (revision.kind === 'commit') this.remember(revision.sha);
+      }
       return shas;
     });
   }
@@ -146,7 +159,13 @@ export class Mirror {
   }
 
   private async hasCommit(sha: string): Promise<boolean> {
+    if (this.present.has(sha)) return true;
     return (await this.run(['cat-file', '-e', `${sha}^{commit}`])).code === 0;
+  }
+
+  private remember(sha: string): void {
+    if (this.present.size >= MAX_REMEMBERED_COMMITS) this.present.delete(this.present.values().next().value!);
+    this.present.add(sha);
   }
 
   private async fetchFromRemote(revisions: Revision[], auth: GitAuth | undefined): Promise<void> {

@@ -72,6 +72,8 @@ export interface CheckRunReporterOptions {
 // A send that failed after the GitHub client's own retries met an outage: try again soon, then back off to a few
 // minutes, so a long outage costs GitHub a request per check run every few minutes, not a storm when it returns.
 const RETRY_BASE_MS = 5_000;
+// Requests in flight for one installation when one of them creates a commit's first check run (see `pump`).
+const FIRST_CHECK_CONCURRENCY = 2;
 const RETRY_CAP_MS = 5 * 60_000;
 // Errors are for a person reading the row, not a full stack dump.
 const MAX_ERROR_CHARS = 4_000;
@@ -98,7 +100,8 @@ export class CheckRunReporter {
   private timer: NodeJS.Timeout | undefined;
   private timerAt = Infinity;
   private readonly inFlight = new Set<string>();
-  private readonly busyInstallations = new Set<number>();
+  /** Requests in flight per installation. */
+  private readonly busyInstallations = new Map<number, number>();
   private readonly retries = new Map<string, { backoff: Backoff; at: number }>();
   /** The revision of each row last tried while stopping: each state gets one attempt, then waits for a start. */
   private readonly triedWhileStopping = new Map<string, number>();
@@ -233,24 +236,30 @@ export class CheckRunReporter {
     let next = Infinity;
     const rows = this.db
       .prepare(
-        // Creations first, in the order they were asked for (an author sees eka-ci picked the change up), then
-        // updates, least recently sent first. The JSON bodies are read by the send that needs them.
-        `SELECT owner, repo, head_sha, name, installation_id, github_id, last_sent_at, create_attempted
-         FROM check_runs WHERE dirty = 1
-         ORDER BY github_id IS NOT NULL, CASE WHEN github_id IS NULL THEN created_at END, last_sent_at,
-           owner, repo, head_sha, name`,
+        // First the first check run of each commit (the author sees eka-ci picked the change up), then the other
+        // creations, both in the order they were asked for, then updates, least recently sent first. The JSON bodies
+        // are read by the send that needs them.
+        `SELECT owner, repo, head_sha, name, installation_id, github_id, last_sent_at, create_attempted,
+           github_id IS NULL AND NOT EXISTS (SELECT 1 FROM check_runs o WHERE o.owner = c.owner AND o.repo = c.repo
+             AND o.head_sha = c.head_sha AND o.github_id IS NOT NULL) AS first_of_commit
+         FROM check_runs c WHERE dirty = 1
+         ORDER BY github_id IS NOT NULL, first_of_commit DESC,
+           CASE WHEN github_id IS NULL THEN created_at END, last_sent_at, owner, repo, head_sha, name`,
       )
-      .all() as Array<Omit<Row, 'desired_json' | 'sent_json'>>;
+      .all() as Array<Omit<Row, 'desired_json' | 'sent_json'> & { first_of_commit: number }>;
     for (const row of rows) {
       const id = keyOf(rowKey(row));
-      if (this.inFlight.has(id) || this.busyInstallations.has(row.installation_id)) continue;
+      // One request at a time per installation, as GitHub asks of integrators; the first check run of a commit may
+      // go beside it, so a long queue of updates never hides from an author that eka-ci picked the change up.
+      const busy = this.busyInstallations.get(row.installation_id) ?? 0;
+      if (this.inFlight.has(id) || busy >= (row.first_of_commit === 1 ? FIRST_CHECK_CONCURRENCY : 1)) continue;
       const due = this.dueAt(row, id);
       if (due > now) {
         next = Math.min(next, due);
         continue;
       }
       this.inFlight.add(id);
-      this.busyInstallations.add(row.installation_id);
+      this.busyInstallations.set(row.installation_id, busy + 1);
       const rev = this.revs.get(id) ?? 0;
       void this.send(row, id, rev)
         .catch((err: unknown) => {
@@ -259,7 +268,9 @@ export class CheckRunReporter {
         })
         .finally(() => {
           this.inFlight.delete(id);
-          this.busyInstallations.delete(row.installation_id);
+          const left = (this.busyInstallations.get(row.installation_id) ?? 1) - 1;
+          if (left > 0) this.busyInstallations.set(row.installation_id, left);
+          else this.busyInstallations.delete(row.installation_id);
           if (this.current === 'stopping') this.triedWhileStopping.set(id, rev);
           this.checkFlushes();
           this.pump();
