@@ -133,18 +133,8 @@ describe('ekaci review with bad input', () => {
     const unknownRev = await ekaci(['review', '--repo', repo, '--base', 'nosuch', '--head', 'HEAD', ...data]);
     expect(unknownRev.code).toBe(2);
     expect(unknownRev.stderr).toMatch(/revision 'nosuch' not found/);
-    const unknownJob = await ekaci([
-      'review',
-      '--repo',
-      repo,
-      '--base',
-      'HEAD~1',
-      '--head',
-      'HEAD',
-      '--job',
-      'nope',
-      ...data,
-    ]);
+    const change = ['review', '--repo', repo, '--base', 'HEAD~1', '--head', 'HEAD'];
+    const unknownJob = await ekaci([...change, '--job', 'nope', ...data]);
     expect(unknownJob.code).toBe(2);
     expect(unknownJob.stderr).toMatch(/no job named nope .*\(jobs: pkgs\)/);
     const noRepo = await ekaci(['review', '--repo', join(tempDir(), 'missing'), '--base', 'a', '--head', 'b', ...data]);
@@ -153,18 +143,7 @@ describe('ekaci review with bad input', () => {
     const noHead = await ekaci(['review', '--repo', repo, '--base', 'HEAD', ...data]);
     expect(noHead.code).toBe(2);
     expect(noHead.stderr).toMatch(/--head/);
-    const badOut = await ekaci([
-      'review',
-      '--repo',
-      repo,
-      '--base',
-      'HEAD~1',
-      '--head',
-      'HEAD',
-      '--json',
-      join(tempDir(), 'no', 'r.json'),
-      ...data,
-    ]);
+    const badOut = await ekaci([...change, '--json', join(tempDir(), 'no', 'r.json'), ...data]);
     expect(badOut.code).toBe(2);
     expect(badOut.stderr).toMatch(/--json .*does not exist/);
   });
