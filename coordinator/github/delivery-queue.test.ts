@@ -6,6 +6,7 @@ import { sleep } from '../../common/backoff.js';
 import { IllegalStateError } from '../../common/errors.js';
 import { silentLogger } from '../../common/logging.js';
 import { openDatabase, type Db } from '../db/database.js';
+import { MalformedPayloadError } from './errors.js';
 import {
   DeliveryQueue,
   type Delivery,
@@ -149,6 +150,20 @@ describe('webhook delivery queue', () => {
     expect(row('delivery-1')).toMatchObject({ state: 'failed', attempts: 3 });
     expect(row('delivery-1').last_error).toBe('TypeError: cannot read the pull request (run 3)');
     expect(row('delivery-1').finished_at).not.toBeNull();
+  });
+
+  it('fails a malformed payload at once: the same payload would fail the same way again', async () => {
+    const q = queue({ maxAttempts: 5 });
+    q.enqueue(delivery(1));
+    let runs = 0;
+    q.start(() => {
+      runs++;
+      return Promise.reject(new MalformedPayloadError('pull_request payload: installation: missing'));
+    });
+    await until(() => q.counts().failed === 1);
+    expect(runs).toBe(1);
+    expect(row('delivery-1')).toMatchObject({ state: 'failed', attempts: 1 });
+    expect(row('delivery-1').last_error).toMatch(/installation: missing/);
   });
 
   it('keeps handling later deliveries while one is waiting to be retried', async () => {
