@@ -60,3 +60,9 @@ export async function runNixChecked(command: string, args: string[], options: Ni
 export function lastLines(text: string, n: number): string {
   return text.trimEnd().split('\n').slice(-n).join('\n');
 }
+
+/** Nix's error without its warnings and the "--show-trace" hint, which mean nothing to an eka-ci user. */
+export function nixErrorText(stderr: string): string {
+  const lines = stderr.split('\n').filter((l) => !/^warning:|^\(use '--show-trace'/.test(l));
+  return lastLines(lines.join('\n'), 6);
+}

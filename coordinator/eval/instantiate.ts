@@ -1,7 +1,7 @@
 import { existsSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
-import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
+import { NO_SUBSTITUTERS, nixErrorText, runNix } from '../../common/nix/cli.js';
 
 export interface Instantiated {
   attr: string;
@@ -109,10 +109,4 @@ async function topLevelNames(path: string): Promise<string[]> {
   ]);
   if (r.code !== 0) throw new EvaluationError(`${path}: ${nixErrorText(r.stderr)}`);
   return JSON.parse(r.stdout) as string[];
-}
-
-/** Nix's error without its warnings and the "--show-trace" hint, which mean nothing to an eka-ci user. */
-function nixErrorText(stderr: string): string {
-  const lines = stderr.split('\n').filter((l) => !/^warning:|^\(use '--show-trace'/.test(l));
-  return lastLines(lines.join('\n'), 6);
 }

@@ -1,6 +1,6 @@
 import { realpath } from 'node:fs/promises';
 import { EvaluationError } from '../../common/errors.js';
-import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
+import { NO_SUBSTITUTERS, nixErrorText, runNix } from '../../common/nix/cli.js';
 import { resolveInCheckout } from '../repo-config/checkout-path.js';
 
 export interface MaintainersOptions {
@@ -126,10 +126,4 @@ async function evalHandles(file: string, prefix: readonly string[], attrs: reado
   if (r.code !== 0) return { ok: false, error: `${file}: ${nixErrorText(r.stderr)}` };
   const value = JSON.parse(r.stdout) as string[][];
   return { ok: true, value: value.map((hs) => [...new Set(hs)]) };
-}
-
-/** Nix's error without its warnings and the "--show-trace" hint, which mean nothing to an eka-ci user. */
-function nixErrorText(stderr: string): string {
-  const lines = stderr.split('\n').filter((l) => !/^warning:|^\(use '--show-trace'/.test(l));
-  return lastLines(lines.join('\n'), 6);
 }

@@ -13,7 +13,7 @@ import {
   requestBody,
   validate,
 } from './check-run-body.js';
-import { GitHubUnavailableError } from './errors.js';
+import { GitHubUnavailableError, recordedError } from './errors.js';
 import { classifyFailure } from './rate-limit.js';
 
 /**
@@ -75,8 +75,6 @@ const RETRY_BASE_MS = 5_000;
 // Requests in flight for one installation when one of them creates a commit's first check run (see `pump`).
 const FIRST_CHECK_CONCURRENCY = 2;
 const RETRY_CAP_MS = 5 * 60_000;
-// Errors are for a person reading the row, not a full stack dump.
-const MAX_ERROR_CHARS = 4_000;
 
 interface Row {
   owner: string;
@@ -264,7 +262,7 @@ export class CheckRunReporter {
       void this.send(row, id, rev)
         .catch((err: unknown) => {
           // Only the bookkeeping can land here: the row keeps its state and is sent again.
-          this.options.logger.error({ err: errorText(err), check: row.name }, 'check run bookkeeping failed');
+          this.options.logger.error({ err: recordedError(err), check: row.name }, 'check run bookkeeping failed');
         })
         .finally(() => {
           this.inFlight.delete(id);
@@ -348,7 +346,7 @@ export class CheckRunReporter {
       this.settle(id, rev);
     } catch (err) {
       if (this.current === 'stopped') return;
-      const message = errorText(err);
+      const message = recordedError(err);
       if (isFatal(err)) {
         this.options.logger.error({ ...log, err: message }, 'GitHub refused a check run; giving up on this state');
         // A state set while the request was out may well be accepted: it stays dirty.
@@ -381,7 +379,7 @@ export class CheckRunReporter {
       write();
     } catch (err) {
       if (this.current !== 'stopped') throw err;
-      this.options.logger.warn({ ...log, err: errorText(err) }, 'check run sent after stop; not recorded');
+      this.options.logger.warn({ ...log, err: recordedError(err) }, 'check run sent after stop; not recorded');
     }
   }
 
@@ -443,9 +441,4 @@ function rowKey(r: Pick<Row, 'owner' | 'repo' | 'head_sha' | 'name'>): [string, 
 /** ISO 8601 without milliseconds, the `YYYY-MM-DDTHH:MM:SSZ` form GitHub documents. */
 function isoSeconds(ms: number): string {
   return new Date(ms).toISOString().replace(/\.\d{3}Z$/, 'Z');
-}
-
-function errorText(err: unknown): string {
-  const text = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
-  return text.length > MAX_ERROR_CHARS ? `${text.slice(0, MAX_ERROR_CHARS)}…` : text;
 }

@@ -1,4 +1,4 @@
-import { MalformedPayloadError } from './errors.js';
+import { MalformedPayloadError, recordedError } from './errors.js';
 import { Backoff, jitter } from '../../common/backoff.js';
 import { IllegalStateError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -72,8 +72,6 @@ export const DELIVERY_RETRY_CAP_MS = 30_000;
 // GitHub keeps deliveries for redelivery three days; remembering ids a week keeps replays refused throughout.
 export const DELIVERY_RETENTION_MS = 7 * 24 * 3_600_000;
 const PRUNE_INTERVAL_MS = 3_600_000;
-// Errors are for a person reading the row, not a full stack dump.
-const MAX_ERROR_CHARS = 4_000;
 
 export interface DeliveryQueueOptions {
   logger: Logger;
@@ -246,7 +244,7 @@ export class DeliveryQueue {
         });
       } catch (err) {
         if (this.current === 'stopped') return;
-        const message = errorText(err);
+        const message = recordedError(err);
         // A malformed payload fails the same way every time: no point in retrying it.
         const permanent = err instanceof MalformedPayloadError;
         const outcome = permanent || attempts >= this.maxAttempts ? 'failed' : 'retry';
@@ -315,9 +313,4 @@ export class DeliveryQueue {
     }
     this.current = to;
   }
-}
-
-function errorText(err: unknown): string {
-  const text = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
-  return text.length > MAX_ERROR_CHARS ? `${text.slice(0, MAX_ERROR_CHARS)}…` : text;
 }

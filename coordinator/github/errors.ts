@@ -63,3 +63,12 @@ export class MalformedPayloadError extends EkaciError {
     super('EKACI_ERR_GITHUB_PAYLOAD', message);
   }
 }
+
+// Errors kept in a row are for a person reading it, not a full stack dump.
+const MAX_RECORDED_ERROR_CHARS = 4_000;
+
+/** An error as `webhook_deliveries` and `check_runs` record it: its name and message, cut to a readable length. */
+export function recordedError(err: unknown): string {
+  const text = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+  return text.length > MAX_RECORDED_ERROR_CHARS ? `${text.slice(0, MAX_RECORDED_ERROR_CHARS)}…` : text;
+}
