@@ -1,6 +1,9 @@
 import { UsageError } from '../common/errors.js';
 import { createLogger, silentLogger } from '../common/logging.js';
 import { loadCoordinatorConfig } from '../coordinator/config.js';
+import { resolve } from 'node:path';
+import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
+import { policyFor } from '../coordinator/eval/eval-options.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
 import { EmbeddedSystem } from './embedded.js';
@@ -37,8 +40,14 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
     config.web = { ...config.web, address: '127.0.0.1', port: 0 };
     config.grpc = { ...config.grpc, address: '127.0.0.1', port: 0 };
   }
-  const roots = await instantiate(file, opts.attr);
   const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
+  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }));
+  let roots;
+  try {
+    roots = await instantiate(file, opts.attr, environment, policyFor(config.evaluation, resolve(file)));
+  } finally {
+    environment.close();
+  }
   const system = new EmbeddedSystem({
     coordinator: config,
     agents,

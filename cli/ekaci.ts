@@ -30,6 +30,7 @@ function repoCommand(name: string, description: string): Command {
     .requiredOption('--repo <path-or-url>', 'git repository (your checkout is never touched; a mirror is used)')
     .option('--job <name>', 'only this job (repeatable)', collect, [])
     .option('--data-dir <dir>', 'state directory (database, logs, cache, git mirrors, GC roots)')
+    .option('--config <file>', 'coordinator TOML configuration ([evaluation] limits and allowed URIs, timeouts, …)')
     .option('-v, --verbose', 'log what happens (JSON on stderr)');
 }
 
@@ -52,7 +53,6 @@ repoCommand('review', 'should I merge this? Evaluate both commits, build what th
   .requiredOption('--base <rev>', 'the commit the change is based on')
   .requiredOption('--head <rev>', 'the changed commit')
   .option('--agents <n>', 'local agents (more than one: each in its own mount namespace and /nix, as root)', '1')
-  .option('--config <file>', 'coordinator TOML configuration (timeouts, …)')
   .option('--markdown <file>', 'also write the summary as GitHub-flavoured markdown to FILE')
   .option('--json <file>', 'also write the review as JSON to FILE')
   .option('--no-build', 'evaluate and diff only')

@@ -3,7 +3,9 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { UsageError } from '../common/errors.js';
 import { createLogger, type Logger, silentLogger } from '../common/logging.js';
-import { defaultDataDir } from '../coordinator/config.js';
+import { type CoordinatorOptions, loadCoordinatorConfig } from '../coordinator/config.js';
+import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
+import { type EvalPolicy, policyFor } from '../coordinator/eval/eval-options.js';
 import type { EvalResult } from '../coordinator/eval/eval-result.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { diffCommits } from '../coordinator/graph/commit-diff.js';
@@ -16,28 +18,45 @@ export interface CommonOptions {
   job: string[];
   json?: boolean;
   dataDir?: string;
+  config?: string;
   verbose?: boolean;
 }
 
-export function context(opts: CommonOptions): {
+export interface RepoContext {
   repo: string;
   dataDir: string;
   logger: Logger;
   mirrors: GitMirrors;
+  config: CoordinatorOptions;
+  /** Sandbox, store and limits for evaluating the repository's code; closed by `close()`. */
+  environment: EvalEnvironment;
+  /** What the configuration allows this repository's expressions beyond their checkout. */
+  policy: EvalPolicy;
   /** A revision as the user's repository names it (`HEAD~1`, `main`, a short sha) → its commit id. */
   revision(rev: string): string;
-} {
+  close(): void;
+}
+
+/** What every repository command needs; the caller closes it (it may run a nix-daemon for evaluation). */
+export async function openContext(opts: CommonOptions, defaults: Record<string, unknown> = {}): Promise<RepoContext> {
   const isUrl = /^[a-z]+:\/\//.test(opts.repo);
   const repo = resolve(opts.repo);
   if (!isUrl && !existsSync(repo)) throw new UsageError(`--repo ${opts.repo}: no such directory`);
-  const dataDir = opts.dataDir ? resolve(opts.dataDir) : defaultDataDir();
+  const config = loadCoordinatorConfig(opts.config, process.env, defaults);
+  const dataDir = opts.dataDir ? resolve(opts.dataDir) : config.dataDir;
   const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
+  const name = isUrl ? opts.repo : repo;
+  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }));
   return {
-    repo: isUrl ? opts.repo : repo,
+    repo: name,
     dataDir,
     logger,
     mirrors: new GitMirrors({ dir: join(dataDir, 'git'), logger }),
+    config,
+    environment,
+    policy: policyFor(config.evaluation, name),
     revision: (rev) => (isUrl ? rev : localRevision(repo, rev)),
+    close: () => environment.close(),
   };
 }
 
@@ -65,8 +84,13 @@ function localRevision(repo: string, rev: string): string {
  * attribute failed to evaluate in a job that does not allow evaluation failures.
  */
 export async function evalCommand(opts: CommonOptions & { rev: string }): Promise<number> {
-  const c = context(opts);
-  const result = await evaluateCommit({ ...c, rev: c.revision(opts.rev), jobs: opts.job });
+  const c = await openContext(opts);
+  let result: CommitEvaluation;
+  try {
+    result = await evaluateCommit({ ...c, rev: c.revision(opts.rev), jobs: opts.job });
+  } finally {
+    c.close();
+  }
   const json = {
     jobs: result.jobs.map((j) => ({ name: j.name, attrs: j.attrs.map(attrJson), seconds: round(j.seconds) })),
   };
@@ -76,7 +100,15 @@ export async function evalCommand(opts: CommonOptions & { rev: string }): Promis
 
 /** `ekaci diff --repo PATH --base REV --head REV [--job NAME]… [--json]`: what the change rebuilds. */
 export async function diffCommand(opts: CommonOptions & { base: string; head: string }): Promise<number> {
-  const c = context(opts);
+  const c = await openContext(opts);
+  try {
+    return await diff(c, opts);
+  } finally {
+    c.close();
+  }
+}
+
+async function diff(c: RepoContext, opts: CommonOptions & { base: string; head: string }): Promise<number> {
   const [baseCommit, headCommit] = [
     await c.mirrors.ensureCommit(c.repo, c.revision(opts.base)),
     await c.mirrors.ensureCommit(c.repo, c.revision(opts.head)),
@@ -98,7 +130,7 @@ export async function diffCommand(opts: CommonOptions & { base: string; head: st
 }
 
 async function computeDiff(
-  c: ReturnType<typeof context>,
+  c: RepoContext,
   baseRev: string,
   headRev: string,
   jobFilter: readonly string[],

@@ -1,13 +1,12 @@
 import { existsSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
-import { loadCoordinatorConfig } from '../coordinator/config.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { isTerminal } from '../coordinator/scheduler/build-state.js';
 import { isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
 import { EmbeddedSystem } from './embedded.js';
-import { type CommonOptions, context } from './eval-commands.js';
+import { type CommonOptions, type RepoContext, openContext } from './eval-commands.js';
 import { Progress } from './progress.js';
 
 export interface ReviewOptions extends Omit<CommonOptions, 'json'> {
@@ -38,8 +37,17 @@ export async function reviewCommand(opts: ReviewOptions): Promise<number> {
     if (file !== undefined && !existsSync(dirname(resolve(file))))
       throw new UsageError(`${flag} ${file}: the directory ${dirname(resolve(file))} does not exist`);
   }
-  const config = loadCoordinatorConfig(opts.config, process.env, { unbuildable_grace_seconds: 0 });
-  const c = context({ ...opts, json: false });
+  const c = await openContext({ ...opts, json: false }, { unbuildable_grace_seconds: 0 });
+  try {
+    return await review(c, opts);
+  } finally {
+    c.close();
+  }
+}
+
+async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
+  const config = c.config;
+  const agents = Number(opts.agents);
   const progress = new Progress(process.stderr);
   const evaluate = async (rev: string, side: string): Promise<CommitEvaluation> => {
     progress.line(`evaluating ${side} ${rev}…`);

@@ -86,3 +86,14 @@ export class CacheError extends EkaciError {
     super('EKACI_ERR_CACHE', message);
   }
 }
+
+/**
+ * Untrusted code cannot be confined on this host: bubblewrap (Linux) or sandbox-exec (macOS) is missing or refuses
+ * to start. Install bubblewrap, or allow user namespaces; eka-ci does not run repository code without a sandbox
+ * unless the server configuration says so explicitly.
+ */
+export class SandboxError extends EkaciError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('EKACI_ERR_SANDBOX', message, options);
+  }
+}

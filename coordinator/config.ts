@@ -8,6 +8,7 @@ import { credentialSource, credentialsSchema, resolveCredentials, type AppCreden
 import { GitHubCredentialsError } from './github/errors.js';
 import { compilePermissions, permissionsSchema, type AppPermissions } from './github/permissions.js';
 import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
+import { type EvaluationOptions, compileEvaluationOptions, evaluationSchema } from './eval/eval-options.js';
 
 /**
  * The coordinator's TOML configuration: parsed and validated once at startup into `CoordinatorOptions`, a fully
@@ -121,6 +122,7 @@ const schema = z
       })
       .strict()
       .prefault({}),
+    evaluation: evaluationSchema,
     github: z
       .object({
         build_draft_pull_requests: z.boolean().default(false),
@@ -165,6 +167,8 @@ export interface CoordinatorOptions {
     approvedUsers: string[];
   };
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
+  /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
+  evaluation: EvaluationOptions;
 }
 
 export function defaultDataDir(): string {
@@ -262,6 +266,7 @@ export function compileCoordinatorConfig(
       buildDraftPullRequests: c.github.build_draft_pull_requests,
       checkRunUpdateIntervalMs: Math.round(c.github.check_run_update_interval_seconds * 1000),
     },
+    evaluation: compileEvaluationOptions(c.evaluation),
   };
 }
 

@@ -14,6 +14,7 @@ import { cacheRouter, tokenAuthenticator } from './cache/http-routes.js';
 import { loadOrCreateSigningKey } from './cache/signing-key.js';
 import { DerivationGraph } from './graph/derivation-graph.js';
 import { DiffStore } from './graph/diff-store.js';
+import { EvalEnvironment } from './eval/eval-environment.js';
 import { EvaluationStore } from './eval/evaluation-store.js';
 import type { CoordinatorOptions } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
@@ -52,6 +53,7 @@ export class Coordinator {
   readonly localAgentToken = generateToken();
   private hub: AgentHub | undefined;
   private cache: BinaryCache | undefined;
+  private evalEnv: EvalEnvironment | undefined;
   private grpcServer: Server | undefined;
   private httpServer: HttpServer | undefined;
   grpcPort = 0;
@@ -109,6 +111,7 @@ export class Coordinator {
             store: this.store,
             mirrors: new GitMirrors({ dir: join(options.dataDir, 'git'), logger: logger.child({ component: 'git' }) }),
             publicUrl: () => this.publicUrl,
+            evalEnvironment: () => this.evalEnvironment,
             logger,
           })
         : undefined;
@@ -136,6 +139,12 @@ export class Coordinator {
     return `${hostFor(this.options.grpc.address)}:${this.grpcPort}`;
   }
 
+  /** Where repository code is evaluated (sandbox, store, limits); open while the coordinator runs. */
+  get evalEnvironment(): EvalEnvironment {
+    if (!this.evalEnv) throw new IllegalStateError('the coordinator is not running');
+    return this.evalEnv;
+  }
+
   get agentHub(): AgentHub {
     if (!this.hub) throw new IllegalStateError('the coordinator is not running');
     return this.hub;
@@ -144,6 +153,8 @@ export class Coordinator {
   async start(): Promise<void> {
     if (this.state !== 'created') throw new IllegalStateError(`cannot start a coordinator that is ${this.state}`);
     this.state = 'starting';
+    // Before anything listens: a coordinator that cannot confine repository code must not accept any.
+    this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }));
     const key = await loadOrCreateSigningKey(join(this.options.dataDir, 'cache-key.sec'), this.options.cache.keyName);
     this.cache = new BinaryCache({
       dir: join(this.options.dataDir, 'cache'),
@@ -238,6 +249,7 @@ export class Coordinator {
     await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
     this.httpServer?.closeAllConnections();
     this.logs.closeAll();
+    this.evalEnv?.close();
     this.db.close();
     this.state = 'stopped';
   }

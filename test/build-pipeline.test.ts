@@ -9,7 +9,9 @@ import { spawnAgentProcess } from '../cli/embedded.js';
 import { sleep } from '../common/backoff.js';
 import { silentLogger } from '../common/logging.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
+import { NO_EXTRA_POLICY } from '../coordinator/eval/eval-options.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
+import { testEvalEnvironment } from './support/eval-environment.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
 import { killGroup } from './support/cli.js';
 import { RawAgent, startCoordinator } from './support/coordinator-harness.js';
@@ -64,7 +66,7 @@ function isolatedAgent(agentId: string, extraArgs: string[] = []): ChildProcess 
 
 async function build(body: string, attrs: string[]): Promise<Record<string, BuildResult>> {
   const file = writeNixFile(tempDir(), nonce(), body);
-  const roots = await instantiate(file, attrs);
+  const roots = await instantiate(file, attrs, await testEvalEnvironment(), NO_EXTRA_POLICY);
   const request = await coordinator!.manager.submit(roots, 'test');
   const results = await coordinator!.manager.waitFor(request);
   return Object.fromEntries(results.map((r) => [r.attr, r]));
@@ -126,7 +128,7 @@ describe('building derivations on agents', () => {
       nonce(),
       `{ slow = mk "slow" { script = "echo starting; /bin/sleep 4; echo done > $out"; }; }`,
     );
-    const [root] = await instantiate(file, ['slow']);
+    const [root] = await instantiate(file, ['slow'], await testEvalEnvironment(), NO_EXTRA_POLICY);
     const request = await coordinator.manager.submit([root!], 'test');
     let first: { agent_id: string; state: string } | undefined;
     // Wait until the build runs and its first log line has reached the coordinator.
@@ -230,7 +232,7 @@ describe('building derivations on agents', () => {
     await localAgent('local');
     const body = `rec { a = mk "a" {}; b = mk "b" { deps = [ a ]; }; }`;
     const file = writeNixFile(tempDir(), nonce(), body);
-    const roots = await instantiate(file, ['a', 'b']);
+    const roots = await instantiate(file, ['a', 'b'], await testEvalEnvironment(), NO_EXTRA_POLICY);
     const first = await coordinator.manager.waitFor(await coordinator.manager.submit(roots, 'test'));
     expect(first.map((x) => x.state)).toEqual(['succeeded', 'succeeded']);
     await coordinator.stopNow();

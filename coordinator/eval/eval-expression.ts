@@ -1,27 +1,50 @@
 /**
  * The Nix side of the built-in evaluator: helper bindings defined once in each `nix repl` worker, and the
- * requests sent to it. Every request is one line and prints `builtins.toJSON` of its answer.
+ * requests sent to it. Every request is one line.
+ *
+ * Results travel as `builtins.trace` messages that start with a marker holding the worker's secret nonce (see
+ * `resultMarker`) and name the attribute path they answer. Package code can trace anything it likes, but it cannot
+ * know the nonce (it is never in the file system, the environment or anything an expression can reach), so it can
+ * neither forge a result nor shift one onto another attribute.
+ *
+ * Each attribute answers twice: first what it builds (`r`: drv path, system, outputs, or recurse/ignore/failed),
+ * then its `meta` (`m`). Meta comes second and field by field, so a `meta` that throws or aborts never hides the
+ * derivation: an abort after the `r` answer of an attribute is blamed on its meta.
  */
 
-/** How one attribute answered. `failed` means `tryEval` caught a throw or failed assert; the message comes from a re-run. */
+/** What an attribute builds. `failed` means `tryEval` caught a throw or failed assert; the message comes from a re-run. */
 export type AttrReply =
-  | { failed: true }
-  | { ignore: true }
-  | { recurse: string[] }
-  | {
-      drvPath: string;
-      system: string;
-      outputs: Record<string, string>;
-      unsupported: boolean;
-      meta: {
-        pname: string | null;
-        version: string | null;
-        license: string | null | (string | null)[];
-        maintainers: (string | null)[] | null;
-        platforms: string[] | null;
-        broken: boolean | null;
-      };
-    };
+  { failed: true } | { ignore: true } | { recurse: string[] } | { drvPath: unknown; system: unknown; outputs: unknown };
+
+/** One meta field as evaluated: its value, or `{ failed: true }` when it threw (re-run alone for the message). */
+export type MetaField<T> = T | { __ekaciFailed: true };
+
+export interface MetaReply {
+  pname: MetaField<unknown>;
+  version: MetaField<unknown>;
+  license: MetaField<unknown>;
+  maintainers: MetaField<unknown>;
+  githubMaintainers: MetaField<unknown>;
+  platforms: MetaField<unknown>;
+  broken: MetaField<unknown>;
+  /** Whether `meta.platforms` excludes the derivation's system; null when platforms failed. */
+  unsupported: MetaField<unknown>;
+}
+
+/** The meta fields eka-ci reads, in the order they are reported. */
+export const META_FIELDS: ReadonlyArray<keyof MetaReply> = [
+  'pname',
+  'version',
+  'license',
+  'maintainers',
+  'githubMaintainers',
+  'platforms',
+  'broken',
+  'unsupported',
+];
+
+/** One result trace: the path it answers and either `r` (what it builds) or `m` (its meta). */
+export type ResultTrace = { p: string[]; r: AttrReply } | { p: string[]; m: MetaReply };
 
 /** A Nix string literal: JSON escaping plus `$`, so that `${` never starts an interpolation. */
 export function nixString(s: string): string {
@@ -32,41 +55,58 @@ function nixJson(value: unknown): string {
   return `(builtins.fromJSON ${nixString(JSON.stringify(value))})`;
 }
 
+/** The prefix of every result trace of a worker whose nonce is `nonce`. */
+export function resultMarker(nonce: string): string {
+  return `__ekaciResult_${nonce} `;
+}
+
 /**
  * Bindings for a worker. Repl bindings are lazy: nothing is imported until the first request, so an error in the
  * file shows up as that request's error. A derivation's `meta.platforms` may hold patterns (attribute sets) as
  * well as system strings; a pattern counts as supported, since only Nixpkgs' lib can match it.
  */
-export function setupLines(file: string, attrPath: readonly string[]): string[] {
+export function setupLines(file: string, attrPath: readonly string[], nonce: string): string[] {
+  const marker = nixString(resultMarker(nonce));
+  // Each meta field alone in tryEval: one that throws is reported failed while the others still answer.
+  const field = (name: string, expr: string): string =>
+    `${name} = let x = builtins.tryEval (builtins.deepSeq (${expr}) (${expr})); in if x.success then x.value else { __ekaciFailed = true; };`;
   return [
     `__ekaciRaw = import ${nixString(file)}`,
     `__ekaciTop = if builtins.isFunction __ekaciRaw then __ekaciRaw {} else __ekaciRaw`,
     `__ekaciRoot = builtins.foldl' (s: n: builtins.getAttr n s) __ekaciTop ${nixJson(attrPath)}`,
     `__ekaciAt = p: builtins.foldl' (s: n: builtins.getAttr n s) __ekaciRoot p`,
     [
-      `__ekaciDrv = v: let`,
+      `__ekaciMetaExprs = v: let`,
       `m = v.meta or {};`,
       `lic = l: if builtins.isString l then l else if builtins.isAttrs l then (l.spdxId or l.shortName or null) else null;`,
       `who = x: if builtins.isString x then x else if builtins.isAttrs x then (x.github or x.name or null) else null;`,
+      `gh = x: if builtins.isAttrs x && x ? github && builtins.isString x.github then [ x.github ] else [];`,
       `in {`,
-      `drvPath = v.drvPath; system = v.system;`,
-      `outputs = builtins.listToAttrs (map (o: { name = o; value = (builtins.getAttr o v).outPath; }) (v.outputs or [ "out" ]));`,
-      `unsupported = m ? platforms && !(builtins.any (p: !(builtins.isString p) || p == v.system) m.platforms);`,
-      `meta = {`,
       `pname = v.pname or null; version = v.version or null;`,
       `license = if m ? license then (if builtins.isList m.license then map lic m.license else lic m.license) else null;`,
       `maintainers = if m ? maintainers then map who m.maintainers else null;`,
+      `githubMaintainers = if m ? maintainers && builtins.isList m.maintainers then builtins.concatMap gh m.maintainers else [];`,
       `platforms = if m ? platforms then builtins.filter builtins.isString m.platforms else null;`,
       `broken = m.broken or null;`,
-      `}; }`,
+      `unsupported = m ? platforms && !(builtins.any (p: !(builtins.isString p) || p == v.system) m.platforms);`,
+      `}`,
     ].join(' '),
+    [`__ekaciMeta = v: let e = __ekaciMetaExprs v; in {`, ...META_FIELDS.map((f) => field(f, `e.${f}`)), `}`].join(' '),
     [
       `__ekaciInfo = v: if !(builtins.isAttrs v) then { ignore = true; }`,
-      `else if (v.type or null) == "derivation" then __ekaciDrv v`,
+      `else if (v.type or null) == "derivation" then`,
+      `{ drvPath = v.drvPath; system = v.system; outputs = builtins.listToAttrs (map (o: { name = o; value = (builtins.getAttr o v).outPath; }) (v.outputs or [ "out" ])); }`,
       `else if (v.recurseForDerivations or false) == true then { recurse = builtins.attrNames v; }`,
       `else { ignore = true; }`,
     ].join(' '),
-    `__ekaciOne = p: let i = __ekaciInfo (__ekaciAt p); r = builtins.tryEval (builtins.deepSeq i i); in if r.success then r.value else { failed = true; }`,
+    `__ekaciTrace = x: builtins.trace (${marker} + builtins.toJSON x) null`,
+    [
+      `__ekaciOne = p: let`,
+      `v = __ekaciAt p; i = __ekaciInfo v; r = builtins.tryEval (builtins.deepSeq i i);`,
+      `info = if r.success then r.value else { failed = true; };`,
+      `in builtins.seq (__ekaciTrace { inherit p; r = info; })`,
+      `(if info ? drvPath then __ekaciTrace { inherit p; m = __ekaciMeta v; } else null)`,
+    ].join(' '),
   ];
 }
 
@@ -74,22 +114,20 @@ export function setupLines(file: string, attrPath: readonly string[]): string[] 
 export const LIST_REQUEST =
   'builtins.toJSON (if builtins.isAttrs __ekaciRoot && (__ekaciRoot.type or null) == "derivation" then null else builtins.attrNames __ekaciRoot)';
 
-/** Marks the traces that carry results, apart from any `builtins.trace` of the package set itself. */
-export const RESULT_TRACE = '__ekaciResult ';
-
 /**
- * One `AttrReply` per path, in order, each printed as a trace (`RESULT_TRACE` + JSON) as soon as it is known,
- * with throw and assert caught per attribute. An abort or type error ends the request, but the traces before it
- * say how far it got: the next path is the one that failed.
+ * Both answers of each path, in order, traced as soon as known, with throw and assert caught per attribute and
+ * per meta field. An abort or type error ends the request, but the traces before it say how far it got.
  */
 export function chunkRequest(paths: readonly (readonly string[])[]): string {
-  return (
-    `builtins.toJSON (builtins.foldl' (acc: p: builtins.seq (builtins.trace ("${RESULT_TRACE}" + builtins.toJSON (__ekaciOne p)) null) acc) ` +
-    `null ${nixJson(paths)})`
-  );
+  return `builtins.toJSON (builtins.foldl' (acc: p: builtins.seq (__ekaciOne p) acc) null ${nixJson(paths)})`;
 }
 
-/** One attribute without `tryEval`, so that its error reaches stderr with Nix's own message. */
+/** What an attribute builds, without `tryEval`, so that its error reaches stderr with Nix's own message. */
 export function singleRequest(path: readonly string[]): string {
   return `builtins.toJSON (__ekaciInfo (__ekaciAt ${nixJson(path)}))`;
+}
+
+/** One meta field of an attribute, without `tryEval`, for Nix's own message. */
+export function metaFieldRequest(path: readonly string[], fieldName: keyof MetaReply): string {
+  return `builtins.toJSON ((__ekaciMetaExprs (__ekaciAt ${nixJson(path)})).${fieldName})`;
 }

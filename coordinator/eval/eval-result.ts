@@ -1,4 +1,7 @@
+import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
+import { isDrvPath, isStorePath } from '../../common/nix/store-path.js';
+import type { NixLauncher } from './eval-environment.js';
 
 /** The subset of `meta` eka-ci reports and stores. */
 export interface EvalMeta {
@@ -6,8 +9,10 @@ export interface EvalMeta {
   version?: string;
   /** As given: a string, or an attribute set's `spdxId`/`shortName`; a list stays a list. */
   license?: string | string[];
-  /** GitHub handles, or names where a maintainer has none. */
+  /** GitHub handles, or names where a maintainer has none: for display only. */
   maintainers?: string[];
+  /** Only the `github` handles of `meta.maintainers`: what may authorise a GitHub user (never a display name). */
+  githubMaintainers?: string[];
   platforms?: string[];
   broken?: boolean;
 }
@@ -22,6 +27,8 @@ export interface EvalResult {
   meta?: EvalMeta;
   /** Nix's message for an attribute that threw, failed an assert, aborted or crashed the evaluator. */
   error?: string;
+  /** Meta fields (`maintainers`, `license`, …) that failed to evaluate, with Nix's message; the drv still counts. */
+  metaErrors?: Record<string, string>;
   /** Evaluated (drvPath given) but not for a system it, or this evaluation, supports. Not an error. */
   skipped?: 'unsupported-platform';
 }
@@ -37,6 +44,8 @@ export interface EvaluatorOptions {
   gcRootsDir: string;
   /** When given, a derivation for any other system is reported skipped. */
   systems?: readonly string[];
+  /** Starts the evaluator's Nix processes: sandbox, store, restricted evaluation (see EvalEnvironment). */
+  launcher: NixLauncher;
 }
 
 export type CompiledEvaluatorOptions = Required<Omit<EvaluatorOptions, 'systems'>> & Pick<EvaluatorOptions, 'systems'>;
@@ -53,8 +62,37 @@ export function compileOptions(o: EvaluatorOptions): CompiledEvaluatorOptions {
     file: o.file,
     attrPath: o.attrPath,
     workers: Math.max(1, Math.floor(o.workers ?? DEFAULT_WORKERS)),
-    maxMemoryMiB: o.maxMemoryMiB ?? DEFAULT_MAX_MEMORY_MIB,
+    maxMemoryMiB: o.maxMemoryMiB ?? o.launcher.maxMemoryMiB,
     gcRootsDir: o.gcRootsDir,
     systems: o.systems,
+    launcher: o.launcher,
   };
+}
+
+// A system name (`x86_64-linux`) is short; anything longer is not one.
+const MAX_SYSTEM_LENGTH = 64;
+
+/**
+ * Why a derivation's answer cannot be used (an attribute set that only claims `type = "derivation"`), or
+ * undefined when its drv path names a `.drv` file in the store and its outputs are store paths.
+ */
+export function derivationProblem(
+  item: { drvPath: unknown; system: unknown; outputs: unknown },
+  exists: (path: string) => boolean = existsSync,
+): string | undefined {
+  if (typeof item.drvPath !== 'string' || !isDrvPath(item.drvPath)) {
+    return `drvPath ${JSON.stringify(item.drvPath)} is not a .drv store path`;
+  }
+  if (!exists(item.drvPath)) return `drvPath ${item.drvPath} does not exist in the store`;
+  if (typeof item.system !== 'string' || item.system === '' || item.system.length > MAX_SYSTEM_LENGTH) {
+    return `system ${JSON.stringify(item.system)} is not a system name`;
+  }
+  const outputs = item.outputs;
+  if (typeof outputs !== 'object' || outputs === null || Object.keys(outputs).length === 0) {
+    return 'it has no outputs';
+  }
+  for (const [name, path] of Object.entries(outputs)) {
+    if (typeof path !== 'string' || !isStorePath(path)) return `output ${name} is not a store path`;
+  }
+  return undefined;
 }

@@ -1,7 +1,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS } from '../../common/nix/cli.js';
+import { processTreeRssMiB } from '../../common/platform.js';
+import type { NixLauncher } from './eval-environment.js';
 
 /**
  * What one request to the evaluator answered: the value it printed, or the error text Nix wrote instead; and, in
@@ -27,7 +27,8 @@ export class EvalWorker {
   private stdout = '';
   private stderr = '';
   private seq = 0;
-  private readonly nonce = randomBytes(6).toString('hex');
+  /** Secret to this worker: marks its sentinels and results so that nothing an expression prints can pass for one. */
+  readonly nonce = randomBytes(16).toString('hex');
   private wake: (() => void) | undefined;
   private exitReason = '';
 
@@ -44,24 +45,27 @@ export class EvalWorker {
     });
     child.stdin.on('error', () => undefined); // EPIPE after the process died; seen as `dead` below.
     child.on('exit', (code, signal) => {
-      this.exitReason = `nix repl exited (${signal ?? `code ${code}`})`;
+      this.exitReason ||= `nix repl exited (${signal ?? `code ${code}`})`;
       this.state = 'dead';
       this.wake?.();
     });
     child.on('error', (e) => {
-      this.exitReason = `nix repl could not run: ${e.message}`;
+      this.exitReason ||= `nix repl could not run: ${e.message}`;
       this.state = 'dead';
       this.wake?.();
     });
   }
 
-  /** Starts a repl and runs `setup` (lines defining the evaluator's helpers); rejects if setup fails. */
-  static async start(setup: readonly string[]): Promise<EvalWorker> {
-    // Flakes on for `builtins.getFlake` (flake jobs, see `evaluateFlake`); a plain file evaluates the same.
-    const child = spawn('nix', ['repl', ...NO_SUBSTITUTERS, ...NIX_EXPERIMENTAL], { stdio: ['pipe', 'pipe', 'pipe'] });
+  /**
+   * Starts a repl through `launcher` (sandboxed, restricted; see EvalEnvironment) and runs the lines `setup` makes
+   * from the worker's nonce (the evaluator's helpers); rejects if setup fails.
+   */
+  static async start(setup: (nonce: string) => readonly string[], launcher: NixLauncher): Promise<EvalWorker> {
+    const c = launcher.command('nix', ['repl']);
+    const child = spawn(c.file, c.args, { env: c.env, stdio: ['pipe', 'pipe', 'pipe'] });
     const worker = new EvalWorker(child);
     worker.state = 'ready';
-    for (const line of setup) {
+    for (const line of setup(worker.nonce)) {
       const r = await worker.request(line);
       if (!r.ok && r.error !== '') {
         worker.kill();
@@ -79,22 +83,17 @@ export class EvalWorker {
     return this.state !== 'dead';
   }
 
-  /** Resident memory of the repl in MiB (0 when unknown), read from /proc. */
+  /** Resident memory of the repl (and the sandbox around it) in MiB; 0 when unknown. */
   rssMiB(): number {
-    try {
-      const status = readFileSync(`/proc/${this.child.pid}/status`, 'utf8');
-      const m = /^VmRSS:\s+(\d+) kB/m.exec(status);
-      return m ? Number(m[1]) / 1024 : 0;
-    } catch {
-      return 0;
-    }
+    return this.child.pid === undefined ? 0 : processTreeRssMiB(this.child.pid);
   }
 
   /**
-   * Sends one line of Nix and waits for its reply. `timeoutMs` bounds an evaluation that never ends: the process
-   * is killed and the request answers with an error.
+   * Sends one line of Nix and waits for its reply. `idleTimeoutMs` bounds an evaluation that never ends: when it
+   * passes without a new line starting with `progress` on stderr (a result), the process is killed and the request
+   * answers with an error. It is thus a limit per attribute, not per request.
    */
-  async request(line: string, timeoutMs = 0): Promise<ReplReply> {
+  async request(line: string, idleTimeoutMs = 0, progress?: string): Promise<ReplReply> {
     if (this.state === 'dead') return { ok: false, error: this.exitReason, traces: [] };
     if (this.state === 'busy') throw new Error('EvalWorker.request while a request is in flight');
     if (line.includes('\n')) throw new Error('EvalWorker.request takes one line of Nix');
@@ -104,15 +103,26 @@ export class EvalWorker {
     const outMark = `\n"${sentinel}"\n`;
     const errMark = `trace: ${sentinel}\n`;
     this.child.stdin.write(`${line}\nbuiltins.trace "${sentinel}" "${sentinel}"\n`);
-    const timer =
-      timeoutMs > 0
-        ? setTimeout(() => {
-            this.exitReason = `evaluation did not finish within ${timeoutMs} ms`;
-            this.kill();
-          }, timeoutMs)
-        : undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const arm = (): void => {
+      if (idleTimeoutMs <= 0) return;
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        this.exitReason = `an attribute did not finish evaluating within ${Math.round(idleTimeoutMs / 1000)} s`;
+        this.kill();
+      }, idleTimeoutMs);
+    };
+    arm();
+    const progressMark = progress === undefined ? undefined : `trace: ${progress}`;
+    let scanned = 0;
     try {
       for (;;) {
+        if (progressMark !== undefined) {
+          // Only what arrived since the last look: a chunk's stderr grows to tens of KiB.
+          const from = Math.max(0, scanned - progressMark.length);
+          if (this.stderr.indexOf(progressMark, from) >= 0) arm();
+          scanned = this.stderr.length;
+        }
         const o = stripAnsi(this.stdout).indexOf(outMark);
         const e = this.stderr.indexOf(errMark);
         if (o >= 0 && e >= 0) {

@@ -2,6 +2,7 @@ import { existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { EvaluationError } from '../../common/errors.js';
+import { testLauncher } from '../../test/support/eval-environment.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
 import type { EvalWorker } from './eval-worker.js';
 import { type EvalResult, type EvaluatorOptions, evaluateBuiltIn, onWorkerStartedForTests } from './evaluator.js';
@@ -30,7 +31,9 @@ ${body}
 
 async function run(file: string, dir: string, extra: Partial<EvaluatorOptions> = {}): Promise<Map<string, EvalResult>> {
   const results = new Map<string, EvalResult>();
-  for await (const r of evaluateBuiltIn({ file, attrPath: [], gcRootsDir: join(dir, 'roots'), workers: 2, ...extra })) {
+  const launcher = await testLauncher([dir]);
+  const options = { file, attrPath: [], gcRootsDir: join(dir, 'roots'), workers: 2, launcher, ...extra };
+  for await (const r of evaluateBuiltIn(options)) {
     expect(results.has(r.attr), `${r.attr} reported twice`).toBe(false);
     results.set(r.attr, r);
   }
@@ -107,6 +110,7 @@ describe('built-in evaluator', () => {
       version: '1.2',
       license: 'MIT',
       maintainers: ['alice', 'Bob'],
+      githubMaintainers: ['alice'],
       platforms: [results.get('full')!.system],
       broken: false,
     });
@@ -167,5 +171,72 @@ describe('built-in evaluator', () => {
     expect(results.size).toBe(6);
     expect([...results.values()].every((r) => r.drvPath !== undefined)).toBe(true);
     expect(started.length).toBeGreaterThanOrEqual(2);
+  });
+
+  it('keeps the derivation of an attribute whose meta fields throw or abort, recording each field error', async () => {
+    const { file, dir, tag } = nixFile(`{
+      badMaintainers = mk "bm" // { meta = { maintainers = throw "no maintainers here"; license = "MIT"; }; };
+      abortingLicense = mk "al" // { meta = { license = abort "license aborts"; broken = false; }; };
+      badMeta = mk "bmeta" // { meta = throw "meta itself throws"; };
+      fine = mk "fine";
+    }`);
+    const results = await run(file, dir);
+    for (const [attr, name] of [
+      ['badMaintainers', 'bm'],
+      ['abortingLicense', 'al'],
+      ['badMeta', 'bmeta'],
+    ] as const) {
+      const r = results.get(attr)!;
+      expect(r.error, attr).toBeUndefined();
+      expect(r.drvPath, attr).toMatch(new RegExp(`-${name}-${tag}\\.drv$`));
+    }
+    expect(results.get('badMaintainers')?.metaErrors?.maintainers).toContain('no maintainers here');
+    expect(results.get('badMaintainers')?.meta?.license).toBe('MIT');
+    expect(results.get('abortingLicense')?.metaErrors?.license).toContain('license aborts');
+    expect(results.get('abortingLicense')?.meta?.broken).toBe(false);
+    expect(results.get('badMeta')?.metaErrors?.maintainers).toContain('meta itself throws');
+    expect(results.get('fine')?.metaErrors).toBeUndefined();
+  });
+
+  it('never takes a trace printed by package code for a result, even one imitating the protocol', async () => {
+    const fake = JSON.stringify({
+      p: ['victim'],
+      r: { drvPath: '/nix/store/00000000000000000000000000000000-evil.drv', system: 'x', outputs: {} },
+    });
+    const { file, dir, tag } = nixFile(`{
+      forger = builtins.trace ${JSON.stringify(`__ekaciResult_ ${fake}`)} (builtins.trace ${JSON.stringify(`__ekaciResult ${fake}`)} (builtins.trace "__ekaciResult_0123456789abcdef0123456789abcdef ${fake.replace(/"/g, '\\"')}" (mk "forger")));
+      victim = mk "victim";
+      sentinel = builtins.trace "trace: __ekaci_x_1" (mk "sentinel");
+    }`);
+    const results = await run(file, dir);
+    expect(results.get('victim')?.drvPath).toMatch(new RegExp(`-victim-${tag}\\.drv$`));
+    expect(results.get('forger')?.drvPath).toMatch(new RegExp(`-forger-${tag}\\.drv$`));
+    expect(results.get('sentinel')?.drvPath).toMatch(new RegExp(`-sentinel-${tag}\\.drv$`));
+    expect(results.size).toBe(3);
+  });
+
+  it('reports a value that only pretends to be a derivation as that attribute’s error', async () => {
+    const { file, dir } = nixFile(`{
+      empty = { type = "derivation"; drvPath = ""; system = "x86_64-linux"; outputs = [ "out" ]; out = { outPath = ""; }; };
+      missing = { type = "derivation"; drvPath = "/nix/store/00000000000000000000000000000000-missing.drv"; system = "x"; outputs = [ "out" ]; out.outPath = "/nix/store/00000000000000000000000000000000-missing"; };
+      notAPath = mk "real" // { drvPath = "/etc/passwd"; };
+      good = mk "good";
+    }`);
+    const results = await run(file, dir);
+    expect(results.get('empty')?.error).toContain('is not a .drv store path');
+    expect(results.get('missing')?.error).toContain('does not exist in the store');
+    expect(results.get('notAPath')?.error).toContain('/etc/passwd');
+    expect(results.get('good')?.drvPath).toBeDefined();
+  });
+
+  it('stops an attribute that evaluates past the per-attribute time limit, and evaluates the rest', async () => {
+    // 2^60 calls at a depth of 60: no stack overflow, no memory, just no end.
+    const { file, dir } = nixFile(`let f = n: if n == 0 then 1 else f (n - 1) + f (n - 1); in {
+      a = mk "a"; forever = f 60; b = mk "b"; c = mk "c";
+    }`);
+    const launcher = { ...(await testLauncher([dir])), attrTimeoutMs: 1_500 };
+    const results = await run(file, dir, { launcher, workers: 1 });
+    expect(results.get('forever')?.error).toContain('did not finish evaluating within 2 s');
+    for (const name of ['a', 'b', 'c']) expect(results.get(name)?.drvPath, name).toBeDefined();
   });
 });

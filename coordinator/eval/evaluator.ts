@@ -3,16 +3,23 @@ import { AsyncChannel } from './async-channel.js';
 import {
   type AttrReply,
   LIST_REQUEST,
-  RESULT_TRACE,
+  META_FIELDS,
+  type MetaReply,
+  type ResultTrace,
   chunkRequest,
+  metaFieldRequest,
+  resultMarker,
   setupLines,
   singleRequest,
 } from './eval-expression.js';
+import type { NixLauncher } from './eval-environment.js';
 import {
   type CompiledEvaluatorOptions,
+  type EvalMeta,
   type EvalResult,
   type EvaluatorOptions,
   compileOptions,
+  derivationProblem,
 } from './eval-result.js';
 import { EvalWorker, type ReplReply } from './eval-worker.js';
 import { GcRoots } from './gc-roots.js';
@@ -24,9 +31,6 @@ export type { EvalMeta, EvalResult, EvaluatorOptions } from './eval-result.js';
 // Attributes per request: large enough that the pipe round trip (≈1 ms) is noise next to evaluation, small
 // enough that work spreads over the workers.
 const MAX_CHUNK_SIZE = 64;
-
-// An attribute that evaluates for longer than this is stuck (an infinite loop); its worker is killed.
-const REQUEST_TIMEOUT_MS = 10 * 60_000;
 
 // A worker that dies mid-request (killed, out of memory) is replaced and the request retried this many times
 // before the attribute is blamed: a genuine evaluator crash recurs, an outside kill does not.
@@ -73,22 +77,30 @@ export async function* evaluateBuiltIn(
 class WorkerSlot {
   constructor(
     private worker: EvalWorker | undefined,
-    private readonly setup: readonly string[],
+    private readonly setup: (nonce: string) => readonly string[],
+    private readonly launcher: NixLauncher,
     private readonly maxMemoryMiB: number,
     readonly onStart: (w: EvalWorker) => void,
   ) {}
 
-  async ask(line: string): Promise<ReplReply> {
+  /**
+   * Sends a request, replacing a dead worker first. With `results`, the per-attribute time limit counts from each
+   * result the worker traces. Answers the reply and the nonce of the worker that gave it.
+   */
+  async ask(line: string, results = false): Promise<{ reply: ReplReply; nonce: string }> {
     for (let attempt = 0; ; attempt++) {
       if (!this.worker?.alive) {
-        this.worker = await EvalWorker.start(this.setup);
+        this.worker = await EvalWorker.start(this.setup, this.launcher);
         this.onStart(this.worker);
       }
       const w = this.worker;
-      const reply = await w.request(line, REQUEST_TIMEOUT_MS);
-      if (!w.alive && attempt < CRASH_RETRIES) continue;
+      const progress = results ? resultMarker(w.nonce) : undefined;
+      const reply = await w.request(line, this.launcher.attrTimeoutMs, progress);
+      if (!w.alive && attempt < CRASH_RETRIES && !/did not finish evaluating/.test(reply.ok ? '' : reply.error)) {
+        continue;
+      }
       if (w.alive && w.rssMiB() > this.maxMemoryMiB) w.kill();
-      return reply;
+      return { reply, nonce: w.nonce };
     }
   }
 
@@ -106,19 +118,19 @@ class EvaluationRun {
   private readonly roots: GcRoots;
   private readonly rootWrites: Promise<void>[] = [];
   private rootError: Error | undefined;
-  private readonly setup: string[];
+  private readonly setup: (nonce: string) => string[];
 
   constructor(
     private readonly o: CompiledEvaluatorOptions,
     private readonly emit: (r: EvalResult) => void,
   ) {
     this.roots = new GcRoots(o.gcRootsDir);
-    this.setup = setupLines(o.file, o.attrPath);
+    this.setup = (nonce) => setupLines(o.file, o.attrPath, nonce);
   }
 
   async start(): Promise<void> {
     const first = this.slot(undefined);
-    const listing = await first.ask(LIST_REQUEST);
+    const { reply: listing } = await first.ask(LIST_REQUEST);
     if (!listing.ok) {
       this.stop();
       const where = this.o.attrPath.length > 0 ? ` (attribute path ${this.o.attrPath.join('.')})` : '';
@@ -144,7 +156,7 @@ class EvaluationRun {
   }
 
   private slot(worker: EvalWorker | undefined): WorkerSlot {
-    const s = new WorkerSlot(worker, this.setup, this.o.maxMemoryMiB, (w) => workerStarted?.(w));
+    const s = new WorkerSlot(worker, this.setup, this.o.launcher, this.o.maxMemoryMiB, (w) => workerStarted?.(w));
     this.slots.push(s);
     return s;
   }
@@ -178,56 +190,145 @@ class EvaluationRun {
 
   private async evalPaths(slot: WorkerSlot, paths: string[][]): Promise<void> {
     if (this.stopped || paths.length === 0) return;
-    const reply = await slot.ask(chunkRequest(paths));
-    const items = reply.traces
-      .filter((t) => t.startsWith(RESULT_TRACE))
-      .map((t) => JSON.parse(t.slice(RESULT_TRACE.length)) as AttrReply);
-    for (const [i, item] of items.slice(0, paths.length).entries()) await this.handle(slot, paths[i]!, item);
-    if (reply.ok || items.length >= paths.length) return;
-    // The path after the last result is the one that aborted; its message is this reply's error.
-    await this.handle(slot, paths[items.length]!, { failed: true }, reply);
-    await this.evalPaths(slot, paths.slice(items.length + 1));
+    const { reply, nonce } = await slot.ask(chunkRequest(paths), true);
+    // Results are matched to the paths asked for, never by position: only traces carrying this worker's nonce
+    // count, and a path not asked for (or answered twice) is ignored.
+    const marker = resultMarker(nonce);
+    const index = new Map(paths.map((p, i) => [JSON.stringify(p), i]));
+    const infos = new Map<number, AttrReply>();
+    const metas = new Map<number, MetaReply>();
+    for (const t of reply.traces) {
+      if (!t.startsWith(marker)) continue;
+      const answer = parseTrace(t.slice(marker.length));
+      const i = answer === undefined ? undefined : index.get(JSON.stringify(answer.p));
+      if (answer === undefined || i === undefined) continue;
+      if ('r' in answer && !infos.has(i)) infos.set(i, answer.r);
+      else if ('m' in answer && !metas.has(i)) metas.set(i, answer.m);
+    }
+    // Answers come in order: paths 0..answered-1 have their first answer.
+    let answered = 0;
+    while (infos.has(answered)) answered++;
+    const complete = reply.ok;
+    for (let i = 0; i < answered; i++) {
+      const info = infos.get(i)!;
+      const interrupted = !complete && i === answered - 1 && 'drvPath' in info && !metas.has(i);
+      // The request died inside this attribute's meta: its fields are asked one by one.
+      await this.handle(slot, paths[i]!, info, metas.get(i) ?? (interrupted ? 'ask' : undefined));
+    }
+    if (complete || answered >= paths.length) return;
+    const last = infos.get(answered - 1);
+    const diedInMeta = answered > 0 && last !== undefined && 'drvPath' in last && !metas.has(answered - 1);
+    if (diedInMeta) return this.evalPaths(slot, paths.slice(answered));
+    // The path after the last answer is the one that aborted; its message is this reply's error.
+    await this.handle(slot, paths[answered]!, { failed: true }, undefined, reply);
+    await this.evalPaths(slot, paths.slice(answered + 1));
   }
 
-  private async handle(slot: WorkerSlot, path: string[], item: AttrReply, failure?: ReplReply): Promise<void> {
+  private async handle(
+    slot: WorkerSlot,
+    path: string[],
+    item: AttrReply,
+    meta: MetaReply | 'ask' | undefined,
+    failure?: ReplReply,
+  ): Promise<void> {
     if (this.stopped) return;
     const attr = path.length > 0 ? path.join('.') : this.o.attrPath.join('.') || 'default';
     if ('failed' in item) {
-      const alone = failure ?? (await slot.ask(singleRequest(path)));
-      if (alone.ok) return this.handle(slot, path, JSON.parse(alone.value) as AttrReply);
-      this.emit({ attr, error: alone.error || 'evaluation failed without a message' });
+      const alone = failure ?? (await slot.ask(singleRequest(path))).reply;
+      if (alone.ok) {
+        const again = parseJson(alone.value) as AttrReply | undefined;
+        if (again !== undefined && !('failed' in again)) return this.handle(slot, path, again, 'ask');
+      }
+      this.emit({ attr, error: (alone.ok ? '' : alone.error) || 'evaluation failed without a message' });
       return;
     }
     if ('ignore' in item) return;
     if ('recurse' in item) {
-      this.queue.push(...item.recurse.map((n) => [...path, n]));
+      if (!Array.isArray(item.recurse)) return;
+      this.queue.push(...item.recurse.filter((n) => typeof n === 'string').map((n) => [...path, n]));
       this.wakeAll();
       return;
     }
+    const invalid = derivationProblem(item);
+    if (invalid !== undefined) {
+      this.emit({ attr, error: `not a derivation eka-ci can build: ${invalid}` });
+      return;
+    }
+    const drv = item as { drvPath: string; system: string; outputs: Record<string, string> };
     // Roots are written while the worker goes on: waiting for each one idled the worker for most of a chunk. The
     // run does not finish before every root exists (see `start`).
     this.rootWrites.push(
-      this.roots.add(item.drvPath).catch((e: Error) => {
+      this.roots.add(drv.drvPath).catch((e: Error) => {
         this.rootError ??= e;
       }),
     );
-    const result: EvalResult = { attr, drvPath: item.drvPath, system: item.system, outputs: item.outputs };
-    const m = item.meta;
-    const meta: NonNullable<EvalResult['meta']> = {};
-    if (m.pname !== null) meta.pname = m.pname;
-    if (m.version !== null) meta.version = m.version;
-    if (m.license !== null) {
-      meta.license = Array.isArray(m.license) ? m.license.filter((l) => l !== null) : m.license;
-    }
-    if (m.maintainers !== null) meta.maintainers = m.maintainers.filter((x) => x !== null);
-    if (m.platforms !== null) meta.platforms = m.platforms;
-    if (m.broken !== null) meta.broken = m.broken;
-    result.meta = meta;
-    if (item.unsupported || (this.o.systems !== undefined && !this.o.systems.includes(item.system))) {
+    const result: EvalResult = { attr, drvPath: drv.drvPath, system: drv.system, outputs: drv.outputs };
+    const m = await this.metaOf(slot, path, meta === 'ask' || meta === undefined ? undefined : meta);
+    result.meta = m.meta;
+    if (Object.keys(m.errors).length > 0) result.metaErrors = m.errors;
+    if (m.unsupported || (this.o.systems !== undefined && !this.o.systems.includes(drv.system))) {
       result.skipped = 'unsupported-platform';
     }
     this.emit(result);
   }
+
+  /** The meta of a derivation: from its answer, with each failed field (or every field, without one) asked alone. */
+  private async metaOf(
+    slot: WorkerSlot,
+    path: string[],
+    reply: MetaReply | undefined,
+  ): Promise<{ meta: EvalMeta; errors: Record<string, string>; unsupported: boolean }> {
+    const values: Partial<Record<keyof MetaReply, unknown>> = {};
+    const errors: Record<string, string> = {};
+    for (const field of META_FIELDS) {
+      const v = reply?.[field];
+      if (reply !== undefined && !isFailed(v)) {
+        values[field] = v;
+        continue;
+      }
+      const { reply: alone } = await slot.ask(metaFieldRequest(path, field));
+      if (alone.ok) values[field] = parseJson(alone.value);
+      else errors[field === 'unsupported' ? 'platforms' : field] = alone.error || 'failed without a message';
+    }
+    return { meta: cleanMeta(values), errors, unsupported: values.unsupported === true };
+  }
+}
+
+function isFailed(v: unknown): boolean {
+  return typeof v === 'object' && v !== null && (v as { __ekaciFailed?: unknown }).__ekaciFailed === true;
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return undefined;
+  }
+}
+
+function parseTrace(text: string): ResultTrace | undefined {
+  const v = parseJson(text);
+  if (typeof v !== 'object' || v === null || !Array.isArray((v as { p?: unknown }).p)) return undefined;
+  return v as ResultTrace;
+}
+
+/** The meta fields eka-ci keeps, typed, from what the worker answered (anything of the wrong shape is dropped). */
+function cleanMeta(v: Partial<Record<keyof MetaReply, unknown>>): EvalMeta {
+  const meta: EvalMeta = {};
+  const strings = (x: unknown): string[] | undefined =>
+    Array.isArray(x) ? x.filter((s): s is string => typeof s === 'string') : undefined;
+  if (typeof v.pname === 'string') meta.pname = v.pname;
+  if (typeof v.version === 'string') meta.version = v.version;
+  if (typeof v.license === 'string') meta.license = v.license;
+  else if (Array.isArray(v.license)) meta.license = strings(v.license)!;
+  const maintainers = strings(v.maintainers);
+  if (maintainers) meta.maintainers = maintainers;
+  const handles = strings(v.githubMaintainers);
+  if (handles && handles.length > 0) meta.githubMaintainers = [...new Set(handles)];
+  const platforms = strings(v.platforms);
+  if (platforms) meta.platforms = platforms;
+  if (typeof v.broken === 'boolean') meta.broken = v.broken;
+  return meta;
 }
 
 let workerStarted: ((w: EvalWorker) => void) | undefined;

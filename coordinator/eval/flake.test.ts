@@ -3,7 +3,9 @@ import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EvaluationError } from '../../common/errors.js';
+import { testEvalEnvironment } from '../../test/support/eval-environment.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
+import { NO_EXTRA_POLICY } from './eval-options.js';
 import type { EvalResult } from './eval-result.js';
 import { type FlakeEvaluatorOptions, evaluateFlake, flakeRef } from './flake.js';
 
@@ -52,6 +54,8 @@ async function run(checkoutDir: string, extra: Partial<FlakeEvaluatorOptions> = 
     systems: ['x86_64-linux'],
     gcRootsDir: join(tempDir('ekaci-flake-roots-'), 'roots'),
     workers: 2,
+    environment: await testEvalEnvironment(),
+    policy: NO_EXTRA_POLICY,
     ...extra,
   };
   for await (const r of evaluateFlake(options)) {
@@ -120,7 +124,8 @@ describe('flake evaluation', () => {
     git(dir, 'worktree', 'add', '-q', '--detach', worktree, rev);
     mkdirSync(join(worktree, 'untracked'));
     writeFileSync(join(worktree, 'flake.nix'), '{ outputs = { self }: throw "uncommitted edit"; }');
-    const results = await run(worktree, { rev });
+    // The worktree's objects live in the repository it was added from, as a coordinator worktree's live in a mirror.
+    const results = await run(worktree, { rev, gitDir: join(dir, '.git') });
     expect([...results.keys()]).toEqual(['checks.x86_64-linux.t']);
     expect(results.get('checks.x86_64-linux.t')?.drvPath).toBeDefined();
   });

@@ -6,6 +6,8 @@ import { EvaluationError } from '../../common/errors.js';
 import { baseGitEnv, gitReason, runGit } from '../git/git-process.js';
 import type { FlakeOutput } from '../repo-config/repo-config.js';
 import { nixString } from './eval-expression.js';
+import type { EvalEnvironment } from './eval-environment.js';
+import type { EvalPolicy } from './eval-options.js';
 import type { EvalResult } from './eval-result.js';
 import { evaluateBuiltIn } from './evaluator.js';
 
@@ -21,6 +23,10 @@ export interface FlakeEvaluatorOptions {
   maxMemoryMiB?: number;
   /** Every evaluated `.drv` gets an indirect GC root here. */
   gcRootsDir: string;
+  environment: EvalEnvironment;
+  policy: EvalPolicy;
+  /** The git directory behind a worktree checkout (its objects), when it lies outside `checkoutDir`. */
+  gitDir?: string;
 }
 
 const GIT_TIMEOUT_MS = 60_000;
@@ -49,11 +55,17 @@ export async function* evaluateFlake(options: FlakeEvaluatorOptions): AsyncGener
   try {
     const file = join(dir, 'flake-jobs.nix');
     await writeFile(file, flakeJobsExpression(flakeRef(options.checkoutDir, rev), options.outputs, options.systems));
+    const launcher = options.environment.launcher({
+      roots: [dir, options.checkoutDir],
+      gitDirs: options.gitDir ? [options.gitDir] : [],
+      policy: options.policy,
+    });
     yield* evaluateBuiltIn({
       file,
       attrPath: [],
       gcRootsDir: options.gcRootsDir,
       systems: options.systems,
+      launcher,
       ...(options.workers !== undefined ? { workers: options.workers } : {}),
       ...(options.maxMemoryMiB !== undefined ? { maxMemoryMiB: options.maxMemoryMiB } : {}),
     });

@@ -6,6 +6,9 @@ import { describe, expect, it } from 'vitest';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
 
 const EVALUATOR = fileURLToPath(new URL('./evaluator.ts', import.meta.url));
+const ENVIRONMENT = fileURLToPath(new URL('./eval-environment.ts', import.meta.url));
+const OPTIONS = fileURLToPath(new URL('./eval-options.ts', import.meta.url));
+const LOGGING = fileURLToPath(new URL('../../common/logging.ts', import.meta.url));
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 
 describe('GC roots of evaluated derivations', () => {
@@ -25,9 +28,15 @@ describe('GC roots of evaluated derivations', () => {
       `import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { evaluateBuiltIn } from ${JSON.stringify(EVALUATOR)};
+import { EvalEnvironment } from ${JSON.stringify(ENVIRONMENT)};
+import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from ${JSON.stringify(OPTIONS)};
+import { silentLogger } from ${JSON.stringify(LOGGING)};
 const nix = ['--option', 'substituters', ''];
 const rooted = [];
-for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2 })) {
+const env = await EvalEnvironment.open(DEFAULT_EVALUATION_OPTIONS, silentLogger());
+await env.prepare();
+const launcher = env.launcher({ roots: [${JSON.stringify(dir)}], policy: NO_EXTRA_POLICY });
+for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2, launcher })) {
   // A collection while the evaluation is still running must neither break it nor take what it rooted.
   if (rooted.length === 0) execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
   rooted.push(r.drvPath);
@@ -35,6 +44,7 @@ for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath:
 const control = execFileSync('nix-instantiate', [...nix, '--expr', ${JSON.stringify(drv('control'))}], { encoding: 'utf8' }).trim();
 const before = [...rooted, control].map((p) => existsSync(p));
 execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
+env.close();
 console.log(JSON.stringify({ rooted, control, before, after: rooted.map((p) => existsSync(p)), controlAfter: existsSync(control) }));
 `,
     );

@@ -1,7 +1,10 @@
-import { existsSync, statSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { existsSync, realpathSync, statSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
-import { NO_SUBSTITUTERS, nixErrorText, runNix } from '../../common/nix/cli.js';
+import { type NixResult, nixErrorText, runNix } from '../../common/nix/cli.js';
+import type { EvalEnvironment, NixLauncher } from './eval-environment.js';
+import type { EvalPolicy } from './eval-options.js';
 
 export interface Instantiated {
   attr: string;
@@ -15,24 +18,35 @@ export interface Instantiated {
  *
  * With no attributes, the file's value is used: a derivation is built as `default`; an attribute set yields
  * its top-level attributes.
+ *
+ * Evaluation runs like any other (see EvalEnvironment): sandboxed and restricted to the project the file belongs
+ * to — the git work tree that holds it, or else its directory — and the store.
  */
-export async function instantiate(file: string, attrs: readonly string[]): Promise<Instantiated[]> {
+export async function instantiate(
+  file: string,
+  attrs: readonly string[],
+  environment: EvalEnvironment,
+  policy: EvalPolicy,
+): Promise<Instantiated[]> {
   const path = resolve(file);
   if (!existsSync(path)) throw new EvaluationError(`${file}: no such file`);
   if (!statSync(path).isFile() && !existsSync(resolve(path, 'default.nix'))) {
     throw new EvaluationError(`${file}: not a Nix file (and no default.nix inside)`);
   }
-  const names = attrs.length > 0 ? attrs : await topLevelNames(path);
+  await environment.prepare();
+  const launcher = environment.launcher({ roots: projectRoots(path), policy });
+  const names = attrs.length > 0 ? attrs : await topLevelNames(launcher, path);
   if (names.length === 0) throw new EvaluationError(`${file}: has no attributes to build`);
-  const r = await evalJson(path, names);
+  const r = await evalJson(launcher, path, names);
   if (r.ok) {
     const found = interpret(file, names, r.value);
-    await writeDerivations(path, names, found, attrs.length === 0 && names.length === 1 && names[0] === 'default');
+    const isRootDrv = attrs.length === 0 && names.length === 1 && names[0] === 'default';
+    await writeDerivations(launcher, path, names, found, isRootDrv);
     return found;
   }
   // Something threw or aborted: find which attribute, and report Nix's own message for it.
   for (const name of names) {
-    const single = await evalJson(path, [name]);
+    const single = await evalJson(launcher, path, [name]);
     if (!single.ok) throw new EvaluationError(`${file}: attribute '${name}' failed to evaluate: ${single.error}`);
   }
   throw new EvaluationError(`${file}: evaluation failed: ${r.error}`);
@@ -40,6 +54,7 @@ export async function instantiate(file: string, attrs: readonly string[]): Promi
 
 /** `--eval` is read-only: it computes drv paths without writing the `.drv` files, which this call does. */
 async function writeDerivations(
+  launcher: NixLauncher,
   path: string,
   names: readonly string[],
   found: readonly Instantiated[],
@@ -47,7 +62,7 @@ async function writeDerivations(
 ): Promise<void> {
   // The file's own derivation, reported as `default`, is attribute path "" to Nix.
   const selectors = names.map((n, i) => (found[i]!.attr === 'default' && isRootDrv ? '' : n));
-  const r = await runNix('nix-instantiate', [...NO_SUBSTITUTERS, path, ...selectors.flatMap((n) => ['-A', n])]);
+  const r = await run(launcher, [path, ...selectors.flatMap((n) => ['-A', n])]);
   if (r.code !== 0) throw new EvaluationError(`${path}: ${nixErrorText(r.stderr)}`);
 }
 
@@ -83,11 +98,12 @@ const EXPRESSION = `
 `;
 
 async function evalJson(
+  launcher: NixLauncher,
   path: string,
   names: readonly string[],
 ): Promise<{ ok: true; value: unknown } | { ok: false; error: string }> {
   const call = `(${EXPRESSION}) ${nixString(path)} (builtins.fromJSON ${nixString(JSON.stringify(names))})`;
-  const r = await runNix('nix-instantiate', [...NO_SUBSTITUTERS, '--eval', '--strict', '--json', '--expr', call]);
+  const r = await run(launcher, ['--eval', '--strict', '--json', '--expr', call]);
   if (r.code !== 0) return { ok: false, error: nixErrorText(r.stderr) };
   return { ok: true, value: JSON.parse(r.stdout) as unknown };
 }
@@ -97,9 +113,24 @@ function nixString(s: string): string {
   return JSON.stringify(s).replace(/\$/g, '\\$');
 }
 
-async function topLevelNames(path: string): Promise<string[]> {
-  const r = await runNix('nix-instantiate', [
-    ...NO_SUBSTITUTERS,
+function run(launcher: NixLauncher, args: readonly string[]): Promise<NixResult> {
+  const c = launcher.command('nix-instantiate', args);
+  return runNix(c.file, c.args, { env: c.env });
+}
+
+/**
+ * The git work tree holding `path`, or its directory: what its expressions may read. Nix checks a path both as
+ * written and with symlinks resolved, so both spellings are given.
+ */
+function projectRoots(path: string): string[] {
+  const dir = statSync(path).isDirectory() ? path : dirname(path);
+  const r = spawnSync('git', ['-C', dir, 'rev-parse', '--show-toplevel'], { encoding: 'utf8' });
+  const top = r.status === 0 && r.stdout.trim() !== '' ? r.stdout.trim() : dir;
+  return [...new Set([top, realpathSync(top)])];
+}
+
+async function topLevelNames(launcher: NixLauncher, path: string): Promise<string[]> {
+  const r = await run(launcher, [
     '--eval',
     '--strict',
     '--json',

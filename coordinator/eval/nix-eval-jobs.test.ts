@@ -11,9 +11,18 @@ const SAMPLE =
   '"name":"hello-2.12.1","platforms":["x86_64-linux","aarch64-linux"]},"name":"hello-2.12.1",' +
   '"outputs":{"out":"/nix/store/qsfvb4xv0i8p5m0dsvxpm5f3f6x0fbsv-hello-2.12.1"},"system":"x86_64-linux"}';
 
+// The recorded derivation is not in this machine's store.
+const inStore = (): boolean => true;
+
 describe('nix-eval-jobs adapter', () => {
+  it("reports a line whose drvPath is not a store derivation as that attribute's error", () => {
+    const forged = SAMPLE.replace('/nix/store/x7dq1sb6rl3w3sy2lvc0vgwbzx1qxdq8-hello-2.12.1.drv', '');
+    expect(parseNixEvalJobsLine(forged, undefined, inStore).error).toContain('is not a .drv store path');
+    expect(parseNixEvalJobsLine(SAMPLE).error).toContain('does not exist in the store');
+  });
+
   it('turns a recorded result line into an EvalResult with the meta subset', () => {
-    expect(parseNixEvalJobsLine(SAMPLE)).toEqual({
+    expect(parseNixEvalJobsLine(SAMPLE, undefined, inStore)).toEqual({
       attr: 'hello',
       drvPath: '/nix/store/x7dq1sb6rl3w3sy2lvc0vgwbzx1qxdq8-hello-2.12.1.drv',
       system: 'x86_64-linux',
@@ -23,6 +32,7 @@ describe('nix-eval-jobs adapter', () => {
         version: '2.12.1',
         license: 'GPL-3.0-or-later',
         maintainers: ['eelco'],
+        githubMaintainers: ['eelco'],
         platforms: ['x86_64-linux', 'aarch64-linux'],
         broken: false,
       },
@@ -30,11 +40,12 @@ describe('nix-eval-jobs adapter', () => {
   });
 
   it('marks a result for a system outside meta.platforms or the requested systems as skipped', () => {
-    expect(parseNixEvalJobsLine(SAMPLE.replace('"x86_64-linux","aarch64-linux"', '"riscv64-linux"')).skipped).toBe(
-      'unsupported-platform',
-    );
-    expect(parseNixEvalJobsLine(SAMPLE, ['aarch64-darwin']).skipped).toBe('unsupported-platform');
-    expect(parseNixEvalJobsLine(SAMPLE, ['x86_64-linux']).skipped).toBeUndefined();
+    expect(
+      parseNixEvalJobsLine(SAMPLE.replace('"x86_64-linux","aarch64-linux"', '"riscv64-linux"'), undefined, inStore)
+        .skipped,
+    ).toBe('unsupported-platform');
+    expect(parseNixEvalJobsLine(SAMPLE, ['aarch64-darwin'], inStore).skipped).toBe('unsupported-platform');
+    expect(parseNixEvalJobsLine(SAMPLE, ['x86_64-linux'], inStore).skipped).toBeUndefined();
   });
 
   it('passes an error line through with its attribute', () => {
@@ -47,14 +58,21 @@ describe('nix-eval-jobs adapter', () => {
   });
 
   it('asks for workers, memory limit, GC roots and meta, selecting the attribute path in the expression', () => {
+    const launcher = { command: () => ({ file: '', args: [], env: {} }), attrTimeoutMs: 1, maxMemoryMiB: 1 };
     const args = nixEvalJobsArgs(
-      compileOptions({ file: '/src/ci.nix', attrPath: ['a', 'b'], workers: 3, maxMemoryMiB: 1000, gcRootsDir: '/r' }),
+      compileOptions({
+        file: '/src/ci.nix',
+        attrPath: ['a', 'b'],
+        workers: 3,
+        maxMemoryMiB: 1000,
+        gcRootsDir: '/r',
+        launcher,
+      }),
     );
     expect(args).toEqual(
       expect.arrayContaining(['--workers', '3', '--max-memory-size', '1000', '--gc-roots-dir', '/r']),
     );
     expect(args).toContain('--meta');
-    expect(args.slice(0, 3)).toEqual(['--option', 'substituters', '']);
     expect(args.at(-1)).toContain('import "/src/ci.nix"');
     expect(args.at(-1)).toMatch(/top\."a"\."b"$/);
   });

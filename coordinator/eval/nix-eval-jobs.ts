@@ -1,9 +1,10 @@
 import { spawn } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
 import { createInterface } from 'node:readline';
 import { EvaluationError } from '../../common/errors.js';
-import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
+import { lastLines, runNix } from '../../common/nix/cli.js';
 import { nixString } from './eval-expression.js';
-import type { CompiledEvaluatorOptions, EvalMeta, EvalResult } from './eval-result.js';
+import { type CompiledEvaluatorOptions, type EvalMeta, type EvalResult, derivationProblem } from './eval-result.js';
 
 let found: Promise<boolean> | undefined;
 
@@ -19,14 +20,16 @@ export function hasNixEvalJobs(): Promise<boolean> {
   return found;
 }
 
-/** Arguments for one `nix-eval-jobs` run over the selected attribute of the file. */
+/**
+ * Arguments for one `nix-eval-jobs` run over the selected attribute of the file; the launcher adds the
+ * restrictions and the store (see EvalEnvironment).
+ */
 export function nixEvalJobsArgs(o: CompiledEvaluatorOptions): string[] {
   const select = o.attrPath.map((n) => `.${nixString(n)}`).join('');
   const expr =
     `let raw = import ${nixString(o.file)}; top = if builtins.isFunction raw then raw {} else raw; ` +
     `in top${select}`;
   return [
-    ...NO_SUBSTITUTERS,
     '--workers',
     String(o.workers),
     '--max-memory-size',
@@ -50,10 +53,16 @@ interface JobLine {
 }
 
 /** One JSON line of `nix-eval-jobs` output as an `EvalResult`. */
-export function parseNixEvalJobsLine(line: string, systems?: readonly string[]): EvalResult {
+export function parseNixEvalJobsLine(
+  line: string,
+  systems?: readonly string[],
+  exists?: (path: string) => boolean,
+): EvalResult {
   const j = JSON.parse(line) as JobLine;
   const attr = j.attr ?? j.attrPath?.join('.') ?? '';
   if (j.error !== undefined) return { attr, error: j.error };
+  const problem = derivationProblem({ drvPath: j.drvPath, system: j.system, outputs: j.outputs }, exists);
+  if (problem !== undefined) return { attr, error: `not a derivation eka-ci can build: ${problem}` };
   const result: EvalResult = { attr, drvPath: j.drvPath, system: j.system };
   if (j.outputs) {
     result.outputs = Object.fromEntries(
@@ -98,6 +107,11 @@ function pickMeta(m: Record<string, unknown>): EvalMeta {
             : undefined,
       )
       .filter((x) => x !== undefined);
+    const handles = m.maintainers.flatMap((x: unknown) => {
+      const h = x !== null && typeof x === 'object' ? stringField(x, 'github') : undefined;
+      return h === undefined ? [] : [h];
+    });
+    if (handles.length > 0) out.githubMaintainers = [...new Set(handles)];
   }
   if (Array.isArray(m.platforms)) out.platforms = m.platforms.filter((p) => typeof p === 'string');
   if (typeof m.broken === 'boolean') out.broken = m.broken;
@@ -115,7 +129,10 @@ function dropUndefined<T extends object>(o: T): T {
 
 /** Streams `nix-eval-jobs` results line by line; a run that fails before any result is an EvaluationError. */
 export async function* evaluateWithNixEvalJobs(o: CompiledEvaluatorOptions): AsyncGenerator<EvalResult> {
-  const child = spawn('nix-eval-jobs', nixEvalJobsArgs(o), { stdio: ['ignore', 'pipe', 'pipe'] });
+  // The sandbox binds the roots directory, which must exist first; nix-eval-jobs writes its roots there.
+  await mkdir(o.gcRootsDir, { recursive: true });
+  const c = o.launcher.command('nix-eval-jobs', nixEvalJobsArgs(o), [o.gcRootsDir]);
+  const child = spawn(c.file, c.args, { env: c.env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (s: string) => (stderr = (stderr + s).slice(-64 * 1024)));
@@ -128,7 +145,12 @@ export async function* evaluateWithNixEvalJobs(o: CompiledEvaluatorOptions): Asy
       yield parseNixEvalJobsLine(line, o.systems);
     }
     const code = await exited;
-    if (code !== 0 && count === 0) throw new EvaluationError(`nix-eval-jobs failed: ${lastLines(stderr, 6)}`);
+    // A run that died half-way did not evaluate the rest: those attributes are not "removed", the run failed.
+    if (code !== 0) {
+      throw new EvaluationError(
+        `nix-eval-jobs failed (exit ${code}) after ${count} attributes: ${lastLines(stderr, 6)}`,
+      );
+    }
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
   }

@@ -1,10 +1,12 @@
 import { join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
-import type { FetchOptions, GitMirrors } from '../git/git-mirrors.js';
+import type { Checkout, FetchOptions, GitMirrors } from '../git/git-mirrors.js';
 import { RepoConfigError } from '../repo-config/errors.js';
 import { type FlakeJob, type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
 import { evaluateFlake } from './flake.js';
+import type { EvalEnvironment } from './eval-environment.js';
+import type { EvalPolicy } from './eval-options.js';
 import type { EvalResult } from './eval-result.js';
 import { evaluate } from './evaluator.js';
 
@@ -37,7 +39,12 @@ export async function evaluateCommit(options: {
   fetch?: FetchOptions;
   /** Called with each attribute as soon as it is evaluated (progress displays). */
   onResult?: (r: EvalResult, job: string) => void;
+  /** Where and how repository code is evaluated (sandbox, store, limits). */
+  environment: EvalEnvironment;
+  /** What this repository's expressions may do beyond their checkout (server configuration, never the repository's). */
+  policy: EvalPolicy;
 }): Promise<CommitEvaluation> {
+  await options.environment.prepare();
   const checkout = await options.mirrors.checkout(options.repo, options.rev, options.fetch);
   try {
     const config = await loadRepoConfig(checkout.dir);
@@ -57,7 +64,8 @@ export async function evaluateCommit(options: {
     for (const job of selected) {
       const started = performance.now();
       const attrs: EvalResult[] = [];
-      for await (const r of evaluateJob(job, checkout, join(options.dataDir, 'gcroots', checkout.commit))) {
+      const gcRoots = join(options.dataDir, 'gcroots', checkout.commit);
+      for await (const r of evaluateJob(job, checkout, gcRoots, options.environment, options.policy)) {
         attrs.push(r);
         options.onResult?.(r, job.name);
       }
@@ -78,26 +86,42 @@ export async function evaluateCommit(options: {
 
 function evaluateJob(
   job: RepoJob,
-  checkout: { dir: string; commit: string },
+  checkout: Checkout,
   gcRootsDir: string,
+  environment: EvalEnvironment,
+  policy: EvalPolicy,
 ): AsyncGenerator<EvalResult> {
-  if (job.kind === 'flake') return evaluateFlakeJob(job, checkout, gcRootsDir);
+  if (job.kind === 'flake') return evaluateFlakeJob(job, checkout, gcRootsDir, environment, policy);
   return evaluate({
     file: job.file,
     attrPath: job.attrPath,
     gcRootsDir,
+    workers: environment.options.workers,
+    launcher: environment.launcher({ roots: [checkout.dir], policy }),
     ...(job.systems ? { systems: job.systems } : {}),
   });
 }
 
 async function* evaluateFlakeJob(
   job: FlakeJob,
-  checkout: { dir: string; commit: string },
+  checkout: Checkout,
   gcRootsDir: string,
+  environment: EvalEnvironment,
+  policy: EvalPolicy,
 ): AsyncGenerator<EvalResult> {
   // Without a list, the job is evaluated for what this machine builds; a coordinator adds its agents' systems.
   const systems = job.systems ?? [await localSystem()];
-  yield* evaluateFlake({ checkoutDir: checkout.dir, rev: checkout.commit, outputs: job.outputs, systems, gcRootsDir });
+  yield* evaluateFlake({
+    checkoutDir: checkout.dir,
+    gitDir: checkout.gitDir,
+    rev: checkout.commit,
+    outputs: job.outputs,
+    systems,
+    gcRootsDir,
+    workers: environment.options.workers,
+    environment,
+    policy,
+  });
 }
 
 let cachedSystem: Promise<string> | undefined;

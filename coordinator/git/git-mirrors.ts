@@ -37,6 +37,8 @@ export interface FetchOptions {
 export interface Checkout {
   dir: string;
   commit: string;
+  /** The bare mirror whose objects the worktree uses (git reads it through the worktree's `.git` file). */
+  gitDir: string;
   /** Gives up this holder's share; the last release removes the worktree. Calling it again does nothing. */
   release(): Promise<void>;
 }
@@ -160,6 +162,7 @@ export class GitMirrors {
     return {
       dir: this.worktreeDir(commit),
       commit,
+      gitDir: shared.mirror.dir,
       release: () => {
         if (released) return Promise.resolve();
         released = true;

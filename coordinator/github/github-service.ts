@@ -4,6 +4,8 @@ import type { Logger } from '../../common/logging.js';
 import type { AuditLog } from '../audit-log.js';
 import type { CoordinatorOptions } from '../config.js';
 import type { Db } from '../db/database.js';
+import type { EvalEnvironment } from '../eval/eval-environment.js';
+import { policyFor } from '../eval/eval-options.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import type { GitMirrors } from '../git/git-mirrors.js';
 import type { ReviewService } from '../review/review-service.js';
@@ -36,6 +38,8 @@ export interface GitHubServiceDeps {
   mirrors: GitMirrors;
   /** The coordinator's public base URL (for details links), known once its HTTP port is bound. */
   publicUrl: () => string;
+  /** Where repository code is evaluated; open once the coordinator runs. */
+  evalEnvironment: () => EvalEnvironment;
   logger: Logger;
   /** Tests shrink the client's waits. */
   clientOptions?: Partial<GitHubAppClientOptions>;
@@ -80,6 +84,8 @@ export class GitHubService {
       cloneAuth: (id) => this.clientOf(id).cloneAuth(id),
       mirrors: deps.mirrors,
       dataDir: options.dataDir,
+      evalEnvironment: deps.evalEnvironment,
+      evalPolicy: (repo) => policyFor(options.evaluation, repo),
       evaluations: deps.evaluations,
       reviews: deps.reviews,
       manager: deps.manager,

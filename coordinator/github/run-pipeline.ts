@@ -1,5 +1,7 @@
 import type { Logger } from '../../common/logging.js';
 import { Semaphore } from '../../common/semaphore.js';
+import type { EvalEnvironment } from '../eval/eval-environment.js';
+import type { EvalPolicy } from '../eval/eval-options.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
 import type { GitAuth, GitMirrors } from '../git/git-mirrors.js';
@@ -32,6 +34,9 @@ export interface PipelineDeps {
   cloneAuth(installationId: number): Promise<GitAuth>;
   mirrors: GitMirrors;
   dataDir: string;
+  evalEnvironment: () => EvalEnvironment;
+  /** What the server configuration lets a repository's expressions do (allowed URIs, import from derivation). */
+  evalPolicy: (repo: string) => EvalPolicy;
   evaluations: EvaluationStore;
   reviews: ReviewService;
   manager: BuildManager;
@@ -207,6 +212,8 @@ export class RunPipeline {
       repo: url,
       rev: sha,
       fetch: { auth },
+      environment: this.deps.evalEnvironment(),
+      policy: this.deps.evalPolicy(repo),
     });
     this.deps.evaluations.save(repo, e);
     return e;

@@ -1,0 +1,211 @@
+import { accessSync, constants, existsSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { delimiter, dirname, join } from 'node:path';
+import { EvaluationError } from '../../common/errors.js';
+import type { Logger } from '../../common/logging.js';
+import { NIX_EXPERIMENTAL } from '../../common/nix/cli.js';
+import { type SandboxedCommand, sandboxAvailable, sandboxCommand } from '../../common/sandbox/sandbox.js';
+import { SYSTEM_PATHS } from '../../common/sandbox/spec.js';
+import type { EvalPolicy, EvaluationOptions } from './eval-options.js';
+import { PrivateNixDaemon } from './private-daemon.js';
+
+/** The programs that evaluate repository code. */
+export type EvalProgram = 'nix' | 'nix-instantiate' | 'nix-eval-jobs';
+
+/** What one evaluation may see. */
+export interface EvalScope {
+  /** Directories its expressions may read (the checkout): visible read-only, and the only paths restrict-eval allows. */
+  roots: readonly string[];
+  /**
+   * Visible read-only but not to expressions: the git objects behind a worktree, which Nix's own fetcher reads
+   * when a flake is loaded by a locked `git+file` reference.
+   */
+  gitDirs?: readonly string[];
+  policy: EvalPolicy;
+}
+
+/** Starts the Nix processes of one evaluation (see `EvalEnvironment.launcher`). */
+export interface NixLauncher {
+  /** `writable` directories (which must exist) are visible read-write: `nix-eval-jobs --gc-roots-dir`. */
+  command(program: EvalProgram, args: readonly string[], writable?: readonly string[]): SandboxedCommand;
+  /** Per-attribute time limit, in ms. */
+  readonly attrTimeoutMs: number;
+  /** Resident memory per evaluator process above which it is restarted, in MiB. */
+  readonly maxMemoryMiB: number;
+}
+
+// Inside the sandbox the store's socket always has this path, whichever daemon serves it outside.
+const SANDBOX_SOCKET = '/run/ekaci/nix-daemon.socket';
+const SYSTEM_SOCKET = '/nix/var/nix/daemon-socket/socket';
+// The hard memory limit (RLIMIT_DATA) sits this far above the soft one the evaluator checks between requests: the
+// soft limit restarts a worker that grew, the hard one stops an attribute that would take the machine's memory.
+const HARD_MEMORY_FACTOR = 2;
+
+/**
+ * How the coordinator evaluates repository code: every evaluator process (the built-in evaluator's `nix repl`
+ * workers, `nix-eval-jobs`, `ekaci build`'s `nix-instantiate`) is started through `launcher(scope).command`, which
+ *
+ * - runs it in the sandbox (common/sandbox): no network unless the repository's policy allows URIs, the store and
+ *   the checkout read-only, a private `/tmp`, nothing of the coordinator's data directory;
+ * - gives it an environment built from an allow-list: none of the coordinator's variables (app keys, webhook
+ *   secret, agent tokens) passes;
+ * - evaluates with `restrict-eval` (only the checkout and the store are readable; `getEnv` answers ""),
+ *   `allowed-uris` from the policy, import-from-derivation off unless allowed, and a memory limit;
+ * - writes `.drv` files through a nix-daemon: the host's on a multi-user host, else one of the coordinator's own
+ *   (`PrivateNixDaemon`), since a read-only store cannot be written directly.
+ *
+ * Lifecycle: `open` → `close`. `prepare()` (before each evaluation) restarts a private daemon that died.
+ */
+export class EvalEnvironment {
+  private daemon: PrivateNixDaemon | undefined;
+  private readonly homeDir: string;
+  private readonly binDirs: string[];
+
+  private constructor(
+    readonly options: EvaluationOptions,
+    private readonly logger: Logger,
+    private readonly store: { kind: 'system' } | { kind: 'private' } | { kind: 'direct' },
+  ) {
+    // Evaluation without a sandbox still gets a home of its own rather than the coordinator's.
+    this.homeDir = mkdtempSync(join(tmpdir(), 'ekaci-eval-home-'));
+    this.binDirs = [...new Set(['nix', 'git', 'nix-eval-jobs'].flatMap((p) => programDir(p) ?? []))];
+  }
+
+  static async open(options: EvaluationOptions, logger: Logger): Promise<EvalEnvironment> {
+    if (options.sandbox) await sandboxAvailable();
+    else logger.warn('evaluation sandbox is off ([evaluation] sandbox = false): only evaluate code you trust');
+    let store: { kind: 'system' } | { kind: 'private' } | { kind: 'direct' };
+    if (!options.sandbox) store = { kind: 'direct' };
+    else if (options.store === 'daemon') store = { kind: 'system' };
+    else if (options.store === 'private-daemon') store = { kind: 'private' };
+    else store = (await systemDaemonAnswers()) ? { kind: 'system' } : { kind: 'private' };
+    // A private daemon starts with the first evaluation (`prepare`), not here: many commands never evaluate.
+    return new EvalEnvironment(options, logger, store);
+  }
+
+  /** Makes sure the store is reachable (restarts a private daemon that died). */
+  async prepare(): Promise<void> {
+    if (this.store.kind !== 'private' || this.daemon?.alive) return;
+    this.daemon?.stop();
+    this.daemon = await PrivateNixDaemon.start(this.logger);
+  }
+
+  close(): void {
+    this.daemon?.stop();
+    this.daemon = undefined;
+    rmSync(this.homeDir, { recursive: true, force: true });
+  }
+
+  launcher(scope: EvalScope): NixLauncher {
+    return {
+      command: (program, args, writable = []) => this.command(program, args, scope, writable),
+      attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
+      maxMemoryMiB: this.options.maxMemoryMiB,
+    };
+  }
+
+  private command(
+    program: EvalProgram,
+    args: readonly string[],
+    scope: EvalScope,
+    writable: readonly string[],
+  ): SandboxedCommand {
+    const policy = scope.policy;
+    const nixArgs = [
+      ...args,
+      ...NIX_EXPERIMENTAL,
+      ...['--option', 'restrict-eval', 'true'],
+      ...['--option', 'allowed-uris', policy.allowedUris.join(' ')],
+      ...['--option', 'allow-import-from-derivation', String(policy.allowImportFromDerivation)],
+      ...['--option', 'substituters', ''],
+      // Named search path entries: restrict-eval allows reading under them, while `<nixpkgs>`-style lookups
+      // still find nothing (as on a clean machine, not via the coordinator's NIX_PATH).
+      ...scope.roots.flatMap((root, i) => ['-I', `ekaci-root-${i}=${root}`]),
+    ];
+    // `ulimit -d` in a shell that then becomes the program: Node cannot set a child's resource limits itself.
+    const hardKib = this.options.maxMemoryMiB * HARD_MEMORY_FACTOR * 1024;
+    const limited = (extra: readonly string[]): string[] => [
+      '-c',
+      'ulimit -d "$0" && exec "$@"',
+      String(hardKib),
+      program,
+      ...nixArgs,
+      ...extra,
+    ];
+    const path = [...this.binDirs, '/usr/bin', '/bin'].join(delimiter);
+    if (this.store.kind === 'direct') {
+      return {
+        file: '/bin/sh',
+        args: limited([]),
+        env: { PATH: path, HOME: this.homeDir, TMPDIR: tmpdir(), LANG: 'C.UTF-8', ...passThroughNixEnv() },
+      };
+    }
+    const socket = this.store.kind === 'system' ? SYSTEM_SOCKET : this.daemon?.socketPath;
+    if (socket === undefined) throw new EvaluationError('the evaluation store is not open (prepare() first)');
+    return sandboxCommand('/bin/sh', limited(['--store', `unix://${SANDBOX_SOCKET}`]), {
+      mounts: [
+        { source: socket, target: SANDBOX_SOCKET },
+        ...scope.roots.map((r) => ({ source: r })),
+        ...(scope.gitDirs ?? []).map((r) => ({ source: r })),
+        ...writable.map((r) => ({ source: r, writable: true })),
+        ...this.binDirs.filter((d) => !underSystemPath(d)).map((d) => ({ source: d, optional: true })),
+      ],
+      network: policy.allowedUris.length > 0,
+      env: {
+        PATH: path,
+        HOME: '/tmp',
+        TMPDIR: '/tmp',
+        XDG_CACHE_HOME: '/tmp/.cache',
+        XDG_CONFIG_HOME: '/tmp/.config',
+        NIX_CONF_DIR: '/etc/nix',
+        LANG: 'C.UTF-8',
+        TERM: 'dumb',
+      },
+      cwd: scope.roots[0] ?? '/tmp',
+    });
+  }
+}
+
+/** Programs under the sandbox's system paths are visible already. */
+function underSystemPath(dir: string): boolean {
+  return SYSTEM_PATHS.some((p) => dir === p || dir.startsWith(`${p}/`));
+}
+
+/** Store location overrides of the caller's (tests move the store); the rest of its environment stays out. */
+function passThroughNixEnv(): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const name of ['NIX_CONF_DIR', 'NIX_STORE_DIR', 'NIX_STATE_DIR', 'NIX_LOG_DIR', 'NIX_REMOTE']) {
+    const value = process.env[name];
+    if (value !== undefined) out[name] = value;
+  }
+  return out;
+}
+
+/** The real directory of a program on PATH (inside the store on NixOS), or undefined when it is not installed. */
+function programDir(program: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+    if (dir === '') continue;
+    const candidate = join(dir, program);
+    try {
+      accessSync(candidate, constants.X_OK);
+      return dirname(realpathSync(candidate));
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
+/** Whether the host runs a nix-daemon this process can reach (a multi-user install). */
+function systemDaemonAnswers(): Promise<boolean> {
+  if (process.env.NIX_REMOTE === 'local' || !existsSync(SYSTEM_SOCKET)) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const s = connect(SYSTEM_SOCKET);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
