@@ -17,6 +17,7 @@ import { warmUpCache } from './nix/cache-warmup.js';
 import { CacheUploader } from './nix/cache-upload.js';
 import { StorePool } from './nix/store-pool.js';
 import { detectNix, type NixCapabilities } from './nix/detect.js';
+import { probeSandbox } from './nix/sandbox-probe.js';
 import { compileAgentOptions, coordinatorHost, type AgentOptions, type AgentOptionsInput } from './options.js';
 
 export type { AgentOptions, AgentOptionsInput } from './options.js';
@@ -70,6 +71,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private readonly pool: StorePool;
   private readonly uploader: CacheUploader;
   private capabilities: NixCapabilities | null = null;
+  /** Whether builds here run in Nix's sandbox, measured at start-up (see sandbox-probe.ts). */
+  private sandboxed = false;
   private lastWelcome: Welcome | null = null;
   private warmedCacheUrl = '';
   private warmUp: Promise<void> = Promise.resolve();
@@ -94,6 +97,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       'system-features': this.capabilities
         ? [...this.capabilities.features, ...this.capabilities.mandatoryFeatures].join(' ')
         : '',
+      ...(this.options.nixSandbox ? { sandbox: 'true', 'sandbox-paths': this.options.nixSandboxPaths.join(' ') } : {}),
     }));
     this.uploader = new CacheUploader(this.options.token);
     this.heartbeat = new HeartbeatLoop({
@@ -122,8 +126,17 @@ export class Agent extends EventEmitter<AgentEvents> {
     try {
       const o = this.options;
       this.capabilities = await detectNix(o);
+      const probe = await probeSandbox(this.pool, this.capabilities.systems[0] ?? '', o.logger);
+      this.sandboxed = probe.sandboxed;
+      o.logger.info({ sandboxed: probe.sandboxed, why: probe.reason }, 'sandbox probe');
       credentials =
-        o.tlsCaPath === null ? grpcCredentials.createInsecure() : grpcCredentials.createSsl(readCa(o.tlsCaPath));
+        o.tlsCaPath === null
+          ? grpcCredentials.createInsecure()
+          : grpcCredentials.createSsl(
+              readPem(o.tlsCaPath, 'TLS root certificate'),
+              o.tlsKeyPath === null ? null : readPem(o.tlsKeyPath, 'TLS client key'),
+              o.tlsCertPath === null ? null : readPem(o.tlsCertPath, 'TLS client certificate'),
+            );
       this.spool.prepare();
       this.spool.writeNetrc(coordinatorHost(o.coordinator), o.token);
     } catch (err) {
@@ -206,6 +219,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       maxJobs: caps.maxJobs,
       runningLeases: this.workload?.runningLeases() ?? [],
       sessionNonce: this.outbox.sessionNonce,
+      sandboxed: this.sandboxed,
     };
   }
 
@@ -339,11 +353,11 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 }
 
-function readCa(path: string): Buffer {
+function readPem(path: string, what: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {
-    throw new ConfigError(`cannot read the TLS root certificate ${path}: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`cannot read the ${what} ${path}: ${(err as Error).message}`, { cause: err });
   }
 }
 

@@ -18,6 +18,9 @@ interface Flags {
   mandatoryFeatures?: string[];
   spoolDir?: string;
   tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  nixSandbox?: boolean;
   exitWithParent?: boolean;
 }
 
@@ -26,13 +29,16 @@ function parseArgs(argv: string[]): Flags {
     .description('eka-ci builder agent: dials the coordinator and builds what it is given with Nix')
     .requiredOption('--coordinator <host:port>', "the coordinator's gRPC endpoint")
     .option('--token-file <file>', 'file holding the agent token (mode 0600); default: $EKACI_AGENT_TOKEN')
-    .option('--id <id>', 'agent id, stable across restarts (default: the hostname)')
+    .option('--id <id>', "agent id: must be the token's name, which is the default")
     .option('--max-jobs <n>', "builds at once (default: Nix's max-jobs)", (v) => parseCount('--max-jobs', v))
     .option('--system <system>', 'a system this host builds (repeatable; default: from Nix)', collect)
     .option('--features <list>', 'supported features, comma-separated (default: from Nix)', parseList)
     .option('--mandatory-features <list>', 'features every accepted derivation must require', parseList)
     .option('--spool-dir <dir>', 'where build logs wait until the coordinator has them')
     .option('--tls-ca <file>', 'PEM root certificate: connect with TLS')
+    .option('--tls-cert <file>', 'PEM client certificate, for a coordinator that requires mutual TLS')
+    .option('--tls-key <file>', 'PEM key of the client certificate')
+    .option('--nix-sandbox', "build in Nix's sandbox even where nix.conf says sandbox = false (single-user stores)")
     .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
     .configureOutput({ writeErr: () => {} });
@@ -66,6 +72,9 @@ function compile(flags: Flags): AgentOptions {
     mandatoryFeatures: flags.mandatoryFeatures,
     spoolDir: flags.spoolDir,
     tlsCaPath: flags.tlsCa,
+    tlsCertPath: flags.tlsCert,
+    tlsKeyPath: flags.tlsKey,
+    nixSandbox: flags.nixSandbox,
     logger: createLogger('ekaci-agent'),
   });
 }

@@ -1,5 +1,5 @@
 import { statSync, readFileSync } from 'node:fs';
-import { homedir, hostname } from 'node:os';
+import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError, UsageError } from '../common/errors.js';
 import { LOG_CHUNK_BYTES } from '../common/grpc-options.js';
@@ -14,6 +14,10 @@ const DEFAULT_BACKOFF_CAP_MS = 30_000;
 // its builder and release its locks before SIGKILL.
 const DEFAULT_LOCAL_CANCEL_GRACE_MS = 10_000;
 
+// Plain `/bin/sh` builders (the only kind without nixpkgs) need the shell, its libraries and the programs they call;
+// nothing here is a secret of the host.
+export const DEFAULT_SANDBOX_PATHS = ['/bin', '/usr/bin?', '/lib?', '/lib64?', '/usr/lib?'];
+
 // stopNow() is for "stop now": a short grace still lets Nix kill its builders (they run in sessions of their own
 // and outlive a SIGKILLed nix-store).
 const DEFAULT_STOP_NOW_GRACE_MS = 3_000;
@@ -27,7 +31,10 @@ export interface AgentOptions {
   /** The coordinator's gRPC endpoint, `host:port`. */
   coordinator: string;
   token: string;
-  /** Stable across restarts; defaults to the hostname. */
+  /**
+   * The coordinator names an agent by its token; this may stay empty or repeat the token's name (a Hello naming
+   * another agent is refused).
+   */
   agentId: string;
   /** `null` takes Nix's `max-jobs`. */
   maxJobs: number | null;
@@ -36,9 +43,19 @@ export interface AgentOptions {
   /** `null` takes Nix's `system-features`. */
   features: string[] | null;
   mandatoryFeatures: string[];
+  /**
+   * Turn Nix's sandbox on for this agent's builds, whatever the host's nix.conf says (single-user stores, where
+   * the agent runs its own `nix-daemon --stdio`). On a multi-user host the daemon's configuration decides.
+   */
+  nixSandbox: boolean;
+  /** What a sandboxed build sees of the host (`sandbox-paths`): the shell and the programs `/bin/sh` builders use. */
+  nixSandboxPaths: string[];
   spoolDir: string;
   /** PEM root certificate for TLS; `null` connects without TLS. */
   tlsCaPath: string | null;
+  /** PEM client certificate and key, for a coordinator that requires mutual TLS; both or neither. */
+  tlsCertPath: string | null;
+  tlsKeyPath: string | null;
   logger: Logger;
   backoffBaseMs: number;
   backoffCapMs: number;
@@ -54,13 +71,17 @@ export type AgentOptionsInput = Pick<AgentOptions, 'coordinator' | 'token'> & Pa
 /** Fills in defaults and validates; a bad value is a ConfigError naming it. */
 export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
   const options: AgentOptions = {
-    agentId: hostname(),
+    agentId: '',
     maxJobs: null,
     systems: null,
     features: null,
     mandatoryFeatures: [],
+    nixSandbox: false,
+    nixSandboxPaths: DEFAULT_SANDBOX_PATHS,
     spoolDir: defaultSpoolDir(),
     tlsCaPath: null,
+    tlsCertPath: null,
+    tlsKeyPath: null,
     logger: input.logger ?? createLogger('ekaci-agent'),
     backoffBaseMs: DEFAULT_BACKOFF_BASE_MS,
     backoffCapMs: DEFAULT_BACKOFF_CAP_MS,
@@ -74,7 +95,12 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
   };
   coordinatorHost(options.coordinator);
   if (options.token.trim() === '') throw new ConfigError('the agent token is empty');
-  if (options.agentId.trim() === '') throw new ConfigError('the agent id is empty');
+  if ((options.tlsCertPath === null) !== (options.tlsKeyPath === null)) {
+    throw new ConfigError('a TLS client certificate needs its key, and a key its certificate (--tls-cert, --tls-key)');
+  }
+  if (options.tlsCertPath !== null && options.tlsCaPath === null) {
+    throw new ConfigError('a TLS client certificate needs TLS: pass --tls-ca too');
+  }
   if (options.maxJobs !== null) positiveInteger('maxJobs', options.maxJobs);
   for (const key of ['backoffBaseMs', 'backoffCapMs', 'logChunkBytes', 'stopNowGraceMs', 'closeTimeoutMs'] as const) {
     positiveInteger(key, options[key]);

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { join } from 'node:path';
 import { createLogger } from '../common/logging.js';
-import { TokenStore } from '../coordinator/agents/token-store.js';
+import { type TokenKind, TokenStore } from '../coordinator/access/token-store.js';
 import { AuditLog } from '../coordinator/audit-log.js';
 import { loadCoordinatorConfig } from '../coordinator/config.js';
 import { openDatabase } from '../coordinator/db/database.js';
@@ -49,51 +49,62 @@ const program = new Command('ekaci-coordinator')
     process.on('SIGINT', stop);
   });
 
-const tokens = program.command('agent-token').description('create, revoke and list agent tokens');
+const actor = `cli:${process.env.SUDO_USER ?? process.env.USER ?? 'unknown'}`;
 
-function withTokens<T>(config: string | undefined, fn: (store: TokenStore) => T): T {
+function withTokens<T>(kind: TokenKind, config: string | undefined, fn: (store: TokenStore) => T): T {
   const options = loadCoordinatorConfig(config);
   const db = openDatabase(join(options.dataDir, 'ekaci.sqlite'));
   try {
-    return fn(new TokenStore(db, new AuditLog(db), []));
+    return fn(new TokenStore(db, new AuditLog(db), [], kind));
   } finally {
     db.close();
   }
 }
 
-const actor = `cli:${process.env.SUDO_USER ?? process.env.USER ?? 'unknown'}`;
+/** `agent-token` and `api-token`: the same three subcommands over the two kinds of token. */
+function tokenCommands(kind: TokenKind, what: { create: string; revoke: string; name: string }): void {
+  const tokens = program.command(`${kind}-token`).description(`create, revoke and list ${kind} tokens`);
+  tokens
+    .command('create')
+    .argument('<name>', what.name)
+    .option('--config <file>', 'TOML configuration file')
+    .description(what.create)
+    .action((name: string, opts: { config?: string }) => {
+      const token = withTokens(kind, opts.config, (s) => s.create(name, actor));
+      process.stdout.write(`${token}\n`);
+    });
+  tokens
+    .command('revoke')
+    .argument('<name>')
+    .option('--config <file>', 'TOML configuration file')
+    .description(what.revoke)
+    .action((name: string, opts: { config?: string }) => {
+      if (!withTokens(kind, opts.config, (s) => s.revoke(name, actor))) {
+        process.stderr.write(`ekaci-coordinator: no active ${kind} token named "${name}"\n`);
+        process.exitCode = 2;
+      }
+    });
+  tokens
+    .command('list')
+    .option('--config <file>', 'TOML configuration file')
+    .description('list tokens (names and dates; tokens themselves are not stored)')
+    .action((opts: { config?: string }) => {
+      for (const t of withTokens(kind, opts.config, (s) => s.list())) {
+        const state = t.revokedAt ? `revoked ${new Date(t.revokedAt).toISOString()}` : 'active';
+        process.stdout.write(`${t.name}\t${new Date(t.createdAt).toISOString()}\t${state}\n`);
+      }
+    });
+}
 
-tokens
-  .command('create')
-  .argument('<name>', 'a name for the agent or group of agents that will use the token')
-  .option('--config <file>', 'TOML configuration file')
-  .description('create a token and print it once (store it on the agent in a file of mode 0600)')
-  .action((name: string, opts: { config?: string }) => {
-    const token = withTokens(opts.config, (s) => s.create(name, actor));
-    process.stdout.write(`${token}\n`);
-  });
-
-tokens
-  .command('revoke')
-  .argument('<name>')
-  .option('--config <file>', 'TOML configuration file')
-  .description('revoke a token; agents using it are disconnected within seconds')
-  .action((name: string, opts: { config?: string }) => {
-    if (!withTokens(opts.config, (s) => s.revoke(name, actor))) {
-      process.stderr.write(`ekaci-coordinator: no active token named "${name}"\n`);
-      process.exitCode = 2;
-    }
-  });
-
-tokens
-  .command('list')
-  .option('--config <file>', 'TOML configuration file')
-  .description('list tokens (names and dates; tokens themselves are not stored)')
-  .action((opts: { config?: string }) => {
-    for (const t of withTokens(opts.config, (s) => s.list())) {
-      const state = t.revokedAt ? `revoked ${new Date(t.revokedAt).toISOString()}` : 'active';
-      process.stdout.write(`${t.name}\t${new Date(t.createdAt).toISOString()}\t${state}\n`);
-    }
-  });
+tokenCommands('agent', {
+  name: "the agent's name: the coordinator knows the agent that uses this token by it",
+  create: 'create a token and print it once (store it on the agent in a file of mode 0600)',
+  revoke: 'revoke a token; agents using it are disconnected within seconds',
+});
+tokenCommands('api', {
+  name: 'who or what will use the token (a person, a dashboard, a script)',
+  create: 'create an API token and print it once (send it as "Authorization: Bearer TOKEN")',
+  revoke: 'revoke an API token; requests with it are refused from then on',
+});
 
 await runCli(program, process.argv);

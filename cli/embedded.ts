@@ -47,9 +47,9 @@ export class EmbeddedSystem {
       else {
         const agent = new Agent({
           coordinator: this.coordinator.grpcTarget,
-          token: this.coordinator.localAgentToken,
-          agentId,
+          token: this.coordinator.localAgentToken(agentId),
           maxJobs: this.options.maxJobs ?? null,
+          nixSandbox: this.options.coordinator.localAgent.sandbox,
           spoolDir: join(dir, 'spool'),
           logger: this.options.logger.child({ component: 'agent', agentId }),
         });
@@ -80,12 +80,12 @@ export class EmbeddedSystem {
   private spawnIsolatedAgent(agentId: string, dir: string): ChildProcess {
     const child = spawnAgentProcess({
       coordinator: this.coordinator.grpcTarget,
-      token: this.coordinator.localAgentToken,
+      token: this.coordinator.localAgentToken(agentId),
       agentId,
       dir,
       isolated: true,
       maxJobs: this.options.maxJobs,
-      extraArgs: ['--exit-with-parent'],
+      extraArgs: ['--exit-with-parent', ...(this.options.coordinator.localAgent.sandbox ? ['--nix-sandbox'] : [])],
       logLevel: this.options.agentLogLevel,
     });
     child.on('exit', (code, signal) => {

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError } from '../common/errors.js';
+import { policyFor } from './eval/eval-options.js';
 import { compileCoordinatorConfig, loadCoordinatorConfig } from './config.js';
 
 const KEY = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({
@@ -55,7 +56,11 @@ describe('coordinator configuration', () => {
       allowInsecureWebhooks: false,
       requireApproval: false,
       approvedUsers: [],
+      allowUnsandboxedUntrustedBuilds: false,
     });
+    expect(o.web.public).toBe(true);
+    expect(o.helloTimeoutMs).toBe(10_000);
+    expect(o.evaluation).toMatchObject({ sandbox: true, store: 'auto', allowImportFromDerivation: false, rules: [] });
     expect(o.github).toEqual({ buildDraftPullRequests: false, checkRunUpdateIntervalMs: 5_000 });
   });
 
@@ -92,8 +97,38 @@ describe('coordinator configuration', () => {
       allowInsecureWebhooks: false,
       requireApproval: true,
       approvedUsers: ['alice'],
+      allowUnsandboxedUntrustedBuilds: false,
     });
     expect(o.github).toEqual({ buildDraftPullRequests: true, checkRunUpdateIntervalMs: 2_500 });
+  });
+
+  it('means every branch when allowed_branches is left out, and refuses an empty list naming the key', () => {
+    const o = compileCoordinatorConfig({ github_apps: [app()], security: { webhook_secret: SECRET } }, 't', APP_ENV);
+    expect(o.githubApps[0]?.permissions.allowedBranches).toBeUndefined();
+    const e = configError({ github_apps: [app({ permissions: { allowed_repos: ['x/*'], allowed_branches: [] } })] });
+    expect(e.message).toMatch(/github_apps\.0\.permissions\.allowed_branches: an empty list allows no branch/);
+  });
+
+  it('compiles the evaluation policy: limits, and what each repository may fetch', () => {
+    const o = compileCoordinatorConfig(
+      {
+        evaluation: {
+          workers: 3,
+          max_memory_mib: 512,
+          attr_timeout_seconds: 30,
+          repositories: [{ repos: ['acme/*'], allowed_uris: ['https://example.com/'] }],
+        },
+      },
+      't',
+      {},
+    );
+    expect(o.evaluation).toMatchObject({ workers: 3, maxMemoryMiB: 512, attrTimeoutSeconds: 30 });
+    expect(policyFor(o.evaluation, 'acme/pkgs')).toEqual({
+      allowedUris: ['https://example.com/'],
+      allowImportFromDerivation: false,
+    });
+    expect(policyFor(o.evaluation, 'other/pkgs')).toEqual({ allowedUris: [], allowImportFromDerivation: false });
+    expect(() => compileCoordinatorConfig({ evaluation: { sandbox: 'yes' } }, 't', {})).toThrow(/evaluation\.sandbox/);
   });
 
   it('reads GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY when an app names no credentials', () => {

@@ -36,8 +36,22 @@ const DEFAULT_CHECK_RUN_UPDATE_INTERVAL_S = 5;
 const DEFAULT_GITHUB_API_URL = 'https://api.github.com';
 // GitHub generates no webhook secret itself; a short one is guessable offline from any one signed delivery.
 const MIN_WEBHOOK_SECRET_LENGTH = 16;
+// An agent says Hello as soon as its stream opens; a stream silent for this long is not an agent worth a slot.
+const DEFAULT_HELLO_TIMEOUT_S = 10;
 
 const port = z.number().int().min(0).max(65_535);
+
+const tokenList = z
+  .array(
+    z
+      .object({
+        name: z.string().regex(/^[A-Za-z0-9._-]+$/, 'letters, digits, ".", "_" and "-" only'),
+        token: z.string().min(16).optional(),
+        token_file: z.string().optional(),
+      })
+      .strict(),
+  )
+  .default([]);
 const seconds = z.number().int().min(0);
 
 const githubApp = z
@@ -62,11 +76,14 @@ const schema = z
     lease_ttl_seconds: z.number().positive().default(DEFAULT_LEASE_TTL_S),
     max_attempts: z.number().int().min(1).default(DEFAULT_MAX_ATTEMPTS),
     graph_lru_capacity: z.number().int().min(1).default(DEFAULT_GRAPH_LRU_CAPACITY),
+    agent_hello_timeout_seconds: z.number().positive().default(DEFAULT_HELLO_TIMEOUT_S),
     web: z
       .object({
         address: z.string().default('127.0.0.1'),
         port: port.default(8080),
         public_url: z.string().url().optional(),
+        /** Anonymous callers may read public repositories' data (never private ones'). */
+        public: z.boolean().default(true),
       })
       .strict()
       .prefault({}),
@@ -76,16 +93,23 @@ const schema = z
         port: port.default(50051),
         tls_cert_file: z.string().optional(),
         tls_key_file: z.string().optional(),
+        /** With TLS: agents must present a client certificate signed by this CA (mutual TLS). */
+        client_ca_file: z.string().optional(),
       })
       .strict()
       .refine((g) => (g.tls_cert_file === undefined) === (g.tls_key_file === undefined), {
         message: 'tls_cert_file and tls_key_file go together',
+      })
+      .refine((g) => g.client_ca_file === undefined || g.tls_cert_file !== undefined, {
+        message: 'client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is TLS first)',
       })
       .prefault({}),
     local_agent: z
       .object({
         enabled: z.boolean().default(true),
         max_jobs: z.number().int().min(1).optional(),
+        /** Build in Nix's sandbox even where the host's nix.conf says sandbox = false (Debian's default). */
+        sandbox: z.boolean().default(false),
       })
       .strict()
       .prefault({}),
@@ -98,17 +122,8 @@ const schema = z
       })
       .strict()
       .prefault({}),
-    agent_tokens: z
-      .array(
-        z
-          .object({
-            name: z.string().regex(/^[A-Za-z0-9._-]+$/, 'letters, digits, ".", "_" and "-" only'),
-            token: z.string().min(16).optional(),
-            token_file: z.string().optional(),
-          })
-          .strict(),
-      )
-      .default([]),
+    agent_tokens: tokenList,
+    api_tokens: tokenList,
     github_apps: z
       .array(githubApp)
       .default([])
@@ -119,6 +134,8 @@ const schema = z
         allow_insecure_webhooks: z.boolean().default(false),
         require_approval: z.boolean().default(false),
         approved_users: z.array(z.string().min(1)).default([]),
+        /** Untrusted pull-request code may build on agents whose Nix sandbox is off (it then sees the host). */
+        allow_unsandboxed_untrusted_builds: z.boolean().default(false),
       })
       .strict()
       .prefault({}),
@@ -152,12 +169,19 @@ export interface CoordinatorOptions {
   maxAttempts: number;
   /** Derivations kept in memory beyond those with pending work (the rest reload from SQLite). */
   graphLruCapacity: number;
-  web: { address: string; port: number; publicUrl: string | undefined };
-  grpc: { address: string; port: number; tls: { certFile: string; keyFile: string } | undefined };
-  localAgent: { enabled: boolean; maxJobs: number | undefined };
+  /** A stream that sends no Hello within this time is closed. */
+  helloTimeoutMs: number;
+  web: { address: string; port: number; publicUrl: string | undefined; public: boolean };
+  grpc: {
+    address: string;
+    port: number;
+    tls: { certFile: string; keyFile: string; clientCaFile: string | undefined } | undefined;
+  };
+  localAgent: { enabled: boolean; maxJobs: number | undefined; sandbox: boolean };
   cache: { keyName: string };
   /** Tokens declared in the configuration (more live in the database). */
   agentTokens: Array<{ name: string; token: string }>;
+  apiTokens: Array<{ name: string; token: string }>;
   githubApps: GitHubAppOptions[];
   security: {
     /** Undefined only with `allowInsecureWebhooks` or without GitHub Apps. */
@@ -165,6 +189,7 @@ export interface CoordinatorOptions {
     allowInsecureWebhooks: boolean;
     requireApproval: boolean;
     approvedUsers: string[];
+    allowUnsandboxedUntrustedBuilds: boolean;
   };
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
   /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
@@ -218,12 +243,19 @@ export function compileCoordinatorConfig(
   }
   const c = parsed.data;
   const rel = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
-  const agentTokens = c.agent_tokens.map((t) => {
-    const fromEnv = env[`EKACI_AGENT_TOKEN_${t.name.toUpperCase().replace(/[-.]/g, '_')}`];
-    const token = fromEnv ?? t.token ?? (t.token_file ? readSecretFile(rel(t.token_file), source) : undefined);
-    if (!token) throw new ConfigError(`${source}: agent_tokens.${t.name}: needs token, token_file or env`);
-    return { name: t.name, token };
-  });
+  const tokens = (
+    list: typeof c.agent_tokens,
+    key: string,
+    envPrefix: string,
+  ): Array<{ name: string; token: string }> =>
+    list.map((t) => {
+      const fromEnv = env[`${envPrefix}${t.name.toUpperCase().replace(/[-.]/g, '_')}`];
+      const token = fromEnv ?? t.token ?? (t.token_file ? readSecretFile(rel(t.token_file), source) : undefined);
+      if (!token) throw new ConfigError(`${source}: ${key}.${t.name}: needs token, token_file or env`);
+      return { name: t.name, token };
+    });
+  const agentTokens = tokens(c.agent_tokens, 'agent_tokens', 'EKACI_AGENT_TOKEN_');
+  const apiTokens = tokens(c.api_tokens, 'api_tokens', 'EKACI_API_TOKEN_');
   const githubApps = c.github_apps.map((app) => compileGitHubApp(app, source, env, baseDir));
   const webhookSecret = env.GITHUB_WEBHOOK_SECRET || c.security.webhook_secret;
   if (webhookSecret !== undefined && webhookSecret.length < MIN_WEBHOOK_SECRET_LENGTH) {
@@ -244,23 +276,30 @@ export function compileCoordinatorConfig(
     leaseTtlMs: Math.round(c.lease_ttl_seconds * 1000),
     maxAttempts: c.max_attempts,
     graphLruCapacity: c.graph_lru_capacity,
-    web: { address: c.web.address, port: c.web.port, publicUrl: c.web.public_url },
+    helloTimeoutMs: Math.round(c.agent_hello_timeout_seconds * 1000),
+    web: { address: c.web.address, port: c.web.port, publicUrl: c.web.public_url, public: c.web.public },
     grpc: {
       address: c.grpc.address,
       port: c.grpc.port,
       tls: c.grpc.tls_cert_file
-        ? { certFile: rel(c.grpc.tls_cert_file), keyFile: rel(c.grpc.tls_key_file!) }
+        ? {
+            certFile: rel(c.grpc.tls_cert_file),
+            keyFile: rel(c.grpc.tls_key_file!),
+            clientCaFile: c.grpc.client_ca_file ? rel(c.grpc.client_ca_file) : undefined,
+          }
         : undefined,
     },
-    localAgent: { enabled: c.local_agent.enabled, maxJobs: c.local_agent.max_jobs },
+    localAgent: { enabled: c.local_agent.enabled, maxJobs: c.local_agent.max_jobs, sandbox: c.local_agent.sandbox },
     cache: { keyName: c.cache.key_name },
     agentTokens,
+    apiTokens,
     githubApps,
     security: withoutSecretInJson({
       webhookSecret,
       allowInsecureWebhooks: c.security.allow_insecure_webhooks,
       requireApproval: c.security.require_approval,
       approvedUsers: c.security.approved_users,
+      allowUnsandboxedUntrustedBuilds: c.security.allow_unsandboxed_untrusted_builds,
     }),
     github: {
       buildDraftPullRequests: c.github.build_draft_pull_requests,

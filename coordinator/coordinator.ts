@@ -7,10 +7,12 @@ import { serverChannelOptions } from '../common/grpc-options.js';
 import type { Logger } from '../common/logging.js';
 import { AgentServiceService } from '../common/proto/ekaci/agent/v1/agent.js';
 import { AgentHub } from './agents/agent-hub.js';
-import { TokenStore, generateToken } from './agents/token-store.js';
+import { AccessControl } from './access/access-control.js';
+import { TokenStore } from './access/token-store.js';
 import { AuditLog } from './audit-log.js';
 import { BinaryCache } from './cache/binary-cache.js';
-import { cacheRouter, tokenAuthenticator } from './cache/http-routes.js';
+import { checkFixedOutput } from './cache/fixed-output.js';
+import { cacheRouter } from './cache/http-routes.js';
 import { loadOrCreateSigningKey } from './cache/signing-key.js';
 import { DerivationGraph } from './graph/derivation-graph.js';
 import { DiffStore } from './graph/diff-store.js';
@@ -19,7 +21,7 @@ import { EvaluationStore } from './eval/evaluation-store.js';
 import type { CoordinatorOptions } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
-import { createHttpApp, listen } from './http/server.js';
+import { createHttpApp, listen, routeList } from './http/server.js';
 import { LogStore } from './logs/log-store.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
@@ -44,16 +46,21 @@ export class Coordinator {
   readonly store: BuildStore;
   readonly logs: LogStore;
   readonly audit: AuditLog;
+  /** Agent tokens: an agent's identity. */
   readonly tokens: TokenStore;
+  /** API tokens: for reading (and, later, acting) through the HTTP API. */
+  readonly apiTokens: TokenStore;
+  /** Who may read and upload what: every credential check goes through here. */
+  readonly access: AccessControl;
   readonly evaluations: EvaluationStore;
   readonly reviews: ReviewService;
   /** The GitHub App side, when `[[github_apps]]` are configured. */
   readonly github: GitHubService | undefined;
-  /** A token for agents started by this process (the embedded system); never written anywhere. */
-  readonly localAgentToken = generateToken();
   private hub: AgentHub | undefined;
   private cache: BinaryCache | undefined;
   private evalEnv: EvalEnvironment | undefined;
+  /** Every HTTP route served, once started (tests check that each one follows the access rules). */
+  routes: Array<{ method: string; path: string }> = [];
   private grpcServer: Server | undefined;
   private httpServer: HttpServer | undefined;
   grpcPort = 0;
@@ -67,12 +74,12 @@ export class Coordinator {
     this.store = new BuildStore(this.db);
     this.logs = new LogStore(join(options.dataDir, 'logs'));
     this.audit = new AuditLog(this.db);
-    this.tokens = new TokenStore(this.db, this.audit, [
-      ...options.agentTokens,
-      { name: 'local-agent', token: this.localAgentToken },
-    ]);
+    this.tokens = new TokenStore(this.db, this.audit, options.agentTokens, 'agent');
+    this.apiTokens = new TokenStore(this.db, this.audit, options.apiTokens, 'api');
+    this.access = new AccessControl(this.tokens, this.apiTokens, { publicReads: options.web.public });
     const lazyCache = {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
+      narInfo: (path: string) => this.requireCache().narInfo(path),
       pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
         this.requireCache().pushFromLocalStore(paths, o),
       sizes: (paths: readonly string[]) => this.requireCache().sizes(paths),
@@ -117,6 +124,14 @@ export class Coordinator {
         : undefined;
   }
 
+  /**
+   * A token for an agent this process starts (the embedded system), named `name`: the agent's identity. It lives in
+   * memory only and is never written anywhere.
+   */
+  localAgentToken(name: string): string {
+    return this.tokens.ephemeral(name);
+  }
+
   /** Where users and GitHub reach this coordinator's HTTP server. */
   get publicUrl(): string {
     return this.options.web.publicUrl ?? `http://${hostFor(this.options.web.address)}:${this.httpPort}`;
@@ -124,6 +139,16 @@ export class Coordinator {
 
   get cacheUrl(): string {
     return `${this.publicUrl}/cache`;
+  }
+
+  /**
+   * Whether a repository's data is public: only a repository GitHub told us is public is. Local repositories
+   * (`ekaci review --repo PATH`) and repositories the coordinator knows nothing about are private.
+   */
+  repoVisibility(repo: string): 'public' | 'private' {
+    const row = this.db.prepare('SELECT private FROM github_repositories WHERE full_name = ?').get(repo) as
+      { private: number } | undefined;
+    return row?.private === 0 ? 'public' : 'private';
   }
 
   /** A store path's references as the built-in cache knows them; [] for a path it does not have. */
@@ -170,7 +195,11 @@ export class Coordinator {
     const app = createHttpApp(
       {
         cache: cacheRouter(this.cache, {
-          authenticateUpload: tokenAuthenticator((t) => this.tokens.verify(t) !== undefined),
+          access: this.access,
+          lease: (id) => this.manager.openLease(id),
+          visibility: (path) => (this.store.isPrivate(path) ? 'private' : 'public'),
+          checkUpload: (lease, storePath, url, compression) =>
+            checkFixedOutput(lease.drvPath, storePath, this.requireCache().dir, url, compression),
         }),
         api: apiRouter({
           store: this.store,
@@ -178,13 +207,17 @@ export class Coordinator {
           manager: this.manager,
           reviews: this.reviews,
           evaluations: this.evaluations,
+          access: this.access,
+          repoVisibility: (repo) => this.repoVisibility(repo),
         }),
+        access: this.access,
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
         ready: () => this.state === 'running',
       },
       this.logger.child({ component: 'http' }),
     );
+    this.routes = routeList(app);
     const http = await listen(app, this.options.web.address, this.options.web.port);
     this.httpServer = http.server;
     this.httpPort = http.port;
@@ -192,6 +225,7 @@ export class Coordinator {
     this.hub = new AgentHub(
       this.manager,
       this.tokens,
+      this.access,
       this.audit,
       this.db,
       {
@@ -199,16 +233,21 @@ export class Coordinator {
         cacheUrl: this.cacheUrl,
         cachePublicKey: this.cache.publicKey,
         cancelGraceSeconds: CANCEL_GRACE_SECONDS,
+        helloTimeoutMs: this.options.helloTimeoutMs,
+        allowUnsandboxedUntrustedBuilds: this.options.security.allowUnsandboxedUntrustedBuilds,
       },
       this.logger.child({ component: 'agents' }),
     );
     this.grpcServer = new Server(serverChannelOptions);
     this.grpcServer.addService(AgentServiceService, this.hub.service);
     const tls = this.options.grpc.tls;
+    // With client_ca_file, a client certificate signed by that CA is required before any call (mutual TLS).
     const credentials = tls
-      ? ServerCredentials.createSsl(null, [
-          { cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) },
-        ])
+      ? ServerCredentials.createSsl(
+          tls.clientCaFile ? readFileSync(tls.clientCaFile) : null,
+          [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }],
+          tls.clientCaFile !== undefined,
+        )
       : ServerCredentials.createInsecure();
     this.grpcPort = await new Promise<number>((resolve, reject) =>
       this.grpcServer!.bindAsync(`${this.options.grpc.address}:${this.options.grpc.port}`, credentials, (err, port) =>

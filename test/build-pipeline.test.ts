@@ -36,7 +36,7 @@ async function localAgent(
 ): Promise<Agent> {
   const agent = new Agent({
     coordinator: coordinator!.grpcTarget,
-    token: coordinator!.localAgentToken,
+    token: coordinator!.localAgentToken(agentId),
     agentId,
     maxJobs: 2,
     spoolDir: join(tempDir(), 'spool'),
@@ -52,7 +52,7 @@ async function localAgent(
 function isolatedAgent(agentId: string, extraArgs: string[] = []): ChildProcess {
   const child = spawnAgentProcess({
     coordinator: coordinator!.grpcTarget,
-    token: coordinator!.localAgentToken,
+    token: coordinator!.localAgentToken(agentId),
     agentId,
     dir: tempDir(`ekaci-${agentId}-`),
     isolated: true,
@@ -221,10 +221,110 @@ describe('building derivations on agents', () => {
     const r = await build(`{ secure = mk "secure" { }; }`, ['secure']);
     expect(r.secure?.state, r.secure?.error ?? '').toBe('succeeded');
     // Without the certificate, the agent cannot even start its stream.
-    const plain = new RawAgent(`localhost:${coordinator.grpcPort}`, coordinator.localAgentToken);
+    const plain = new RawAgent(`localhost:${coordinator.grpcPort}`, coordinator.localAgentToken('plain'));
     plain.hello();
     expect((await plain.ended()).code).toBe(status.UNAVAILABLE);
     plain.close();
+  });
+
+  it('requires a client certificate from agents when configured for mutual TLS', async () => {
+    const dir = tempDir();
+    const pem = (name: string): string => join(dir, name);
+    const openssl = (...args: string[]): void => void execFileSync('openssl', args, { stdio: 'ignore' });
+    // A server certificate, and a CA that signs the agents' client certificates.
+    openssl(
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-days',
+      '1',
+      '-subj',
+      '/CN=localhost',
+      '-addext',
+      'subjectAltName=DNS:localhost',
+      '-keyout',
+      pem('server.key'),
+      '-out',
+      pem('server.crt'),
+    );
+    openssl(
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-days',
+      '1',
+      '-subj',
+      '/CN=agents-ca',
+      '-keyout',
+      pem('ca.key'),
+      '-out',
+      pem('ca.crt'),
+    );
+    openssl(
+      'req',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-subj',
+      '/CN=mtls',
+      '-keyout',
+      pem('agent.key'),
+      '-out',
+      pem('agent.csr'),
+    );
+    openssl(
+      'x509',
+      '-req',
+      '-in',
+      pem('agent.csr'),
+      '-CA',
+      pem('ca.crt'),
+      '-CAkey',
+      pem('ca.key'),
+      '-CAcreateserial',
+      '-days',
+      '1',
+      '-out',
+      pem('agent.crt'),
+    );
+    coordinator = await startCoordinator(join(dir, 'data'), {
+      grpc: {
+        port: 0,
+        tls_cert_file: pem('server.crt'),
+        tls_key_file: pem('server.key'),
+        client_ca_file: pem('ca.crt'),
+      },
+    });
+    const target = `localhost:${coordinator.grpcPort}`;
+
+    await localAgent('mtls', {
+      coordinator: target,
+      tlsCaPath: pem('server.crt'),
+      tlsCertPath: pem('agent.crt'),
+      tlsKeyPath: pem('agent.key'),
+    });
+    const r = await build(`{ mutual = mk "mutual" { }; }`, ['mutual']);
+    expect(r.mutual?.state, r.mutual?.error ?? '').toBe('succeeded');
+
+    // The same token without a certificate gets no stream at all.
+    const without = new Agent({
+      coordinator: target,
+      token: coordinator.localAgentToken('mtls'),
+      tlsCaPath: pem('server.crt'),
+      spoolDir: join(tempDir(), 'spool'),
+      logger: silentLogger(),
+      backoffBaseMs: 20,
+      backoffCapMs: 50,
+    });
+    agents.push(without);
+    const disconnected = new Promise<string>((resolve) => without.once('disconnected', resolve));
+    void without.start().catch(() => undefined);
+    expect(await disconnected).toMatch(/UNAVAILABLE|handshake|certificate|14/i);
+    expect(coordinator.agentHub.agentCount).toBe(1);
   });
 
   it('finds outputs that are already built without building them again', async () => {

@@ -195,7 +195,7 @@ token = "${token}"
       spawnAgentProcess({
         coordinator: `127.0.0.1:${grpcPort}`,
         token,
-        agentId: 'survivor',
+        agentId: 'restart-test',
         dir: join(dir, 'agent'),
         isolated: process.getuid?.() === 0,
         logLevel: 'error',

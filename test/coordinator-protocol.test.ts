@@ -43,7 +43,7 @@ async function instantiateAll(body: string): Promise<Record<string, string>> {
 async function leaseOneBuild() {
   coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
   const drvs = await instantiateAll('{ only = mk "only" {}; }');
-  const a = raw(coordinator.localAgentToken);
+  const a = raw(coordinator.localAgentToken('raw-agent'));
   a.hello();
   await a.next('welcome');
   await coordinator.manager.submit([{ attr: 'only', drvPath: drvs.only! }], 'test');
@@ -64,7 +64,7 @@ describe('the coordinator side of the agent protocol', () => {
 
   it('refuses a protocol major mismatch naming both versions', async () => {
     coordinator = await startCoordinator(tempDir());
-    const a = raw(coordinator.localAgentToken);
+    const a = raw(coordinator.localAgentToken('raw-agent'));
     a.hello({ protocolVersion: { major: PROTOCOL_VERSION.major + 1, minor: 0 } });
     const err = await a.next('error');
     expect(err.code).toBe('EKACI_ERR_PROTOCOL_MISMATCH');
@@ -75,7 +75,7 @@ describe('the coordinator side of the agent protocol', () => {
 
   it('requires Hello as the first message', async () => {
     coordinator = await startCoordinator(tempDir());
-    const a = raw(coordinator.localAgentToken);
+    const a = raw(coordinator.localAgentToken('raw-agent'));
     a.send({ $case: 'heartbeat', value: { leaseIds: [] } });
     expect((await a.next('error')).message).toMatch(/expected Hello/);
   });
@@ -97,7 +97,7 @@ describe('the coordinator side of the agent protocol', () => {
     const drvs = await instantiateAll(
       'builtins.listToAttrs (map (i: { name = "d${toString i}"; value = mk "d${toString i}" {}; }) [1 2 3 4 5])',
     );
-    const a = raw(coordinator.localAgentToken);
+    const a = raw(coordinator.localAgentToken('raw-agent'));
     a.hello({ maxJobs: 2 });
     await a.next('welcome');
     const request = await coordinator.manager.submit(
@@ -180,7 +180,7 @@ describe('the coordinator side of the agent protocol', () => {
     expect((await a.next('logAck', (x) => x.storedBytes === 11)).storedBytes).toBe(11);
     a.close();
 
-    const again = raw(coordinator!.localAgentToken);
+    const again = raw(coordinator!.localAgentToken('raw-agent'));
     again.hello({
       runningLeases: [
         { leaseId: lease.leaseId, logBytes: 20 },
@@ -201,7 +201,7 @@ describe('the coordinator side of the agent protocol', () => {
   it('retries a build whose agent reconnects without it', async () => {
     const { a, lease } = await leaseOneBuild();
     a.close();
-    const again = raw(coordinator!.localAgentToken);
+    const again = raw(coordinator!.localAgentToken('raw-agent'));
     again.hello({ runningLeases: [] });
     await again.next('welcome');
     again.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });

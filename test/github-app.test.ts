@@ -450,11 +450,59 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
     );
     expect(github.api.reactions('acme/approve', 990)).toEqual(['+1']);
     // The approval was for that commit: a new push from the outside contributor waits for approval again.
+    const beforePush = new Date();
+    await new Promise((resolve) => setTimeout(resolve, 5));
     const pushed = repo.payload('synchronize') as { pull_request: { head: { sha: string } } };
     pushed.pull_request.head.sha = repo.base;
     expect((await deliver(system, 'pull_request', pushed)).status).toBe(202);
     const again = await completedChecks(github, 'acme/approve', repo.base, 2);
     expect(again['eka-ci / evaluation']?.conclusion).toBe('action_required');
+
+    // A re-run clicked on the waiting head (by anyone) goes through approval too: nothing is built.
+    const example = webhookExamples('check_run', 'rerequested')[0]!;
+    const rerun = {
+      ...example,
+      check_run: { ...(example.check_run as object), head_sha: repo.base, name: 'eka-ci / evaluation' },
+      repository: { ...(example.repository as object), full_name: 'acme/approve', clone_url: repo.cloneUrl },
+      installation: { id: INSTALLATION },
+      sender: { ...(example.sender as object), login: 'stranger' },
+    };
+    const runsBefore = system.coordinator.github!.runs.runsOf({ repo: 'acme/approve', prNumber: 9 }).length;
+    expect((await deliver(system, 'check_run', rerun)).status).toBe(202);
+    const queue = system.coordinator.github!.queue;
+    await github.api.waitFor(() => {
+      const c = queue.counts();
+      return c.pending + c.processing === 0;
+    }, 'the re-run handled');
+    const runs = system.coordinator.github!.runs.runsOf({ repo: 'acme/approve', prNumber: 9, headSha: repo.base });
+    expect(runs.map((r) => r.state)).toEqual(['awaiting-approval']);
+    expect(system.coordinator.github!.runs.runsOf({ repo: 'acme/approve', prNumber: 9 }).length).toBe(runsBefore);
+    expect(
+      system.coordinator.audit.recent().some((a) => a.action === 'rebuild-failed' && a.actor === 'github:stranger'),
+    ).toBe(true);
+
+    // An approval written before that push covers the commit the approver saw, not the one pushed after it.
+    const late = commentPayload({
+      repo: 'acme/approve',
+      cloneUrl: repo.cloneUrl,
+      number: 9,
+      id: 991,
+      body: '@eka-ci approve',
+      author: 'alice',
+      // Written while the first head was current, delivered after the push.
+      createdAt: beforePush,
+    });
+    github.api.updatePull('acme/approve', 9, { headSha: repo.base });
+    expect((await deliver(system, 'issue_comment', late)).status).toBe(202);
+    const said = await github.api.waitFor(
+      () => github.api.comments('acme/approve', 9).find((c) => c.body.includes('moved on')),
+      'the reply to an approval of an older head',
+    );
+    expect(said.body).toContain(`approved ${head}`);
+    expect(said.body).toContain(`moved on to ${repo.base}`);
+    expect(
+      github.api.checkRuns('acme/approve', repo.base).find((c) => c.name === 'eka-ci / summary')?.conclusion,
+    ).not.toBe('success');
     expect(github.api.invalid).toEqual([]);
   });
 });

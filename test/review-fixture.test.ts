@@ -117,8 +117,12 @@ describe('the review of the fixture change', () => {
     describe('the coordinator serves the same review from its database', () => {
       let coordinator: Coordinator;
       let api: string;
+      // A local repository's data is private: reading it takes an API token.
+      const token = 'ekaci_api-token-for-the-review-fixture-test';
+      const fetch = (url: string): Promise<Response> =>
+        globalThis.fetch(url, { headers: { authorization: `Bearer ${token}` } });
       beforeAll(async () => {
-        coordinator = await startCoordinator(dataDir);
+        coordinator = await startCoordinator(dataDir, { api_tokens: [{ name: 'reader', token }] });
         api = `http://127.0.0.1:${coordinator.httpPort}/api/v1/reviews`;
       });
       afterAll(() => coordinator.stopNow());
@@ -131,6 +135,11 @@ describe('the review of the fixture change', () => {
         const markdown = await fetch(`${api}?${query}&format=markdown`);
         expect(markdown.headers.get('content-type')).toMatch(/^text\/markdown/);
         expect(await markdown.text()).toBe(first.stdout);
+      });
+
+      it('refuses a caller without a credential', async () => {
+        const anonymous = await globalThis.fetch(`${api}?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}`);
+        expect(anonymous.status).toBe(401);
       });
 
       it('answers 400 without repo, base or head, and 404 for commits it never evaluated', async () => {

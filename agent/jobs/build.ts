@@ -159,7 +159,7 @@ export class Build {
     this.transition('uploading');
     try {
       const paths = outputPaths(parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));
-      if (c.cacheUrl !== '') await c.uploader.upload(conn, c.cacheUrl, Object.values(paths));
+      if (c.cacheUrl !== '') await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId);
       const outputs: BuiltOutput[] = [];
       for (const [name, path] of Object.entries(paths)) {
         outputs.push({ name, path, ...(await c.uploader.sizes(conn, path)) });

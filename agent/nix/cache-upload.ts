@@ -1,4 +1,4 @@
-import { mkdir, rename, writeFile } from 'node:fs/promises';
+import { access, mkdir, rename, writeFile } from 'node:fs/promises';
 import { createWriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -10,15 +10,19 @@ import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-clie
 import { nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { storePathHash } from '../../common/nix/store-path.js';
 
+/** The header naming the lease an upload belongs to (the coordinator's cache checks it). */
+const LEASE_HEADER = 'x-ekaci-lease';
+
 // Path infos are immutable for a store path, and an agent meets the same inputs build after build: remembering
 // them makes closure sizes and uploads cost one query per new path. 200k entries is some tens of MiB.
 const PATH_INFO_MEMORY = 200_000;
 
 /**
- * Uploads store paths from the agent's store to the coordinator's binary cache — streamed out of the Nix
+ * Uploads a lease's outputs from the agent's store to the coordinator's binary cache — streamed out of the Nix
  * daemon connection the build already holds, with no `nix copy` process — and measures closures. Uploads are
- * uncompressed NARs; the coordinator signs the narinfo on arrival. Paths the cache already has are skipped, and
- * references missing from the cache are uploaded first, so the cache never holds a path without its closure.
+ * uncompressed NARs naming their lease (`X-Ekaci-Lease`); the coordinator checks them and signs the narinfo on
+ * arrival. An agent may publish only the outputs of the leases it holds: every other path an output refers to
+ * came from the cache (the build's inputs), and one that is missing there fails the upload with its name.
  */
 export class CacheUploader {
   private readonly infos = new LRUCache<string, PathInfo>({ max: PATH_INFO_MEMORY });
@@ -52,42 +56,59 @@ export class CacheUploader {
   }
 
   /**
-   * Uploads `paths` — outputs this agent just built, which the cache cannot have unless another agent built the
-   * same derivation, so they are sent without asking — and whatever of their closures the cache lacks.
+   * Uploads `paths` — the outputs of lease `leaseId`, which the cache cannot have unless another agent built the
+   * same derivation, so they are sent without asking — after the outputs among them that they refer to.
    */
-  async upload(conn: NixDaemonConnection, cacheUrl: string, paths: readonly string[]): Promise<void> {
+  async upload(conn: NixDaemonConnection, cacheUrl: string, paths: readonly string[], leaseId: string): Promise<void> {
     const target = cacheUrl.replace(/\/+$/, '');
-    const fresh = new Set(paths);
-    for (const path of paths) await this.uploadWithClosure(conn, target, path, new Set(), fresh);
+    const outputs = new Set(paths);
+    for (const path of paths) await this.uploadOutput(conn, target, path, new Set(), outputs, leaseId);
   }
 
-  private async uploadWithClosure(
+  private async uploadOutput(
     conn: NixDaemonConnection,
     target: string,
     path: string,
     visiting: Set<string>,
-    fresh: ReadonlySet<string>,
+    outputs: ReadonlySet<string>,
+    leaseId: string,
   ): Promise<void> {
     const key = `${target} ${path}`;
     if (this.uploaded.has(key) || visiting.has(path)) return;
     visiting.add(path);
-    if (!fresh.has(path) && (await this.cacheHas(target, path))) {
-      this.uploaded.set(key, true);
-      return;
-    }
     const info = await this.pathInfo(conn, path);
-    for (const r of info.references) if (r !== path) await this.uploadWithClosure(conn, target, r, visiting, fresh);
-    await this.put(conn, target, path, info);
+    for (const r of info.references) {
+      if (r === path || this.uploaded.has(`${target} ${r}`)) continue;
+      // Outputs of this lease go first (one output may refer to another); anything else must be there already.
+      if (outputs.has(r)) await this.uploadOutput(conn, target, r, visiting, outputs, leaseId);
+      else if (await this.cacheHas(target, r)) this.uploaded.set(`${target} ${r}`, true);
+      else
+        throw new CacheError(
+          `${path} refers to ${r}, which is not in ${target} (an input should have come from there)`,
+        );
+    }
+    await this.put(conn, target, path, info, leaseId);
     this.uploaded.set(key, true);
   }
 
   private async cacheHas(target: string, path: string): Promise<boolean> {
-    if (target.startsWith('file://')) return false; // writing again is harmless for a local directory
+    if (target.startsWith('file://')) {
+      return access(join(fileURLToPath(target), `${storePathHash(path)}.narinfo`)).then(
+        () => true,
+        () => false,
+      );
+    }
     const r = await fetch(`${target}/${storePathHash(path)}.narinfo`, { method: 'HEAD', headers: this.auth() });
     return r.ok;
   }
 
-  private async put(conn: NixDaemonConnection, target: string, path: string, info: PathInfo): Promise<void> {
+  private async put(
+    conn: NixDaemonConnection,
+    target: string,
+    path: string,
+    info: PathInfo,
+    leaseId: string,
+  ): Promise<void> {
     const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
     const narFile = `nar/${narHash.slice('sha256:'.length)}.nar`;
     const narinfo = serializeNarInfo({
@@ -115,7 +136,11 @@ export class CacheUploader {
     }
     const nar = await fetch(`${target}/${narFile}`, {
       method: 'PUT',
-      headers: { ...this.auth(), 'content-type': 'application/x-nix-nar', 'content-length': String(info.narSize) },
+      headers: {
+        ...this.auth(leaseId),
+        'content-type': 'application/x-nix-nar',
+        'content-length': String(info.narSize),
+      },
       body: Readable.toWeb(Readable.from(conn.narFromPath(path))) as ReadableStream,
       duplex: 'half',
     } as RequestInit);
@@ -123,7 +148,7 @@ export class CacheUploader {
       throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
     const meta = await fetch(`${target}/${storePathHash(path)}.narinfo`, {
       method: 'PUT',
-      headers: { ...this.auth(), 'content-type': 'text/x-nix-narinfo' },
+      headers: { ...this.auth(leaseId), 'content-type': 'text/x-nix-narinfo' },
       body: narinfo,
     });
     if (!meta.ok) {
@@ -131,8 +156,12 @@ export class CacheUploader {
     }
   }
 
-  private auth(): Record<string, string> {
-    return { authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}` };
+  private auth(leaseId?: string): Record<string, string> {
+    const headers: Record<string, string> = {
+      authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}`,
+    };
+    if (leaseId !== undefined) headers[LEASE_HEADER] = leaseId;
+    return headers;
   }
 }
 

@@ -8,13 +8,18 @@ import type { Db } from '../db/database.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import { type AgentCapabilities, agentMatchesLane } from '../scheduler/scheduler.js';
 import { AgentSession, type SessionHandlers } from './agent-session.js';
-import type { TokenStore } from './token-store.js';
+import type { AccessControl } from '../access/access-control.js';
+import type { TokenStore } from '../access/token-store.js';
 
 export interface AgentHubOptions {
   leaseTtlMs: number;
   cacheUrl: string;
   cachePublicKey: string;
   cancelGraceSeconds: number;
+  /** A stream that sends no Hello within this time is closed. */
+  helloTimeoutMs: number;
+  /** `[security] allow_unsandboxed_untrusted_builds`: untrusted code may build on agents without Nix's sandbox. */
+  allowUnsandboxedUntrustedBuilds: boolean;
 }
 
 // Heartbeats come four times per lease TTL, so a lease survives three lost heartbeats.
@@ -32,7 +37,10 @@ const TOKEN_REFRESH_INTERVAL_MS = 5_000;
  * BuildManager — dispatching buildable work to agents with free slots, passing results, logs and heartbeats.
  */
 export class AgentHub {
+  /** Welcomed sessions by agent id. */
   private readonly sessions = new Map<string, AgentSession>();
+  /** Every open stream, welcomed or still waiting for its Hello (a revoked token ends both). */
+  private readonly streams = new Set<AgentSession>();
   private dispatchScheduled = false;
   private timers: NodeJS.Timeout[] = [];
   private readonly handlers: SessionHandlers;
@@ -40,6 +48,7 @@ export class AgentHub {
   constructor(
     private readonly manager: BuildManager,
     private readonly tokens: TokenStore,
+    private readonly access: AccessControl,
     private readonly audit: AuditLog,
     private readonly db: Db,
     private readonly options: AgentHubOptions,
@@ -54,6 +63,10 @@ export class AgentHub {
       credit: () => this.scheduleDispatch(),
       closed: (s) => this.onClosed(s),
     };
+    manager.on('refused', (agentId: string, leaseId: string, reason: string) => {
+      this.audit.record(`agent:${agentId}`, 'agent.result-refused', { leaseId, reason });
+      this.logger.warn({ agentId, leaseId, reason }, 'refused a result that did not check out');
+    });
     manager.on('work', () => this.scheduleDispatch());
     manager.on('cancel-lease', (leaseId: string, agentId: string, reason: string) => {
       this.sessions.get(agentId)?.send({
@@ -114,9 +127,9 @@ export class AgentHub {
     for (const s of this.sessions.values()) s.send({ msg: { $case: 'drain', value: { reason } } });
   }
 
-  /** A token was revoked: its streams end with UNAUTHENTICATED. */
+  /** A token was revoked: its streams end with UNAUTHENTICATED, welcomed or not. */
   revoked(tokenName: string): void {
-    for (const s of [...this.sessions.values()]) {
+    for (const s of [...this.streams]) {
       if (s.tokenName !== tokenName) continue;
       s.terminate(status.UNAUTHENTICATED, `EKACI_ERR_AUTH: token "${tokenName}" was revoked`);
     }
@@ -126,8 +139,8 @@ export class AgentHub {
     // The token is checked before a single message is read.
     const header = call.metadata.get('authorization')[0];
     const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
-    const identity = this.tokens.verify(token);
-    if (!identity) {
+    const agentId = this.access.agentOf(token);
+    if (agentId === undefined) {
       this.audit.record(call.getPeer(), 'agent.refused', { reason: token ? 'unknown or revoked token' : 'no token' });
       call.emit('error', {
         code: status.UNAUTHENTICATED,
@@ -136,7 +149,16 @@ export class AgentHub {
       });
       return;
     }
-    new AgentSession(call, identity.name, this.handlers, this.logger.child({ peer: call.getPeer() }));
+    const session = new AgentSession(
+      call,
+      agentId,
+      this.handlers,
+      this.logger.child({ peer: call.getPeer(), agentId }),
+      this.options.helloTimeoutMs,
+    );
+    this.streams.add(session);
+    call.on('close', () => this.streams.delete(session));
+    call.on('error', () => this.streams.delete(session));
   }
 
   private onHello(session: AgentSession, hello: Hello): ReturnType<SessionHandlers['hello']> {
@@ -147,13 +169,16 @@ export class AgentHub {
       previous.terminate(status.ABORTED, 'replaced by a newer stream from the same agent');
     }
     this.sessions.set(hello.agentId, session);
+    if (session.capabilities) {
+      session.capabilities.mayBuildUntrusted = hello.sandboxed || this.options.allowUnsandboxedUntrustedBuilds;
+    }
     this.db
       .prepare(
-        `INSERT INTO agents (agent_id, token_name, hostname, os, systems, features, mandatory, max_jobs, nix_version, last_seen)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET token_name = excluded.token_name,
+        `INSERT INTO agents (agent_id, token_name, hostname, os, systems, features, mandatory, max_jobs, nix_version, last_seen, sandboxed)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(agent_id) DO UPDATE SET token_name = excluded.token_name,
          hostname = excluded.hostname, os = excluded.os, systems = excluded.systems, features = excluded.features,
          mandatory = excluded.mandatory, max_jobs = excluded.max_jobs, nix_version = excluded.nix_version,
-         last_seen = excluded.last_seen`,
+         last_seen = excluded.last_seen, sandboxed = excluded.sandboxed`,
       )
       .run(
         hello.agentId,
@@ -166,6 +191,7 @@ export class AgentHub {
         hello.maxJobs,
         hello.nixVersion,
         Date.now(),
+        hello.sandboxed ? 1 : 0,
       );
     const leaseDecisions = this.manager.reconcile(hello.agentId, hello.runningLeases);
     session.send({
@@ -184,12 +210,12 @@ export class AgentHub {
     });
     this.logger.info(
       { agentId: hello.agentId, systems: hello.systems, features: hello.supportedFeatures, maxJobs: hello.maxJobs },
-      'agent connected',
+      hello.sandboxed ? 'agent connected' : 'agent connected (builds outside a sandbox: no untrusted code)',
     );
     return {};
   }
 
-  private onJobEvent(session: AgentSession, e: JobEvent): void {
+  private onJobEvent(session: AgentSession, e: JobEvent): void | Promise<void> {
     const agentId = session.agentId;
     switch (e.event?.$case) {
       case 'accepted':
@@ -199,8 +225,7 @@ export class AgentHub {
         this.manager.started(agentId, e.leaseId, e.event.value.startedAtMs);
         return;
       case 'finished':
-        this.manager.finished(agentId, e.leaseId, e.event.value);
-        return;
+        return this.manager.finished(agentId, e.leaseId, e.event.value);
       case undefined:
         return;
     }

@@ -14,8 +14,13 @@ import type { AgentCapabilities } from '../scheduler/scheduler.js';
 /**
  * The coordinator's side of one `Connect` stream (contract: proto/ekaci/agent/v1/agent.proto).
  *
- * States: `awaiting-hello` → `active` → `closed`, or `awaiting-hello` → `closed` on a refused Hello. Nothing but
- * a Hello is accepted before `active`.
+ * States: `awaiting-hello` → `active` → `closed`, or `awaiting-hello` → `closed` on a refused Hello or when none
+ * came within `helloTimeoutMs`. Nothing but a Hello is accepted before `active`. The agent's id is the name of the
+ * token the stream was opened with (`tokenName`); a Hello may repeat it, never name another.
+ *
+ * Job events are handled one after another in arrival order (a result's outputs are checked against the cache
+ * before it is recorded) and each is acknowledged only after its handler finished: a handler that fails leaves the
+ * event unacknowledged, and the agent sends it again after reconnecting.
  *
  * Flow control: `freeSlots` is what the agent may still be given. A `Credit` reports the agent's free slots
  * counting every `Assign` it has processed; assignments it has not yet answered with `Accepted` were not
@@ -27,7 +32,7 @@ export type SessionState = 'awaiting-hello' | 'active' | 'closed';
 export interface SessionHandlers {
   /** Validates the Hello and returns the Welcome contents, or a refusal. */
   hello(session: AgentSession, hello: Hello): { refuse?: { code: string; message: string; status: status } };
-  jobEvent(session: AgentSession, event: JobEvent): void;
+  jobEvent(session: AgentSession, event: JobEvent): void | Promise<void>;
   logChunk(session: AgentSession, leaseId: string, offset: number, data: Uint8Array): number;
   heartbeat(session: AgentSession, leaseIds: string[]): { renewed: string[]; expiresAt: number };
   credit(session: AgentSession): void;
@@ -43,13 +48,26 @@ export class AgentSession {
   private readonly unaccepted = new Set<string>();
   private readonly outbox: CoordinatorMessage[] = [];
   private writable = true;
+  private events: Promise<void> = Promise.resolve();
+  private readonly helloTimer: NodeJS.Timeout;
 
   constructor(
     readonly call: ServerDuplexStream<AgentMessage, CoordinatorMessage>,
     readonly tokenName: string,
     private readonly handlers: SessionHandlers,
     readonly logger: Logger,
+    helloTimeoutMs: number,
   ) {
+    this.helloTimer = setTimeout(() => {
+      if (this.state === 'awaiting-hello') {
+        this.refuse(
+          'EKACI_ERR_PROTOCOL',
+          `no Hello within ${Math.round(helloTimeoutMs / 1000)} s of opening the stream`,
+          status.DEADLINE_EXCEEDED,
+        );
+      }
+    }, helloTimeoutMs);
+    this.helloTimer.unref();
     call.on('data', (m: AgentMessage) => this.onMessage(m));
     call.on('drain', () => {
       this.writable = true;
@@ -66,8 +84,9 @@ export class AgentSession {
     call.on('cancelled', () => this.close());
   }
 
+  /** The token's name: an agent is who its token says. */
   get agentId(): string {
-    return this.hello?.agentId ?? '(before hello)';
+    return this.tokenName;
   }
 
   get freeSlots(): number {
@@ -108,6 +127,7 @@ export class AgentSession {
 
   private close(): void {
     if (this.state === 'closed') return;
+    clearTimeout(this.helloTimer);
     const wasActive = this.state === 'active';
     this.state = 'closed';
     if (wasActive) this.handlers.closed(this);
@@ -142,12 +162,23 @@ export class AgentSession {
       case 'credit':
         this.onCredit(msg.value);
         return;
-      case 'jobEvent':
-        if (msg.value.event?.$case === 'accepted') this.unaccepted.delete(msg.value.leaseId);
-        this.handlers.jobEvent(this, msg.value);
-        // Handlers commit synchronously, so the acknowledgement follows the database commit.
-        this.send({ msg: { $case: 'ack', value: { messageIds: [msg.value.messageId] } } });
+      case 'jobEvent': {
+        const event = msg.value;
+        if (event.event?.$case === 'accepted') this.unaccepted.delete(event.leaseId);
+        // In order, and acknowledged only once the handler has committed; a failed handler leaves the event
+        // unacknowledged (the agent resends it after a reconnect) and the stream goes on.
+        this.events = this.events
+          .then(() => this.handlers.jobEvent(this, event))
+          .then(
+            () => this.send({ msg: { $case: 'ack', value: { messageIds: [event.messageId] } } }),
+            (err: unknown) =>
+              this.logger.error(
+                { err: err instanceof Error ? err.message : String(err), leaseId: event.leaseId },
+                'job event not handled; left unacknowledged',
+              ),
+          );
         return;
+      }
       case 'logChunk': {
         const { leaseId, offset, data } = msg.value;
         const stored = this.handlers.logChunk(this, leaseId, offset, data);
@@ -160,31 +191,40 @@ export class AgentSession {
     }
   }
 
-  private onHello(hello: Hello): void {
-    const theirs = hello.protocolVersion;
+  private onHello(claimed: Hello): void {
+    clearTimeout(this.helloTimer);
+    const theirs = claimed.protocolVersion;
     if (!theirs || theirs.major !== PROTOCOL_VERSION.major) {
       this.refuse(
         'EKACI_ERR_PROTOCOL_MISMATCH',
-        `agent ${hello.agentId || '?'} speaks protocol ${formatVersion(theirs)}, this coordinator speaks ` +
+        `agent ${this.tokenName} speaks protocol ${formatVersion(theirs)}, this coordinator speaks ` +
           `${formatVersion(PROTOCOL_VERSION)}; upgrade the older of the two`,
         status.FAILED_PRECONDITION,
       );
       return;
     }
-    if (!hello.agentId || hello.systems.length === 0 || hello.maxJobs < 1) {
+    if (claimed.agentId !== '' && claimed.agentId !== this.tokenName) {
       this.refuse(
-        'EKACI_ERR_PROTOCOL',
-        'Hello needs agent_id, at least one system and max_jobs ≥ 1',
-        status.INVALID_ARGUMENT,
+        'EKACI_ERR_AUTH',
+        `this stream's token belongs to agent "${this.tokenName}", but its Hello claims to be agent ` +
+          `"${claimed.agentId}"; an agent is named by its token (leave --id unset, or set it to "${this.tokenName}")`,
+        status.PERMISSION_DENIED,
       );
       return;
     }
+    if (claimed.systems.length === 0 || claimed.maxJobs < 1) {
+      this.refuse('EKACI_ERR_PROTOCOL', 'Hello needs at least one system and max_jobs ≥ 1', status.INVALID_ARGUMENT);
+      return;
+    }
+    const hello: Hello = { ...claimed, agentId: this.tokenName };
     this.hello = hello;
     this.capabilities = {
-      agentId: hello.agentId,
+      agentId: this.tokenName,
       systems: hello.systems,
       supportedFeatures: hello.supportedFeatures,
       mandatoryFeatures: hello.mandatoryFeatures,
+      // Decided by the hub (sandbox, server policy) once the Hello is accepted.
+      mayBuildUntrusted: false,
     };
     this.state = 'active';
     const r = this.handlers.hello(this, hello);

@@ -16,6 +16,7 @@ import { CacheError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isStorePath, storePathHash } from '../../common/nix/store-path.js';
+import { canVerifyCompression, narHashOfFile } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
 import { signFingerprint, signingKeyFromSecret } from './signing-key.js';
@@ -189,15 +190,17 @@ export class BinaryCache {
   }
 
   /**
-   * Validates an uploaded narinfo against the NAR already uploaded, replaces its signatures with the
-   * coordinator's, and stores it; returns it as signed. The first narinfo stored for a path stays: substituters
-   * may already have fetched it, and a binary cache entry must not change under them.
+   * Validates an uploaded narinfo against the NAR already uploaded (its hash and size, through its compression),
+   * runs `check` (who may publish this path; a fixed-output hash), replaces its signatures with the coordinator's,
+   * and stores it; returns it as signed. The first narinfo stored for a path stays: substituters may already have
+   * fetched it, and a binary cache entry must not change under them.
    */
-  async writeNarInfo(relativePath: string, text: string): Promise<NarInfo> {
+  async writeNarInfo(relativePath: string, text: string, check?: (info: NarInfo) => Promise<void>): Promise<NarInfo> {
     const info = parseNarInfo(text);
     if (relativePath !== narInfoName(storePathHash(info.storePath))) {
       throw new CacheError(`${relativePath} does not match its StorePath ${info.storePath}`);
     }
+    await check?.(info);
     await this.checkNar(info);
     const others = info.references.filter((r) => r !== info.storePath);
     const present = await this.hasPaths(others);
@@ -236,9 +239,22 @@ export class BinaryCache {
     if (info.fileSize !== undefined && info.fileSize !== size) {
       throw new CacheError(`FileSize ${info.fileSize} of ${info.storePath} differs from the uploaded ${size} bytes`);
     }
-    // An uncompressed NAR is the file itself, so its claimed hash and size can be checked for free.
-    if (info.compression === 'none' && (info.narSize !== size || info.narHash !== `sha256:${nar}`)) {
-      throw new CacheError(`NarHash/NarSize of ${info.storePath} do not match its uncompressed NAR ${info.url}`);
+    // An uncompressed NAR is the file itself, so its claimed hash and size can be checked for free; a compressed
+    // one is decompressed and hashed, so that a narinfo never vouches for content nobody checked.
+    if (info.compression === 'none') {
+      if (info.narSize !== size || info.narHash !== `sha256:${nar}`) {
+        throw new CacheError(`NarHash/NarSize of ${info.storePath} do not match its uncompressed NAR ${info.url}`);
+      }
+      return;
+    }
+    if (!canVerifyCompression(info.compression)) {
+      throw new CacheError(
+        `compression ${info.compression} of ${info.url} cannot be checked here; upload it uncompressed`,
+      );
+    }
+    const actual = await narHashOfFile(join(this.dir, info.url), info.compression);
+    if (actual.narSize !== info.narSize || actual.narHash !== info.narHash) {
+      throw new CacheError(`NarHash/NarSize of ${info.storePath} do not match its ${info.compression} NAR ${info.url}`);
     }
   }
 

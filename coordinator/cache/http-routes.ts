@@ -4,14 +4,20 @@
  * (HEAD of the NAR, PUT of the NAR, then PUT of the narinfo) and `nix store copy-log`, PUT of the same names.
  * Nix 2.8 PUTs nothing else unless `ca-derivations` is enabled (`realisations/…`), which eka-ci does not use.
  *
- * Reads are public, like any substituter. Uploads need credentials: Nix sends them from its netrc file as HTTP
- * Basic auth (user ignored, token as password); `Authorization: Bearer TOKEN` works as well.
+ * Who may do what is AccessControl's decision (coordinator/access): reads follow `[web] public` and the visibility of
+ * what is read (an output or log of a derivation only private repositories asked for needs a credential); an upload
+ * needs an agent token (HTTP Basic password — what Nix sends from its netrc file — or Bearer) and names, in the
+ * `X-Ekaci-Lease` header, a lease that agent holds now. A narinfo may only be for an output of that lease's
+ * derivation, a log only for that derivation. NAR file names are the hash of their content and unguessable without
+ * the narinfo that points to them, so they follow the coordinator-wide rule only.
  */
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import Router, { type RouterContext } from '@koa/router';
 import { CacheError } from '../../common/errors.js';
+import { STORE_DIR } from '../../common/nix/store-path.js';
+import type { AccessControl, Principal, Visibility } from '../access/access-control.js';
 import type { BinaryCache } from './binary-cache.js';
 import { CONTENT_TYPES, classifyCachePath, type CacheFileKind } from './cache-layout.js';
 
@@ -40,21 +46,52 @@ export const DEFAULT_UPLOAD_LIMITS: UploadLimits = {
   log: MAX_LOG_UPLOAD_BYTES,
 };
 
+/** An open lease as the cache sees it: who holds it and what it may upload. */
+export interface UploadLease {
+  agentId: string;
+  drvPath: string;
+  /** The derivation's output paths: the only store paths the lease may publish. */
+  outputPaths: readonly string[];
+}
+
 export interface CacheRouterOptions {
-  /** Decides from the raw `Authorization` header whether a request may upload; see `tokenAuthenticator`. */
-  authenticateUpload(authorizationHeader: string | undefined): boolean | Promise<boolean>;
+  access: AccessControl;
+  /** The lease with this id if it is open now, else undefined. */
+  lease(leaseId: string): UploadLease | undefined;
+  /** Whether a store path (an output) or a derivation's log belongs to private data. */
+  visibility(storePath: string): Visibility;
+  /** Checks a narinfo before it is stored (a fixed-output derivation's hash); throws CacheError to refuse it. */
+  checkUpload?(lease: UploadLease, storePath: string, narinfoUrl: string, compression: string): Promise<void>;
   /** Shrunk in tests; production uses the defaults. */
   limits?: Partial<UploadLimits>;
 }
+
+/** The header naming the lease an upload belongs to. */
+export const LEASE_HEADER = 'X-Ekaci-Lease';
 
 /** A router for everything under the cache's prefix (mount it at `/cache`). */
 export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Router {
   const limits = { ...DEFAULT_UPLOAD_LIMITS, ...options.limits };
   const router = new Router();
+  // A narinfo is as private as the output it describes, a log as its derivation; the cache's own description
+  // and content-named NARs are public data.
+  const visibilityOf = (kind: CacheFileKind, path: string): Visibility => {
+    if (kind === 'narinfo') {
+      const hash = path.slice(0, -'.narinfo'.length);
+      return options.visibility(`${STORE_DIR}/${hash}`);
+    }
+    if (kind === 'log') return options.visibility(`${STORE_DIR}/${path.slice('log/'.length)}`);
+    return 'public';
+  };
 
   router.get('/{*path}', async (ctx) => {
     const kind = classify(ctx);
     if (kind === undefined) return;
+    const principal = options.access.principal(ctx.get('Authorization') || undefined);
+    if (!options.access.mayReadCache(principal, visibilityOf(kind, String(ctx.params.path)))) {
+      refuseRead(ctx, principal);
+      return;
+    }
     const file = cache.filePath(String(ctx.params.path));
     const size = await stat(file).then(
       (s) => (s.isFile() ? s.size : undefined),
@@ -73,7 +110,8 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
   });
 
   router.put('/{*path}', async (ctx) => {
-    if (!(await options.authenticateUpload(ctx.get('Authorization') || undefined))) {
+    const principal = options.access.principal(ctx.get('Authorization') || undefined);
+    if (principal.kind !== 'agent') {
       ctx.set('WWW-Authenticate', 'Basic realm="eka-ci binary cache"');
       reject(ctx, 401, 'upload needs a valid agent token (HTTP Basic password or Bearer)');
       return;
@@ -81,6 +119,16 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
     const kind = classify(ctx);
     if (kind === undefined) return;
     const path = String(ctx.params.path);
+    const leaseId = ctx.get(LEASE_HEADER);
+    const lease = leaseId === '' ? undefined : options.lease(leaseId);
+    if (!options.access.mayUploadFor(principal, lease)) {
+      reject(ctx, 403, `agent ${principal.name} holds no open lease ${JSON.stringify(leaseId)}: nothing to upload for`);
+      return;
+    }
+    if (kind === 'log' && path !== `log/${lease!.drvPath.slice(STORE_DIR.length + 1)}`) {
+      reject(ctx, 403, `lease ${leaseId} is for ${lease!.drvPath}; it may not upload ${path}`);
+      return;
+    }
     const encoding = ctx.get('Content-Encoding');
     if (encoding !== '' && encoding !== 'identity') {
       reject(ctx, 415, `Content-Encoding ${encoding} is not accepted; upload without narinfo-/log-compression`);
@@ -99,9 +147,17 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
     try {
       if (kind === 'nar') await cache.writeNar(path, body);
       else if (kind === 'log') await cache.writeLog(path, body);
-      else await cache.writeNarInfo(path, await readText(body));
+      else {
+        await cache.writeNarInfo(path, await readText(body), async (info) => {
+          if (!lease!.outputPaths.includes(info.storePath)) {
+            throw new UploadRefused(`lease ${leaseId} builds ${lease!.drvPath}, which has no output ${info.storePath}`);
+          }
+          await options.checkUpload?.(lease!, info.storePath, info.url, info.compression);
+        });
+      }
     } catch (err) {
       if (limit.exceeded) reject(ctx, 413, `${kind} uploads are limited to ${limit.max} bytes`);
+      else if (err instanceof UploadRefused) reject(ctx, 403, err.message);
       else if (err instanceof CacheError) reject(ctx, 400, err.message);
       else throw err;
       return;
@@ -112,25 +168,14 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
   return router;
 }
 
-/** The upload token in an `Authorization` header: a Basic password (any user name) or a Bearer token. */
-export function uploadToken(authorizationHeader: string | undefined): string | undefined {
-  const match = /^(Basic|Bearer) +(\S+)$/i.exec(authorizationHeader?.trim() ?? '');
-  if (!match?.[1] || !match[2]) return undefined;
-  if (match[1].toLowerCase() === 'bearer') return match[2];
-  const decoded = Buffer.from(match[2], 'base64').toString('utf8');
-  const colon = decoded.indexOf(':');
-  const password = colon < 0 ? '' : decoded.slice(colon + 1);
-  return password === '' ? undefined : password;
-}
+/** A narinfo for a path the lease may not publish: 403, not 400 (the upload is well-formed, just not theirs). */
+class UploadRefused extends CacheError {}
 
-/** An `authenticateUpload` that accepts a request whose token (see `uploadToken`) passes `isValidToken`. */
-export function tokenAuthenticator(
-  isValidToken: (token: string) => boolean | Promise<boolean>,
-): (authorizationHeader: string | undefined) => Promise<boolean> {
-  return async (header) => {
-    const token = uploadToken(header);
-    return token !== undefined && (await isValidToken(token));
-  };
+function refuseRead(ctx: RouterContext, principal: Principal): void {
+  if (principal.kind === 'anonymous') {
+    ctx.set('WWW-Authenticate', 'Basic realm="eka-ci binary cache"');
+    reject(ctx, 401, 'reading this needs a credential (an agent or API token)');
+  } else reject(ctx, 403, 'not allowed');
 }
 
 /** The kind of cache file the request names, or undefined after answering 400/404 for anything else. */

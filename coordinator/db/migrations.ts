@@ -245,4 +245,38 @@ export const MIGRATIONS: readonly string[] = [
   ) WITHOUT ROWID;
   CREATE INDEX check_runs_dirty ON check_runs(dirty) WHERE dirty = 1;
   `,
+  `
+  -- Trust boundaries (see ARCHITECTURE.md §7).
+  -- API tokens: like agent tokens (SHA-256 hashes only), for people and programs reading or acting through the API.
+  CREATE TABLE api_tokens (
+    name       TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+  );
+  -- untrusted: only requested by code from people without write access; built only by sandboxed agents.
+  -- private: first requested for a private repository; never served without a credential.
+  ALTER TABLE derivations ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
+  ALTER TABLE derivations ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+  ALTER TABLE agents ADD COLUMN sandboxed INTEGER NOT NULL DEFAULT 0;
+  -- A run builds untrusted code when its pull request's author cannot write to the repository.
+  ALTER TABLE github_runs ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
+  -- Head commits of a pull request in the order GitHub reported them, with GitHub's time: an approval covers the
+  -- head of the moment the approving comment was written, not whatever was pushed after it.
+  CREATE TABLE github_pull_request_heads (
+    repo     TEXT NOT NULL,
+    number   INTEGER NOT NULL,
+    head_sha TEXT NOT NULL,
+    since    INTEGER NOT NULL,                   -- ms since the epoch, GitHub's clock (the event's updated_at)
+    PRIMARY KEY (repo, number, head_sha)
+  ) WITHOUT ROWID;
+  -- Which .eka-ci configuration each evaluated commit had (a hash of the file), so a pull request that changes it
+  -- is seen as one.
+  CREATE TABLE commit_configs (
+    repo        TEXT NOT NULL,
+    commit_sha  TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    PRIMARY KEY (repo, commit_sha)
+  ) WITHOUT ROWID;
+  `,
 ];

@@ -21,6 +21,11 @@ export class EvaluationStore {
        VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
     );
     this.db.transaction(() => {
+      if (evaluation.configDigest !== undefined) {
+        this.db
+          .prepare('INSERT OR REPLACE INTO commit_configs (repo, commit_sha, config_hash) VALUES (?, ?, ?)')
+          .run(repo, evaluation.commit, evaluation.configDigest);
+      }
       for (const j of evaluation.jobs) {
         put.run(
           repo,
@@ -52,7 +57,10 @@ export class EvaluationStore {
       attrs: JSON.parse(r.attrs_json) as EvalResult[],
       seconds: r.seconds,
     }));
-    return { commit, jobs };
+    const config = this.db
+      .prepare('SELECT config_hash FROM commit_configs WHERE repo = ? AND commit_sha = ?')
+      .get(repo, commit) as { config_hash: string } | undefined;
+    return config ? { commit, jobs, configDigest: config.config_hash } : { commit, jobs };
   }
 
   /** The full commit id of an evaluated commit named by a unique prefix of at least 7 hex digits. */

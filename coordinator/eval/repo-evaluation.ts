@@ -22,6 +22,8 @@ export interface JobEvaluation {
 export interface CommitEvaluation {
   commit: string;
   jobs: JobEvaluation[];
+  /** The digest of the commit's `.eka-ci` configuration (see RepoConfig.digest); absent for old records. */
+  configDigest?: string;
 }
 
 /**
@@ -78,7 +80,7 @@ export async function evaluateCommit(options: {
         seconds: (performance.now() - started) / 1000,
       });
     }
-    return { commit: checkout.commit, jobs };
+    return { commit: checkout.commit, jobs, configDigest: config.digest };
   } finally {
     await checkout.release();
   }

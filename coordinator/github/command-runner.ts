@@ -2,15 +2,18 @@ import type { Logger } from '../../common/logging.js';
 import type { AuditLog } from '../audit-log.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import type { AppRegistry, Served } from './app-registry.js';
-import { type Actor, type RepoPermission, authorize } from './authorization.js';
+import { type Actor, authorize } from './authorization.js';
 import { isEkaciCheck } from './check-report.js';
 import type { CheckConclusion, CheckStatus } from './check-runs.js';
 import { type MergeMethod, type PrCommand, parseCommands } from './commands.js';
 import { GitHubApiError } from './errors.js';
 import { decideMerge } from './merge-policy.js';
-import { changedAttrs } from './change-maintainers.js';
+import { baseMaintainersOfChange } from './change-maintainers.js';
+import { changesConfig } from '../review/base-policy.js';
+import { KeyedRateLimiter } from '../../common/keyed-rate-limiter.js';
 import type { PullRequestPayload } from './payloads.js';
 import type { RunStore } from './run-store.js';
+import { RepoApi, WRITE_PERMISSIONS } from './repo-api.js';
 
 export type PullRequestRef = Pick<PullRequestPayload, 'number' | 'head' | 'base' | 'user' | 'author_association'>;
 
@@ -31,8 +34,8 @@ export interface CommandDeps {
     baseCloneUrl: string,
     extra: { attrs?: readonly string[]; rebuildFailed?: boolean },
   ): Promise<number>;
-  /** The GitHub handles maintaining each changed attribute, read from the head commit (see change-maintainers.ts). */
-  maintainers(pr: PullRequestRef, changed: ReadonlyMap<string, readonly string[]>): Promise<Map<string, string[]>>;
+  /** Changed attributes whose head was not built (unbuildable, cancelled, not built): a merge waits for evidence. */
+  unbuilt(repo: string, base: string, head: string): Promise<string[] | undefined>;
   audit: AuditLog;
   logger: Logger;
   botName?: string;
@@ -41,7 +44,11 @@ export interface CommandDeps {
 // GitHub's answer to a merge that branch protection or a conflict blocks for now ("Method Not Allowed").
 const NOT_MERGEABLE_YET = 405;
 
-const PERMISSIONS: ReadonlySet<string> = new Set(['admin', 'maintain', 'write', 'triage', 'read', 'none']);
+// Commands per user and repository: a burst of 10, then one a minute. Every command costs API calls and may start
+// builds; nobody types more than this, a script spamming comments does.
+const COMMAND_BURST = 10;
+const COMMANDS_PER_SECOND = 1 / 60;
+const MAX_TRACKED_USERS = 10_000;
 
 /**
  * Pull-request comment commands (`@eka-ci build …`, `rebuild`, `merge`, `merge cancel`, `approve`), and the
@@ -50,16 +57,24 @@ const PERMISSIONS: ReadonlySet<string> = new Set(['admin', 'maintain', 'write', 
  * saying why), rocket when merged.
  */
 export class CommandRunner {
+  private readonly limiter = new KeyedRateLimiter(MAX_TRACKED_USERS, COMMAND_BURST, COMMANDS_PER_SECOND);
+
   constructor(private readonly deps: CommandDeps) {}
 
   async run(
     served: Served,
     repo: string,
     number: number,
-    comment: { id: number; body: string; author: string },
+    comment: { id: number; body: string; author: string; createdAt: number },
   ): Promise<void> {
     const commands = parseCommands(comment.body, this.deps.botName);
     if (commands.length === 0) return;
+    const wait = this.limiter.take(`${repo}\u0000${comment.author.toLowerCase()}`);
+    if (wait > 0) {
+      this.deps.logger.warn({ repo, author: comment.author, waitMs: wait }, 'commands rate-limited');
+      this.deps.audit.record(`github:${comment.author}`, 'command-rate-limited', { repo, pr: number });
+      return;
+    }
     const api = new RepoApi(await this.deps.apps.octokit(served), repo);
     const pr = await api.pullRequest(number);
     this.deps.runs.upsertPullRequest({
@@ -78,7 +93,7 @@ export class CommandRunner {
     if (!this.deps.apps.allowed(served, repo, pr.base.ref)) return;
     const actor: Actor = { login: comment.author, permission: await api.permission(comment.author) };
     for (const command of commands) {
-      const refusal = await this.refusal(command, actor, repo, pr);
+      const refusal = this.refusal(command, actor, repo, pr);
       if (refusal) {
         await api.react(comment.id, '-1');
         await api.reply(number, `> ${command.line}\n\n@${comment.author}: ${refusal}`);
@@ -88,18 +103,19 @@ export class CommandRunner {
     }
   }
 
-  private async refusal(
-    command: PrCommand,
-    actor: Actor,
-    repo: string,
-    pr: PullRequestRef,
-  ): Promise<string | undefined> {
+  private refusal(command: PrCommand, actor: Actor, repo: string, pr: PullRequestRef): string | undefined {
     if (command.kind === 'invalid') return command.reason;
-    // Only a merge by someone without write access needs the maintainers (a checkout and an evaluation).
-    const needsMaintainers = command.kind === 'merge' || command.kind === 'merge-cancel';
-    const writer = ['admin', 'maintain', 'write'].includes(actor.permission);
-    const maintainersOfChanged =
-      needsMaintainers && !writer ? await this.maintainersOfChanged(repo, pr) : new Map<string, string[]>();
+    let maintainersOfChanged = new Map<string, string[]>();
+    if (!WRITE_PERMISSIONS.has(actor.permission) && (command.kind === 'merge' || command.kind === 'merge-cancel')) {
+      // Who maintains what comes from the base's stored evaluation: the pull request cannot vouch for itself.
+      const base = this.deps.evaluations.load(repo, pr.base.sha);
+      const head = this.deps.evaluations.load(repo, pr.head.sha);
+      if (!base || !head) return 'this pull request has not been evaluated yet; try again when its checks run.';
+      if (changesConfig(base, head)) {
+        return `@${actor.login} needs write access to merge this pull request: it changes eka-ci's configuration.`;
+      }
+      maintainersOfChanged = baseMaintainersOfChange(base, head);
+    }
     const decision = authorize(command, actor, { maintainersOfChanged });
     if (!decision.allowed) return decision.reason;
     if (command.kind === 'build') {
@@ -117,7 +133,7 @@ export class CommandRunner {
     api: RepoApi,
     repo: string,
     pr: PullRequestRef,
-    comment: { id: number; author: string },
+    comment: { id: number; author: string; createdAt: number },
   ): Promise<void> {
     const actor = `github:${comment.author}`;
     const baseCloneUrl = pr.base.repo.clone_url;
@@ -129,11 +145,35 @@ export class CommandRunner {
         this.deps.audit.record(actor, 'rebuild-failed', { repo, pr: pr.number, head: pr.head.sha });
         await this.deps.startRun(served, repo, pr, baseCloneUrl, { rebuildFailed: true });
         break;
-      case 'approve':
-        this.deps.runs.setApproval(repo, pr.number, comment.author, pr.head.sha);
-        this.deps.audit.record(actor, 'approve', { repo, pr: pr.number, head: pr.head.sha });
+      case 'approve': {
+        // An approval covers what the approver could have seen: the commit they name, or else the head of the
+        // moment they wrote the comment — never a commit pushed after it.
+        const seen = command.sha
+          ? this.deps.runs
+              .headsMatching(repo, pr.number, command.sha)
+              .concat(pr.head.sha.startsWith(command.sha) ? [pr.head.sha] : [])[0]
+          : this.deps.runs.headBefore(repo, pr.number, comment.createdAt);
+        if (seen === undefined) {
+          await api.react(comment.id, '-1');
+          await api.reply(
+            pr.number,
+            `@${comment.author}: eka-ci cannot tell which commit you saw${command.sha ? ` (no head ${command.sha} of this pull request)` : ''}; comment \`@eka-ci approve ${pr.head.sha}\` to approve the current head.`,
+          );
+          return;
+        }
+        this.deps.runs.setApproval(repo, pr.number, comment.author, seen);
+        this.deps.audit.record(actor, 'approve', { repo, pr: pr.number, head: seen });
+        if (seen !== pr.head.sha) {
+          await api.react(comment.id, '+1');
+          await api.reply(
+            pr.number,
+            `@${comment.author}: approved ${seen}; the pull request has moved on to ${pr.head.sha} since, which needs its own approval.`,
+          );
+          return;
+        }
         await this.deps.startRun(served, repo, pr, baseCloneUrl, {});
         break;
+      }
       case 'merge':
         this.deps.runs.setMerge(repo, pr.number, {
           method: command.method,
@@ -186,6 +226,17 @@ export class CommandRunner {
     const served = known ?? (await this.servedFor(repo));
     if (!served) return;
     const api = new RepoApi(await this.deps.apps.octokit(served), repo);
+    // Green checks are not enough when some changed attribute was never built: there is no evidence it works.
+    const unbuilt = decision.action === 'merge' ? await this.deps.unbuilt(repo, row.base_sha, row.head_sha) : [];
+    if (unbuilt === undefined || unbuilt.length > 0) {
+      this.deps.runs.setMerge(repo, number, undefined);
+      const what =
+        unbuilt === undefined
+          ? 'there is no review of this head yet'
+          : `${unbuilt.length} changed attribute${unbuilt.length === 1 ? ' was' : 's were'} not built (${unbuilt.slice(0, 10).join(', ')}${unbuilt.length > 10 ? ', …' : ''})`;
+      await api.reply(number, `@${row.merge_by}: not merging: ${what}; a merge needs every change built.`);
+      return;
+    }
     if (decision.action !== 'merge') {
       this.deps.runs.setMerge(repo, number, undefined);
       await api.reply(number, `@${row.merge_by}: not merging: ${decision.reason}.`);
@@ -218,73 +269,5 @@ export class CommandRunner {
   private async servedFor(repo: string): Promise<Served | undefined> {
     const r = this.deps.runs.repository(repo);
     return r ? this.deps.apps.served(r.installation_id, repo) : undefined;
-  }
-
-  /** Maintainers (GitHub handles from `meta.maintainers`) of the attributes the pull request changes or adds. */
-  private async maintainersOfChanged(repo: string, pr: PullRequestRef): Promise<Map<string, string[]>> {
-    const base = this.deps.evaluations.load(repo, pr.base.sha);
-    const head = this.deps.evaluations.load(repo, pr.head.sha);
-    if (!base || !head) return new Map();
-    return this.deps.maintainers(pr, changedAttrs(base, head));
-  }
-}
-
-/** The few REST calls commands make, on one repository. */
-class RepoApi {
-  private readonly owner: string;
-  private readonly repo: string;
-
-  constructor(
-    private readonly octokit: Awaited<ReturnType<AppRegistry['octokit']>>,
-    fullName: string,
-  ) {
-    [this.owner = '', this.repo = ''] = fullName.split('/');
-  }
-
-  async pullRequest(number: number): Promise<PullRequestRef & { state: string; draft?: boolean | undefined }> {
-    const { data } = await this.octokit.request('GET /repos/{owner}/{repo}/pulls/{pull_number}', {
-      owner: this.owner,
-      repo: this.repo,
-      pull_number: number,
-    });
-    return data;
-  }
-
-  async permission(username: string): Promise<RepoPermission> {
-    const { data } = await this.octokit.request('GET /repos/{owner}/{repo}/collaborators/{username}/permission', {
-      owner: this.owner,
-      repo: this.repo,
-      username,
-    });
-    const role = data.role_name;
-    return (role && PERMISSIONS.has(role) ? role : data.permission) as RepoPermission;
-  }
-
-  async react(commentId: number, content: '+1' | '-1' | 'rocket'): Promise<void> {
-    await this.octokit.request('POST /repos/{owner}/{repo}/issues/comments/{comment_id}/reactions', {
-      owner: this.owner,
-      repo: this.repo,
-      comment_id: commentId,
-      content,
-    });
-  }
-
-  async reply(number: number, body: string): Promise<void> {
-    await this.octokit.request('POST /repos/{owner}/{repo}/issues/{issue_number}/comments', {
-      owner: this.owner,
-      repo: this.repo,
-      issue_number: number,
-      body,
-    });
-  }
-
-  async merge(number: number, sha: string, method: MergeMethod): Promise<void> {
-    await this.octokit.request('PUT /repos/{owner}/{repo}/pulls/{pull_number}/merge', {
-      owner: this.owner,
-      repo: this.repo,
-      pull_number: number,
-      sha,
-      merge_method: method,
-    });
   }
 }

@@ -17,6 +17,9 @@ describe('parseCommands', () => {
     expect(kinds('@eka-ci merge rebase')).toEqual([{ kind: 'merge', method: 'rebase' }]);
     expect(kinds('@eka-ci merge cancel')).toEqual([{ kind: 'merge-cancel' }]);
     expect(kinds('@eka-ci approve')).toEqual([{ kind: 'approve' }]);
+    expect(parseCommands('@eka-ci approve ABCDEF1')).toEqual([
+      { kind: 'approve', line: '@eka-ci approve ABCDEF1', sha: 'abcdef1' },
+    ]);
   });
 
   it('keeps the command line as written, trimmed, so a reply can quote it', () => {
@@ -137,7 +140,7 @@ describe('parseCommands', () => {
       'not attribute paths: `foo..bar`, `.x`, `y.`, `nixos/tests`, `a;b`',
       "not an attribute path: `'x'`",
       '`rebuild` takes no arguments: it rebuilds what failed; use `build <attr>`',
-      '`approve` takes no arguments',
+      '`approve` takes at most one argument: the commit to approve (7 to 40 hex digits)',
       'unknown merge method `fast-forward`; use merge, squash or rebase',
       '`merge` takes at most one argument: merge, squash, rebase or cancel',
     ]);

@@ -6,7 +6,8 @@
  *     @eka-ci rebuild                 (the attributes that failed)
  *     @eka-ci merge [merge|squash|rebase]
  *     @eka-ci merge cancel
- *     @eka-ci approve                 (lets an untrusted author's pull request be built)
+ *     @eka-ci approve [SHA]           (lets an untrusted author's pull request be built: the head commit of the
+ *                                     moment the comment was written, or the commit SHA names)
  *
  * Mention and verbs are case-insensitive, attribute paths are not. A mention anywhere else in a line is
  * conversation, not a command. Lines inside fenced code blocks or block quotes are never commands: quoting a
@@ -27,7 +28,7 @@ export type PrCommand =
   | { kind: 'rebuild'; line: string }
   | { kind: 'merge'; line: string; method: MergeMethod }
   | { kind: 'merge-cancel'; line: string }
-  | { kind: 'approve'; line: string }
+  | { kind: 'approve'; line: string; sha?: string }
   | { kind: 'invalid'; line: string; reason: string };
 
 const ATTR_PATH = /^[A-Za-z0-9_'-]+(?:\.[A-Za-z0-9_'-]+)*$/;
@@ -98,8 +99,10 @@ function parseCommand(line: string, rest: string): PrCommand {
       if (args.length > 0) return invalid('`rebuild` takes no arguments: it rebuilds what failed; use `build <attr>`');
       return { kind: 'rebuild', line };
     case 'approve':
-      if (args.length > 0) return invalid('`approve` takes no arguments');
-      return { kind: 'approve', line };
+      if (args.length > 1 || (args[0] !== undefined && !/^[0-9a-f]{7,40}$/i.test(args[0]))) {
+        return invalid('`approve` takes at most one argument: the commit to approve (7 to 40 hex digits)');
+      }
+      return args[0] === undefined ? { kind: 'approve', line } : { kind: 'approve', line, sha: args[0].toLowerCase() };
     case 'merge':
       return parseMerge(line, args, invalid);
     default:
@@ -117,7 +120,8 @@ function parseMerge(line: string, args: string[], invalid: (reason: string) => P
   return { kind: 'merge', line, method };
 }
 
-const USAGE = 'commands are `build <attr>…`, `rebuild`, `merge [merge|squash|rebase]`, `merge cancel` and `approve`';
+const USAGE =
+  'commands are `build <attr>…`, `rebuild`, `merge [merge|squash|rebase]`, `merge cancel` and `approve [SHA]`';
 
 function quoted(words: readonly string[]): string {
   return words.map((w) => `\`${w.replace(/`/g, "'")}\``).join(', ');

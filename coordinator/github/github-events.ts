@@ -36,6 +36,8 @@ export interface EventDeps {
   commands: CommandRunner;
   audit: AuditLog;
   settings: EventSettings;
+  /** Whether `login` may push to `repo` (GitHub's collaborator permission): their code is trusted. */
+  writeAccess(served: Served, repo: string, login: string): Promise<boolean>;
   logger: Logger;
 }
 
@@ -68,12 +70,16 @@ export class GitHubEvents {
       case 'check_run': {
         const p = parsePayload(checkRunEvent, d.event, d.payload);
         const rebuild = p.action === 'requested_action' && p.requested_action?.identifier === 'rebuild-failed';
-        if (p.action === 'rerequested' || rebuild) this.rerun(p.repository.full_name, p.check_run.head_sha, d.event);
+        if (p.action === 'rerequested' || rebuild) {
+          await this.rerun(p.repository.full_name, p.check_run.head_sha, d.event, p.sender?.login ?? 'unknown');
+        }
         return;
       }
       case 'check_suite': {
         const p = parsePayload(checkSuiteEvent, d.event, d.payload);
-        if (p.action === 'rerequested') this.rerun(p.repository.full_name, p.check_suite.head_sha, d.event);
+        if (p.action === 'rerequested') {
+          await this.rerun(p.repository.full_name, p.check_suite.head_sha, d.event, p.sender?.login ?? 'unknown');
+        }
         return;
       }
       case 'issue_comment':
@@ -126,6 +132,7 @@ export class GitHubEvents {
       author_association: pr.author_association,
       draft: pr.draft ? 1 : 0,
     });
+    this.deps.runs.recordHead(repo, pr.number, pr.head.sha, githubTime(pr.updated_at));
     if (p.action === 'closed') {
       for (const run of this.openRuns(repo, pr.number))
         this.deps.pipeline.cancel(run.id, 'the pull request was closed');
@@ -174,10 +181,13 @@ export class GitHubEvents {
         this.deps.runs.setRunState(r.id, 'cancelled', 'approved: a new run builds this head');
       }
     } else if (same?.state === 'awaiting-approval') return same.id;
+    // Code of someone who cannot push to the repository is built only in Nix's sandbox, approved or not.
+    const untrusted = !(await this.deps.writeAccess(served, repo, pr.user.login));
     const run: NewRun = {
       repo,
       installationId: served.installationId,
       kind: 'pull_request',
+      untrusted,
       prNumber: pr.number,
       baseSha: pr.base.sha,
       headSha: pr.head.sha,
@@ -251,10 +261,36 @@ export class GitHubEvents {
     this.deps.pipeline.start(runId);
   }
 
-  /** "Re-run" on a check run or suite, or its "Rebuild failed" button: the commit's newest run, again. */
-  private rerun(repo: string, headSha: string, kind: string): void {
+  /**
+   * "Re-run" on a check run or suite, or its "Rebuild failed" button: the commit's newest run, again. A pull
+   * request's head goes through the same door as a new push (approval, trust), so a re-run never builds code that
+   * still waits for approval, whoever clicked it.
+   */
+  private async rerun(repo: string, headSha: string, kind: string, sender: string): Promise<void> {
     const last = this.deps.runs.latestRunOf(repo, headSha);
     if (!last) return;
+    if (last.kind === 'pull_request' && last.pr_number !== null) {
+      const pr = this.deps.runs.pullRequest(repo, last.pr_number);
+      // Only the current head of an open pull request is built again.
+      if (!pr || pr.state !== 'open' || pr.head_sha !== headSha) return;
+      const served = await this.served(last.installation_id, repo, pr.base_ref);
+      if (!served) return;
+      this.deps.audit.record(`github:${sender}`, 'rebuild-failed', { repo, headSha, via: kind });
+      await this.startPullRequestRun(
+        served,
+        repo,
+        {
+          number: pr.number,
+          head: { sha: pr.head_sha, ref: '', repo: { full_name: repo, clone_url: pr.head_clone_url } },
+          base: { sha: pr.base_sha, ref: pr.base_ref, repo: { full_name: repo, clone_url: last.base_clone_url } },
+          user: { login: pr.author },
+          author_association: pr.author_association,
+        },
+        last.base_clone_url,
+        { rebuildFailed: true, attrs: JSON.parse(last.extra_attrs) as string[] },
+      );
+      return;
+    }
     if (OPEN_RUN_STATES.has(last.state)) this.deps.pipeline.cancel(last.id, 'a re-run was requested');
     const runId = this.deps.runs.createRun({
       repo,
@@ -268,7 +304,7 @@ export class GitHubEvents {
       extraAttrs: JSON.parse(last.extra_attrs) as string[],
       rebuildFailed: true,
     });
-    this.deps.audit.record(`github:${kind}`, 'rebuild-failed', { repo, headSha, runId });
+    this.deps.audit.record(`github:${sender}`, 'rebuild-failed', { repo, headSha, runId, via: kind });
     this.deps.pipeline.start(runId);
   }
 
@@ -281,6 +317,7 @@ export class GitHubEvents {
       id: p.comment.id,
       body: p.comment.body ?? '',
       author: p.comment.user.login,
+      createdAt: githubTime(p.comment.created_at),
     });
   }
 
@@ -311,4 +348,10 @@ export class GitHubEvents {
   private openRuns(repo: string, prNumber: number) {
     return this.deps.runs.runsOf({ repo, prNumber, states: [...OPEN_RUN_STATES, 'awaiting-approval'] });
   }
+}
+
+/** A GitHub timestamp in ms; when a payload lacks it, the moment it is handled (later, so never more permissive). */
+function githubTime(iso: string | undefined): number {
+  const t = iso === undefined ? NaN : Date.parse(iso);
+  return Number.isFinite(t) ? t : Date.now();
 }

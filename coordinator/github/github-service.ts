@@ -16,7 +16,8 @@ import type { GitHubAppClientOptions } from './app-client.js';
 import { AppRegistry } from './app-registry.js';
 import { CheckRunReporter } from './check-runs.js';
 import { CommandRunner } from './command-runner.js';
-import { maintainersOfChange } from './change-maintainers.js';
+import { RepoApi, WRITE_PERMISSIONS } from './repo-api.js';
+import { unbuiltChanges } from '../review/classify.js';
 import { DeliveryQueue } from './delivery-queue.js';
 import { GitHubMetricsSink } from './github-metrics.js';
 import { GitHubEvents } from './github-events.js';
@@ -107,18 +108,10 @@ export class GitHubService {
       checkStates: (owner, repo, sha) => this.reporter.states(owner, repo, sha),
       startRun: (served, repo, pr, baseCloneUrl, extra) =>
         this.events.startPullRequestRun(served, repo, pr, baseCloneUrl, extra),
-      maintainers: async (pr, changed) =>
-        maintainersOfChange({
-          mirrors: deps.mirrors,
-          cloneUrl: (pr.head.repo ?? pr.base.repo).clone_url,
-          headSha: pr.head.sha,
-          fetch: {
-            auth: await this.clientOf(this.installationOf(pr.base.repo.full_name)).cloneAuth(
-              this.installationOf(pr.base.repo.full_name),
-            ),
-          },
-          changed,
-        }),
+      unbuilt: async (repo, base, head) => {
+        const review = await deps.reviews.reviewOf(repo, base, head, undefined, { recordedOnly: true });
+        return review && unbuiltChanges(review);
+      },
       audit: deps.audit,
       logger: log,
     });
@@ -134,6 +127,8 @@ export class GitHubService {
         requireApproval: options.security.requireApproval,
         approvedUsers: options.security.approvedUsers,
       },
+      writeAccess: async (served, repo, login) =>
+        WRITE_PERMISSIONS.has(await new RepoApi(await this.apps.octokit(served), repo).permission(login)),
       logger: log,
     });
     this.queue = new DeliveryQueue(deps.db, { logger: log, observe: (o) => this.metrics.observe(o) });

@@ -27,6 +27,8 @@ const pullRequest = z.looseObject({
   author_association: z.string(),
   head: z.looseObject({ sha: z.string(), ref: z.string(), repo: repository.nullable() }),
   base: z.looseObject({ sha: z.string(), ref: z.string(), repo: repository }),
+  /** When GitHub last changed the pull request (for a `synchronize`, the push). */
+  updated_at: z.string().optional(),
 });
 
 export const pullRequestEvent = z.looseObject({
@@ -59,6 +61,7 @@ export const mergeGroupEvent = z.looseObject({
 
 export const checkRunEvent = z.looseObject({
   action: z.string(),
+  sender: user.optional(),
   check_run: z.looseObject({ head_sha: z.string(), name: z.string() }),
   requested_action: z.looseObject({ identifier: z.string() }).nullish(),
   repository,
@@ -67,6 +70,7 @@ export const checkRunEvent = z.looseObject({
 
 export const checkSuiteEvent = z.looseObject({
   action: z.string(),
+  sender: user.optional(),
   check_suite: z.looseObject({ head_sha: z.string() }),
   repository,
   installation,
@@ -75,7 +79,12 @@ export const checkSuiteEvent = z.looseObject({
 export const issueCommentEvent = z.looseObject({
   action: z.string(),
   issue: z.looseObject({ number: z.number().int().positive(), pull_request: z.unknown().optional() }),
-  comment: z.looseObject({ id: z.number().int(), body: z.string().nullable(), user }),
+  comment: z.looseObject({
+    id: z.number().int(),
+    body: z.string().nullable(),
+    user,
+    created_at: z.string().optional(),
+  }),
   repository,
   installation,
 });

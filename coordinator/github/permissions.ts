@@ -13,8 +13,8 @@ export interface AppPermissions {
   allowAll: boolean;
   /** `OWNER/NAME` globs, e.g. `my-org/*`. */
   allowedRepos: readonly string[];
-  /** Branch globs, e.g. `main`, `release-*`. Empty: no branch is privileged. */
-  allowedBranches: readonly string[];
+  /** Branch globs, e.g. `main`, `release-*`; undefined: every branch. */
+  allowedBranches: readonly string[] | undefined;
 }
 
 /** The `permissions` table of a `[[github_apps]]` entry. An app that serves no repository is a mistake. */
@@ -24,7 +24,11 @@ export const permissionsSchema = z
     allowed_repos: z
       .array(z.string().regex(/^[^/\s]+\/[^/\s]+$/, 'a repository glob is OWNER/NAME, e.g. "my-org/*"'))
       .default([]),
-    allowed_branches: z.array(z.string().min(1)).default([]),
+    // Absent: every branch. An empty list would serve no branch at all, which is never what someone meant.
+    allowed_branches: z
+      .array(z.string().min(1))
+      .min(1, 'an empty list allows no branch: list branch globs, or leave allowed_branches out for every branch')
+      .optional(),
   })
   .strict()
   .refine((p) => p.allow_all || p.allowed_repos.length > 0, {
@@ -42,7 +46,7 @@ const GLOB_OPTIONS: MinimatchOptions = { dot: true, nonegate: true, nocomment: t
 
 interface Compiled {
   repos: Minimatch[];
-  branches: Minimatch[];
+  branches: Minimatch[] | undefined;
 }
 
 const compiled = new WeakMap<AppPermissions, Compiled>();
@@ -55,7 +59,7 @@ export function isAllowed(permissions: AppPermissions, repoFullName: string, bra
   if (permissions.allowAll) return true;
   const { repos, branches } = compile(permissions);
   if (!repos.some((m) => m.match(repoFullName))) return false;
-  return branch === undefined || branches.some((m) => m.match(branch));
+  return branch === undefined || branches === undefined || branches.some((m) => m.match(branch));
 }
 
 function compile(permissions: AppPermissions): Compiled {
@@ -63,7 +67,7 @@ function compile(permissions: AppPermissions): Compiled {
   if (!c) {
     c = {
       repos: permissions.allowedRepos.map((g) => new Minimatch(g, { ...GLOB_OPTIONS, nocase: true })),
-      branches: permissions.allowedBranches.map((g) => new Minimatch(g, GLOB_OPTIONS)),
+      branches: permissions.allowedBranches?.map((g) => new Minimatch(g, GLOB_OPTIONS)),
     };
     compiled.set(permissions, c);
   }

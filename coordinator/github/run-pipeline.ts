@@ -6,6 +6,7 @@ import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
 import type { GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
+import { withBaseGates } from '../review/base-policy.js';
 import type { Review } from '../review/model.js';
 import type { ReviewService } from '../review/review-service.js';
 import { isTerminal } from '../scheduler/build-state.js';
@@ -139,7 +140,8 @@ export class RunPipeline {
     });
     if (!evaluated || !this.stillOpen(runId)) return;
     const { head, base, titles } = evaluated;
-    reporter.set(target, evaluationCheck(head.jobs, base?.jobs, details));
+    // Judged by the base's gates: a pull request cannot allow itself evaluation failures.
+    reporter.set(target, evaluationCheck(withBaseGates(head, base), base?.jobs, details));
 
     const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
     if (!base) this.deps.evaluations.save(run.repo, head);
@@ -159,10 +161,16 @@ export class RunPipeline {
     this.timers.add(refresh);
     try {
       const requests: number[] = [];
-      const options = { rebuildFailed: run.rebuild_failed === 1 };
+      const isPrivate = this.deps.runs.repository(run.repo)?.private !== 0;
       for (const side of ['head', 'base'] as const) {
         const list = roots.filter((r) => r.side === side).map((r) => ({ attr: r.attr, drvPath: r.drvPath }));
         const source = `github ${run.repo} ${run.kind}${run.pr_number ? ` #${run.pr_number}` : ''} ${side}`;
+        // The base is the repository's own code; only a head can be someone else's.
+        const options = {
+          rebuildFailed: run.rebuild_failed === 1,
+          untrusted: side === 'head' && run.untrusted === 1,
+          private: isPrivate,
+        };
         if (list.length > 0) requests.push(await this.deps.manager.submit(list, source, options));
       }
       await Promise.all(requests.map((r) => this.deps.manager.waitFor(r)));

@@ -30,6 +30,8 @@ export interface RunRow {
   rebuild_failed: number;
   state: RunState;
   error: string | null;
+  /** 1: the head is code of someone without write access, built only by sandboxed agents. */
+  untrusted: number;
 }
 
 export interface NewRun {
@@ -44,6 +46,8 @@ export interface NewRun {
   extraAttrs?: readonly string[];
   rebuildFailed?: boolean;
   state?: RunState;
+  /** The head is code of someone without write access (see RunRow.untrusted). */
+  untrusted?: boolean;
 }
 
 export interface RepositoryRow {
@@ -166,6 +170,41 @@ export class RunStore {
       PullRequestRow | undefined;
   }
 
+  /**
+   * A head commit of a pull request and when GitHub says it became the head (ms, GitHub's clock). Seen again
+   * later (a command reading the pull request from the API), the earliest time stays.
+   */
+  recordHead(repo: string, number: number, headSha: string, since: number): void {
+    this.db
+      .prepare(
+        `INSERT INTO github_pull_request_heads (repo, number, head_sha, since) VALUES (?, ?, ?, ?)
+         ON CONFLICT (repo, number, head_sha) DO UPDATE SET since = MIN(since, excluded.since)`,
+      )
+      .run(repo, number, headSha, since);
+  }
+
+  /** The head a pull request had just before `at` (ms, GitHub's clock), as far as eka-ci saw; undefined if none. */
+  headBefore(repo: string, number: number, at: number): string | undefined {
+    const row = this.db
+      .prepare(
+        `SELECT head_sha FROM github_pull_request_heads WHERE repo = ? AND number = ? AND since < ?
+         ORDER BY since DESC LIMIT 1`,
+      )
+      .get(repo, number, at) as { head_sha: string } | undefined;
+    return row?.head_sha;
+  }
+
+  /** Heads of a pull request eka-ci has seen whose sha starts with `prefix`. */
+  headsMatching(repo: string, number: number, prefix: string): string[] {
+    return (
+      this.db
+        .prepare(
+          'SELECT head_sha FROM github_pull_request_heads WHERE repo = ? AND number = ? AND head_sha >= ? AND head_sha < ?',
+        )
+        .all(repo, number, prefix, `${prefix}\uffff`) as Array<{ head_sha: string }>
+    ).map((r) => r.head_sha);
+  }
+
   /** An outside contributor's head commit, approved to build by `@eka-ci approve`. */
   setApproval(repo: string, number: number, approvedBy: string, headSha: string): void {
     this.db
@@ -199,8 +238,8 @@ export class RunStore {
     const info = this.db
       .prepare(
         `INSERT INTO github_runs (repo, installation_id, kind, pr_number, base_sha, head_sha, base_clone_url,
-           head_clone_url, extra_attrs, rebuild_failed, state, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+           head_clone_url, extra_attrs, rebuild_failed, state, created_at, updated_at, untrusted)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
       .run(
         r.repo,
@@ -216,6 +255,7 @@ export class RunStore {
         r.state ?? 'queued',
         now,
         now,
+        r.untrusted ? 1 : 0,
       );
     return Number(info.lastInsertRowid);
   }

@@ -1,3 +1,4 @@
+import { KeyedRateLimiter } from '../../common/keyed-rate-limiter.js';
 import type { IncomingMessage } from 'node:http';
 import Router, { type RouterContext } from '@koa/router';
 import { verify } from '@octokit/webhooks-methods';
@@ -60,7 +61,8 @@ export function webhookReceiver(options: WebhookReceiverOptions): Router {
     throw new ConfigError('the GitHub webhook receiver needs a webhook secret (or allow_insecure_webhooks = true)');
   }
   const maxBytes = options.maxBodyBytes ?? MAX_WEBHOOK_BODY_BYTES;
-  const limiter = new SourceRateLimiter(
+  const limiter = new KeyedRateLimiter(
+    MAX_TRACKED_SOURCES,
     options.rateLimit?.burst ?? RATE_LIMIT_BURST,
     options.rateLimit?.perSecond ?? RATE_LIMIT_PER_SECOND,
   );
@@ -177,46 +179,4 @@ function readBody(req: IncomingMessage, max: number): Promise<Buffer | undefined
     const onClose = (): void => onError(new Error('the client closed the connection before sending the whole body'));
     req.on('data', onData).on('end', onEnd).on('error', onError).on('close', onClose);
   });
-}
-
-/** A token bucket per source address: `burst` requests at once, refilled at `perSecond`. */
-class SourceRateLimiter {
-  private readonly buckets = new Map<string, { tokens: number; at: number }>();
-
-  constructor(
-    private readonly burst: number,
-    private readonly perSecond: number,
-  ) {}
-
-  /** 0 when `source` may send now (spending a token), else the milliseconds until it may. */
-  take(source: string, now = performance.now()): number {
-    let bucket = this.buckets.get(source);
-    if (bucket) {
-      bucket.tokens = this.level(bucket, now);
-      bucket.at = now;
-    } else {
-      if (this.buckets.size >= MAX_TRACKED_SOURCES) this.forget(now);
-      bucket = { tokens: this.burst, at: now };
-      this.buckets.set(source, bucket);
-    }
-    if (bucket.tokens >= 1) {
-      bucket.tokens -= 1;
-      return 0;
-    }
-    return Math.max(1, Math.ceil(((1 - bucket.tokens) / this.perSecond) * 1000));
-  }
-
-  private level(bucket: { tokens: number; at: number }, now: number): number {
-    return Math.min(this.burst, bucket.tokens + ((now - bucket.at) / 1000) * this.perSecond);
-  }
-
-  /** Forgets full buckets (a new one would be the same), then, if still crowded, the longest-known tenth. */
-  private forget(now: number): void {
-    for (const [source, bucket] of this.buckets) if (this.level(bucket, now) >= this.burst) this.buckets.delete(source);
-    const keep = Math.floor(MAX_TRACKED_SOURCES * 0.9);
-    for (const source of this.buckets.keys()) {
-      if (this.buckets.size <= keep) break;
-      this.buckets.delete(source);
-    }
-  }
 }

@@ -4,6 +4,7 @@ import Router from '@koa/router';
 import Koa from 'koa';
 import type { Registry } from 'prom-client';
 import type { Logger } from '../../common/logging.js';
+import type { AccessControl, Principal } from '../access/access-control.js';
 
 export interface HttpRoutes {
   cache: Router;
@@ -12,12 +13,54 @@ export interface HttpRoutes {
   api: Router;
   /** The GitHub webhook endpoint, when GitHub Apps are configured. */
   github?: Router;
+  access: AccessControl;
 }
+
+/** What every request carries once the access middleware has run (`ctx.state`). */
+export interface RequestState {
+  principal: Principal;
+}
+
+/**
+ * Routes anyone may call whatever `[web] public` says: liveness probes, and the webhook endpoint, which proves
+ * its caller with the webhook signature instead of a token.
+ */
+export const ANONYMOUS_ROUTES: ReadonlyArray<{ method: string; path: string }> = [
+  { method: 'GET', path: '/healthz' },
+  { method: 'GET', path: '/readyz' },
+  { method: 'POST', path: '/github/webhook' },
+];
+
+/** Every route the app serves, method and path, for tests that must cover them all (access rules). */
+export function routeList(app: Koa): Array<{ method: string; path: string }> {
+  const root = (app as Koa & { [ROOT]?: Router })[ROOT];
+  return (root?.stack ?? []).flatMap((layer) =>
+    layer.methods.filter((m) => m !== 'HEAD').map((method) => ({ method, path: String(layer.path) })),
+  );
+}
+
+const ROOT = Symbol('ekaci root router');
 
 /** The coordinator's HTTP port: the binary cache, health, metrics and the API. */
 export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   const app = new Koa();
   app.on('error', (err: Error) => logger.warn({ err: err.message }, 'http request failed'));
+  // Who is asking, decided once per request by AccessControl; on a coordinator that is not public, nobody without a
+  // credential gets past this point except to the routes above. Routes then check the visibility of what they serve.
+  app.use(async (ctx, next) => {
+    const principal = routes.access.principal(ctx.get('Authorization') || undefined);
+    (ctx.state as RequestState).principal = principal;
+    const open = ANONYMOUS_ROUTES.some(
+      (r) => r.path === ctx.path && (r.method === ctx.method || ctx.method === 'HEAD'),
+    );
+    if (!open && principal.kind === 'anonymous' && !routes.access.publicReads) {
+      ctx.status = 401;
+      ctx.set('WWW-Authenticate', 'Bearer realm="eka-ci"');
+      ctx.body = { error: { code: 'EKACI_ERR_AUTH', message: 'this coordinator is not public: send an API token' } };
+      return;
+    }
+    await next();
+  });
   const root = new Router();
   root.get('/healthz', (ctx) => {
     ctx.body = { ok: true };
@@ -35,6 +78,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   root.use('/api/v1', routes.api.routes(), routes.api.allowedMethods());
   if (routes.github) root.use(routes.github.routes(), routes.github.allowedMethods());
   app.use(root.routes()).use(root.allowedMethods());
+  (app as Koa & { [ROOT]?: Router })[ROOT] = root;
   return app;
 }
 

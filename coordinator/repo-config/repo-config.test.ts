@@ -69,6 +69,16 @@ describe('file limits and JSON syntax', () => {
     );
   });
 
+  it('gives two commits with the same file the same digest, and any change another', async () => {
+    const same = [await makeTree({ '.eka-ci/config.json': json(HELLO), 'default.nix': '{}' })];
+    same.push(await makeTree({ '.eka-ci/config.json': json(HELLO), 'default.nix': '{ x = 1; }' }));
+    const changed = await makeTree({ '.eka-ci/config.json': `${json(HELLO)}\n`, 'default.nix': '{}' });
+    const digests = await Promise.all([...same, changed].map(async (d) => (await loadRepoConfig(d))!.digest));
+    expect(digests[0]).toMatch(/^[0-9a-f]{64}$/);
+    expect(digests[1]).toBe(digests[0]);
+    expect(digests[2]).not.toBe(digests[0]);
+  });
+
   it('accepts a config saved with a byte order mark', async () => {
     const dir = await makeTree({ '.eka-ci/config.json': `\uFEFF${json(HELLO)}`, 'default.nix': '{}' });
     expect((await loadRepoConfig(dir))?.jobs).toHaveLength(1);
@@ -85,6 +95,7 @@ describe('compiled config', () => {
     );
     expect(config).toEqual({
       source: '.eka-ci/config.json',
+      digest: '',
       jobs: [
         {
           name: 'hello',

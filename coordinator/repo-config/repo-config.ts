@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { open, realpath } from 'node:fs/promises';
 import { join } from 'node:path';
 import { type CheckoutPath, resolveInCheckout } from './checkout-path.js';
@@ -71,6 +72,8 @@ export interface RepoCheck {
 export interface RepoConfig {
   /** The config file relative to the checkout, e.g. `.eka-ci/config.json`. */
   source: string;
+  /** SHA-256 of the file's name and bytes: two commits with the same digest have the same configuration. */
+  digest: string;
   jobs: RepoJob[];
   checks: RepoCheck[];
 }
@@ -87,13 +90,20 @@ export async function loadRepoConfig(checkoutDir: string): Promise<RepoConfig | 
     const found = await resolveInCheckout(root, source);
     if (found.kind === 'missing') continue;
     if (found.kind !== 'file') throw new RepoConfigError(source, [pathProblem('the config file', found)]);
-    return compileRepoConfig(parseJson(await readLimited(found.absolute, source), source), source, root);
+    const text = await readLimited(found.absolute, source);
+    const digest = createHash('sha256').update(`${source}\0${text}`).digest('hex');
+    return compileRepoConfig(parseJson(text, source), source, root, digest);
   }
   return undefined;
 }
 
 /** Validates already-parsed JSON and resolves its paths against the checkout; `source` names it in errors. */
-export async function compileRepoConfig(raw: unknown, source: string, checkoutDir: string): Promise<RepoConfig> {
+export async function compileRepoConfig(
+  raw: unknown,
+  source: string,
+  checkoutDir: string,
+  digest = '',
+): Promise<RepoConfig> {
   const parsed = repoConfigSchema.safeParse(raw);
   if (!parsed.success) throw new RepoConfigError(source, describeIssues(parsed.error.issues));
   const root = await realpath(checkoutDir);
@@ -140,7 +150,7 @@ export async function compileRepoConfig(raw: unknown, source: string, checkoutDi
   }
 
   if (problems.length > 0) throw new RepoConfigError(source, problems);
-  return { source, jobs, checks };
+  return { source, digest, jobs, checks };
 }
 
 /** The job's Nix file, or the problem with it as a message. */

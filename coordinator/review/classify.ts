@@ -92,3 +92,17 @@ export function summarise(attrs: readonly AttrReview[]): Record<SummaryKey, numb
 export function isNewlyFailing(review: Pick<Review, 'attrs'>): boolean {
   return review.attrs.some((attr) => attr.outcome === 'newly-failing' || isNewEvalFailure(attr));
 }
+
+/** Builds that say nothing about the derivation: nobody could build it, it was stopped, or it never ran. */
+const UNBUILT: ReadonlySet<BuildOutcomeName> = new Set(['unbuildable', 'cancelled', 'not-built']);
+
+/**
+ * Attributes the change adds or changes whose head evaluated but was not built (unbuildable, cancelled, not
+ * built): there is no evidence they work, so a merge waits (a neutral check is not a green one).
+ */
+export function unbuiltChanges(review: Pick<Review, 'attrs'>): string[] {
+  return review.attrs
+    .filter((a) => (a.change === 'changed' || a.change === 'added') && a.head?.eval === 'ok')
+    .filter((a) => a.head !== undefined && !a.head.skipped && UNBUILT.has(a.head.build))
+    .map((a) => `${a.job}.${a.attr}`);
+}

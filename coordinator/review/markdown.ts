@@ -232,7 +232,12 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
 
   return {
     verdict,
-    revisions: `Base ${codeSpan(review.base.rev.slice(0, 12))} → head ${codeSpan(review.head.rev.slice(0, 12))}`,
+    revisions:
+      `Base ${codeSpan(review.base.rev.slice(0, 12))} → head ${codeSpan(review.head.rev.slice(0, 12))}` +
+      (review.configChanged
+        ? "\n\n**This change edits eka-ci's configuration.** It is judged by the base's rules until it is merged, " +
+          'and only someone with write access may merge it.'
+        : ''),
     tables,
     rootCauses: rootCauseGroups(newlyFailing),
     counts,

@@ -17,6 +17,8 @@ export interface SideResult {
   eval: 'ok' | 'error';
   error?: string;
   build: BuildOutcomeName;
+  /** Not for a system this review builds (meta.platforms, the job's systems): not built on purpose. */
+  skipped?: true;
 }
 
 export interface OutputSizes {
@@ -61,6 +63,8 @@ export interface AttrReview {
 export interface Review {
   base: { rev: string };
   head: { rev: string };
+  /** The head changes eka-ci's configuration: its gates apply only once merged, and only a writer may merge it. */
+  configChanged?: true;
   attrs: AttrReview[];
   /** Counts per outcome, plus `added`, `removed`, `eval-failing` (new evaluation errors) and `size-warnings`. */
   summary: Record<string, number>;

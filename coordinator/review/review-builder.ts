@@ -79,7 +79,9 @@ export async function buildReview(inputs: ReviewInputs): Promise<Review> {
 function side(e: EvalResult, inputs: ReviewInputs): SideResult {
   if (e.error || !e.drvPath)
     return { drv: e.drvPath ?? null, eval: 'error', error: e.error ?? 'no derivation', build: 'not-built' };
-  return { drv: e.drvPath, eval: 'ok', build: outcomeName(inputs.build(e.drvPath)?.state) };
+  const result: SideResult = { drv: e.drvPath, eval: 'ok', build: outcomeName(inputs.build(e.drvPath)?.state) };
+  if (e.skipped) result.skipped = true;
+  return result;
 }
 
 export function outcomeName(state: BuildState | undefined): BuildOutcomeName {

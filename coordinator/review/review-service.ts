@@ -5,6 +5,7 @@ import type { DiffStore, StoredJobDiff } from '../graph/diff-store.js';
 import type { LogStore } from '../logs/log-store.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import type { Review } from './model.js';
+import { changesConfig, gatesFor } from './base-policy.js';
 import { type BuildFacts, buildReview } from './review-builder.js';
 
 export interface ReviewSources {
@@ -33,14 +34,17 @@ export class ReviewService {
 
   /**
    * The review of `head` against `base`, or undefined when either commit was never evaluated. `jobs` narrows it
-   * to some jobs (all by default).
+   * to some jobs (all by default). With `recordedOnly` (the API), only a pair a run or `ekaci review` recorded
+   * (`record`) has a review: nothing new is diffed or stored for whoever asks.
    */
   async reviewOf(
     repo: string,
     baseCommit: string,
     headCommit: string,
     jobs?: readonly string[],
+    options: { recordedOnly?: boolean } = {},
   ): Promise<Review | undefined> {
+    if (options.recordedOnly && !this.sources.diffs.load(repo, baseCommit, headCommit)) return undefined;
     const narrow = (e: CommitEvaluation): CommitEvaluation => ({
       commit: e.commit,
       jobs: e.jobs.filter((j) => !jobs?.length || jobs.includes(j.name)),
@@ -50,14 +54,19 @@ export class ReviewService {
     if (!baseEval || !headEval) return undefined;
     const base = narrow(baseEval);
     const head = narrow(headEval);
-    const diffs = await this.diff(repo, base, head);
+    const diffs = options.recordedOnly
+      ? (this.sources.diffs.load(repo, base.commit, head.commit) ?? []).filter(
+          (d) => !jobs?.length || jobs.includes(d.name),
+        )
+      : await this.diff(repo, base, head);
     const { store, logs } = this.sources;
-    return buildReview({
+    const review = await buildReview({
       baseRev: base.commit,
       headRev: head.commit,
       jobs: diffs.map((d) => ({
         name: d.name,
-        maxIncreasePercent: head.jobs.find((j) => j.name === d.name)?.maxIncreasePercent,
+        // The base's threshold: a pull request does not get to loosen the size check it is judged by.
+        maxIncreasePercent: gatesFor(d.name, head, base).maxIncreasePercent,
         diff: d,
         base: base.jobs.find((j) => j.name === d.name)?.attrs ?? [],
         head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],
@@ -70,6 +79,8 @@ export class ReviewService {
       },
       references: (path) => this.sources.references(path),
     });
+    if (changesConfig(baseEval, headEval)) review.configChanged = true;
+    return review;
   }
 
   /** The diff of each job both evaluations have; jobs never diffed before are diffed now and stored. */

@@ -16,11 +16,13 @@ import { readClosure } from '../graph/ingest.js';
 import type { LogStore } from '../logs/log-store.js';
 import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
 import type { AttemptState, BuildStore, DerivationRow, NewDerivation } from './build-store.js';
-import { type AgentCapabilities, Scheduler, agentMatchesLane } from './scheduler.js';
+import { type AgentCapabilities, Scheduler, agentMatchesLane, isUntrustedLane } from './scheduler.js';
 
 /** What the build pipeline needs from the binary cache. */
 export interface OutputCache {
   hasPaths(storePaths: string[]): Set<string> | Promise<Set<string>>;
+  /** The narinfo the cache holds for a path (its NAR checked on arrival), or undefined. */
+  narInfo(storePath: string): Promise<{ narHash: string; narSize: number } | undefined>;
   pushFromLocalStore(paths: string[], options?: { derivation?: boolean }): Promise<void>;
   /** NAR and closure sizes of paths the cache holds (with their closures). */
   sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>>;
@@ -60,7 +62,8 @@ const VALIDITY_BATCH = 2_000;
 /**
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
  * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
- * (leaseId, agentId, reason), `settled` (a derivation reached a terminal state).
+ * (leaseId, agentId, reason), `settled` (a derivation reached a terminal state), `refused` (agentId, leaseId,
+ * reason: a result that did not check out).
  */
 export class BuildManager extends EventEmitter {
   private readonly scheduler: Scheduler;
@@ -96,6 +99,7 @@ export class BuildManager extends EventEmitter {
       fixedOutput: d.is_fod === 1,
       pendingInputs: this.store.inputsOf(d.drv_path).filter((i) => activeSet.has(i)),
       priority: 0,
+      untrusted: d.untrusted === 1,
     }));
     this.scheduler.add(specs);
     // Agents get one lease TTL from now to reconnect and claim their leases.
@@ -127,12 +131,18 @@ export class BuildManager extends EventEmitter {
   /**
    * Takes a build request: the closure of the roots is read, what is already built or in a cache is settled at
    * once, the rest is queued. Returns the request id.
+   *
+   * `untrusted`: the request runs code of someone without write access (a pull request's head): what only such
+   * requests want is built by agents with Nix's sandbox on. A trusted request for the same derivations lifts that.
+   * `private`: the request is for a private repository: what only such requests want is served only with a
+   * credential.
    */
   async submit(
     roots: ReadonlyArray<{ attr: string; drvPath: string }>,
     source: string,
-    options: { rebuildFailed?: boolean } = {},
+    options: { rebuildFailed?: boolean; untrusted?: boolean; private?: boolean } = {},
   ): Promise<number> {
+    const origin = { untrusted: options.untrusted ?? false, private: options.private ?? false };
     const rootPaths = [...new Set(roots.map((r) => r.drvPath))];
     // A build failure is final unless someone asks for a rebuild (a "Rebuild failed" button, `@eka-ci rebuild`).
     const retryable = new Set<BuildState>([
@@ -166,7 +176,8 @@ export class BuildManager extends EventEmitter {
     const specs: Parameters<Scheduler['add']>[0][number][] = [];
     const depFailed = new Map<string, string>(); // drv -> root cause
     const requestId = this.store.transaction(() => {
-      this.store.insertDerivations(fresh, now);
+      this.store.insertDerivations(fresh, now, origin);
+      this.widen(rootPaths, origin);
       for (const d of fresh) {
         const prior = this.store.derivation(d.drvPath)!;
         if (prior.state !== 'queued')
@@ -206,6 +217,7 @@ export class BuildManager extends EventEmitter {
           fixedOutput: d.fixedOutput,
           pendingInputs: pending,
           priority: 0,
+          untrusted: prior.untrusted === 1,
         });
       }
       const ready = this.scheduler.add(specs);
@@ -220,6 +232,20 @@ export class BuildManager extends EventEmitter {
     if (specs.length > 0) this.emit('work');
     this.announceSettled();
     return requestId;
+  }
+
+  /**
+   * A trusted request makes the unfinished derivations it needs trusted; a public one makes the derivations it
+   * names public. Walks the database only when something could change.
+   */
+  private widen(rootPaths: readonly string[], origin: { untrusted: boolean; private: boolean }): void {
+    if (!origin.untrusted && this.scheduler.untrustedCount > 0) {
+      for (const drv of this.unfinishedClosure(rootPaths)) {
+        this.scheduler.trust(drv);
+        this.store.trust(drv);
+      }
+    }
+    if (!origin.private) for (const drv of rootPaths) this.store.publish(drv);
   }
 
   /**
@@ -271,8 +297,21 @@ export class BuildManager extends EventEmitter {
     if (this.ownLease(agentId, leaseId)) this.store.startAttempt(leaseId, at || this.now());
   }
 
-  /** Records a finished attempt. Idempotent: a result for a lease that is already closed changes nothing. */
-  finished(agentId: string, leaseId: string, f: Finished): void {
+  /**
+   * Records a finished attempt. Idempotent: a result for a lease that is already closed changes nothing. A success
+   * counts only if its outputs are exactly the derivation's and each is in the cache (its NAR checked there);
+   * otherwise the attempt is this agent's infrastructure failure, retried elsewhere, and `refused` is emitted.
+   */
+  async finished(agentId: string, leaseId: string, f: Finished): Promise<void> {
+    if (!this.ownLease(agentId, leaseId)) return;
+    if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
+      const problem = await this.outputProblem(this.ownLease(agentId, leaseId)!, f);
+      if (problem !== undefined) {
+        this.emit('refused', agentId, leaseId, problem);
+        f = { ...f, outcome: Outcome.OUTCOME_INFRA_ERROR, error: `result refused: ${problem}`, outputs: [] };
+      }
+    }
+    // The lease may have expired while the outputs were looked at.
     const lease = this.ownLease(agentId, leaseId);
     if (!lease) return;
     const now = this.now();
@@ -300,6 +339,29 @@ export class BuildManager extends EventEmitter {
     });
     this.emit('work');
     this.announceSettled();
+  }
+
+  /** An open lease: who holds it, its derivation and the output paths it may publish; undefined if not open. */
+  openLease(leaseId: string): { agentId: string; drvPath: string; outputPaths: string[] } | undefined {
+    const lease = this.leases.get(leaseId);
+    if (!lease) return undefined;
+    const outputPaths = this.store.outputsOf(lease.drvPath).map((o) => o.path);
+    return { agentId: lease.agentId, drvPath: lease.drvPath, outputPaths };
+  }
+
+  /** Why a reported success cannot be believed, or undefined when its outputs check out. */
+  private async outputProblem(lease: Lease, f: Finished): Promise<string | undefined> {
+    const declared = new Map(this.store.outputsOf(lease.drvPath).map((o) => [o.name, o.path]));
+    const reported = new Map(f.outputs.map((o) => [o.name, o.path]));
+    const same = declared.size === reported.size && [...declared].every(([name, path]) => reported.get(name) === path);
+    if (!same) {
+      const list = (m: Map<string, string>): string => [...m].map(([n, p]) => `${n}=${p}`).join(', ') || 'none';
+      return `reported outputs (${list(reported)}) are not the outputs of ${lease.drvPath} (${list(declared)})`;
+    }
+    for (const path of declared.values()) {
+      if ((await this.cache.narInfo(path)) === undefined) return `output ${path} was not uploaded to the cache`;
+    }
+    return undefined;
   }
 
   /** Stores a log chunk; returns the bytes stored for the lease, or undefined for a lease that is not open. */
@@ -356,7 +418,11 @@ export class BuildManager extends EventEmitter {
       if (agents.some((a) => agentMatchesLane(a, lane))) continue;
       if (now - since < this.options.unbuildableGraceMs) continue;
       const [, system, features] = lane.split('|');
-      const why = `no connected agent builds ${system}${features ? ` with features ${features}` : ''}`;
+      const what = `${system}${features ? ` with features ${features}` : ''}`;
+      const why = isUntrustedLane(lane)
+        ? `no connected agent with Nix's sandbox on builds ${what}: this is code from someone without write access, ` +
+          'which builds only in a sandbox (unless [security] allow_unsandboxed_untrusted_builds = true)'
+        : `no connected agent builds ${what}`;
       this.store.transaction(() => {
         for (const drvPath of this.scheduler.buildableIn(lane)) {
           const row = this.store.derivation(drvPath)!;

@@ -9,6 +9,8 @@ export interface DerivationRow {
   required_features: string;
   is_fod: number;
   prefer_local: number;
+  untrusted: number;
+  private: number;
   state: BuildState;
   attempts: number;
   root_cause: string | null;
@@ -64,7 +66,7 @@ export class BuildStore {
     this.s = {
       insertDrv: db.prepare(
         `INSERT OR IGNORE INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state,
-           attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?)`,
+           attempts, created_at, updated_at, untrusted, private) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)`,
       ),
       insertInput: db.prepare('INSERT OR IGNORE INTO derivation_inputs (drv_path, input_drv) VALUES (?, ?)'),
       insertOutput: db.prepare('INSERT OR IGNORE INTO derivation_outputs (drv_path, name, path) VALUES (?, ?, ?)'),
@@ -96,6 +98,14 @@ export class BuildStore {
       insertRequest: db.prepare('INSERT INTO requests (created_at, source) VALUES (?, ?)'),
       insertRoot: db.prepare('INSERT OR REPLACE INTO request_roots (request_id, attr, drv_path) VALUES (?, ?, ?)'),
       rootsOf: db.prepare('SELECT attr, drv_path FROM request_roots WHERE request_id = ? ORDER BY rowid'),
+      trust: db.prepare('UPDATE derivations SET untrusted = 0 WHERE drv_path = ? AND untrusted = 1'),
+      publish: db.prepare('UPDATE derivations SET private = 0 WHERE drv_path = ? AND private = 1'),
+      privacy: db.prepare(
+        `SELECT MIN(p) AS p FROM (
+           SELECT d.private AS p FROM derivation_outputs o JOIN derivations d ON d.drv_path = o.drv_path
+             WHERE o.path >= ? AND o.path < ?
+           UNION ALL SELECT private AS p FROM derivations WHERE drv_path >= ? AND drv_path < ?)`,
+      ),
     };
   }
 
@@ -103,7 +113,15 @@ export class BuildStore {
     return this.db.transaction(fn)();
   }
 
-  insertDerivations(drvs: readonly NewDerivation[], now: number): void {
+  /**
+   * Inserts derivations not yet known; `untrusted` and `private` describe the request that first asked for them. A
+   * trusted or public request that asks for a known one again makes it so (`trust`, `publish`).
+   */
+  insertDerivations(
+    drvs: readonly NewDerivation[],
+    now: number,
+    origin: { untrusted: boolean; private: boolean } = { untrusted: false, private: false },
+  ): void {
     for (const d of drvs) {
       this.s.insertDrv.run(
         d.drvPath,
@@ -113,10 +131,32 @@ export class BuildStore {
         d.preferLocal ? 1 : 0,
         now,
         now,
+        origin.untrusted ? 1 : 0,
+        origin.private ? 1 : 0,
       );
       for (const i of d.inputs) this.s.insertInput.run(d.drvPath, i);
       for (const [name, path] of Object.entries(d.outputs)) this.s.insertOutput.run(d.drvPath, name, path);
     }
+  }
+
+  /** Trusted code wants this derivation too: any agent may build it. */
+  trust(drvPath: string): void {
+    this.s.trust.run(drvPath);
+  }
+
+  /** A public repository wants this derivation too: its outputs and logs are public data. */
+  publish(drvPath: string): void {
+    this.s.publish.run(drvPath);
+  }
+
+  /**
+   * Whether what belongs to a store path (a `.drv`, an output, or `/nix/store/<hash>` naming either) is private:
+   * only when every derivation it belongs to was asked for by private repositories alone.
+   */
+  isPrivate(storePathOrHash: string): boolean {
+    const prefix = `${storePathOrHash.slice(0, '/nix/store/'.length + 32)}-`;
+    const row = this.s.privacy.get(prefix, `${prefix}\uffff`, prefix, `${prefix}\uffff`) as { p: number | null };
+    return row.p === 1;
   }
 
   /** States of the given derivations that exist, in batches. */

@@ -9,7 +9,7 @@ function spec(drvPath: string, pendingInputs: string[] = [], extra: Partial<Node
 }
 
 function agent(agentId: string, extra: Partial<AgentCapabilities> = {}): AgentCapabilities {
-  return { agentId, systems: [X86], supportedFeatures: [], mandatoryFeatures: [], ...extra };
+  return { agentId, systems: [X86], supportedFeatures: [], mandatoryFeatures: [], mayBuildUntrusted: false, ...extra };
 }
 
 const nobodyElse = (): boolean => false;

@@ -7,8 +7,10 @@ import { PriorityHeap } from './priority-heap.js';
  *
  * A node waits in `queued` until all its inputs succeeded, then enters one lane — fixed-output derivations
  * (downloads) have their own lanes so they never wait behind long compilations, every other derivation waits in
- * the lane of its system and required features. Inside a lane: higher request priority first, then the longer
- * critical path (more derivations waiting behind it), then first come.
+ * the lane of its system and required features. Untrusted derivations (only code from people without write access
+ * asked for them) have lanes of their own that only agents allowed to build untrusted code serve. Inside a lane:
+ * higher request priority first, then the longer critical path (more derivations waiting behind it), then first
+ * come.
  */
 
 export interface NodeSpec {
@@ -19,6 +21,8 @@ export interface NodeSpec {
   /** Input derivations that have not succeeded yet (each must be a node of this scheduler). */
   pendingInputs: readonly string[];
   priority: number;
+  /** Only untrusted code wants it: it goes to agents that build in Nix's sandbox (see `mayBuildUntrusted`). */
+  untrusted?: boolean;
 }
 
 export interface AgentCapabilities {
@@ -26,13 +30,15 @@ export interface AgentCapabilities {
   systems: readonly string[];
   supportedFeatures: readonly string[];
   mandatoryFeatures: readonly string[];
+  /** The agent builds in Nix's sandbox, or the server allows untrusted code on unsandboxed agents. */
+  mayBuildUntrusted: boolean;
 }
 
 type NodeStatus = 'queued' | 'buildable' | 'building';
 
 interface Node {
-  readonly spec: NodeSpec;
-  readonly lane: string;
+  spec: NodeSpec;
+  lane: string;
   status: NodeStatus;
   waitingOn: number;
   readonly dependents: string[];
@@ -49,14 +55,27 @@ const EXCLUSION_SCAN_DEPTH = 32;
 // Derivations with system "builtin" (builtin:fetchurl) run on any agent.
 const ANY_SYSTEM = 'builtin';
 
-export function laneOf(spec: Pick<NodeSpec, 'system' | 'requiredFeatures' | 'fixedOutput'>): string {
-  return `${spec.fixedOutput ? 'fod' : 'build'}|${spec.system}|${[...spec.requiredFeatures].sort().join(',')}`;
+// The lane suffix of untrusted derivations.
+const UNTRUSTED = 'untrusted';
+
+export function laneOf(spec: Pick<NodeSpec, 'system' | 'requiredFeatures' | 'fixedOutput' | 'untrusted'>): string {
+  const features = [...spec.requiredFeatures].sort().join(',');
+  return `${spec.fixedOutput ? 'fod' : 'build'}|${spec.system}|${features}|${spec.untrusted ? UNTRUSTED : ''}`;
 }
 
-/** Whether an agent may build derivations of a lane: its system, every required feature, every mandatory one. */
+/** Whether a lane holds untrusted derivations. */
+export function isUntrustedLane(lane: string): boolean {
+  return lane.split('|')[3] === UNTRUSTED;
+}
+
+/**
+ * Whether an agent may build derivations of a lane: its system, every required feature, every mandatory one, and,
+ * for an untrusted lane, a sandbox.
+ */
 export function agentMatchesLane(agent: AgentCapabilities, lane: string): boolean {
-  const [, system = '', features = ''] = lane.split('|');
+  const [, system = '', features = '', trust = ''] = lane.split('|');
   const required = features === '' ? [] : features.split(',');
+  if (trust === UNTRUSTED && !agent.mayBuildUntrusted) return false;
   if (system !== ANY_SYSTEM && !agent.systems.includes(system)) return false;
   const has = (f: string): boolean => agent.supportedFeatures.includes(f) || agent.mandatoryFeatures.includes(f);
   return required.every(has) && agent.mandatoryFeatures.every((f) => required.includes(f));
@@ -66,11 +85,17 @@ export class Scheduler {
   private readonly nodes = new Map<string, Node>();
   private readonly lanes = new Map<string, PriorityHeap<Node>>();
   private seq = 0;
+  private untrusted = 0;
 
   constructor(private readonly now: () => number = Date.now) {}
 
   get size(): number {
     return this.nodes.size;
+  }
+
+  /** How many scheduled derivations are untrusted. */
+  get untrustedCount(): number {
+    return this.untrusted;
   }
 
   has(drvPath: string): boolean {
@@ -101,6 +126,7 @@ export class Scheduler {
         excludedAgents: new Set(),
       };
       this.nodes.set(spec.drvPath, node);
+      if (spec.untrusted) this.untrusted++;
       added.push(node);
     }
     for (const node of added) {
@@ -202,6 +228,21 @@ export class Scheduler {
     this.enqueue(node);
   }
 
+  /**
+   * A trusted request wants a derivation that so far only untrusted code wanted: it may now build anywhere. One
+   * buildable already moves to its trusted lane.
+   */
+  trust(drvPath: string): void {
+    const node = this.nodes.get(drvPath);
+    if (!node?.spec.untrusted) return;
+    const wasBuildable = node.status === 'buildable';
+    if (wasBuildable) this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    node.spec = { ...node.spec, untrusted: false };
+    this.untrusted--;
+    node.lane = laneOf(node.spec);
+    if (wasBuildable) this.enqueue(node);
+  }
+
   /** Marks a derivation as building without going through `take` (a lease kept across a coordinator restart). */
   markBuilding(drvPath: string): void {
     const node = this.require(drvPath);
@@ -240,6 +281,7 @@ export class Scheduler {
 
   private remove(node: Node): void {
     if (node.status === 'buildable') this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    if (node.spec.untrusted) this.untrusted--;
     this.nodes.delete(node.spec.drvPath);
   }
 

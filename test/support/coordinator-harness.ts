@@ -71,7 +71,7 @@ export class RawAgent {
     this.send({
       $case: 'hello',
       value: {
-        agentId: 'raw-agent',
+        agentId: '',
         protocolVersion: PROTOCOL_VERSION,
         nixVersion: '2.8.0',
         hostname: 'raw',
@@ -82,6 +82,7 @@ export class RawAgent {
         maxJobs: 2,
         runningLeases: [],
         sessionNonce: 'n',
+        sandboxed: false,
         ...overrides,
       },
     });

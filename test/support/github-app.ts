@@ -134,6 +134,9 @@ export async function startGitHubCoordinator(
       ],
       security: { webhook_secret: WEBHOOK_SECRET, ...((extra.security as object) ?? {}) },
       github: { check_run_update_interval_seconds: 0.2 },
+      // Pull requests from people without write access build only in Nix's sandbox: the local agent has it on,
+      // as a CI open to fork pull requests would.
+      local_agent: { sandbox: true },
       ...Object.fromEntries(Object.entries(extra).filter(([k]) => k !== 'security' && k !== 'permissions')),
     },
     'test',
@@ -181,6 +184,8 @@ export function pullRequestPayload(o: {
       number: o.number,
       draft: false,
       state: o.action === 'closed' ? 'closed' : 'open',
+      // As GitHub does: the moment of this event (for a push, when the head moved).
+      updated_at: new Date().toISOString(),
       user: { ...(pr.user as object), login: o.author ?? 'alice' },
       author_association: o.association ?? 'MEMBER',
       head: {
@@ -204,6 +209,8 @@ export function commentPayload(o: {
   id: number;
   body: string;
   author: string;
+  /** When the comment was written; now by default. */
+  createdAt?: Date;
 }): Record<string, unknown> {
   const payload = webhookExamples('issue_comment', 'created')[0]!;
   const issue = payload.issue as Record<string, unknown>;
@@ -217,6 +224,7 @@ export function commentPayload(o: {
       ...comment,
       id: o.id,
       body: o.body,
+      created_at: (o.createdAt ?? new Date()).toISOString(),
       user: { ...(comment.user as object), login: o.author, type: 'User' },
     },
   };

@@ -88,6 +88,10 @@ class StandIn implements GitHubStandIn {
   addPull(repo: string, pull: Parameters<GitHubStandIn['addPull']>[1]): void {
     this.state.addPull(repo, pull);
   }
+
+  updatePull(repo: string, number: number, change: Parameters<StandInState['updatePull']>[2]): void {
+    this.state.updatePull(repo, number, change);
+  }
   setPermission(repo: string, login: string, permission: Parameters<GitHubStandIn['setPermission']>[2]): void {
     this.state.setPermission(repo, login, permission);
   }

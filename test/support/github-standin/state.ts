@@ -89,6 +89,13 @@ export class StandInState {
     this.pulls.set(key, pulls);
   }
 
+  /** Changes a pull request as a push to it or an edit would. */
+  updatePull(fullName: string, number: number, change: Partial<StandInPull>): void {
+    const pull = this.pull(fullName, number);
+    if (!pull) throw new Error(`stand-in: no pull request ${fullName}#${number}`);
+    Object.assign(pull, change);
+  }
+
   pull(fullName: string, number: number): StandInPull | undefined {
     return this.pulls.get(repoKey(fullName))?.get(number);
   }

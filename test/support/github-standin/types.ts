@@ -96,6 +96,8 @@ export interface GitHubStandIn {
   addInstallation(id: number, account: string): void;
   addRepo(repo: StandInRepo): void;
   addPull(repo: string, pull: StandInPull): void;
+  /** Changes a pull request as a push to it or an edit would. */
+  updatePull(repo: string, number: number, change: Partial<StandInPull>): void;
   setPermission(repo: string, login: string, permission: Permission): void;
   checkRuns(repo: string, headSha?: string): StandInCheckRun[];
   comments(repo: string, issueNumber: number): StandInComment[];

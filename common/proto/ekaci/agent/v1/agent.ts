@@ -34,7 +34,8 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  *  1. The agent opens `Connect` with `authorization: Bearer <token>` in the call metadata. The coordinator
  *     checks the token before it reads any message; an unknown or revoked token ends the call with
  *     UNAUTHENTICATED. A token revoked while a stream is open ends that stream with UNAUTHENTICATED too.
- *  2. The agent's first message is `Hello`. The coordinator answers `Welcome` or `ErrorReply` and closes.
+ *  2. The agent's first message is `Hello`, within `HELLO_TIMEOUT` (10 s) of opening the stream; a stream that
+ *     says nothing is closed. The coordinator answers `Welcome` or `ErrorReply` and closes.
  *     `Hello.running_leases` lists the leases the agent is still working on (after a network failure or a
  *     coordinator restart); `Welcome.lease_decisions` says, per lease, whether to keep it (and from which log
  *     offset to resume) or to cancel it.
@@ -55,6 +56,15 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  * holder is gone past its TTL is lost: the attempt is recorded as an infrastructure failure and the
  * derivation is queued again, on a different agent where one exists. An agent that reconnects in time
  * keeps its leases.
+ *
+ * ## What an agent may do
+ *
+ * An agent acts only for the leases it holds now: events, log chunks and cache uploads for any other lease are
+ * refused (uploads with HTTP 403; every upload names its lease in the `X-Ekaci-Lease` header). A `Finished`
+ * with outcome SUCCEEDED must list exactly the derivation's outputs (names and paths from the `.drv`), each already
+ * in the coordinator's cache with a NAR whose hash the coordinator checked (and, for a fixed-output derivation,
+ * the declared hash); otherwise the attempt counts as an infrastructure failure of that agent and is retried
+ * elsewhere.
  *
  * ## Reliable results
  *
@@ -176,7 +186,10 @@ export interface ProtocolVersion {
 
 /** The agent's first message. */
 export interface Hello {
-  /** Stable across restarts of the same agent; chosen by the agent's configuration (defaults to the hostname). */
+  /**
+   * The agent's identity is its token: the coordinator records the token's name as the agent id. An agent may leave
+   * this empty or repeat the token's name; a Hello naming another id is refused with both names (1.2).
+   */
   agentId: string;
   protocolVersion: ProtocolVersion | undefined;
   nixVersion: string;
@@ -193,6 +206,12 @@ export interface Hello {
   runningLeases: RunningLease[];
   /** A random id per agent process: message ids restart with a new process. */
   sessionNonce: string;
+  /**
+   * Whether builds run inside Nix's sandbox (no network, no host files): measured at start-up by building a probe
+   * derivation, not read from a setting. Code from untrusted pull requests is given only to sandboxed agents
+   * unless the coordinator's configuration allows otherwise. Added in 1.2; an older agent counts as unsandboxed.
+   */
+  sandboxed: boolean;
 }
 
 export interface RunningLease {
@@ -838,6 +857,7 @@ function createBaseHello(): Hello {
     maxJobs: 0,
     runningLeases: [],
     sessionNonce: "",
+    sandboxed: false,
   };
 }
 
@@ -875,6 +895,9 @@ export const Hello: MessageFns<Hello> = {
     }
     if (message.sessionNonce !== "") {
       writer.uint32(90).string(message.sessionNonce);
+    }
+    if (message.sandboxed !== false) {
+      writer.uint32(96).bool(message.sandboxed);
     }
     return writer;
   },
@@ -980,6 +1003,14 @@ export const Hello: MessageFns<Hello> = {
             message.sessionNonce = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.sandboxed = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1037,6 +1068,7 @@ export const Hello: MessageFns<Hello> = {
         : isSet(object.session_nonce)
         ? globalThis.String(object.session_nonce)
         : "",
+      sandboxed: isSet(object.sandboxed) ? globalThis.Boolean(object.sandboxed) : false,
     };
   },
 
@@ -1075,6 +1107,9 @@ export const Hello: MessageFns<Hello> = {
     if (message.sessionNonce !== "") {
       obj.sessionNonce = message.sessionNonce;
     }
+    if (message.sandboxed !== false) {
+      obj.sandboxed = message.sandboxed;
+    }
     return obj;
   },
 
@@ -1096,6 +1131,7 @@ export const Hello: MessageFns<Hello> = {
     message.maxJobs = object.maxJobs ?? 0;
     message.runningLeases = object.runningLeases?.map((e) => RunningLease.fromPartial(e)) || [];
     message.sessionNonce = object.sessionNonce ?? "";
+    message.sandboxed = object.sandboxed ?? false;
     return message;
   },
 };

@@ -7,31 +7,40 @@ import type { AuditLog } from '../audit-log.js';
 const TOKEN_BYTES = 32;
 const TOKEN_PREFIX = 'ekaci_';
 
+/** Agent tokens prove an agent's identity; API tokens a person's or program's, for the HTTP API. */
+export type TokenKind = 'agent' | 'api';
+
+const TABLES: Record<TokenKind, string> = { agent: 'agent_tokens', api: 'api_tokens' };
+
 export interface TokenIdentity {
   name: string;
 }
 
 /**
- * Agent tokens. Tokens from the configuration live in memory; tokens made with `agent-token create` live in
- * the database as SHA-256 hashes (the token itself is shown once). Revocation is seen by a running coordinator
- * through `refresh()`, which the coordinator calls periodically.
+ * Tokens of one kind. Tokens from the configuration (and ephemeral ones, for agents this process starts) live in
+ * memory; tokens made with `agent-token create` / `api-token create` live in the database as SHA-256 hashes (the
+ * token itself is shown once). Revocation is seen by a running coordinator through `refresh()`, which it calls
+ * periodically.
  */
 export class TokenStore {
   private readonly configured = new Map<string, string>(); // hash -> name
   private stored = new Map<string, string>(); // hash -> name, non-revoked rows only
+  private readonly table: string;
 
   constructor(
     private readonly db: Db,
     private readonly audit: AuditLog,
     configTokens: ReadonlyArray<{ name: string; token: string }>,
+    readonly kind: TokenKind = 'agent',
   ) {
+    this.table = TABLES[kind];
     for (const t of configTokens) this.configured.set(hashToken(t.token), t.name);
     this.refresh();
   }
 
   /** Re-reads the database's tokens; returns the names whose tokens are no longer valid. */
   refresh(): string[] {
-    const rows = this.db.prepare('SELECT name, token_hash FROM agent_tokens WHERE revoked_at IS NULL').all() as Array<{
+    const rows = this.db.prepare(`SELECT name, token_hash FROM ${this.table} WHERE revoked_at IS NULL`).all() as Array<{
       name: string;
       token_hash: string;
     }>;
@@ -44,47 +53,56 @@ export class TokenStore {
   /** The identity behind a presented token, or undefined. Compares hashes in constant time. */
   verify(token: string | undefined): TokenIdentity | undefined {
     if (!token) return undefined;
-    const hash = hashToken(token);
+    const hash = Buffer.from(hashToken(token), 'hex');
+    let found: string | undefined;
+    // Every known hash is compared, so the time taken says nothing about which (if any) matched.
     for (const table of [this.configured, this.stored]) {
       for (const [known, name] of table) {
-        if (timingSafeEqual(Buffer.from(known, 'hex'), Buffer.from(hash, 'hex'))) return { name };
+        if (timingSafeEqual(Buffer.from(known, 'hex'), hash)) found ??= name;
       }
     }
-    return undefined;
+    return found === undefined ? undefined : { name: found };
+  }
+
+  /** A token held only in this process's memory (the embedded system's own agents); gone when it exits. */
+  ephemeral(name: string): string {
+    const token = generateToken();
+    this.configured.set(hashToken(token), name);
+    return token;
   }
 
   create(name: string, actor: string): string {
     if (!/^[A-Za-z0-9._-]+$/.test(name))
       throw new ConfigError(`token name "${name}": letters, digits, ".", "_", "-" only`);
-    const exists = this.db.prepare('SELECT revoked_at FROM agent_tokens WHERE name = ?').get(name) as
+    const exists = this.db.prepare(`SELECT revoked_at FROM ${this.table} WHERE name = ?`).get(name) as
       { revoked_at: number | null } | undefined;
     if (exists && exists.revoked_at === null) {
-      throw new ConfigError(`an agent token named "${name}" exists already; revoke it first`);
+      throw new ConfigError(`an ${this.kind} token named "${name}" exists already; revoke it first`);
     }
     const token = generateToken();
     this.db
       .prepare(
-        'INSERT INTO agent_tokens (name, token_hash, created_at, revoked_at) VALUES (?, ?, ?, NULL) ' +
+        `INSERT INTO ${this.table} (name, token_hash, created_at, revoked_at) VALUES (?, ?, ?, NULL) ` +
           'ON CONFLICT(name) DO UPDATE SET token_hash = excluded.token_hash, created_at = excluded.created_at, revoked_at = NULL',
       )
       .run(name, hashToken(token), Date.now());
-    this.audit.record(actor, 'agent-token.create', { name });
+    this.audit.record(actor, `${this.kind}-token.create`, { name });
     this.refresh();
     return token;
   }
 
   revoke(name: string, actor: string): boolean {
     const r = this.db
-      .prepare('UPDATE agent_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL')
+      .prepare(`UPDATE ${this.table} SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL`)
       .run(Date.now(), name);
-    if (r.changes > 0) this.audit.record(actor, 'agent-token.revoke', { name });
+    if (r.changes > 0) this.audit.record(actor, `${this.kind}-token.revoke`, { name });
     this.refresh();
     return r.changes > 0;
   }
 
   list(): Array<{ name: string; createdAt: number; revokedAt: number | null }> {
     return (
-      this.db.prepare('SELECT name, created_at, revoked_at FROM agent_tokens ORDER BY name').all() as Array<{
+      this.db.prepare(`SELECT name, created_at, revoked_at FROM ${this.table} ORDER BY name`).all() as Array<{
         name: string;
         created_at: number;
         revoked_at: number | null;
