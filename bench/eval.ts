@@ -3,9 +3,15 @@
  * `nix-instantiate` of only the good attributes (which cannot survive a bad one). Fresh derivation names on every
  * run, so each writes its `.drv` files.
  *
- * The evaluator runs twice per round, as the coordinator runs it (sandboxed: bubblewrap, restrict-eval, `.drv`s
- * written through a nix-daemon) and with `[evaluation] sandbox = false`, so the sandbox's cost is measured in the
- * same process as the baseline. Rounds alternate the order; the medians are printed.
+ * The evaluator runs three ways per round, in alternating order, and the medians are printed:
+ * - `sandboxed`: as the coordinator runs it — bubblewrap, restrict-eval, allow-listed environment, `.drv` files
+ *   written through a nix-daemon (the store is read-only inside the sandbox);
+ * - `daemon`: no sandbox, but the `.drv` files go through the same nix-daemon — what every evaluation on a
+ *   multi-user host (NixOS, macOS) does, sandbox or not;
+ * - `direct`: no sandbox, the local store written directly — the evaluator before the sandbox, on a single-user
+ *   store.
+ * `sandboxed / daemon` is the cost of the sandbox itself; `daemon / direct` the cost of a store the evaluation cannot
+ * write to directly, which Nix 2.8 pays per written `.drv` (one daemon round trip, with a thread, each).
  *
  *   npx tsx bench/eval.ts [--count 2000 --workers 2 --rounds 3]
  */
@@ -16,7 +22,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../common/logging.js';
-import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
+import { EvalEnvironment, type NixLauncher } from '../coordinator/eval/eval-environment.js';
+import { PrivateNixDaemon } from '../coordinator/eval/private-daemon.js';
 import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from '../coordinator/eval/eval-options.js';
 import { evaluateBuiltIn } from '../coordinator/eval/evaluator.js';
 
@@ -53,10 +60,21 @@ function writeJobs(name: string, withBad: boolean): string {
 const sandboxed = await EvalEnvironment.open(DEFAULT_EVALUATION_OPTIONS, silentLogger());
 const unsandboxed = await EvalEnvironment.open({ ...DEFAULT_EVALUATION_OPTIONS, sandbox: false }, silentLogger());
 await sandboxed.prepare();
+const daemon = await PrivateNixDaemon.start(silentLogger());
+const directLauncher = unsandboxed.launcher({ roots: [dir], policy: NO_EXTRA_POLICY });
+const launchers: Record<Variant, NixLauncher> = {
+  sandboxed: sandboxed.launcher({ roots: [dir], policy: NO_EXTRA_POLICY }),
+  daemon: {
+    ...directLauncher,
+    command: (program, args, extra) =>
+      directLauncher.command(program, [...args, '--store', `unix://${daemon.socketPath}`], extra),
+  },
+  direct: directLauncher,
+};
+type Variant = 'sandboxed' | 'daemon' | 'direct';
 
-async function builtIn(env: EvalEnvironment): Promise<{ ms: number; good: number; bad: number }> {
+async function builtIn(launcher: NixLauncher): Promise<{ ms: number; good: number; bad: number }> {
   const file = writeJobs('built-in', true);
-  const launcher = env.launcher({ roots: [dir], policy: NO_EXTRA_POLICY });
   const t0 = performance.now();
   let good = 0;
   let bad = 0;
@@ -75,29 +93,35 @@ function baseline(): number {
   return performance.now() - t1;
 }
 
-const times = { sandboxed: [] as number[], unsandboxed: [] as number[], baseline: [] as number[] };
+const variants: Variant[] = ['sandboxed', 'daemon', 'direct'];
+const times: Record<Variant | 'baseline', number[]> = { sandboxed: [], daemon: [], direct: [], baseline: [] };
 let counts = { good: 0, bad: 0 };
 for (let round = 0; round < rounds; round++) {
-  const order = round % 2 === 0 ? (['sandboxed', 'unsandboxed'] as const) : (['unsandboxed', 'sandboxed'] as const);
+  const order = round % 2 === 0 ? variants : [...variants].reverse();
   for (const which of order) {
-    const r = await builtIn(which === 'sandboxed' ? sandboxed : unsandboxed);
+    const r = await builtIn(launchers[which]);
     times[which].push(r.ms);
     counts = { good: r.good, bad: r.bad };
   }
   times.baseline.push(baseline());
+  const last = (k: keyof typeof times): string => `${times[k].at(-1)!.toFixed(0)} ms`;
   console.log(
-    `round ${round + 1}: sandboxed ${times.sandboxed.at(-1)!.toFixed(0)} ms, unsandboxed ${times.unsandboxed.at(-1)!.toFixed(0)} ms, nix-instantiate ${times.baseline.at(-1)!.toFixed(0)} ms`,
+    `round ${round + 1}: sandboxed ${last('sandboxed')}, daemon ${last('daemon')}, direct ${last('direct')}, nix-instantiate ${last('baseline')}`,
   );
 }
 sandboxed.close();
 unsandboxed.close();
+daemon.stop();
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-const [s, u, b] = [median(times.sandboxed), median(times.unsandboxed), median(times.baseline)];
+const [s, d, u, b] = [median(times.sandboxed), median(times.daemon), median(times.direct), median(times.baseline)];
+const pct = (x: number, y: number): string => `${((x / y - 1) * 100).toFixed(1)} %`;
 console.log(`attributes: ${count} (${counts.good} evaluated, ${counts.bad} isolated failures), workers: ${workers}`);
-console.log(`built-in evaluator, sandboxed:    ${s.toFixed(0)} ms (median of ${rounds})`);
-console.log(`built-in evaluator, no sandbox:   ${u.toFixed(0)} ms`);
-console.log(`nix-instantiate (good ones only): ${b.toFixed(0)} ms`);
-console.log(`ratio sandboxed/nix-instantiate:  ${(s / b).toFixed(2)}×`);
-console.log(`ratio unsandboxed/nix-instantiate: ${(u / b).toFixed(2)}×`);
-console.log(`sandbox overhead:                 ${((s / u - 1) * 100).toFixed(1)} %`);
+console.log(`built-in evaluator, sandboxed:         ${s.toFixed(0)} ms (median of ${rounds})`);
+console.log(`built-in evaluator, through the daemon: ${d.toFixed(0)} ms`);
+console.log(`built-in evaluator, direct store:      ${u.toFixed(0)} ms`);
+console.log(`nix-instantiate (good ones only):      ${b.toFixed(0)} ms`);
+console.log(`sandbox itself (sandboxed / daemon):   ${pct(s, d)}`);
+console.log(`read-only store (daemon / direct):     ${pct(d, u)}`);
+console.log(`ratio sandboxed / nix-instantiate:     ${(s / b).toFixed(2)}×`);
+console.log(`ratio direct / nix-instantiate:        ${(u / b).toFixed(2)}×`);

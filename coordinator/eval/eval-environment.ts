@@ -26,9 +26,16 @@ export interface EvalScope {
 }
 
 /** Starts the Nix processes of one evaluation (see `EvalEnvironment.launcher`). */
+/** Directories one command needs beyond its evaluation's scope (they must exist). */
+export interface ExtraPaths {
+  /** Readable by the evaluation like its roots: the evaluator's request files. */
+  roots?: readonly string[];
+  /** Read-write: `nix-eval-jobs --gc-roots-dir`. */
+  writable?: readonly string[];
+}
+
 export interface NixLauncher {
-  /** `writable` directories (which must exist) are visible read-write: `nix-eval-jobs --gc-roots-dir`. */
-  command(program: EvalProgram, args: readonly string[], writable?: readonly string[]): SandboxedCommand;
+  command(program: EvalProgram, args: readonly string[], extra?: ExtraPaths): SandboxedCommand;
   /** Per-attribute time limit, in ms. */
   readonly attrTimeoutMs: number;
   /** Resident memory per evaluator process above which it is restarted, in MiB. */
@@ -99,7 +106,13 @@ export class EvalEnvironment {
 
   launcher(scope: EvalScope): NixLauncher {
     return {
-      command: (program, args, writable = []) => this.command(program, args, scope, writable),
+      command: (program, args, extra = {}) =>
+        this.command(
+          program,
+          args,
+          { ...scope, roots: [...scope.roots, ...(extra.roots ?? [])] },
+          extra.writable ?? [],
+        ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
     };

@@ -1,3 +1,7 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
 import { AsyncChannel } from './async-channel.js';
 import {
@@ -79,6 +83,7 @@ class WorkerSlot {
     private worker: EvalWorker | undefined,
     private readonly setup: (nonce: string) => readonly string[],
     private readonly launcher: NixLauncher,
+    private readonly requestDir: string,
     private readonly maxMemoryMiB: number,
     readonly onStart: (w: EvalWorker) => void,
   ) {}
@@ -90,7 +95,7 @@ class WorkerSlot {
   async ask(line: string, results = false): Promise<{ reply: ReplReply; nonce: string }> {
     for (let attempt = 0; ; attempt++) {
       if (!this.worker?.alive) {
-        this.worker = await EvalWorker.start(this.setup, this.launcher);
+        this.worker = await EvalWorker.start(this.setup, this.launcher, [this.requestDir]);
         this.onStart(this.worker);
       }
       const w = this.worker;
@@ -119,6 +124,9 @@ class EvaluationRun {
   private readonly rootWrites: Promise<void>[] = [];
   private rootError: Error | undefined;
   private readonly setup: (nonce: string) => string[];
+  /** Where chunk requests are written for the workers to read (see `chunkRequest`). */
+  private readonly requestDir = mkdtempSync(join(tmpdir(), 'ekaci-eval-requests-'));
+  private requestSeq = 0;
 
   constructor(
     private readonly o: CompiledEvaluatorOptions,
@@ -152,11 +160,14 @@ class EvaluationRun {
   stop(): void {
     this.stopped = true;
     for (const s of this.slots) s.kill();
+    rmSync(this.requestDir, { recursive: true, force: true });
     this.wakeAll();
   }
 
   private slot(worker: EvalWorker | undefined): WorkerSlot {
-    const s = new WorkerSlot(worker, this.setup, this.o.launcher, this.o.maxMemoryMiB, (w) => workerStarted?.(w));
+    const s = new WorkerSlot(worker, this.setup, this.o.launcher, this.requestDir, this.o.maxMemoryMiB, (w) =>
+      workerStarted?.(w),
+    );
     this.slots.push(s);
     return s;
   }
@@ -190,7 +201,10 @@ class EvaluationRun {
 
   private async evalPaths(slot: WorkerSlot, paths: string[][]): Promise<void> {
     if (this.stopped || paths.length === 0) return;
-    const { reply, nonce } = await slot.ask(chunkRequest(paths), true);
+    const file = join(this.requestDir, `${++this.requestSeq}.json`);
+    await writeFile(file, JSON.stringify(paths));
+    const { reply, nonce } = await slot.ask(chunkRequest(file), true);
+    await rm(file, { force: true });
     // Results are matched to the paths asked for, never by position: only traces carrying this worker's nonce
     // count, and a path not asked for (or answered twice) is ignored.
     const marker = resultMarker(nonce);

@@ -131,7 +131,7 @@ function dropUndefined<T extends object>(o: T): T {
 export async function* evaluateWithNixEvalJobs(o: CompiledEvaluatorOptions): AsyncGenerator<EvalResult> {
   // The sandbox binds the roots directory, which must exist first; nix-eval-jobs writes its roots there.
   await mkdir(o.gcRootsDir, { recursive: true });
-  const c = o.launcher.command('nix-eval-jobs', nixEvalJobsArgs(o), [o.gcRootsDir]);
+  const c = o.launcher.command('nix-eval-jobs', nixEvalJobsArgs(o), { writable: [o.gcRootsDir] });
   const child = spawn(c.file, c.args, { env: c.env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8');
