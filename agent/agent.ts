@@ -18,6 +18,7 @@ import { CacheUploader } from './nix/cache-upload.js';
 import { StorePool } from './nix/store-pool.js';
 import { detectNix, type NixCapabilities } from './nix/detect.js';
 import { probeSandbox } from './nix/sandbox-probe.js';
+import { checkCacheTrust, detectStoreAccess } from './nix/store-access.js';
 import { compileAgentOptions, coordinatorHost, type AgentOptions, type AgentOptionsInput } from './options.js';
 
 export type { AgentOptions, AgentOptionsInput } from './options.js';
@@ -125,6 +126,10 @@ export class Agent extends EventEmitter<AgentEvents> {
     let credentials: ChannelCredentials;
     try {
       const o = this.options;
+      this.pool.use(await detectStoreAccess(o.store, o.daemonSocket));
+      if (this.pool.access.kind === 'host-daemon' && o.nixSandbox) {
+        o.logger.warn("--nix-sandbox has no effect on the host's nix-daemon: its nix.conf decides");
+      }
       this.capabilities = await detectNix(o);
       const probe = await probeSandbox(this.pool, this.capabilities.systems[0] ?? '', o.logger);
       this.sandboxed = probe.sandboxed;
@@ -235,8 +240,10 @@ export class Agent extends EventEmitter<AgentEvents> {
       const host = cacheHost(welcome.cacheUrl);
       if (host !== undefined) this.spool.writeNetrc(host, this.options.token);
       workload.pause();
-      this.warmUp = warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() =>
-        workload.resume(),
+      // On the host's daemon as an untrusted user, builds would fail one by one for want of the cache: say so once.
+      this.warmUp = checkCacheTrust(this.pool, welcome.cacheUrl, welcome.cachePublicKey).then(
+        () => warmUpCache(welcome.cacheUrl, this.spool.netrcPath, this.options.logger).then(() => workload.resume()),
+        (err: unknown) => this.fail(err instanceof EkaciError ? err : new ConfigError(String(err))),
       );
     }
     this.welcoming = true;

@@ -21,6 +21,7 @@ interface Flags {
   tlsCert?: string;
   tlsKey?: string;
   nixSandbox?: boolean;
+  store?: string;
   exitWithParent?: boolean;
 }
 
@@ -38,6 +39,10 @@ function parseArgs(argv: string[]): Flags {
     .option('--tls-ca <file>', 'PEM root certificate: connect with TLS')
     .option('--tls-cert <file>', 'PEM client certificate, for a coordinator that requires mutual TLS')
     .option('--tls-key <file>', 'PEM key of the client certificate')
+    .option(
+      '--store <auto|daemon|local>',
+      "the host's nix-daemon (daemon), a nix-daemon --stdio of the agent's own on a single-user store (local), or whichever answers (auto)",
+    )
     .option('--nix-sandbox', "build in Nix's sandbox even where nix.conf says sandbox = false (single-user stores)")
     .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
@@ -50,6 +55,11 @@ function parseArgs(argv: string[]): Flags {
     throw new UsageError(err instanceof CommanderError ? err.message.replace(/^error: /, '') : String(err));
   }
   return program.opts<Flags>();
+}
+
+function parseStore(value: string | undefined): 'auto' | 'daemon' | 'local' | undefined {
+  if (value === undefined || value === 'auto' || value === 'daemon' || value === 'local') return value;
+  throw new UsageError(`--store takes auto, daemon or local, not '${value}'`);
 }
 
 function collect(value: string, previous: string[] | undefined): string[] {
@@ -75,6 +85,7 @@ function compile(flags: Flags): AgentOptions {
     tlsCertPath: flags.tlsCert,
     tlsKeyPath: flags.tlsKey,
     nixSandbox: flags.nixSandbox,
+    store: parseStore(flags.store),
     logger: createLogger('ekaci-agent'),
   });
 }

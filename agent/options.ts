@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { ConfigError, UsageError } from '../common/errors.js';
 import { LOG_CHUNK_BYTES } from '../common/grpc-options.js';
 import { createLogger, type Logger } from '../common/logging.js';
+import { HOST_DAEMON_SOCKET } from './nix/store-access.js';
 
 // First reconnect after a blip comes quickly; the cap spreads a fleet that lost a restarting coordinator over
 // half a minute instead of letting it arrive at once (jitter does the rest).
@@ -50,6 +51,13 @@ export interface AgentOptions {
   nixSandbox: boolean;
   /** What a sandboxed build sees of the host (`sandbox-paths`): the shell and the programs `/bin/sh` builders use. */
   nixSandboxPaths: string[];
+  /**
+   * `daemon`: the host's nix-daemon socket (multi-user hosts); `local`: a `nix-daemon --stdio` of the agent's own
+   * on a single-user store it owns; `auto`: the host's daemon when one answers (or NIX_REMOTE says so).
+   */
+  store: 'auto' | 'daemon' | 'local';
+  /** The host daemon's socket. */
+  daemonSocket: string;
   spoolDir: string;
   /** PEM root certificate for TLS; `null` connects without TLS. */
   tlsCaPath: string | null;
@@ -78,6 +86,8 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
     mandatoryFeatures: [],
     nixSandbox: false,
     nixSandboxPaths: DEFAULT_SANDBOX_PATHS,
+    store: 'auto',
+    daemonSocket: HOST_DAEMON_SOCKET,
     spoolDir: defaultSpoolDir(),
     tlsCaPath: null,
     tlsCertPath: null,

@@ -4,7 +4,9 @@ import { join } from 'node:path';
 import { createRequire } from 'node:module';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Agent } from '../agent/agent.js';
+import { IllegalStateError } from '../common/errors.js';
 import type { Logger } from '../common/logging.js';
+import { PLATFORM } from '../common/platform.js';
 import { Coordinator } from '../coordinator/coordinator.js';
 import type { CoordinatorOptions } from '../coordinator/config.js';
 
@@ -39,7 +41,8 @@ export class EmbeddedSystem {
   async start(): Promise<void> {
     await this.coordinator.start();
     const { agents } = this.options;
-    const isolate = agents > 1 && process.getuid?.() === 0;
+    // Separate stores need a mount namespace of their own: Linux, as root.
+    const isolate = agents > 1 && PLATFORM === 'linux' && process.getuid?.() === 0;
     for (let i = 1; i <= agents; i++) {
       const agentId = `local-${i}`;
       const dir = join(this.options.coordinator.dataDir, 'agents', agentId);
@@ -140,6 +143,7 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
   }
   const stdio = ['ignore', 'ignore', o.stdio ?? 'inherit'] as const;
   if (!o.isolated) return spawn(process.execPath, args, { stdio: [...stdio], env, detached: true });
+  if (PLATFORM !== 'linux') throw new IllegalStateError('agents with stores of their own need Linux mount namespaces');
   const nixDir = join(o.dir, 'nix');
   mkdirSync(nixDir, { recursive: true });
   // A private mount namespace whose /nix is an empty directory of this agent's: its own store and database.
@@ -158,6 +162,12 @@ export function spawnAgentProcess(o: AgentProcessOptions): ChildProcess {
     ],
     { stdio: [...stdio], env, detached: true },
   );
+}
+
+/** The command line that runs `ekaci-agent` with this Node: `[node, …flags, main]`. */
+export function agentCommand(): string[] {
+  const main = agentMainPath();
+  return [process.execPath, ...nodeArgsFor(main), main];
 }
 
 /** Node flags to run `main`: TypeScript sources (development, tests) load through tsx. */

@@ -1,5 +1,6 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
+import { PLATFORM } from './platform.js';
 
 interface ProcessInfo {
   pid: number;
@@ -41,7 +42,7 @@ export function signalGroup(pgid: number, signal: NodeJS.Signals): void {
 }
 
 function listProcesses(): ProcessInfo[] {
-  return process.platform === 'linux' ? fromProc() : fromPs();
+  return PLATFORM === 'linux' ? fromProc() : fromPs();
 }
 
 function fromProc(): ProcessInfo[] {

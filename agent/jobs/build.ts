@@ -4,7 +4,6 @@ import type { Logger } from '../../common/logging.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
 import { outputPaths, parseDerivation } from '../../common/nix/derivation.js';
 import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
-import { descendantGroups, signalGroup } from '../../common/process-tree.js';
 import { nixBuildOutcome } from '../../common/retry.js';
 import type { LeaseLog } from '../logs/spool.js';
 import type { CacheUploader } from '../nix/cache-upload.js';
@@ -78,15 +77,16 @@ export class Build {
     return this.result;
   }
 
-  /** Graceful: SIGTERM to the process group (Nix then stops its builder), SIGKILL after `graceMs`. */
+  /**
+   * Graceful: the connection is interrupted (SIGTERM to an own daemon's and its builders' groups; a closed
+   * connection for the host's daemon, which then stops the build), and killed after `graceMs`.
+   */
   async cancel(reason: string, graceMs: number): Promise<void> {
     if (this.state === 'done') return;
     this.cancelReason ??= reason;
     if (this.state === 'created') return;
     if (this.state !== 'stopping') this.transition('stopping');
-    // SIGTERM to the daemon and its builders' groups (Nix starts each builder in a session of its own).
-    const pid = this.conn?.pid;
-    if (pid !== undefined) for (const group of [pid, ...descendantGroups(pid)]) signalGroup(group, 'SIGTERM');
+    this.conn?.interrupt();
     const timer = setTimeout(() => this.killTree(), graceMs);
     try {
       await this.run();

@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { NixCommandError } from '../../common/errors.js';
 import { lastLines, runNix } from '../../common/nix/cli.js';
+import { PLATFORM } from '../../common/platform.js';
 
 /** What this builder offers, as announced in `Hello`. */
 export interface NixCapabilities {
@@ -57,7 +58,7 @@ export async function detectNix(overrides: CapabilityOverrides, nixBin = 'nix'):
   const detectedSystems = system === undefined ? [] : [system, ...(settings.extraPlatforms ?? [])];
   return {
     nixVersion: parseNixVersion(version.stdout),
-    os: process.platform === 'darwin' ? 'darwin' : 'linux',
+    os: PLATFORM,
     systems: unique(overrides.systems ?? detectedSystems),
     features: unique(overrides.features ?? settings.systemFeatures ?? []),
     mandatoryFeatures: unique(overrides.mandatoryFeatures),

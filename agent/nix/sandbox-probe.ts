@@ -44,8 +44,10 @@ async function fromBuild(pool: StorePool, system: string): Promise<{ sandboxed: 
   const conn = await pool.acquire();
   let log = '';
   try {
-    // Nothing to substitute: a fresh name no cache has, and reaching for one would only wait on the network.
-    await conn.setOptions({ useSubstitutes: false, overrides: { substituters: '', builders: '' } });
+    // Nothing to substitute: a fresh name no cache has, and reaching for one would only wait on the network. Not by
+    // emptying `substituters`: a daemon keeps a connection's settings, and for an untrusted user it only ever
+    // narrows them, so the builds that reuse this connection could not get the coordinator's cache back.
+    await conn.setOptions({ useSubstitutes: false, overrides: { builders: '' } });
     const built = await conn.buildPaths([`${drv}!out`], (line) => (log += `${line}\n`));
     if (!built.ok) throw new Error(`${built.message} ${log.trim()}`.trim());
   } finally {

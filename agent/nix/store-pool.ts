@@ -2,9 +2,17 @@ import type { Logger } from '../../common/logging.js';
 import { NixDaemonConnection } from '../../common/nix/daemon-client.js';
 
 /**
- * Long-lived `nix-daemon --stdio` connections to the agent's store, one per build slot at most. A build takes a
- * connection for its whole life and gives it back; a connection that was killed (a cancelled build) or broke is
- * dropped, and the next build opens a fresh one. Start-up of Nix is paid once per slot, not once per build.
+ * How the agent reaches its store: `host-daemon`, the socket of the host's nix-daemon (multi-user hosts: NixOS,
+ * macOS, the upstream installer); `own-daemon`, a `nix-daemon --stdio` the agent starts on a single-user store it
+ * owns.
+ */
+export type StoreAccess = { kind: 'host-daemon'; socket: string } | { kind: 'own-daemon' };
+
+/**
+ * Long-lived connections to the agent's store, one per build slot at most: to the host's nix-daemon socket on a
+ * multi-user host, or to a `nix-daemon --stdio` of the agent's own on a single-user store (see StoreAccess). A
+ * build takes a connection for its whole life and gives it back; a connection that was killed (a cancelled build)
+ * or broke is dropped, and the next build opens a fresh one. Start-up of Nix is paid once per slot, not per build.
  */
 // A daemon holds a temporary GC root for every path it built or substituted until it exits; recycling it after
 // this many builds lets a garbage collection on a long-running agent reclaim what was uploaded long ago.
@@ -16,21 +24,36 @@ export class StorePool {
   private readonly uses = new WeakMap<NixDaemonConnection, number>();
 
   /**
-   * `nixOptions` are read when a connection opens. Store settings such as `system-features` are fixed when the
-   * daemon opens its store, so they go on its command line rather than into per-build options.
+   * `nixOptions` are read when an own daemon starts. Store settings such as `system-features` are fixed when the
+   * daemon opens its store, so they go on its command line rather than into per-build options. The host's daemon
+   * has its own configuration, which these do not change.
    */
   constructor(
     private readonly logger: Logger,
     private readonly nixOptions: () => Record<string, string> = () => ({}),
     private readonly env: NodeJS.ProcessEnv = process.env,
+    private storeAccess: StoreAccess = { kind: 'own-daemon' },
   ) {}
+
+  get access(): StoreAccess {
+    return this.storeAccess;
+  }
+
+  /** Chooses how to reach the store; only before the first connection (the agent decides at start-up). */
+  use(access: StoreAccess): void {
+    if (this.all.size > 0) throw new Error('StorePool.use after connections were opened');
+    this.storeAccess = access;
+  }
 
   async acquire(): Promise<NixDaemonConnection> {
     for (let c = this.idle.pop(); c; c = this.idle.pop()) {
       if (c.status === 'ready') return c;
       this.all.delete(c);
     }
-    const c = await NixDaemonConnection.open({ env: this.env, nixOptions: this.nixOptions() });
+    const c =
+      this.storeAccess.kind === 'host-daemon'
+        ? await NixDaemonConnection.connect(this.storeAccess.socket)
+        : await NixDaemonConnection.open({ env: this.env, nixOptions: this.nixOptions() });
     this.all.add(c);
     this.logger.debug({ pid: c.pid, open: this.all.size }, 'opened a nix-daemon connection');
     return c;

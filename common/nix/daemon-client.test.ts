@@ -281,7 +281,7 @@ describe('NixDaemonConnection', () => {
     });
     const error = await build.catch((e: unknown) => e);
     expect(error).toBeInstanceOf(NixCommandError);
-    expect((error as Error).message).toMatch(/killed by SIGKILL during busy with buildPaths/);
+    expect((error as Error).message).toMatch(/killed by SIGKILL[^]*during busy with buildPaths/);
     expect((error as Error).message).toContain('wrapper: about to exec nix-daemon');
     expect(c.status).toBe('closed');
   });

@@ -1,4 +1,3 @@
-import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import {
   existsSync,
   lstatSync,
@@ -11,9 +10,8 @@ import {
 } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Readable, Writable } from 'node:stream';
 import { IllegalStateError, NixCommandError } from '../errors.js';
-import { descendantGroups, signalGroup } from '../process-tree.js';
+import { type DaemonTransport, SocketTransport, StdioTransport } from './daemon-transport.js';
 import {
   BUILD_MODE_NORMAL,
   CLIENT_PROTOCOL_VERSION,
@@ -39,9 +37,6 @@ import {
 const HANDSHAKE_TIMEOUT_MS = 60_000;
 // close() waits this long for the daemon to exit after its stdin closed before it kills it.
 const CLOSE_TIMEOUT_MS = 10_000;
-// How much of the daemon's own stderr (not the protocol's stderr stream) is kept to explain its death.
-const STDERR_TAIL_BYTES = 8 * 1024;
-const STDERR_TAIL_LINES = 10;
 
 // Nix 2.8 starts its build hook once per wopBuildPaths. The default hook, build-remote, is a whole Nix process
 // (≈18 ms, 2/3 of a trivial build) that only answers "decline-permanently" when no remote builders are configured.
@@ -74,8 +69,10 @@ export interface BuildOptions {
   maxBuildJobs?: number;
   useSubstitutes?: boolean;
   keepGoing?: boolean;
-  /** Any other nix.conf setting; the connection is trusted, so every one applies. */
+  /** Any other nix.conf setting (a daemon applies restricted ones only for a trusted user; see `ignored`). */
   overrides?: Record<string, string>;
+  /** Messages at this level and below come back: errors only by default; debug to hear what was ignored. */
+  verbosity?: number;
 }
 
 export type BuildOutcome = { ok: true } | { ok: false; status: number; message: string };
@@ -102,65 +99,61 @@ export interface PathInfo {
  */
 export type DaemonState = 'opening' | 'ready' | 'busy' | 'closing' | 'closed';
 
-type DaemonChild = ChildProcessByStdio<Writable, Readable, Readable>;
-
 /**
- * One long-lived `nix-daemon --stdio`, trusted and working directly on the local store (Nix 2.8 serves the
- * connection itself when no daemon socket exists), so a build costs a request rather than a Nix start-up.
+ * One long-lived connection to a Nix daemon (see DaemonTransport): a `nix-daemon --stdio` of the agent's own,
+ * trusted and working directly on a single-user store, or the host's daemon socket on a multi-user host. A build
+ * costs a request rather than a Nix start-up.
  *
  * Failures: a build that fails resolves `{ ok: false }`; an error the daemon reports for any other operation
  * rejects with NixCommandError and leaves the connection ready; a daemon that dies or breaks the protocol rejects
  * the pending call with NixCommandError (quoting its stderr) and leaves the connection closed.
  *
- * Cancelling a build is kill(): SIGKILL to the daemon's process group and to every descendant's group — Nix starts
- * each builder in a session of its own, so the daemon's group alone would leave it running.
+ * Cancelling a build is interrupt() then kill() (see DaemonTransport for what each does on each transport).
  */
 export class NixDaemonConnection {
   private state: DaemonState = 'opening';
   private currentOp: string | undefined;
   private readonly reader: WireReader;
-  private stderrTail = Buffer.alloc(0);
   private readonly exited: Promise<void>;
   /** Errors the daemon reported with STDERR_ERROR: the connection is still in step after them. */
   private readonly reportedErrors = new WeakSet<Error>();
+  /** Messages the daemon sent with setOptions: a daemon ignores restricted settings of an untrusted user. */
+  private ignoredSettings: string[] = [];
   private protocolVersion = 0;
   private closedBy: Error | undefined;
   private nixVersionText = '';
 
-  private constructor(
-    private readonly child: DaemonChild,
-    private readonly command: string,
-  ) {
-    this.reader = new WireReader({ pause: () => child.stdout.pause(), resume: () => child.stdout.resume() });
-    child.stdout.on('data', (chunk: Buffer) => this.reader.push(chunk));
-    child.stderr.on('data', (chunk: Buffer) => this.keepStderr(chunk));
-    child.stdin.on('error', () => {}); // EPIPE after the daemon died; its exit is reported instead
-    this.exited = new Promise((resolve) => {
-      child.once('error', (error) => {
-        this.gone(new NixCommandError(`cannot run ${command}: ${error.message}`, null, ''));
-        resolve();
-      });
-      child.once('close', (code, signal) => {
-        this.gone(this.deathError(code, signal));
-        resolve();
-      });
+  private constructor(private readonly transport: DaemonTransport) {
+    this.reader = new WireReader({ pause: () => transport.pause(), resume: () => transport.resume() });
+    transport.onData((chunk: Buffer) => this.reader.push(chunk));
+    this.exited = transport.closed.then((error: NixCommandError) => {
+      const during = this.state === 'closing' ? 'after close()' : `during ${this.describeState()}`;
+      this.gone(new NixCommandError(`${error.message} (${during})`, error.exitCode, error.stderr));
     });
   }
 
-  /** Spawns `nix-daemon --stdio` and completes the handshake. */
+  /** Spawns `nix-daemon --stdio` (single-user stores) and completes the handshake. */
   static async open(options: DaemonOptions = {}): Promise<NixDaemonConnection> {
     const command = options.command ?? 'nix-daemon';
     const nixOptions = {
       ...(options.remoteBuilds ? {} : { 'build-hook': decliningBuildHook() }),
       ...options.nixOptions,
     };
-    const args = ['--stdio'];
-    for (const [name, value] of Object.entries(nixOptions)) args.push('--option', name, value);
-    // detached: a process group of its own, so kill() reaches whatever the daemon runs inside it.
-    const child = spawn(command, args, { env: options.env ?? process.env, stdio: 'pipe', detached: true });
-    const connection = new NixDaemonConnection(child, command);
+    return NixDaemonConnection.handshaken(StdioTransport.spawn(command, nixOptions, options.env ?? process.env));
+  }
+
+  /**
+   * Connects to the daemon socket of a multi-user host and completes the handshake. The host's configuration
+   * decides the build hook, sandbox and features; a user not in `trusted-users` cannot change them.
+   */
+  static connect(socketPath: string): Promise<NixDaemonConnection> {
+    return NixDaemonConnection.handshaken(SocketTransport.connect(socketPath));
+  }
+
+  private static async handshaken(transport: DaemonTransport): Promise<NixDaemonConnection> {
+    const connection = new NixDaemonConnection(transport);
     const timer = setTimeout(
-      () => connection.terminate(`no handshake from ${command} within ${HANDSHAKE_TIMEOUT_MS / 1000} s`),
+      () => connection.terminate(`no handshake from ${transport.name} within ${HANDSHAKE_TIMEOUT_MS / 1000} s`),
       HANDSHAKE_TIMEOUT_MS,
     );
     try {
@@ -175,7 +168,12 @@ export class NixDaemonConnection {
   }
 
   get pid(): number | undefined {
-    return this.child.pid;
+    return this.transport.pid;
+  }
+
+  /** What the daemon said it ignored in the last setOptions (restricted settings of an untrusted user). */
+  get ignored(): readonly string[] {
+    return this.ignoredSettings;
   }
 
   get status(): DaemonState {
@@ -201,7 +199,7 @@ export class NixDaemonConnection {
         .u64(false) // keepFailed
         .u64(o.keepGoing ?? false)
         .u64(false) // tryFallback
-        .u64(LVL_ERROR) // verbosity of STDERR_NEXT messages: errors only; build output comes as results
+        .u64(o.verbosity ?? LVL_ERROR) // verbosity of STDERR_NEXT messages; build output comes as results
         .u64(o.maxBuildJobs ?? 1)
         .u64(o.maxSilentTime ?? 0)
         .u64(true) // obsolete useBuildHook
@@ -212,7 +210,13 @@ export class NixDaemonConnection {
         .u64(o.useSubstitutes ?? true)
         .u64(Object.keys(overrides).length);
       for (const [name, value] of Object.entries(overrides)) w.string(name).string(value);
-      await this.exchange(w.bytes());
+      const messages: string[] = [];
+      this.send(w.bytes());
+      const failure = await readStderr(this.reader, { onMessage: (text) => messages.push(text) });
+      if (failure) throw this.reported(failureText(failure));
+      this.ignoredSettings = messages.filter((m) =>
+        /ignoring (the client-specified setting|untrusted substituter)/.test(m),
+      );
     });
   }
 
@@ -307,7 +311,7 @@ export class NixDaemonConnection {
     }
     if (this.state === 'ready') {
       this.state = 'closing';
-      this.child.stdin.end(); // the daemon exits at end of input
+      this.transport.end();
       const timer = setTimeout(() => this.kill(), CLOSE_TIMEOUT_MS);
       await this.exited;
       clearTimeout(timer);
@@ -315,22 +319,25 @@ export class NixDaemonConnection {
     return this.exited;
   }
 
-  /** SIGKILL for the daemon, its process group and its builders' groups; a pending call rejects. Any state. */
+  /** Asks the running build to stop (see DaemonTransport.interrupt); the connection ends with it or is killed. */
+  interrupt(): void {
+    if (this.state !== 'closed') this.transport.interrupt();
+  }
+
+  /** Ends everything at once: the daemon and its builders, or the connection; a pending call rejects. Any state. */
   kill(): void {
     this.terminate('kill() was called');
   }
 
   private terminate(reason: string): void {
-    const pid = this.child.pid;
-    if (this.state === 'closed' || pid === undefined) return;
-    const builders = descendantGroups(pid);
-    signalGroup(pid, 'SIGKILL');
-    for (const group of builders) signalGroup(group, 'SIGKILL');
+    if (this.state === 'closed') return;
+    const during = this.describeState();
+    this.transport.kill();
     this.gone(
       new NixCommandError(
-        `nix-daemon (pid ${pid}) killed during ${this.describeState()}: ${reason}`,
+        `${this.transport.name} killed during ${during}: ${reason}`,
         null,
-        this.stderrText(),
+        this.transport.stderrText(),
       ),
     );
   }
@@ -340,9 +347,9 @@ export class NixDaemonConnection {
     const magic = await this.reader.u64();
     if (magic !== WORKER_MAGIC_2)
       throw new NixCommandError(
-        `${this.command} --stdio did not answer as a Nix daemon (magic 0x${magic.toString(16)})`,
+        `${this.transport.name} did not answer as a Nix daemon (magic 0x${magic.toString(16)})`,
         null,
-        this.stderrText(),
+        this.transport.stderrText(),
       );
     const daemonVersion = await this.reader.u64();
     if (
@@ -350,9 +357,9 @@ export class NixDaemonConnection {
       daemonVersion < MIN_DAEMON_PROTOCOL_VERSION
     ) {
       throw new NixCommandError(
-        `nix-daemon speaks worker protocol ${showProtocol(daemonVersion)}; eka-ci speaks ${showProtocol(CLIENT_PROTOCOL_VERSION)} and needs at least ${showProtocol(MIN_DAEMON_PROTOCOL_VERSION)} (Nix ≥ 2.4)`,
+        `${this.transport.name} speaks worker protocol ${showProtocol(daemonVersion)}; eka-ci speaks ${showProtocol(CLIENT_PROTOCOL_VERSION)} and needs at least ${showProtocol(MIN_DAEMON_PROTOCOL_VERSION)} (Nix ≥ 2.4)`,
         null,
-        this.stderrText(),
+        this.transport.stderrText(),
       );
     }
     this.protocolVersion = Math.min(daemonVersion, CLIENT_PROTOCOL_VERSION);
@@ -360,7 +367,11 @@ export class NixDaemonConnection {
     if (this.protocolVersion >= PROTOCOL_WITH_NIX_VERSION) this.nixVersionText = await this.reader.string();
     const failure = await readStderr(this.reader);
     if (failure)
-      throw new NixCommandError(`nix-daemon refused the connection: ${failure.message}`, null, this.stderrText());
+      throw new NixCommandError(
+        `${this.transport.name} refused the connection: ${failure.message}`,
+        null,
+        this.transport.stderrText(),
+      );
     this.state = 'ready';
   }
 
@@ -427,7 +438,7 @@ export class NixDaemonConnection {
   }
 
   private send(bytes: Buffer): void {
-    this.child.stdin.write(bytes);
+    this.transport.write(bytes);
   }
 
   private gone(error: NixCommandError): void {
@@ -437,30 +448,10 @@ export class NixDaemonConnection {
     this.state = 'closed';
   }
 
-  private deathError(code: number | null, signal: NodeJS.Signals | null): NixCommandError {
-    const how = code !== null ? `exited with code ${code}` : `was killed by ${signal ?? 'a signal'}`;
-    const tail = this.stderrText().trimEnd().split('\n').slice(-STDERR_TAIL_LINES).join('\n');
-    const during = this.state === 'closing' ? 'after close()' : `during ${this.describeState()}`;
-    return new NixCommandError(
-      `${this.command} --stdio (pid ${this.child.pid}) ${how} ${during}; ${tail ? `its stderr ends with:\n${tail}` : 'it wrote nothing on stderr'}`,
-      code,
-      this.stderrText(),
-    );
-  }
-
   private describeState(): string {
     if (this.state === 'busy') return `busy with ${this.currentOp ?? 'an operation'}`;
     if (this.state === 'closed' && this.closedBy) return `closed (${this.closedBy.message})`;
     return this.state;
-  }
-
-  private keepStderr(chunk: Buffer): void {
-    const joined = Buffer.concat([this.stderrTail, chunk]);
-    this.stderrTail = joined.length > STDERR_TAIL_BYTES ? joined.subarray(joined.length - STDERR_TAIL_BYTES) : joined;
-  }
-
-  private stderrText(): string {
-    return this.stderrTail.toString('utf8');
   }
 }
 

@@ -55,6 +55,8 @@ export const Stderr = {
 export const RES_BUILD_LOG_LINE = 101;
 /** Verbosity lvlError: wopSetOptions sends it for "verbose build" (anything else means quiet) and as the level. */
 export const LVL_ERROR = 0;
+/** Debug: where a daemon says it ignores a restricted setting of an untrusted user. */
+export const LVL_DEBUG = 6;
 // Nix verbosity levels: error 0, warn 1, notice 2, info 3, talkative 4, … Activities at info or above are what
 // `nix-store --realise` prints by default.
 export const LVL_INFO = 3;

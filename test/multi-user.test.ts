@@ -1,0 +1,162 @@
+import type { ChildProcess } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { spawnAgentProcess } from '../cli/embedded.js';
+import type { Coordinator } from '../coordinator/coordinator.js';
+import { NO_EXTRA_POLICY } from '../coordinator/eval/eval-options.js';
+import { instantiate } from '../coordinator/eval/instantiate.js';
+import { killGroup } from './support/cli.js';
+import { startCoordinator } from './support/coordinator-harness.js';
+import { testEvalEnvironment } from './support/eval-environment.js';
+import { AGENT_USER, type MultiUserHost, startMultiUserHost } from './support/multi-user-nix.js';
+import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
+
+/**
+ * Builder hosts in the shape NixOS, macOS and the upstream installer give them: a root nix-daemon with Nix's sandbox
+ * on and nixbld build users, and the agent as an unprivileged user on the daemon's socket (see
+ * test/support/multi-user-nix.ts). Needs root, to make the store and the user.
+ */
+
+const isRoot = process.getuid?.() === 0;
+
+let coordinator: Coordinator | undefined;
+const hosts: MultiUserHost[] = [];
+const children: ChildProcess[] = [];
+
+afterEach(async () => {
+  for (const h of hosts.splice(0)) h.stop();
+  for (const c of children.splice(0)) killGroup(c);
+  await coordinator?.stopNow();
+  coordinator = undefined;
+});
+
+/** A multi-user host whose nix.conf knows the coordinator's cache, as the NixOS module writes it. */
+function multiUserAgent(c: Coordinator, name: string, nixConf: string, extraArgs: string[] = []): MultiUserHost {
+  const host = startMultiUserHost({
+    coordinator: c.grpcTarget,
+    token: c.tokens.create(name, 'test'),
+    nixConf,
+    agentArgs: extraArgs,
+  });
+  hosts.push(host);
+  return host;
+}
+
+function cacheConf(c: Coordinator): string {
+  return `extra-substituters = ${c.cacheUrl}\nextra-trusted-public-keys = ${c.cachePublicKey}`;
+}
+
+async function until(what: string, ok: () => boolean, host?: MultiUserHost): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`gave up waiting for ${what}; host output:\n${host?.output() ?? ''}`);
+    if (host && host.process.exitCode !== null) throw new Error(`the host ended before ${what}:\n${host.output()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function build(body: string, attrs: string[]) {
+  const file = writeNixFile(tempDir(), nonce(), body);
+  const roots = await instantiate(file, attrs, await testEvalEnvironment(), NO_EXTRA_POLICY);
+  const results = await coordinator!.manager.waitFor(await coordinator!.manager.submit(roots, 'test'));
+  return Object.fromEntries(results.map((r) => [r.attr, r]));
+}
+
+describe('an agent as an unprivileged user of a sandboxed multi-user nix-daemon', () => {
+  it.skipIf(!isRoot)(
+    'builds the diamond with a single-user agent, each edge crossing between their stores',
+    async () => {
+      coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 20 });
+      // The host's daemon decides which features it builds: the agent announces what the host's nix.conf says.
+      const host = multiUserAgent(coordinator, 'nixos-builder', `system-features = side-a\n${cacheConf(coordinator)}`);
+      const single = spawnAgentProcess({
+        coordinator: coordinator.grpcTarget,
+        token: coordinator.localAgentToken('single-user'),
+        agentId: 'single-user',
+        dir: tempDir('ekaci-single-'),
+        isolated: true,
+        maxJobs: 1,
+        extraArgs: ['--features', 'side-b'],
+        logLevel: 'error',
+      });
+      children.push(single);
+      await until('both agents', () => coordinator!.agentHub.agentCount === 2, host);
+
+      const r = await build(
+        `rec {
+        base = mk "base" { script = "echo base > $out"; requiredSystemFeatures = [ "side-b" ]; };
+        left = mk "left" { deps = [ base ]; script = "read b < \${base}; echo left-$b > $out"; requiredSystemFeatures = [ "side-a" ]; };
+        right = mk "right" { deps = [ base ]; script = "read b < \${base}; echo right-$b > $out"; requiredSystemFeatures = [ "side-b" ]; };
+        top = mk "top" { deps = [ left right ]; script = "read l < \${left}; read r < \${right}; echo $l $r > $out"; requiredSystemFeatures = [ "side-a" ]; };
+      }`,
+        ['base', 'left', 'right', 'top'],
+      );
+
+      for (const attr of ['base', 'left', 'right', 'top'])
+        expect(r[attr]?.state, `${attr}: ${r[attr]?.error}`).toBe('succeeded');
+      expect([r.left?.agent, r.top?.agent]).toEqual(['nixos-builder', 'nixos-builder']);
+      expect([r.base?.agent, r.right?.agent]).toEqual(['single-user', 'single-user']);
+      const agents = coordinator.db.prepare('SELECT agent_id, sandboxed FROM agents ORDER BY agent_id').all();
+      expect(agents).toEqual([
+        { agent_id: 'nixos-builder', sandboxed: 1 },
+        { agent_id: 'single-user', sandboxed: 0 },
+      ]);
+      // It really was the daemon that built, as a build user: the agent's user never wrote to the store.
+      expect(host.output()).toMatch(new RegExp(`accepted connection from pid \\d+, user ${AGENT_USER}$`, 'm'));
+    },
+  );
+
+  it.skipIf(!isRoot)('keeps a build from the network and the host’s files: Nix’s sandbox', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 20 });
+    const host = multiUserAgent(coordinator, 'nixos-builder', cacheConf(coordinator));
+    await until('the agent', () => coordinator!.agentHub.agentCount === 1, host);
+    const secret = `${tempDir('ekaci-host-file-')}/secret`;
+    writeFileSync(secret, 'a file of the host');
+    const port = coordinator.httpPort;
+
+    const r = await build(
+      `{ escape = mk "escape" { script = ''
+          /bin/cat ${secret} && exit 10
+          /bin/bash -c 'exec 3<>/dev/tcp/127.0.0.1/${port}' && exit 11
+          echo contained > $out
+        ''; }; }`,
+      ['escape'],
+    );
+
+    expect(r.escape?.state, r.escape?.error ?? '').toBe('succeeded');
+    const log = readFileSync(coordinator.logs.pathFor(r.escape!.drvPath, 1), 'utf8');
+    expect(log).toMatch(/No such file or directory/);
+    expect(log).toMatch(/Connection refused|Network is unreachable|Cannot assign requested address/);
+  });
+
+  it.skipIf(!isRoot)(
+    'stops at start-up, saying what to configure, when the daemon will not use the coordinator’s cache for it',
+    async () => {
+      coordinator = await startCoordinator(tempDir());
+      const host = multiUserAgent(coordinator, 'untrusted', '');
+
+      const code = await new Promise<number | null>((resolve) => host.process.once('exit', resolve));
+
+      expect(code).not.toBe(0);
+      const said = host.output();
+      expect(said).toContain(`user ${AGENT_USER} is not in trusted-users`);
+      expect(said).toContain(`extra-substituters = ${coordinator.cacheUrl}`);
+      expect(said).toContain(`extra-trusted-public-keys = ${coordinator.cachePublicKey}`);
+      expect(said).toContain('EKACI_ERR_CONFIG');
+    },
+  );
+
+  it.skipIf(!isRoot)(
+    'uses the settings it sends as a trusted user, with nothing about the cache in the host’s nix.conf',
+    async () => {
+      coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 20 });
+      const host = multiUserAgent(coordinator, 'trusted', `trusted-users = root ${AGENT_USER}`);
+      await until('the agent', () => coordinator!.agentHub.agentCount === 1, host);
+
+      const r = await build(`{ x = mk "x" { script = "echo x > $out"; }; }`, ['x']);
+
+      expect(r.x?.state, r.x?.error ?? '').toBe('succeeded');
+      expect(r.x?.agent).toBe('trusted');
+    },
+  );
+});
