@@ -1,10 +1,11 @@
 import { generateKeyPairSync } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError } from '../common/errors.js';
 import { policyFor } from './eval/eval-options.js';
+import { generateSigningKey } from './cache/signing-key.js';
 import { compileCoordinatorConfig, loadCoordinatorConfig } from './config.js';
 
 const KEY = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({
@@ -233,5 +234,77 @@ describe('coordinator configuration', () => {
     expect(json).not.toContain(SECRET);
     expect(json).not.toContain(KEY_FRAGMENT);
     expect(o.security.webhookSecret).toBe(SECRET);
+  });
+
+  describe('secrets as files and systemd credentials', () => {
+    const NIX_KEY = generateSigningKey('ci.example.org-1');
+
+    it('reads tokens, the webhook secret and the signing key from $CREDENTIALS_DIRECTORY', async () => {
+      const creds = join(dir, 'credentials-ok');
+      await mkdir(creds, { recursive: true });
+      await writeFile(join(creds, 'agent-token-mac'), 'a-mac-agent-token-of-length\n');
+      await writeFile(join(creds, 'api-token-dash'), 'a-dashboard-token-of-length');
+      await writeFile(join(creds, 'webhook-secret'), `${SECRET}\n`);
+      await writeFile(join(creds, 'cache-key'), NIX_KEY.secretKey);
+      const o = compileCoordinatorConfig(
+        {
+          agent_tokens: [{ name: 'mac', token_credential: 'agent-token-mac' }],
+          api_tokens: [{ name: 'dash', token_credential: 'api-token-dash' }],
+          github_apps: [app()],
+          security: { webhook_secret_credential: 'webhook-secret' },
+          cache: { secret_key_credential: 'cache-key' },
+        },
+        't',
+        { ...APP_ENV, CREDENTIALS_DIRECTORY: creds },
+        dir,
+      );
+      expect(o.agentTokens).toEqual([{ name: 'mac', token: 'a-mac-agent-token-of-length' }]);
+      expect(o.apiTokens).toEqual([{ name: 'dash', token: 'a-dashboard-token-of-length' }]);
+      expect(o.security.webhookSecret).toBe(SECRET);
+      expect(o.cache.secretKey).toBe(NIX_KEY.secretKey);
+      const json = JSON.stringify(o);
+      expect(json).not.toContain(NIX_KEY.secretKey.split(':')[1]);
+      expect(json).not.toContain(SECRET);
+    });
+
+    it('reads the webhook secret and the signing key from files relative to the configuration', async () => {
+      await writeFile(join(dir, 'hook.secret'), SECRET);
+      await writeFile(join(dir, 'cache.sec'), NIX_KEY.secretKey);
+      const o = await load(
+        `[security]\nwebhook_secret_file = "hook.secret"\n[cache]\nsecret_key_file = "${join(dir, 'cache.sec')}"\n`,
+      );
+      expect(o.security.webhookSecret).toBe(SECRET);
+      expect(o.cache.secretKey).toBe(NIX_KEY.secretKey);
+      expect(compileCoordinatorConfig({}, 't', {}, dir).cache.secretKey).toBeUndefined();
+    });
+
+    it.each([
+      [
+        { security: { webhook_secret: SECRET, webhook_secret_file: 'hook.secret' } },
+        {},
+        'test.toml: security.webhook_secret: give one of webhook_secret and webhook_secret_file, not both',
+      ],
+      [
+        { agent_tokens: [{ name: 'mac', token_credential: 'agent-token-mac' }] },
+        {},
+        'test.toml: agent_tokens.mac.token: CREDENTIALS_DIRECTORY is not set',
+      ],
+      [
+        { cache: { secret_key_credential: '../cache-key' } },
+        { CREDENTIALS_DIRECTORY: '/run/credentials/x' },
+        'test.toml: cache.secret_key: credential name "../cache-key" is not a plain file name',
+      ],
+      [{ security: { webhook_secret_file: 'absent' } }, {}, `test.toml: security.webhook_secret: cannot read`],
+      [{ cache: { secret_key_file: 'empty' } }, {}, `empty is empty`],
+      [{ cache: { secret_key_file: 'hook.secret' } }, {}, 'cache.secret_key: the configured key is not a Nix'],
+      [{ security: { webhook_secret_file: 'short' } }, {}, 'test.toml: security.webhook_secret: shorter than 16'],
+    ])('names the secret and the problem, never the value: %j', async (raw, env, message) => {
+      await writeFile(join(dir, 'empty'), '\n');
+      await writeFile(join(dir, 'short'), 'short');
+      await writeFile(join(dir, 'hook.secret'), SECRET);
+      const e = configError(raw, env);
+      expect(e.message).toContain(message);
+      expect(e.message).not.toContain(SECRET);
+    });
   });
 });

@@ -3,12 +3,14 @@ import { homedir } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { z } from 'zod';
-import { ConfigError } from '../common/errors.js';
+import { CacheError, ConfigError } from '../common/errors.js';
 import { credentialSource, credentialsSchema, resolveCredentials, type AppCredentials } from './github/credentials.js';
 import { GitHubCredentialsError } from './github/errors.js';
 import { compilePermissions, permissionsSchema, type AppPermissions } from './github/permissions.js';
 import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
 import { type EvaluationOptions, compileEvaluationOptions, evaluationSchema } from './eval/eval-options.js';
+import { readSecret } from './secrets.js';
+import { signingKeyFromSecret } from './cache/signing-key.js';
 
 /**
  * The coordinator's TOML configuration: parsed and validated once at startup into `CoordinatorOptions`, a fully
@@ -47,7 +49,8 @@ const tokenList = z
       .object({
         name: z.string().regex(/^[A-Za-z0-9._-]+$/, 'letters, digits, ".", "_" and "-" only'),
         token: z.string().min(16).optional(),
-        token_file: z.string().optional(),
+        token_file: z.string().min(1).optional(),
+        token_credential: z.string().min(1).optional(),
       })
       .strict(),
   )
@@ -119,6 +122,12 @@ const schema = z
           .string()
           .regex(/^[A-Za-z0-9._-]+$/)
           .default('ekaci-1'),
+        /**
+         * The signing key (`name:base64`, as `nix-store --generate-binary-cache-key` writes it) from a file or a
+         * systemd credential; without either, a key is created in the data directory on first start.
+         */
+        secret_key_file: z.string().min(1).optional(),
+        secret_key_credential: z.string().min(1).optional(),
       })
       .strict()
       .prefault({}),
@@ -131,6 +140,8 @@ const schema = z
     security: z
       .object({
         webhook_secret: z.string().min(MIN_WEBHOOK_SECRET_LENGTH).optional(),
+        webhook_secret_file: z.string().min(1).optional(),
+        webhook_secret_credential: z.string().min(1).optional(),
         allow_insecure_webhooks: z.boolean().default(false),
         require_approval: z.boolean().default(false),
         approved_users: z.array(z.string().min(1)).default([]),
@@ -178,7 +189,8 @@ export interface CoordinatorOptions {
     tls: { certFile: string; keyFile: string; clientCaFile: string | undefined } | undefined;
   };
   localAgent: { enabled: boolean; maxJobs: number | undefined; sandbox: boolean };
-  cache: { keyName: string };
+  /** `secretKey` from the configuration's secret_key_file/credential; undefined: the data directory's own key. */
+  cache: { keyName: string; secretKey: string | undefined };
   /** Tokens declared in the configuration (more live in the database). */
   agentTokens: Array<{ name: string; token: string }>;
   apiTokens: Array<{ name: string; token: string }>;
@@ -243,6 +255,7 @@ export function compileCoordinatorConfig(
   }
   const c = parsed.data;
   const rel = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
+  const ctx = { source, env, baseDir };
   const tokens = (
     list: typeof c.agent_tokens,
     key: string,
@@ -250,16 +263,39 @@ export function compileCoordinatorConfig(
   ): Array<{ name: string; token: string }> =>
     list.map((t) => {
       const fromEnv = env[`${envPrefix}${t.name.toUpperCase().replace(/[-.]/g, '_')}`];
-      const token = fromEnv ?? t.token ?? (t.token_file ? readSecretFile(rel(t.token_file), source) : undefined);
-      if (!token) throw new ConfigError(`${source}: ${key}.${t.name}: needs token, token_file or env`);
+      const fromConfig = readSecret(
+        `${key}.${t.name}`,
+        'token',
+        {
+          value: t.token,
+          file: t.token_file,
+          credential: t.token_credential,
+        },
+        ctx,
+      );
+      const token = fromEnv ?? fromConfig;
+      if (!token) {
+        throw new ConfigError(`${source}: ${key}.${t.name}: needs token, token_file, token_credential or env`);
+      }
       return { name: t.name, token };
     });
   const agentTokens = tokens(c.agent_tokens, 'agent_tokens', 'EKACI_AGENT_TOKEN_');
   const apiTokens = tokens(c.api_tokens, 'api_tokens', 'EKACI_API_TOKEN_');
   const githubApps = c.github_apps.map((app) => compileGitHubApp(app, source, env, baseDir));
-  const webhookSecret = env.GITHUB_WEBHOOK_SECRET || c.security.webhook_secret;
+  const webhookFromConfig = readSecret(
+    'security',
+    'webhook_secret',
+    {
+      value: c.security.webhook_secret,
+      file: c.security.webhook_secret_file,
+      credential: c.security.webhook_secret_credential,
+    },
+    ctx,
+  );
+  const webhookSecret = env.GITHUB_WEBHOOK_SECRET || webhookFromConfig;
   if (webhookSecret !== undefined && webhookSecret.length < MIN_WEBHOOK_SECRET_LENGTH) {
-    throw new ConfigError(`GITHUB_WEBHOOK_SECRET: shorter than ${MIN_WEBHOOK_SECRET_LENGTH} characters`);
+    const from = env.GITHUB_WEBHOOK_SECRET ? 'GITHUB_WEBHOOK_SECRET' : `${source}: security.webhook_secret`;
+    throw new ConfigError(`${from}: shorter than ${MIN_WEBHOOK_SECRET_LENGTH} characters`);
   }
   if (githubApps.length > 0 && webhookSecret === undefined && !c.security.allow_insecure_webhooks) {
     throw new ConfigError(
@@ -290,17 +326,34 @@ export function compileCoordinatorConfig(
         : undefined,
     },
     localAgent: { enabled: c.local_agent.enabled, maxJobs: c.local_agent.max_jobs, sandbox: c.local_agent.sandbox },
-    cache: { keyName: c.cache.key_name },
+    cache: withoutSecretInJson(
+      {
+        keyName: c.cache.key_name,
+        secretKey: checkedSigningKey(
+          readSecret(
+            'cache',
+            'secret_key',
+            { file: c.cache.secret_key_file, credential: c.cache.secret_key_credential },
+            ctx,
+          ),
+          source,
+        ),
+      },
+      'secretKey',
+    ),
     agentTokens,
     apiTokens,
     githubApps,
-    security: withoutSecretInJson({
-      webhookSecret,
-      allowInsecureWebhooks: c.security.allow_insecure_webhooks,
-      requireApproval: c.security.require_approval,
-      approvedUsers: c.security.approved_users,
-      allowUnsandboxedUntrustedBuilds: c.security.allow_unsandboxed_untrusted_builds,
-    }),
+    security: withoutSecretInJson(
+      {
+        webhookSecret,
+        allowInsecureWebhooks: c.security.allow_insecure_webhooks,
+        requireApproval: c.security.require_approval,
+        approvedUsers: c.security.approved_users,
+        allowUnsandboxedUntrustedBuilds: c.security.allow_unsandboxed_untrusted_builds,
+      },
+      'webhookSecret',
+    ),
     github: {
       buildDraftPullRequests: c.github.build_draft_pull_requests,
       checkRunUpdateIntervalMs: Math.round(c.github.check_run_update_interval_seconds * 1000),
@@ -330,11 +383,23 @@ function compileGitHubApp(
   };
 }
 
-/** Options get logged when debugging start-up; the webhook secret must not be, so JSON (and pino) omit it. */
-function withoutSecretInJson<T extends { webhookSecret: string | undefined }>(security: T): T {
-  const shown = (): object => ({ ...security, webhookSecret: security.webhookSecret ? '[redacted]' : undefined });
-  Object.defineProperty(security, 'toJSON', { value: shown, enumerable: false });
-  return security;
+/** A configured signing key is checked at start-up, where a bad one is a configuration error. */
+function checkedSigningKey(secret: string | undefined, source: string): string | undefined {
+  if (secret === undefined) return undefined;
+  try {
+    signingKeyFromSecret(secret, 'the configured key');
+  } catch (err) {
+    if (!(err instanceof CacheError)) throw err;
+    throw new ConfigError(`${source}: cache.secret_key: ${err.message}`, { cause: err });
+  }
+  return secret;
+}
+
+/** Options get logged when debugging start-up; secrets must not be, so JSON (and pino) show `field` redacted. */
+function withoutSecretInJson<K extends string, T extends Record<K, string | undefined>>(table: T, field: K): T {
+  const shown = (): object => ({ ...table, [field]: table[field] ? '[redacted]' : undefined });
+  Object.defineProperty(table, 'toJSON', { value: shown, enumerable: false });
+  return table;
 }
 
 /** `EKACI_<TOP_LEVEL_KEY>` replaces a top-level scalar, so secrets and paths can stay out of the file. */
@@ -357,12 +422,4 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv): unknown {
     out[key] = numeric.has(key) ? Number(value) : value;
   }
   return out;
-}
-
-function readSecretFile(path: string, source: string): string {
-  try {
-    return readFileSync(path, 'utf8').trim();
-  } catch (e) {
-    throw new ConfigError(`${source}: cannot read ${path}: ${(e as Error).message}`);
-  }
 }

@@ -13,7 +13,7 @@ import { AuditLog } from './audit-log.js';
 import { BinaryCache } from './cache/binary-cache.js';
 import { checkFixedOutput } from './cache/fixed-output.js';
 import { cacheRouter } from './cache/http-routes.js';
-import { loadOrCreateSigningKey } from './cache/signing-key.js';
+import { loadOrCreateSigningKey, signingKeyFromSecret } from './cache/signing-key.js';
 import { DerivationGraph } from './graph/derivation-graph.js';
 import { DiffStore } from './graph/diff-store.js';
 import { EvalEnvironment } from './eval/eval-environment.js';
@@ -180,7 +180,10 @@ export class Coordinator {
     this.state = 'starting';
     // Before anything listens: a coordinator that cannot confine repository code must not accept any.
     this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }));
-    const key = await loadOrCreateSigningKey(join(this.options.dataDir, 'cache-key.sec'), this.options.cache.keyName);
+    const configured = this.options.cache.secretKey;
+    const key = configured
+      ? signingKeyFromSecret(configured, 'cache.secret_key')
+      : await loadOrCreateSigningKey(join(this.options.dataDir, 'cache-key.sec'), this.options.cache.keyName);
     this.cache = new BinaryCache({
       dir: join(this.options.dataDir, 'cache'),
       secretKey: key.secretKey,
@@ -208,6 +211,7 @@ export class Coordinator {
           reviews: this.reviews,
           evaluations: this.evaluations,
           access: this.access,
+          audit: this.audit,
           repoVisibility: (repo) => this.repoVisibility(repo),
         }),
         access: this.access,

@@ -1,4 +1,7 @@
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { Agent } from '../agent/agent.js';
+import { silentLogger } from '../common/logging.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import type { CommitEvaluation } from '../coordinator/eval/repo-evaluation.js';
@@ -12,7 +15,10 @@ const API_TOKEN = 'ekaci_api-token-for-the-access-tests-0123456789';
 const AGENT_TOKEN = 'ekaci_agent-token-for-the-access-tests-0123456789';
 
 let coordinator: Coordinator | undefined;
+let agent: Agent | undefined;
 afterEach(async () => {
+  await agent?.stopNow();
+  agent = undefined;
   await coordinator?.stopNow();
   coordinator = undefined;
 });
@@ -149,5 +155,74 @@ describe('reading the coordinator', () => {
     const hash = drv.slice('/nix/store/'.length, '/nix/store/'.length + 32);
     expect((await call('GET', `/api/v1/derivations/${hash}`)).status).toBe(200);
     expect((await call('GET', `/api/v1/derivations/${hash.slice(0, 8)}`)).status).toBe(404);
+  });
+});
+
+describe('submitting builds through the API', () => {
+  const submit = (body: string, token?: string, type = 'application/json'): Promise<Response> =>
+    fetch(`http://127.0.0.1:${coordinator!.httpPort}/api/v1/builds`, {
+      method: 'POST',
+      headers: { 'content-type': type, ...(token ? { authorization: `Bearer ${token}` } : {}) },
+      body,
+    });
+  const instantiate = async (body: string): Promise<string> =>
+    (
+      await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, writeNixFile(tempDir(), nonce(), body), '-A', 'x'])
+    ).trim();
+
+  it('takes them from an API token only, even on a public coordinator, and audits who asked', async () => {
+    const c = await start(true);
+    const drv = await instantiate('{ x = mk "x" { script = "echo built > $out"; }; }');
+    const body = JSON.stringify({ drvs: [drv] });
+
+    expect((await submit(body)).status).toBe(401);
+    expect((await submit(body, AGENT_TOKEN)).status).toBe(403);
+    expect(c.store.derivation(drv)).toBeUndefined();
+
+    agent = new Agent({
+      coordinator: c.grpcTarget,
+      token: c.localAgentToken('local'),
+      spoolDir: join(tempDir(), 'spool'),
+      logger: silentLogger(),
+    });
+    await agent.start();
+    const r = await submit(body, API_TOKEN);
+    expect(r.status).toBe(202);
+    const { id, url } = (await r.json()) as { id: number; url: string };
+    expect(url).toBe(`/api/v1/requests/${id}`);
+    const [result] = await c.manager.waitFor(id);
+    expect(result).toMatchObject({ drvPath: drv, state: 'succeeded' });
+    const followed = (await (await fetch(`http://127.0.0.1:${c.httpPort}${url}`)).json()) as { settled: boolean };
+    expect(followed.settled).toBe(true);
+    const audit = c.audit.recent().find((a) => a.action === 'api.builds-submitted');
+    expect(audit).toMatchObject({ actor: 'api:dashboard' });
+    expect(JSON.parse(audit!.detail)).toEqual({ request: id, roots: 1 });
+  });
+
+  it.each([
+    ['not JSON', '{"drvs": [', 'application/json', 400, /not JSON/],
+    ['another content type', '{}', 'text/plain', 415, /application\/json/],
+    ['no derivation', '{"drvs": []}', 'application/json', 400, /drvs/],
+    [
+      'an unknown key',
+      '{"drvs": ["/nix/store/00000000000000000000000000000000-x.drv"], "x": 1}',
+      'application/json',
+      400,
+      /x/,
+    ],
+    ['a path that is no .drv', '{"drvs": ["/etc/passwd"]}', 'application/json', 400, /drvs.0: a .drv store path/],
+    [
+      'a .drv missing from the store',
+      '{"drvs": ["/nix/store/00000000000000000000000000000000-x.drv"]}',
+      'application/json',
+      422,
+      /not in the coordinator's store: \/nix\/store\/0{32}-x.drv/,
+    ],
+  ])('refuses %s, saying why, and builds nothing', async (_what, body, type, status, message) => {
+    const c = await start(true);
+    const r = await submit(body, API_TOKEN, type);
+    expect(r.status).toBe(status);
+    expect(((await r.json()) as { error: { message: string } }).error.message).toMatch(message);
+    expect(c.audit.recent().some((a) => a.action === 'api.builds-submitted')).toBe(false);
   });
 });

@@ -1,8 +1,7 @@
-import { existsSync } from 'node:fs';
-import { connect } from 'node:net';
 import { userInfo } from 'node:os';
 import { ConfigError } from '../../common/errors.js';
 import { runNix } from '../../common/nix/cli.js';
+import { daemonAnswers } from '../../common/nix/daemon-client.js';
 import { LVL_DEBUG } from '../../common/nix/worker-protocol.js';
 import type { StoreAccess, StorePool } from './store-pool.js';
 
@@ -25,19 +24,7 @@ export async function detectStoreAccess(
   if (choice === 'daemon') return { kind: 'host-daemon', socket: fromEnv ?? socket };
   if (remote === 'daemon' || fromEnv !== undefined) return { kind: 'host-daemon', socket: fromEnv ?? socket };
   if (remote === 'local' || remote.startsWith('local?')) return { kind: 'own-daemon' };
-  return (await answers(socket)) ? { kind: 'host-daemon', socket } : { kind: 'own-daemon' };
-}
-
-function answers(socket: string): Promise<boolean> {
-  if (!existsSync(socket)) return Promise.resolve(false);
-  return new Promise((resolve) => {
-    const s = connect(socket);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
+  return (await daemonAnswers(socket)) ? { kind: 'host-daemon', socket } : { kind: 'own-daemon' };
 }
 
 /** The host settings an untrusted user of the daemon depends on, as `nix show-config` prints them. */

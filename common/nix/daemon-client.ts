@@ -490,3 +490,19 @@ function decliningBuildHook(): string {
 function failureText(failure: DaemonErrorInfo): string {
   return [failure.message, ...failure.traces].join('\n');
 }
+
+/**
+ * Whether a nix-daemon answers on `socketPath`: a whole handshake, then a clean close (a daemon logs a connection
+ * dropped mid-handshake as an error, which would alarm whoever reads the host's logs).
+ */
+export async function daemonAnswers(socketPath: string): Promise<boolean> {
+  if (!existsSync(socketPath)) return false;
+  let connection: NixDaemonConnection;
+  try {
+    connection = await NixDaemonConnection.connect(socketPath);
+  } catch {
+    return false;
+  }
+  await connection.close();
+  return true;
+}

@@ -74,6 +74,11 @@ export class AccessControl {
     return p.kind === 'agent' && lease !== undefined && lease.agentId === p.name;
   }
 
+  /** Submitting builds through the API: API tokens only (agents build what they are given; anonymous callers nothing). */
+  maySubmitBuilds(p: Principal): boolean {
+    return p.kind === 'api';
+  }
+
   /** Whether a caller may see anything of `/metrics` and the like: the same rule as public data. */
   mayReadServerState(p: Principal): boolean {
     return this.mayRead(p, 'public');

@@ -1,10 +1,10 @@
-import { accessSync, constants, existsSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
+import { accessSync, constants, mkdtempSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL } from '../../common/nix/cli.js';
+import { daemonAnswers } from '../../common/nix/daemon-client.js';
 import { type SandboxedCommand, sandboxAvailable, sandboxCommand } from '../../common/sandbox/sandbox.js';
 import { SYSTEM_PATHS } from '../../common/sandbox/spec.js';
 import type { EvalPolicy, EvaluationOptions } from './eval-options.js';
@@ -212,13 +212,6 @@ function programDir(program: string): string | undefined {
 
 /** Whether the host runs a nix-daemon this process can reach (a multi-user install). */
 function systemDaemonAnswers(): Promise<boolean> {
-  if (process.env.NIX_REMOTE === 'local' || !existsSync(SYSTEM_SOCKET)) return Promise.resolve(false);
-  return new Promise((resolve) => {
-    const s = connect(SYSTEM_SOCKET);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
+  if (process.env.NIX_REMOTE === 'local') return Promise.resolve(false);
+  return daemonAnswers(SYSTEM_SOCKET);
 }

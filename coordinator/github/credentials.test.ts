@@ -166,7 +166,7 @@ describe('GitHub App credentials', () => {
 
     it('refuses a name that would leave the credentials directory', () => {
       const e = failure({ kind: 'systemd-credential', name: '../app.env' }, { CREDENTIALS_DIRECTORY: dir });
-      expect(e.message).toContain('a credential name is a plain file name');
+      expect(e.message).toContain('credential name "../app.env" is not a plain file name');
     });
   });
 

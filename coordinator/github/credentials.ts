@@ -1,9 +1,10 @@
 import { createPrivateKey } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { inspect } from 'node:util';
-import { basename, isAbsolute, resolve } from 'node:path';
+import { isAbsolute, resolve } from 'node:path';
 import { z } from 'zod';
 import { GitHubCredentialsError } from './errors.js';
+import { systemdCredentialPath } from '../secrets.js';
 
 /**
  * Where a GitHub App's id and private key come from. They live only on the coordinator: nothing here is reachable
@@ -135,17 +136,7 @@ function credentialPath(
   fail: Fail,
 ): string {
   if (source.kind === 'file') return anchored(source.path, baseDir);
-  if (basename(source.name) !== source.name || source.name === '..' || source.name === '.') {
-    return fail('a credential name is a plain file name');
-  }
-  const dir = env.CREDENTIALS_DIRECTORY;
-  if (!dir) {
-    return fail(
-      `CREDENTIALS_DIRECTORY is not set: run the coordinator as a systemd service with ` +
-        `LoadCredential=${source.name}:/path/to/file, or use a file source`,
-    );
-  }
-  return resolve(dir, source.name);
+  return systemdCredentialPath(source.name, env, fail);
 }
 
 function anchored(path: string, baseDir: string): string {

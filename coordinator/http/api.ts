@@ -1,5 +1,9 @@
+import { existsSync } from 'node:fs';
 import Router, { type RouterContext } from '@koa/router';
+import { z } from 'zod';
+import { isDrvPath } from '../../common/nix/store-path.js';
 import type { AccessControl, Visibility } from '../access/access-control.js';
+import type { AuditLog } from '../audit-log.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import type { LogStore } from '../logs/log-store.js';
@@ -15,13 +19,25 @@ export interface ApiSources {
   reviews: ReviewService;
   evaluations: EvaluationStore;
   access: AccessControl;
+  audit: AuditLog;
   /** Whether a repository's data is public: only a repository GitHub says is public is. */
   repoVisibility(repo: string): Visibility;
 }
 
+// A request names its roots; their closures are read from the store. A megabyte is some 10,000 paths.
+const MAX_SUBMIT_BYTES = 4 * 1024 * 1024;
+
+const submitBody = z
+  .object({
+    drvs: z.array(z.string().refine(isDrvPath, 'a .drv store path')).min(1),
+    /** Whether the request's data belongs to a private repository (readable with a credential only). */
+    private: z.boolean().default(false),
+  })
+  .strict();
+
 /**
- * Read-only API: a derivation's state, attempts and logs; build requests; reviews of commit pairs. Every route asks
- * AccessControl whether the caller may read what it serves; data of private repositories is never anonymous.
+ * The API: a derivation's state, attempts and logs; build requests; reviews of commit pairs. Every route asks
+ * AccessControl whether the caller may do what it asks; data of private repositories is never anonymous.
  */
 export function apiRouter(sources: ApiSources): Router {
   const { store, logs, manager, reviews, evaluations, access } = sources;
@@ -52,6 +68,39 @@ export function apiRouter(sources: ApiSources): Router {
     if (!drvPath || !mayRead(ctx, drvVisibility(drvPath))) return;
     ctx.type = 'text/plain; charset=utf-8';
     ctx.body = logs.read(logs.pathFor(drvPath, Number(ctx.params.attempt)));
+  });
+  // Builds derivations whose .drv files are in the coordinator's store; answers the request's id at once (202), and
+  // GET /requests/:id follows it.
+  router.post('/builds', async (ctx) => {
+    const principal = (ctx.state as RequestState).principal;
+    if (!access.maySubmitBuilds(principal)) {
+      ctx.status = principal.kind === 'anonymous' ? 401 : 403;
+      ctx.body = { error: { code: 'EKACI_ERR_AUTH', message: 'submitting builds needs an API token' } };
+      return;
+    }
+    const body = await readJsonBody(ctx, MAX_SUBMIT_BYTES);
+    if (body === undefined) return;
+    const parsed = submitBody.safeParse(body);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0]!;
+      return badRequest(ctx, 400, `${issue.path.join('.') || 'body'}: ${issue.message}`);
+    }
+    const missing = parsed.data.drvs.filter((d) => !existsSync(d));
+    if (missing.length > 0) {
+      return badRequest(ctx, 422, `not in the coordinator's store: ${missing.slice(0, 5).join(', ')}`);
+    }
+    const roots = parsed.data.drvs.map((d) => ({ attr: d, drvPath: d }));
+    const actor = `api:${principal.kind === 'api' ? principal.name : 'unknown'}`;
+    let id: number;
+    try {
+      id = await manager.submit(roots, actor, { private: parsed.data.private });
+    } catch (err) {
+      // A .drv that is not one, or an input missing from the store.
+      return badRequest(ctx, 422, `cannot read the derivations: ${(err as Error).message}`);
+    }
+    sources.audit.record(actor, 'api.builds-submitted', { request: id, roots: parsed.data.drvs.length });
+    ctx.status = 202;
+    ctx.body = { id, url: `/api/v1/requests/${id}` };
   });
   router.get('/requests/:id', (ctx) => {
     const id = Number(ctx.params.id);
@@ -101,6 +150,31 @@ export function apiRouter(sources: ApiSources): Router {
     } else ctx.body = review;
   });
   return router;
+}
+
+function badRequest(ctx: RouterContext, status: number, message: string): void {
+  ctx.status = status;
+  ctx.body = { error: { code: 'EKACI_ERR_REQUEST', message } };
+}
+
+/** The request's JSON body, or undefined after answering 413/400/415. */
+async function readJsonBody(ctx: RouterContext, max: number): Promise<unknown> {
+  if (!ctx.is('application/json')) return badRequest(ctx, 415, 'send the body as application/json');
+  const chunks: Buffer[] = [];
+  let bytes = 0;
+  for await (const chunk of ctx.req as AsyncIterable<Buffer>) {
+    bytes += chunk.length;
+    if (bytes > max) {
+      ctx.set('Connection', 'close');
+      return badRequest(ctx, 413, `the body is larger than ${max} bytes`);
+    }
+    chunks.push(chunk);
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+  } catch (err) {
+    return badRequest(ctx, 400, `the body is not JSON: ${(err as Error).message}`);
+  }
 }
 
 // A whole store path hash, optionally with its name: a prefix would let anyone walk the derivations one by one.
