@@ -1,6 +1,10 @@
 import {
   chmodSync,
+  closeSync,
   existsSync,
+  fstatSync,
+  openSync,
+  readSync,
   mkdirSync,
   mkdtempSync,
   readdirSync,
@@ -70,7 +74,16 @@ function agent(c: ScriptedCoordinator, options: Partial<AgentOptionsInput> = {})
 function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): { $case: 'assign'; value: Assign } {
   return {
     $case: 'assign',
-    value: { leaseId, drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'], ...extra },
+    value: {
+      leaseId,
+      drvPath,
+      attempt: 1,
+      maxSilentSeconds: 0,
+      timeoutSeconds: 0,
+      outputNames: ['out'],
+      maxLogBytes: 0,
+      ...extra,
+    },
   };
 }
 
@@ -145,27 +158,47 @@ describe('Agent', () => {
     );
   });
 
-  it('never runs more builds than its slots when the coordinator pulls by credit', async () => {
+  it('advertises only free slots: a coordinator that assigns by its credits never makes a build wait', async () => {
     const trace = traceFile();
-    const drvs = await Promise.all([1, 2, 3, 4, 5].map(() => shellDerivation(tracedBuild(trace))));
-    let budget = 0;
+    const drvs = await Promise.all([1, 2, 3, 4, 5, 6].map(() => shellDerivation(tracedBuild(trace))));
     const queue = [...drvs];
+    const inFlight = new Set<string>();
+    let next = 0;
     const c = await coordinator({
+      // No cache: builds start as soon as they are accepted, without waiting for a cache warm-up.
+      welcome: { cacheUrl: '' },
       onMessage: (m, s) => {
+        if (m.msg?.$case === 'jobEvent' && m.msg.value.event?.$case === 'accepted')
+          inFlight.delete(m.msg.value.leaseId);
         if (m.msg?.$case !== 'credit') return;
-        budget = m.msg.value.freeSlots;
-        for (; budget > 0 && queue.length > 0; budget--)
-          s.send(assign(`pull-${queue.length}`, queue.shift() as string));
+        // The rule of agent.proto: a Credit's free slots minus the assignments the agent has not yet accepted.
+        for (let budget = m.msg.value.freeSlots - inFlight.size; budget > 0 && queue.length > 0; budget--) {
+          const leaseId = `pull-${next++}`;
+          inFlight.add(leaseId);
+          s.send(assign(leaseId, queue.shift() as string));
+        }
       },
     });
     const a = agent(c, { maxJobs: 2 });
     const finished: string[] = [];
     a.on('finished', (id) => finished.push(id));
     await a.start();
-    await expect.poll(() => finished.length, { timeout: 30_000 }).toBe(5);
-    expect(maxConcurrency(trace)).toBe(2);
-    const credits = (await c.stream(0)).received.filter((m) => m.msg?.$case === 'credit');
+    await expect.poll(() => finished.length, { timeout: 60_000 }).toBe(drvs.length);
+    const s = await c.stream(0);
+    const credits = s.received.filter((m) => m.msg?.$case === 'credit');
     expect(credits[0]?.msg?.value).toEqual({ freeSlots: 2, draining: false });
+    // A credit that counted a busy slot as free would draw an Assign that waits in the agent's local queue: its
+    // Accepted would not be followed at once by its Started.
+    const events = s.received.flatMap((m) => (m.msg?.$case === 'jobEvent' ? [m.msg.value] : []));
+    events.forEach((e, i) => {
+      if (e.event?.$case !== 'accepted') return;
+      const following = events[i + 1];
+      expect({ leaseId: following?.leaseId, kind: following?.event?.$case }).toEqual({
+        leaseId: e.leaseId,
+        kind: 'started',
+      });
+    });
+    expect(maxConcurrency(trace)).toBe(2);
   });
 
   it('queues an Assign beyond its free slots instead of running it', async () => {
@@ -377,19 +410,30 @@ describe('Agent', () => {
     await s.whenEnded();
   });
 
-  it('streams a large log intact through the write buffer', async () => {
-    const c = await coordinator();
-    const a = agent(c);
+  it('holds log chunks back while the coordinator does not read, then streams the log intact', async () => {
+    // A window far larger than the log: only the stream's back-pressure can hold the chunks back.
+    const c = await coordinator({ welcome: { logWindowBytes: 256 * 1024 * 1024 } });
+    const a = agent(c, { logChunkBytes: 4096 });
     let spooled = Buffer.alloc(0);
-    a.on('finished', () => (spooled = readFileSync(join(dir, 'spool', 'logs', 'big.log'))));
+    const spoolFile = join(dir, 'spool', 'logs', 'big.log');
+    a.on('finished', () => (spooled = readFileSync(spoolFile)));
     await a.start();
     const s = await c.stream(0);
-    const script =
-      'i=0; while [ $i -lt 40000 ]; do echo "line $i of a long and noisy build log"; i=$((i+1)); done; echo x > $out';
+    c.options.onMessage = (m) => {
+      if (m.msg?.$case === 'logChunk' && m.msg.value.offset === 0) s.pause();
+    };
+    const line = 'x'.repeat(999);
+    const script = `/usr/bin/yes ${line} | /usr/bin/head -n 8000; echo end of the log; echo x > $out`;
     s.send(assign('big', await shellDerivation(script)));
+    // The whole log (8 MB, 2,000 chunks) is spooled while the coordinator reads nothing.
+    await expect.poll(() => tail(spoolFile, 64).includes('end of the log'), { timeout: 60_000 }).toBe(true);
+    s.resume();
     await s.waitFor(is.event('big', 'finished'));
-    expect(spooled.length).toBeGreaterThan(1_000_000);
+    expect(spooled.length).toBeGreaterThan(8_000_000);
     expect(c.logs.get('big')?.equals(spooled)).toBe(true);
+    // gRPC buffers 16 messages before write() says to wait; a few small ones (credit, events) may queue behind.
+    expect(a.streamBacklog.peak).toBeGreaterThanOrEqual(16);
+    expect(a.streamBacklog.peak).toBeLessThanOrEqual(24);
   });
 
   it('reopens the stream when the coordinator stops answering heartbeats', async () => {
@@ -503,6 +547,20 @@ function maxConcurrency(trace: string): number {
   let max = 0;
   for (const m of marks) max = Math.max(max, (now += m.delta));
   return max;
+}
+
+/** The last `bytes` bytes of a file ('' while it does not exist). */
+function tail(path: string, bytes: number): string {
+  if (!existsSync(path)) return '';
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const buffer = Buffer.alloc(Math.min(bytes, size));
+    readSync(fd, buffer, 0, buffer.length, size - buffer.length);
+    return buffer.toString('utf8');
+  } finally {
+    closeSync(fd);
+  }
 }
 
 async function pidsIn(c: ScriptedCoordinator, leaseId: string): Promise<number[]> {

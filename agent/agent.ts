@@ -30,6 +30,8 @@ export type { AgentOptions, AgentOptionsInput } from './options.js';
  *   starting → running          the first Welcome arrived
  *   starting|running → draining stopGracefully(): no new work; running builds finish and report
  *   draining → stopped          nothing is left to report; the stream was closed
+ *   draining → stopping         the builds ended but no coordinator is connected to take their results (its acks
+ *                               cannot come), or the drain grace (`drainGraceMs`) ran out
  *   starting|running|draining → stopping   stopNow(), or a fatal error: builds are killed
  *   stopping → stopped | failed
  *   created → stopped           stopped before it started
@@ -80,6 +82,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   // While a Welcome is applied, events are re-sent from the outbox in one ordered pass, not one by one.
   private welcoming = false;
   private drainRequested = false;
+  private drainTimer: NodeJS.Timeout | null = null;
   private fatalError: EkaciError | null = null;
   private readonly welcomed = deferred();
   private readonly stopped = deferred();
@@ -115,6 +118,11 @@ export class Agent extends EventEmitter<AgentEvents> {
 
   get sessionNonce(): string {
     return this.outbox.sessionNonce;
+  }
+
+  /** What the current stream holds for the coordinator (see Session.backlog); zero before the first stream. */
+  get streamBacklog(): { messages: number; peak: number } {
+    return this.session?.backlog ?? { messages: 0, peak: 0 };
   }
 
   /**
@@ -163,12 +171,18 @@ export class Agent extends EventEmitter<AgentEvents> {
     return this.welcomed.promise;
   }
 
-  /** Takes no new work, lets running builds finish and report, then closes the stream. */
+  /**
+   * Takes no new work, lets running builds finish and report, then closes the stream. Bounded: after
+   * `drainGraceMs` it stops now; and results wait for the coordinator's acknowledgement only while one is
+   * connected. Results left unacknowledged are not lost work: their leases lapse and the coordinator builds them
+   * again (an agent process keeps nothing across a restart, see LogSpool.prepare).
+   */
   stopGracefully(): Promise<void> {
     if (this.state === 'created') this.finish('stopped');
     if (this.state !== 'starting' && this.state !== 'running') return this.stopped.promise;
     this.transition('draining');
     this.sendCredit();
+    this.drainTimer = setTimeout(() => this.drainExpired(), this.options.drainGraceMs);
     void this.drain();
     return this.stopped.promise;
   }
@@ -189,11 +203,51 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 
   private async drain(): Promise<void> {
-    await this.workload?.whenIdle();
+    const workload = this.workload;
+    if (workload !== null) await Promise.race([workload.whenIdle(), this.whenUnreportable(workload)]);
     if (this.state !== 'draining') return;
+    this.clearDrainTimer();
+    const unreported = workload?.heldLeaseIds() ?? [];
+    if (unreported.length > 0) {
+      this.options.logger.warn(
+        { leases: unreported },
+        'draining: no coordinator is connected to acknowledge these results; stopping without them ' +
+          '(their leases lapse and are built again)',
+      );
+      this.transition('stopping');
+      this.tearDown('stopped', 'no coordinator to report to');
+      return;
+    }
     this.heartbeat.stop();
     await this.session?.close(this.options.closeTimeoutMs);
     if (this.state === 'draining') this.finish('stopped');
+  }
+
+  /**
+   * Resolves once no build runs and no coordinator is connected: what is left (Finished events, log bytes) waits
+   * for acknowledgements that only a coordinator can send. While one is connected, they are worth waiting for.
+   */
+  private async whenUnreportable(workload: Workload): Promise<void> {
+    for (;;) {
+      await workload.whenBuildsEnded();
+      if (this.session?.status !== 'ready') return;
+      await new Promise<void>((resolve) => this.once('disconnected', () => resolve()));
+    }
+  }
+
+  private drainExpired(): void {
+    this.drainTimer = null;
+    if (this.state !== 'draining') return;
+    this.options.logger.warn(
+      { graceMs: this.options.drainGraceMs, leases: this.workload?.heldLeaseIds() ?? [] },
+      'the drain outlasted its grace; stopping now',
+    );
+    void this.stopNow();
+  }
+
+  private clearDrainTimer(): void {
+    if (this.drainTimer !== null) clearTimeout(this.drainTimer);
+    this.drainTimer = null;
   }
 
   private sessionHandler(): SessionHandler {
@@ -333,6 +387,7 @@ export class Agent extends EventEmitter<AgentEvents> {
   }
 
   private tearDown(final: 'stopped' | 'failed', reason: string): void {
+    this.clearDrainTimer();
     this.heartbeat.stop();
     this.shipper.detach();
     this.session?.abort();

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -9,6 +10,7 @@ import { is, ScriptedCoordinator } from './testing/scripted-coordinator.js';
 import { alive } from './testing/processes.js';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+const COORDINATOR = fileURLToPath(new URL('./testing/coordinator-process.ts', import.meta.url));
 
 let dir: string;
 const children: ChildProcess[] = [];
@@ -42,6 +44,80 @@ function ekaciAgent(args: string[], env: NodeJS.ProcessEnv = {}): Run {
     child.on('close', (code) => resolve({ code, stderr })),
   );
   return { child, exit };
+}
+
+interface CoordinatorProcess {
+  address: string;
+  /** The first stdout line (already printed or still to come) that matches. */
+  line(pattern: RegExp): Promise<string>;
+  /** `kill -9`, resolved once the process is gone. */
+  kill(): Promise<void>;
+}
+
+/** A scripted coordinator in a process of its own (testing/coordinator-process.ts), so that it can be killed. */
+async function coordinatorProcess(args: string[]): Promise<CoordinatorProcess> {
+  const child = spawn(process.execPath, ['--import', 'tsx', COORDINATOR, ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  children.push(child);
+  const lines: string[] = [];
+  let waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
+  let partial = '';
+  child.stdout?.setEncoding('utf8').on('data', (text: string) => {
+    const parts = (partial + text).split('\n');
+    partial = parts.pop() ?? '';
+    for (const l of parts) {
+      lines.push(l);
+      for (const w of waiters.filter((w) => w.pattern.test(l))) w.resolve(l);
+      waiters = waiters.filter((w) => !w.pattern.test(l));
+    }
+  });
+  const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+  const line = (pattern: RegExp): Promise<string> => {
+    const seen = lines.find((l) => pattern.test(l));
+    return seen !== undefined ? Promise.resolve(seen) : new Promise((resolve) => waiters.push({ pattern, resolve }));
+  };
+  const address = (await line(/^listening /)).slice('listening '.length);
+  return {
+    address,
+    line,
+    kill: () => {
+      child.kill('SIGKILL');
+      return exited;
+    },
+  };
+}
+
+/** A loopback port nothing listens on: connections to it are refused, as to a coordinator that died. */
+async function closedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** The builder and its child, from the `pids $$ $!` line a build wrote to the agent's spool. */
+async function pidsInSpool(leaseId: string): Promise<number[]> {
+  const file = join(dir, 'spool', 'logs', `${leaseId}.log`);
+  const read = (): string => (existsSync(file) ? readFileSync(file, 'utf8') : '');
+  await expect.poll(() => /pids \d+ \d+/.test(read()), { timeout: 30_000 }).toBe(true);
+  const [, builder, sleeper] = /pids (\d+) (\d+)/.exec(read()) ?? [];
+  return [Number(builder), Number(sleeper)];
+}
+
+/** Resolves at the first chunk of stderr matching `pattern`. */
+function stderrMatch(run: Run, pattern: RegExp): Promise<void> {
+  return new Promise((resolve) => {
+    let seen = '';
+    const check = (b: Buffer): void => {
+      seen += b.toString();
+      if (!pattern.test(seen)) return;
+      run.child.stderr?.off('data', check);
+      resolve();
+    };
+    run.child.stderr?.on('data', check);
+  });
 }
 
 function tokenFile(mode: number): string {
@@ -123,7 +199,15 @@ describe('ekaci-agent', () => {
     const drvPath = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
     s.send({
       $case: 'assign',
-      value: { leaseId: 'long', drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'] },
+      value: {
+        leaseId: 'long',
+        drvPath,
+        attempt: 1,
+        maxSilentSeconds: 0,
+        timeoutSeconds: 0,
+        outputNames: ['out'],
+        maxLogBytes: 0,
+      },
     });
     await expect.poll(() => /pids \d+ \d+/.test(c.logs.get('long')?.toString() ?? ''), { timeout: 10_000 }).toBe(true);
     const [, builder, sleeper] = /pids (\d+) (\d+)/.exec(c.logs.get('long')?.toString() ?? '') ?? [];
@@ -132,5 +216,76 @@ describe('ekaci-agent', () => {
     run.child.kill('SIGTERM');
     expect((await run.exit).code).toBe(0);
     await expect.poll(() => [builder, sleeper].filter((pid) => alive(Number(pid))), { timeout: 2000 }).toEqual([]);
+  });
+
+  it('exits on SIGTERM after its coordinator was killed, not waiting for acknowledgements only it could send', async () => {
+    const drvPath = await shellDerivation('echo x > $out');
+    const welcome = JSON.stringify({ cacheUrl: `file://${join(dir, 'cache')}` });
+    const c = await coordinatorProcess(['--no-ack', '--assign', `unacked=${drvPath}`, '--welcome-json', welcome]);
+    const run = ekaciAgent(['--coordinator', c.address, '--spool-dir', join(dir, 'spool')], {
+      EKACI_AGENT_TOKEN: 'test-token',
+    });
+    await c.line(/^event unacked finished$/);
+    await c.kill();
+    run.child.kill('SIGTERM');
+    const { code, stderr } = await run.exit;
+    expect(code).toBe(0);
+    expect(stderr).toMatch(/"leases":\["unacked"\].*no coordinator is connected to acknowledge these results/);
+    expect(stderr).not.toMatch(/still open/);
+  });
+
+  it('stops at once on a second SIGTERM after its coordinator was killed, even after an upload failed', async () => {
+    const refused = `http://127.0.0.1:${await closedPort()}`;
+    const failing = await shellDerivation('echo x > $out');
+    const long = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
+    const c = await coordinatorProcess([
+      ...['--assign', `upload-fails=${failing}`, '--assign', `long=${long}`],
+      ...['--welcome-json', JSON.stringify({ cacheUrl: refused })],
+    ]);
+    const run = ekaciAgent(['--coordinator', c.address, '--spool-dir', join(dir, 'spool'), '--max-jobs', '2'], {
+      EKACI_AGENT_TOKEN: 'test-token',
+      EKACI_LOG_LEVEL: 'info',
+    });
+    await c.line(/^event upload-fails finished$/);
+    const pids = await pidsInSpool('long');
+    await c.kill();
+    const draining = stderrMatch(run, /draining; send it again to stop now/);
+    run.child.kill('SIGTERM');
+    await draining;
+    run.child.kill('SIGTERM');
+    const { code, stderr } = await run.exit;
+    expect(code).toBe(0);
+    // Nothing was left open: the connection of the failed upload was closed with the rest.
+    expect(stderr).not.toMatch(/still open/);
+    await expect.poll(() => pids.filter(alive), { timeout: 30_000 }).toEqual([]);
+  });
+
+  it('stops the builds that outlast the drain grace after one SIGTERM', async () => {
+    const c = await ScriptedCoordinator.start();
+    coordinators.push(c);
+    const run = ekaciAgent(['--coordinator', c.address, '--spool-dir', join(dir, 'spool'), '--drain-grace', '1'], {
+      EKACI_AGENT_TOKEN: 'test-token',
+    });
+    const s = await c.stream(0);
+    await s.waitFor(is.credit);
+    const drvPath = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
+    s.send({
+      $case: 'assign',
+      value: {
+        leaseId: 'slow',
+        drvPath,
+        attempt: 1,
+        maxSilentSeconds: 0,
+        timeoutSeconds: 0,
+        outputNames: ['out'],
+        maxLogBytes: 0,
+      },
+    });
+    const pids = await pidsInSpool('slow');
+    run.child.kill('SIGTERM');
+    const { code, stderr } = await run.exit;
+    expect(code).toBe(0);
+    expect(stderr).toMatch(/the drain outlasted its grace; stopping now/);
+    await expect.poll(() => pids.filter(alive), { timeout: 30_000 }).toEqual([]);
   });
 });

@@ -22,6 +22,7 @@ interface Flags {
   tlsKey?: string;
   nixSandbox?: boolean;
   store?: string;
+  drainGrace?: number;
   exitWithParent?: boolean;
 }
 
@@ -44,6 +45,11 @@ function parseArgs(argv: string[]): Flags {
       "the host's nix-daemon (daemon), a nix-daemon --stdio of the agent's own on a single-user store (local), or whichever answers (auto)",
     )
     .option('--nix-sandbox', "build in Nix's sandbox even where nix.conf says sandbox = false (single-user stores)")
+    .option(
+      '--drain-grace <seconds>',
+      'on SIGTERM, how long running builds may finish and report before they are stopped (default: 100)',
+      (v) => parseCount('--drain-grace', v),
+    )
     .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
     .configureOutput({ writeErr: () => {} });
@@ -86,6 +92,7 @@ function compile(flags: Flags): AgentOptions {
     tlsKeyPath: flags.tlsKey,
     nixSandbox: flags.nixSandbox,
     store: parseStore(flags.store),
+    drainGraceMs: flags.drainGrace === undefined ? undefined : flags.drainGrace * 1000,
     logger: createLogger('ekaci-agent'),
   });
 }
@@ -122,6 +129,10 @@ async function main(): Promise<number> {
   }
 }
 
+// Once the agent has stopped, the process ends by itself when nothing is left open; if something still is (a leaked
+// handle), it ends anyway this much later: a stopped agent that keeps running only confuses its supervisor.
+const EXIT_AFTER_STOP_MS = 2_000;
+
 // How often an embedded agent checks that its parent lives: an orphaned agent would otherwise redial a
 // coordinator that is gone, forever.
 const PARENT_CHECK_INTERVAL_MS = 1_000;
@@ -137,3 +148,10 @@ function watchParent(onGone: () => void): void {
 }
 
 process.exitCode = await main();
+const lingering = setTimeout(() => {
+  process.stderr.write(
+    `ekaci-agent: stopped, but still open: ${process.getActiveResourcesInfo().join(', ')}; exiting anyway\n`,
+  );
+  process.exit();
+}, EXIT_AFTER_STOP_MS);
+lingering.unref();

@@ -23,6 +23,10 @@ export const DEFAULT_SANDBOX_PATHS = ['/bin', '/usr/bin?', '/lib?', '/lib64?', '
 // and outlive a SIGKILLed nix-store).
 const DEFAULT_STOP_NOW_GRACE_MS = 3_000;
 
+// How long a graceful stop (the first SIGTERM) lets running builds finish and report before it stops them: inside
+// the 120 s that the systemd units and the launchd plist give the agent to exit, with room for stopNowGraceMs.
+const DEFAULT_DRAIN_GRACE_MS = 100_000;
+
 // How long a graceful stop waits for the coordinator to end the stream after the agent half-closed it. Everything
 // is acknowledged by then; the status only confirms it, so the wait is short.
 const DEFAULT_CLOSE_TIMEOUT_MS = 2_000;
@@ -71,6 +75,8 @@ export interface AgentOptions {
   logChunkBytes: number;
   localCancelGraceMs: number;
   stopNowGraceMs: number;
+  /** How long stopGracefully() waits for running builds and their reports before it stops now. */
+  drainGraceMs: number;
   closeTimeoutMs: number;
 }
 
@@ -98,6 +104,7 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
     logChunkBytes: LOG_CHUNK_BYTES,
     localCancelGraceMs: DEFAULT_LOCAL_CANCEL_GRACE_MS,
     stopNowGraceMs: DEFAULT_STOP_NOW_GRACE_MS,
+    drainGraceMs: DEFAULT_DRAIN_GRACE_MS,
     closeTimeoutMs: DEFAULT_CLOSE_TIMEOUT_MS,
     ...withoutUndefined(input),
     coordinator: input.coordinator,
@@ -112,7 +119,15 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
     throw new ConfigError('a TLS client certificate needs TLS: pass --tls-ca too');
   }
   if (options.maxJobs !== null) positiveInteger('maxJobs', options.maxJobs);
-  for (const key of ['backoffBaseMs', 'backoffCapMs', 'logChunkBytes', 'stopNowGraceMs', 'closeTimeoutMs'] as const) {
+  const positive = [
+    'backoffBaseMs',
+    'backoffCapMs',
+    'logChunkBytes',
+    'stopNowGraceMs',
+    'drainGraceMs',
+    'closeTimeoutMs',
+  ] as const;
+  for (const key of positive) {
     positiveInteger(key, options[key]);
   }
   if (options.logChunkBytes > LOG_CHUNK_BYTES) {

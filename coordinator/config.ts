@@ -40,6 +40,19 @@ const DEFAULT_GITHUB_API_URL = 'https://api.github.com';
 const MIN_WEBHOOK_SECRET_LENGTH = 16;
 // An agent says Hello as soon as its stream opens; a stream silent for this long is not an agent worth a slot.
 const DEFAULT_HELLO_TIMEOUT_S = 10;
+// A Node timer waits at most 2^31 - 1 ms (24.8 days) and fires after 1 ms when asked for longer: a longer Hello
+// timeout would close every agent's stream at once. The lease TTL also travels to agents as uint32 milliseconds.
+const MAX_TIMER_SECONDS = Math.floor((2 ** 31 - 1) / 1000);
+// Build limits travel to agents as uint32 seconds in each lease; a larger one made every lease fail to encode.
+const MAX_LEASE_SECONDS = 2 ** 32 - 1;
+// lru-cache allocates its index for the whole capacity at start: ten million slots (fifty times the default) cost
+// 160 MB and seconds; a billion ran the coordinator out of memory before it served anything.
+const MAX_GRAPH_LRU_CAPACITY = 10_000_000;
+// Log bytes stored per build attempt (and Nix's max-build-log-size on the agents): a build that prints more fails. A
+// compiler's warnings for a big package stay well under it; a build stuck printing in a loop reaches it quickly.
+const DEFAULT_MAX_LOG_BYTES = 64 * 1024 ** 2;
+// The largest NAR an agent may upload (one output): the largest outputs in nixpkgs are a few GiB.
+const DEFAULT_MAX_NAR_UPLOAD_BYTES = 16 * 1024 ** 3;
 
 const port = z.number().int().min(0).max(65_535);
 
@@ -56,6 +69,10 @@ const tokenList = z
   )
   .default([]);
 const seconds = z.number().int().min(0);
+const leaseSeconds = seconds.max(MAX_LEASE_SECONDS, `at most ${MAX_LEASE_SECONDS} (what a lease can carry)`);
+const timerSeconds = z
+  .number()
+  .max(MAX_TIMER_SECONDS, `at most ${MAX_TIMER_SECONDS} (24.8 days, the longest a timer waits)`);
 
 const githubApp = z
   .object({
@@ -73,13 +90,14 @@ const githubApp = z
 const schema = z
   .object({
     data_dir: z.string().min(1).optional(),
-    build_no_output_timeout_seconds: seconds.default(DEFAULT_NO_OUTPUT_TIMEOUT_S),
-    build_max_duration_seconds: seconds.default(DEFAULT_MAX_DURATION_S),
+    build_no_output_timeout_seconds: leaseSeconds.default(DEFAULT_NO_OUTPUT_TIMEOUT_S),
+    build_max_duration_seconds: leaseSeconds.default(DEFAULT_MAX_DURATION_S),
+    build_max_log_bytes: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_MAX_LOG_BYTES),
     unbuildable_grace_seconds: seconds.default(DEFAULT_UNBUILDABLE_GRACE_S),
-    lease_ttl_seconds: z.number().positive().default(DEFAULT_LEASE_TTL_S),
+    lease_ttl_seconds: timerSeconds.positive().default(DEFAULT_LEASE_TTL_S),
     max_attempts: z.number().int().min(1).default(DEFAULT_MAX_ATTEMPTS),
-    graph_lru_capacity: z.number().int().min(1).default(DEFAULT_GRAPH_LRU_CAPACITY),
-    agent_hello_timeout_seconds: z.number().positive().default(DEFAULT_HELLO_TIMEOUT_S),
+    graph_lru_capacity: z.number().int().min(1).max(MAX_GRAPH_LRU_CAPACITY).default(DEFAULT_GRAPH_LRU_CAPACITY),
+    agent_hello_timeout_seconds: timerSeconds.positive().default(DEFAULT_HELLO_TIMEOUT_S),
     web: z
       .object({
         address: z.string().default('127.0.0.1'),
@@ -128,6 +146,12 @@ const schema = z
          */
         secret_key_file: z.string().min(1).optional(),
         secret_key_credential: z.string().min(1).optional(),
+        max_nar_upload_bytes: z
+          .number()
+          .int()
+          .min(1)
+          .max(Number.MAX_SAFE_INTEGER)
+          .default(DEFAULT_MAX_NAR_UPLOAD_BYTES),
       })
       .strict()
       .prefault({}),
@@ -154,7 +178,7 @@ const schema = z
     github: z
       .object({
         build_draft_pull_requests: z.boolean().default(false),
-        check_run_update_interval_seconds: z.number().min(0).default(DEFAULT_CHECK_RUN_UPDATE_INTERVAL_S),
+        check_run_update_interval_seconds: timerSeconds.min(0).default(DEFAULT_CHECK_RUN_UPDATE_INTERVAL_S),
       })
       .strict()
       .prefault({}),
@@ -175,6 +199,8 @@ export interface CoordinatorOptions {
   dataDir: string;
   noOutputTimeoutSeconds: number;
   maxDurationSeconds: number;
+  /** `build_max_log_bytes`: log bytes per build attempt; 0 for no limit. */
+  maxLogBytes: number;
   unbuildableGraceSeconds: number;
   leaseTtlMs: number;
   maxAttempts: number;
@@ -190,7 +216,7 @@ export interface CoordinatorOptions {
   };
   localAgent: { enabled: boolean; maxJobs: number | undefined; sandbox: boolean };
   /** `secretKey` from the configuration's secret_key_file/credential; undefined: the data directory's own key. */
-  cache: { keyName: string; secretKey: string | undefined };
+  cache: { keyName: string; secretKey: string | undefined; maxNarUploadBytes: number };
   /** Tokens declared in the configuration (more live in the database). */
   agentTokens: Array<{ name: string; token: string }>;
   apiTokens: Array<{ name: string; token: string }>;
@@ -308,6 +334,7 @@ export function compileCoordinatorConfig(
     dataDir: c.data_dir ? rel(c.data_dir) : defaultDataDir(),
     noOutputTimeoutSeconds: c.build_no_output_timeout_seconds,
     maxDurationSeconds: c.build_max_duration_seconds,
+    maxLogBytes: c.build_max_log_bytes,
     unbuildableGraceSeconds: c.unbuildable_grace_seconds,
     leaseTtlMs: Math.round(c.lease_ttl_seconds * 1000),
     maxAttempts: c.max_attempts,
@@ -338,6 +365,7 @@ export function compileCoordinatorConfig(
           ),
           source,
         ),
+        maxNarUploadBytes: c.cache.max_nar_upload_bytes,
       },
       'secretKey',
     ),
@@ -409,6 +437,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv): unknown {
   const numeric = new Set([
     'build_no_output_timeout_seconds',
     'build_max_duration_seconds',
+    'build_max_log_bytes',
     'unbuildable_grace_seconds',
     'lease_ttl_seconds',
     'max_attempts',

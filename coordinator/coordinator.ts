@@ -23,6 +23,7 @@ import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
 import { createHttpApp, listen, routeList } from './http/server.js';
 import { LogStore } from './logs/log-store.js';
+import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
 import { BuildStore } from './scheduler/build-store.js';
@@ -45,6 +46,8 @@ export class Coordinator {
   readonly manager: BuildManager;
   readonly store: BuildStore;
   readonly logs: LogStore;
+  /** Faults survived, and whether new work is paused for a full disk. */
+  readonly health: Health;
   readonly audit: AuditLog;
   /** Agent tokens: an agent's identity. */
   readonly tokens: TokenStore;
@@ -73,6 +76,7 @@ export class Coordinator {
     this.db = openDatabase(join(options.dataDir, 'ekaci.sqlite'));
     this.store = new BuildStore(this.db);
     this.logs = new LogStore(join(options.dataDir, 'logs'));
+    this.health = new Health(options.dataDir, logger.child({ component: 'health' }));
     this.audit = new AuditLog(this.db);
     this.tokens = new TokenStore(this.db, this.audit, options.agentTokens, 'agent');
     this.apiTokens = new TokenStore(this.db, this.audit, options.apiTokens, 'api');
@@ -94,10 +98,14 @@ export class Coordinator {
         unbuildableGraceMs: options.unbuildableGraceSeconds * 1000,
         noOutputTimeoutSeconds: options.noOutputTimeoutSeconds,
         maxDurationSeconds: options.maxDurationSeconds,
+        maxLogBytes: options.maxLogBytes,
       },
       logger.child({ component: 'builds' }),
       new DerivationGraph(this.store, options.graphLruCapacity),
+      this.health,
     );
+    // What a write that failed for want of space left undone is reloaded from the database before work goes on.
+    this.health.onResume(() => this.manager.resync());
     this.evaluations = new EvaluationStore(this.db);
     this.reviews = new ReviewService({
       store: this.store,
@@ -195,9 +203,14 @@ export class Coordinator {
       pending: () => this.manager.pendingCount,
     });
     this.github?.metrics.register(metrics);
+    this.health.register(metrics);
     const app = createHttpApp(
       {
         cache: cacheRouter(this.cache, {
+          limits: {
+            nar: this.options.cache.maxNarUploadBytes,
+            ...(this.options.maxLogBytes > 0 ? { log: this.options.maxLogBytes } : {}),
+          },
           access: this.access,
           lease: (id) => this.manager.openLease(id),
           visibility: (path) => (this.store.isPrivate(path) ? 'private' : 'public'),
@@ -217,7 +230,7 @@ export class Coordinator {
         access: this.access,
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
-        ready: () => this.state === 'running',
+        ready: () => (this.state !== 'running' ? `the coordinator is ${this.state}` : this.health.reason),
       },
       this.logger.child({ component: 'http' }),
     );
@@ -241,6 +254,7 @@ export class Coordinator {
         allowUnsandboxedUntrustedBuilds: this.options.security.allowUnsandboxedUntrustedBuilds,
       },
       this.logger.child({ component: 'agents' }),
+      this.health,
     );
     this.grpcServer = new Server(serverChannelOptions);
     this.grpcServer.addService(AgentServiceService, this.hub.service);
@@ -292,6 +306,7 @@ export class Coordinator {
     await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
     this.httpServer?.closeAllConnections();
     this.logs.closeAll();
+    this.health.stop();
     this.evalEnv?.close();
     this.db.close();
     this.state = 'stopped';

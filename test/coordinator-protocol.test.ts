@@ -39,9 +39,14 @@ async function instantiateAll(body: string): Promise<Record<string, string>> {
   return out;
 }
 
+function building(c: Coordinator): number {
+  return (c.store.db.prepare("SELECT COUNT(*) AS n FROM derivations WHERE state = 'building'").get() as { n: number })
+    .n;
+}
+
 /** A coordinator with long leases, one derivation, and a raw agent that has been given it. */
-async function leaseOneBuild() {
-  coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
+async function leaseOneBuild(overrides: Record<string, unknown> = {}) {
+  coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30, ...overrides });
   const drvs = await instantiateAll('{ only = mk "only" {}; }');
   const a = raw(coordinator.localAgentToken('raw-agent'));
   a.hello();
@@ -107,8 +112,9 @@ describe('the coordinator side of the agent protocol', () => {
     a.send({ $case: 'credit', value: { freeSlots: 2, draining: false } });
     const first = await a.next('assign');
     const second = await a.next('assign', (x) => x.leaseId !== first.leaseId);
-    // Give the coordinator every chance to over-assign before checking it did not.
-    await new Promise((r) => setTimeout(r, 300));
+    // A dispatch round commits all its leases before it sends any: once two arrived, the round is over, and the
+    // database holds every lease it made.
+    expect(building(coordinator)).toBe(2);
     expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(2);
 
     a.send({
@@ -165,7 +171,7 @@ describe('the coordinator side of the agent protocol', () => {
     });
     a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
     await a.next('assign', (x) => x.leaseId !== first.leaseId && x.leaseId !== second.leaseId);
-    await new Promise((r) => setTimeout(r, 300));
+    expect(building(coordinator)).toBe(2);
     expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(3);
     expect(coordinator.manager.isSettled(request)).toBe(false);
   });

@@ -544,6 +544,25 @@ describe("eka-ci as a GitHub App: pushes and GitHub's own example payloads", () 
       expect(system.coordinator.store.derivation(a.drvPath!)?.state).toMatch(/succeeded|substituted/);
   });
 
+  it('fails a run whose pull request commits GitHub answers in another shape, naming the operation', async () => {
+    const repo = github.pullRequest('acme/odd-answer', DEMO, { number: 21 });
+    // A success whose body is not the list of commits: what a proxy or an incident at GitHub may answer.
+    github.api.failNext(
+      { method: 'GET', pathPrefix: '/repos/acme/odd-answer/pulls/21/commits' },
+      { status: 200, body: { message: 'Service temporarily rerouted' } },
+    );
+    expect((await deliver(system, 'pull_request', repo.payload('opened'))).status).toBe(202);
+    const checks = await completedChecks(github, 'acme/odd-answer', repo.head, 2);
+    const evaluation = checks['eka-ci / evaluation']!;
+    expect(evaluation.conclusion).toBe('failure');
+    expect(evaluation.output.summary).toContain(
+      'GitHub answered GET /repos/{owner}/{repo}/pulls/{pull_number}/commits (200) with an object where a list of ' +
+        'commits, each with commit.message was expected: {"message":"Service temporarily rerouted"}',
+    );
+    expect(checks['eka-ci / summary']?.conclusion).toBe('failure');
+    expect(github.api.invalid).toEqual([]);
+  });
+
   it('takes every example payload GitHub publishes, and handles each without error', async () => {
     const events = allWebhookExamples();
     let n = 0;

@@ -90,6 +90,7 @@ export class Session extends EventEmitter<SessionEvents> implements LogSink {
   private refusal: ErrorReply | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   private closeWaiters: (() => void)[] = [];
+  private peakBuffered = 0;
 
   constructor(private readonly options: SessionOptions) {
     super();
@@ -102,6 +103,15 @@ export class Session extends EventEmitter<SessionEvents> implements LogSink {
 
   get writable(): boolean {
     return this.state === 'ready' && !this.blocked && this.queue.length === 0;
+  }
+
+  /**
+   * Messages the agent holds for the coordinator: handed to gRPC but not yet on the wire (HTTP/2 flow control holds
+   * them while the coordinator does not read), plus those waiting here for the stream's 'drain'. `peak` is the
+   * most there ever were; respecting `write()`'s back-pressure keeps it near gRPC's write buffer of 16 messages.
+   */
+  get backlog(): { messages: number; peak: number } {
+    return { messages: this.buffered(), peak: this.peakBuffered };
   }
 
   open(): void {
@@ -258,12 +268,19 @@ export class Session extends EventEmitter<SessionEvents> implements LogSink {
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
 
+  private buffered(): number {
+    return this.queue.length + (this.call?.writableLength ?? 0);
+  }
+
   private flush(): void {
     const call = this.call;
+    this.peakBuffered = Math.max(this.peakBuffered, this.buffered());
     if (call === null) return;
     while (!this.blocked && this.queue.length > 0) {
       const message = this.queue.shift() as AgentMessage;
-      if (!call.write(message)) {
+      const more = call.write(message);
+      this.peakBuffered = Math.max(this.peakBuffered, this.buffered());
+      if (!more) {
         this.blocked = true;
         call.once('drain', () => {
           if (call !== this.call) return;

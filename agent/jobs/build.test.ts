@@ -1,8 +1,11 @@
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
+import { nixBase32 } from '../../common/nix/narinfo.js';
 import { Outcome, type Assign } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { LogSpool } from '../logs/spool.js';
 import { shellDerivation } from '../testing/derivations.js';
@@ -31,17 +34,27 @@ afterEach(async () => {
 });
 
 function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): Assign {
-  return { leaseId, drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'], ...extra };
+  return {
+    leaseId,
+    drvPath,
+    attempt: 1,
+    maxSilentSeconds: 0,
+    timeoutSeconds: 0,
+    outputNames: ['out'],
+    maxLogBytes: 0,
+    ...extra,
+  };
 }
 
-function build(a: Assign, cacheUrl = `file://${cacheDir}`) {
-  const log = spool.open(a.leaseId);
+function build(a: Assign, cacheUrl = `file://${cacheDir}`, logSpool = spool) {
+  const log = logSpool.open(a.leaseId);
   const context = {
     cacheUrl,
     cachePublicKey: '',
     netrcPath: spool.netrcPath,
     pool,
     uploader: new CacheUploader('secret'),
+    spool: logSpool,
   };
   return { log, build: new Build(a, context, log, silentLogger()) };
 }
@@ -89,6 +102,68 @@ describe('Build', () => {
     expect((await b.run()).outcome).toBe(Outcome.OUTCOME_TIMED_OUT);
   });
 
+  it('reads a chatty build no faster than its log reaches the disk, so the log buffer stays under its bound', async () => {
+    // A small high-water mark makes the disk the slow consumer: every pipe read of the daemon's output carries more
+    // than this many bytes of log lines, which a reader that ignores the mark would queue for the disk at once.
+    const highWater = 8 * 1024;
+    // Long lines: the daemon spends its time per line, and the bound is about bytes.
+    const line = 'x'.repeat(999);
+    const total = 50_000_000;
+    const small = new LogSpool(join(dir, 'small-spool'), highWater);
+    small.prepare();
+    const drv = await shellDerivation(`/usr/bin/yes ${line} | /usr/bin/head -c ${total}; echo x > $out`);
+    const { log, build: b } = build(assign('chatty', drv), `file://${cacheDir}`, small);
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    expect(log.size).toBeGreaterThanOrEqual(total);
+    expect(log.buffered).toBe(0);
+    // At most one line beyond the mark: the one whose append reported it.
+    expect(log.peakBuffered).toBeGreaterThan(0);
+    expect(log.peakBuffered).toBeLessThanOrEqual(highWater + line.length + 1);
+  });
+
+  it('fails a build whose log outgrows the lease limit, saying so', async () => {
+    const drv = await shellDerivation(`/usr/bin/yes ${'x'.repeat(99)} | /usr/bin/head -c 100000; echo x > $out`);
+    const { log, build: b } = build(assign('loud', drv, { maxLogBytes: 10_000 }));
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_FAILED);
+    expect(result.error).toMatch(/killed after writing more than 10000 bytes of log output/);
+    expect(log.size).toBeLessThan(100_000);
+    // The limit is the lease's: the next build on the same daemon connection has none.
+    const next = await shellDerivation(`/usr/bin/yes ${'x'.repeat(99)} | /usr/bin/head -c 100000; echo x > $out`);
+    expect((await build(assign('quiet-enough', next)).build.run()).outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+  });
+
+  it('keeps the outputs of a finished build as GC roots of the lease', async () => {
+    const drv = await shellDerivation('echo x > $out; echo y > $dev', 'outputs = [ "out" "dev" ];');
+    const { build: b } = build(assign('rooted', drv));
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    for (const output of result.outputs) {
+      const link = spool.gcRoot('rooted', output.name);
+      expect(readlinkSync(link)).toBe(output.path);
+      // The daemon recorded the link under gcroots/auto, which is what `nix-store --gc` follows.
+      expect(readlinkSync(autoRoot(link))).toBe(link);
+    }
+    spool.removeGcRoots('rooted');
+    // The daemon's record now points nowhere: the collector drops it and is free to take the outputs.
+    for (const output of result.outputs)
+      expect(existsSync(join(spool.dir, 'gcroots', 'rooted', output.name))).toBe(false);
+  });
+
+  it('does not leave the daemon of a failed upload running', async () => {
+    const port = await closedPort();
+    const drv = await shellDerivation('echo x > $out');
+    const { build: b } = build(assign('refused', drv), `http://127.0.0.1:${port}`);
+    const result = await b.run();
+    expect(result.outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
+    expect(result.error).toMatch(/upload to http:\/\/127\.0\.0\.1:\d+ failed/);
+    const daemons = childDaemons();
+    expect(daemons.length).toBeGreaterThan(0);
+    await pool.closeAll();
+    await expect.poll(() => daemons.filter(alive), { timeout: 30_000 }).toEqual([]);
+  });
+
   it('reports a cache that refuses the upload as INFRA_ERROR after a successful build', async () => {
     const drv = await shellDerivation('echo x > $out');
     const { build: b } = build(assign('upload', drv), 'file:///proc/ekaci-no-such-cache');
@@ -121,6 +196,36 @@ describe('Build', () => {
     await expect.poll(() => pids.filter(alive), { timeout: 2000 }).toEqual([]);
   });
 });
+
+/** Where Nix records an indirect root: `gcroots/auto/` + the link's SHA-1 in Nix's base32. */
+function autoRoot(link: string): string {
+  return join('/nix/var/nix/gcroots/auto', nixBase32(createHash('sha1').update(link).digest()));
+}
+
+/** The nix-daemon processes this test process started (the pool's connections). */
+function childDaemons(): number[] {
+  const tasks = readdirSync(`/proc/${process.pid}/task`);
+  const children = tasks.flatMap((t) => readFileSync(`/proc/${process.pid}/task/${t}/children`, 'utf8').split(' '));
+  return children
+    .filter((pid) => pid.trim() !== '')
+    .map(Number)
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'nix-daemon';
+      } catch {
+        return false;
+      }
+    });
+}
+
+/** A loopback port nothing listens on: connections to it are refused. */
+async function closedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
 
 async function waitForPids(path: string): Promise<number[]> {
   let match: RegExpExecArray | null = null;

@@ -1,11 +1,11 @@
-import { readFile } from 'node:fs/promises';
+import { readFile, rm, symlink } from 'node:fs/promises';
 import { IllegalStateError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
 import { outputPaths, parseDerivation } from '../../common/nix/derivation.js';
 import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { nixBuildOutcome } from '../../common/retry.js';
-import type { LeaseLog } from '../logs/spool.js';
+import type { LeaseLog, LogSpool } from '../logs/spool.js';
 import type { CacheUploader } from '../nix/cache-upload.js';
 import type { StorePool } from '../nix/store-pool.js';
 
@@ -25,6 +25,8 @@ export interface BuildContext {
   /** Connections to the agent's store (one per running build). */
   pool: StorePool;
   uploader: CacheUploader;
+  /** Where the lease's GC roots go: its outputs stay in the store until the coordinator acknowledged the result. */
+  spool: LogSpool;
 }
 
 export interface BuildResult {
@@ -51,13 +53,19 @@ const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
 /**
  * One `Assign` carried out over a long-lived connection to the agent's Nix store (`nix-daemon --stdio`): the
  * derivation is realised — its `.drv` and inputs substituted from the coordinator's cache — with its log spooled
- * to the lease's file line by line, then the outputs are uploaded to the cache and measured. `run()` never
- * rejects: every failure is an outcome.
+ * to the lease's file line by line, then its outputs are made GC roots (released by the workload once the
+ * coordinator acknowledged the result), uploaded to the cache and measured. `run()` never rejects: every failure is
+ * an outcome.
+ *
+ * The log is read from the daemon no faster than the spool writes it: while the lease log's buffer is over its
+ * high-water mark, the build stops reading, and the daemon (and through it the builder) waits.
  */
 export class Build {
   private state: BuildState = 'created';
   private conn: NixDaemonConnection | null = null;
-  private tail = Buffer.alloc(0);
+  /** The last lines of the log, at least LOG_TAIL_BYTES of them when the log is that long. */
+  private readonly tail: Buffer[] = [];
+  private tailBytes = 0;
   private cancelReason: string | null = null;
   private result: Promise<BuildResult> | null = null;
 
@@ -139,6 +147,9 @@ export class Build {
           'netrc-file': c.netrcPath,
           // The coordinator chose this host for the build; remote builders from nix.conf would defeat that.
           builders: '',
+          // Nix 2.8's name for max-log-size. Sent even when 0 (no limit): a daemon keeps the settings of the
+          // connection's previous build. A daemon ignores it from an untrusted user; the coordinator enforces it too.
+          'max-build-log-size': String(a.maxLogBytes),
         },
       });
       built = await conn.buildPaths([`${a.drvPath}!*`], (line) => this.logLine(line));
@@ -153,12 +164,26 @@ export class Build {
       return this.finish(Outcome.OUTCOME_INFRA_ERROR, `cannot write the log spool: ${this.log.writeError.message}`);
     }
     if (!built.ok) {
-      const outcome = nixBuildOutcome(built.status, null, `${this.tail.toString('utf8')}\n${built.message}`);
+      const outcome = nixBuildOutcome(
+        built.status,
+        null,
+        `${Buffer.concat(this.tail).toString('utf8')}\n${built.message}`,
+      );
       return this.finish(outcome, built.message);
     }
     this.transition('uploading');
+    let paths: Record<string, string>;
     try {
-      const paths = outputPaths(parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));
+      paths = outputPaths(parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));
+      await this.addGcRoots(conn, paths);
+    } catch (err) {
+      if (this.cancelReason !== null) return this.finishCancelled();
+      return this.finish(
+        Outcome.OUTCOME_INFRA_ERROR,
+        `cannot keep the outputs from garbage collection: ${message(err)}`,
+      );
+    }
+    try {
       if (c.cacheUrl !== '') await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId);
       const outputs: BuiltOutput[] = [];
       for (const [name, path] of Object.entries(paths)) {
@@ -172,15 +197,33 @@ export class Build {
     }
   }
 
-  private logLine(line: string): void {
+  /** A promise while the spool is behind: the daemon connection reads no further until it settles. */
+  private logLine(line: string): void | Promise<void> {
     const chunk = Buffer.from(`${line}\n`);
     this.keepTail(chunk);
-    this.log.append(chunk);
+    if (!this.log.append(chunk)) return this.log.writable();
   }
 
   private keepTail(chunk: Buffer): void {
-    const joined = Buffer.concat([this.tail, chunk]);
-    this.tail = joined.length > LOG_TAIL_BYTES ? joined.subarray(joined.length - LOG_TAIL_BYTES) : joined;
+    this.tail.push(chunk);
+    this.tailBytes += chunk.length;
+    while (this.tail.length > 1 && this.tailBytes - (this.tail[0] as Buffer).length >= LOG_TAIL_BYTES) {
+      this.tailBytes -= (this.tail.shift() as Buffer).length;
+    }
+  }
+
+  /**
+   * One symlink per output in the lease's spool directory, registered with the daemon as an indirect GC root: the
+   * daemon's own temporary roots last only as long as its connection, which is recycled or killed independently
+   * of the lease. The workload deletes the links when the lease is settled or dropped.
+   */
+  private async addGcRoots(conn: NixDaemonConnection, paths: Record<string, string>): Promise<void> {
+    for (const [name, path] of Object.entries(paths)) {
+      const link = this.context.spool.gcRoot(this.assign.leaseId, name);
+      await rm(link, { force: true });
+      await symlink(path, link);
+      await conn.addIndirectRoot(link);
+    }
   }
 
   private killTree(): void {

@@ -106,6 +106,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   private halted = false;
   private paused = false;
   private idleWaiters: (() => void)[] = [];
+  private buildsEndedWaiters: (() => void)[] = [];
 
   constructor(private readonly options: WorkloadOptions) {
     super();
@@ -174,6 +175,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     const reason = cancel.reason || 'cancelled by the coordinator';
     if (lease?.state === 'queued') {
       this.unqueue(lease);
+      this.checkIdle();
       lease.result = cancelledResult(reason);
       lease.transition('awaiting-logs');
       // Closing the (empty) log completes it; the shipper's 'complete' then reports Finished.
@@ -234,6 +236,12 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
+  /** Resolves once no build runs or waits for a slot; leases may still wait for their results' acknowledgement. */
+  whenBuildsEnded(): Promise<void> {
+    if (this.buildsEnded()) return Promise.resolve();
+    return new Promise((resolve) => this.buildsEndedWaiters.push(resolve));
+  }
+
   /** Drops every lease, stopping builds with SIGTERM and SIGKILL after `graceMs`, and waits for the processes. */
   async stopAll(reason: string, graceMs: number): Promise<void> {
     this.halted = true;
@@ -259,6 +267,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       netrcPath: spool.netrcPath,
       pool: this.options.pool,
       uploader: this.options.uploader,
+      spool,
     };
     const build = new Build(lease.assign, context, lease.log, logger.child({ leaseId: lease.id }));
     lease.build = build;
@@ -327,7 +336,12 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     return this.leases.size === 0 && this.running === 0;
   }
 
+  private buildsEnded(): boolean {
+    return this.running === 0 && this.queue.length === 0;
+  }
+
   private checkIdle(): void {
+    if (this.buildsEnded()) for (const resolve of this.buildsEndedWaiters.splice(0)) resolve();
     if (!this.idle()) return;
     for (const resolve of this.idleWaiters.splice(0)) resolve();
   }

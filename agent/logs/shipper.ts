@@ -43,6 +43,7 @@ export class LogShipper extends EventEmitter<ShipperEvents> {
   private pumping = false;
   private again = false;
   private turn = 0;
+  private pumpedWaiters: (() => void)[] = [];
 
   constructor(
     private readonly chunkBytes: number,
@@ -131,8 +132,16 @@ export class LogShipper extends EventEmitter<ShipperEvents> {
         if (this.again) {
           this.again = false;
           this.pump();
+        } else {
+          for (const resolve of this.pumpedWaiters.splice(0)) resolve();
         }
       });
+  }
+
+  /** Resolves once no sending loop runs: everything the window, the stream and the spool allowed has been sent. */
+  whenPumped(): Promise<void> {
+    if (!this.pumping) return Promise.resolve();
+    return new Promise((resolve) => this.pumpedWaiters.push(resolve));
   }
 
   private async pumpLoop(): Promise<void> {

@@ -4,8 +4,9 @@ import { closeSync, mkdirSync, openSync, read, rmSync, unlinkSync, write, writeF
 import { join } from 'node:path';
 import { IllegalStateError } from '../../common/errors.js';
 
-// Bytes a build may get ahead of the disk before its output pipes are paused: enough to absorb a burst of
-// compiler output, small enough that a stuck disk stalls the build instead of the agent's memory.
+// Bytes a build may get ahead of the disk before its output is paused (the build stops reading the daemon, whose
+// builder then blocks on its pipe): enough to absorb a burst of compiler output, small enough that a slow or stuck
+// disk stalls the build instead of filling the agent's memory.
 const WRITE_HIGH_WATER_BYTES = 1024 * 1024;
 
 // A lease id is chosen by the coordinator; one that is not a plain file name is hashed so it cannot escape the
@@ -17,7 +18,11 @@ const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$/;
  * build's outputs survive until they are uploaded and reported) and the `netrc` Nix uses to reach the cache.
  */
 export class LogSpool {
-  constructor(readonly dir: string) {}
+  constructor(
+    readonly dir: string,
+    /** Per lease log: see WRITE_HIGH_WATER_BYTES; tests shrink it. */
+    private readonly writeHighWaterBytes = WRITE_HIGH_WATER_BYTES,
+  ) {}
 
   get netrcPath(): string {
     return join(this.dir, 'netrc');
@@ -36,14 +41,17 @@ export class LogSpool {
 
   /** Creates (truncating) the spool file of a lease. */
   open(leaseId: string): LeaseLog {
-    return new LeaseLog(join(this.dir, 'logs', `${fileName(leaseId)}.log`));
+    return new LeaseLog(join(this.dir, 'logs', `${fileName(leaseId)}.log`), this.writeHighWaterBytes);
   }
 
-  /** The `--add-root` path of a lease; Nix adds `-<output>` for outputs other than the first. */
-  gcRoot(leaseId: string): string {
+  /**
+   * Where the GC-root symlink of one output of a lease goes (its directory is created): the daemon is told to treat
+   * it as an indirect root, so the output outlives the daemon connection that built it until `removeGcRoots`.
+   */
+  gcRoot(leaseId: string, outputName: string): string {
     const dir = join(this.dir, 'gcroots', fileName(leaseId));
-    mkdirSync(dir, { recursive: true });
-    return join(dir, 'result');
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    return join(dir, fileName(outputName));
   }
 
   /** Releases a lease's outputs to the garbage collector (they are in the cache by now, or not worth keeping). */
@@ -70,7 +78,7 @@ interface LeaseLogEvents {
   grow: [];
   /** The writer is done; `size` is final. */
   closed: [];
-  /** Pending writes fell below the high-water mark after `append` returned false. */
+  /** Pending writes fell to half the high-water mark after `append` returned false. */
   drain: [];
 }
 
@@ -85,13 +93,19 @@ export class LeaseLog extends EventEmitter<LeaseLogEvents> {
   private state: LeaseLogState = 'open';
   private durable = 0;
   private appended = 0;
+  /** Bytes appended whose write has not finished (nor been given up): what this log holds in memory. */
+  private queued = 0;
+  private peakQueued = 0;
   private writes: Promise<void> = Promise.resolve();
   private readonly reads = new Set<Promise<unknown>>();
   private blocked = false;
   /** The first write error (a full disk): the build is then reported as an infrastructure failure. */
   writeError: Error | null = null;
 
-  constructor(readonly path: string) {
+  constructor(
+    readonly path: string,
+    private readonly highWaterBytes = WRITE_HIGH_WATER_BYTES,
+  ) {
     super();
     this.fd = openSync(path, 'w+', 0o600);
   }
@@ -100,31 +114,52 @@ export class LeaseLog extends EventEmitter<LeaseLogEvents> {
     return this.durable;
   }
 
+  /** Bytes waiting in memory for the disk. */
+  get buffered(): number {
+    return this.queued;
+  }
+
+  /** The most bytes that ever waited in memory at once: bounded by the high-water mark plus one append. */
+  get peakBuffered(): number {
+    return this.peakQueued;
+  }
+
   get closed(): boolean {
     return this.state === 'closed';
   }
 
-  /** Queues bytes for the file; false means "pause the producer until `drain`". */
+  /** Queues bytes for the file; false means "pause the producer until `drain`" (see `writable`). */
   append(chunk: Buffer): boolean {
     if (this.state !== 'open') throw new IllegalStateError(`cannot append to a ${this.state} log ${this.path}`);
     const position = this.appended;
     this.appended += chunk.length;
+    this.queued += chunk.length;
+    this.peakQueued = Math.max(this.peakQueued, this.queued);
     this.writes = this.writes.then(async () => {
-      if (this.writeError !== null || this.state === 'removed') return;
-      try {
-        await writeFully(this.fd, chunk, position);
-        this.durable += chunk.length;
-        this.emit('grow');
-      } catch (err) {
-        this.writeError = err instanceof Error ? err : new Error(String(err));
+      // After a write error or removal the bytes are dropped, but they still leave memory and may end a pause.
+      if (this.writeError === null && this.state !== 'removed') {
+        try {
+          await writeFully(this.fd, chunk, position);
+          this.durable += chunk.length;
+          this.emit('grow');
+        } catch (err) {
+          this.writeError = err instanceof Error ? err : new Error(String(err));
+        }
       }
-      if (this.blocked && this.appended - this.durable <= WRITE_HIGH_WATER_BYTES / 2) {
+      this.queued -= chunk.length;
+      if (this.blocked && this.queued <= this.highWaterBytes / 2) {
         this.blocked = false;
         this.emit('drain');
       }
     });
-    if (this.appended - this.durable > WRITE_HIGH_WATER_BYTES) this.blocked = true;
+    if (this.queued > this.highWaterBytes) this.blocked = true;
     return !this.blocked;
+  }
+
+  /** Resolves when appending may go on: at once, or at `drain` after an `append` returned false. */
+  writable(): Promise<void> {
+    if (!this.blocked) return Promise.resolve();
+    return new Promise((resolve) => this.once('drain', resolve));
   }
 
   /** Waits for queued writes; afterwards `size` is the final length. Idempotent. */

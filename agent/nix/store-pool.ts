@@ -59,6 +59,11 @@ export class StorePool {
     return c;
   }
 
+  /**
+   * Takes a connection back. One that is not ready is killed: still busy, it is out of step (an upload whose HTTP
+   * request failed leaves its NAR stream half read), and forgotten it would keep a daemon — and the agent process
+   * with it — alive for ever.
+   */
   release(c: NixDaemonConnection): void {
     const uses = (this.uses.get(c) ?? 0) + 1;
     this.uses.set(c, uses);
@@ -68,6 +73,7 @@ export class StorePool {
     }
     this.all.delete(c);
     if (c.status === 'ready') void c.close().catch(() => c.kill());
+    else c.kill();
   }
 
   /** Closes idle connections and kills busy ones (their builds end with the agent). */

@@ -62,6 +62,18 @@ export class ScriptedStream {
     if (!this.ended && !this.closing) this.call.write({ msg });
   }
 
+  /**
+   * Stops reading the agent's messages, as a coordinator too busy to keep up: gRPC stops taking them off the
+   * HTTP/2 stream, and flow control holds the agent's writes once the window is full.
+   */
+  pause(): void {
+    this.call.pause();
+  }
+
+  resume(): void {
+    this.call.resume();
+  }
+
   /** Ends the call with OK, as a coordinator does after an ErrorReply or at shutdown. */
   end(): void {
     if (this.ended || this.closing) return;
@@ -113,6 +125,7 @@ export class ScriptedCoordinator {
   readonly violations: string[] = [];
   readonly options: ScriptOptions;
   private streamWaiters: ((s: ScriptedStream) => void)[] = [];
+  private readonly backings = new WeakSet<ArrayBufferLike>();
 
   private constructor(
     private readonly server: Server,
@@ -238,9 +251,28 @@ export class ScriptedCoordinator {
     if (offset < have.length)
       this.violations.push(`log bytes resent for ${leaseId}: chunk at ${offset}, stored ${have.length}`);
     const fresh = data.subarray(Math.max(0, have.length - offset));
-    const next = Buffer.concat([have, fresh]);
+    const next = this.appended(have, fresh);
     this.logs.set(leaseId, next);
     return next.length;
+  }
+
+  /**
+   * `have` + `fresh`, in a buffer of doubling capacity: concatenating the whole log for every chunk would make a
+   * log of many chunks quadratic. The result may share memory with `have` (a view that only ever grows).
+   */
+  private appended(have: Buffer, fresh: Buffer): Buffer {
+    const length = have.length + fresh.length;
+    const spare = have.buffer.byteLength - have.byteOffset;
+    const owned = this.backings.has(have.buffer);
+    if (owned && spare >= length) {
+      fresh.copy(Buffer.from(have.buffer, have.byteOffset + have.length, fresh.length));
+      return Buffer.from(have.buffer, have.byteOffset, length);
+    }
+    const backing = Buffer.alloc(Math.max(64 * 1024, 2 * length));
+    this.backings.add(backing.buffer);
+    have.copy(backing);
+    fresh.copy(backing, have.length);
+    return backing.subarray(0, length);
   }
 }
 

@@ -57,6 +57,32 @@ export async function runNixChecked(command: string, args: string[], options: Ni
   return r.stdout;
 }
 
+// The kernel refuses a command line (with its environment) over ARG_MAX, 2 MiB on Linux and 1 MiB on macOS, with
+// E2BIG. Store paths are passed in batches of at most this many bytes, which leaves room for any environment.
+const ARG_BATCH_BYTES = 256 * 1024;
+
+/**
+ * Splits arguments (store paths) into batches whose command lines stay far below ARG_MAX, whatever their number:
+ * a nixpkgs closure has tens of thousands of paths.
+ */
+export function argBatches(args: readonly string[], maxBytes = ARG_BATCH_BYTES): string[][] {
+  const batches: string[][] = [];
+  let batch: string[] = [];
+  let bytes = 0;
+  for (const a of args) {
+    const size = Buffer.byteLength(a) + 1 + 8; // the string, its NUL, its pointer in argv
+    if (batch.length > 0 && bytes + size > maxBytes) {
+      batches.push(batch);
+      batch = [];
+      bytes = 0;
+    }
+    batch.push(a);
+    bytes += size;
+  }
+  if (batch.length > 0) batches.push(batch);
+  return batches;
+}
+
 export function lastLines(text: string, n: number): string {
   return text.trimEnd().split('\n').slice(-n).join('\n');
 }

@@ -222,9 +222,10 @@ export class NixDaemonConnection {
 
   /**
    * wopBuildPaths of derived paths such as `/nix/store/…drv!*` or `/nix/store/…drv!out`. Build log lines and
-   * the daemon's messages go to `onLog` as they arrive; it must not throw (that would end the connection).
+   * the daemon's messages go to `onLog` as they arrive; it must not throw (that would end the connection). While a
+   * promise it returned is pending, nothing more is read from the daemon, which then stops the build's output.
    */
-  buildPaths(paths: string[], onLog?: (line: string) => void): Promise<BuildOutcome> {
+  buildPaths(paths: string[], onLog?: (line: string) => unknown): Promise<BuildOutcome> {
     return this.run('buildPaths', async () => {
       const messages: string[] = [];
       const handlers: StderrHandlers = {
@@ -232,7 +233,7 @@ export class NixDaemonConnection {
         onActivity: onLog,
         onMessage: (text) => {
           messages.push(text);
-          onLog?.(text);
+          return onLog?.(text);
         },
       };
       this.send(new WireWriter().u64(Op.BuildPaths).strings(paths).u64(BUILD_MODE_NORMAL).bytes());
@@ -243,6 +244,18 @@ export class NixDaemonConnection {
       }
       await this.reader.u64(); // always 1
       return { ok: true };
+    });
+  }
+
+  /**
+   * wopAddIndirectRoot: `link`, a symlink of the caller's to a store path, becomes a GC root for as long as it
+   * exists (the daemon records it under gcroots/auto; deleting the link releases the path). Open to any user of a
+   * multi-user daemon, unlike `nix-store --add-root` on a store the caller cannot write.
+   */
+  addIndirectRoot(link: string): Promise<void> {
+    return this.run('addIndirectRoot', async () => {
+      await this.exchange(new WireWriter().u64(Op.AddIndirectRoot).string(link).bytes());
+      await this.reader.u64(); // always 1
     });
   }
 

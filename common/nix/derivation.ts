@@ -238,11 +238,17 @@ function structuredAttrs(d: Derivation): Record<string, unknown> | undefined {
   if (json === undefined) return undefined;
   let attrs = structuredAttrsCache.get(d);
   if (attrs === undefined) {
+    let parsed: unknown;
     try {
-      attrs = JSON.parse(json) as Record<string, unknown>;
+      parsed = JSON.parse(json);
     } catch (e) {
       throw new DerivationParseError(`structured attributes (env.__json) are not valid JSON: ${String(e)}`);
     }
+    // Nix always writes an object here; `null` would otherwise fail as a TypeError at the first attribute read.
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+      throw new DerivationParseError(`structured attributes (env.__json) are not a JSON object: ${json.slice(0, 40)}`);
+    }
+    attrs = parsed as Record<string, unknown>;
     structuredAttrsCache.set(d, attrs);
   }
   return attrs;

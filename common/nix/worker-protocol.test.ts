@@ -146,6 +146,35 @@ describe('readStderr', () => {
     });
   });
 
+  it('reads no further while a handler holds it with a promise, and goes on once the promise settles', async () => {
+    const result = (line: string) => new WireWriter().u64(Stderr.Result).u64(7).u64(101).u64(1).u64(1).string(line);
+    const bytes = Buffer.concat([
+      result('first').bytes(),
+      result('second').bytes(),
+      new WireWriter().u64(Stderr.Last).bytes(),
+    ]);
+    const seen: string[] = [];
+    let release = (): void => {};
+    const done = readStderr(feed(bytes, [bytes.length]), {
+      onBuildLogLine: (line) => {
+        seen.push(line);
+        if (line !== 'first') return;
+        // Released from outside once the test has seen where the reader stands: a slow log writer.
+        return new Promise<void>(
+          (resolve) =>
+            (release = () => {
+              seen.push('released');
+              resolve();
+            }),
+        );
+      },
+    });
+    await expect.poll(() => seen).toEqual(['first']);
+    release();
+    expect(await done).toBeUndefined();
+    expect(seen).toEqual(['first', 'released', 'second']);
+  });
+
   it('refuses a request for input, which no operation it is used for makes', async () => {
     await expect(readStderr(feed(new WireWriter().u64(Stderr.Read).u64(10).bytes(), [16]))).rejects.toThrow(
       /STDERR_READ/,

@@ -28,12 +28,14 @@ export const MIN_DAEMON_PROTOCOL_VERSION = (1 << 8) | 30;
 /** From 1.33 on the daemon sends its Nix version after the handshake. */
 export const PROTOCOL_WITH_NIX_VERSION = (1 << 8) | 33;
 
-export const protocolMajor = (v: number): number => v >> 8;
-export const protocolMinor = (v: number): number => v & 0xff;
+// A daemon's version arrives as a u64: `>>` and `&` would first cut it to 32 bits, so that 2^32 + 0x122 read as 1.34.
+export const protocolMajor = (v: number): number => Math.floor(v / 256);
+export const protocolMinor = (v: number): number => v % 256;
 export const showProtocol = (v: number): string => `${protocolMajor(v)}.${protocolMinor(v)}`;
 
 export const Op = {
   BuildPaths: 9,
+  AddIndirectRoot: 12,
   SetOptions: 19,
   QueryPathInfo: 26,
   QueryValidPaths: 31,
@@ -232,13 +234,18 @@ export interface DaemonErrorInfo {
   traces: string[];
 }
 
+/**
+ * What readStderr does with the messages of an operation. A handler that returns a promise holds the reader until it
+ * settles (any other return value is ignored): nothing more is read from the stream meanwhile, so a slow consumer of
+ * a build's log pauses the daemon (and through it the builder) instead of buffering what the build prints.
+ */
 export interface StderrHandlers {
   /** STDERR_NEXT: a message Nix would have printed on stderr (warnings, errors of other failed builds). */
-  onMessage?: (text: string) => void;
+  onMessage?: (text: string) => unknown;
   /** STDERR_RESULT of type resBuildLogLine: one line of a builder's output, without its newline. */
-  onBuildLogLine?: (line: string) => void;
+  onBuildLogLine?: (line: string) => unknown;
   /** STDERR_START_ACTIVITY at info level or above: "building '…'", "copying path '…' from '…'". */
-  onActivity?: (text: string) => void;
+  onActivity?: (text: string) => unknown;
 }
 
 const ANSI_ESCAPE = /\u001b\[[0-9;]*[A-Za-z]/g;
@@ -262,7 +269,8 @@ export async function readStderr(
         return readError(reader);
       case Stderr.Next: {
         const text = stripAnsi(await reader.string()).replace(/\n$/, '');
-        handlers.onMessage?.(text);
+        const hold = handlers.onMessage?.(text);
+        if (hold instanceof Promise) await hold;
         break;
       }
       case Stderr.StartActivity: {
@@ -273,7 +281,8 @@ export async function readStderr(
         await readFields(reader);
         await reader.skip(8); // parent id
         // What `nix-store --realise` would print at its default verbosity: copying and building lines.
-        if (text !== '' && level <= LVL_INFO) handlers.onActivity?.(text);
+        const hold = text !== '' && level <= LVL_INFO ? handlers.onActivity?.(text) : undefined;
+        if (hold instanceof Promise) await hold;
         break;
       }
       case Stderr.StopActivity:
@@ -284,7 +293,9 @@ export async function readStderr(
         const type = await reader.u64();
         const fields = await readFields(reader);
         const line = fields[0];
-        if (type === RES_BUILD_LOG_LINE && typeof line === 'string') handlers.onBuildLogLine?.(line);
+        const hold =
+          type === RES_BUILD_LOG_LINE && typeof line === 'string' ? handlers.onBuildLogLine?.(line) : undefined;
+        if (hold instanceof Promise) await hold;
         break;
       }
       case Stderr.Write:
@@ -342,6 +353,8 @@ export function exitStatusFromMessages(messages: readonly string[]): number {
   ) {
     mask |= 0x04;
   }
+  // max-build-log-size: the build's own doing, as final as a failing builder (Nix itself exits 1 for it).
+  if (/killed after writing more than \d+ bytes of log output/.test(text)) mask |= 0x04;
   return mask === 0 ? 1 : mask | 0x60;
 }
 
@@ -404,7 +417,10 @@ class NarFramer {
   private async *contents(): AsyncGenerator<Buffer> {
     const header = await this.reader.exactly(8);
     this.keep(header);
-    const length = Number(header.readBigUInt64LE());
+    const size = header.readBigUInt64LE();
+    // Beyond 2^53 the count would be rounded and the framing lost; no file is that large, so the stream is garbage.
+    if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw malformed(`a file of ${size} bytes`);
+    const length = Number(size);
     let remaining = length;
     while (remaining > 0) {
       const piece = await this.reader.some(Math.min(remaining, NAR_CHUNK_BYTES));

@@ -1,7 +1,14 @@
 import { type ServerDuplexStream, status } from '@grpc/grpc-js';
+import type { Statement } from 'better-sqlite3';
 import { jitter } from '../../common/backoff.js';
 import type { Logger } from '../../common/logging.js';
-import type { AgentMessage, CoordinatorMessage, Hello, JobEvent } from '../../common/proto/ekaci/agent/v1/agent.js';
+import type {
+  AgentMessage,
+  Assign,
+  CoordinatorMessage,
+  Hello,
+  JobEvent,
+} from '../../common/proto/ekaci/agent/v1/agent.js';
 import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
 import type { AuditLog } from '../audit-log.js';
 import type { Db } from '../db/database.js';
@@ -9,6 +16,7 @@ import type { BuildManager } from '../scheduler/build-manager.js';
 import { type AgentCapabilities, agentMatchesLane } from '../scheduler/scheduler.js';
 import { AgentSession, type SessionHandlers } from './agent-session.js';
 import type { AccessControl } from '../access/access-control.js';
+import type { Health } from '../health.js';
 import type { TokenStore } from '../access/token-store.js';
 
 export interface AgentHubOptions {
@@ -44,6 +52,7 @@ export class AgentHub {
   private dispatchScheduled = false;
   private timers: NodeJS.Timeout[] = [];
   private readonly handlers: SessionHandlers;
+  private readonly seen: Statement;
 
   constructor(
     private readonly manager: BuildManager,
@@ -53,16 +62,23 @@ export class AgentHub {
     private readonly db: Db,
     private readonly options: AgentHubOptions,
     private readonly logger: Logger,
+    private readonly health: Health,
   ) {
     this.handlers = {
       hello: (s, hello) => this.onHello(s, hello),
       jobEvent: (s, e) => this.onJobEvent(s, e),
       logChunk: (s, leaseId, offset, data) =>
         this.manager.appendLog(s.agentId, leaseId, offset, data) ?? offset + data.length,
-      heartbeat: (s, leaseIds) => this.manager.renew(s.agentId, leaseIds),
+      heartbeat: (s, leaseIds) => {
+        this.seen.run(Date.now(), s.agentId);
+        return this.manager.renew(s.agentId, leaseIds);
+      },
       credit: () => this.scheduleDispatch(),
       closed: (s) => this.onClosed(s),
+      fault: (_s, where, err, context) => this.health.fault(where, err, context),
     };
+    this.seen = db.prepare('UPDATE agents SET last_seen = ? WHERE agent_id = ?');
+    health.onResume(() => this.scheduleDispatch());
     manager.on('refused', (agentId: string, leaseId: string, reason: string) => {
       this.audit.record(`agent:${agentId}`, 'agent.result-refused', { leaseId, reason });
       this.logger.warn({ agentId, leaseId, reason }, 'refused a result that did not check out');
@@ -82,12 +98,16 @@ export class AgentHub {
 
   start(): void {
     const sweep = (): void => {
-      this.manager.expireLeases();
-      this.manager.markUnbuildable(this.connectedCapabilities());
+      this.survive('lease sweep', () => {
+        this.manager.expireLeases();
+        this.manager.markUnbuildable(this.connectedCapabilities());
+      });
       this.timers[0] = setTimeout(sweep, jitter(SWEEP_INTERVAL_MS));
     };
     const refresh = (): void => {
-      for (const name of this.tokens.refresh()) this.revoked(name);
+      this.survive('token refresh', () => {
+        for (const name of this.tokens.refresh()) this.revoked(name);
+      });
       this.timers[1] = setTimeout(refresh, jitter(TOKEN_REFRESH_INTERVAL_MS));
     };
     this.timers = [
@@ -242,8 +262,17 @@ export class AgentHub {
     this.dispatchScheduled = true;
     setImmediate(() => {
       this.dispatchScheduled = false;
-      this.dispatch();
+      this.survive('dispatch', () => this.dispatch());
     });
+  }
+
+  /** Runs work a timer started: an error in it is logged and counted, and the coordinator goes on. */
+  private survive(where: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      this.health.fault(where, err);
+    }
   }
 
   /** Gives buildable work to agents with free slots, one build per agent per round so work spreads evenly. */
@@ -253,16 +282,24 @@ export class AgentHub {
         (s) =>
           s.agentId !== self && s.capabilities && !excluded.has(s.agentId) && agentMatchesLane(s.capabilities, lane),
       );
-    let progress = true;
-    while (progress) {
-      progress = false;
-      for (const s of this.sessions.values()) {
-        if (!s.capabilities || s.freeSlots === 0) continue;
-        const assigns = this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
-        if (assigns.length === 0) continue;
-        s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
-        progress = true;
+    // One transaction for the whole round (a commit per lease was most of dispatch's cost); nothing is sent
+    // before it committed.
+    const outgoing = new Map<AgentSession, Assign[]>();
+    this.manager.batch(() => {
+      const free = new Map([...this.sessions.values()].map((s) => [s, s.freeSlots]));
+      let progress = true;
+      while (progress) {
+        progress = false;
+        for (const [s, slots] of free) {
+          if (!s.capabilities || slots === 0) continue;
+          const assigns = this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
+          if (assigns.length === 0) continue;
+          free.set(s, slots - assigns.length);
+          outgoing.set(s, [...(outgoing.get(s) ?? []), ...assigns]);
+          progress = true;
+        }
       }
-    }
+    });
+    for (const [s, assigns] of outgoing) s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
   }
 }

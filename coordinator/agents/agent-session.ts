@@ -37,6 +37,8 @@ export interface SessionHandlers {
   heartbeat(session: AgentSession, leaseIds: string[]): { renewed: string[]; expiresAt: number };
   credit(session: AgentSession): void;
   closed(session: AgentSession): void;
+  /** A handler failed: logged with its context and counted; the message stays unanswered. */
+  fault(session: AgentSession, where: string, err: unknown, context: Record<string, unknown>): void;
 }
 
 export class AgentSession {
@@ -133,7 +135,22 @@ export class AgentSession {
     if (wasActive) this.handlers.closed(this);
   }
 
+  /**
+   * No error in handling one message ends the coordinator, nor this stream: a message whose handler failed gets no
+   * answer (no Ack, LogAck or HeartbeatAck), so the agent sends it again (after a reconnect at the latest).
+   */
   private onMessage(m: AgentMessage): void {
+    try {
+      this.handle(m);
+    } catch (err) {
+      this.handlers.fault(this, `agent message ${m.msg?.$case ?? 'empty'}`, err, {
+        agentId: this.tokenName,
+        ...(m.msg?.value && 'leaseId' in m.msg.value ? { leaseId: m.msg.value.leaseId } : {}),
+      });
+    }
+  }
+
+  private handle(m: AgentMessage): void {
     const msg = m.msg;
     if (!msg || this.state === 'closed') return;
     if (this.state === 'awaiting-hello') {
@@ -164,7 +181,9 @@ export class AgentSession {
         return;
       case 'jobEvent': {
         const event = msg.value;
-        if (event.event?.$case === 'accepted') this.unaccepted.delete(event.leaseId);
+        // Any answer to an Assign (also a result without an Accepted, for an Assign the agent refused) means
+        // the agent counted it in its Credit.
+        this.unaccepted.delete(event.leaseId);
         // In order, and acknowledged only once the handler has committed; a failed handler leaves the event
         // unacknowledged (the agent resends it after a reconnect) and the stream goes on.
         this.events = this.events
@@ -172,10 +191,11 @@ export class AgentSession {
           .then(
             () => this.send({ msg: { $case: 'ack', value: { messageIds: [event.messageId] } } }),
             (err: unknown) =>
-              this.logger.error(
-                { err: err instanceof Error ? err.message : String(err), leaseId: event.leaseId },
-                'job event not handled; left unacknowledged',
-              ),
+              this.handlers.fault(this, `job event ${event.event?.$case ?? 'empty'}`, err, {
+                agentId: this.tokenName,
+                leaseId: event.leaseId,
+                note: 'left unacknowledged',
+              }),
           );
         return;
       }

@@ -14,7 +14,7 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CacheError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
+import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isStorePath, storePathHash } from '../../common/nix/store-path.js';
 import { canVerifyCompression, narHashOfFile } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
@@ -153,9 +153,13 @@ export class BinaryCache {
     // that socket into a pipe.
     const to = `file://${this.dir}?secret-key=/dev/stdin&compression=${PUSH_COMPRESSION}`;
     const args = [...NIX_EXPERIMENTAL, 'copy', ...(options.derivation ? ['--derivation'] : []), '--to', to];
-    await runNixChecked('sh', ['-c', 'cat | exec "$@"', 'sh', 'nix', ...args, ...NO_SUBSTITUTERS, ...paths], {
-      input: this.secretKey,
-    });
+    // In batches: one command line cannot hold a nixpkgs closure (E2BIG). Paths already in the cache from an
+    // earlier batch are skipped by Nix.
+    for (const batch of argBatches(paths)) {
+      await runNixChecked('sh', ['-c', 'cat | exec "$@"', 'sh', 'nix', ...args, ...NO_SUBSTITUTERS, ...batch], {
+        input: this.secretKey,
+      });
+    }
     this.logger.debug({ paths: paths.length, ms: Date.now() - started }, 'pushed paths into the binary cache');
   }
 

@@ -279,4 +279,10 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (repo, commit_sha)
   ) WITHOUT ROWID;
   `,
+  `
+  -- Faults and limits: a cancel is recorded on its attempt before it is sent, so that it survives a restart and
+  -- reaches an agent that reconnects; an attempt whose log outgrew build_max_log_bytes says so.
+  ALTER TABLE attempts ADD COLUMN cancel_reason TEXT;
+  ALTER TABLE attempts ADD COLUMN log_truncated INTEGER NOT NULL DEFAULT 0;
+  `,
 ];

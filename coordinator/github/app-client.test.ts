@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { silentLogger } from '../../common/logging.js';
 import { startGitHubStandIn, type GitHubStandIn } from '../../test/support/github-standin.js';
 import { GitHubAppClient, type GitHubAppClientOptions } from './app-client.js';
-import { GitHubApiError, GitHubUnavailableError } from './errors.js';
+import { GitHubApiError, GitHubResponseError, GitHubUnavailableError } from './errors.js';
 
 const HEAD = 'a'.repeat(40);
 const repo = { owner: 'nixos', repo: 'nixpkgs' };
@@ -80,6 +80,30 @@ describe('GitHubAppClient', () => {
 
   it('answers undefined for a repository the app is not installed on', async () => {
     expect(await client().installationFor('someone', 'elsewhere')).toBeUndefined();
+  });
+
+  it('refuses an installation answered in another shape with an error naming the operation, and remembers nothing', async () => {
+    const github = client();
+    standIn.failNext(
+      { method: 'GET', pathPrefix: '/repos/nixos/nixpkgs/installation' },
+      { status: 200, body: { message: 'Moved Permanently' } },
+    );
+    const error = await github.installationFor('nixos', 'nixpkgs').catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(GitHubResponseError);
+    // Handled wherever GitHub's refusals are.
+    expect(error).toBeInstanceOf(GitHubApiError);
+    expect(error).toMatchObject({
+      code: 'EKACI_ERR_GITHUB_RESPONSE',
+      operation: 'GET /repos/{owner}/{repo}/installation',
+      status: 200,
+      expected: 'an installation with a numeric id',
+    });
+    expect((error as Error).message).toBe(
+      'GitHub answered GET /repos/{owner}/{repo}/installation (200) with an object where an installation with a ' +
+        'numeric id was expected (at id: Invalid input: expected number, received undefined): ' +
+        '{"message":"Moved Permanently"}',
+    );
+    expect(await github.installationFor('nixos', 'nixpkgs')).toBe(11);
   });
 
   it('hands out clone credentials that carry a working installation token', async () => {

@@ -10,6 +10,7 @@ import { LRUCache } from 'lru-cache';
 import { Backoff, sleep } from '../../common/backoff.js';
 import type { Logger } from '../../common/logging.js';
 import { GitHubApiError, GitHubUnavailableError } from './errors.js';
+import { installationResponse, readResponse } from './responses.js';
 import {
   classifyFailure,
   DEFAULT_RETRY_OPTIONS,
@@ -188,9 +189,10 @@ export class GitHubAppClient {
     const cached = this.installations.get(key);
     if (cached) return cached.id ?? undefined;
     try {
-      const { data } = await this.app.octokit.request('GET /repos/{owner}/{repo}/installation', { owner, repo });
-      this.installations.set(key, { id: data.id }, { ttl: INSTALLATION_TTL_MS });
-      return data.id;
+      const op = 'GET /repos/{owner}/{repo}/installation';
+      const { id } = readResponse(installationResponse, op, await this.app.octokit.request(op, { owner, repo }));
+      this.installations.set(key, { id }, { ttl: INSTALLATION_TTL_MS });
+      return id;
     } catch (error) {
       if (!(error instanceof GitHubApiError) || error.status !== 404) throw error;
       this.installations.set(key, { id: null }, { ttl: NOT_INSTALLED_TTL_MS });

@@ -222,6 +222,25 @@ describe('CheckRunReporter', () => {
     expect(r.states(OWNER, REPO, sha)[0]?.failedError).toBeNull();
   });
 
+  it('records a check run whose creation GitHub answers in another shape as failed, naming the operation', async () => {
+    // A success without the check run's id: a proxy's page, or an incident at GitHub.
+    standIn.failNext(
+      { method: 'POST', pathPrefix: `/repos/${OWNER}/${REPO}/check-runs` },
+      { status: 201, body: [{ message: 'not a check run' }] },
+    );
+    const r = reporter();
+    r.start();
+    r.set(target(), spec());
+    await r.flush();
+
+    const [state] = r.states(OWNER, REPO, sha);
+    expect(state?.githubId).toBeNull();
+    expect(state?.failedError).toContain(
+      'GitHubResponseError: GitHub answered POST /repos/{owner}/{repo}/check-runs (201) with a list where a check ' +
+        'run with a numeric id was expected',
+    );
+  });
+
   it('retries, with backoff, a send that failed because GitHub was unavailable', async () => {
     standIn.failNext({ method: 'POST', pathPrefix: `/repos/${OWNER}/${REPO}/check-runs` }, { status: 502 }, 2);
     const r = reporter();

@@ -15,6 +15,7 @@ import {
 } from './check-run-body.js';
 import { GitHubUnavailableError, recordedError } from './errors.js';
 import { classifyFailure } from './rate-limit.js';
+import { checkRunsResponse, createdCheckRunResponse, readResponse } from './responses.js';
 
 /**
  * GitHub check runs, reported durably and coalesced. `set` commits the desired state of a check run (keyed by
@@ -283,15 +284,16 @@ export class CheckRunReporter {
 
   /** The id of a check run this reporter created for the row before (same external id), if GitHub has one. */
   private async findCreated(octokit: Octokit, row: Row, externalId: string): Promise<number | null> {
-    const { data } = await octokit.request('GET /repos/{owner}/{repo}/commits/{ref}/check-runs', {
+    const op = 'GET /repos/{owner}/{repo}/commits/{ref}/check-runs';
+    const response = await octokit.request(op, {
       owner: row.owner,
       repo: row.repo,
       ref: row.head_sha,
       check_name: row.name,
       filter: 'all',
     });
-    const found = data.check_runs.find((r) => r.external_id === externalId);
-    return found ? Number(found.id) : null;
+    const found = readResponse(checkRunsResponse, op, response).check_runs.find((r) => r.external_id === externalId);
+    return found ? found.id : null;
   }
 
   private dueAt(row: Pick<Row, 'github_id' | 'last_sent_at'>, id: string): number {
@@ -322,14 +324,15 @@ export class CheckRunReporter {
         row.github_id ?? (row.create_attempted === 1 ? await this.findCreated(octokit, row, externalId) : null);
       if (githubId === null) {
         this.db.prepare(`UPDATE check_runs SET create_attempted = 1 WHERE ${KEY_WHERE}`).run(...key);
-        const created = await octokit.request('POST /repos/{owner}/{repo}/check-runs', {
+        const op = 'POST /repos/{owner}/{repo}/check-runs';
+        const created = await octokit.request(op, {
           owner: row.owner,
           repo: row.repo,
           head_sha: row.head_sha,
           ...body,
           external_id: externalId,
         });
-        githubId = Number(created.data.id);
+        githubId = readResponse(createdCheckRunResponse, op, created).id;
       } else {
         const params = { owner: row.owner, repo: row.repo, check_run_id: githubId };
         await octokit.request('PATCH /repos/{owner}/{repo}/check-runs/{check_run_id}', { ...params, ...body });

@@ -22,9 +22,26 @@ export class GitHubApiError extends EkaciError {
     readonly operation: string,
     readonly status: number,
     readonly githubMessage: string,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; code?: string },
   ) {
-    super('EKACI_ERR_GITHUB_API', message, options);
+    super(options?.code ?? 'EKACI_ERR_GITHUB_API', message, options);
+  }
+}
+
+/**
+ * GitHub answered a request with success but not in the shape its API describes (an object where a list belongs, a
+ * field missing or of another type): an incident at GitHub, a proxy in between that answers for it, or a change of
+ * the API. The message names the operation, what eka-ci expected and what came. A GitHubApiError, so whatever handles
+ * GitHub's refusals handles this too: the operation fails with the message instead of a TypeError deep inside.
+ */
+export class GitHubResponseError extends GitHubApiError {
+  constructor(
+    message: string,
+    operation: string,
+    status: number,
+    readonly expected: string,
+  ) {
+    super(message, operation, status, message, { code: 'EKACI_ERR_GITHUB_RESPONSE' });
   }
 }
 

@@ -17,6 +17,7 @@ import { AppRegistry } from './app-registry.js';
 import { CheckRunReporter } from './check-runs.js';
 import { CommandRunner } from './command-runner.js';
 import { RepoApi, WRITE_PERMISSIONS } from './repo-api.js';
+import { pullCommitsResponse, readResponse } from './responses.js';
 import { unbuiltChanges } from '../review/classify.js';
 import { DeliveryQueue } from './delivery-queue.js';
 import { GitHubMetricsSink } from './github-metrics.js';
@@ -174,13 +175,9 @@ export class GitHubService {
     if (run.pr_number === null) return [];
     const [owner = '', repo = ''] = run.repo.split('/');
     const octokit = await this.clientOf(run.installation_id).octokit(run.installation_id);
-    const { data } = await octokit.request('GET /repos/{owner}/{repo}/pulls/{pull_number}/commits', {
-      owner,
-      repo,
-      pull_number: run.pr_number,
-      per_page: COMMITS_PER_PAGE,
-    });
-    return data.map((c) => c.commit.message.split('\n')[0] ?? '');
+    const op = 'GET /repos/{owner}/{repo}/pulls/{pull_number}/commits';
+    const response = await octokit.request(op, { owner, repo, pull_number: run.pr_number, per_page: COMMITS_PER_PAGE });
+    return readResponse(pullCommitsResponse, op, response).map((c) => c.commit.message.split('\n')[0] ?? '');
   }
 
   private installationOf(repo: string): number {

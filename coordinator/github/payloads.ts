@@ -107,6 +107,9 @@ export const installationRepositoriesEvent = z.looseObject({
   repositories_removed: z.array(z.looseObject({ full_name: z.string() })).default([]),
 });
 
+/** A pull request as webhooks and `GET /repos/{owner}/{repo}/pulls/{pull_number}` both describe it. */
+export const pullRequestSchema = pullRequest;
+
 export type PullRequestPayload = z.infer<typeof pullRequest>;
 export type RepositoryPayload = z.infer<typeof repository>;
 

@@ -2,6 +2,7 @@ import type { AppRegistry } from './app-registry.js';
 import type { RepoPermission } from './authorization.js';
 import type { MergeMethod } from './commands.js';
 import type { PullRequestRef } from './command-runner.js';
+import { permissionResponse, pullResponse, readResponse } from './responses.js';
 
 const PERMISSIONS: ReadonlySet<string> = new Set(['admin', 'maintain', 'write', 'triage', 'read', 'none']);
 
@@ -21,20 +22,15 @@ export class RepoApi {
   }
 
   async pullRequest(number: number): Promise<PullRequestRef & { state: string; draft?: boolean | undefined }> {
-    const { data } = await this.octokit.request('GET /repos/{owner}/{repo}/pulls/{pull_number}', {
-      owner: this.owner,
-      repo: this.repo,
-      pull_number: number,
-    });
-    return data;
+    const op = 'GET /repos/{owner}/{repo}/pulls/{pull_number}';
+    const response = await this.octokit.request(op, { owner: this.owner, repo: this.repo, pull_number: number });
+    return readResponse(pullResponse, op, response);
   }
 
   async permission(username: string): Promise<RepoPermission> {
-    const { data } = await this.octokit.request('GET /repos/{owner}/{repo}/collaborators/{username}/permission', {
-      owner: this.owner,
-      repo: this.repo,
-      username,
-    });
+    const op = 'GET /repos/{owner}/{repo}/collaborators/{username}/permission';
+    const response = await this.octokit.request(op, { owner: this.owner, repo: this.repo, username });
+    const data = readResponse(permissionResponse, op, response);
     const role = data.role_name;
     return (role && PERMISSIONS.has(role) ? role : data.permission) as RepoPermission;
   }

@@ -9,7 +9,8 @@ import type { AccessControl, Principal } from '../access/access-control.js';
 export interface HttpRoutes {
   cache: Router;
   metrics: Registry;
-  ready: () => boolean;
+  /** Undefined when ready to take work; otherwise why not. */
+  ready: () => string | undefined;
   api: Router;
   /** The GitHub webhook endpoint, when GitHub Apps are configured. */
   github?: Router;
@@ -66,9 +67,9 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
     ctx.body = { ok: true };
   });
   root.get('/readyz', (ctx) => {
-    const ready = routes.ready();
-    ctx.status = ready ? 200 : 503;
-    ctx.body = { ready };
+    const reason = routes.ready();
+    ctx.status = reason === undefined ? 200 : 503;
+    ctx.body = reason === undefined ? { ready: true } : { ready: false, reason };
   });
   root.get('/metrics', async (ctx) => {
     ctx.type = routes.metrics.contentType;

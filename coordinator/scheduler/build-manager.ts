@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../../common/logging.js';
 import { NixCommandError } from '../../common/errors.js';
-import { lastLines, runNix } from '../../common/nix/cli.js';
+import { argBatches, lastLines, runNix } from '../../common/nix/cli.js';
 import {
   type Assign,
   type Finished,
@@ -12,6 +12,7 @@ import {
 } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { outcomeDisposition } from '../../common/retry.js';
 import type { DerivationGraph } from '../graph/derivation-graph.js';
+import type { Health } from '../health.js';
 import { readClosure } from '../graph/ingest.js';
 import type { LogStore } from '../logs/log-store.js';
 import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
@@ -34,6 +35,8 @@ export interface BuildManagerOptions {
   unbuildableGraceMs: number;
   noOutputTimeoutSeconds: number;
   maxDurationSeconds: number;
+  /** `build_max_log_bytes`: log bytes stored per attempt; a build whose log outgrows it fails. 0: no limit. */
+  maxLogBytes: number;
 }
 
 interface Lease {
@@ -43,6 +46,10 @@ interface Lease {
   agentId: string;
   expiresAt: number;
   logPath: string;
+  /** Why the lease was cancelled (recorded on its attempt before the agent is told), if it was. */
+  cancelled?: string;
+  /** The log reached `maxLogBytes`: the build is stopped and fails. */
+  overLimit?: boolean;
 }
 
 export interface BuildResult {
@@ -56,9 +63,6 @@ export interface BuildResult {
   outputs: Array<{ name: string; path: string; narSize: number | null; closureSize: number | null }>;
 }
 
-// Nix's exit when asked about paths it doesn't have is fine; a long argument list is split to stay under ARG_MAX.
-const VALIDITY_BATCH = 2_000;
-
 /**
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
  * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
@@ -66,10 +70,14 @@ const VALIDITY_BATCH = 2_000;
  * reason: a result that did not check out).
  */
 export class BuildManager extends EventEmitter {
-  private readonly scheduler: Scheduler;
+  private scheduler: Scheduler;
   private readonly leases = new Map<string, Lease>();
+  /** The open lease of each derivation being built. */
+  private readonly leaseOf = new Map<string, Lease>();
   /** Derivations that reached a terminal state since the last `announceSettled()`; announced after the commit. */
   private settledNow: string[] = [];
+  /** Who waits for which derivation to settle (`waitFor`). */
+  private readonly waiters = new Map<string, Set<() => void>>();
 
   constructor(
     private readonly store: BuildStore,
@@ -78,6 +86,7 @@ export class BuildManager extends EventEmitter {
     private readonly options: BuildManagerOptions,
     private readonly logger: Logger,
     readonly graph: DerivationGraph,
+    private readonly health: Health,
     private readonly now: () => number = Date.now,
   ) {
     super();
@@ -90,6 +99,37 @@ export class BuildManager extends EventEmitter {
 
   /** Rebuilds the in-memory graph and the open leases from the database after a start or a crash. */
   recover(): void {
+    // Agents get one lease TTL from now to reconnect and claim their leases.
+    const expiresAt = this.now() + this.options.leaseTtlMs;
+    const active = this.load(() => expiresAt);
+    if (active > 0) {
+      this.logger.info({ derivations: active, leases: this.leases.size }, 'recovered unfinished builds');
+      this.emit('work');
+    }
+  }
+
+  /**
+   * Throws away what is in memory and loads it again from the database, the truth: after a write that failed (a
+   * full disk, a busy database) left memory ahead of it, and when a paused coordinator resumes. Open leases keep
+   * their expiry.
+   */
+  resync(): void {
+    const expiry = new Map([...this.leases.values()].map((l) => [l.leaseId, l.expiresAt]));
+    const fallback = this.now() + this.options.leaseTtlMs;
+    this.scheduler = new Scheduler(this.now);
+    this.leases.clear();
+    this.leaseOf.clear();
+    this.settledNow = [];
+    this.load((leaseId) => expiry.get(leaseId) ?? fallback);
+    this.logger.warn(
+      { derivations: this.scheduler.size, leases: this.leases.size },
+      'reloaded builds from the database',
+    );
+    this.emit('work');
+  }
+
+  /** Fills the scheduler and the leases from the database; returns how many unfinished derivations there are. */
+  private load(expiry: (leaseId: string) => number): number {
     const active = this.store.activeDerivations();
     const activeSet = new Map(active.map((d) => [d.drv_path, d]));
     const specs = active.map((d) => ({
@@ -101,31 +141,41 @@ export class BuildManager extends EventEmitter {
       priority: 0,
       untrusted: d.untrusted === 1,
     }));
-    this.scheduler.add(specs);
-    // Agents get one lease TTL from now to reconnect and claim their leases.
-    const expiresAt = this.now() + this.options.leaseTtlMs;
+    const ready = new Set(this.scheduler.add(specs));
     for (const a of this.store.openAttempts()) {
       if (!this.scheduler.has(a.drv_path)) continue;
       this.scheduler.markBuilding(a.drv_path);
-      this.leases.set(a.lease_id, {
+      ready.delete(a.drv_path);
+      this.track({
         leaseId: a.lease_id,
         drvPath: a.drv_path,
         attempt: a.attempt,
         agentId: a.agent_id,
-        expiresAt,
+        expiresAt: expiry(a.lease_id),
         logPath: a.log_path,
+        ...(a.cancel_reason !== null ? { cancelled: a.cancel_reason } : {}),
+        ...(a.log_truncated === 1 ? { overLimit: true } : {}),
       });
     }
-    // A derivation recorded as building without an open attempt lost it in the crash; build it again.
-    for (const d of active) {
-      if (d.state === 'building' && ![...this.leases.values()].some((l) => l.drvPath === d.drv_path)) {
-        this.scheduler.retry(d.drv_path, d.agent_id ?? '');
-      }
+    const now = this.now();
+    try {
+      this.store.transaction(() => {
+        for (const d of active) {
+          if (d.state === 'building' && !this.leaseOf.has(d.drv_path)) {
+            // Recorded as building without an open attempt: the attempt was lost in the crash; build it again.
+            this.scheduler.retry(d.drv_path, d.agent_id ?? '');
+            this.transition(d.drv_path, 'buildable', d.attempts, now, { detail: 'retrying: its attempt was lost' });
+          } else if (d.state === 'queued' && ready.has(d.drv_path)) {
+            // Its inputs finished, but the crash came before it was recorded as buildable.
+            this.transition(d.drv_path, 'buildable', d.attempts, now);
+          }
+        }
+      });
+    } catch (err) {
+      // Memory is right; the database catches up on the next load (a full disk pauses work until then).
+      this.health.fault('recover', err);
     }
-    if (active.length > 0) {
-      this.logger.info({ derivations: active.length, leases: this.leases.size }, 'recovered unfinished builds');
-      this.emit('work');
-    }
+    return active.length;
   }
 
   /**
@@ -175,19 +225,23 @@ export class BuildManager extends EventEmitter {
     const inputStates = this.store.states([...new Set(fresh.flatMap((d) => d.inputs.filter((i) => !freshSet.has(i))))]);
     const specs: Parameters<Scheduler['add']>[0][number][] = [];
     const depFailed = new Map<string, string>(); // drv -> root cause
-    const requestId = this.store.transaction(() => {
+    const requestId = this.write(() => {
+      // While the closure was read and the caches asked, another request may have queued or finished some of these
+      // derivations: those are not this request's to reset, and count as inputs like any known derivation.
+      const taken = new Set(fresh.filter((d) => known(d.drvPath)).map((d) => d.drvPath));
       this.store.insertDerivations(fresh, now, origin);
       this.widen(rootPaths, origin);
       for (const d of fresh) {
+        if (taken.has(d.drvPath)) continue;
         const prior = this.store.derivation(d.drvPath)!;
         if (prior.state !== 'queued')
-          this.store.setState(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
+          this.transition(d.drvPath, 'queued', prior.attempts, now, { detail: 'requested again' });
         if (settled.has(d.drvPath)) {
           for (const [name, path] of Object.entries(d.outputs)) {
             const size = sizes.get(path);
             if (size) this.store.recordOutput(d.drvPath, name, path, size.narSize, size.closureSize);
           }
-          this.store.setState(d.drvPath, 'substituted', prior.attempts, now);
+          this.transition(d.drvPath, 'substituted', prior.attempts, now);
           this.settledNow.push(d.drvPath);
           continue;
         }
@@ -196,17 +250,17 @@ export class BuildManager extends EventEmitter {
         for (const input of d.inputs) {
           const cause = depFailed.get(input);
           if (cause) rootCause ??= cause;
-          else if (freshSet.has(input)) {
+          else if (freshSet.has(input) && !taken.has(input)) {
             if (!settled.has(input)) pending.push(input);
           } else if (this.scheduler.has(input)) pending.push(input);
           else {
-            const row = inputStates.get(input);
+            const row = taken.has(input) ? this.store.derivation(input) : inputStates.get(input);
             if (row && FAILURE_STATES.has(row.state)) rootCause ??= row.root_cause ?? input;
           }
         }
         if (rootCause) {
           depFailed.set(d.drvPath, rootCause);
-          this.store.setState(d.drvPath, 'dependency-failed', prior.attempts, now, { rootCause });
+          this.transition(d.drvPath, 'dependency-failed', prior.attempts, now, { rootCause });
           this.settledNow.push(d.drvPath);
           continue;
         }
@@ -222,7 +276,7 @@ export class BuildManager extends EventEmitter {
       }
       const ready = this.scheduler.add(specs);
       this.graph.add(fresh, (p) => this.scheduler.has(p));
-      for (const r of ready) this.store.setState(r, 'buildable', 0, now);
+      for (const r of ready) this.transition(r, 'buildable', 0, now);
       return this.store.createRequest(source, roots, now);
     });
     this.logger.info(
@@ -250,7 +304,8 @@ export class BuildManager extends EventEmitter {
 
   /**
    * Hands up to `slots` buildable derivations to an agent as leases. The attempts are committed before the
-   * caller sends the assignments, so a crash never leaves a build running that the database does not know.
+   * caller sends the assignments, so a crash never leaves a build running that the database does not know. Hands
+   * out nothing while new work is paused (a full disk).
    */
   assign(
     agent: AgentCapabilities,
@@ -258,8 +313,9 @@ export class BuildManager extends EventEmitter {
     othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
   ): Assign[] {
     const out: Assign[] = [];
+    if (!this.health.accepting) return out;
     const now = this.now();
-    this.store.transaction(() => {
+    this.write(() => {
       while (out.length < slots) {
         const drvPath = this.scheduler.take(agent, othersCanTake);
         if (!drvPath) break;
@@ -274,8 +330,8 @@ export class BuildManager extends EventEmitter {
           logPath: this.logs.pathFor(drvPath, attempt),
         };
         this.store.insertAttempt({ ...lease, now });
-        this.store.setState(drvPath, 'building', attempt, now, { agentId: agent.agentId });
-        this.leases.set(lease.leaseId, lease);
+        this.transition(drvPath, 'building', attempt, now, { agentId: agent.agentId });
+        this.track(lease);
         out.push({
           leaseId: lease.leaseId,
           drvPath,
@@ -283,10 +339,16 @@ export class BuildManager extends EventEmitter {
           maxSilentSeconds: this.options.noOutputTimeoutSeconds,
           timeoutSeconds: this.options.maxDurationSeconds,
           outputNames: this.store.outputsOf(drvPath).map((o) => o.name),
+          maxLogBytes: this.options.maxLogBytes,
         });
       }
     });
     return out;
+  }
+
+  /** Runs `fn` (calls of `assign`) in one transaction: all of it is committed, or memory is reloaded. */
+  batch(fn: () => void): void {
+    this.write(fn);
   }
 
   accepted(agentId: string, leaseId: string): void {
@@ -315,14 +377,19 @@ export class BuildManager extends EventEmitter {
     const lease = this.ownLease(agentId, leaseId);
     if (!lease) return;
     const now = this.now();
-    this.leases.delete(leaseId);
-    this.logs.close(lease.logPath);
+    if (lease.overLimit && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
+      // Stopped by us (or by Nix's max-build-log-size) for its log: that is the build's failure, not a cancellation.
+      f = { ...f, outcome: Outcome.OUTCOME_FAILED, error: this.overLimitReason() };
+    }
     const attemptState = ATTEMPT_STATE[f.outcome] ?? 'infra-error';
     const error = f.error || null;
-    this.store.transaction(() => {
+    this.write(() => {
       this.store.finishAttempt(leaseId, attemptState, error, now);
       this.store.setLogBytes(leaseId, this.logs.storedBytes(lease.logPath));
-      if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
+      if (lease.cancelled !== undefined && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
+        // Whatever stopped it, a cancelled build is never retried.
+        this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
+      } else if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
         for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
         this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
       } else if (outcomeDisposition(f.outcome) === 'retry') {
@@ -337,6 +404,7 @@ export class BuildManager extends EventEmitter {
         this.settle(lease.drvPath, state, lease.attempt, now, { agentId, error: error ?? undefined });
       }
     });
+    this.untrack(lease);
     this.emit('work');
     this.announceSettled();
   }
@@ -364,11 +432,48 @@ export class BuildManager extends EventEmitter {
     return undefined;
   }
 
-  /** Stores a log chunk; returns the bytes stored for the lease, or undefined for a lease that is not open. */
+  /**
+   * Stores a log chunk; returns the bytes stored for the lease, or undefined for a lease this agent never held.
+   * Chunks of this agent's attempts that already finished are still stored: after a reconnect an agent sends the
+   * result and the rest of its log in any order, and the log must end complete. A log that reaches
+   * `build_max_log_bytes` stops there; its build is stopped and fails.
+   */
   appendLog(agentId: string, leaseId: string, offset: number, data: Uint8Array): number | undefined {
+    const limit = this.options.maxLogBytes > 0 ? this.options.maxLogBytes : Infinity;
     const lease = this.ownLease(agentId, leaseId);
-    if (!lease) return undefined;
-    return this.logs.append(lease.logPath, offset, data);
+    if (!lease) return this.appendLate(agentId, leaseId, offset, data, limit);
+    const stored = this.logs.append(lease.logPath, offset, data, limit);
+    if (stored < offset + data.length && stored >= limit && !lease.overLimit) this.logOverLimit(lease);
+    return lease.overLimit ? Math.max(stored, offset + data.length) : stored;
+  }
+
+  /** A chunk for an attempt that finished: stored at its place in the attempt's log, which stays closed. */
+  private appendLate(
+    agentId: string,
+    leaseId: string,
+    offset: number,
+    data: Uint8Array,
+    limit: number,
+  ): number | undefined {
+    const attempt = this.store.attempt(leaseId);
+    if (!attempt || attempt.agent_id !== agentId) return undefined;
+    const stored = this.logs.append(attempt.log_path, offset, data, limit);
+    this.logs.close(attempt.log_path);
+    if (stored !== attempt.log_bytes) this.store.setLogBytes(leaseId, stored);
+    // Bytes past the limit were dropped on purpose: acknowledged, so the agent stops sending them.
+    return attempt.log_truncated === 1 || stored >= limit ? Math.max(stored, offset + data.length) : stored;
+  }
+
+  private overLimitReason(): string {
+    return `the build log exceeded build_max_log_bytes (${this.options.maxLogBytes} bytes); the rest was dropped`;
+  }
+
+  /** The log is full: recorded on the attempt, then the agent is told to stop the build, which fails. */
+  private logOverLimit(lease: Lease): void {
+    lease.overLimit = true;
+    this.write(() => this.store.markLogTruncated(lease.leaseId));
+    this.logger.warn({ leaseId: lease.leaseId, drvPath: lease.drvPath }, this.overLimitReason());
+    this.emit('cancel-lease', lease.leaseId, lease.agentId, this.overLimitReason());
   }
 
   /** Heartbeat: extends the agent's leases it still holds. Returns those renewed. */
@@ -390,6 +495,12 @@ export class BuildManager extends EventEmitter {
     const decisions = running.map((r): LeaseDecision => {
       const lease = this.ownLease(agentId, r.leaseId);
       if (!lease) return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: 'lease is no longer valid' };
+      const stop = lease.cancelled ?? (lease.overLimit ? this.overLimitReason() : undefined);
+      if (stop !== undefined) {
+        // Cancelled (or over its log limit) while the agent was away: it learns now, and the build ends here.
+        this.end(lease, lease.cancelled !== undefined ? 'cancelled' : 'failed', stop);
+        return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: stop };
+      }
       lease.expiresAt = this.now() + this.options.leaseTtlMs;
       return { leaseId: r.leaseId, keep: true, logOffset: this.logs.storedBytes(lease.logPath), reason: '' };
     });
@@ -423,7 +534,7 @@ export class BuildManager extends EventEmitter {
         ? `no connected agent with Nix's sandbox on builds ${what}: this is code from someone without write access, ` +
           'which builds only in a sandbox (unless [security] allow_unsandboxed_untrusted_builds = true)'
         : `no connected agent builds ${what}`;
-      this.store.transaction(() => {
+      this.write(() => {
         for (const drvPath of this.scheduler.buildableIn(lane)) {
           const row = this.store.derivation(drvPath)!;
           this.settle(drvPath, 'unbuildable', row.attempts, now, { error: why });
@@ -437,19 +548,26 @@ export class BuildManager extends EventEmitter {
   /** Cancels derivations: queued ones at once, running ones through their agents (`cancel-lease`). */
   cancel(drvPaths: readonly string[], reason: string): void {
     const now = this.now();
-    this.store.transaction(() => {
+    const toTell: Lease[] = [];
+    this.write(() => {
       for (const drvPath of drvPaths) {
         const status = this.scheduler.status(drvPath);
         if (status === undefined) continue;
         if (status === 'building') {
-          const lease = [...this.leases.values()].find((l) => l.drvPath === drvPath);
-          if (lease) this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
+          const lease = this.leaseOf.get(drvPath);
+          if (lease && lease.cancelled === undefined) {
+            // Recorded before it is sent: a restart or a reconnect still delivers it, and expiry does not retry it.
+            this.store.cancelAttempt(lease.leaseId, reason);
+            lease.cancelled = reason;
+            toTell.push(lease);
+          }
           continue;
         }
         const row = this.store.derivation(drvPath)!;
         this.settle(drvPath, 'cancelled', row.attempts, now, { error: reason });
       }
     });
+    for (const lease of toTell) this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
     this.announceSettled();
   }
 
@@ -515,14 +633,19 @@ export class BuildManager extends EventEmitter {
         }),
     );
     return new Promise((resolve) => {
-      const check = (drvPath?: string): void => {
-        if (drvPath !== undefined) pending.delete(drvPath);
-        if (pending.size > 0) return;
-        this.off('settled', check);
+      if (pending.size === 0) {
         resolve(this.results(requestId));
-      };
-      this.on('settled', check);
-      check();
+        return;
+      }
+      for (const drvPath of pending) {
+        const done = (): void => {
+          pending.delete(drvPath);
+          if (pending.size === 0) resolve(this.results(requestId));
+        };
+        let set = this.waiters.get(drvPath);
+        if (!set) this.waiters.set(drvPath, (set = new Set()));
+        set.add(done);
+      }
     });
   }
 
@@ -532,6 +655,9 @@ export class BuildManager extends EventEmitter {
     this.settledNow = [];
     for (const drvPath of done) {
       this.graph.unpin(drvPath);
+      const waiting = this.waiters.get(drvPath);
+      this.waiters.delete(drvPath);
+      for (const w of waiting ?? []) w();
       this.emit('settled', drvPath);
     }
   }
@@ -542,18 +668,84 @@ export class BuildManager extends EventEmitter {
   }
 
   private lose(lease: Lease, reason: string): void {
+    if (lease.cancelled !== undefined || lease.overLimit) {
+      // A cancelled build is never requeued, and one over its log limit has failed, however its agent went away.
+      this.end(
+        lease,
+        lease.cancelled !== undefined ? 'cancelled' : 'failed',
+        lease.cancelled ?? this.overLimitReason(),
+      );
+      this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
+      return;
+    }
     const now = this.now();
-    this.leases.delete(lease.leaseId);
-    this.logs.close(lease.logPath);
     this.logger.warn({ leaseId: lease.leaseId, drvPath: lease.drvPath, agentId: lease.agentId }, reason);
-    this.store.transaction(() => {
+    this.write(() => {
       this.store.finishAttempt(lease.leaseId, 'lost', reason, now);
       this.store.setLogBytes(lease.leaseId, this.logs.storedBytes(lease.logPath));
       this.retryOrFail(lease, reason, now);
     });
+    this.untrack(lease);
     this.emit('cancel-lease', lease.leaseId, lease.agentId, reason);
     this.emit('work');
     this.announceSettled();
+  }
+
+  /** Ends a lease without a result from its agent: cancelled, or failed for its log. */
+  private end(lease: Lease, state: 'cancelled' | 'failed', reason: string): void {
+    const now = this.now();
+    this.write(() => {
+      this.store.finishAttempt(lease.leaseId, state, reason, now);
+      this.store.setLogBytes(lease.leaseId, this.logs.storedBytes(lease.logPath));
+      this.settle(lease.drvPath, state, lease.attempt, now, { agentId: lease.agentId, error: reason });
+    });
+    this.untrack(lease);
+    this.emit('work');
+    this.announceSettled();
+  }
+
+  private track(lease: Lease): void {
+    this.leases.set(lease.leaseId, lease);
+    this.leaseOf.set(lease.drvPath, lease);
+  }
+
+  private untrack(lease: Lease): void {
+    this.leases.delete(lease.leaseId);
+    if (this.leaseOf.get(lease.drvPath) === lease) this.leaseOf.delete(lease.drvPath);
+    this.logs.close(lease.logPath);
+  }
+
+  /**
+   * A write transaction. When it fails, what it did to memory (the scheduler, leases) may be ahead of the
+   * database: memory is reloaded from the database before the error goes on to the caller.
+   */
+  private write<T>(fn: () => T): T {
+    try {
+      return this.store.transaction(fn);
+    } catch (err) {
+      this.settledNow = [];
+      try {
+        this.resync();
+      } catch (again) {
+        this.health.fault('resync', again);
+      }
+      throw err;
+    }
+  }
+
+  /** The one way the build pipeline changes a derivation's state: an illegal move is logged and counted, not made. */
+  private transition(
+    drvPath: string,
+    state: BuildState,
+    attempt: number,
+    now: number,
+    extra: { rootCause?: string; error?: string; agentId?: string; detail?: string } = {},
+  ): boolean {
+    if (this.store.setState(drvPath, state, attempt, now, extra)) return true;
+    const from = this.store.derivation(drvPath)?.state ?? 'unknown';
+    this.health.illegalTransition();
+    this.logger.error({ drvPath, from, to: state, attempt }, `illegal transition ${from} → ${state} refused`);
+    return false;
   }
 
   private retryOrFail(lease: Lease, reason: string, now: number): void {
@@ -564,7 +756,7 @@ export class BuildManager extends EventEmitter {
       return;
     }
     this.scheduler.retry(lease.drvPath, lease.agentId);
-    this.store.setState(lease.drvPath, 'buildable', lease.attempt, now, { detail: `retrying: ${reason}` });
+    this.transition(lease.drvPath, 'buildable', lease.attempt, now, { detail: `retrying: ${reason}` });
   }
 
   /** A derivation reached a terminal state; dependents follow (buildable on success, dependency-failed else). */
@@ -575,15 +767,15 @@ export class BuildManager extends EventEmitter {
     now: number,
     extra: { agentId?: string; error?: string },
   ): void {
-    this.store.setState(drvPath, state, attempt, now, extra);
+    if (!this.transition(drvPath, state, attempt, now, extra)) return;
     this.settledNow.push(drvPath);
     if (SUCCESS_STATES.has(state)) {
-      for (const ready of this.scheduler.succeeded(drvPath)) this.store.setState(ready, 'buildable', 0, now);
+      for (const ready of this.scheduler.succeeded(drvPath)) this.transition(ready, 'buildable', 0, now);
       return;
     }
     for (const dependent of this.scheduler.failed(drvPath)) {
       const row = this.store.derivation(dependent)!;
-      this.store.setState(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
+      this.transition(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
       this.settledNow.push(dependent);
     }
   }
@@ -616,8 +808,7 @@ const ATTEMPT_STATE: Partial<Record<Outcome, AttemptState>> = {
 /** Which store paths are valid in the local Nix store, asked in batches (not one process per path). */
 async function validPaths(paths: readonly string[]): Promise<Set<string>> {
   const valid = new Set<string>();
-  for (let i = 0; i < paths.length; i += VALIDITY_BATCH) {
-    const batch = paths.slice(i, i + VALIDITY_BATCH);
+  for (const batch of argBatches(paths)) {
     const r = await runNix('nix-store', ['--check-validity', '--print-invalid', ...batch]);
     if (r.code !== 0)
       throw new NixCommandError(`nix-store --check-validity failed: ${lastLines(r.stderr, 3)}`, r.code, r.stderr);

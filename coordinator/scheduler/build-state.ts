@@ -1,5 +1,3 @@
-import { IllegalStateError } from '../../common/errors.js';
-
 /**
  * The life of a derivation (ARCHITECTURE §5):
  *
@@ -60,14 +58,13 @@ const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
   substituted: [],
 };
 
-export function isTerminal(state: BuildState): boolean {
-  return TERMINAL_STATES.has(state);
+/** The states a derivation may reach `to` from. */
+export function statesBefore(to: BuildState): BuildState[] {
+  return (Object.keys(TRANSITIONS) as BuildState[]).filter((from) => TRANSITIONS[from].includes(to));
 }
 
-export function assertTransition(drvPath: string, from: BuildState, to: BuildState): void {
-  if (!TRANSITIONS[from].includes(to)) {
-    throw new IllegalStateError(`derivation ${drvPath}: illegal transition ${from} → ${to}`);
-  }
+export function isTerminal(state: BuildState): boolean {
+  return TERMINAL_STATES.has(state);
 }
 
 export function isBuildState(s: string): s is BuildState {

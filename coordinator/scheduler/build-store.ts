@@ -1,5 +1,6 @@
+import type { Statement } from 'better-sqlite3';
 import type { Db } from '../db/database.js';
-import type { BuildState } from './build-state.js';
+import { type BuildState, statesBefore } from './build-state.js';
 
 /** The rows the build pipeline reads and writes; every statement is prepared once. */
 
@@ -31,6 +32,8 @@ export interface AttemptRow {
   error: string | null;
   log_path: string;
   log_bytes: number;
+  cancel_reason: string | null;
+  log_truncated: number;
 }
 
 export type AttemptState =
@@ -61,6 +64,8 @@ const IN_BATCH = 500;
 
 export class BuildStore {
   private readonly s;
+  /** One statement per target state, allowed only from the states that may precede it. */
+  private readonly moveTo = new Map<BuildState, Statement>();
 
   constructor(readonly db: Db) {
     this.s = {
@@ -72,9 +77,6 @@ export class BuildStore {
       insertOutput: db.prepare('INSERT OR IGNORE INTO derivation_outputs (drv_path, name, path) VALUES (?, ?, ?)'),
       setOutputSizes: db.prepare(
         'UPDATE derivation_outputs SET nar_size = ?, closure_size = ?, path = ? WHERE drv_path = ? AND name = ?',
-      ),
-      setState: db.prepare(
-        'UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ? WHERE drv_path = ?',
       ),
       setAttempts: db.prepare('UPDATE derivations SET attempts = ?, agent_id = ?, updated_at = ? WHERE drv_path = ?'),
       getDrv: db.prepare('SELECT * FROM derivations WHERE drv_path = ?'),
@@ -94,6 +96,8 @@ export class BuildStore {
       startAttempt: db.prepare("UPDATE attempts SET state = 'started', started_at = ? WHERE lease_id = ?"),
       acceptAttempt: db.prepare("UPDATE attempts SET state = 'accepted' WHERE lease_id = ? AND state = 'assigned'"),
       setLogBytes: db.prepare('UPDATE attempts SET log_bytes = ? WHERE lease_id = ?'),
+      cancelAttempt: db.prepare('UPDATE attempts SET cancel_reason = ? WHERE lease_id = ? AND cancel_reason IS NULL'),
+      logTruncated: db.prepare('UPDATE attempts SET log_truncated = 1 WHERE lease_id = ?'),
       attemptsOf: db.prepare('SELECT * FROM attempts WHERE drv_path = ? ORDER BY attempt'),
       insertRequest: db.prepare('INSERT INTO requests (created_at, source) VALUES (?, ?)'),
       insertRoot: db.prepare('INSERT OR REPLACE INTO request_roots (request_id, attr, drv_path) VALUES (?, ?, ?)'),
@@ -188,15 +192,31 @@ export class BuildStore {
     return this.s.outputsOf.all(drvPath) as OutputRow[];
   }
 
+  /**
+   * Moves a derivation to `state` if the life of a derivation allows it from the state it is in (build-state.ts),
+   * and records the event; returns false, changing nothing, when it does not (or the derivation is unknown). The one
+   * way a derivation's state changes.
+   */
   setState(
     drvPath: string,
     state: BuildState,
     attempt: number,
     at: number,
     extra: { rootCause?: string; error?: string; agentId?: string; detail?: string } = {},
-  ): void {
-    this.s.setState.run(state, extra.rootCause ?? null, extra.error ?? null, at, drvPath);
+  ): boolean {
+    let move = this.moveTo.get(state);
+    if (!move) {
+      const from = statesBefore(state)
+        .map((s) => `'${s}'`)
+        .join(', ');
+      move = this.db.prepare(
+        `UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ? WHERE drv_path = ? AND state IN (${from || 'NULL'})`,
+      );
+      this.moveTo.set(state, move);
+    }
+    if (move.run(state, extra.rootCause ?? null, extra.error ?? null, at, drvPath).changes !== 1) return false;
     this.s.event.run(drvPath, attempt, state, extra.agentId ?? null, extra.detail ?? extra.error ?? null, at);
+    return true;
   }
 
   recordOutput(drvPath: string, name: string, path: string, narSize: number, closureSize: number): void {
@@ -242,6 +262,16 @@ export class BuildStore {
 
   setLogBytes(leaseId: string, bytes: number): void {
     this.s.setLogBytes.run(bytes, leaseId);
+  }
+
+  /** Records that an open attempt is to be cancelled, and why (before the agent is told). */
+  cancelAttempt(leaseId: string, reason: string): void {
+    this.s.cancelAttempt.run(reason, leaseId);
+  }
+
+  /** Records that an attempt's log reached build_max_log_bytes and the rest was dropped. */
+  markLogTruncated(leaseId: string): void {
+    this.s.logTruncated.run(leaseId);
   }
 
   createRequest(source: string, roots: ReadonlyArray<{ attr: string; drvPath: string }>, now: number): number {

@@ -102,6 +102,13 @@ export class Scheduler {
     return this.nodes.has(drvPath);
   }
 
+  /** Comparisons made by the lanes' heaps so far: the scheduler's work, counted (for tests). */
+  get comparisons(): number {
+    let n = 0;
+    for (const heap of this.lanes.values()) n += heap.comparisons;
+    return n;
+  }
+
   status(drvPath: string): NodeStatus | undefined {
     return this.nodes.get(drvPath)?.status;
   }
@@ -181,8 +188,7 @@ export class Scheduler {
     }
     if (!best) return undefined;
     const chosen = best.node;
-    if (best.heap.peek() === chosen) best.heap.pop();
-    else best.heap.removeWhere((n) => n === chosen);
+    best.heap.remove(chosen);
     chosen.status = 'building';
     return chosen.spec.drvPath;
   }
@@ -236,7 +242,7 @@ export class Scheduler {
     const node = this.nodes.get(drvPath);
     if (!node?.spec.untrusted) return;
     const wasBuildable = node.status === 'buildable';
-    if (wasBuildable) this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    if (wasBuildable) this.lanes.get(node.lane)?.remove(node);
     node.spec = { ...node.spec, untrusted: false };
     this.untrusted--;
     node.lane = laneOf(node.spec);
@@ -246,7 +252,7 @@ export class Scheduler {
   /** Marks a derivation as building without going through `take` (a lease kept across a coordinator restart). */
   markBuilding(drvPath: string): void {
     const node = this.require(drvPath);
-    if (node.status === 'buildable') this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    if (node.status === 'buildable') this.lanes.get(node.lane)?.remove(node);
     node.status = 'building';
   }
 
@@ -255,16 +261,23 @@ export class Scheduler {
     agent: AgentCapabilities,
     othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
   ): Node | undefined {
-    const items = heap.toArray();
     const head = heap.peek();
     if (head && !head.excludedAgents.has(agent.agentId)) return head;
-    // Heap order is only partial beyond the head; sort the scanned prefix to keep priority order.
-    const scan = [...items].sort((a, b) => (laneFirst(a, b) ? -1 : 1)).slice(0, EXCLUSION_SCAN_DEPTH);
-    for (const node of scan) {
-      if (!node.excludedAgents.has(agent.agentId)) return node;
-      if (!othersCanTake(node.lane, node.excludedAgents)) return node;
+    // Beyond the head the heap is only partly ordered: the next items in priority order are popped (O(log n) each,
+    // never more than the scan depth) and pushed back.
+    const scanned: Node[] = [];
+    let found: Node | undefined;
+    while (scanned.length < EXCLUSION_SCAN_DEPTH) {
+      const node = heap.pop();
+      if (!node) break;
+      scanned.push(node);
+      if (!node.excludedAgents.has(agent.agentId) || !othersCanTake(node.lane, node.excludedAgents)) {
+        found = node;
+        break;
+      }
     }
-    return undefined;
+    for (const node of scanned) heap.push(node);
+    return found;
   }
 
   private enqueue(node: Node): void {
@@ -280,7 +293,7 @@ export class Scheduler {
   }
 
   private remove(node: Node): void {
-    if (node.status === 'buildable') this.lanes.get(node.lane)?.removeWhere((n) => n === node);
+    if (node.status === 'buildable') this.lanes.get(node.lane)?.remove(node);
     if (node.spec.untrusted) this.untrusted--;
     this.nodes.delete(node.spec.drvPath);
   }

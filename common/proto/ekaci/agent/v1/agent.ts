@@ -272,6 +272,11 @@ export interface Assign {
   maxSilentSeconds: number;
   timeoutSeconds: number;
   outputNames: string[];
+  /**
+   * Nix's max-build-log-size for this build (the coordinator's build_max_log_bytes); 0 means none. The coordinator stores
+   * no more than this either, and fails the build when its log outgrows it.
+   */
+  maxLogBytes: number;
 }
 
 export interface JobEvent {
@@ -1898,7 +1903,15 @@ export const Credit: MessageFns<Credit> = {
 };
 
 function createBaseAssign(): Assign {
-  return { leaseId: "", drvPath: "", attempt: 0, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: [] };
+  return {
+    leaseId: "",
+    drvPath: "",
+    attempt: 0,
+    maxSilentSeconds: 0,
+    timeoutSeconds: 0,
+    outputNames: [],
+    maxLogBytes: 0,
+  };
 }
 
 export const Assign: MessageFns<Assign> = {
@@ -1920,6 +1933,9 @@ export const Assign: MessageFns<Assign> = {
     }
     for (const v of message.outputNames) {
       writer.uint32(50).string(v!);
+    }
+    if (message.maxLogBytes !== 0) {
+      writer.uint32(56).uint64(message.maxLogBytes);
     }
     return writer;
   },
@@ -1985,6 +2001,14 @@ export const Assign: MessageFns<Assign> = {
             message.outputNames.push(reader.string());
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.maxLogBytes = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2025,6 +2049,11 @@ export const Assign: MessageFns<Assign> = {
         : globalThis.Array.isArray(object?.output_names)
         ? object.output_names.map((e: any) => globalThis.String(e))
         : [],
+      maxLogBytes: isSet(object.maxLogBytes)
+        ? globalThis.Number(object.maxLogBytes)
+        : isSet(object.max_log_bytes)
+        ? globalThis.Number(object.max_log_bytes)
+        : 0,
     };
   },
 
@@ -2048,6 +2077,9 @@ export const Assign: MessageFns<Assign> = {
     if (message.outputNames?.length) {
       obj.outputNames = message.outputNames;
     }
+    if (message.maxLogBytes !== 0) {
+      obj.maxLogBytes = Math.round(message.maxLogBytes);
+    }
     return obj;
   },
 
@@ -2062,6 +2094,7 @@ export const Assign: MessageFns<Assign> = {
     message.maxSilentSeconds = object.maxSilentSeconds ?? 0;
     message.timeoutSeconds = object.timeoutSeconds ?? 0;
     message.outputNames = object.outputNames?.map((e) => e) || [];
+    message.maxLogBytes = object.maxLogBytes ?? 0;
     return message;
   },
 };
