@@ -126,6 +126,7 @@ describe('per-lease GC roots', () => {
           leaseId: 'rooted',
           drvPath,
           attempt: 1,
+          inputOutputs: [],
           maxSilentSeconds: 0,
           timeoutSeconds: 0,
           outputNames: ['out'],

@@ -202,6 +202,7 @@ describe('ekaci-agent', () => {
       value: {
         leaseId: 'long',
         drvPath,
+        inputOutputs: [],
         attempt: 1,
         maxSilentSeconds: 0,
         timeoutSeconds: 0,
@@ -242,10 +243,11 @@ describe('ekaci-agent', () => {
       ...['--assign', `upload-fails=${failing}`, '--assign', `long=${long}`],
       ...['--welcome-json', JSON.stringify({ cacheUrl: refused })],
     ]);
-    const run = ekaciAgent(['--coordinator', c.address, '--spool-dir', join(dir, 'spool'), '--max-jobs', '2'], {
-      EKACI_AGENT_TOKEN: 'test-token',
-      EKACI_LOG_LEVEL: 'info',
-    });
+    // --cache-wait 0: the upload fails at once instead of waiting for a coordinator that may come back.
+    const run = ekaciAgent(
+      ['--coordinator', c.address, '--spool-dir', join(dir, 'spool'), '--max-jobs', '2', '--cache-wait', '0'],
+      { EKACI_AGENT_TOKEN: 'test-token', EKACI_LOG_LEVEL: 'info' },
+    );
     await c.line(/^event upload-fails finished$/);
     const pids = await pidsInSpool('long');
     await c.kill();
@@ -274,6 +276,7 @@ describe('ekaci-agent', () => {
       value: {
         leaseId: 'slow',
         drvPath,
+        inputOutputs: [],
         attempt: 1,
         maxSilentSeconds: 0,
         timeoutSeconds: 0,

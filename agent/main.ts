@@ -23,6 +23,7 @@ interface Flags {
   nixSandbox?: boolean;
   store?: string;
   drainGrace?: number;
+  cacheWait?: number;
   exitWithParent?: boolean;
 }
 
@@ -49,6 +50,11 @@ function parseArgs(argv: string[]): Flags {
       '--drain-grace <seconds>',
       'on SIGTERM, how long running builds may finish and report before they are stopped (default: 100)',
       (v) => parseCount('--drain-grace', v),
+    )
+    .option(
+      '--cache-wait <seconds>',
+      "how long an upload waits for the coordinator's cache to answer (a restart) before the build fails (default: 120)",
+      (v) => parseCount('--cache-wait', v, true),
     )
     .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
@@ -93,6 +99,7 @@ function compile(flags: Flags): AgentOptions {
     nixSandbox: flags.nixSandbox,
     store: parseStore(flags.store),
     drainGraceMs: flags.drainGrace === undefined ? undefined : flags.drainGrace * 1000,
+    cacheWaitMs: flags.cacheWait === undefined ? undefined : flags.cacheWait * 1000,
     logger: createLogger('ekaci-agent'),
   });
 }

@@ -26,6 +26,8 @@ const DEFAULT_STOP_NOW_GRACE_MS = 3_000;
 // How long a graceful stop (the first SIGTERM) lets running builds finish and report before it stops them: inside
 // the 120 s that the systemd units and the launchd plist give the agent to exit, with room for stopNowGraceMs.
 const DEFAULT_DRAIN_GRACE_MS = 100_000;
+// A coordinator restarting (an upgrade, a crash) is back within seconds; two minutes covers a slow start.
+const DEFAULT_CACHE_WAIT_MS = 120_000;
 
 // How long a graceful stop waits for the coordinator to end the stream after the agent half-closed it. Everything
 // is acknowledged by then; the status only confirms it, so the wait is short.
@@ -77,6 +79,8 @@ export interface AgentOptions {
   stopNowGraceMs: number;
   /** How long stopGracefully() waits for running builds and their reports before it stops now. */
   drainGraceMs: number;
+  /** How long an upload waits for an unreachable cache (a coordinator restarting) before the build fails. */
+  cacheWaitMs: number;
   closeTimeoutMs: number;
 }
 
@@ -105,6 +109,7 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
     localCancelGraceMs: DEFAULT_LOCAL_CANCEL_GRACE_MS,
     stopNowGraceMs: DEFAULT_STOP_NOW_GRACE_MS,
     drainGraceMs: DEFAULT_DRAIN_GRACE_MS,
+    cacheWaitMs: DEFAULT_CACHE_WAIT_MS,
     closeTimeoutMs: DEFAULT_CLOSE_TIMEOUT_MS,
     ...withoutUndefined(input),
     coordinator: input.coordinator,
@@ -168,9 +173,9 @@ export function readTokenFile(path: string): string {
 }
 
 /** Parses a count flag such as `--max-jobs`. */
-export function parseCount(flag: string, value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 1)
-    throw new UsageError(`${flag} must be a positive integer, not '${value}'`);
+export function parseCount(flag: string, value: string, zeroAllowed = false): number {
+  if (!/^\d+$/.test(value) || Number(value) < (zeroAllowed ? 0 : 1))
+    throw new UsageError(`${flag} must be a ${zeroAllowed ? 'whole number' : 'positive integer'}, not '${value}'`);
   return Number(value);
 }
 

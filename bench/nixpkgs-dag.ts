@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { seededRandom } from '../common/prng.js';
 
 /**
  * A generated package set shaped like nixpkgs, of exactly `total` trivial derivations (`/bin/sh` builders, no
@@ -49,7 +50,7 @@ const DERIVATIONS_PER_AGGREGATE = 10_000;
 const AGGREGATE_INPUTS = 1_000;
 
 export function nixpkgsDag(total: number, seed = 1): NixpkgsDag {
-  const random = mulberry32(seed);
+  const random = seededRandom(seed);
   const aggregates = Math.max(1, Math.round(total / DERIVATIONS_PER_AGGREGATE));
   const rest = total - BOOTSTRAP_STAGES - aggregates;
   if (rest < LAYERS * 2) throw new RangeError(`a nixpkgs-shaped DAG needs at least ${minimumSize()} derivations`);
@@ -185,16 +186,4 @@ function shuffle<T>(xs: T[], random: () => number): T[] {
     [xs[i], xs[j]] = [xs[j]!, xs[i]!];
   }
   return xs;
-}
-
-/** A small seeded PRNG: the same size gives the same shape on every run. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }

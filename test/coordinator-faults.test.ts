@@ -58,7 +58,7 @@ function finished(a: RawAgent, messageId: number, leaseId: string, outcome: Outc
 const state = (drvPath: string): string | undefined => coordinator!.store.derivation(drvPath)?.state;
 
 describe('the coordinator under faults', () => {
-  it('leaves a result whose write failed unacknowledged, goes on, and records it when it comes again', async () => {
+  it('leaves a result whose write failed unacknowledged, ends the stream, and records it when it comes again', async () => {
     const { a, lease } = await leased(tempDir());
     // The database refuses the write the way a full disk or a corrupt page would: an error from SQLite mid-handler.
     coordinator!.store.db.exec(
@@ -66,18 +66,20 @@ describe('the coordinator under faults', () => {
        BEGIN SELECT RAISE(ABORT, 'injected: disk I/O error'); END`,
     );
     finished(a, 7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
-    await expect.poll(() => coordinator!.health.count('job event finished', 'error')).toBe(1);
-    // The fault was handled where an Ack would have been sent: none was.
+    // The stream ends, so that the agent reconnects and sends what was not acknowledged again at once.
+    expect(await a.ended()).toMatchObject({ details: expect.stringMatching(/EKACI_ERR_UNAVAILABLE/) as unknown });
+    expect(await coordinator!.health.count('job event finished', 'error')).toBe(1);
     expect(a.received.some((m) => m.msg?.$case === 'ack' && m.msg.value.messageIds.includes(7))).toBe(false);
     expect(state(lease.drvPath)).toBe('building');
     expect(coordinator!.manager.openLease(lease.leaseId)?.drvPath).toBe(lease.drvPath);
-    // The stream goes on: a heartbeat still renews the lease.
-    a.send({ $case: 'heartbeat', value: { leaseIds: [lease.leaseId] } });
-    expect((await a.next('heartbeatAck')).renewedLeaseIds).toEqual([lease.leaseId]);
 
+    // The coordinator goes on: the agent reconnects and keeps its lease.
+    const again = raw();
+    again.hello({ runningLeases: [{ leaseId: lease.leaseId, logBytes: 0 }] });
+    expect((await again.next('welcome')).leaseDecisions[0]?.keep).toBe(true);
     coordinator!.store.db.exec('DROP TRIGGER refuse');
-    finished(a, 7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
-    await a.next('ack', (x) => x.messageIds.includes(7));
+    finished(again, 7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
+    await again.next('ack', (x) => x.messageIds.includes(7));
     expect(state(lease.drvPath)).toBe('failed');
     expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('failed');
   });

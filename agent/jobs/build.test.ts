@@ -43,6 +43,7 @@ function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): 
     outputNames: ['out'],
     maxLogBytes: 0,
     ...extra,
+    inputOutputs: extra.inputOutputs ?? [],
   };
 }
 

@@ -1,8 +1,10 @@
 import { readFile, rm, symlink } from 'node:fs/promises';
-import { IllegalStateError } from '../../common/errors.js';
+import { IllegalStateError, NixCommandError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
-import { outputPaths, parseDerivation } from '../../common/nix/derivation.js';
+import { NIX_EXPERIMENTAL, lastLines, runNix } from '../../common/nix/cli.js';
+import type { BuildOutcome, NixDaemonConnection } from '../../common/nix/daemon-client.js';
+import { type Derivation, derivationStorePath, outputPaths, parseDerivation } from '../../common/nix/derivation.js';
+import { storePathName } from '../../common/nix/store-path.js';
 import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { nixBuildOutcome } from '../../common/retry.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
@@ -52,10 +54,10 @@ const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
 
 /**
  * One `Assign` carried out over a long-lived connection to the agent's Nix store (`nix-daemon --stdio`): the
- * derivation is realised — its `.drv` and inputs substituted from the coordinator's cache — with its log spooled
- * to the lease's file line by line, then its outputs are made GC roots (released by the workload once the
- * coordinator acknowledged the result), uploaded to the cache and measured. `run()` never rejects: every failure is
- * an outcome.
+ * derivation is realised — its inputs substituted from the coordinator's cache (see `realise` for the `.drv`) —
+ * with its log spooled to the lease's file line by line, then its outputs are made GC roots (released by the
+ * workload once the coordinator acknowledged the result), uploaded to the cache and measured. `run()` never rejects:
+ * every failure is an outcome.
  *
  * The log is read from the daemon no faster than the spool writes it: while the lease log's buffer is over its
  * high-water mark, the build stops reading, and the daemon (and through it the builder) waits.
@@ -68,6 +70,8 @@ export class Build {
   private tailBytes = 0;
   private cancelReason: string | null = null;
   private result: Promise<BuildResult> | null = null;
+  /** The derivation, when it was fetched on its own rather than made valid in the store with its closure. */
+  private derivation: Derivation | null = null;
 
   constructor(
     private readonly assign: Assign,
@@ -152,7 +156,7 @@ export class Build {
           'max-build-log-size': String(a.maxLogBytes),
         },
       });
-      built = await conn.buildPaths([`${a.drvPath}!*`], (line) => this.logLine(line));
+      built = await this.realise(conn);
     } catch (err) {
       await this.log.close();
       if (this.cancelReason !== null) return this.finishCancelled();
@@ -174,7 +178,7 @@ export class Build {
     this.transition('uploading');
     let paths: Record<string, string>;
     try {
-      paths = outputPaths(parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));
+      paths = outputPaths(this.derivation ?? parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));
       await this.addGcRoots(conn, paths);
     } catch (err) {
       if (this.cancelReason !== null) return this.finishCancelled();
@@ -184,7 +188,8 @@ export class Build {
       );
     }
     try {
-      if (c.cacheUrl !== '') await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId);
+      if (c.cacheUrl !== '')
+        await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId, () => this.cancelReason !== null);
       const outputs: BuiltOutput[] = [];
       for (const [name, path] of Object.entries(paths)) {
         outputs.push({ name, path, ...(await c.uploader.sizes(conn, path)) });
@@ -195,6 +200,71 @@ export class Build {
       if (this.cancelReason !== null) return this.finishCancelled();
       return this.finish(Outcome.OUTCOME_INFRA_ERROR, `upload to ${c.cacheUrl} failed: ${message(err)}`);
     }
+  }
+
+  /**
+   * Builds the derivation. When its `.drv` is not in the store, the way Hydra's remote builders do: the one `.drv`
+   * is read from the cache, its input derivations are resolved to the output paths the coordinator sent, and the
+   * daemon builds the result (wopBuildDerivation), substituting only those outputs' closures. Substituting the
+   * `.drv` instead would bring its whole `.drv` closure first, one path at a time (30,000 paths: over 12 minutes
+   * for a nixpkgs pull request). Falls back to building the `.drv` by path when it cannot go that way: an older
+   * coordinator, no cache, or a daemon that refuses wopBuildDerivation to an untrusted user.
+   */
+  private async realise(conn: NixDaemonConnection): Promise<BuildOutcome> {
+    const a = this.assign;
+    const onLog = (line: string): void | Promise<void> => this.logLine(line);
+    const basic = await this.basicDerivation(conn);
+    if (this.cancelReason !== null) throw new Error('cancelled while reading the .drv');
+    if (basic !== null) {
+      try {
+        return await conn.buildDerivation(a.drvPath, basic, onLog);
+      } catch (err) {
+        if (!(err instanceof NixCommandError && /not privileged to build/.test(err.message))) throw err;
+        this.context.pool.basicDerivationsRefused = true;
+        this.derivation = null;
+        this.logger.warn(
+          { err: err.message },
+          "the nix-daemon refuses to build derivations sent inline (this agent's user is not in trusted-users): " +
+            'every build now substitutes its whole .drv closure first, which is slow for large closures',
+        );
+      }
+    }
+    return conn.buildPaths([`${a.drvPath}!*`], onLog);
+  }
+
+  /** The derivation with its input derivations resolved to their outputs, or null to build the `.drv` by path. */
+  private async basicDerivation(conn: NixDaemonConnection): Promise<Derivation | null> {
+    const a = this.assign;
+    const c = this.context;
+    if (c.cacheUrl === '' || c.pool.basicDerivationsRefused) return null;
+    if ((await conn.queryValidPaths([a.drvPath])).has(a.drvPath)) return null;
+    // The one file, without its references: nothing in the store changes.
+    const args = [...NIX_EXPERIMENTAL, 'store', 'cat', '--store', c.cacheUrl, '--option', 'netrc-file', c.netrcPath];
+    let d: Derivation;
+    try {
+      const cat = await runNix('nix', [...args, a.drvPath]);
+      if (cat.code !== 0) throw new Error(lastLines(cat.stderr, 3));
+      d = parseDerivation(cat.stdout, a.drvPath);
+      // Nix checks a substituted .drv's signature; this text is checked against its path, which hashes it.
+      if (derivationStorePath(cat.stdout, d, storePathName(a.drvPath)) !== a.drvPath) {
+        throw new Error('its contents do not match its path');
+      }
+    } catch (err) {
+      this.logger.warn({ drvPath: a.drvPath, err: message(err) }, 'cannot read the .drv from the cache on its own');
+      return null;
+    }
+    const known = new Map(a.inputOutputs.map((o) => [`${o.drvPath}!${o.name}`, o.path]));
+    const inputs: string[] = [];
+    for (const [drv, names] of Object.entries(d.inputDrvs)) {
+      for (const name of names) {
+        const path = known.get(`${drv}!${name}`);
+        // An older coordinator sends none; a floating content-addressed input has no path before it is built.
+        if (path === undefined || path === '') return null;
+        inputs.push(path);
+      }
+    }
+    this.derivation = d;
+    return { ...d, inputDrvs: {}, inputSrcs: [...d.inputSrcs, ...inputs] };
   }
 
   /** A promise while the spool is behind: the daemon connection reads no further until it settles. */

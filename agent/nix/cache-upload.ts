@@ -5,6 +5,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { LRUCache } from 'lru-cache';
+import { Backoff, sleep } from '../../common/backoff.js';
 import { CacheError } from '../../common/errors.js';
 import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-client.js';
 import { nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
@@ -12,6 +13,9 @@ import { storePathHash } from '../../common/nix/store-path.js';
 
 /** The header naming the lease an upload belongs to (the coordinator's cache checks it). */
 const LEASE_HEADER = 'x-ekaci-lease';
+
+// How often that wait looks whether the build was cancelled meanwhile.
+const STOP_CHECK_MS = 100;
 
 // Path infos are immutable for a store path, and an agent meets the same inputs build after build: remembering
 // them makes closure sizes and uploads cost one query per new path. 200k entries is some tens of MiB.
@@ -28,7 +32,15 @@ export class CacheUploader {
   private readonly infos = new LRUCache<string, PathInfo>({ max: PATH_INFO_MEMORY });
   private readonly uploaded = new LRUCache<string, true>({ max: PATH_INFO_MEMORY });
 
-  constructor(private readonly token: string) {}
+  /**
+   * `unreachableWaitMs`: how long an upload that finds the cache unreachable waits for it (a coordinator restarting)
+   * before the build is given up as an infrastructure failure. Giving up at once cost builds their logs: the retry
+   * ran on a store that had the output already, so Nix printed nothing.
+   */
+  constructor(
+    private readonly token: string,
+    private readonly unreachableWaitMs = 0,
+  ) {}
 
   async pathInfo(conn: NixDaemonConnection, path: string): Promise<PathInfo> {
     const known = this.infos.get(path);
@@ -59,8 +71,15 @@ export class CacheUploader {
    * Uploads `paths` — the outputs of lease `leaseId`, which the cache cannot have unless another agent built the
    * same derivation, so they are sent without asking — after the outputs among them that they refer to.
    */
-  async upload(conn: NixDaemonConnection, cacheUrl: string, paths: readonly string[], leaseId: string): Promise<void> {
+  async upload(
+    conn: NixDaemonConnection,
+    cacheUrl: string,
+    paths: readonly string[],
+    leaseId: string,
+    stopped: () => boolean = () => false,
+  ): Promise<void> {
     const target = cacheUrl.replace(/\/+$/, '');
+    if (!target.startsWith('file://')) await this.reachable(target, stopped);
     const outputs = new Set(paths);
     for (const path of paths) await this.uploadOutput(conn, target, path, new Set(), outputs, leaseId);
   }
@@ -89,6 +108,32 @@ export class CacheUploader {
     }
     await this.put(conn, target, path, info, leaseId);
     this.uploaded.set(key, true);
+  }
+
+  /**
+   * Waits, with backoff, until the cache answers at all (any HTTP status): a NAR stream that fails half-way leaves
+   * the daemon connection unusable, so the upload starts only once the coordinator is there. Gives up at once when
+   * `stopped()` says the build was cancelled (the agent stopping).
+   */
+  private async reachable(target: string, stopped: () => boolean): Promise<void> {
+    const backoff = new Backoff(250, 5_000);
+    const deadline = Date.now() + this.unreachableWaitMs;
+    for (;;) {
+      try {
+        await fetch(`${target}/nix-cache-info`, { method: 'HEAD', headers: this.auth() });
+        return;
+      } catch (err) {
+        if (Date.now() >= deadline || stopped()) {
+          throw new CacheError(
+            `${target} did not answer for ${Math.round(this.unreachableWaitMs / 1000)} s: ${err instanceof Error ? err.message : String(err)}`,
+          );
+        }
+        for (let wait = Math.min(backoff.next(), Math.max(0, deadline - Date.now())); wait > 0 && !stopped();) {
+          await sleep(Math.min(wait, STOP_CHECK_MS));
+          wait -= STOP_CHECK_MS;
+        }
+      }
+    }
   }
 
   private async cacheHas(target: string, path: string): Promise<boolean> {

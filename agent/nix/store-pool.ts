@@ -22,6 +22,11 @@ export class StorePool {
   private readonly idle: NixDaemonConnection[] = [];
   private readonly all = new Set<NixDaemonConnection>();
   private readonly uses = new WeakMap<NixDaemonConnection, number>();
+  /**
+   * Set once the store's daemon refused wopBuildDerivation (an untrusted user of the host's daemon): builds then
+   * substitute their `.drv` closures rather than ask again.
+   */
+  basicDerivationsRefused = false;
 
   /**
    * `nixOptions` are read when an own daemon starts. Store settings such as `system-features` are fixed when the

@@ -18,7 +18,15 @@ const c = await ScriptedCoordinator.start({
     if (m.msg?.$case === 'jobEvent') process.stdout.write(`event ${m.msg.value.leaseId} ${m.msg.value.event?.$case}\n`);
     if (m.msg?.$case !== 'credit') return;
     for (const [leaseId = '', drvPath = ''] of assigns.splice(0)) {
-      const value = { leaseId, drvPath, attempt: 1, maxSilentSeconds: 0, timeoutSeconds: 0, outputNames: ['out'] };
+      const value = {
+        leaseId,
+        drvPath,
+        attempt: 1,
+        maxSilentSeconds: 0,
+        timeoutSeconds: 0,
+        outputNames: ['out'],
+        inputOutputs: [],
+      };
       s.send({ $case: 'assign', value: { ...value, maxLogBytes: 0 } });
     }
   },

@@ -12,12 +12,18 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { IllegalStateError, NixCommandError } from '../errors.js';
 import { type DaemonTransport, SocketTransport, StdioTransport } from './daemon-transport.js';
+import type { Derivation } from './derivation.js';
 import {
   BUILD_MODE_NORMAL,
+  BUILD_RESULT_BUILD_FAILURES,
+  BUILD_RESULT_SUCCESSES,
+  BUILD_RESULT_TIMED_OUT,
   CLIENT_PROTOCOL_VERSION,
   LVL_ERROR,
   MIN_DAEMON_PROTOCOL_VERSION,
   Op,
+  PROTOCOL_WITH_BUILD_TIMES,
+  PROTOCOL_WITH_BUILT_OUTPUTS,
   PROTOCOL_WITH_NIX_VERSION,
   WORKER_MAGIC_1,
   WORKER_MAGIC_2,
@@ -28,6 +34,7 @@ import {
   readNar,
   readStderr,
   showProtocol,
+  stripAnsi,
   type DaemonErrorInfo,
   type StderrHandlers,
 } from './worker-protocol.js';
@@ -244,6 +251,54 @@ export class NixDaemonConnection {
       }
       await this.reader.u64(); // always 1
       return { ok: true };
+    });
+  }
+
+  /**
+   * wopBuildDerivation: builds `drv`, a derivation without input derivations (a BasicDerivation: its inputs are all
+   * in `inputSrcs`), under the name `drvPath`, which need not be valid in the store. The daemon substitutes missing
+   * inputs itself, but never a `.drv`. Logs as for buildPaths. A daemon allows it only to trusted users (for an
+   * input-addressed derivation): it refuses others with a reported NixCommandError that names the privilege.
+   */
+  buildDerivation(drvPath: string, drv: Derivation, onLog?: (line: string) => unknown): Promise<BuildOutcome> {
+    return this.run('buildDerivation', async () => {
+      const messages: string[] = [];
+      const handlers: StderrHandlers = {
+        onBuildLogLine: onLog,
+        onActivity: onLog,
+        onMessage: (text) => {
+          messages.push(text);
+          return onLog?.(text);
+        },
+      };
+      const w = new WireWriter().u64(Op.BuildDerivation).string(drvPath);
+      const outputs = Object.entries(drv.outputs).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+      w.u64(outputs.length);
+      for (const [name, o] of outputs) w.string(name).string(o.path).string(o.hashAlgo).string(o.hash);
+      w.strings([...new Set(drv.inputSrcs)].sort())
+        .string(drv.system)
+        .string(drv.builder)
+        .strings(drv.args);
+      const env = Object.entries(drv.env);
+      w.u64(env.length);
+      for (const [name, value] of env) w.string(name).string(value);
+      this.send(w.u64(BUILD_MODE_NORMAL).bytes());
+      const failure = await readStderr(this.reader, handlers);
+      if (failure) throw this.reported(failureText(failure));
+      const status = await this.reader.u64();
+      const errorMsg = stripAnsi(await this.reader.string());
+      if (this.protocolVersion >= PROTOCOL_WITH_BUILD_TIMES) {
+        for (let i = 0; i < 4; i++) await this.reader.u64(); // timesBuilt, isNonDeterministic, startTime, stopTime
+      }
+      if (this.protocolVersion >= PROTOCOL_WITH_BUILT_OUTPUTS) {
+        const n = await this.reader.u64();
+        for (let i = 0; i < 2 * n; i++) await this.reader.string(); // DrvOutput → Realisation JSON
+      }
+      if (BUILD_RESULT_SUCCESSES.has(status)) return { ok: true };
+      let exitStatus = exitStatusFromMessages([errorMsg, ...messages]);
+      if (status === BUILD_RESULT_TIMED_OUT) exitStatus = 0x65;
+      else if (BUILD_RESULT_BUILD_FAILURES.has(status)) exitStatus = (exitStatus === 1 ? 0x60 : exitStatus) | 0x64;
+      return { ok: false, status: exitStatus, message: errorMsg };
     });
   }
 

@@ -1,6 +1,8 @@
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { DerivationParseError } from '../errors.js';
-import { isDrvPath } from './store-path.js';
+import { nixBase32 } from './narinfo.js';
+import { STORE_DIR, isDrvPath } from './store-path.js';
 
 /** One output of a derivation. `hashAlgo`/`hash` are empty for input-addressed outputs, as in the .drv file. */
 export interface DerivationOutput {
@@ -282,6 +284,22 @@ export function outputPaths(d: Derivation): Record<string, string> {
   const paths = dict<string>();
   for (const [name, o] of Object.entries(d.outputs)) if (o.path !== '') paths[name] = o.path;
   return paths;
+}
+
+/**
+ * The store path Nix gives the `.drv` file `text` (parsed as `d`) named `name` (`hello-2.12.1.drv`): a text path
+ * whose hash covers the contents and the references (input derivations and sources). Equal to the path the text
+ * was fetched under, it proves the text is that derivation, whoever served it.
+ */
+export function derivationStorePath(text: string, d: Derivation, name: string): string {
+  const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])].sort();
+  const type = ['text', ...references].join(':');
+  const contentHash = createHash('sha256').update(text, 'utf8').digest('hex');
+  const digest = createHash('sha256').update(`${type}:sha256:${contentHash}:${STORE_DIR}:${name}`, 'utf8').digest();
+  // Nix's compressHash: the 32-byte digest folded into 20 by XOR.
+  const compressed = new Uint8Array(20);
+  digest.forEach((byte, i) => (compressed[i % 20] = (compressed[i % 20] as number) ^ byte));
+  return `${STORE_DIR}/${nixBase32(compressed)}-${name}`;
 }
 
 /**

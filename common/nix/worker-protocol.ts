@@ -35,6 +35,7 @@ export const showProtocol = (v: number): string => `${protocolMajor(v)}.${protoc
 
 export const Op = {
   BuildPaths: 9,
+  BuildDerivation: 36,
   AddIndirectRoot: 12,
   SetOptions: 19,
   QueryPathInfo: 26,
@@ -62,8 +63,29 @@ export const LVL_DEBUG = 6;
 // Nix verbosity levels: error 0, warn 1, notice 2, info 3, talkative 4, … Activities at info or above are what
 // `nix-store --realise` prints by default.
 export const LVL_INFO = 3;
-/** BuildMode bmNormal for wopBuildPaths. */
+/** BuildMode bmNormal for wopBuildPaths and wopBuildDerivation. */
 export const BUILD_MODE_NORMAL = 0;
+/** From 1.28 on a BuildResult ends with the built outputs (a map of DrvOutput to Realisation JSON). */
+export const PROTOCOL_WITH_BUILT_OUTPUTS = (1 << 8) | 28;
+/** From 1.29 on a BuildResult carries timesBuilt, isNonDeterministic, startTime and stopTime. */
+export const PROTOCOL_WITH_BUILD_TIMES = (1 << 8) | 29;
+
+/** BuildResult::Status values of Nix 2.8 that mean the outputs are valid. */
+export const BUILD_RESULT_SUCCESSES: ReadonlySet<number> = new Set([
+  0, // Built
+  1, // Substituted
+  2, // AlreadyValid
+  13, // ResolvesToAlreadyValid
+]);
+/** BuildResult::Status TimedOut (max-silent-time or timeout). */
+export const BUILD_RESULT_TIMED_OUT = 8;
+/** Statuses that Nix's exit status counts as a failed build (100): the builder's doing, not the machine's. */
+export const BUILD_RESULT_BUILD_FAILURES: ReadonlySet<number> = new Set([
+  3, // PermanentFailure
+  5, // OutputRejected
+  11, // LogLimitExceeded
+  12, // NotDeterministic
+]);
 
 // Tokens other than file contents are keywords, entry names (≤ 255 bytes) and symlink targets (≤ PATH_MAX); a
 // longer one means we lost the framing, and refusing it beats buffering gigabytes of garbage.

@@ -70,7 +70,8 @@ export class AgentHub {
       logChunk: (s, leaseId, offset, data) =>
         this.manager.appendLog(s.agentId, leaseId, offset, data) ?? offset + data.length,
       heartbeat: (s, leaseIds) => {
-        this.seen.run(Date.now(), s.agentId);
+        // Only for the status page: a failed write (a full disk) must not cost the agent its leases.
+        this.survive('agent last seen', () => this.seen.run(Date.now(), s.agentId));
         return this.manager.renew(s.agentId, leaseIds);
       },
       credit: () => this.scheduleDispatch(),

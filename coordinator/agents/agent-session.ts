@@ -136,18 +136,26 @@ export class AgentSession {
   }
 
   /**
-   * No error in handling one message ends the coordinator, nor this stream: a message whose handler failed gets no
-   * answer (no Ack, LogAck or HeartbeatAck), so the agent sends it again (after a reconnect at the latest).
+   * No error in handling one message ends the coordinator: a message whose handler failed gets no answer (no Ack,
+   * LogAck, HeartbeatAck or Welcome), and the stream is ended with UNAVAILABLE, so that the agent reconnects and
+   * sends again what was not acknowledged — at once, and until it is recorded (a full disk frees up).
    */
   private onMessage(m: AgentMessage): void {
     try {
       this.handle(m);
     } catch (err) {
-      this.handlers.fault(this, `agent message ${m.msg?.$case ?? 'empty'}`, err, {
-        agentId: this.tokenName,
+      this.failed(`agent message ${m.msg?.$case ?? 'empty'}`, err, {
         ...(m.msg?.value && 'leaseId' in m.msg.value ? { leaseId: m.msg.value.leaseId } : {}),
       });
     }
+  }
+
+  private failed(where: string, err: unknown, context: Record<string, unknown>): void {
+    this.handlers.fault(this, where, err, { agentId: this.tokenName, ...context });
+    this.terminate(
+      status.UNAVAILABLE,
+      `EKACI_ERR_UNAVAILABLE: the coordinator could not handle a message (${where}); reconnect and send it again`,
+    );
   }
 
   private handle(m: AgentMessage): void {
@@ -191,8 +199,7 @@ export class AgentSession {
           .then(
             () => this.send({ msg: { $case: 'ack', value: { messageIds: [event.messageId] } } }),
             (err: unknown) =>
-              this.handlers.fault(this, `job event ${event.event?.$case ?? 'empty'}`, err, {
-                agentId: this.tokenName,
+              this.failed(`job event ${event.event?.$case ?? 'empty'}`, err, {
                 leaseId: event.leaseId,
                 note: 'left unacknowledged',
               }),

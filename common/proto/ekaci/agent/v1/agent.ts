@@ -277,6 +277,21 @@ export interface Assign {
    * no more than this either, and fails the build when its log outgrows it.
    */
   maxLogBytes: number;
+  /**
+   * Since 1.3: every output of every input derivation of `drv_path`, as the coordinator's graph knows them. With them an
+   * agent whose store lacks the `.drv` builds it as Hydra's remote builders do: it reads the one `.drv` from the cache,
+   * resolves its input derivations to these paths and hands Nix the result (worker op BuildDerivation), so that only
+   * the inputs' outputs are substituted, never the `.drv` closure. Empty from an older coordinator: the agent then
+   * substitutes the `.drv` and its closure and builds it as before.
+   */
+  inputOutputs: InputOutput[];
+}
+
+/** One output of an input derivation of an `Assign`. */
+export interface InputOutput {
+  drvPath: string;
+  name: string;
+  path: string;
 }
 
 export interface JobEvent {
@@ -1911,6 +1926,7 @@ function createBaseAssign(): Assign {
     timeoutSeconds: 0,
     outputNames: [],
     maxLogBytes: 0,
+    inputOutputs: [],
   };
 }
 
@@ -1936,6 +1952,9 @@ export const Assign: MessageFns<Assign> = {
     }
     if (message.maxLogBytes !== 0) {
       writer.uint32(56).uint64(message.maxLogBytes);
+    }
+    for (const v of message.inputOutputs) {
+      InputOutput.encode(v!, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -2009,6 +2028,14 @@ export const Assign: MessageFns<Assign> = {
             message.maxLogBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.inputOutputs.push(InputOutput.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2054,6 +2081,11 @@ export const Assign: MessageFns<Assign> = {
         : isSet(object.max_log_bytes)
         ? globalThis.Number(object.max_log_bytes)
         : 0,
+      inputOutputs: globalThis.Array.isArray(object?.inputOutputs)
+        ? object.inputOutputs.map((e: any) => InputOutput.fromJSON(e))
+        : globalThis.Array.isArray(object?.input_outputs)
+        ? object.input_outputs.map((e: any) => InputOutput.fromJSON(e))
+        : [],
     };
   },
 
@@ -2080,6 +2112,9 @@ export const Assign: MessageFns<Assign> = {
     if (message.maxLogBytes !== 0) {
       obj.maxLogBytes = Math.round(message.maxLogBytes);
     }
+    if (message.inputOutputs?.length) {
+      obj.inputOutputs = message.inputOutputs.map((e) => InputOutput.toJSON(e));
+    }
     return obj;
   },
 
@@ -2095,6 +2130,112 @@ export const Assign: MessageFns<Assign> = {
     message.timeoutSeconds = object.timeoutSeconds ?? 0;
     message.outputNames = object.outputNames?.map((e) => e) || [];
     message.maxLogBytes = object.maxLogBytes ?? 0;
+    message.inputOutputs = object.inputOutputs?.map((e) => InputOutput.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseInputOutput(): InputOutput {
+  return { drvPath: "", name: "", path: "" };
+}
+
+export const InputOutput: MessageFns<InputOutput> = {
+  encode(message: InputOutput, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.drvPath !== "") {
+      writer.uint32(10).string(message.drvPath);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.path !== "") {
+      writer.uint32(26).string(message.path);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InputOutput {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInputOutput();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.drvPath = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): InputOutput {
+    return {
+      drvPath: isSet(object.drvPath)
+        ? globalThis.String(object.drvPath)
+        : isSet(object.drv_path)
+        ? globalThis.String(object.drv_path)
+        : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+    };
+  },
+
+  toJSON(message: InputOutput): unknown {
+    const obj: any = {};
+    if (message.drvPath !== "") {
+      obj.drvPath = message.drvPath;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<InputOutput>): InputOutput {
+    return InputOutput.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<InputOutput>): InputOutput {
+    const message = createBaseInputOutput();
+    message.drvPath = object.drvPath ?? "";
+    message.name = object.name ?? "";
+    message.path = object.path ?? "";
     return message;
   },
 };
