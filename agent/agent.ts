@@ -103,7 +103,7 @@ export class Agent extends EventEmitter<AgentEvents> {
         : '',
       ...(this.options.nixSandbox ? { sandbox: 'true', 'sandbox-paths': this.options.nixSandboxPaths.join(' ') } : {}),
     }));
-    this.uploader = new CacheUploader(this.options.token, this.options.cacheWaitMs);
+    this.uploader = new CacheUploader(this.options.token, this.options.cacheWaitMs, this.spool.uploadsDir);
     this.heartbeat = new HeartbeatLoop({
       send: (value) => this.session?.send({ msg: { $case: 'heartbeat', value } }) ?? false,
       heldLeaseIds: () => this.workload?.heldLeaseIds() ?? [],

@@ -33,10 +33,15 @@ export class LogSpool {
    * and the session nonce start anew), so the coordinator has already given them up.
    */
   prepare(): void {
-    for (const sub of ['logs', 'gcroots']) {
+    for (const sub of ['logs', 'gcroots', 'uploads']) {
       rmSync(join(this.dir, sub), { recursive: true, force: true });
       mkdirSync(join(this.dir, sub), { recursive: true, mode: 0o700 });
     }
+  }
+
+  /** Where NARs wait while they are uploaded. */
+  get uploadsDir(): string {
+    return join(this.dir, 'uploads');
   }
 
   /** Creates (truncating) the spool file of a lease. */

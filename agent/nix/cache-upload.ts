@@ -1,5 +1,6 @@
-import { access, mkdir, rename, writeFile } from 'node:fs/promises';
-import { createWriteStream } from 'node:fs';
+import { access, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -40,6 +41,8 @@ export class CacheUploader {
   constructor(
     private readonly token: string,
     private readonly unreachableWaitMs = 0,
+    /** Where a NAR is spooled while it is uploaded (the agent's spool directory). */
+    private readonly spoolDir = tmpdir(),
   ) {}
 
   async pathInfo(conn: NixDaemonConnection, path: string): Promise<PathInfo> {
@@ -79,9 +82,8 @@ export class CacheUploader {
     stopped: () => boolean = () => false,
   ): Promise<void> {
     const target = cacheUrl.replace(/\/+$/, '');
-    if (!target.startsWith('file://')) await this.reachable(target, stopped);
     const outputs = new Set(paths);
-    for (const path of paths) await this.uploadOutput(conn, target, path, new Set(), outputs, leaseId);
+    for (const path of paths) await this.uploadOutput(conn, target, path, new Set(), outputs, leaseId, stopped);
   }
 
   private async uploadOutput(
@@ -91,6 +93,7 @@ export class CacheUploader {
     visiting: Set<string>,
     outputs: ReadonlySet<string>,
     leaseId: string,
+    stopped: () => boolean,
   ): Promise<void> {
     const key = `${target} ${path}`;
     if (this.uploaded.has(key) || visiting.has(path)) return;
@@ -99,36 +102,36 @@ export class CacheUploader {
     for (const r of info.references) {
       if (r === path || this.uploaded.has(`${target} ${r}`)) continue;
       // Outputs of this lease go first (one output may refer to another); anything else must be there already.
-      if (outputs.has(r)) await this.uploadOutput(conn, target, r, visiting, outputs, leaseId);
-      else if (await this.cacheHas(target, r)) this.uploaded.set(`${target} ${r}`, true);
+      if (outputs.has(r)) await this.uploadOutput(conn, target, r, visiting, outputs, leaseId, stopped);
+      else if (await this.whenReachable(target, stopped, () => this.cacheHas(target, r)))
+        this.uploaded.set(`${target} ${r}`, true);
       else
         throw new CacheError(
           `${path} refers to ${r}, which is not in ${target} (an input should have come from there)`,
         );
     }
-    await this.put(conn, target, path, info, leaseId);
+    await this.put(conn, target, path, info, leaseId, stopped);
     this.uploaded.set(key, true);
   }
 
   /**
-   * Waits, with backoff, until the cache answers at all (any HTTP status): a NAR stream that fails half-way leaves
-   * the daemon connection unusable, so the upload starts only once the coordinator is there. Gives up at once when
-   * `stopped()` says the build was cancelled (the agent stopping).
+   * Runs a request; when it fails without an answer (connection refused or reset: the coordinator restarting), runs
+   * it again with backoff for up to `unreachableWaitMs`. Gives up at once when `giveUp()` says so (the build was
+   * cancelled, or the request cannot be repeated).
    */
-  private async reachable(target: string, stopped: () => boolean): Promise<void> {
+  private async whenReachable<T>(target: string, giveUp: () => boolean, request: () => Promise<T>): Promise<T> {
     const backoff = new Backoff(250, 5_000);
     const deadline = Date.now() + this.unreachableWaitMs;
     for (;;) {
       try {
-        await fetch(`${target}/nix-cache-info`, { method: 'HEAD', headers: this.auth() });
-        return;
+        return await request();
       } catch (err) {
-        if (Date.now() >= deadline || stopped()) {
-          throw new CacheError(
-            `${target} did not answer for ${Math.round(this.unreachableWaitMs / 1000)} s: ${err instanceof Error ? err.message : String(err)}`,
-          );
+        const why = err instanceof Error ? err.message : String(err);
+        if (giveUp()) throw new CacheError(`${target}: ${why}`);
+        if (Date.now() >= deadline) {
+          throw new CacheError(`${target} did not answer for ${Math.round(this.unreachableWaitMs / 1000)} s: ${why}`);
         }
-        for (let wait = Math.min(backoff.next(), Math.max(0, deadline - Date.now())); wait > 0 && !stopped();) {
+        for (let wait = Math.min(backoff.next(), Math.max(0, deadline - Date.now())); wait > 0 && !giveUp();) {
           await sleep(Math.min(wait, STOP_CHECK_MS));
           wait -= STOP_CHECK_MS;
         }
@@ -153,6 +156,7 @@ export class CacheUploader {
     path: string,
     info: PathInfo,
     leaseId: string,
+    stopped: () => boolean,
   ): Promise<void> {
     const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
     const narFile = `nar/${narHash.slice('sha256:'.length)}.nar`;
@@ -179,23 +183,37 @@ export class CacheUploader {
       await rename(tmp, join(dir, `${storePathHash(path)}.narinfo`));
       return;
     }
-    const nar = await fetch(`${target}/${narFile}`, {
-      method: 'PUT',
-      headers: {
-        ...this.auth(leaseId),
-        'content-type': 'application/x-nix-nar',
-        'content-length': String(info.narSize),
-      },
-      body: Readable.toWeb(Readable.from(conn.narFromPath(path))) as ReadableStream,
-      duplex: 'half',
-    } as RequestInit);
+    // The NAR is spooled to disk first and uploaded from there: a request that fails (the coordinator restarting,
+    // killed mid-upload) is sent again whole, which a NAR streamed out of the daemon connection could not be.
+    const dir = await mkdtemp(join(this.spoolDir, 'upload-'));
+    const file = join(dir, 'nar');
+    let nar: Response;
+    try {
+      await pipeline(Readable.from(conn.narFromPath(path)), createWriteStream(file));
+      nar = await this.whenReachable(target, stopped, () =>
+        fetch(`${target}/${narFile}`, {
+          method: 'PUT',
+          headers: {
+            ...this.auth(leaseId),
+            'content-type': 'application/x-nix-nar',
+            'content-length': String(info.narSize),
+          },
+          body: Readable.toWeb(createReadStream(file)) as ReadableStream,
+          duplex: 'half',
+        } as RequestInit),
+      );
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
     if (!nar.ok)
       throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
-    const meta = await fetch(`${target}/${storePathHash(path)}.narinfo`, {
-      method: 'PUT',
-      headers: { ...this.auth(leaseId), 'content-type': 'text/x-nix-narinfo' },
-      body: narinfo,
-    });
+    const meta = await this.whenReachable(target, stopped, () =>
+      fetch(`${target}/${storePathHash(path)}.narinfo`, {
+        method: 'PUT',
+        headers: { ...this.auth(leaseId), 'content-type': 'text/x-nix-narinfo' },
+        body: narinfo,
+      }),
+    );
     if (!meta.ok) {
       throw new CacheError(`uploading the narinfo of ${path} to ${target}: HTTP ${meta.status} ${await meta.text()}`);
     }
