@@ -234,15 +234,7 @@ export class NixDaemonConnection {
    */
   buildPaths(paths: string[], onLog?: (line: string) => unknown): Promise<BuildOutcome> {
     return this.run('buildPaths', async () => {
-      const messages: string[] = [];
-      const handlers: StderrHandlers = {
-        onBuildLogLine: onLog,
-        onActivity: onLog,
-        onMessage: (text) => {
-          messages.push(text);
-          return onLog?.(text);
-        },
-      };
+      const { messages, handlers } = buildLogHandlers(onLog);
       this.send(new WireWriter().u64(Op.BuildPaths).strings(paths).u64(BUILD_MODE_NORMAL).bytes());
       const failure = await readStderr(this.reader, handlers);
       if (failure) {
@@ -262,15 +254,7 @@ export class NixDaemonConnection {
    */
   buildDerivation(drvPath: string, drv: Derivation, onLog?: (line: string) => unknown): Promise<BuildOutcome> {
     return this.run('buildDerivation', async () => {
-      const messages: string[] = [];
-      const handlers: StderrHandlers = {
-        onBuildLogLine: onLog,
-        onActivity: onLog,
-        onMessage: (text) => {
-          messages.push(text);
-          return onLog?.(text);
-        },
-      };
+      const { messages, handlers } = buildLogHandlers(onLog);
       const w = new WireWriter().u64(Op.BuildDerivation).string(drvPath);
       const outputs = Object.entries(drv.outputs).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
       w.u64(outputs.length);
@@ -573,4 +557,18 @@ export async function daemonAnswers(socketPath: string): Promise<boolean> {
   }
   await connection.close();
   return true;
+}
+
+/** How a build's stderr is read: log lines and activity go to `onLog`, messages too, and are kept for its outcome. */
+function buildLogHandlers(onLog?: (line: string) => unknown): { messages: string[]; handlers: StderrHandlers } {
+  const messages: string[] = [];
+  const handlers: StderrHandlers = {
+    onBuildLogLine: onLog,
+    onActivity: onLog,
+    onMessage: (text) => {
+      messages.push(text);
+      return onLog?.(text);
+    },
+  };
+  return { messages, handlers };
 }
