@@ -25,6 +25,7 @@ import { Agent } from './agent.js';
 import { CoordinatorRefusedError } from './errors.js';
 import { compileAgentOptions, type AgentOptionsInput } from './options.js';
 import { shellDerivation } from './testing/derivations.js';
+import { testAssign } from './testing/assign.js';
 import { is, ScriptedCoordinator, type ScriptOptions } from './testing/scripted-coordinator.js';
 import { alive } from './testing/processes.js';
 
@@ -72,20 +73,7 @@ function agent(c: ScriptedCoordinator, options: Partial<AgentOptionsInput> = {})
 }
 
 function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): { $case: 'assign'; value: Assign } {
-  return {
-    $case: 'assign',
-    value: {
-      leaseId,
-      drvPath,
-      attempt: 1,
-      maxSilentSeconds: 0,
-      timeoutSeconds: 0,
-      outputNames: ['out'],
-      maxLogBytes: 0,
-      ...extra,
-      inputOutputs: extra.inputOutputs ?? [],
-    },
-  };
+  return { $case: 'assign', value: testAssign(leaseId, drvPath, extra) };
 }
 
 function finishedOf(event: JobEvent) {

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { shellDerivation } from './testing/derivations.js';
+import { testAssign } from './testing/assign.js';
 import { is, ScriptedCoordinator } from './testing/scripted-coordinator.js';
 import { alive } from './testing/processes.js';
 
@@ -199,16 +200,7 @@ describe('ekaci-agent', () => {
     const drvPath = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
     s.send({
       $case: 'assign',
-      value: {
-        leaseId: 'long',
-        drvPath,
-        inputOutputs: [],
-        attempt: 1,
-        maxSilentSeconds: 0,
-        timeoutSeconds: 0,
-        outputNames: ['out'],
-        maxLogBytes: 0,
-      },
+      value: testAssign('long', drvPath),
     });
     await expect.poll(() => /pids \d+ \d+/.test(c.logs.get('long')?.toString() ?? ''), { timeout: 10_000 }).toBe(true);
     const [, builder, sleeper] = /pids (\d+) (\d+)/.exec(c.logs.get('long')?.toString() ?? '') ?? [];
@@ -273,16 +265,7 @@ describe('ekaci-agent', () => {
     const drvPath = await shellDerivation('/bin/sleep 60 & echo "pids $$ $!"; wait');
     s.send({
       $case: 'assign',
-      value: {
-        leaseId: 'slow',
-        drvPath,
-        inputOutputs: [],
-        attempt: 1,
-        maxSilentSeconds: 0,
-        timeoutSeconds: 0,
-        outputNames: ['out'],
-        maxLogBytes: 0,
-      },
+      value: testAssign('slow', drvPath),
     });
     const pids = await pidsInSpool('slow');
     run.child.kill('SIGTERM');

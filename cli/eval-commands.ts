@@ -7,9 +7,10 @@ import { type CoordinatorOptions, loadCoordinatorConfig } from '../coordinator/c
 import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
 import { type EvalPolicy, policyFor } from '../coordinator/eval/eval-options.js';
 import type { EvalResult } from '../coordinator/eval/eval-result.js';
-import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
+import { type CommitEvaluation, type JobEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { diffCommits } from '../coordinator/graph/commit-diff.js';
 import { DiffStore, type StoredJobDiff } from '../coordinator/graph/diff-store.js';
+import { evalFailureBlocks } from '../coordinator/review/classify.js';
 import { openDatabase } from '../coordinator/db/database.js';
 import { GitMirrors } from '../coordinator/git/git-mirrors.js';
 
@@ -95,7 +96,10 @@ export async function evalCommand(opts: CommonOptions & { rev: string }): Promis
     jobs: result.jobs.map((j) => ({ name: j.name, attrs: j.attrs.map(attrJson), seconds: round(j.seconds) })),
   };
   process.stdout.write(opts.json ? `${JSON.stringify(json, null, 2)}\n` : renderEval(result));
-  return result.jobs.some((j) => !j.allowEvalFailures && j.attrs.some((a) => a.error)) ? 1 : 0;
+  // One commit, no base: every error is new.
+  const blocks = (j: JobEvaluation, a: EvalResult): boolean =>
+    evalFailureBlocks({ headFailed: a.error !== undefined, baseFailed: false, allowEvalFailures: j.allowEvalFailures });
+  return result.jobs.some((j) => j.attrs.some((a) => blocks(j, a))) ? 1 : 0;
 }
 
 /** `ekaci diff --repo PATH --base REV --head REV [--job NAME]… [--json]`: what the change rebuilds. */
@@ -164,6 +168,7 @@ function attrJson(a: EvalResult): Record<string, unknown> {
     ...(a.outputs ? { outputs: a.outputs } : {}),
     ...(a.meta ? { meta: a.meta } : {}),
     ...(a.error ? { error: a.error } : {}),
+    ...(a.metaErrors ? { metaErrors: a.metaErrors } : {}),
     ...(a.skipped ? { skipped: a.skipped } : {}),
   };
 }

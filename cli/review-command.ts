@@ -2,12 +2,17 @@ import { existsSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
-import { isTerminal } from '../coordinator/scheduler/build-state.js';
 import { isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
+import { reviewRoots } from '../coordinator/review/review-roots.js';
+import { attrsFromCommitTitles } from '../coordinator/github/ofborg-titles.js';
 import { EmbeddedSystem } from './embedded.js';
 import { type CommonOptions, type RepoContext, openContext } from './eval-commands.js';
 import { Progress } from './progress.js';
+
+// As many commit titles as the GitHub pipeline reads (one page of a pull request's commits): a longer change is a
+// mass change, which the rebuild diff covers anyway.
+const MAX_COMMIT_TITLES = 100;
 
 export interface ReviewOptions extends Omit<CommonOptions, 'json'> {
   base: string;
@@ -93,21 +98,11 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
   try {
     const diffs = await reviews.record(c.repo, base, head);
     if (opts.build) {
-      const headRoots = diffs.flatMap((d) =>
-        d.attrs
-          .filter((a) => (a.change === 'changed' || a.change === 'added') && a.headDrv)
-          .map((a) => ({ attr: `${d.name}.${a.attr}`, drvPath: a.headDrv! })),
-      );
-      // A base result is remembered per derivation: what an earlier review built is not built again.
-      const baseRoots = diffs.flatMap((d) =>
-        d.attrs
-          .filter((a) => a.change === 'changed' && a.baseDrv)
-          .filter((a) => {
-            const row = store.derivation(a.baseDrv!);
-            return !row || !isTerminal(row.state);
-          })
-          .map((a) => ({ attr: `${d.name}.${a.attr}`, drvPath: a.baseDrv! })),
-      );
+      // OfBorg-style commit titles name attributes to build, as on GitHub (a local review has no comment commands).
+      const titles = await c.mirrors.commitTitles(c.repo, base.commit, head.commit, MAX_COMMIT_TITLES);
+      const roots = reviewRoots({ head, diffs, named: attrsFromCommitTitles(titles), builds: store });
+      const headRoots = roots.filter((r) => r.side === 'head');
+      const baseRoots = roots.filter((r) => r.side === 'base');
       progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
       progress.watch(manager, store);
       try {

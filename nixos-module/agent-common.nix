@@ -106,6 +106,24 @@ rec {
       description = "More settings for the host's Nix (merged into nix.settings).";
     };
 
+    drainGraceSeconds = mkOption {
+      type = types.ints.unsigned;
+      default = 100;
+      description = ''
+        On stop (SIGTERM), how long running builds may finish and report before they are stopped and handed back.
+        The service manager's stop timeout is this plus 20 seconds, so the agent is never killed mid-drain.
+      '';
+    };
+
+    cacheWaitSeconds = mkOption {
+      type = types.ints.unsigned;
+      default = 120;
+      description = ''
+        How long an output upload waits for the coordinator's cache to answer (the coordinator restarting) before
+        the build is reported failed for infrastructure and retried; 0 fails at once.
+      '';
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -123,7 +141,11 @@ rec {
     ++ lib.optionals (cfg.tls.caFile != null) [ "--tls-ca" cfg.tls.caFile ]
     ++ lib.optionals (cfg.tls.certFile != null) [ "--tls-cert" cfg.tls.certFile ]
     ++ lib.optionals (cfg.tls.keyFile != null) [ "--tls-key" cfg.tls.keyFile ]
+    ++ [ "--drain-grace" (toString cfg.drainGraceSeconds) "--cache-wait" (toString cfg.cacheWaitSeconds) ]
     ++ cfg.extraArgs;
+
+  # What the service manager waits for after SIGTERM before it kills: the drain and a margin to report.
+  stopTimeout = cfg: cfg.drainGraceSeconds + 20;
 
   # What the host's nix-daemon must know for this agent (the agent checks it at start-up and names what is missing).
   nixSettings = cfg: lib.mkMerge [

@@ -50,7 +50,7 @@ in
         RestartSec = 5;
         # A first SIGTERM drains: running builds finish or are handed back before the agent exits.
         KillSignal = "SIGTERM";
-        TimeoutStopSec = 120;
+        TimeoutStopSec = common.stopTimeout cfg;
       };
     };
   };

@@ -46,7 +46,7 @@ in
       RunAtLoad = true;
       KeepAlive = true;
       # launchd sends SIGTERM, then SIGKILL after this: time for running builds to be handed back.
-      ExitTimeOut = 120;
+      ExitTimeOut = common.stopTimeout cfg;
       WorkingDirectory = stateDir;
       StandardOutPath = "/var/log/eka-ci-agent.log";
       StandardErrorPath = "/var/log/eka-ci-agent.log";

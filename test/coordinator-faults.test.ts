@@ -84,6 +84,49 @@ describe('the coordinator under faults', () => {
     expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('failed');
   });
 
+  it('commits results that arrive together as one group, where one whose write fails spoils none of the others', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
+    const a = raw();
+    a.hello();
+    await a.next('welcome');
+    const drvs = await Promise.all(['left', 'right'].map((n) => instantiate(`mk "grouped-${n}" {}`)));
+    await coordinator.manager.submit(
+      drvs.map((drvPath, i) => ({ attr: `a${i}`, drvPath })),
+      'test',
+    );
+    a.send({ $case: 'credit', value: { freeSlots: 2, draining: false } });
+    const bad = await a.next('assign');
+    const good = await a.next('assign', (x) => x.leaseId !== bad.leaseId);
+    coordinator.store.db.exec(
+      // After the attempt's row was written: what that result wrote before the failure must go with it.
+      `CREATE TRIGGER refuse BEFORE UPDATE OF state ON derivations
+       WHEN NEW.drv_path = '${bad.drvPath}' AND NEW.state = 'failed'
+       BEGIN SELECT RAISE(ABORT, 'injected: disk I/O error'); END`,
+    );
+    const result = {
+      outcome: Outcome.OUTCOME_FAILED,
+      error: 'builder exited 1',
+      outputs: [],
+      finishedAtMs: 0,
+      logBytes: 0,
+    };
+    // Both reach the manager before the event loop turns, so they are written in the same transaction.
+    const settled = await Promise.allSettled([
+      coordinator.manager.finished('raw-agent', bad.leaseId, result),
+      coordinator.manager.finished('raw-agent', good.leaseId, result),
+    ]);
+    expect(settled.map((s) => s.status)).toEqual(['rejected', 'fulfilled']);
+    expect(state(good.drvPath)).toBe('failed');
+    expect(coordinator.store.attempt(good.leaseId)?.state).toBe('failed');
+    // The refused one is as if it never came: still building, its lease open, to be recorded when it comes again.
+    expect(state(bad.drvPath)).toBe('building');
+    expect(coordinator.store.attempt(bad.leaseId)?.state).toBe('assigned');
+    expect(coordinator.manager.openLease(bad.leaseId)?.drvPath).toBe(bad.drvPath);
+    coordinator.store.db.exec('DROP TRIGGER refuse');
+    await coordinator.manager.finished('raw-agent', bad.leaseId, result);
+    expect(state(bad.drvPath)).toBe('failed');
+  });
+
   it('keeps a cancel across a coordinator restart and tells the agent when it comes back', async () => {
     const dir = tempDir();
     const { a, lease } = await leased(dir);

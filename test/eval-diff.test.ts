@@ -24,17 +24,22 @@ function makeRepo(): { repo: string; base: string; head: string } {
   mkdirSync(join(repo, 'ci'));
   // Root-absolute job file: a path inside the repository.
   writeFileSync(join(repo, '.ekaci', 'config.json'), JSON.stringify({ jobs: { main: { file: '/ci/jobs.nix' } } }));
-  const common = `app = mk "app" [ lib ]; tool = mk "tool" [ app ]; same = mk "same" [ ];`;
+  // On lines of their own, the same in both commits: Nix's messages quote the lines around an error.
+  const common = `
+  app = mk "app" [ lib ]; tool = mk "tool" [ app ]; same = mk "same" [ ];
+  typo = 1 + "a";
+  unmaintained = mk "unmaintained" [ lib ] // { meta.maintainers = with { }; [ nobody ]; };
+  `;
   writeFileSync(
     join(repo, 'ci', 'jobs.nix'),
-    packageSet(tag, `lib = mk "lib" [ ]; ${common} gone = mk "gone" [ ]; broken = throw "broken in base";`),
+    packageSet(tag, `lib = mk "lib" [ ]; gone = mk "gone" [ ]; broken = throw "broken in base"; ${common}`),
   );
   git(repo, 'add', '-A');
   git(repo, 'commit', '-qm', 'base');
   const base = git(repo, 'rev-parse', 'HEAD');
   writeFileSync(
     join(repo, 'ci', 'jobs.nix'),
-    packageSet(tag, `lib = mk "lib-2" [ ]; ${common} fresh = mk "fresh" [ ]; broken = abort "still broken";`),
+    packageSet(tag, `lib = mk "lib-2" [ ]; fresh = mk "fresh" [ ]; broken = abort "still broken"; ${common}`),
   );
   git(repo, 'commit', '-qam', 'head');
   return { repo, base, head: git(repo, 'rev-parse', 'HEAD') };
@@ -59,8 +64,24 @@ describe('ekaci eval and ekaci diff', () => {
     const attrs: Record<string, Record<string, unknown>> = Object.fromEntries(
       json.jobs[0]!.attrs.map((a) => [String(a.attr), a]),
     );
-    expect(Object.keys(attrs).sort()).toEqual(['app', 'broken', 'fresh', 'lib', 'same', 'tool']);
+    expect(Object.keys(attrs).sort()).toEqual([
+      'app',
+      'broken',
+      'fresh',
+      'lib',
+      'same',
+      'tool',
+      'typo',
+      'unmaintained',
+    ]);
     expect(attrs.broken?.error).toMatch(/still broken/);
+    // Named as the repository names the file, not by the checkout's path.
+    expect(attrs.typo?.error).toMatch(/at ci\/jobs\.nix:\d+:\d+/);
+    // A meta field that fails never hides the derivation.
+    expect(attrs.unmaintained?.drv).toMatch(/-unmaintained-.*\.drv$/);
+    expect(attrs.unmaintained?.metaErrors).toMatchObject({
+      maintainers: expect.stringMatching(/undefined variable 'nobody'/) as unknown,
+    });
     expect(attrs.tool?.drv).toMatch(/-tool-.*\.drv$/);
     expect(attrs.tool?.outputs).toMatchObject({ out: expect.stringMatching(/-tool-/) as unknown });
   });
@@ -73,18 +94,22 @@ describe('ekaci eval and ekaci diff', () => {
     expect(r.code).toBe(0);
     const [job] = (JSON.parse(r.stdout) as DiffJson).jobs;
     const by = Object.fromEntries(job!.attrs.map((a) => [a.attr, a]));
-    expect(by.lib).toMatchObject({ change: 'changed', blastRadius: 2 }); // app and tool depend on it
+    expect(by.lib).toMatchObject({ change: 'changed', blastRadius: 3 }); // app, tool and unmaintained depend on it
     expect(by.app).toMatchObject({ change: 'changed', blastRadius: 1 }); // changed only through lib
     expect(by.tool).toMatchObject({ change: 'changed', blastRadius: 0 });
     expect(by.same).toMatchObject({ change: 'unchanged' });
+    // The same error at the same place in both commits, though each commit is checked out at a path of its own.
+    expect(by.typo).toMatchObject({ change: 'unchanged' });
+    // Its meta.maintainers throws in both commits, but its derivation changed with lib: it must be rebuilt.
+    expect(by.unmaintained).toMatchObject({ change: 'changed' });
     expect(by.fresh).toMatchObject({ change: 'added' });
     expect(by.gone).toMatchObject({ change: 'removed' });
     expect(by.broken?.evalError).toEqual({
       base: expect.stringMatching(/broken in base/) as unknown,
       head: expect.stringMatching(/still broken/) as unknown,
     });
-    // lib-2, app, tool and fresh are new derivations
-    expect(Object.values(job!.rebuildCountBySystem)).toEqual([4]);
+    // lib-2, app, tool, unmaintained and fresh are new derivations
+    expect(Object.values(job!.rebuildCountBySystem)).toEqual([5]);
 
     // The diff is stored: asked again, it is read back instead of evaluating both commits (which would root
     // their derivations under gcroots/ again).

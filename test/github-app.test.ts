@@ -1,6 +1,9 @@
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
+import { silentLogger } from '../common/logging.js';
+import { GitMirrors } from '../coordinator/git/git-mirrors.js';
 import { FakeGitHub, INSTALLATION, commentPayload, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { type StandInCheckRun, allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
@@ -253,6 +256,40 @@ describe('eka-ci as a GitHub App', () => {
     const checks = await completedChecks(github, 'acme/slow', sHead, 3);
     expect(checks['eka-ci / summary']?.conclusion).toBe('cancelled');
   });
+
+  it('keeps a run cancelled while its diff was being computed cancelled: nothing is built for it', async () => {
+    const pull = github.pullRequest('acme/racing', DEMO, { number: 32 });
+    // The diff is held until the pull request is closed: the cancel lands exactly while it is computed.
+    const reviews = system.coordinator.reviews;
+    const record = reviews.record.bind(reviews);
+    let enterDiff!: () => void;
+    let releaseDiff!: () => void;
+    const inDiff = new Promise<void>((resolve) => (enterDiff = resolve));
+    const released = new Promise<void>((resolve) => (releaseDiff = resolve));
+    reviews.record = async (...args) => {
+      enterDiff();
+      await released;
+      return record(...args);
+    };
+    try {
+      expect((await deliver(system, 'pull_request', pull.payload('opened'))).status).toBe(202);
+      await inDiff;
+      expect((await deliver(system, 'pull_request', pull.payload('closed'))).status).toBe(202);
+      const [run] = system.coordinator.github!.runs.runsOf({ repo: 'acme/racing', prNumber: 32 });
+      await github.api.waitFor(() => system.coordinator.github!.runs.run(run!.id)?.state === 'cancelled', 'the cancel');
+      releaseDiff();
+      await system.coordinator.github!.pipeline.idle();
+    } finally {
+      reviews.record = record;
+    }
+    const [run] = system.coordinator.github!.runs.runsOf({ repo: 'acme/racing', prNumber: 32 });
+    expect(run?.state).toBe('cancelled');
+    expect(system.coordinator.github!.runs.roots(run!.id)).toEqual([]);
+    // The evaluation had succeeded; the summary is cancelled; no build check, since nothing was to be built.
+    const checks = await completedChecks(github, 'acme/racing', pull.head, 2);
+    expect(checks['eka-ci / summary']?.conclusion).toBe('cancelled');
+    expect(Object.keys(checks).sort()).toEqual(['eka-ci / evaluation', 'eka-ci / summary']);
+  });
 });
 
 describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and restarts', () => {
@@ -383,6 +420,11 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
     const checks = await completedChecks(github, 'acme/upstream', head, 3);
     expect(checks['eka-ci / summary']?.conclusion).toBe('success');
     expect(github.api.checkRuns('eve/upstream')).toEqual([]);
+    // The fork's mirror borrows the base repository's objects instead of holding a second copy of its history.
+    const mirrors = new GitMirrors({ dir: join(dataDir, 'git'), logger: silentLogger() });
+    const forkUrl = (pr.pull_request as { head: { repo: { clone_url: string } } }).head.repo.clone_url;
+    const alternates = readFileSync(join(mirrors.mirrorDir(forkUrl), 'objects', 'info', 'alternates'), 'utf8');
+    expect(alternates.trim()).toBe(join(mirrors.mirrorDir(upstream.cloneUrl), 'objects'));
   });
 
   it('builds a merge group and reports on its head commit', async () => {

@@ -297,8 +297,13 @@ describe('the agent modules', () => {
       'kvm,big-parallel',
       '--max-jobs',
       '4',
+      '--drain-grace',
+      '100',
+      '--cache-wait',
+      '120',
     ]);
     expect(unit.serviceConfig).toMatchObject({
+      TimeoutStopSec: 120,
       User: 'eka-ci-agent',
       StateDirectory: 'eka-ci-agent',
       LoadCredential: ['agent-token:/run/keys/eka-ci-agent-token'],
@@ -351,6 +356,7 @@ describe('the agent modules', () => {
       GroupName: 'eka-ci-agent',
       KeepAlive: true,
       RunAtLoad: true,
+      ExitTimeOut: 120,
       EnvironmentVariables: { NIX_REMOTE: 'daemon', STATE_DIRECTORY: '/var/lib/eka-ci-agent' },
     });
     expect(r.users.knownUsers).toEqual(['eka-ci-agent']);

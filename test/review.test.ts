@@ -2,6 +2,11 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { openDatabase } from '../coordinator/db/database.js';
+import { EvaluationStore } from '../coordinator/eval/evaluation-store.js';
+import { evaluationCheck, summaryCheck } from '../coordinator/github/check-report.js';
+import { decideMerge } from '../coordinator/github/merge-policy.js';
+import { withBaseGates } from '../coordinator/review/base-policy.js';
 import type { Review } from '../coordinator/review/model.js';
 import { ekaci, git } from './support/cli.js';
 import { nonce, tempDir } from './support/nix-project.js';
@@ -11,12 +16,15 @@ import { nonce, tempDir } from './support/nix-project.js';
  * application only through its dependency, a package that starts failing, one that is fixed, one added, one
  * removed, and an attribute whose evaluation breaks.
  */
-function changeRepo(): { repo: string; base: string; head: string } {
+function changeRepo(job: { allow_eval_failures?: boolean } = {}): { repo: string; base: string; head: string } {
   const repo = tempDir('ekaci-review-repo-');
   const tag = nonce();
   git(repo, 'init', '-q');
   mkdirSync(join(repo, '.eka-ci'));
-  writeFileSync(join(repo, '.eka-ci', 'config.json'), JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } }));
+  writeFileSync(
+    join(repo, '.eka-ci', 'config.json'),
+    JSON.stringify({ jobs: { pkgs: { file: 'default.nix', ...job } } }),
+  );
   const write = (body: string): void =>
     writeFileSync(
       join(repo, 'default.nix'),
@@ -109,6 +117,101 @@ describe('ekaci review', () => {
     expect(review.attrs.find((a) => a.attr === 'breaks')?.head?.build).toBe('not-built');
     expect(review.summary['eval-failing']).toBe(1);
   });
+});
+
+describe('what ekaci review builds', () => {
+  it('is what the GitHub pipeline builds: attributes named in commit titles, never those for another platform', async () => {
+    const repo = tempDir('ekaci-review-repo-');
+    const tag = nonce();
+    git(repo, 'init', '-q');
+    mkdirSync(join(repo, '.eka-ci'));
+    writeFileSync(join(repo, '.eka-ci', 'config.json'), JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } }));
+    const write = (version: string): void =>
+      writeFileSync(
+        join(repo, 'default.nix'),
+        `let mk = name: derivation {
+  name = "\${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+}; in {
+  same = mk "same";
+  plain = mk "plain-${version}";
+  elsewhere = mk "elsewhere-${version}" // { meta.platforms = [ "mips64-plan9" ]; };
+}
+`,
+      );
+    write('1');
+    git(repo, 'add', '-A');
+    git(repo, 'commit', '-qm', 'base');
+    const base = git(repo, 'rev-parse', 'HEAD');
+    write('2');
+    git(repo, 'commit', '-qam', 'same: build it again');
+    const dir = tempDir();
+    const json = join(dir, 'r.json');
+    const args = ['review', '--repo', repo, '--base', base, '--head', 'HEAD', '--json', json];
+    const r = await ekaci([...args, '--data-dir', join(dir, 'data')]);
+    expect(r.stderr).toMatch(/building 2 head and 1 base attributes/);
+    const by = Object.fromEntries((JSON.parse(readFileSync(json, 'utf8')) as Review).attrs.map((a) => [a.attr, a]));
+    expect(by.same).toMatchObject({ change: 'unchanged', head: { build: 'succeeded' } });
+    expect(by.plain).toMatchObject({ change: 'changed', outcome: 'still-succeeding' });
+    expect(by.elsewhere).toMatchObject({ change: 'changed', head: { build: 'not-built', skipped: true } });
+    expect(by.elsewhere?.base?.build).toBe('not-built');
+    expect(r.code).toBe(0);
+  });
+});
+
+describe('ekaci review and allow_eval_failures', () => {
+  it.each([true, false])(
+    'agrees with the summary check, the evaluation check and the merge policy when it is %s',
+    async (allow) => {
+      const { repo, base, head } = changeRepo({ allow_eval_failures: allow });
+      const dir = tempDir();
+      const data = join(dir, 'data');
+      const json = join(dir, 'r.json');
+      const r = await ekaci([
+        'review',
+        '--repo',
+        repo,
+        '--base',
+        base,
+        '--head',
+        head,
+        '--no-build',
+        '--json',
+        json,
+        '--data-dir',
+        data,
+      ]);
+      expect(r.stderr).not.toMatch(/ekaci:/);
+      const review = JSON.parse(readFileSync(json, 'utf8')) as Review;
+      // `evals` evaluated on base and aborts on head: a new evaluation error, shown either way.
+      expect(review.attrs.find((a) => a.attr === 'evals')?.head?.eval).toBe('error');
+      expect(r.stdout).toMatch(/### Evaluation errors \(1\)/);
+
+      const db = openDatabase(join(data, 'ekaci.sqlite'));
+      const evaluations = new EvaluationStore(db);
+      const [baseEval, headEval] = [evaluations.load(repo, base)!, evaluations.load(repo, head)!];
+      db.close();
+      const checks = [
+        summaryCheck(review, undefined),
+        evaluationCheck(withBaseGates(headEval, baseEval), baseEval.jobs, undefined),
+      ];
+      const states = checks.map((c) => ({ name: c.name, status: c.status, conclusion: c.conclusion ?? null }));
+      expect({
+        exitStatus: r.code,
+        verdict: r.stdout.split('\n')[0],
+        checks: checks.map((c) => c.conclusion),
+        merge: decideMerge({ requestedFor: head, method: 'merge' }, head, states).action,
+      }).toEqual(
+        allow
+          ? {
+              exitStatus: 0,
+              verdict: '✅ nothing newly failing · ⚠️ 1 new evaluation error allowed by allow_eval_failures',
+              checks: ['success', 'success'],
+              merge: 'merge',
+            }
+          : { exitStatus: 1, verdict: '❌ 1 new evaluation error', checks: ['failure', 'failure'], merge: 'refuse' },
+      );
+    },
+  );
 });
 
 describe('the demo (npm run demo)', () => {

@@ -9,6 +9,7 @@ import { nixBase32 } from '../../common/nix/narinfo.js';
 import { Outcome, type Assign } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { LogSpool } from '../logs/spool.js';
 import { shellDerivation } from '../testing/derivations.js';
+import { testAssign } from '../testing/assign.js';
 import { CacheUploader } from '../nix/cache-upload.js';
 import { StorePool } from '../nix/store-pool.js';
 import { Build } from './build.js';
@@ -33,19 +34,7 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function assign(leaseId: string, drvPath: string, extra: Partial<Assign> = {}): Assign {
-  return {
-    leaseId,
-    drvPath,
-    attempt: 1,
-    maxSilentSeconds: 0,
-    timeoutSeconds: 0,
-    outputNames: ['out'],
-    maxLogBytes: 0,
-    ...extra,
-    inputOutputs: extra.inputOutputs ?? [],
-  };
-}
+const assign = testAssign;
 
 function build(a: Assign, cacheUrl = `file://${cacheDir}`, logSpool = spool) {
   const log = logSpool.open(a.leaseId);
@@ -171,6 +160,19 @@ describe('Build', () => {
     const result = await b.run();
     expect(result.outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
     expect(result.error).toMatch(/upload to file:\/\/\/proc\/ekaci-no-such-cache failed/);
+  });
+
+  it('says in the log of a retry that its outputs were valid already, where Nix would log nothing', async () => {
+    const drv = await shellDerivation('echo building for real; echo x > $out');
+    const first = build(assign('first-try', drv), 'file:///proc/ekaci-no-such-cache');
+    expect((await first.build.run()).outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
+    expect(readFileSync(first.log.path, 'utf8')).toContain('building for real');
+
+    const again = build(assign('second-try', drv, { attempt: 2 }));
+    expect((await again.build.run()).outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    const log = readFileSync(again.log.path, 'utf8');
+    expect(log).not.toContain('building for real');
+    expect(log).toMatch(/nothing to build: the outputs of \/nix\/store\/\S+\.drv are valid in this builder's store/);
   });
 
   it('cancels by stopping the whole process tree and reports CANCELLED', async () => {

@@ -215,6 +215,7 @@ export class Build {
     const onLog = (line: string): void | Promise<void> => this.logLine(line);
     const basic = await this.basicDerivation(conn);
     if (this.cancelReason !== null) throw new Error('cancelled while reading the .drv');
+    await this.noteOutputsAlreadyValid(conn, basic);
     if (basic !== null) {
       try {
         return await conn.buildDerivation(a.drvPath, basic, onLog);
@@ -230,6 +231,25 @@ export class Build {
       }
     }
     return conn.buildPaths([`${a.drvPath}!*`], onLog);
+  }
+
+  /**
+   * Nix builds nothing, and logs nothing, when the outputs are valid in the store already (an earlier attempt on this
+   * host built them, and their upload failed): the attempt's log says so instead of being empty.
+   */
+  private async noteOutputsAlreadyValid(conn: NixDaemonConnection, basic: Derivation | null): Promise<void> {
+    const a = this.assign;
+    let derivation = basic;
+    if (derivation === null && (await conn.queryValidPaths([a.drvPath])).has(a.drvPath)) {
+      derivation = parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath);
+    }
+    if (derivation === null) return;
+    const outputs = Object.values(outputPaths(derivation));
+    if (outputs.length === 0 || (await conn.queryValidPaths(outputs)).size < outputs.length) return;
+    await this.logLine(
+      `eka-ci: nothing to build: the outputs of ${a.drvPath} are valid in this builder's store already ` +
+        '(an earlier attempt here built them); they are checked and uploaded as they are',
+    );
   }
 
   /** The derivation with its input derivations resolved to their outputs, or null to build the `.drv` by path. */

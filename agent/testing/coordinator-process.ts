@@ -5,6 +5,7 @@
  * LEASE=DRV` (repeatable) assigns builds at the first Credit; `--welcome-json JSON` sets fields of its Welcome.
  */
 import { ScriptedCoordinator } from './scripted-coordinator.js';
+import { testAssign } from './assign.js';
 
 const args = process.argv.slice(2);
 const value = (flag: string): string | undefined => args[args.indexOf(flag) + 1];
@@ -18,16 +19,7 @@ const c = await ScriptedCoordinator.start({
     if (m.msg?.$case === 'jobEvent') process.stdout.write(`event ${m.msg.value.leaseId} ${m.msg.value.event?.$case}\n`);
     if (m.msg?.$case !== 'credit') return;
     for (const [leaseId = '', drvPath = ''] of assigns.splice(0)) {
-      const value = {
-        leaseId,
-        drvPath,
-        attempt: 1,
-        maxSilentSeconds: 0,
-        timeoutSeconds: 0,
-        outputNames: ['out'],
-        inputOutputs: [],
-      };
-      s.send({ $case: 'assign', value: { ...value, maxLogBytes: 0 } });
+      s.send({ $case: 'assign', value: testAssign(leaseId, drvPath) });
     }
   },
 });

@@ -240,11 +240,9 @@ export class AgentHub {
     const agentId = session.agentId;
     switch (e.event?.$case) {
       case 'accepted':
-        this.manager.accepted(agentId, e.leaseId);
-        return;
+        return this.manager.accepted(agentId, e.leaseId);
       case 'started':
-        this.manager.started(agentId, e.leaseId, e.event.value.startedAtMs);
-        return;
+        return this.manager.started(agentId, e.leaseId, e.event.value.startedAtMs);
       case 'finished':
         return this.manager.finished(agentId, e.leaseId, e.event.value);
       case undefined:

@@ -18,9 +18,9 @@ import type { AgentCapabilities } from '../scheduler/scheduler.js';
  * came within `helloTimeoutMs`. Nothing but a Hello is accepted before `active`. The agent's id is the name of the
  * token the stream was opened with (`tokenName`); a Hello may repeat it, never name another.
  *
- * Job events are handled one after another in arrival order (a result's outputs are checked against the cache
- * before it is recorded) and each is acknowledged only after its handler finished: a handler that fails leaves the
- * event unacknowledged, and the agent sends it again after reconnecting.
+ * Job events are handed to their handler as they arrive (the build manager commits them in groups, each lease's
+ * writes in arrival order) and acknowledged in arrival order, each only after its handler committed: a handler
+ * that fails leaves the event unacknowledged, and the agent sends it again after reconnecting.
  *
  * Flow control: `freeSlots` is what the agent may still be given. A `Credit` reports the agent's free slots
  * counting every `Assign` it has processed; assignments it has not yet answered with `Accepted` were not
@@ -192,10 +192,13 @@ export class AgentSession {
         // Any answer to an Assign (also a result without an Accepted, for an Assign the agent refused) means
         // the agent counted it in its Credit.
         this.unaccepted.delete(event.leaseId);
-        // In order, and acknowledged only once the handler has committed; a failed handler leaves the event
-        // unacknowledged (the agent resends it after a reconnect) and the stream goes on.
+        // Handled at once (the manager commits reports in groups and orders their writes as they arrive), and
+        // acknowledged in order, each only once its handler has committed; a failed handler leaves the event
+        // unacknowledged (the agent resends it after a reconnect).
+        const handled = Promise.resolve().then(() => this.handlers.jobEvent(this, event));
+        handled.catch(() => undefined); // its failure is dealt with below, in order
         this.events = this.events
-          .then(() => this.handlers.jobEvent(this, event))
+          .then(() => handled)
           .then(
             () => this.send({ msg: { $case: 'ack', value: { messageIds: [event.messageId] } } }),
             (err: unknown) =>

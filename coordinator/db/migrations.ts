@@ -1,8 +1,14 @@
+import { createHash } from 'node:crypto';
+import type { Db } from './database.js';
+
 /**
  * The schema, as an append-only list of migrations. Never edit a released migration: add one. Each runs in
  * its own transaction and is recorded in `schema_migrations`.
  */
-export const MIGRATIONS: readonly string[] = [
+/** A schema change: SQL, or a function for one that must move data SQL alone cannot (it runs in a transaction). */
+export type Migration = string | ((db: Db) => void);
+
+export const MIGRATIONS: readonly Migration[] = [
   `
   CREATE TABLE derivations (
     drv_path          TEXT PRIMARY KEY,
@@ -285,4 +291,95 @@ export const MIGRATIONS: readonly string[] = [
   ALTER TABLE attempts ADD COLUMN cancel_reason TEXT;
   ALTER TABLE attempts ADD COLUMN log_truncated INTEGER NOT NULL DEFAULT 0;
   `,
+  `
+  -- A failed webhook delivery waits in the database for its retry (ms since the epoch; 0: due now), so that retries
+  -- can span hours and survive a restart.
+  ALTER TABLE webhook_deliveries ADD COLUMN next_attempt_at INTEGER NOT NULL DEFAULT 0;
+  `,
+  evaluationsAsRows,
 ];
+
+/**
+ * Evaluations as rows (one per attribute) with names and values stored once, instead of one JSON document per commit
+ * and job: a nixpkgs commit took 100–200 MB as documents, mostly repeated from the commit before. Moves what is
+ * stored.
+ */
+function evaluationsAsRows(db: Db): void {
+  db.exec(`
+  CREATE TABLE evaluations (
+    id                   INTEGER PRIMARY KEY,
+    repo                 TEXT NOT NULL,
+    commit_sha           TEXT NOT NULL,
+    job                  TEXT NOT NULL,
+    allow_eval_failures  INTEGER NOT NULL,
+    max_increase_percent REAL,
+    seconds              REAL NOT NULL,
+    created_at           INTEGER NOT NULL,
+    complete             INTEGER NOT NULL,          -- 0 while its attributes are being written
+    UNIQUE (repo, commit_sha, job)
+  );
+  CREATE TABLE eval_attr_names (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+  );
+  -- An attribute's value without its name: drv path, system, outputs, meta, errors (JSON), keyed by a digest of it.
+  CREATE TABLE eval_values (
+    id     INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    json   TEXT NOT NULL
+  );
+  CREATE TABLE evaluation_attrs (
+    evaluation_id INTEGER NOT NULL,
+    position      INTEGER NOT NULL,                 -- the order the evaluator reported them in
+    name_id       INTEGER NOT NULL,
+    value_id      INTEGER NOT NULL,
+    PRIMARY KEY (evaluation_id, position)
+  ) WITHOUT ROWID;
+  `);
+  const rows = db
+    .prepare(
+      'SELECT repo, commit_sha, job, allow_eval_failures, max_increase_percent, attrs_json, seconds, created_at FROM commit_evaluations',
+    )
+    .all() as Array<{
+    repo: string;
+    commit_sha: string;
+    job: string;
+    allow_eval_failures: number;
+    max_increase_percent: number | null;
+    attrs_json: string;
+    seconds: number;
+    created_at: number;
+  }>;
+  const job = db.prepare(
+    `INSERT INTO evaluations (repo, commit_sha, job, allow_eval_failures, max_increase_percent, seconds, created_at,
+       complete) VALUES (?, ?, ?, ?, ?, ?, ?, 1)`,
+  );
+  const name = db.prepare(
+    'INSERT INTO eval_attr_names (name) VALUES (?) ON CONFLICT (name) DO UPDATE SET name = name RETURNING id',
+  );
+  const value = db.prepare(
+    'INSERT INTO eval_values (digest, json) VALUES (?, ?) ON CONFLICT (digest) DO UPDATE SET json = json RETURNING id',
+  );
+  const attr = db.prepare(
+    'INSERT INTO evaluation_attrs (evaluation_id, position, name_id, value_id) VALUES (?, ?, ?, ?)',
+  );
+  for (const r of rows) {
+    const id = job.run(
+      r.repo,
+      r.commit_sha,
+      r.job,
+      r.allow_eval_failures,
+      r.max_increase_percent,
+      r.seconds,
+      r.created_at,
+    ).lastInsertRowid;
+    (JSON.parse(r.attrs_json) as Array<{ attr: string }>).forEach(({ attr: attrName, ...rest }, position) => {
+      const json = JSON.stringify(rest);
+      const digest = createHash('sha256').update(json).digest().subarray(0, 16);
+      const nameId = (name.get(attrName) as { id: number }).id;
+      const valueId = (value.get(digest, json) as { id: number }).id;
+      attr.run(id, position, nameId, valueId);
+    });
+  }
+  db.exec('DROP TABLE commit_evaluations');
+}

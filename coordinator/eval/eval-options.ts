@@ -20,6 +20,9 @@ const rule = z
   })
   .strict();
 
+// A day or two of a busy default branch; a nixpkgs commit's evaluation costs some megabytes as rows.
+export const DEFAULT_KEEP_COMMITS = 100;
+
 export const evaluationSchema = z
   .object({
     workers: z.number().int().min(1).default(DEFAULT_WORKERS),
@@ -31,6 +34,11 @@ export const evaluationSchema = z
     store: z.enum(['auto', 'daemon', 'private-daemon']).default('auto'),
     allow_import_from_derivation: z.boolean().default(false),
     repositories: z.array(rule).default([]),
+    /**
+     * Retention: the most recently evaluated commits kept per repository (besides those open pull requests and
+     * unfinished runs use); older evaluations are deleted when a run ends.
+     */
+    keep_commits: z.number().int().min(1).default(DEFAULT_KEEP_COMMITS),
   })
   .strict()
   .prefault({});
@@ -49,6 +57,7 @@ export interface EvaluationOptions {
   store: 'auto' | 'daemon' | 'private-daemon';
   allowImportFromDerivation: boolean;
   rules: readonly EvalRule[];
+  keepCommits: number;
 }
 
 /** What one repository's expressions may do beyond reading their own checkout and the store. */
@@ -67,6 +76,7 @@ export function compileEvaluationOptions(e: z.infer<typeof evaluationSchema>): E
     sandbox: e.sandbox,
     store: e.store,
     allowImportFromDerivation: e.allow_import_from_derivation,
+    keepCommits: e.keep_commits,
     rules: e.repositories.map((r) => ({
       repos: r.repos,
       allowedUris: r.allowed_uris,

@@ -27,7 +27,10 @@ export interface EvalResult {
   meta?: EvalMeta;
   /** Nix's message for an attribute that threw, failed an assert, aborted or crashed the evaluator. */
   error?: string;
-  /** Meta fields (`maintainers`, `license`, …) that failed to evaluate, with Nix's message; the drv still counts. */
+  /**
+   * Meta fields (`maintainers`, `license`, …) that failed to evaluate, with Nix's message; the drv still counts. The
+   * key `meta` stands for the meta set as a whole, where the evaluator cannot tell which field failed (nix-eval-jobs).
+   */
   metaErrors?: Record<string, string>;
   /** Evaluated (drvPath given) but not for a system it, or this evaluation, supports. Not an error. */
   skipped?: 'unsupported-platform';

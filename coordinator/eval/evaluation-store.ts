@@ -1,60 +1,107 @@
+import { createHash } from 'node:crypto';
 import type { Db } from '../db/database.js';
 import type { EvalResult } from './eval-result.js';
 import type { CommitEvaluation, JobEvaluation } from './repo-evaluation.js';
 
-interface Row {
+interface JobRow {
+  id: number;
   job: string;
   allow_eval_failures: number;
   max_increase_percent: number | null;
-  attrs_json: string;
   seconds: number;
 }
 
-/** Evaluations kept per repository, commit and job, so reviews can be recomputed from the database. */
-export class EvaluationStore {
-  constructor(private readonly db: Db) {}
+// Attributes written per transaction: a nixpkgs-sized evaluation (100,000 attributes) is stored in slices, with the
+// event loop free between them for agents and webhooks.
+const SAVE_SLICE = 5_000;
 
-  save(repo: string, evaluation: CommitEvaluation): void {
-    const put = this.db.prepare(
-      `INSERT OR REPLACE INTO commit_evaluations
-         (repo, commit_sha, job, allow_eval_failures, max_increase_percent, attrs_json, seconds, created_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-    );
-    this.db.transaction(() => {
-      if (evaluation.configDigest !== undefined) {
-        this.db
-          .prepare('INSERT OR REPLACE INTO commit_configs (repo, commit_sha, config_hash) VALUES (?, ?, ?)')
-          .run(repo, evaluation.commit, evaluation.configDigest);
-      }
-      for (const j of evaluation.jobs) {
-        put.run(
-          repo,
-          evaluation.commit,
-          j.name,
-          j.allowEvalFailures ? 1 : 0,
-          j.maxIncreasePercent ?? null,
-          JSON.stringify(j.attrs),
-          j.seconds,
-          Date.now(),
+/** What an evaluated attribute is, without its name: stored once however many commits and attributes share it. */
+type AttrValue = Omit<EvalResult, 'attr'>;
+
+/**
+ * Evaluations kept per repository, commit and job, so reviews can be recomputed from the database.
+ *
+ * Stored as rows, not one document per commit: an attribute of an evaluation is a row (`evaluation_attrs`: its
+ * position, its name's id, its value's id); names (`eval_attr_names`) and values (`eval_values`: drv path, outputs,
+ * meta, errors as JSON, keyed by a digest of that JSON) are each stored once. Between two commits of a package set
+ * almost every attribute evaluates to the same value, so a commit costs a few bytes per attribute plus what changed.
+ *
+ * An evaluation becomes visible (`load`) only once all its attributes are stored (`complete = 1`); a save cut short
+ * by a crash leaves an incomplete one, which the next save of that commit and `retain` remove.
+ */
+export class EvaluationStore {
+  private readonly s;
+
+  constructor(private readonly db: Db) {
+    this.s = {
+      insertAttr: db.prepare(
+        'INSERT INTO evaluation_attrs (evaluation_id, position, name_id, value_id) VALUES (?, ?, ?, ?)',
+      ),
+      nameId: db.prepare('SELECT id FROM eval_attr_names WHERE name = ?'),
+      insertName: db.prepare('INSERT INTO eval_attr_names (name) VALUES (?)'),
+      valueId: db.prepare('SELECT id FROM eval_values WHERE digest = ?'),
+      insertValue: db.prepare('INSERT INTO eval_values (digest, json) VALUES (?, ?)'),
+    };
+  }
+
+  /** Stores a commit's evaluation, replacing an earlier one of the same commit and jobs. */
+  async save(repo: string, evaluation: CommitEvaluation): Promise<void> {
+    for (const job of evaluation.jobs) {
+      const id = this.db.transaction(() => {
+        this.deleteJob(repo, evaluation.commit, job.name);
+        return Number(
+          this.db
+            .prepare(
+              `INSERT INTO evaluations
+                 (repo, commit_sha, job, allow_eval_failures, max_increase_percent, seconds, created_at, complete)
+               VALUES (?, ?, ?, ?, ?, ?, ?, 0)`,
+            )
+            .run(
+              repo,
+              evaluation.commit,
+              job.name,
+              job.allowEvalFailures ? 1 : 0,
+              job.maxIncreasePercent ?? null,
+              job.seconds,
+              Date.now(),
+            ).lastInsertRowid,
         );
+      })();
+      for (let start = 0; start < job.attrs.length; start += SAVE_SLICE) {
+        if (start > 0) await new Promise((resolve) => setImmediate(resolve));
+        this.db.transaction(() => this.putAttrs(id, start, job.attrs.slice(start, start + SAVE_SLICE)))();
       }
-    })();
+      this.db.prepare('UPDATE evaluations SET complete = 1 WHERE id = ?').run(id);
+    }
+    if (evaluation.configDigest !== undefined) {
+      this.db
+        .prepare('INSERT OR REPLACE INTO commit_configs (repo, commit_sha, config_hash) VALUES (?, ?, ?)')
+        .run(repo, evaluation.commit, evaluation.configDigest);
+    }
   }
 
   /** The stored evaluation of a commit (every job it has), or undefined when the commit was never evaluated. */
   load(repo: string, commit: string): CommitEvaluation | undefined {
     const rows = this.db
       .prepare(
-        `SELECT job, allow_eval_failures, max_increase_percent, attrs_json, seconds
-           FROM commit_evaluations WHERE repo = ? AND commit_sha = ? ORDER BY job`,
+        `SELECT id, job, allow_eval_failures, max_increase_percent, seconds FROM evaluations
+          WHERE repo = ? AND commit_sha = ? AND complete = 1 ORDER BY job`,
       )
-      .all(repo, commit) as Row[];
+      .all(repo, commit) as JobRow[];
     if (rows.length === 0) return undefined;
+    const attrsOf = this.db.prepare(
+      `SELECT n.name AS attr, v.json AS json FROM evaluation_attrs a
+         JOIN eval_attr_names n ON n.id = a.name_id JOIN eval_values v ON v.id = a.value_id
+        WHERE a.evaluation_id = ? ORDER BY a.position`,
+    );
     const jobs: JobEvaluation[] = rows.map((r) => ({
       name: r.job,
       allowEvalFailures: r.allow_eval_failures === 1,
       maxIncreasePercent: r.max_increase_percent ?? undefined,
-      attrs: JSON.parse(r.attrs_json) as EvalResult[],
+      attrs: (attrsOf.all(r.id) as Array<{ attr: string; json: string }>).map((a) => ({
+        attr: a.attr,
+        ...(JSON.parse(a.json) as AttrValue),
+      })),
       seconds: r.seconds,
     }));
     const config = this.db
@@ -63,14 +110,81 @@ export class EvaluationStore {
     return config ? { commit, jobs, configDigest: config.config_hash } : { commit, jobs };
   }
 
+  /** Whether every job of `evaluation` is stored for its commit (without reading them). */
+  has(repo: string, evaluation: CommitEvaluation): boolean {
+    const stored = this.db
+      .prepare('SELECT job FROM evaluations WHERE repo = ? AND commit_sha = ? AND complete = 1')
+      .all(repo, evaluation.commit) as Array<{ job: string }>;
+    const jobs = new Set(stored.map((r) => r.job));
+    return evaluation.jobs.every((j) => jobs.has(j.name));
+  }
+
   /** The full commit id of an evaluated commit named by a unique prefix of at least 7 hex digits. */
   resolveCommit(repo: string, prefix: string): string | undefined {
     if (!/^[0-9a-f]{7,64}$/i.test(prefix)) return undefined;
     const rows = this.db
       .prepare(
-        'SELECT DISTINCT commit_sha FROM commit_evaluations WHERE repo = ? AND commit_sha >= ? AND commit_sha < ? LIMIT 2',
+        `SELECT DISTINCT commit_sha FROM evaluations
+          WHERE repo = ? AND commit_sha >= ? AND commit_sha < ? AND complete = 1 LIMIT 2`,
       )
       .all(repo, prefix.toLowerCase(), `${prefix.toLowerCase()}\uffff`) as Array<{ commit_sha: string }>;
     return rows.length === 1 ? rows[0]!.commit_sha : undefined;
+  }
+
+  /**
+   * The retention policy: of a repository's evaluated commits, keeps the `latest` most recently evaluated ones and
+   * those in `keep` (open pull requests' heads and bases); deletes the others, with the names and values no kept
+   * evaluation uses. Returns the number of commits deleted.
+   */
+  retain(repo: string, latest: number, keep: ReadonlySet<string>): number {
+    const commits = this.db
+      .prepare(
+        `SELECT commit_sha FROM evaluations WHERE repo = ?
+          GROUP BY commit_sha ORDER BY MAX(created_at) DESC, commit_sha`,
+      )
+      .all(repo) as Array<{ commit_sha: string }>;
+    const doomed = commits.slice(latest).filter((c) => !keep.has(c.commit_sha));
+    if (doomed.length === 0) return 0;
+    this.db.transaction(() => {
+      for (const { commit_sha } of doomed) {
+        for (const job of this.db
+          .prepare('SELECT job FROM evaluations WHERE repo = ? AND commit_sha = ?')
+          .all(repo, commit_sha) as Array<{ job: string }>) {
+          this.deleteJob(repo, commit_sha, job.job);
+        }
+        this.db.prepare('DELETE FROM commit_configs WHERE repo = ? AND commit_sha = ?').run(repo, commit_sha);
+      }
+      this.db.exec(`DELETE FROM eval_values WHERE id NOT IN (SELECT value_id FROM evaluation_attrs)`);
+      this.db.exec(`DELETE FROM eval_attr_names WHERE id NOT IN (SELECT name_id FROM evaluation_attrs)`);
+    })();
+    return doomed.length;
+  }
+
+  private deleteJob(repo: string, commit: string, job: string): void {
+    const old = this.db
+      .prepare('SELECT id FROM evaluations WHERE repo = ? AND commit_sha = ? AND job = ?')
+      .get(repo, commit, job) as { id: number } | undefined;
+    if (!old) return;
+    this.db.prepare('DELETE FROM evaluation_attrs WHERE evaluation_id = ?').run(old.id);
+    this.db.prepare('DELETE FROM evaluations WHERE id = ?').run(old.id);
+  }
+
+  private putAttrs(evaluationId: number, first: number, attrs: readonly EvalResult[]): void {
+    attrs.forEach((a, i) => {
+      const { attr, ...value } = a;
+      this.s.insertAttr.run(evaluationId, first + i, this.nameId(attr), this.valueId(value));
+    });
+  }
+
+  private nameId(name: string): number {
+    const found = this.s.nameId.get(name) as { id: number } | undefined;
+    return found?.id ?? Number(this.s.insertName.run(name).lastInsertRowid);
+  }
+
+  private valueId(value: AttrValue): number {
+    const json = JSON.stringify(value);
+    const digest = createHash('sha256').update(json).digest().subarray(0, 16);
+    const found = this.s.valueId.get(digest) as { id: number } | undefined;
+    return found?.id ?? Number(this.s.insertValue.run(digest, json).lastInsertRowid);
   }
 }

@@ -1,6 +1,12 @@
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { compileOptions } from './eval-result.js';
-import { nixEvalJobsArgs, parseNixEvalJobsLine } from './nix-eval-jobs.js';
+import { EvaluationError } from '../../common/errors.js';
+import { nonce, tempDir } from '../../test/support/nix-project.js';
+import { diffEvaluations } from '../graph/rebuild-diff.js';
+import type { NixLauncher } from './eval-environment.js';
+import { type EvalResult, compileOptions } from './eval-result.js';
+import { evaluateWithNixEvalJobs, nixEvalJobsArgs, parseNixEvalJobsLine } from './nix-eval-jobs.js';
 
 // Recorded from nix-eval-jobs 2.x (`--meta`) over nixpkgs' `hello`, shortened to the fields eka-ci reads.
 const SAMPLE =
@@ -76,4 +82,125 @@ describe('nix-eval-jobs adapter', () => {
     expect(args.at(-1)).toContain('import "/src/ci.nix"');
     expect(args.at(-1)).toMatch(/top\."a"\."b"$/);
   });
+});
+
+const STANDIN = join(import.meta.dirname, '..', '..', 'test', 'support', 'nix-eval-jobs-standin.ts');
+
+/** Runs the nix-eval-jobs stand-in (real Nix underneath) in place of nix-eval-jobs, with `env` added. */
+function standIn(env: Record<string, string> = {}): NixLauncher {
+  const inherited = Object.fromEntries(Object.entries(process.env).filter((e): e is [string, string] => !!e[1]));
+  return {
+    command: (_program, args) => ({
+      file: process.execPath,
+      args: ['--import', 'tsx', STANDIN, ...args],
+      env: { ...inherited, ...env },
+    }),
+    attrTimeoutMs: 60_000,
+    maxMemoryMiB: 1024,
+  };
+}
+
+/** A package set at `dir/default.nix`: `mk "name"` is a trivial derivation, `mk "name" // { deps = [ … ]; }` one with inputs. */
+function packageSet(dir: string, tag: string, body: string): string {
+  const file = join(dir, 'default.nix');
+  writeFileSync(
+    file,
+    `let mk = name: deps: derivation {
+  name = "\${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo \${name} $deps > $out" ]; inherit deps;
+}; in rec {
+${body}
+}
+`,
+  );
+  return file;
+}
+
+async function evaluateAll(file: string, dir: string, launcher = standIn()): Promise<Map<string, EvalResult>> {
+  const results = new Map<string, EvalResult>();
+  const options = compileOptions({ file, attrPath: [], gcRootsDir: join(dir, 'roots'), workers: 1, launcher });
+  for await (const r of evaluateWithNixEvalJobs(options)) results.set(r.attr, r);
+  return results;
+}
+
+describe('nix-eval-jobs runs', () => {
+  it('keeps the derivation of an attribute whose meta field throws or aborts, recording the error beside it', async () => {
+    const dir = tempDir('ekaci-eval-jobs-');
+    const tag = nonce();
+    const file = packageSet(
+      dir,
+      tag,
+      `fine = mk "fine" [ ];
+  badMaintainers = mk "bm" [ ] // { meta.maintainers = throw "no maintainers here"; };
+  abortingDescription = mk "ad" [ ] // { meta.description = abort "description aborts"; };
+  thrower = throw "thrown on purpose";`,
+    );
+    const results = await evaluateAll(file, dir);
+    expect([...results.keys()].sort()).toEqual(['abortingDescription', 'badMaintainers', 'fine', 'thrower']);
+    for (const [attr, name, message] of [
+      ['badMaintainers', 'bm', 'no maintainers here'],
+      ['abortingDescription', 'ad', 'description aborts'],
+    ] as const) {
+      const r = results.get(attr)!;
+      expect(r.error, attr).toBeUndefined();
+      expect(r.drvPath, attr).toMatch(new RegExp(`-${name}-${tag}\\.drv$`));
+      expect(r.outputs?.out, attr).toMatch(new RegExp(`-${name}-${tag}$`));
+      expect(r.metaErrors?.meta, attr).toContain(message);
+    }
+    expect(results.get('fine')).toMatchObject({ meta: {}, drvPath: expect.stringMatching(/-fine-/) as unknown });
+    expect(results.get('fine')?.metaErrors).toBeUndefined();
+    expect(results.get('thrower')).toEqual({
+      attr: 'thrower',
+      error: expect.stringContaining('thrown on purpose') as unknown,
+    });
+  });
+
+  it('sees a dependency bump under a meta.maintainers that throws on both sides: changed, to be rebuilt', async () => {
+    const dir = tempDir('ekaci-eval-jobs-');
+    const tag = nonce();
+    // Both commits at one path, as checkouts are compared: the error reads the same on both sides.
+    const set = (version: string): string =>
+      packageSet(
+        dir,
+        tag,
+        `dep = mk "dep-${version}" [ ];
+  app = mk "app" [ dep ] // { meta.maintainers = throw "no maintainers here"; };`,
+      );
+    const base = [...(await evaluateAll(set('1'), dir)).values()];
+    const head = [...(await evaluateAll(set('2'), dir)).values()];
+    const graph = { inputsOf: () => [], systemOf: () => 'x86_64-linux' };
+    const app = diffEvaluations(base, head, graph).attrs.find((a) => a.attr === 'app');
+    expect(app?.change).toBe('changed');
+    expect(app?.headDrv).toMatch(/-app-/);
+  });
+
+  it.each([
+    ['exits non-zero', 'exit-after:1', /exit 1/],
+    ['is killed', 'kill-after:1', /killed by SIGKILL/],
+    ['stops mid-line', 'cut-after:1', /ended mid-line/],
+  ])(
+    'fails the whole evaluation when nix-eval-jobs %s half-way, never reporting fewer attributes',
+    async (_, fault, why) => {
+      const dir = tempDir('ekaci-eval-jobs-');
+      const file = packageSet(dir, nonce(), ['a', 'b', 'c'].map((n) => `${n} = mk "${n}" [ ];`).join('\n  '));
+      const seen: string[] = [];
+      const run = async (): Promise<void> => {
+        const options = compileOptions({
+          file,
+          attrPath: [],
+          gcRootsDir: join(dir, 'roots'),
+          launcher: standIn({ EKACI_STANDIN_FAULT: fault }),
+        });
+        for await (const r of evaluateWithNixEvalJobs(options)) seen.push(r.attr);
+      };
+      const failure = await run().then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(failure).toBeInstanceOf(EvaluationError);
+      expect((failure as Error).message).toMatch(why);
+      expect((failure as Error).message).toMatch(/after 1 attributes/);
+      expect(seen).toEqual(['a']);
+    },
+  );
 });

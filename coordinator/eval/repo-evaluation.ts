@@ -67,7 +67,8 @@ export async function evaluateCommit(options: {
       const started = performance.now();
       const attrs: EvalResult[] = [];
       const gcRoots = join(options.dataDir, 'gcroots', checkout.commit);
-      for await (const r of evaluateJob(job, checkout, gcRoots, options.environment, options.policy)) {
+      for await (const evaluated of evaluateJob(job, checkout, gcRoots, options.environment, options.policy)) {
+        const r = relativeToCheckout(evaluated, checkout.dir);
         attrs.push(r);
         options.onResult?.(r, job.name);
       }
@@ -84,6 +85,23 @@ export async function evaluateCommit(options: {
   } finally {
     await checkout.release();
   }
+}
+
+/**
+ * Nix names files in its messages by absolute path, and a checkout's path holds its commit. Written relative to the
+ * checkout, an error reads as the repository names its files, and the same failure reads the same in every commit
+ * (the rebuild diff compares failures by their text).
+ */
+function relativeToCheckout(r: EvalResult, checkoutDir: string): EvalResult {
+  const prefix = `${checkoutDir}/`;
+  const strip = (text: string): string => text.split(prefix).join('');
+  if (r.error === undefined && r.metaErrors === undefined) return r;
+  const out: EvalResult = { ...r };
+  if (r.error !== undefined) out.error = strip(r.error);
+  if (r.metaErrors !== undefined) {
+    out.metaErrors = Object.fromEntries(Object.entries(r.metaErrors).map(([k, v]) => [k, strip(v)]));
+  }
+  return out;
 }
 
 function evaluateJob(

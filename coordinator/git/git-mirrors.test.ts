@@ -60,6 +60,21 @@ async function filesOfCommit(repo: TestRepo, commit: string): Promise<Record<str
   return files;
 }
 
+describe('GitMirrors.commitTitles', () => {
+  it('lists the titles of the commits the head has and the base has not, newest first, up to a limit', async () => {
+    const { mirrors } = await newMirrors();
+    await mirrors.fetch(source.dir, [first, second, pull]);
+    await source.git('checkout', '--quiet', '-b', 'titles', second);
+    const third = await source.commit('hello: 1.0 -> 2.0\n\nThe body is not the title.', { 'hello.nix': '2\n' });
+    await source.git('checkout', '--quiet', 'main');
+    await mirrors.ensureCommit(source.dir, third);
+    expect(await mirrors.commitTitles(source.dir, first, third, 10)).toEqual(['hello: 1.0 -> 2.0', 'second']);
+    expect(await mirrors.commitTitles(source.dir, first, third, 1)).toEqual(['hello: 1.0 -> 2.0']);
+    expect(await mirrors.commitTitles(source.dir, second, pull, 10)).toEqual(['a pull request']);
+    await expect(mirrors.commitTitles(source.dir, 'main', third, 10)).rejects.toBeInstanceOf(GitRevisionError);
+  });
+});
+
 describe('GitMirrors.ensureCommit', () => {
   it('fetches a branch tip and an older commit by its full sha', async () => {
     const { mirrors } = await newMirrors();
@@ -162,6 +177,32 @@ describe('GitMirrors.checkout', () => {
     expect(await filesIn(checkout.dir)).toEqual(await filesOfCommit(source, first));
     expect(await filesOfCommit(source, first)).toEqual({ 'default.nix': '{ }: 1\n', 'pkgs/a.nix': 'a\n' });
     await checkout.release();
+  });
+
+  it("fetches a fork's pull request borrowing the base mirror's objects: only what the fork adds is copied", async () => {
+    const history = await TestRepo.create(join(await temp.make('ekaci-git-history-'), 'base'));
+    for (let i = 0; i < 20; i++)
+      await history.commit(`change ${i}`, { [`pkgs/p${i}.nix`]: `${i}\n`, 'default.nix': `${i}\n` });
+    const fork = await TestRepo.create(join(await temp.make('ekaci-git-fork-'), 'fork'));
+    await fork.git('pull', '--quiet', history.dir, 'main');
+    const forked = await fork.commit('the fork changes one file', { 'pkgs/p3.nix': 'from the fork\n' });
+    const { mirrors } = await newMirrors();
+    await mirrors.ensureCommit(history.dir, 'main');
+
+    await mirrors.ensureCommit(fork.dir, forked, { objectsFrom: history.dir });
+    const objects = async (url: string): Promise<number> => {
+      const counts = await new TestRepo(mirrors.mirrorDir(url)).git('count-objects', '-v');
+      const n = (key: string): number => Number(new RegExp(`^${key}: (\\d+)$`, 'm').exec(counts)![1]);
+      return n('count') + n('in-pack');
+    };
+    expect(await objects(history.dir)).toBeGreaterThan(60); // 20 commits, their trees and files
+    // The fork's commit, its root tree, pkgs/ and the one changed file.
+    expect(await objects(fork.dir)).toBeLessThanOrEqual(4);
+    const checkout = await mirrors.checkout(fork.dir, forked, { objectsFrom: history.dir });
+    expect(await readFile(join(checkout.dir, 'pkgs/p3.nix'), 'utf8')).toBe('from the fork\n');
+    expect(await readFile(join(checkout.dir, 'pkgs/p19.nix'), 'utf8')).toBe('19\n');
+    await checkout.release();
+    expect(await new TestRepo(mirrors.mirrorDir(history.dir)).git('config', 'gc.pruneExpire')).toBe('never');
   });
 
   it('shares one worktree between concurrent checkouts of a commit and removes it after the last release', async () => {

@@ -31,6 +31,12 @@ export interface GitMirrorsOptions {
 export interface FetchOptions {
   /** Sent only when the server asks (401), only to that host, through an askpass helper: see `ASKPASS_SCRIPT`. */
   auth?: GitAuth;
+  /**
+   * The URL of the repository this one is a fork of (a pull request's base): the fork's mirror borrows the base
+   * mirror's objects (git alternates), so fetching a fork's pull request brings only what the fork adds, not a second
+   * copy of the whole history.
+   */
+  objectsFrom?: string;
 }
 
 /** A worktree of one commit, shared by everyone who asked for that commit until the last one releases it. */
@@ -106,13 +112,21 @@ export class GitMirrors {
    */
   async fetch(url: string, revs: readonly string[], options: FetchOptions = {}): Promise<Map<string, string>> {
     await this.started;
-    return this.mirrorFor(url).fetch(revs, options.auth);
+    const mirror = this.mirrorFor(url);
+    if (options.objectsFrom !== undefined) await mirror.borrowObjectsOf(this.mirrorFor(options.objectsFrom));
+    return mirror.fetch(revs, options.auth);
   }
 
   /** The full sha of the commit `rev` names, fetched if the mirror lacks it. */
   async ensureCommit(url: string, rev: string, options: FetchOptions = {}): Promise<string> {
     const shas = await this.fetch(url, [rev], options);
     return shas.get(rev)!;
+  }
+
+  /** The titles of the commits in `head` but not in `base` (full shas the mirror has), newest first, at most `limit`. */
+  async commitTitles(url: string, base: string, head: string, limit: number): Promise<string[]> {
+    await this.started;
+    return this.mirrorFor(url).titles(base, head, limit);
   }
 
   /** A worktree of the commit `rev` names; concurrent calls for one commit share a single worktree. */

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { IllegalStateError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -56,6 +56,8 @@ export class Mirror {
    * only through a branch are not remembered: a force-push could let gc take them.
    */
   private readonly present = new Set<string>();
+  /** Other mirrors borrow this one's objects: it never prunes (`borrowObjectsOf`). */
+  private lends = false;
 
   constructor(
     readonly location: RepoLocation,
@@ -81,6 +83,53 @@ export class Mirror {
         if (revision.kind === 'commit') this.remember(revision.sha);
       }
       return shas;
+    });
+  }
+
+  /**
+   * The titles (first lines of the messages) of the commits reachable from `head` but not from `base`, newest first,
+   * at most `limit`. Both must be commits the mirror has (read-only, so no lock).
+   */
+  async titles(base: string, head: string, limit: number): Promise<string[]> {
+    const [from, to] = [this.parse(base), this.parse(head)];
+    if (from.kind !== 'commit' || to.kind !== 'commit') {
+      throw new GitRevisionError(
+        `commit titles need two full commit shas, got ${base} and ${head}`,
+        this.location.display,
+        head,
+      );
+    }
+    await this.open();
+    const range = `${from.sha}..${to.sha}`;
+    const out = await this.git(['log', '--format=%s', `--max-count=${limit}`, range], `list the commits ${range}`);
+    return out.split('\n').filter((line) => line !== '');
+  }
+
+  /**
+   * Makes this mirror read objects it lacks from `lender`'s (git alternates: `objects/info/alternates`), so a fetch
+   * into it brings only what `lender` does not have — git counts the lender's refs as what it has. The lender is
+   * told never to prune unreachable objects (`gc.pruneExpire=never`): one that a force-push left unreachable there
+   * may be what a borrower's commits build on. Nothing happens when both are the same repository.
+   */
+  async borrowObjectsOf(lender: Mirror): Promise<void> {
+    if (lender === this || lender.dir === this.dir) return;
+    await lender.open();
+    if (!lender.lends) {
+      await lender.lock.run(() => lender.git(['config', 'gc.pruneExpire', 'never'], 'keep objects others borrow'));
+      lender.lends = true;
+    }
+    await this.open();
+    await this.lock.run(async () => {
+      const file = join(this.dir, 'objects', 'info', 'alternates');
+      const objects = join(lender.dir, 'objects');
+      const listed = existsSync(file) ? (await readFile(file, 'utf8')).split('\n') : [];
+      if (listed.includes(objects)) return;
+      await mkdir(dirname(file), { recursive: true });
+      await writeFile(file, [...listed.filter((line) => line !== ''), objects, ''].join('\n'));
+      this.context.logger.info(
+        { repo: this.location.display, from: lender.location.display },
+        'mirror borrows objects',
+      );
     });
   }
 

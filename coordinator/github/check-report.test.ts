@@ -1,6 +1,16 @@
 import { describe, expect, it } from 'vitest';
-import type { JobEvaluation } from '../eval/repo-evaluation.js';
-import { type RootResult, buildCheck, evaluationCheck } from './check-report.js';
+import type { EvalResult } from '../eval/eval-result.js';
+import type { CommitEvaluation, JobEvaluation } from '../eval/repo-evaluation.js';
+import { diffEvaluations } from '../graph/rebuild-diff.js';
+import { gatesFor, withBaseGates } from '../review/base-policy.js';
+import { isNewlyFailing, newlyFailingDrvs } from '../review/classify.js';
+import { renderMarkdown } from '../review/markdown.js';
+import type { Review } from '../review/model.js';
+import { buildReview } from '../review/review-builder.js';
+import type { BuildState } from '../scheduler/build-state.js';
+import { type RootResult, buildCheck, evaluationCheck, summaryCheck } from './check-report.js';
+import type { CheckRunSpec } from './check-runs.js';
+import { decideMerge } from './merge-policy.js';
 
 const root = (attr: string, state: RootResult['state'], newlyFailing = false): RootResult => ({
   attr,
@@ -68,5 +78,155 @@ describe('evaluationCheck', () => {
 
   it('without a base (a push), counts every error as new', () => {
     expect(evaluationCheck([job('pkgs', ['x'])], undefined, undefined).conclusion).toBe('failure');
+  });
+});
+
+/** A one-job change, reviewed as ReviewService does it: the base's gates, the rebuild diff, the builds' states. */
+async function reviewChange(
+  base: CommitEvaluation,
+  head: CommitEvaluation,
+  states: Record<string, BuildState> = {},
+): Promise<Review> {
+  const graph = { inputsOf: () => [], systemOf: () => SYSTEM };
+  return buildReview({
+    baseRev: base.commit,
+    headRev: head.commit,
+    jobs: head.jobs.map((j) => ({
+      name: j.name,
+      ...gatesFor(j.name, head, base),
+      diff: { name: j.name, ...diffEvaluations(base.jobs[0]!.attrs, j.attrs, graph) },
+      base: base.jobs[0]!.attrs,
+      head: j.attrs,
+    })),
+    build: (drv) => (states[drv] ? { state: states[drv], rootCause: null, outputs: [] } : undefined),
+    logTail: () => '',
+    references: () => Promise.resolve([]),
+  });
+}
+
+const SYSTEM = 'x86_64-linux';
+const drvOf = (name: string): string => `/nix/store/${name.padEnd(32, '0').slice(0, 32)}-${name}.drv`;
+const built = (attr: string): EvalResult => ({ attr, drvPath: drvOf(attr), system: SYSTEM });
+const commit = (sha: string, attrs: EvalResult[], allowEvalFailures = false): CommitEvaluation => ({
+  commit: sha.repeat(40),
+  jobs: [{ name: 'pkgs', allowEvalFailures, maxIncreasePercent: undefined, seconds: 1, attrs }],
+});
+
+/** The build check of the review's system, its roots marked newly failing as the pipeline marks them. */
+function buildCheckOf(review: Review, states: Record<string, BuildState>): CheckRunSpec {
+  const newly = newlyFailingDrvs(review);
+  const roots = Object.entries(states).map(([drvPath, state]) => ({
+    attr: drvPath,
+    drvPath,
+    state,
+    newlyFailing: newly.has(drvPath),
+  }));
+  return buildCheck(SYSTEM, roots, undefined);
+}
+
+describe('an added attribute that fails', () => {
+  const base = commit('b', [built('old')]);
+
+  it.each(['failed', 'dependency-failed', 'timed-out'] as const)(
+    'is newly failing when its build ends %s: the summary and the build check fail, and say so alike',
+    async (state) => {
+      const head = commit('h', [built('old'), built('fresh')]);
+      const states = { [drvOf('fresh')]: state };
+      const review = await reviewChange(base, head, states);
+      expect(review.attrs.find((a) => a.attr === 'fresh')).toMatchObject({ change: 'added', outcome: 'newly-failing' });
+      expect(review.summary['newly-failing']).toBe(1);
+      expect(renderMarkdown(review).split('\n')[0]).toBe('❌ 1 newly failing');
+      expect(summaryCheck(review, undefined).conclusion).toBe('failure');
+      expect(buildCheckOf(review, states).conclusion).toBe(state === 'timed-out' ? 'timed_out' : 'failure');
+    },
+  );
+
+  it('is a new evaluation error when it fails to evaluate: the summary and the evaluation check fail', async () => {
+    const head = commit('h', [built('old'), { attr: 'fresh', error: 'error: fresh breaks' }]);
+    const review = await reviewChange(base, head);
+    expect(review.summary['eval-failing']).toBe(1);
+    expect(renderMarkdown(review).split('\n')[0]).toBe('❌ 1 new evaluation error');
+    expect(summaryCheck(review, undefined).conclusion).toBe('failure');
+    expect(evaluationCheck(withBaseGates(head, base), base.jobs, undefined).conclusion).toBe('failure');
+  });
+
+  it('is not failing once it builds', async () => {
+    const head = commit('h', [built('old'), built('fresh')]);
+    const states = { [drvOf('fresh')]: 'succeeded' as const };
+    const review = await reviewChange(base, head, states);
+    expect(review.attrs.find((a) => a.attr === 'fresh')?.outcome).toBeUndefined();
+    expect(summaryCheck(review, undefined).conclusion).toBe('success');
+    expect(buildCheckOf(review, states).conclusion).toBe('success');
+  });
+});
+
+describe('allow_eval_failures', () => {
+  const HEAD_SHA = 'h'.repeat(40);
+
+  /** What each of the four says of a change: summary check, evaluation check, merge policy, `ekaci review`. */
+  async function verdicts(base: CommitEvaluation, head: CommitEvaluation) {
+    const review = await reviewChange(base, head);
+    const summary = summaryCheck(review, undefined);
+    const evaluation = evaluationCheck(withBaseGates(head, base), base.jobs, undefined);
+    const checks = [summary, evaluation].map((c) => ({
+      name: c.name,
+      status: c.status,
+      conclusion: c.conclusion ?? null,
+    }));
+    return {
+      verdict: renderMarkdown(review).split('\n')[0],
+      summary: summary.conclusion,
+      evaluation: evaluation.conclusion,
+      merge: decideMerge({ requestedFor: HEAD_SHA, method: 'merge' }, HEAD_SHA, checks).action,
+      exitStatus: isNewlyFailing(review) ? 1 : 0,
+    };
+  }
+
+  // `broke` starts failing to evaluate, `added` is new and fails, `old` failed already on base.
+  const change = (allow: { base: boolean; head: boolean }) => ({
+    base: commit('b', [built('broke'), { attr: 'old', error: 'error: old' }], allow.base),
+    head: commit(
+      'h',
+      [
+        { attr: 'broke', error: 'error: broke' },
+        { attr: 'added', error: 'error: added' },
+        { attr: 'old', error: 'error: old' },
+      ],
+      allow.head,
+    ),
+  });
+
+  it('when false, fails the summary and the evaluation check, refuses the merge and exits 1', async () => {
+    const { base, head } = change({ base: false, head: false });
+    expect(await verdicts(base, head)).toEqual({
+      verdict: '❌ 2 new evaluation errors',
+      summary: 'failure',
+      evaluation: 'failure',
+      merge: 'refuse',
+      exitStatus: 1,
+    });
+  });
+
+  it('when true, lets all four pass, the errors still shown', async () => {
+    const { base, head } = change({ base: true, head: true });
+    expect(await verdicts(base, head)).toEqual({
+      verdict: '✅ nothing newly failing · ⚠️ 2 new evaluation errors allowed by allow_eval_failures',
+      summary: 'success',
+      evaluation: 'success',
+      merge: 'merge',
+      exitStatus: 0,
+    });
+    const review = await reviewChange(base, head);
+    expect(renderMarkdown(review)).toContain('| ok → error (allowed) |');
+  });
+
+  it("is the base's: a pull request that turns it on for itself is still judged without it", async () => {
+    const { base, head } = change({ base: false, head: true });
+    expect(await verdicts(base, head)).toMatchObject({
+      summary: 'failure',
+      evaluation: 'failure',
+      merge: 'refuse',
+      exitStatus: 1,
+    });
   });
 });

@@ -1,5 +1,5 @@
 import type { JobEvaluation } from '../eval/repo-evaluation.js';
-import { isNewlyFailing } from '../review/classify.js';
+import { evalFailureBlocks, isNewlyFailing } from '../review/classify.js';
 import { renderMarkdown } from '../review/markdown.js';
 import type { Review } from '../review/model.js';
 import type { BuildState } from '../scheduler/build-state.js';
@@ -50,7 +50,7 @@ export function completed(
 
 /**
  * The evaluation check: failure when the head has an evaluation error the base did not have (or, without a base,
- * any error) in a job that does not allow evaluation failures.
+ * any error) in a job that does not allow evaluation failures (`evalFailureBlocks`).
  */
 export function evaluationCheck(
   head: readonly JobEvaluation[],
@@ -65,7 +65,9 @@ export function evaluationCheck(
       .filter((a) => a.error)
       .map((a) => ({ job: j, attr: a.attr, error: a.error!, isNew: !baseErrors.has(`${j.name}\u0000${a.attr}`) })),
   );
-  const blocking = errors.filter((e) => e.isNew && !e.job.allowEvalFailures);
+  const blocking = errors.filter((e) =>
+    evalFailureBlocks({ headFailed: true, baseFailed: !e.isNew, allowEvalFailures: e.job.allowEvalFailures }),
+  );
   const total = head.reduce((n, j) => n + j.attrs.length, 0);
   const seconds = head.reduce((t, j) => t + j.seconds, 0);
   const newCount = errors.filter((e) => e.isNew).length;

@@ -8,7 +8,9 @@ import { silentLogger } from '../../common/logging.js';
 import { openDatabase, type Db } from '../db/database.js';
 import { MalformedPayloadError } from './errors.js';
 import {
+  DELIVERY_MAX_ATTEMPTS,
   DeliveryQueue,
+  deliveryRetryDelay,
   type Delivery,
   type DeliveryObservation,
   type DeliveryQueueOptions,
@@ -113,16 +115,50 @@ describe('webhook delivery queue', () => {
     expect(most).toBe(2);
   });
 
-  it('refuses a delivery id it has stored before, whatever became of it', async () => {
-    const q = queue();
+  it('refuses a delivery id it has stored before while it waits, runs or is done', async () => {
+    const q = queue({ concurrency: 1 });
     expect(q.enqueue(delivery(1))).toBe('queued');
     expect(q.enqueue(delivery(1))).toBe('duplicate');
-    let handled = 0;
-    q.start(() => Promise.resolve(void handled++));
+    const handled: string[] = [];
+    q.start(recordInto(handled, (d) => d.deliveryId));
     await until(() => q.counts().done === 1);
     expect(q.enqueue(delivery(1))).toBe('duplicate');
-    await sleep(20);
-    expect(handled).toBe(1);
+    // A delivery queued after the replay is handled after it would have been: the replay was not.
+    q.enqueue(delivery(2));
+    await until(() => q.counts().done === 2);
+    expect(handled).toEqual(['delivery-1', 'delivery-2']);
+  });
+
+  it('runs a failed delivery again, from its first attempt, when GitHub redelivers it (same id, same body)', async () => {
+    const q = queue({ maxAttempts: 2 });
+    q.enqueue(delivery(1));
+    let healthy = false;
+    const attempts: number[] = [];
+    q.start((d) => {
+      attempts.push(d.attempt);
+      return healthy ? Promise.resolve() : Promise.reject(new Error('GitHub API said 502'));
+    });
+    await until(() => q.counts().failed === 1);
+    // Another body under the same id is not GitHub's redelivery.
+    expect(q.enqueue({ ...delivery(1), body: JSON.stringify({ action: 'opened', number: 666 }) })).toBe('duplicate');
+    healthy = true;
+    expect(q.enqueue(delivery(1))).toBe('redelivered');
+    await until(() => q.counts().done === 1);
+    expect(attempts).toEqual([1, 2, 1]);
+    expect(row('delivery-1')).toMatchObject({ state: 'done', attempts: 1, last_error: null });
+    expect(q.enqueue(delivery(1))).toBe('duplicate');
+  });
+
+  it('spaces retries over hours: doubling from a second up to an hour, ±25 %', () => {
+    const span = (random: () => number): number =>
+      Array.from({ length: DELIVERY_MAX_ATTEMPTS - 1 }, (_, i) =>
+        deliveryRetryDelay(i + 1, undefined, undefined, random),
+      ).reduce((a, b) => a + b);
+    const hour = 3_600_000;
+    expect(deliveryRetryDelay(1, undefined, undefined, () => 0.5)).toBe(1_000);
+    expect(deliveryRetryDelay(30, undefined, undefined, () => 0.5)).toBe(hour);
+    expect(span(() => 0)).toBeGreaterThan(3 * hour);
+    expect(span(() => 1)).toBeLessThan(6 * hour);
   });
 
   it('retries a throwing handler with backoff, then marks the delivery done', async () => {
@@ -264,19 +300,39 @@ describe('webhook delivery queue', () => {
     expect(row('delivery-2').state).toBe('pending');
   });
 
-  it('cuts a retry wait short on a graceful stop, keeping the attempts made', async () => {
-    const q = queue({ retryBaseMs: 3_600_000, retryCapMs: 3_600_000 });
+  it('keeps a scheduled retry in the database across a restart, holding no handler slot, and runs it when due', async () => {
+    const q = queue({ concurrency: 1, retryBaseMs: 3_600_000, retryCapMs: 3_600_000 });
     q.enqueue(delivery(1));
     let runs = 0;
     q.start(() => Promise.reject(new Error(`GitHub is down (run ${++runs})`)));
     await until(() => row('delivery-1').last_error !== null);
+    // The only slot is free while delivery 1 waits its hour: a graceful stop has nothing to wait for.
     await q.stopGracefully();
-    expect(runs).toBe(1);
+    const scheduled = db
+      .prepare("SELECT next_attempt_at AS at FROM webhook_deliveries WHERE delivery_id = 'delivery-1'")
+      .get() as {
+      at: number;
+    };
+    expect(scheduled.at - Date.now()).toBeGreaterThan(0.7 * 3_600_000);
     expect(row('delivery-1')).toMatchObject({
       state: 'pending',
       attempts: 1,
       last_error: 'Error: GitHub is down (run 1)',
     });
+
+    const seen: string[] = [];
+    const next = queue({ concurrency: 1 });
+    next.enqueue(delivery(2));
+    next.start(recordInto(seen, (d) => `${d.deliveryId}#${d.attempt}`));
+    await until(() => next.counts().done === 1);
+    expect(seen).toEqual(['delivery-2#1']); // delivery 1 is not due yet
+    // Its hour is up.
+    db.prepare("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE delivery_id = 'delivery-1'").run(
+      Date.now() + 20,
+    );
+    next.notify();
+    await until(() => next.counts().done === 2);
+    expect(seen).toEqual(['delivery-2#1', 'delivery-1#2']);
   });
 
   it('reports, for metrics, how long each delivery waited and how each run ended', async () => {

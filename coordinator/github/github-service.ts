@@ -89,6 +89,7 @@ export class GitHubService {
       evalEnvironment: deps.evalEnvironment,
       evalPolicy: (repo) => policyFor(options.evaluation, repo),
       evaluations: deps.evaluations,
+      keepCommits: options.evaluation.keepCommits,
       reviews: deps.reviews,
       manager: deps.manager,
       store: deps.store,

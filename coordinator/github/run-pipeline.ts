@@ -4,12 +4,12 @@ import type { EvalEnvironment } from '../eval/eval-environment.js';
 import type { EvalPolicy } from '../eval/eval-options.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
-import type { GitAuth, GitMirrors } from '../git/git-mirrors.js';
+import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
-import type { Review } from '../review/model.js';
+import { newlyFailingDrvs } from '../review/classify.js';
+import { reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
-import { isTerminal } from '../scheduler/build-state.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import {
@@ -39,6 +39,8 @@ export interface PipelineDeps {
   /** What the server configuration lets a repository's expressions do (allowed URIs, import from derivation). */
   evalPolicy: (repo: string) => EvalPolicy;
   evaluations: EvaluationStore;
+  /** `[evaluation] keep_commits`: how many of a repository's most recently evaluated commits are kept. */
+  keepCommits: number;
   reviews: ReviewService;
   manager: BuildManager;
   store: BuildStore;
@@ -91,9 +93,25 @@ export class RunPipeline {
     if (this.active.has(runId) || this.stopped) return;
     const p = this.execute(runId)
       .catch((err: Error) => this.fail(runId, err))
+      .then(() => this.retainEvaluations(runId))
       .catch((err: Error) => this.deps.logger.error({ runId, err: err.message }, 'run bookkeeping failed'))
       .finally(() => this.active.delete(runId));
     this.active.set(runId, p);
+  }
+
+  /**
+   * The retention policy, applied to a run's repository when the run ends: its `[evaluation] keep_commits` most
+   * recently evaluated commits stay, and whatever open pull requests and unfinished runs use.
+   */
+  private retainEvaluations(runId: number): void {
+    const run = this.deps.runs.run(runId);
+    if (!run) return;
+    const deleted = this.deps.evaluations.retain(
+      run.repo,
+      this.deps.keepCommits,
+      this.deps.runs.commitsInUse(run.repo),
+    );
+    if (deleted > 0) this.deps.logger.info({ repo: run.repo, commits: deleted }, 'deleted evaluations no longer kept');
   }
 
   /** Resolves when every run started so far has finished (tests, graceful stop). */
@@ -134,8 +152,16 @@ export class RunPipeline {
       runs.setRunState(runId, 'evaluating');
       const titles = run.kind === 'pull_request' ? await this.deps.commitTitles(run) : [];
       const auth = await this.deps.cloneAuth(run.installation_id);
-      const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, auth);
-      const base = run.base_sha ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, auth) : undefined;
+      // A fork's mirror borrows the base repository's objects: its pull request brings only what it adds.
+      const fork = run.head_clone_url !== run.base_clone_url;
+      if (fork && run.base_sha) await this.deps.mirrors.fetch(run.base_clone_url, [run.base_sha], { auth });
+      const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, {
+        auth,
+        ...(fork ? { objectsFrom: run.base_clone_url } : {}),
+      });
+      const base = run.base_sha
+        ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, { auth })
+        : undefined;
       return { head, base, titles };
     });
     if (!evaluated || !this.stillOpen(runId)) return;
@@ -144,7 +170,8 @@ export class RunPipeline {
     reporter.set(target, evaluationCheck(withBaseGates(head, base), base?.jobs, details));
 
     const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
-    if (!base) this.deps.evaluations.save(run.repo, head);
+    // Cancelled (a newer push, the pull request closed) while the diff was computed: it stays cancelled.
+    if (!this.stillOpen(runId)) return;
     const roots = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles));
     runs.setRoots(runId, roots);
     runs.setRunState(runId, 'building');
@@ -211,7 +238,7 @@ export class RunPipeline {
   }
 
   /** A commit's evaluation, from the database when this coordinator evaluated it before. */
-  private async evaluation(repo: string, url: string, sha: string, auth: GitAuth): Promise<CommitEvaluation> {
+  private async evaluation(repo: string, url: string, sha: string, fetch: FetchOptions): Promise<CommitEvaluation> {
     const known = this.deps.evaluations.load(repo, sha);
     if (known) return known;
     const e = await evaluateCommit({
@@ -219,50 +246,23 @@ export class RunPipeline {
       dataDir: this.deps.dataDir,
       repo: url,
       rev: sha,
-      fetch: { auth },
+      fetch,
       environment: this.deps.evalEnvironment(),
       policy: this.deps.evalPolicy(repo),
     });
-    this.deps.evaluations.save(repo, e);
+    await this.deps.evaluations.save(repo, e);
     return e;
   }
 
-  /**
-   * What a run builds. With a base: the head side of changed and added attributes, the base side of changed
-   * ones whose result is not yet known, and attributes asked for by name (commands, commit titles). Without a
-   * base (a push): every attribute of the head.
-   */
+  /** What a run builds (see `reviewRoots`): the commands of the run and its commit titles name attributes too. */
   private rootsOf(
     run: RunRow,
     head: CommitEvaluation,
     diffs: StoredJobDiff[] | undefined,
-    named: readonly string[],
+    titled: readonly string[],
   ): RunRoot[] {
-    const roots: RunRoot[] = [];
-    const extra = new Set([...(JSON.parse(run.extra_attrs) as string[]), ...named]);
-    for (const job of head.jobs) {
-      const diff = diffs?.find((d) => d.name === job.name);
-      const changed = new Map((diff?.attrs ?? []).map((a) => [a.attr, a]));
-      for (const a of job.attrs) {
-        if (!a.drvPath || a.skipped) continue;
-        const d = changed.get(a.attr);
-        const wanted = !diffs || extra.has(a.attr) || d?.change === 'changed' || d?.change === 'added';
-        if (wanted)
-          roots.push({
-            side: 'head',
-            drvPath: a.drvPath,
-            attr: `${job.name}.${a.attr}`,
-            system: a.system ?? 'unknown',
-          });
-      }
-      for (const d of diff?.attrs ?? []) {
-        if (d.change !== 'changed' || !d.baseDrv) continue;
-        const row = this.deps.store.derivation(d.baseDrv);
-        if (row && isTerminal(row.state)) continue;
-        roots.push({ side: 'base', drvPath: d.baseDrv, attr: `${job.name}.${d.attr}`, system: d.system ?? 'unknown' });
-      }
-    }
-    return roots;
+    const named = [...(JSON.parse(run.extra_attrs) as string[]), ...titled];
+    return reviewRoots({ head, diffs, named, builds: this.deps.store });
   }
 
   private state(r: RunRoot): RootResult['state'] {
@@ -297,12 +297,6 @@ export class RunPipeline {
 export function targetOf(run: Pick<RunRow, 'installation_id' | 'repo' | 'head_sha'>): CheckTarget {
   const [owner = '', repo = ''] = run.repo.split('/');
   return { installationId: run.installation_id, owner, repo, headSha: run.head_sha };
-}
-
-function newlyFailingDrvs(review: Review | undefined): Set<string> {
-  return new Set(
-    (review?.attrs ?? []).filter((a) => a.outcome === 'newly-failing' && a.head?.drv).map((a) => a.head!.drv!),
-  );
 }
 
 /** Systems the head evaluation has derivations for: each gets a build check, neutral when nothing was built. */

@@ -276,6 +276,24 @@ export class RunStore {
       .all() as RunRow[];
   }
 
+  /**
+   * Commits a repository still needs the evaluations of: the heads and bases of its open pull requests and of its
+   * runs that have not finished (or wait for approval).
+   */
+  commitsInUse(repo: string): Set<string> {
+    const rows = this.db
+      .prepare(
+        `SELECT head_sha AS sha FROM github_pull_requests WHERE repo = ? AND state = 'open'
+         UNION SELECT base_sha FROM github_pull_requests WHERE repo = ? AND state = 'open'
+         UNION SELECT head_sha FROM github_runs
+           WHERE repo = ? AND state IN ('queued', 'evaluating', 'building', 'awaiting-approval')
+         UNION SELECT base_sha FROM github_runs
+           WHERE repo = ? AND base_sha IS NOT NULL AND state IN ('queued', 'evaluating', 'building', 'awaiting-approval')`,
+      )
+      .all(repo, repo, repo, repo) as Array<{ sha: string }>;
+    return new Set(rows.map((r) => r.sha));
+  }
+
   /** Unfinished runs of a pull request (all kinds: pull_request runs by number) or of a commit. */
   runsOf(filter: { repo: string; prNumber?: number; headSha?: string; states?: readonly RunState[] }): RunRow[] {
     const rows = this.db

@@ -19,7 +19,8 @@ import type { DeliveryQueue } from './delivery-queue.js';
  *   (compared in constant time). Without a secret, only in insecure mode, nothing is verified;
  * - 400 when the body is not a JSON object;
  * - 200 `{duplicate: true}` when the delivery id was stored before: a replay, or a redelivery of a delivery that
- *   arrived, is handled once.
+ *   arrived, is handled once — unless that delivery ended failed: GitHub's manual redelivery of the same body is
+ *   then queued again (202).
  * Every refusal is a JSON `{error}` and stores nothing.
  *
  * The router reads the raw body itself (the signature covers the exact bytes): mount it where no body parser runs.
@@ -118,7 +119,7 @@ export function webhookReceiver(options: WebhookReceiverOptions): Router {
     }
     const action = (payload as { action?: unknown }).action;
 
-    let outcome: 'queued' | 'duplicate';
+    let outcome: ReturnType<DeliveryQueue['enqueue']>;
     try {
       outcome = queue.enqueue({
         deliveryId,
@@ -138,7 +139,8 @@ export function webhookReceiver(options: WebhookReceiverOptions): Router {
       ctx.body = { duplicate: true };
       return;
     }
-    logger.debug({ deliveryId, event, bytes: raw.length }, 'webhook delivery queued');
+    if (outcome === 'redelivered') logger.info({ deliveryId, event }, 'a failed webhook delivery came again; queued');
+    else logger.debug({ deliveryId, event, bytes: raw.length }, 'webhook delivery queued');
     ctx.status = 202;
     ctx.body = { queued: true, deliveryId };
   });

@@ -1,6 +1,6 @@
 /**
  * The rebuild diff between two evaluations of a job: per attribute, whether it was added, removed, changed (a
- * different `.drv`) or unchanged; for each changed or added attribute its blast radius — how many derivations of
+ * different `.drv`, or a different failure: see `sameEvaluation`) or unchanged; for each changed or added attribute its blast radius — how many derivations of
  * the head closure depend on it, directly or not — and per system how many derivations the head needs that the
  * base did not have (what a merge would rebuild).
  */
@@ -12,6 +12,8 @@ export interface EvaluatedAttr {
   drvPath?: string;
   system?: string;
   error?: string;
+  /** Meta fields that failed beside a derivation (see EvalResult.metaErrors). */
+  metaErrors?: Record<string, string>;
 }
 
 export interface AttrDiff {
@@ -66,7 +68,7 @@ export function diffEvaluations(
     const h = headByAttr.get(name);
     const baseDrv = b?.drvPath ?? null;
     const headDrv = h?.drvPath ?? null;
-    const change: Change = !b ? 'added' : !h ? 'removed' : baseDrv === headDrv ? 'unchanged' : 'changed';
+    const change: Change = !b ? 'added' : !h ? 'removed' : sameEvaluation(b, h) ? 'unchanged' : 'changed';
     const evalError =
       b?.error || h?.error
         ? { ...(b?.error ? { base: b.error } : {}), ...(h?.error ? { head: h.error } : {}) }
@@ -89,6 +91,22 @@ export function diffEvaluations(
     rebuildCountBySystem[system] = (rebuildCountBySystem[system] ?? 0) + 1;
   }
   return { attrs, rebuildCountBySystem };
+}
+
+/**
+ * Whether an attribute evaluated the same on both sides. When either side has a derivation, the derivation decides:
+ * an error beside it (a `meta` field that failed) says nothing of what is built, so a new `.drv` is a change even
+ * when the same meta field throws on both sides. Without a derivation on either side, both failed, and they are the
+ * same only when they failed identically: the same error and everything else evaluated around it.
+ */
+export function sameEvaluation(base: EvaluatedAttr, head: EvaluatedAttr): boolean {
+  if (base.drvPath !== undefined || head.drvPath !== undefined) return base.drvPath === head.drvPath;
+  return base.error === head.error && base.system === head.system && sameRecord(base.metaErrors, head.metaErrors);
+}
+
+function sameRecord(a: Record<string, string> | undefined, b: Record<string, string> | undefined): boolean {
+  const keys = new Set([...Object.keys(a ?? {}), ...Object.keys(b ?? {})]);
+  return [...keys].every((k) => a?.[k] === b?.[k]);
 }
 
 /** Every derivation reachable from `roots` through inputs (iterative: chains run thousands deep). */

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { classifyOutcome, isNewlyFailing, summarise, SUMMARY_KEYS } from './classify.js';
+import { classifyOutcome, evalFailureBlocks, isNewlyFailing, summarise, SUMMARY_KEYS } from './classify.js';
 import type { AttrReview, BuildOutcomeName, Change, Outcome, SideResult } from './model.js';
 
 function built(build: BuildOutcomeName): SideResult {
@@ -135,5 +135,28 @@ describe('isNewlyFailing', () => {
 
   it('is true when an attribute newly fails to evaluate', () => {
     expect(isNewlyFailing({ attrs: [attr({ base: built('succeeded'), head: evalError })] })).toBe(true);
+  });
+
+  it("is false for a new evaluation error that the job's allow_eval_failures lets pass", () => {
+    const allowed = attr({ base: built('succeeded'), head: evalError, evalFailuresAllowed: true });
+    expect(
+      isNewlyFailing({ attrs: [allowed, attr({ change: 'added', head: evalError, evalFailuresAllowed: true })] }),
+    ).toBe(false);
+    expect(isNewlyFailing({ attrs: [allowed, attr({ outcome: 'newly-failing' })] })).toBe(true);
+  });
+});
+
+describe('evalFailureBlocks', () => {
+  type Case = [headFailed: boolean, baseFailed: boolean, allowEvalFailures: boolean, blocks: boolean];
+  const cases: Case[] = [
+    [true, false, false, true],
+    [true, false, true, false],
+    [true, true, false, false],
+    [true, true, true, false],
+    [false, false, false, false],
+    [false, true, false, false],
+  ];
+  it.each(cases)('head failed %s, base failed %s, allowed %s: blocks %s', (headFailed, baseFailed, allow, blocks) => {
+    expect(evalFailureBlocks({ headFailed, baseFailed, allowEvalFailures: allow })).toBe(blocks);
   });
 });

@@ -54,6 +54,29 @@ export function isNewEvalFailure(attr: AttrReview): boolean {
   return attr.head?.eval === 'error' && attr.base?.eval !== 'error';
 }
 
+/**
+ * The one rule for "an evaluation error makes the change red": the attribute fails to evaluate on head, did not fail
+ * on base (an added attribute, or a push without a base, has no base to fail), and its job does not allow evaluation
+ * failures. The review's verdict, the summary and evaluation checks, `ekaci review` and `ekaci eval` all decide with
+ * it, and the merge policy reads those checks, so `allow_eval_failures` means the same thing everywhere.
+ */
+export function evalFailureBlocks(f: {
+  headFailed: boolean;
+  baseFailed: boolean;
+  allowEvalFailures: boolean;
+}): boolean {
+  return f.headFailed && !f.baseFailed && !f.allowEvalFailures;
+}
+
+/** A new evaluation error that makes the review fail (see `evalFailureBlocks`). */
+export function isBlockingEvalFailure(attr: AttrReview): boolean {
+  return evalFailureBlocks({
+    headFailed: attr.head?.eval === 'error',
+    baseFailed: attr.base?.eval === 'error',
+    allowEvalFailures: attr.evalFailuresAllowed === true,
+  });
+}
+
 /** The keys of `Review.summary`, in the order they are shown. Every key is present, zero or not. */
 export const SUMMARY_KEYS = [
   'newly-failing',
@@ -85,12 +108,19 @@ export function summarise(attrs: readonly AttrReview[]): Record<SummaryKey, numb
 }
 
 /**
- * Whether the change makes anything newly fail, to build or to evaluate — the exit status 1 of `ekaci review`
- * and the failure conclusion of the check run. Size warnings and still-failing attributes do not count: the
- * first are for a human to weigh, the second were broken before the change.
+ * Whether the change makes anything newly fail, to build or to evaluate (where its job does not allow evaluation
+ * failures) — the exit status 1 of `ekaci review` and the failure conclusion of the check run. Size warnings and
+ * still-failing attributes do not count: the first are for a human to weigh, the second were broken before the change.
  */
 export function isNewlyFailing(review: Pick<Review, 'attrs'>): boolean {
-  return review.attrs.some((attr) => attr.outcome === 'newly-failing' || isNewEvalFailure(attr));
+  return review.attrs.some((attr) => attr.outcome === 'newly-failing' || isBlockingEvalFailure(attr));
+}
+
+/** The head derivations the review counts as newly failing to build (each build check fails on its own). */
+export function newlyFailingDrvs(review: Pick<Review, 'attrs'> | undefined): Set<string> {
+  return new Set(
+    (review?.attrs ?? []).flatMap((a) => (a.outcome === 'newly-failing' && a.head?.drv ? [a.head.drv] : [])),
+  );
 }
 
 /** Builds that say nothing about the derivation: nobody could build it, it was stopped, or it never ran. */

@@ -1,3 +1,4 @@
+import { isBlockingEvalFailure, isNewEvalFailure } from './classify.js';
 import type { AttrReview, OutputSizes, Review, SideResult } from './model.js';
 
 /**
@@ -166,7 +167,9 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
   });
 
   const newlyFailing = outcome('newly-failing');
-  const newEval = attrs.filter((a) => a.head?.eval === 'error' && a.base?.eval !== 'error');
+  const newEval = attrs.filter(isNewEvalFailure);
+  const blockingEval = newEval.filter(isBlockingEvalFailure);
+  const allowedEval = newEval.length - blockingEval.length;
   const oldEval = attrs.filter((a) => a.head?.eval === 'error' && a.base?.eval === 'error');
   const sizeWarnings = attrs.flatMap((a) => (a.sizes ?? []).filter((s) => s.warning).map((s) => ({ a, s })));
   const added = attrs.filter((a) => a.change === 'added');
@@ -182,7 +185,7 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
       noun: 'evaluation errors',
       header: header(['attribute', 'system', 'evaluation base → head', 'error']),
       rows: [...newEval, ...oldEval].map((a) =>
-        row([label(a), system(a), `${a.base?.eval ?? '—'} → error`, errorCell(a.head?.error ?? '')]),
+        row([label(a), system(a), evalMove(a), errorCell(a.head?.error ?? '')]),
       ),
     },
     {
@@ -216,9 +219,10 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
 
   const parts = [
     ...(newlyFailing.length > 0 ? [`${fmt(newlyFailing.length)} newly failing`] : []),
-    ...(newEval.length > 0 ? [plural(newEval.length, 'new evaluation error')] : []),
+    ...(blockingEval.length > 0 ? [plural(blockingEval.length, 'new evaluation error')] : []),
   ];
   let verdict = parts.length > 0 ? `❌ ${parts.join(', ')}` : '✅ nothing newly failing';
+  if (allowedEval > 0) verdict += ` · ⚠️ ${plural(allowedEval, 'new evaluation error')} allowed by allow_eval_failures`;
   if (sizeWarnings.length > 0) verdict += ` · ⚠️ ${plural(sizeWarnings.length, 'size warning')}`;
 
   // The summary may count attributes the review does not list one by one, so it wins where it has a count.
@@ -326,6 +330,12 @@ function bytes(n: number): string {
     i++;
   }
   return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`;
+}
+
+/** How an attribute that fails to evaluate on head did on base; a new error its job allows is marked so. */
+function evalMove(a: AttrReview): string {
+  const allowed = isNewEvalFailure(a) && !isBlockingEvalFailure(a) ? ' (allowed)' : '';
+  return `${a.base?.eval ?? '—'} → error${allowed}`;
 }
 
 function side(s: SideResult | undefined): string {

@@ -58,6 +58,11 @@ export interface AttrReview {
   sizes?: OutputSizes[];
   dependencies?: DependencyChange[];
   rootCauses?: RootCause[];
+  /**
+   * The attribute failed to evaluate on head, and its job's `allow_eval_failures` (the base's, see base-policy) lets
+   * that pass: the error is shown, but it does not make the review fail.
+   */
+  evalFailuresAllowed?: true;
 }
 
 export interface Review {

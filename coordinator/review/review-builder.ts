@@ -18,6 +18,8 @@ export interface ReviewInputs {
   headRev: string;
   jobs: ReadonlyArray<{
     name: string;
+    /** The job's gates (the base's: see base-policy). */
+    allowEvalFailures: boolean;
     maxIncreasePercent: number | undefined;
     diff: StoredJobDiff;
     base: readonly EvalResult[];
@@ -52,8 +54,9 @@ export async function buildReview(inputs: ReviewInputs): Promise<Review> {
         ...(base ? { base } : {}),
         ...(head ? { head } : {}),
       };
-      const outcome = d.change === 'changed' ? classifyOutcome(base, head, d.change) : undefined;
+      const outcome = classifyOutcome(base, head, d.change);
       if (outcome) review.outcome = outcome;
+      if (job.allowEvalFailures && head?.eval === 'error') review.evalFailuresAllowed = true;
       const rootCause = head?.drv ? inputs.build(head.drv)?.rootCause : null;
       if (head?.build === 'dependency-failed' && rootCause) {
         review.rootCauses = [{ drv: rootCause, logTail: inputs.logTail(rootCause, ROOT_CAUSE_LOG_LINES) }];

@@ -27,8 +27,10 @@ export class ReviewService {
 
   /** Keeps both evaluations and returns their rebuild diff (stored, so later reviews of the pair reuse it). */
   async record(repo: string, base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
-    this.sources.evaluations.save(repo, base);
-    this.sources.evaluations.save(repo, head);
+    // Written once: a run has stored what it evaluated already.
+    for (const side of [base, head]) {
+      if (!this.sources.evaluations.has(repo, side)) await this.sources.evaluations.save(repo, side);
+    }
     return this.diff(repo, base, head);
   }
 
@@ -65,8 +67,8 @@ export class ReviewService {
       headRev: head.commit,
       jobs: diffs.map((d) => ({
         name: d.name,
-        // The base's threshold: a pull request does not get to loosen the size check it is judged by.
-        maxIncreasePercent: gatesFor(d.name, head, base).maxIncreasePercent,
+        // The base's gates: a pull request does not get to loosen the rules it is judged by.
+        ...gatesFor(d.name, head, base),
         diff: d,
         base: base.jobs.find((j) => j.name === d.name)?.attrs ?? [],
         head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],

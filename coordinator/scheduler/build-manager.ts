@@ -78,6 +78,9 @@ export class BuildManager extends EventEmitter {
   private settledNow: string[] = [];
   /** Who waits for which derivation to settle (`waitFor`). */
   private readonly waiters = new Map<string, Set<() => void>>();
+  /** Agents' reports waiting for the next group commit (`writeSoon`). */
+  private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
+  private flushScheduled = false;
 
   constructor(
     private readonly store: BuildStore,
@@ -356,12 +359,18 @@ export class BuildManager extends EventEmitter {
     this.write(fn);
   }
 
-  accepted(agentId: string, leaseId: string): void {
-    if (this.ownLease(agentId, leaseId)) this.store.acceptAttempt(leaseId);
+  /** Records that an agent took a lease; committed with the next group of reports (`writeSoon`). */
+  accepted(agentId: string, leaseId: string): Promise<void> {
+    return this.writeSoon(() => {
+      if (this.ownLease(agentId, leaseId)) this.store.acceptAttempt(leaseId);
+    });
   }
 
-  started(agentId: string, leaseId: string, at: number): void {
-    if (this.ownLease(agentId, leaseId)) this.store.startAttempt(leaseId, at || this.now());
+  /** Records when an agent started a lease's build; committed with the next group of reports. */
+  started(agentId: string, leaseId: string, at: number): Promise<void> {
+    return this.writeSoon(() => {
+      if (this.ownLease(agentId, leaseId)) this.store.startAttempt(leaseId, at || this.now());
+    });
   }
 
   /**
@@ -378,7 +387,15 @@ export class BuildManager extends EventEmitter {
         f = { ...f, outcome: Outcome.OUTCOME_INFRA_ERROR, error: `result refused: ${problem}`, outputs: [] };
       }
     }
-    // The lease may have expired while the outputs were looked at.
+    const result = f;
+    await this.writeSoon(() => this.recordFinished(agentId, leaseId, result));
+  }
+
+  /**
+   * The write of `finished`, run in a group commit's savepoint: the lease is looked up again, it may have ended
+   * meanwhile.
+   */
+  private recordFinished(agentId: string, leaseId: string, f: Finished): void {
     const lease = this.ownLease(agentId, leaseId);
     if (!lease) return;
     const now = this.now();
@@ -388,28 +405,78 @@ export class BuildManager extends EventEmitter {
     }
     const attemptState = ATTEMPT_STATE[f.outcome] ?? 'infra-error';
     const error = f.error || null;
-    this.write(() => {
-      this.store.finishAttempt(leaseId, attemptState, error, now);
-      this.store.setLogBytes(leaseId, this.logs.storedBytes(lease.logPath));
-      if (lease.cancelled !== undefined && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
-        // Whatever stopped it, a cancelled build is never retried.
-        this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
-      } else if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
-        for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
-        this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
-      } else if (outcomeDisposition(f.outcome) === 'retry') {
-        this.retryOrFail(lease, error ?? 'infrastructure failure', now);
-      } else {
-        const state: BuildState =
-          f.outcome === Outcome.OUTCOME_TIMED_OUT
-            ? 'timed-out'
-            : f.outcome === Outcome.OUTCOME_CANCELLED
-              ? 'cancelled'
-              : 'failed';
-        this.settle(lease.drvPath, state, lease.attempt, now, { agentId, error: error ?? undefined });
-      }
-    });
+    this.store.finishAttempt(leaseId, attemptState, error, now);
+    this.store.setLogBytes(leaseId, this.logs.storedBytes(lease.logPath));
+    if (lease.cancelled !== undefined && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
+      // Whatever stopped it, a cancelled build is never retried.
+      this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
+    } else if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
+      for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
+      this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
+    } else if (outcomeDisposition(f.outcome) === 'retry') {
+      this.retryOrFail(lease, error ?? 'infrastructure failure', now);
+    } else {
+      const state: BuildState =
+        f.outcome === Outcome.OUTCOME_TIMED_OUT
+          ? 'timed-out'
+          : f.outcome === Outcome.OUTCOME_CANCELLED
+            ? 'cancelled'
+            : 'failed';
+      this.settle(lease.drvPath, state, lease.attempt, now, { agentId, error: error ?? undefined });
+    }
     this.untrack(lease);
+  }
+
+  /**
+   * Group commit: `fn` runs with the other reports that arrive before the event loop turns, in one transaction (a
+   * commit per report was most of the cost of a busy fleet), each in a savepoint of its own. The promise resolves
+   * once the transaction committed — an agent's result is acknowledged only then — and rejects if `fn` failed
+   * (its savepoint is rolled back and memory reloaded) or the commit did.
+   */
+  private writeSoon(fn: () => void): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.queuedWrites.push({
+        fn,
+        settle: (err) => (err === undefined ? resolve() : reject(err)),
+      });
+      if (this.flushScheduled) return;
+      this.flushScheduled = true;
+      setImmediate(() => this.flushWrites());
+    });
+  }
+
+  private flushWrites(): void {
+    this.flushScheduled = false;
+    const queued = this.queuedWrites;
+    this.queuedWrites = [];
+    const failed = new Map<number, Error>();
+    try {
+      this.write(() => {
+        queued.forEach((q, i) => {
+          const announced = this.settledNow.length;
+          try {
+            this.store.transaction(q.fn);
+          } catch (err) {
+            this.settledNow.length = announced;
+            failed.set(i, asError(err));
+          }
+        });
+      });
+    } catch (err) {
+      for (const q of queued) q.settle(asError(err));
+      return;
+    }
+    if (failed.size > 0) {
+      // What the failed reports did to memory was not rolled back with their savepoints.
+      const committed = this.settledNow;
+      try {
+        this.resync();
+      } catch (again) {
+        this.health.fault('resync', again);
+      }
+      this.settledNow = committed;
+    }
+    queued.forEach((q, i) => q.settle(failed.get(i)));
     this.emit('work');
     this.announceSettled();
   }
@@ -824,3 +891,7 @@ async function validPaths(paths: readonly string[]): Promise<Set<string>> {
 }
 
 export type { DerivationRow };
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(`non-Error thrown: ${JSON.stringify(err)}`);
+}
