@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { runCli } from './run-cli.js';
 import { buildCommand } from './build-command.js';
 import { diffCommand, evalCommand } from './eval-commands.js';
+import { logsCommand } from './logs-command.js';
 import { reviewCommand } from './review-command.js';
 
 /** `ekaci`: the developer's and admin's command line. */
@@ -58,6 +59,18 @@ repoCommand('review', 'should I merge this? Evaluate both commits, build what th
   .option('--no-build', 'evaluate and diff only')
   .action(async (opts: Parameters<typeof reviewCommand>[0]) => {
     process.exitCode = await reviewCommand(opts);
+  });
+
+program
+  .command('logs')
+  .description("a build's log from a running coordinator; --follow streams it live until the build ends")
+  .argument('<drv>', 'the .drv store path, or its hash')
+  .requiredOption('--coordinator <url>', "the coordinator's HTTP address (https://ci.example.org)")
+  .option('--token <token>', 'API token (default: $EKACI_TOKEN)')
+  .option('--attempt <n>', 'this attempt instead of the latest')
+  .option('-f, --follow', 'follow the log live; the exit status is then the build’s (0: it succeeded)')
+  .action(async (drv: string, opts: Parameters<typeof logsCommand>[1]) => {
+    process.exitCode = await logsCommand(drv, opts);
   });
 
 function collect(value: string, previous: string[]): string[] {

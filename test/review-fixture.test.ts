@@ -7,6 +7,10 @@ import { ekaci, type CliRun } from './support/cli.js';
 import { startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir } from './support/nix-project.js';
 
+interface ApiError {
+  error: { code: string; message: string };
+}
+
 const ROOT = join(import.meta.dirname, '..');
 const FIXTURE = join(ROOT, 'test', 'fixtures', 'review');
 
@@ -145,10 +149,16 @@ describe('the review of the fixture change', () => {
       it('answers 400 without repo, base or head, and 404 for commits it never evaluated', async () => {
         const missing = await fetch(`${api}?repo=${encodeURIComponent(repo)}&base=${base}`);
         expect(missing.status).toBe(400);
-        expect(((await missing.json()) as { error: string }).error).toMatch(/repo, base and head are required/);
+        expect(((await missing.json()) as ApiError).error).toMatchObject({
+          code: 'EKACI_ERR_REQUEST',
+          message: expect.stringMatching(/repo, base and head are required/) as unknown,
+        });
         const unknown = await fetch(`${api}?repo=${encodeURIComponent(repo)}&base=${base}&head=${'0'.repeat(40)}`);
         expect(unknown.status).toBe(404);
-        expect(((await unknown.json()) as { error: string }).error).toContain('0'.repeat(40));
+        expect(((await unknown.json()) as ApiError).error).toMatchObject({
+          code: 'EKACI_ERR_NOT_FOUND',
+          message: expect.stringContaining('0'.repeat(40)) as unknown,
+        });
         const format = await fetch(`${api}?repo=r&base=${base}&head=${head}&format=html`);
         expect(format.status).toBe(400);
       });

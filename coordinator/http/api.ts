@@ -5,11 +5,13 @@ import { isDrvPath } from '../../common/nix/store-path.js';
 import type { AccessControl, Visibility } from '../access/access-control.js';
 import type { AuditLog } from '../audit-log.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
-import type { BuildStore } from '../scheduler/build-store.js';
+import type { AttemptRow, BuildStore } from '../scheduler/build-store.js';
 import type { LogStore } from '../logs/log-store.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { renderMarkdown } from '../review/markdown.js';
 import type { ReviewService } from '../review/review-service.js';
+import { followLog, serveLog } from './log-routes.js';
+import { OPENAPI_DOCUMENT } from './openapi.js';
 import type { RequestState } from './server.js';
 
 export interface ApiSources {
@@ -54,21 +56,35 @@ export function apiRouter(sources: ApiSources): Router {
   };
   const drvVisibility = (drvPath: string): Visibility => (store.isPrivate(drvPath) ? 'private' : 'public');
 
+  router.get('/openapi.json', (ctx) => {
+    ctx.body = OPENAPI_DOCUMENT;
+  });
   router.get('/derivations/:hash', (ctx) => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
-    if (!drvPath || !mayRead(ctx, drvVisibility(drvPath))) return;
+    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    if (!mayRead(ctx, drvVisibility(drvPath))) return;
     ctx.body = {
       derivation: store.derivation(drvPath),
       outputs: store.outputsOf(drvPath),
       attempts: store.attemptsOf(drvPath).map(({ log_path: _ignored, ...a }) => a),
     };
   });
-  router.get('/derivations/:hash/attempts/:attempt/log', (ctx) => {
+  // A build's log: the current (latest) attempt's, or a given attempt's; `Range` reads part of it, `follow=1` (or
+  // `Accept: text/event-stream`) follows it live as Server-Sent Events until the attempt ends.
+  const log = (ctx: RouterContext, pick: (attempts: AttemptRow[]) => AttemptRow | undefined): void => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
-    if (!drvPath || !mayRead(ctx, drvVisibility(drvPath))) return;
-    ctx.type = 'text/plain; charset=utf-8';
-    ctx.body = logs.read(logs.pathFor(drvPath, Number(ctx.params.attempt)));
-  });
+    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    if (!mayRead(ctx, drvVisibility(drvPath))) return;
+    const attempt = pick(store.attemptsOf(drvPath));
+    if (!attempt) return notFound(ctx, `${drvPath} has no such attempt (it has not been built, or not that often)`);
+    const follow = ctx.query.follow === '1' || ctx.get('Accept').includes('text/event-stream');
+    if (follow) followLog(ctx, { store, logs }, attempt);
+    else serveLog(ctx, attempt.log_path);
+  };
+  router.get('/derivations/:hash/log', (ctx) => log(ctx, (attempts) => attempts.at(-1)));
+  router.get('/derivations/:hash/attempts/:attempt/log', (ctx) =>
+    log(ctx, (attempts) => attempts.find((a) => String(a.attempt) === ctx.params.attempt)),
+  );
   // Builds derivations whose .drv files are in the coordinator's store; answers the request's id at once (202), and
   // GET /requests/:id follows it.
   router.post('/builds', async (ctx) => {
@@ -119,30 +135,22 @@ export function apiRouter(sources: ApiSources): Router {
     };
     const [repo, base, head, format] = [param('repo'), param('base'), param('head'), param('format') ?? 'json'];
     if (!repo || !base || !head) {
-      ctx.status = 400;
-      ctx.body = { error: 'repo, base and head are required query parameters' };
-      return;
+      return badRequest(ctx, 400, 'repo, base and head are required query parameters');
     }
     if (format !== 'json' && format !== 'markdown') {
-      ctx.status = 400;
-      ctx.body = { error: `format must be json or markdown, got "${format}"` };
-      return;
+      return badRequest(ctx, 400, `format must be json or markdown, got "${format}"`);
     }
     if (!mayRead(ctx, sources.repoVisibility(repo))) return;
     const baseCommit = evaluations.resolveCommit(repo, base);
     const headCommit = evaluations.resolveCommit(repo, head);
     const unknown = [!baseCommit && base, !headCommit && head].filter(Boolean);
     if (!baseCommit || !headCommit) {
-      ctx.status = 404;
-      ctx.body = { error: `no evaluation of ${unknown.join(' or ')} in ${repo} (or the prefix is ambiguous)` };
-      return;
+      return notFound(ctx, `no evaluation of ${unknown.join(' or ')} in ${repo} (or the prefix is ambiguous)`);
     }
     const jobs = ctx.query.job === undefined ? [] : [ctx.query.job].flat();
     const review = await reviews.reviewOf(repo, baseCommit, headCommit, jobs, { recordedOnly: true });
     if (!review) {
-      ctx.status = 404;
-      ctx.body = { error: `no review of ${base}..${head} in ${repo} was recorded` };
-      return;
+      return notFound(ctx, `no review of ${base}..${head} in ${repo} was recorded`);
     }
     if (format === 'markdown') {
       ctx.type = 'text/markdown; charset=utf-8';
@@ -150,6 +158,11 @@ export function apiRouter(sources: ApiSources): Router {
     } else ctx.body = review;
   });
   return router;
+}
+
+function notFound(ctx: RouterContext, message: string): void {
+  ctx.status = 404;
+  ctx.body = { error: { code: 'EKACI_ERR_NOT_FOUND', message } };
 }
 
 function badRequest(ctx: RouterContext, status: number, message: string): void {

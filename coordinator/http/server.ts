@@ -23,13 +23,14 @@ export interface RequestState {
 }
 
 /**
- * Routes anyone may call whatever `[web] public` says: liveness probes, and the webhook endpoint, which proves
- * its caller with the webhook signature instead of a token.
+ * Routes anyone may call whatever `[web] public` says: liveness probes, the API's description, and the webhook
+ * endpoint, which proves its caller with the webhook signature instead of a token.
  */
 export const ANONYMOUS_ROUTES: ReadonlyArray<{ method: string; path: string }> = [
   { method: 'GET', path: '/healthz' },
   { method: 'GET', path: '/readyz' },
   { method: 'POST', path: '/github/webhook' },
+  { method: 'GET', path: '/api/v1/openapi.json' },
 ];
 
 /** Every route the app serves, method and path, for tests that must cover them all (access rules). */

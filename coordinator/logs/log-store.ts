@@ -1,4 +1,4 @@
-import { closeSync, fstatSync, mkdirSync, openSync, readFileSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
 import { basename, join } from 'node:path';
 
 /**
@@ -8,9 +8,14 @@ import { basename, join } from 'node:path';
  * what is stored — it survives a coordinator crash, and the agent resumes from it.
  *
  * Files of running attempts stay open; `close()` ends that, and only `append()` opens a file again.
+ *
+ * Followers (`watch`) hear of every append to a log and of its close (the attempt ended), for live logs.
  */
+export type LogEvent = 'appended' | 'closed';
+
 export class LogStore {
   private readonly open = new Map<string, { fd: number; size: number }>();
+  private readonly watchers = new Map<string, Set<(event: LogEvent) => void>>();
 
   constructor(private readonly dir: string) {}
 
@@ -31,8 +36,55 @@ export class LogStore {
       const fresh = data.subarray(skip, skip + Math.min(data.length - skip, room));
       writeSync(file.fd, fresh, 0, fresh.length, file.size);
       file.size += fresh.length;
+      this.tell(logPath, 'appended');
     }
     return file.size;
+  }
+
+  /** Whether the log's attempt is running (its file open for appends). */
+  isOpen(logPath: string): boolean {
+    return this.open.has(logPath);
+  }
+
+  /** Calls `listener` on each append to the log and when it is closed; returns the function that stops that. */
+  watch(logPath: string, listener: (event: LogEvent) => void): () => void {
+    let set = this.watchers.get(logPath);
+    if (!set) this.watchers.set(logPath, (set = new Set()));
+    set.add(listener);
+    return () => {
+      set.delete(listener);
+      if (set.size === 0 && this.watchers.get(logPath) === set) this.watchers.delete(logPath);
+    };
+  }
+
+  /** How many followers are attached, in all (a gauge, and what a leak would show in). */
+  get watcherCount(): number {
+    let n = 0;
+    for (const set of this.watchers.values()) n += set.size;
+    return n;
+  }
+
+  /** Up to `length` bytes of a log from `offset` (fewer at its end; none when there is no such log). */
+  readRange(logPath: string, offset: number, length: number): Buffer {
+    let fd: number;
+    try {
+      fd = openSync(logPath, 'r');
+    } catch {
+      return Buffer.alloc(0);
+    }
+    try {
+      const buffer = Buffer.alloc(Math.max(0, length));
+      const n = readSync(fd, buffer, 0, buffer.length, offset);
+      return buffer.subarray(0, n);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  private tell(logPath: string, event: LogEvent): void {
+    const set = this.watchers.get(logPath);
+    if (!set) return;
+    for (const listener of [...set]) listener(event);
   }
 
   /** Bytes stored for a log, open or not; never opens a file. */
@@ -59,12 +111,14 @@ export class LogStore {
     }
   }
 
-  /** Closes the file of a finished attempt; it stays readable. */
+  /** Closes the file of a finished attempt (it stays readable), and tells its followers, log or no log. */
   close(logPath: string): void {
     const file = this.open.get(logPath);
-    if (!file) return;
-    closeSync(file.fd);
-    this.open.delete(logPath);
+    if (file) {
+      closeSync(file.fd);
+      this.open.delete(logPath);
+    }
+    this.tell(logPath, 'closed');
   }
 
   closeAll(): void {

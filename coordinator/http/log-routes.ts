@@ -1,0 +1,159 @@
+import { createReadStream, statSync } from 'node:fs';
+import { PassThrough } from 'node:stream';
+import type { RouterContext } from '@koa/router';
+import type { LogStore } from '../logs/log-store.js';
+import { type AttemptRow, type BuildStore, OPEN_ATTEMPT_STATES } from '../scheduler/build-store.js';
+
+/** What the log routes read: the attempts (their state and log file) and the logs themselves. */
+export interface LogSources {
+  store: BuildStore;
+  logs: LogStore;
+}
+
+// Bytes read from the file per event of a live log: large enough for throughput, small enough to interleave followers.
+const FOLLOW_CHUNK_BYTES = 256 * 1024;
+// A comment this often keeps proxies and load balancers from closing an idle follower's connection.
+export const FOLLOW_KEEPALIVE_MS = 15_000;
+
+/**
+ * Answers a log as `text/plain`, honouring one `Range: bytes=…` (206 with `Content-Range`; 416 past the end): a
+ * long log's tail is read without its head. Several ranges, or a range that does not parse, get the whole log.
+ */
+export function serveLog(ctx: RouterContext, logPath: string): void {
+  const size = fileSize(logPath);
+  ctx.set('Accept-Ranges', 'bytes');
+  ctx.type = 'text/plain; charset=utf-8';
+  const range = parseRange(ctx.get('Range'), size);
+  if (range === 'unsatisfiable') {
+    ctx.status = 416;
+    ctx.set('Content-Range', `bytes */${size}`);
+    ctx.body = { error: { code: 'EKACI_ERR_RANGE', message: `the log has ${size} bytes` } };
+    return;
+  }
+  if (size === 0) {
+    ctx.body = '';
+    return;
+  }
+  const [start, end] = range ?? [0, size - 1];
+  if (range) {
+    ctx.status = 206;
+    ctx.set('Content-Range', `bytes ${start}-${end}/${size}`);
+  }
+  ctx.length = end - start + 1;
+  ctx.type = 'text/plain; charset=utf-8';
+  ctx.body = createReadStream(logPath, { start, end });
+}
+
+/** `[first, last]` byte of a single `bytes=` range, clamped to `size`; undefined for none or one that is ignored. */
+export function parseRange(header: string, size: number): [number, number] | 'unsatisfiable' | undefined {
+  const m = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!m || (m[1] === '' && m[2] === '')) return undefined;
+  if (m[1] === '') {
+    const suffix = Number(m[2]);
+    if (suffix === 0) return 'unsatisfiable';
+    return size === 0 ? 'unsatisfiable' : [Math.max(0, size - suffix), size - 1];
+  }
+  const start = Number(m[1]);
+  const end = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
+  if (start >= size) return 'unsatisfiable';
+  if (end < start) return undefined;
+  return [start, end];
+}
+
+/**
+ * Follows an attempt's log as Server-Sent Events: from byte `Last-Event-ID` (0 without one), every byte stored so
+ * far, then each chunk as the agent's log arrives, until the attempt has ended and every byte is sent; then one
+ * `end` event with the attempt's and the derivation's state. A `log` event's data is a JSON string of the text (the
+ * bytes read as UTF-8), so carriage returns and blank lines arrive exactly; its id is the log's length after it,
+ * what a reconnecting client sends back as `Last-Event-ID`.
+ */
+export function followLog(ctx: RouterContext, sources: LogSources, attempt: AttemptRow): void {
+  const { logs, store } = sources;
+  const path = attempt.log_path;
+  const resumeAt = Number(ctx.get('Last-Event-ID') || '0');
+  let offset = Number.isSafeInteger(resumeAt) && resumeAt >= 0 ? resumeAt : 0;
+  const out = new PassThrough();
+  ctx.status = 200;
+  ctx.type = 'text/event-stream';
+  ctx.set('Cache-Control', 'no-cache');
+  ctx.set('X-Accel-Buffering', 'no');
+  ctx.req.socket.setNoDelay(true);
+  ctx.body = out;
+
+  let pumping = false;
+  let again = false;
+  let done = false;
+  const decoder = new TextDecoder('utf-8');
+  const stop = (): void => {
+    if (done) return;
+    done = true;
+    unwatch();
+    clearInterval(keepAlive);
+    out.end();
+  };
+  const ended = (): boolean => {
+    const row = store.attempt(attempt.lease_id);
+    return !logs.isOpen(path) && (row === undefined || !OPEN_ATTEMPT_STATES.has(row.state));
+  };
+  /** Sends what the file has past `offset`; one pump at a time, waiting for a slow client (back-pressure). */
+  const pump = async (): Promise<void> => {
+    if (pumping) {
+      again = true;
+      return;
+    }
+    pumping = true;
+    try {
+      do {
+        again = false;
+        for (;;) {
+          if (done) return;
+          const chunk = logs.readRange(path, offset, FOLLOW_CHUNK_BYTES);
+          if (chunk.length === 0) break;
+          offset += chunk.length;
+          const text = decoder.decode(chunk, { stream: true });
+          if (!out.write(`id: ${offset}\nevent: log\ndata: ${JSON.stringify(text)}\n\n`)) {
+            await new Promise<void>((resolve) => out.once('drain', resolve));
+          }
+        }
+      } while (again);
+      if (!done && ended()) {
+        const row = store.attempt(attempt.lease_id);
+        const derivation = store.derivation(attempt.drv_path);
+        const final = {
+          attempt: attempt.attempt,
+          attemptState: row?.state ?? null,
+          state: derivation?.state ?? null,
+          error: row?.error ?? null,
+          bytes: offset,
+          truncated: row?.log_truncated === 1,
+        };
+        out.write(`id: ${offset}\nevent: end\ndata: ${JSON.stringify(final)}\n\n`);
+        stop();
+      }
+    } finally {
+      pumping = false;
+    }
+  };
+  const onError = (err: unknown): void => {
+    if (done) return;
+    out.write(`event: error\ndata: ${JSON.stringify({ message: String(err) })}\n\n`);
+    stop();
+  };
+  // Closing a log happens inside the transaction that records the attempt's end: look once that has committed.
+  const unwatch = logs.watch(path, (event) =>
+    event === 'closed' ? setImmediate(() => void pump().catch(onError)) : void pump().catch(onError),
+  );
+  const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), FOLLOW_KEEPALIVE_MS);
+  keepAlive.unref();
+  ctx.req.on('close', stop);
+  out.write('retry: 2000\n\n');
+  void pump().catch(onError);
+}
+
+function fileSize(path: string): number {
+  try {
+    return statSync(path).size;
+  } catch {
+    return 0;
+  }
+}

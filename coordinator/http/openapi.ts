@@ -1,0 +1,345 @@
+/**
+ * The contract of `/api/v1`, as OpenAPI 3.1 (served at `/api/v1/openapi.json`). Tests validate every response
+ * they get against it, and fail when a route exists that it does not describe: change both together.
+ */
+
+const error = { $ref: '#/components/schemas/Error' };
+const errorResponse = (description: string) => ({ description, content: { 'application/json': { schema: error } } });
+const denied = {
+  '401': errorResponse('No credential, and the data is not public.'),
+  '403': errorResponse('The credential may not do this.'),
+};
+const hashParameter = {
+  name: 'hash',
+  in: 'path',
+  required: true,
+  description: "The whole hash of the .drv's store path (32 characters), optionally followed by `-` and its name.",
+  schema: { type: 'string', pattern: '^[0-9a-df-np-sv-z]{32}(-[A-Za-z0-9+\\-._?=]+)?$' },
+};
+const nullable = (type: string) => ({ type: [type, 'null'] });
+const logResponses = {
+  '200': {
+    description:
+      'The log (`text/plain`), or with `follow=1` / `Accept: text/event-stream` the log followed live as ' +
+      'Server-Sent Events: `log` events (data: a JSON string of the text; id: bytes sent so far, for ' +
+      '`Last-Event-ID`), then one `end` event whose data is an `EndOfLog`.',
+    content: {
+      'text/plain': { schema: { type: 'string' } },
+      'text/event-stream': { schema: { type: 'string' } },
+    },
+  },
+  '206': {
+    description: 'The part of the log a `Range: bytes=…` header asked for; `Content-Range` says which.',
+    content: { 'text/plain': { schema: { type: 'string' } } },
+  },
+  ...denied,
+  '404': errorResponse('No such derivation, or no such attempt of it.'),
+  '416': errorResponse('The range starts past the end of the log.'),
+};
+const logParameters = [
+  hashParameter,
+  { name: 'follow', in: 'query', required: false, schema: { type: 'string', enum: ['0', '1'] } },
+  { name: 'Range', in: 'header', required: false, schema: { type: 'string', pattern: '^bytes=' } },
+  { name: 'Last-Event-ID', in: 'header', required: false, schema: { type: 'string', pattern: '^[0-9]+$' } },
+];
+
+export const OPENAPI_DOCUMENT = {
+  openapi: '3.1.0',
+  info: {
+    title: 'eka-ci coordinator API',
+    version: '1.0.0',
+    description:
+      'Builds, their attempts and logs, build requests and reviews. Send `Authorization: Bearer <API token>`; ' +
+      'without one, only what a public coordinator shows of public repositories is readable. Errors are ' +
+      '`{"error": {"code", "message"}}`.',
+  },
+  servers: [{ url: '/api/v1' }],
+  components: {
+    securitySchemes: { token: { type: 'http', scheme: 'bearer' } },
+    schemas: {
+      Error: {
+        type: 'object',
+        required: ['error'],
+        additionalProperties: false,
+        properties: {
+          error: {
+            type: 'object',
+            required: ['code', 'message'],
+            additionalProperties: false,
+            properties: { code: { type: 'string', pattern: '^EKACI_ERR_[A-Z_]+$' }, message: { type: 'string' } },
+          },
+        },
+      },
+      BuildState: {
+        type: 'string',
+        enum: [
+          'queued',
+          'buildable',
+          'building',
+          'succeeded',
+          'failed',
+          'dependency-failed',
+          'timed-out',
+          'cancelled',
+          'unbuildable',
+          'substituted',
+        ],
+      },
+      AttemptState: {
+        type: 'string',
+        enum: [
+          'assigned',
+          'accepted',
+          'started',
+          'succeeded',
+          'failed',
+          'timed-out',
+          'infra-error',
+          'cancelled',
+          'lost',
+        ],
+      },
+      Derivation: {
+        type: 'object',
+        required: ['drv_path', 'system', 'state', 'attempts', 'root_cause', 'error', 'agent_id'],
+        properties: {
+          drv_path: { type: 'string' },
+          system: { type: 'string' },
+          required_features: { type: 'string', description: 'JSON list' },
+          is_fod: { type: 'integer', enum: [0, 1] },
+          prefer_local: { type: 'integer', enum: [0, 1] },
+          untrusted: { type: 'integer', enum: [0, 1] },
+          private: { type: 'integer', enum: [0, 1] },
+          state: { $ref: '#/components/schemas/BuildState' },
+          attempts: { type: 'integer', minimum: 0 },
+          root_cause: { ...nullable('string'), description: 'For dependency-failed: the failed derivation.' },
+          error: nullable('string'),
+          agent_id: nullable('string'),
+        },
+      },
+      Output: {
+        type: 'object',
+        required: ['name', 'path', 'nar_size', 'closure_size'],
+        properties: {
+          drv_path: { type: 'string' },
+          name: { type: 'string' },
+          path: { type: 'string' },
+          nar_size: nullable('integer'),
+          closure_size: nullable('integer'),
+        },
+      },
+      Attempt: {
+        type: 'object',
+        required: ['lease_id', 'attempt', 'agent_id', 'state', 'assigned_at', 'log_bytes'],
+        properties: {
+          lease_id: { type: 'string' },
+          drv_path: { type: 'string' },
+          attempt: { type: 'integer', minimum: 1 },
+          agent_id: { type: 'string' },
+          state: { $ref: '#/components/schemas/AttemptState' },
+          assigned_at: { type: 'integer' },
+          started_at: nullable('integer'),
+          finished_at: nullable('integer'),
+          expires_at: { type: 'integer' },
+          error: nullable('string'),
+          log_bytes: { type: 'integer', minimum: 0 },
+          cancel_reason: nullable('string'),
+          log_truncated: { type: 'integer', enum: [0, 1] },
+        },
+      },
+      EndOfLog: {
+        type: 'object',
+        required: ['attempt', 'attemptState', 'state', 'bytes', 'truncated'],
+        properties: {
+          attempt: { type: 'integer' },
+          attemptState: { anyOf: [{ $ref: '#/components/schemas/AttemptState' }, { type: 'null' }] },
+          state: { anyOf: [{ $ref: '#/components/schemas/BuildState' }, { type: 'null' }] },
+          error: nullable('string'),
+          bytes: { type: 'integer', minimum: 0 },
+          truncated: { type: 'boolean' },
+        },
+      },
+      BuildResult: {
+        type: 'object',
+        required: ['attr', 'drvPath', 'state', 'attempts', 'agent', 'error', 'rootCause', 'outputs'],
+        properties: {
+          attr: { type: 'string' },
+          drvPath: { type: 'string' },
+          state: { $ref: '#/components/schemas/BuildState' },
+          attempts: { type: 'integer' },
+          agent: nullable('string'),
+          error: nullable('string'),
+          rootCause: nullable('string'),
+          outputs: {
+            type: 'array',
+            items: {
+              type: 'object',
+              required: ['name', 'path', 'narSize', 'closureSize'],
+              properties: {
+                name: { type: 'string' },
+                path: { type: 'string' },
+                narSize: nullable('integer'),
+                closureSize: nullable('integer'),
+              },
+            },
+          },
+        },
+      },
+      Review: {
+        type: 'object',
+        description: 'A review of a pair of commits: what changed, what fails newly, sizes (see the README).',
+        required: ['base', 'head', 'attrs', 'summary'],
+        properties: {
+          base: { type: 'object', required: ['rev'], properties: { rev: { type: 'string' } } },
+          head: { type: 'object', required: ['rev'], properties: { rev: { type: 'string' } } },
+          configChanged: { const: true },
+          attrs: { type: 'array', items: { type: 'object', required: ['attr'] } },
+          summary: { type: 'object', additionalProperties: { type: 'integer' } },
+        },
+      },
+    },
+  },
+  security: [{ token: [] }, {}],
+  paths: {
+    '/openapi.json': {
+      get: {
+        summary: 'This document.',
+        security: [{}],
+        responses: {
+          '200': { description: 'OpenAPI 3.1', content: { 'application/json': { schema: { type: 'object' } } } },
+        },
+      },
+    },
+    '/derivations/{hash}': {
+      get: {
+        summary: 'A derivation: its state, outputs and attempts.',
+        parameters: [hashParameter],
+        responses: {
+          '200': {
+            description: 'The derivation.',
+            content: {
+              'application/json': {
+                schema: {
+                  type: 'object',
+                  required: ['derivation', 'outputs', 'attempts'],
+                  properties: {
+                    derivation: { $ref: '#/components/schemas/Derivation' },
+                    outputs: { type: 'array', items: { $ref: '#/components/schemas/Output' } },
+                    attempts: { type: 'array', items: { $ref: '#/components/schemas/Attempt' } },
+                  },
+                },
+              },
+            },
+          },
+          ...denied,
+          '404': errorResponse('No such derivation.'),
+        },
+      },
+    },
+    '/derivations/{hash}/log': {
+      get: {
+        summary: "The log of the derivation's latest attempt.",
+        parameters: logParameters,
+        responses: logResponses,
+      },
+    },
+    '/derivations/{hash}/attempts/{attempt}/log': {
+      get: {
+        summary: 'The log of one attempt; every attempt keeps its own.',
+        parameters: [
+          ...logParameters,
+          { name: 'attempt', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } },
+        ],
+        responses: logResponses,
+      },
+    },
+    '/builds': {
+      post: {
+        summary: "Builds derivations whose .drv files are in the coordinator's store.",
+        requestBody: {
+          required: true,
+          content: {
+            'application/json': {
+              schema: {
+                type: 'object',
+                required: ['drvs'],
+                additionalProperties: false,
+                properties: {
+                  drvs: { type: 'array', minItems: 1, items: { type: 'string', pattern: '^/nix/store/.+\\.drv$' } },
+                  private: { type: 'boolean', default: false },
+                },
+              },
+            },
+          },
+        },
+        responses: {
+          '202': {
+            description: 'Accepted; `GET /requests/{id}` follows it.',
+            content: {
+              'application/json': {
+                schema: {
+                  type: 'object',
+                  required: ['id', 'url'],
+                  properties: { id: { type: 'integer' }, url: { type: 'string' } },
+                },
+              },
+            },
+          },
+          '400': errorResponse('The body is not what this route takes.'),
+          ...denied,
+          '413': errorResponse('The body is too large.'),
+          '415': errorResponse('The body is not JSON.'),
+          '422': errorResponse("A .drv is not in the coordinator's store, or cannot be read."),
+        },
+      },
+    },
+    '/requests/{id}': {
+      get: {
+        summary: 'A build request: whether it has settled, and each root’s result.',
+        parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } }],
+        responses: {
+          '200': {
+            description: 'The request.',
+            content: {
+              'application/json': {
+                schema: {
+                  type: 'object',
+                  required: ['settled', 'builds'],
+                  properties: {
+                    settled: { type: 'boolean' },
+                    builds: { type: 'array', items: { $ref: '#/components/schemas/BuildResult' } },
+                  },
+                },
+              },
+            },
+          },
+          ...denied,
+        },
+      },
+    },
+    '/reviews': {
+      get: {
+        summary: 'The recorded review of two commits of a repository (commits by a unique prefix of ≥ 7 digits).',
+        parameters: [
+          { name: 'repo', in: 'query', required: true, schema: { type: 'string' } },
+          { name: 'base', in: 'query', required: true, schema: { type: 'string' } },
+          { name: 'head', in: 'query', required: true, schema: { type: 'string' } },
+          { name: 'format', in: 'query', required: false, schema: { type: 'string', enum: ['json', 'markdown'] } },
+          { name: 'job', in: 'query', required: false, schema: { type: 'array', items: { type: 'string' } } },
+        ],
+        responses: {
+          '200': {
+            description: 'The review, as JSON or as the markdown of the summary check.',
+            content: {
+              'application/json': { schema: { $ref: '#/components/schemas/Review' } },
+              'text/markdown': { schema: { type: 'string' } },
+            },
+          },
+          '400': errorResponse('A query parameter is missing or wrong.'),
+          ...denied,
+          '404': errorResponse('No evaluation of a commit, or no review of the pair, was recorded.'),
+        },
+      },
+    },
+  },
+} as const;
