@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Outcome, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
 import { is, ScriptedCoordinator, type ScriptedStream } from './testing/scripted-coordinator.js';
+import { testAssign } from './testing/assign.js';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 const NIX = ['--option', 'substituters', '', '--extra-experimental-features', 'nix-command'];
@@ -106,16 +107,7 @@ describe('an agent with a store of its own', () => {
       const { s, pid } = await isolatedAgent(cache);
       s.send({
         $case: 'assign',
-        value: {
-          leaseId: 'basic',
-          drvPath,
-          attempt: 1,
-          maxSilentSeconds: 0,
-          timeoutSeconds: 0,
-          outputNames: ['out'],
-          maxLogBytes: 0,
-          inputOutputs: [{ drvPath: depDrv, name: 'out', path: depOut }],
-        },
+        value: testAssign('basic', drvPath, { inputOutputs: [{ drvPath: depDrv, name: 'out', path: depOut }] }),
       });
       const finished = (await s.waitFor(is.event('basic', 'finished'))).msg?.value as JobEvent;
       if (finished.event?.$case !== 'finished') throw new Error('not a finished event');

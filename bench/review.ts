@@ -8,15 +8,33 @@
  *
  *   [BENCH_ATTRS=5000 BENCH_CHANGED=50 BENCH_ROUNDS=1] npm run bench:review
  *
+ * BENCH_SHAPE=nixpkgs (`npm run bench:review-scale`: 100,000 attributes, 5,000 changed) generates a set shaped like
+ * nixpkgs instead: package sets nested under `recurseForDerivations`, one per group of BENCH_CHANGED packages, each
+ * group 30 dependency layers deep with heavy fan-in on its core package (the head bumps group 0's core, so exactly
+ * that group rebuilds); 4 % more attributes that throw or abort; `meta` on every package (a long `platforms` list,
+ * licenses, maintainers), with `meta.maintainers` throwing on 2 % of them. The baseline instantiates the same good
+ * attributes (bare `nix-instantiate` stops at the first throw). Also reported: the database's growth per evaluated
+ * commit and the ekaci process's event-loop delay p99.
+ *
  * Measures dist/ (what bin/ekaci.js runs): build first; a warning says when a source file is newer.
  */
 import { type SpawnSyncReturns, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Review } from '../coordinator/review/model.js';
+import Database from 'better-sqlite3';
 import { envInt } from './bench-env.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -33,6 +51,13 @@ if (changed < 1 || attrs % changed !== 0)
 const libraries = attrs / changed;
 const appsPerLibrary = changed - 1;
 const roundCount = envInt('BENCH_ROUNDS', 1, fail);
+const shape = process.env.BENCH_SHAPE ?? 'libraries';
+if (shape !== 'libraries' && shape !== 'nixpkgs') fail(`BENCH_SHAPE must be libraries or nixpkgs, got "${shape}"`);
+const LAYERS = 30;
+// Per group of the nixpkgs shape: attributes that throw or abort (BENCH_BAD_PERCENT, 4 % more than the good ones).
+const badPercent = Number(process.env.BENCH_BAD_PERCENT ?? '4');
+const badPerGroup = Math.ceil((changed * badPercent) / 100);
+const badAttrs = shape === 'nixpkgs' ? libraries * badPerGroup : 0;
 
 // bin/ekaci.js runs dist/, not the sources: a stale build would be measured without anyone noticing.
 const distStale = staleDist();
@@ -57,8 +82,8 @@ const rounds: Round[] = [];
 for (let i = 0; i < roundCount; i++) {
   const roundDir = join(dir, `round-${i + 1}`);
   process.stderr.write(`round ${i + 1}/${roundCount}: two repositories of ${attrs} attributes in ${roundDir}…\n`);
-  const ekaciRepo = makeRepo(join(roundDir, 'ekaci-repo'), nonce());
-  const baselineRepo = makeRepo(join(roundDir, 'baseline-repo'), nonce());
+  const ekaciRepo = makeRepo(join(roundDir, 'ekaci-repo'), nonce(), true);
+  const baselineRepo = makeRepo(join(roundDir, 'baseline-repo'), nonce(), false);
   const ekaciFirst = i % 2 === 0;
   let ekaci: EkaciRun | undefined;
   if (ekaciFirst) ekaci = await measureEkaci(ekaciRepo, roundDir);
@@ -77,7 +102,13 @@ const treePeakRssKiB = maxOf(rounds.map((r) => r.ekaci.treePeakRssKiB));
 const mib = (kib: number | undefined): string => (kib === undefined ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);
 const { ekaci, baseline } = median;
 const rows: [string, string][] = [
-  ['attributes', `${attrs} (${libraries} libraries × ${appsPerLibrary} apps + the libraries), ${changed} changed`],
+  [
+    'attributes',
+    shape === 'nixpkgs'
+      ? `${attrs} good in ${libraries} nested sets of ${changed} (${LAYERS} layers each) + ${badAttrs} that throw, ` +
+        `${changed} changed`
+      : `${attrs} (${libraries} libraries × ${appsPerLibrary} apps + the libraries), ${changed} changed`,
+  ],
   ['CPUs', String(availableParallelism())],
   ...(rounds.length > 1
     ? rounds.map((r, i): [string, string] => [
@@ -98,6 +129,15 @@ const rows: [string, string][] = [
   [`  at ${ekaci.seconds.toFixed(2)} s`, 'exit'],
   ['ratio ekaci/baseline', `${medianRatio.toFixed(2)}×${rounds.length > 1 ? ` (median of ${rounds.length})` : ''}`],
   ['ekaci peak RSS', mib(peakRssKiB)],
+  [
+    'ekaci event-loop delay p99',
+    `${median.ekaci.loopDelayP99Ms?.toFixed(0) ?? 'n/a'} ms (max ${median.ekaci.loopDelayMaxMs?.toFixed(0) ?? 'n/a'} ms)`,
+  ],
+  [
+    'database per evaluated commit',
+    `${(median.ekaci.databaseBytes / 2 / 1024 / 1024).toFixed(1)} MiB (both commits, their diff: ${(median.ekaci.databaseBytes / 1024 / 1024).toFixed(1)} MiB)`,
+  ],
+  ['largest tables', median.ekaci.tables.map((t) => `${t.name} ${(t.bytes / 1024 / 1024).toFixed(1)} MiB`).join(', ')],
   ['largest in its tree', `${mib(treePeakRssKiB)} (ekaci or one of its nix processes, /usr/bin/time -v)`],
 ];
 const width = Math.max(...rows.map(([k]) => k.length));
@@ -112,7 +152,9 @@ const results = {
   nix: run('nix-instantiate', ['--version']).stdout.trim(),
   node: process.version,
   cpus: availableParallelism(),
+  shape,
   attrs,
+  badAttrs,
   changed,
   libraries,
   appsPerLibrary,
@@ -128,6 +170,10 @@ const results = {
       timeline: r.ekaci.timeline,
       peakRssKiB: r.ekaci.peakRssKiB ?? null,
       treePeakRssKiB: r.ekaci.treePeakRssKiB ?? null,
+      loopDelayP99Ms: r.ekaci.loopDelayP99Ms ?? null,
+      loopDelayMaxMs: r.ekaci.loopDelayMaxMs ?? null,
+      databaseBytes: r.ekaci.databaseBytes,
+      tables: r.ekaci.tables,
     },
   })),
 };
@@ -171,12 +217,13 @@ function measureBaseline(repo: Repo, roundDir: string): BaselineRun {
     const t = performance.now();
     const r = run('nix-instantiate', [...NO_SUBSTITUTERS, join(wt, 'default.nix')]);
     const seconds = (performance.now() - t) / 1000;
-    const drvs = r.stdout.split('\n').filter(Boolean);
+    const drvs = r.stdout.split('\n').filter(Boolean).sort();
     if (drvs.length !== attrs) fail(`nix-instantiate gave ${drvs.length} derivations, expected ${attrs}`);
     return { seconds, drvs };
   }) as [{ seconds: number; drvs: string[] }, { seconds: number; drvs: string[] }];
-  // Same attributes in the same (sorted) order on both sides: the baseline must see the same change as ekaci.
-  const differ = base.drvs.filter((d, i) => d !== head.drvs[i]).length;
+  // The same change as ekaci's: derivations only one side has.
+  const headSet = new Set(head.drvs);
+  const differ = base.drvs.filter((d) => !headSet.has(d)).length;
   if (differ !== changed) fail(`the baseline sees ${differ} changed derivations, not ${changed}`);
   return {
     baseSeconds: base.seconds,
@@ -191,8 +238,8 @@ function maxOf(values: (number | undefined)[]): number | undefined {
   return known.length > 0 ? Math.max(...known) : undefined;
 }
 
-/** A git repository with a base commit and a head commit that changes library 0. */
-function makeRepo(repoDir: string, tag: string): Repo {
+/** A git repository with a base commit and a head commit that changes library 0 (`withBad`: and the failures). */
+function makeRepo(repoDir: string, tag: string, withBad: boolean): Repo {
   mkdirSync(join(repoDir, '.eka-ci'), { recursive: true });
   const git = (...args: string[]): string =>
     run('git', [
@@ -211,17 +258,18 @@ function makeRepo(repoDir: string, tag: string): Repo {
     join(repoDir, '.eka-ci', 'config.json'),
     `${JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } })}\n`,
   );
-  writeFileSync(join(repoDir, 'default.nix'), packageSet(tag, 1));
+  const generate = shape === 'nixpkgs' ? nixpkgsShaped : packageSet;
+  writeFileSync(join(repoDir, 'default.nix'), generate(tag, 1, withBad));
   git('add', '.');
   git('commit', '--quiet', '-m', 'base');
   const base = git('rev-parse', 'HEAD');
-  writeFileSync(join(repoDir, 'default.nix'), packageSet(tag, 2));
+  writeFileSync(join(repoDir, 'default.nix'), generate(tag, 2, withBad));
   git('commit', '--quiet', '-am', 'head: library 0, version 2');
   return { dir: repoDir, base, head: git('rev-parse', 'HEAD') };
 }
 
 /** `libraries` libraries (lib<l>) and their apps (app<l>_<a>, each depending on its library). */
-function packageSet(tag: string, lib0Version: number): string {
+function packageSet(tag: string, lib0Version: number, _withBad: boolean): string {
   const lines: string[] = [];
   for (let l = 0; l < libraries; l++) {
     lines.push(`  lib${l} = mk "lib${l}" "${l === 0 ? lib0Version : 1}" [ ];`);
@@ -241,6 +289,53 @@ ${lines.join('\n')}
 `;
 }
 
+/**
+ * The nixpkgs shape: `set<g>` (recurseForDerivations) per group, holding `core` and `p<i>`; p<i> sits in layer
+ * i mod 30 and depends on core (layer 0) or on three packages of the layer below (heavy fan-in on core and on the
+ * low layers); `bad<j>` throw or abort. Only group 0's core has version `coreVersion`.
+ */
+function nixpkgsShaped(tag: string, coreVersion: number, withBad: boolean): string {
+  const perLayer = Math.ceil((changed - 1) / LAYERS);
+  const sets: string[] = [];
+  for (let g = 0; g < libraries; g++) {
+    const lines = [`    core = mk "core${g}" "${g === 0 ? coreVersion : 1}" [ ] 0;`];
+    for (let i = 0; i < changed - 1; i++) {
+      const layer = Math.floor(i / perLayer);
+      const below = (k: number): number => (layer - 1) * perLayer + ((i * 7 + k * 13) % perLayer);
+      const deps = layer === 0 ? 'core' : [0, 1, 2].map((k) => `p${below(k)}`).join(' ');
+      lines.push(`    p${i} = mk "g${g}p${i}" "1" [ ${deps} ] ${i};`);
+    }
+    if (withBad) {
+      for (let j = 0; j < badPerGroup; j++) {
+        lines.push(
+          j % 2 === 0 ? `    bad${j} = throw "g${g} bad${j}: marked broken";` : `    bad${j} = abort "g${g} bad${j}";`,
+        );
+      }
+    }
+    sets.push(`  set${g} = rec {\n    recurseForDerivations = true;\n${lines.join('\n')}\n  };`);
+  }
+  return `let
+  platforms = [ ${Array.from({ length: 40 }, (_, k) => `"arch${k}-linux"`).join(' ')} builtins.currentSystem ];
+  mk = name: version: deps: n: (derivation {
+    name = "\${name}-${tag}-\${version}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo $deps > $out" ];
+    inherit deps;
+  }) // {
+    meta = {
+      description = "package \${name}";
+      license = if n / 3 * 3 == n then { spdxId = "MIT"; } else { spdxId = "GPL-3.0-or-later"; };
+      maintainers = if n / 50 * 50 == n && n > 0 then throw "\${name}: maintainer list broken" else [ { github = "m\${toString n}"; } ];
+      inherit platforms;
+    };
+  };
+in {
+${sets.join('\n')}
+}
+`;
+}
+
 interface EkaciRun {
   seconds: number;
   /** Each stderr line (ekaci's progress) and when it appeared, in seconds from the start of the process. */
@@ -248,6 +343,12 @@ interface EkaciRun {
   stderr: string;
   peakRssKiB: number | undefined;
   treePeakRssKiB: number | undefined;
+  loopDelayP99Ms: number | undefined;
+  loopDelayMaxMs: number | undefined;
+  /** The data directory's database files after the review of two commits. */
+  databaseBytes: number;
+  /** The largest tables and indexes in it. */
+  tables: Array<{ name: string; bytes: number }>;
 }
 
 /** `ekaci review --no-build` of the repository's two commits, checked to be the review of the change made. */
@@ -257,11 +358,16 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
   const rssFile = join(roundDir, 'ekaci-rss');
   const timeFile = join(roundDir, 'ekaci-time');
   // The ekaci process's own peak RSS, written as it exits (the variable is not passed on to its children).
+  // And its event-loop delay, sampled every 10 ms.
   const hook =
-    'data:text/javascript,import { appendFileSync } from "node:fs"; const f = process.env.EKACI_BENCH_RSS_FILE; ' +
-    'delete process.env.EKACI_BENCH_RSS_FILE; ' +
-    'if (f) process.on("exit", () => appendFileSync(f, `${process.resourceUsage().maxRSS}\\n`));';
+    'data:text/javascript,import { appendFileSync } from "node:fs"; import { monitorEventLoopDelay } from "node:perf_hooks"; ' +
+    'const f = process.env.EKACI_BENCH_RSS_FILE; delete process.env.EKACI_BENCH_RSS_FILE; ' +
+    'const h = monitorEventLoopDelay({ resolution: 10 }); h.enable(); ' +
+    'if (f) process.on("exit", () => appendFileSync(f, `${process.resourceUsage().maxRSS} ${h.percentile(99) / 1e6} ${h.max / 1e6}\\n`));';
+  // BENCH_PROFILE=DIR: a CPU profile of the ekaci process in DIR (for Chrome's DevTools), to see where time goes.
+  const profile = process.env.BENCH_PROFILE ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_PROFILE] : [];
   const ekaciArgs = [
+    ...profile,
     '--import',
     hook,
     ekaciBin,
@@ -306,13 +412,32 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
   if (code !== 0) fail(`ekaci review exited ${code}:\n${stderr.slice(-4000)}`);
   verifyReview(JSON.parse(readFileSync(jsonFile, 'utf8')) as Review);
 
-  const own = existsSync(rssFile) ? readFileSync(rssFile, 'utf8').split('\n').filter(Boolean).map(Number) : [];
+  const own = existsSync(rssFile)
+    ? readFileSync(rssFile, 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => l.split(' ').map(Number) as [number, number, number])
+    : [];
+  const dataDir = join(roundDir, 'ekaci-data');
+  const databaseBytes = readdirSync(dataDir)
+    .filter((f) => f.startsWith('ekaci.sqlite'))
+    .reduce((sum, f) => sum + statSync(join(dataDir, f)).size, 0);
+  // Where the bytes are: tables and indexes by size (SQLite's dbstat).
+  const db = new Database(join(dataDir, 'ekaci.sqlite'), { readonly: true });
+  const tables = db
+    .prepare('SELECT name, SUM(pgsize) AS bytes FROM dbstat GROUP BY name ORDER BY bytes DESC LIMIT 6')
+    .all() as Array<{ name: string; bytes: number }>;
+  db.close();
   const tree = withTime ? /Maximum resident set size \(kbytes\): (\d+)/.exec(readFileSync(timeFile, 'utf8')) : null;
   return {
     seconds,
     timeline: lines,
     stderr,
-    peakRssKiB: own.length > 0 ? Math.max(...own) : undefined,
+    peakRssKiB: own.length > 0 ? Math.max(...own.map((o) => o[0])) : undefined,
+    loopDelayP99Ms: own.length > 0 ? Math.max(...own.map((o) => o[1])) : undefined,
+    loopDelayMaxMs: own.length > 0 ? Math.max(...own.map((o) => o[2])) : undefined,
+    databaseBytes,
+    tables,
     treePeakRssKiB: tree ? Number(tree[1]) : undefined,
   };
 }
@@ -321,16 +446,26 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
 function verifyReview(r: Review): void {
   const counts = new Map<string, number>();
   for (const a of r.attrs) counts.set(a.change, (counts.get(a.change) ?? 0) + 1);
-  const expected = new Set(['lib0', ...Array.from({ length: appsPerLibrary }, (_, a) => `app0_${a}`)]);
+  const expected = new Set(
+    shape === 'nixpkgs'
+      ? ['set0.core', ...Array.from({ length: changed - 1 }, (_, i) => `set0.p${i}`)]
+      : ['lib0', ...Array.from({ length: appsPerLibrary }, (_, a) => `app0_${a}`)],
+  );
   const changedAttrs = r.attrs.filter((a) => a.change === 'changed').map((a) => a.attr);
   const problems: string[] = [];
-  if (r.attrs.length !== attrs) problems.push(`${r.attrs.length} attributes reviewed, expected ${attrs}`);
+  if (r.attrs.length !== attrs + badAttrs) {
+    problems.push(`${r.attrs.length} attributes reviewed, expected ${attrs + badAttrs}`);
+  }
   if (changedAttrs.length !== changed) problems.push(`${changedAttrs.length} changed, expected ${changed}`);
   const unexpected = changedAttrs.filter((a) => !expected.has(a));
   if (unexpected.length > 0) problems.push(`unexpectedly changed: ${unexpected.slice(0, 10).join(', ')}`);
   for (const c of ['added', 'removed']) if (counts.get(c)) problems.push(`${counts.get(c)} ${c}`);
   const evalErrors = r.attrs.filter((a) => a.base?.eval === 'error' || a.head?.eval === 'error');
-  if (evalErrors.length > 0) problems.push(`${evalErrors.length} evaluation errors, e.g. ${evalErrors[0]!.attr}`);
+  if (evalErrors.length !== badAttrs) {
+    problems.push(
+      `${evalErrors.length} evaluation errors, expected ${badAttrs}: e.g. ${evalErrors[0]?.attr ?? 'none'}`,
+    );
+  }
   if (problems.length > 0) {
     fail(`the review is not that of the change (${[...counts].map(([c, n]) => `${c}: ${n}`).join(', ')}):
   ${problems.join('\n  ')}`);

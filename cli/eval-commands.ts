@@ -10,6 +10,7 @@ import type { EvalResult } from '../coordinator/eval/eval-result.js';
 import { type CommitEvaluation, type JobEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { diffCommits } from '../coordinator/graph/commit-diff.js';
 import { DiffStore, type StoredJobDiff } from '../coordinator/graph/diff-store.js';
+import { EvaluationStore } from '../coordinator/eval/evaluation-store.js';
 import { evalFailureBlocks } from '../coordinator/review/classify.js';
 import { openDatabase } from '../coordinator/db/database.js';
 import { GitMirrors } from '../coordinator/git/git-mirrors.js';
@@ -120,11 +121,18 @@ async function diff(c: RepoContext, opts: CommonOptions & { base: string; head: 
   const db = openDatabase(join(c.dataDir, 'ekaci.sqlite'));
   try {
     const diffs = new DiffStore(db);
-    // A diff of every job is stored; one narrowed with --job is computed afresh.
-    let jobs = opts.job.length === 0 ? diffs.load(c.repo, baseCommit, headCommit) : undefined;
+    const evaluations = new EvaluationStore(db);
+    const [baseEval, headEval] = [evaluations.load(c.repo, baseCommit), evaluations.load(c.repo, headCommit)];
+    // A diff of every job is stored (with the evaluations it restores unchanged attributes from); one narrowed with
+    // --job is computed afresh.
+    let jobs = opts.job.length === 0 && baseEval && headEval ? diffs.load(c.repo, baseEval, headEval) : undefined;
     if (!jobs) {
-      jobs = await computeDiff(c, baseCommit, headCommit, opts.job);
-      if (opts.job.length === 0) diffs.save(c.repo, baseCommit, headCommit, jobs);
+      const computed = await computeDiff(c, baseCommit, headCommit, opts.job);
+      jobs = computed.jobs;
+      if (opts.job.length === 0) {
+        for (const side of [computed.base, computed.head]) await evaluations.save(c.repo, side);
+        diffs.save(c.repo, baseCommit, headCommit, jobs);
+      }
     }
     printDiff(jobs, opts.json ?? false);
   } finally {
@@ -138,10 +146,10 @@ async function computeDiff(
   baseRev: string,
   headRev: string,
   jobFilter: readonly string[],
-): Promise<StoredJobDiff[]> {
+): Promise<{ base: CommitEvaluation; head: CommitEvaluation; jobs: StoredJobDiff[] }> {
   const base = await evaluateCommit({ ...c, rev: baseRev, jobs: jobFilter });
   const head = await evaluateCommit({ ...c, rev: headRev, jobs: jobFilter });
-  return diffCommits(base, head);
+  return { base, head, jobs: await diffCommits(base, head) };
 }
 
 function printDiff(jobs: readonly StoredJobDiff[], json: boolean): void {

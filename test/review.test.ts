@@ -97,20 +97,7 @@ describe('ekaci review', () => {
   it('evaluates and diffs only with --no-build; a new evaluation failure still makes it exit 1', async () => {
     const { repo, base, head } = changeRepo();
     const dir = tempDir();
-    const r = await ekaci([
-      'review',
-      '--repo',
-      repo,
-      '--base',
-      base,
-      '--head',
-      head,
-      '--no-build',
-      '--json',
-      join(dir, 'r.json'),
-      '--data-dir',
-      join(dir, 'data'),
-    ]);
+    const r = await reviewWithoutBuilds(repo, base, head, join(dir, 'r.json'), join(dir, 'data'));
     // Evaluation broke for `evals`: that is newly failing even without building.
     expect(r.code).toBe(1);
     const review = JSON.parse(readFileSync(join(dir, 'r.json'), 'utf8')) as Review;
@@ -166,20 +153,7 @@ describe('ekaci review and allow_eval_failures', () => {
       const dir = tempDir();
       const data = join(dir, 'data');
       const json = join(dir, 'r.json');
-      const r = await ekaci([
-        'review',
-        '--repo',
-        repo,
-        '--base',
-        base,
-        '--head',
-        head,
-        '--no-build',
-        '--json',
-        json,
-        '--data-dir',
-        data,
-      ]);
+      const r = await reviewWithoutBuilds(repo, base, head, json, data);
       expect(r.stderr).not.toMatch(/ekaci:/);
       const review = JSON.parse(readFileSync(json, 'utf8')) as Review;
       // `evals` evaluated on base and aborts on head: a new evaluation error, shown either way.
@@ -251,3 +225,21 @@ describe('ekaci review with bad input', () => {
     expect(badOut.stderr).toMatch(/--json .*does not exist/);
   });
 });
+
+/** `ekaci review --no-build` of two commits, its JSON written to `json`, its state in `data`. */
+function reviewWithoutBuilds(repo: string, base: string, head: string, json: string, data: string) {
+  return ekaci([
+    'review',
+    '--repo',
+    repo,
+    '--base',
+    base,
+    '--head',
+    head,
+    '--no-build',
+    '--json',
+    json,
+    '--data-dir',
+    data,
+  ]);
+}

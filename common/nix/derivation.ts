@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { DerivationParseError } from '../errors.js';
 import { nixBase32 } from './narinfo.js';
 import { STORE_DIR, isDrvPath } from './store-path.js';
+import { turn } from '../turn.js';
 
 /** One output of a derivation. `hashAlgo`/`hash` are empty for input-addressed outputs, as in the .drv file. */
 export interface DerivationOutput {
@@ -338,7 +339,7 @@ export async function loadDerivationClosure(
       loaded.set(p, d);
       for (const input in d.inputDrvs) enqueue(input);
     }
-    if (head < queue.length) await new Promise<void>((resolve) => setImmediate(resolve));
+    if (head < queue.length) await turn();
   }
   return loaded;
 }

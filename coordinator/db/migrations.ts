@@ -297,6 +297,16 @@ export const MIGRATIONS: readonly Migration[] = [
   ALTER TABLE webhook_deliveries ADD COLUMN next_attempt_at INTEGER NOT NULL DEFAULT 0;
   `,
   evaluationsAsRows,
+  `
+  -- meta.platforms lists, stored once: a package set has a handful of them, each repeated on thousands of packages
+  -- (nixpkgs' lists run to dozens of systems, most of an evaluated value's bytes).
+  CREATE TABLE eval_lists (
+    id     INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    json   TEXT NOT NULL
+  );
+  ALTER TABLE eval_values ADD COLUMN platforms_id INTEGER;  -- the value's meta.platforms, when not in its json
+  `,
 ];
 
 /**

@@ -93,6 +93,7 @@ describe('EvaluationStore', () => {
       (db.pragma('page_count', { simple: true }) as number) * (db.pragma('page_size', { simple: true }) as number);
     await store.save('acme/pkgs', packageSet('2'.repeat(40), 2_000, 100));
     expect(count(db, 'eval_attr_names')).toBe(2_000);
+    expect(count(db, 'eval_lists')).toBe(1); // one platforms list, on every package
     expect(count(db, 'eval_values') - values).toBe(100);
     const grown =
       (db.pragma('page_count', { simple: true }) as number) * (db.pragma('page_size', { simple: true }) as number);
@@ -124,6 +125,30 @@ describe('EvaluationStore', () => {
     // Kept: version 0 of every package (commit 1 and acme/other), and what commits 1, 4 and 5 changed.
     expect(count(db, 'eval_values')).toBe(100 + 10 + 40 + 50);
     expect(store.load('acme/pkgs', '4'.repeat(40))).toEqual(packageSet('4'.repeat(40), 100, 40, 4));
+  });
+
+  it('deletes a platforms list with the last value that used it', async () => {
+    const { db, store } = open();
+    const withPlatforms = (commit: string, platforms: string[]): CommitEvaluation => ({
+      commit,
+      jobs: [
+        {
+          name: 'pkgs',
+          allowEvalFailures: false,
+          maxIncreasePercent: undefined,
+          seconds: 0,
+          attrs: [{ attr: 'p', drvPath: `/nix/store/${commit.slice(0, 32)}-p.drv`, meta: { platforms } }],
+        },
+      ],
+    });
+    await store.save('acme/pkgs', withPlatforms('a'.repeat(40), ['x86_64-linux']));
+    await store.save('acme/pkgs', withPlatforms('b'.repeat(40), ['aarch64-darwin', 'x86_64-darwin']));
+    expect(count(db, 'eval_lists')).toBe(2);
+    store.retain('acme/pkgs', 1, new Set());
+    expect(count(db, 'eval_lists')).toBe(1);
+    expect(store.load('acme/pkgs', 'b'.repeat(40))).toEqual(
+      withPlatforms('b'.repeat(40), ['aarch64-darwin', 'x86_64-darwin']),
+    );
   });
 
   it('moves evaluations stored as one document per commit into rows when the database is upgraded', () => {

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { turn } from '../../common/turn.js';
 import type { Db } from '../db/database.js';
 import type { EvalResult } from './eval-result.js';
 import type { CommitEvaluation, JobEvaluation } from './repo-evaluation.js';
@@ -14,6 +15,14 @@ interface JobRow {
 // Attributes written per transaction: a nixpkgs-sized evaluation (100,000 attributes) is stored in slices, with the
 // event loop free between them for agents and webhooks.
 const SAVE_SLICE = 5_000;
+
+/** A row of an evaluation as read: the name, the value's JSON, and the platforms list stored apart (if any). */
+interface StoredAttr {
+  attr: string;
+  json: string;
+  listId: number | null;
+  list: string | null;
+}
 
 /** What an evaluated attribute is, without its name: stored once however many commits and attributes share it. */
 type AttrValue = Omit<EvalResult, 'attr'>;
@@ -40,7 +49,9 @@ export class EvaluationStore {
       nameId: db.prepare('SELECT id FROM eval_attr_names WHERE name = ?'),
       insertName: db.prepare('INSERT INTO eval_attr_names (name) VALUES (?)'),
       valueId: db.prepare('SELECT id FROM eval_values WHERE digest = ?'),
-      insertValue: db.prepare('INSERT INTO eval_values (digest, json) VALUES (?, ?)'),
+      insertValue: db.prepare('INSERT INTO eval_values (digest, json, platforms_id) VALUES (?, ?, ?)'),
+      listId: db.prepare('SELECT id FROM eval_lists WHERE digest = ?'),
+      insertList: db.prepare('INSERT INTO eval_lists (digest, json) VALUES (?, ?)'),
     };
   }
 
@@ -68,7 +79,7 @@ export class EvaluationStore {
         );
       })();
       for (let start = 0; start < job.attrs.length; start += SAVE_SLICE) {
-        if (start > 0) await new Promise((resolve) => setImmediate(resolve));
+        if (start > 0) await turn();
         this.db.transaction(() => this.putAttrs(id, start, job.attrs.slice(start, start + SAVE_SLICE)))();
       }
       this.db.prepare('UPDATE evaluations SET complete = 1 WHERE id = ?').run(id);
@@ -90,18 +101,26 @@ export class EvaluationStore {
       .all(repo, commit) as JobRow[];
     if (rows.length === 0) return undefined;
     const attrsOf = this.db.prepare(
-      `SELECT n.name AS attr, v.json AS json FROM evaluation_attrs a
+      `SELECT n.name AS attr, v.json AS json, v.platforms_id AS listId, l.json AS list FROM evaluation_attrs a
          JOIN eval_attr_names n ON n.id = a.name_id JOIN eval_values v ON v.id = a.value_id
+         LEFT JOIN eval_lists l ON l.id = v.platforms_id
         WHERE a.evaluation_id = ? ORDER BY a.position`,
     );
+    const lists = new Map<number, string[]>();
+    const attr = (a: StoredAttr): EvalResult => {
+      const value: EvalResult = { attr: a.attr, ...(JSON.parse(a.json) as AttrValue) };
+      if (a.listId !== null && a.list !== null && value.meta) {
+        let platforms = lists.get(a.listId);
+        if (!platforms) lists.set(a.listId, (platforms = JSON.parse(a.list) as string[]));
+        value.meta = { ...value.meta, platforms };
+      }
+      return value;
+    };
     const jobs: JobEvaluation[] = rows.map((r) => ({
       name: r.job,
       allowEvalFailures: r.allow_eval_failures === 1,
       maxIncreasePercent: r.max_increase_percent ?? undefined,
-      attrs: (attrsOf.all(r.id) as Array<{ attr: string; json: string }>).map((a) => ({
-        attr: a.attr,
-        ...(JSON.parse(a.json) as AttrValue),
-      })),
+      attrs: (attrsOf.all(r.id) as StoredAttr[]).map(attr),
       seconds: r.seconds,
     }));
     const config = this.db
@@ -140,7 +159,7 @@ export class EvaluationStore {
     const commits = this.db
       .prepare(
         `SELECT commit_sha FROM evaluations WHERE repo = ?
-          GROUP BY commit_sha ORDER BY MAX(created_at) DESC, commit_sha`,
+          GROUP BY commit_sha ORDER BY MAX(created_at) DESC, MAX(id) DESC`,
       )
       .all(repo) as Array<{ commit_sha: string }>;
     const doomed = commits.slice(latest).filter((c) => !keep.has(c.commit_sha));
@@ -156,6 +175,9 @@ export class EvaluationStore {
       }
       this.db.exec(`DELETE FROM eval_values WHERE id NOT IN (SELECT value_id FROM evaluation_attrs)`);
       this.db.exec(`DELETE FROM eval_attr_names WHERE id NOT IN (SELECT name_id FROM evaluation_attrs)`);
+      this.db.exec(
+        `DELETE FROM eval_lists WHERE id NOT IN (SELECT platforms_id FROM eval_values WHERE platforms_id IS NOT NULL)`,
+      );
     })();
     return doomed.length;
   }
@@ -181,10 +203,24 @@ export class EvaluationStore {
     return found?.id ?? Number(this.s.insertName.run(name).lastInsertRowid);
   }
 
+  /** The id of a stored value (its digest is that of the whole value; a platforms list is stored apart). */
   private valueId(value: AttrValue): number {
-    const json = JSON.stringify(value);
-    const digest = createHash('sha256').update(json).digest().subarray(0, 16);
+    const digest = digestOf(JSON.stringify(value));
     const found = this.s.valueId.get(digest) as { id: number } | undefined;
-    return found?.id ?? Number(this.s.insertValue.run(digest, json).lastInsertRowid);
+    if (found) return found.id;
+    const platforms = value.meta?.platforms;
+    if (platforms === undefined) {
+      return Number(this.s.insertValue.run(digest, JSON.stringify(value), null).lastInsertRowid);
+    }
+    const { platforms: _apart, ...meta } = value.meta!;
+    const listJson = JSON.stringify(platforms);
+    const listDigest = digestOf(listJson);
+    const list = this.s.listId.get(listDigest) as { id: number } | undefined;
+    const listId = list?.id ?? Number(this.s.insertList.run(listDigest, listJson).lastInsertRowid);
+    return Number(this.s.insertValue.run(digest, JSON.stringify({ ...value, meta }), listId).lastInsertRowid);
   }
+}
+
+function digestOf(json: string): Buffer {
+  return createHash('sha256').update(json).digest().subarray(0, 16);
 }

@@ -1,3 +1,5 @@
+import { BUILD_STATES } from '../scheduler/build-state.js';
+
 /**
  * The contract of `/api/v1`, as OpenAPI 3.1 (served at `/api/v1/openapi.json`). Tests validate every response
  * they get against it, and fail when a route exists that it does not describe: change both together.
@@ -70,21 +72,7 @@ export const OPENAPI_DOCUMENT = {
           },
         },
       },
-      BuildState: {
-        type: 'string',
-        enum: [
-          'queued',
-          'buildable',
-          'building',
-          'succeeded',
-          'failed',
-          'dependency-failed',
-          'timed-out',
-          'cancelled',
-          'unbuildable',
-          'substituted',
-        ],
-      },
+      BuildState: { type: 'string', enum: BUILD_STATES },
       AttemptState: {
         type: 'string',
         enum: [

@@ -5,6 +5,7 @@ import { classifyOutcome, summarise } from './classify.js';
 import { diffClosures, runtimeClosure } from './closure-diff.js';
 import type { AttrReview, BuildOutcomeName, Review, SideResult } from './model.js';
 import { compareSizes } from './sizes.js';
+import { turn } from '../../common/turn.js';
 
 /** What the builder needs to know about one derivation's build, from the coordinator's database. */
 export interface BuildFacts {
@@ -36,12 +37,17 @@ export interface ReviewInputs {
 const ROOT_CAUSE_LOG_LINES = 30;
 
 /** Assembles the review of a change from its rebuild diff, evaluations and build results. */
+// Attributes reviewed between two turns of the event loop (a nixpkgs review is 100,000 of them).
+const TURN_EVERY = 2_000;
+
 export async function buildReview(inputs: ReviewInputs): Promise<Review> {
   const attrs: AttrReview[] = [];
+  let done = 0;
   for (const job of inputs.jobs) {
     const baseByAttr = new Map(job.base.map((a) => [a.attr, a]));
     const headByAttr = new Map(job.head.map((a) => [a.attr, a]));
     for (const d of job.diff.attrs) {
+      if (++done % TURN_EVERY === 0) await turn();
       const baseEval = baseByAttr.get(d.attr);
       const headEval = headByAttr.get(d.attr);
       const base = baseEval ? side(baseEval, inputs) : undefined;

@@ -7,6 +7,7 @@ import type { BuildStore } from '../scheduler/build-store.js';
 import type { Review } from './model.js';
 import { changesConfig, gatesFor } from './base-policy.js';
 import { type BuildFacts, buildReview } from './review-builder.js';
+import { turn } from '../../common/turn.js';
 
 export interface ReviewSources {
   store: BuildStore;
@@ -46,20 +47,20 @@ export class ReviewService {
     jobs?: readonly string[],
     options: { recordedOnly?: boolean } = {},
   ): Promise<Review | undefined> {
-    if (options.recordedOnly && !this.sources.diffs.load(repo, baseCommit, headCommit)) return undefined;
+    if (options.recordedOnly && !this.sources.diffs.has(repo, baseCommit, headCommit)) return undefined;
     const narrow = (e: CommitEvaluation): CommitEvaluation => ({
       commit: e.commit,
       jobs: e.jobs.filter((j) => !jobs?.length || jobs.includes(j.name)),
     });
     const baseEval = this.sources.evaluations.load(repo, baseCommit);
+    await turn();
     const headEval = this.sources.evaluations.load(repo, headCommit);
+    await turn();
     if (!baseEval || !headEval) return undefined;
     const base = narrow(baseEval);
     const head = narrow(headEval);
     const diffs = options.recordedOnly
-      ? (this.sources.diffs.load(repo, base.commit, head.commit) ?? []).filter(
-          (d) => !jobs?.length || jobs.includes(d.name),
-        )
+      ? (this.sources.diffs.load(repo, baseEval, headEval) ?? []).filter((d) => !jobs?.length || jobs.includes(d.name))
       : await this.diff(repo, base, head);
     const { store, logs } = this.sources;
     const review = await buildReview({
@@ -88,7 +89,7 @@ export class ReviewService {
   /** The diff of each job both evaluations have; jobs never diffed before are diffed now and stored. */
   private async diff(repo: string, base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
     const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))].sort();
-    const stored = new Map((this.sources.diffs.load(repo, base.commit, head.commit) ?? []).map((d) => [d.name, d]));
+    const stored = new Map((this.sources.diffs.load(repo, base, head) ?? []).map((d) => [d.name, d]));
     const missing = names.filter((n) => !stored.has(n));
     if (missing.length > 0) {
       const only = (e: CommitEvaluation): CommitEvaluation => ({

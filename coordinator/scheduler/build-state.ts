@@ -58,6 +58,9 @@ const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
   substituted: [],
 };
 
+/** Every state, in the order of the life above (for documents that list them, such as the API's). */
+export const BUILD_STATES = Object.keys(TRANSITIONS) as BuildState[];
+
 /** The states a derivation may reach `to` from. */
 export function statesBefore(to: BuildState): BuildState[] {
   return (Object.keys(TRANSITIONS) as BuildState[]).filter((from) => TRANSITIONS[from].includes(to));
