@@ -118,7 +118,9 @@ describe('EvaluationStore', () => {
     for (let i = 1; i <= 5; i++) await store.save('acme/pkgs', packageSet(String(i).repeat(40), 100, i * 10, i));
     await store.save('acme/other', packageSet('9'.repeat(40), 10));
     expect(count(db, 'eval_values')).toBe(100 + 10 + 20 + 30 + 40 + 50);
-    expect(store.retain('acme/pkgs', 2, new Set(['1'.repeat(40)]))).toBe(2);
+    expect(store.retain('acme/pkgs', 2, new Set(['1'.repeat(40)])).sort()).toEqual(['2'.repeat(40), '3'.repeat(40)]);
+    expect(store.isEvaluated('2'.repeat(40))).toBe(false);
+    expect(store.isEvaluated('9'.repeat(40))).toBe(true);
     const left = ['1', '2', '3', '4', '5'].filter((i) => store.load('acme/pkgs', i.repeat(40)) !== undefined);
     expect(left).toEqual(['1', '4', '5']);
     expect(store.load('acme/other', '9'.repeat(40))).toBeDefined();

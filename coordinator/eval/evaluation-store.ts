@@ -153,9 +153,9 @@ export class EvaluationStore {
   /**
    * The retention policy: of a repository's evaluated commits, keeps the `latest` most recently evaluated ones and
    * those in `keep` (open pull requests' heads and bases); deletes the others, with the names and values no kept
-   * evaluation uses. Returns the number of commits deleted.
+   * evaluation uses. Returns the commits deleted.
    */
-  retain(repo: string, latest: number, keep: ReadonlySet<string>): number {
+  retain(repo: string, latest: number, keep: ReadonlySet<string>): string[] {
     const commits = this.db
       .prepare(
         `SELECT commit_sha FROM evaluations WHERE repo = ?
@@ -163,7 +163,7 @@ export class EvaluationStore {
       )
       .all(repo) as Array<{ commit_sha: string }>;
     const doomed = commits.slice(latest).filter((c) => !keep.has(c.commit_sha));
-    if (doomed.length === 0) return 0;
+    if (doomed.length === 0) return [];
     this.db.transaction(() => {
       for (const { commit_sha } of doomed) {
         for (const job of this.db
@@ -179,7 +179,12 @@ export class EvaluationStore {
         `DELETE FROM eval_lists WHERE id NOT IN (SELECT platforms_id FROM eval_values WHERE platforms_id IS NOT NULL)`,
       );
     })();
-    return doomed.length;
+    return doomed.map((c) => c.commit_sha);
+  }
+
+  /** Whether any repository has an evaluation of `commit` (a fork's and its base's share commits). */
+  isEvaluated(commit: string): boolean {
+    return this.db.prepare('SELECT 1 FROM evaluations WHERE commit_sha = ? LIMIT 1').get(commit) !== undefined;
   }
 
   private deleteJob(repo: string, commit: string, job: string): void {

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -65,5 +65,32 @@ console.log(JSON.stringify({ rooted, control, before, after: rooted.map((p) => e
     expect(out.before).toEqual([true, true, true, true]);
     expect(out.after).toEqual([true, true, true]);
     expect(out.controlAfter, 'an unrooted .drv is collected, so the collector did run').toBe(false);
+  });
+});
+
+describe('releasing the GC roots of a commit', () => {
+  it('removes its links and their registrations in gcroots/auto, and leaves other commits rooted', async () => {
+    const { GcRoots, releaseCommitRoots } = await import('./gc-roots.js');
+    const dir = tempDir('ekaci-gcroots-release-');
+    const before = process.env.NIX_STATE_DIR;
+    process.env.NIX_STATE_DIR = join(dir, 'state');
+    try {
+      const rootsDir = join(dir, 'gcroots');
+      const [gone, kept] = ['a'.repeat(40), 'b'.repeat(40)];
+      await new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'1'.repeat(32)}-one.drv`);
+      await new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'2'.repeat(32)}-two.drv`);
+      await new GcRoots(join(rootsDir, kept)).add(`/nix/store/${'3'.repeat(32)}-three.drv`);
+      const auto = join(dir, 'state', 'gcroots', 'auto');
+      expect(readdirSync(auto)).toHaveLength(3);
+
+      await releaseCommitRoots(rootsDir, [gone, 'c'.repeat(40)]);
+      expect(existsSync(join(rootsDir, gone))).toBe(false);
+      expect(readdirSync(join(rootsDir, kept))).toEqual([`${'3'.repeat(32)}-three.drv`]);
+      const left = readdirSync(auto).map((n) => readlinkSync(join(auto, n)));
+      expect(left).toEqual([join(rootsDir, kept, `${'3'.repeat(32)}-three.drv`)]);
+    } finally {
+      if (before === undefined) delete process.env.NIX_STATE_DIR;
+      else process.env.NIX_STATE_DIR = before;
+    }
   });
 });

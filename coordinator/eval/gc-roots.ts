@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readlink, symlink, unlink } from 'node:fs/promises';
+import { mkdir, readdir, readlink, rm, symlink, unlink } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 
 /** Nix's state directory, where the collector looks for `gcroots/auto`. */
@@ -26,8 +26,27 @@ export class GcRoots {
     await this.ready;
     const link = resolve(join(this.dir, basename(drvPath)));
     await replaceSymlink(drvPath, link);
-    const id = createHash('sha256').update(link).digest('hex').slice(0, 32);
-    await replaceSymlink(link, join(nixStateDir(), 'gcroots', 'auto', `ekaci-${id}`));
+    await replaceSymlink(link, autoRoot(link));
+  }
+}
+
+/** Where the collector finds the indirect root `link`. */
+function autoRoot(link: string): string {
+  const id = createHash('sha256').update(link).digest('hex').slice(0, 32);
+  return join(nixStateDir(), 'gcroots', 'auto', `ekaci-${id}`);
+}
+
+/**
+ * Releases the roots of the commits' evaluations (`<rootsDir>/<commit>/`, one `GcRoots` directory each): their
+ * .drv files become collectable. The registrations in `gcroots/auto` go too (Nix would drop them, dangling, at its
+ * next collection anyway).
+ */
+export async function releaseCommitRoots(rootsDir: string, commits: readonly string[]): Promise<void> {
+  for (const commit of commits) {
+    const dir = resolve(join(rootsDir, commit));
+    const links = await readdir(dir).catch(() => [] as string[]);
+    for (const name of links) await rm(autoRoot(join(dir, name)), { force: true });
+    await rm(dir, { recursive: true, force: true });
   }
 }
 

@@ -1,8 +1,10 @@
+import { join } from 'node:path';
 import type { Logger } from '../../common/logging.js';
 import { Semaphore } from '../../common/semaphore.js';
 import type { EvalEnvironment } from '../eval/eval-environment.js';
 import type { EvalPolicy } from '../eval/eval-options.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
+import { releaseCommitRoots } from '../eval/gc-roots.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
 import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
@@ -103,15 +105,16 @@ export class RunPipeline {
    * The retention policy, applied to a run's repository when the run ends: its `[evaluation] keep_commits` most
    * recently evaluated commits stay, and whatever open pull requests and unfinished runs use.
    */
-  private retainEvaluations(runId: number): void {
+  private async retainEvaluations(runId: number): Promise<void> {
     const run = this.deps.runs.run(runId);
     if (!run) return;
-    const deleted = this.deps.evaluations.retain(
-      run.repo,
-      this.deps.keepCommits,
-      this.deps.runs.commitsInUse(run.repo),
-    );
-    if (deleted > 0) this.deps.logger.info({ repo: run.repo, commits: deleted }, 'deleted evaluations no longer kept');
+    const { evaluations } = this.deps;
+    const deleted = evaluations.retain(run.repo, this.deps.keepCommits, this.deps.runs.commitsInUse(run.repo));
+    if (deleted.length === 0) return;
+    // Their .drv files may be collected now, unless another repository's evaluation of the commit still needs them.
+    const released = deleted.filter((c) => !evaluations.isEvaluated(c));
+    await releaseCommitRoots(join(this.deps.dataDir, 'gcroots'), released);
+    this.deps.logger.info({ repo: run.repo, commits: deleted.length }, 'deleted evaluations no longer kept');
   }
 
   /** Resolves when every run started so far has finished (tests, graceful stop). */
