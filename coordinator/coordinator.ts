@@ -226,6 +226,8 @@ export class Coordinator {
           access: this.access,
           audit: this.audit,
           repoVisibility: (repo) => this.repoVisibility(repo),
+          connectedAgents: () => this.hub?.connected() ?? [],
+          capabilities: () => this.hub?.connectedCapabilities() ?? [],
         }),
         access: this.access,
         metrics,

@@ -26,10 +26,11 @@ afterEach(async () => {
   coordinator = undefined;
 });
 
-async function start(): Promise<Coordinator> {
+async function start(overrides: Record<string, unknown> = {}): Promise<Coordinator> {
   coordinator = await startCoordinator(tempDir(), {
     web: { port: 0, public: false },
     api_tokens: [{ name: 'reader', token: TOKEN }],
+    ...overrides,
   });
   agent = new Agent({
     coordinator: coordinator.grpcTarget,
@@ -45,8 +46,12 @@ async function start(): Promise<Coordinator> {
 
 const api = (path: string): string => `http://127.0.0.1:${coordinator!.httpPort}/api/v1${path}`;
 
-async function submit(script: string): Promise<{ drvPath: string; hash: string; request: number }> {
-  const file = writeNixFile(tempDir(), nonce(), `{ x = mk "logged" { script = ${JSON.stringify(script)}; }; }`);
+async function submit(script: string, extra = ''): Promise<{ drvPath: string; hash: string; request: number }> {
+  const file = writeNixFile(
+    tempDir(),
+    nonce(),
+    `{ x = mk "logged" { script = ${JSON.stringify(script)}; ${extra} }; }`,
+  );
   const drvPath = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', 'x'])).trim();
   const request = await coordinator!.manager.submit([{ attr: 'x', drvPath }], 'test');
   return { drvPath, hash: drvPath.slice('/nix/store/'.length, '/nix/store/'.length + 32), request };
@@ -96,6 +101,50 @@ describe('the API contract', () => {
       code: 'EKACI_ERR_REQUEST',
       message: expect.stringMatching(/^drvs: /) as unknown,
     });
+  });
+});
+
+describe('agents over HTTP', () => {
+  it('lists the agents: capabilities, connection, free slots and what each runs, to a credential only', async () => {
+    await start();
+    const { drvPath } = await submit('/bin/sleep 3; echo > $out');
+    await expect.poll(() => coordinator!.store.attemptsOf(drvPath).length).toBe(1);
+    type Listed = {
+      id: string;
+      connected: boolean;
+      freeSlots: number;
+      systems: string[];
+      leases: { drvPath: string }[];
+    };
+    const listed = async (): Promise<Listed[]> =>
+      (await checkedFetch(api('/agents'), { headers: auth })).json<{ agents: Listed[] }>().agents;
+    const [running] = await listed();
+    expect(running).toMatchObject({ id: 'logger', connected: true, freeSlots: 0, maxJobs: 1 });
+    expect(running!.systems.length).toBeGreaterThan(0);
+    expect(running!.leases.map((l) => l.drvPath)).toEqual([drvPath]);
+    expect((await checkedFetch(api('/agents'))).status).toBe(401);
+
+    await agent!.stopNow();
+    agent = undefined;
+    await expect.poll(async () => (await listed())[0]?.connected).toBe(false);
+  });
+});
+
+describe('queues over HTTP', () => {
+  it('shows what waits in which lane, who serves it, and why nobody does', async () => {
+    await start({ unbuildable_grace_seconds: 3600 });
+    const { drvPath } = await submit('echo > $out', 'requiredSystemFeatures = [ "kvm" ];');
+    type Lane = { system: string; features: string[]; buildable: number; agents: string[]; why?: string };
+    const queues = async () =>
+      (await checkedFetch(api('/queues'), { headers: auth })).json<{ pending: number; lanes: Lane[] }>();
+    await expect.poll(async () => (await queues()).lanes.length).toBe(1);
+    const { pending, lanes } = await queues();
+    expect(pending).toBe(1);
+    expect(lanes[0]).toMatchObject({ kind: 'build', features: ['kvm'], untrusted: false, buildable: 1, agents: [] });
+    expect(lanes[0]!.why).toBe(
+      `no connected agent builds ${coordinator!.store.derivation(drvPath)!.system} with features kvm`,
+    );
+    expect((await checkedFetch(api('/queues'))).status).toBe(401);
   });
 });
 

@@ -126,6 +126,15 @@ export class AgentHub {
     return [...this.sessions.values()].flatMap((s) => (s.capabilities ? [s.capabilities] : []));
   }
 
+  /** The connected agents as the API shows them: free slots and whether they drain. */
+  connected(): Array<{ agentId: string; freeSlots: number; draining: boolean }> {
+    return [...this.sessions.values()].map((s) => ({
+      agentId: s.agentId,
+      freeSlots: s.freeSlots,
+      draining: s.draining,
+    }));
+  }
+
   get agentCount(): number {
     return this.sessions.size;
   }

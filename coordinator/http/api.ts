@@ -6,6 +6,7 @@ import type { AccessControl, Visibility } from '../access/access-control.js';
 import type { AuditLog } from '../audit-log.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { AttemptRow, BuildStore } from '../scheduler/build-store.js';
+import type { AgentCapabilities } from '../scheduler/scheduler.js';
 import type { LogStore } from '../logs/log-store.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { renderMarkdown } from '../review/markdown.js';
@@ -24,6 +25,23 @@ export interface ApiSources {
   audit: AuditLog;
   /** Whether a repository's data is public: only a repository GitHub says is public is. */
   repoVisibility(repo: string): Visibility;
+  /** The agents connected now (none while the coordinator is not running). */
+  connectedAgents(): Array<{ agentId: string; freeSlots: number; draining: boolean }>;
+  /** What the connected agents can build. */
+  capabilities(): AgentCapabilities[];
+}
+
+interface AgentRow {
+  agent_id: string;
+  hostname: string;
+  os: string;
+  systems: string;
+  features: string;
+  mandatory: string;
+  max_jobs: number;
+  nix_version: string;
+  last_seen: number;
+  sandboxed: number;
 }
 
 // A request names its roots; their closures are read from the store. A megabyte is some 10,000 paths.
@@ -55,6 +73,39 @@ export function apiRouter(sources: ApiSources): Router {
     return false;
   };
   const drvVisibility = (drvPath: string): Visibility => (store.isPrivate(drvPath) ? 'private' : 'public');
+
+  // Every agent that ever said Hello, whether it is connected now, its free slots and what it runs. Operators'
+  // information (host names, what builds where): with a credential only.
+  router.get('/agents', (ctx) => {
+    if (!mayRead(ctx, 'private')) return;
+    const live = new Map(sources.connectedAgents().map((a) => [a.agentId, a]));
+    const leases = manager.openLeases();
+    const rows = store.db.prepare('SELECT * FROM agents ORDER BY agent_id').all() as AgentRow[];
+    ctx.body = {
+      agents: rows.map((r) => ({
+        id: r.agent_id,
+        hostname: r.hostname,
+        os: r.os,
+        systems: JSON.parse(r.systems) as string[],
+        supportedFeatures: JSON.parse(r.features) as string[],
+        mandatoryFeatures: JSON.parse(r.mandatory) as string[],
+        maxJobs: r.max_jobs,
+        nixVersion: r.nix_version,
+        sandboxed: r.sandboxed === 1,
+        lastSeen: r.last_seen,
+        connected: live.has(r.agent_id),
+        freeSlots: live.get(r.agent_id)?.freeSlots ?? 0,
+        draining: live.get(r.agent_id)?.draining ?? false,
+        leases: leases.filter((l) => l.agentId === r.agent_id).map(({ agentId: _self, ...l }) => l),
+      })),
+    };
+  });
+
+  // The queues: per lane what is buildable, since when, who serves it, and why nobody does.
+  router.get('/queues', (ctx) => {
+    if (!mayRead(ctx, 'private')) return;
+    ctx.body = manager.queues(sources.capabilities());
+  });
 
   router.get('/openapi.json', (ctx) => {
     ctx.body = OPENAPI_DOCUMENT;

@@ -135,6 +135,55 @@ export const OPENAPI_DOCUMENT = {
           log_truncated: { type: 'integer', enum: [0, 1] },
         },
       },
+      Agent: {
+        type: 'object',
+        additionalProperties: false,
+        required: [
+          'id',
+          'hostname',
+          'os',
+          'systems',
+          'supportedFeatures',
+          'mandatoryFeatures',
+          'maxJobs',
+          'nixVersion',
+          'sandboxed',
+          'lastSeen',
+          'connected',
+          'freeSlots',
+          'draining',
+          'leases',
+        ],
+        properties: {
+          id: { type: 'string', description: 'The name of its token.' },
+          hostname: { type: 'string' },
+          os: { type: 'string' },
+          systems: { type: 'array', items: { type: 'string' } },
+          supportedFeatures: { type: 'array', items: { type: 'string' } },
+          mandatoryFeatures: { type: 'array', items: { type: 'string' } },
+          maxJobs: { type: 'integer' },
+          nixVersion: { type: 'string' },
+          sandboxed: { type: 'boolean', description: "Its builds run in Nix's sandbox (measured at its start)." },
+          lastSeen: { type: 'integer', description: 'ms since the epoch: its last Hello or heartbeat.' },
+          connected: { type: 'boolean' },
+          freeSlots: { type: 'integer', minimum: 0 },
+          draining: { type: 'boolean' },
+          leases: {
+            type: 'array',
+            items: {
+              type: 'object',
+              additionalProperties: false,
+              required: ['leaseId', 'drvPath', 'attempt', 'expiresAt'],
+              properties: {
+                leaseId: { type: 'string' },
+                drvPath: { type: 'string' },
+                attempt: { type: 'integer', minimum: 1 },
+                expiresAt: { type: 'integer' },
+              },
+            },
+          },
+        },
+      },
       EndOfLog: {
         type: 'object',
         required: ['attempt', 'attemptState', 'state', 'bytes', 'truncated'],
@@ -189,6 +238,77 @@ export const OPENAPI_DOCUMENT = {
   },
   security: [{ token: [] }, {}],
   paths: {
+    '/agents': {
+      get: {
+        summary: 'Every agent that has connected: capabilities, whether it is connected now, free slots, leases.',
+        responses: {
+          '200': {
+            description: 'The agents, by id.',
+            content: {
+              'application/json': {
+                schema: {
+                  type: 'object',
+                  required: ['agents'],
+                  properties: { agents: { type: 'array', items: { $ref: '#/components/schemas/Agent' } } },
+                },
+              },
+            },
+          },
+          ...denied,
+        },
+      },
+    },
+    '/queues': {
+      get: {
+        summary: 'What waits to be built, per lane, who serves each lane, and why nobody does.',
+        responses: {
+          '200': {
+            description: 'The queues.',
+            content: {
+              'application/json': {
+                schema: {
+                  type: 'object',
+                  additionalProperties: false,
+                  required: ['pending', 'lanes'],
+                  properties: {
+                    pending: {
+                      type: 'integer',
+                      minimum: 0,
+                      description: 'Derivations not finished: queued, buildable or building.',
+                    },
+                    lanes: {
+                      type: 'array',
+                      items: {
+                        type: 'object',
+                        additionalProperties: false,
+                        required: ['kind', 'system', 'features', 'untrusted', 'buildable', 'waitingSince', 'agents'],
+                        properties: {
+                          kind: { type: 'string', enum: ['build', 'fixed-output'] },
+                          system: { type: 'string' },
+                          features: { type: 'array', items: { type: 'string' } },
+                          untrusted: {
+                            type: 'boolean',
+                            description: 'Code of someone without write access: sandboxed agents only.',
+                          },
+                          buildable: { type: 'integer', minimum: 1 },
+                          waitingSince: { type: 'integer', description: 'ms since the epoch, of the oldest.' },
+                          agents: { type: 'array', items: { type: 'string' } },
+                          why: {
+                            type: 'string',
+                            description: 'Why the lane waits, when no connected agent serves it.',
+                          },
+                        },
+                      },
+                    },
+                  },
+                },
+              },
+            },
+          },
+          ...denied,
+        },
+      },
+    },
     '/openapi.json': {
       get: {
         summary: 'This document.',

@@ -481,6 +481,17 @@ export class BuildManager extends EventEmitter {
     this.announceSettled();
   }
 
+  /** The open leases, oldest first: what runs where. */
+  openLeases(): Array<{ leaseId: string; agentId: string; drvPath: string; attempt: number; expiresAt: number }> {
+    return [...this.leases.values()].map((l) => ({
+      leaseId: l.leaseId,
+      agentId: l.agentId,
+      drvPath: l.drvPath,
+      attempt: l.attempt,
+      expiresAt: l.expiresAt,
+    }));
+  }
+
   /** An open lease: who holds it, its derivation and the output paths it may publish; undefined if not open. */
   openLease(leaseId: string): { agentId: string; drvPath: string; outputPaths: string[] } | undefined {
     const lease = this.leases.get(leaseId);
@@ -594,18 +605,58 @@ export class BuildManager extends EventEmitter {
    * Buildable derivations that no connected agent can build, past the grace period, become `unbuildable` and
    * their dependents `dependency-failed`.
    */
+  /**
+   * The queues as an operator reads them: per lane (system, features, fixed-output or not, untrusted or not) what
+   * is buildable, since when, which connected agents serve it, and — when none does — why it waits.
+   */
+  queues(agents: readonly AgentCapabilities[]): {
+    pending: number;
+    lanes: Array<{
+      kind: 'build' | 'fixed-output';
+      system: string;
+      features: string[];
+      untrusted: boolean;
+      buildable: number;
+      waitingSince: number;
+      agents: string[];
+      why?: string;
+    }>;
+  } {
+    const lanes = this.scheduler.lanesWaiting().map(({ lane, buildable, since }) => {
+      const [kind = '', system = '', features = ''] = lane.split('|');
+      const serving = agents.filter((a) => agentMatchesLane(a, lane)).map((a) => a.agentId);
+      const why = serving.length === 0 ? this.noAgentFor(lane) : undefined;
+      return {
+        kind: kind === 'fod' ? ('fixed-output' as const) : ('build' as const),
+        system,
+        features: features === '' ? [] : features.split(','),
+        untrusted: isUntrustedLane(lane),
+        buildable,
+        waitingSince: since,
+        agents: serving,
+        ...(why ? { why } : {}),
+      };
+    });
+    return { pending: this.scheduler.size, lanes };
+  }
+
+  /** Why a lane no connected agent serves waits (and ends unbuildable after the grace period). */
+  private noAgentFor(lane: string): string {
+    const [, system, features] = lane.split('|');
+    const what = `${system}${features ? ` with features ${features}` : ''}`;
+    return isUntrustedLane(lane)
+      ? `no connected agent with Nix's sandbox on builds ${what}: this is code from someone without write access, ` +
+          'which builds only in a sandbox (unless [security] allow_unsandboxed_untrusted_builds = true)'
+      : `no connected agent builds ${what}`;
+  }
+
   markUnbuildable(agents: readonly AgentCapabilities[]): void {
     const now = this.now();
     let changed = false;
     for (const [lane, since] of this.scheduler.waitingLanes()) {
       if (agents.some((a) => agentMatchesLane(a, lane))) continue;
       if (now - since < this.options.unbuildableGraceMs) continue;
-      const [, system, features] = lane.split('|');
-      const what = `${system}${features ? ` with features ${features}` : ''}`;
-      const why = isUntrustedLane(lane)
-        ? `no connected agent with Nix's sandbox on builds ${what}: this is code from someone without write access, ` +
-          'which builds only in a sandbox (unless [security] allow_unsandboxed_untrusted_builds = true)'
-        : `no connected agent builds ${what}`;
+      const why = this.noAgentFor(lane);
       this.write(() => {
         for (const drvPath of this.scheduler.buildableIn(lane)) {
           const row = this.store.derivation(drvPath)!;

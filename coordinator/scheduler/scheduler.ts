@@ -167,6 +167,11 @@ export class Scheduler {
     return out;
   }
 
+  /** Each lane that holds buildable work: how many, and since when its oldest has been waiting. */
+  lanesWaiting(): Array<{ lane: string; buildable: number; since: number }> {
+    return [...this.waitingLanes()].map(([lane, since]) => ({ lane, buildable: this.lanes.get(lane)!.size, since }));
+  }
+
   buildableIn(lane: string): string[] {
     return (this.lanes.get(lane)?.toArray() ?? []).map((n) => n.spec.drvPath);
   }
