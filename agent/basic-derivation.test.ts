@@ -1,6 +1,6 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -8,6 +8,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Outcome, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
 import { is, ScriptedCoordinator, type ScriptedStream } from './testing/scripted-coordinator.js';
 import { testAssign } from './testing/assign.js';
+import { killAgentTree } from './testing/processes.js';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 const NIX = ['--option', 'substituters', '', '--extra-experimental-features', 'nix-command'];
@@ -22,24 +23,12 @@ beforeEach(() => {
 });
 
 afterEach(async () => {
-  if (agent !== null && agent.exitCode === null && agent.signalCode === null) {
-    for (const d of childrenOf(agent.pid as number)) process.kill(d, 'SIGKILL');
-    const exited = new Promise((resolve) => agent?.once('exit', resolve));
-    agent.kill('SIGKILL');
-    await exited;
-  }
+  await killAgentTree(agent);
   agent = null;
   await coordinator?.stop();
   coordinator = null;
   rmSync(dir, { recursive: true, force: true });
 });
-
-function childrenOf(pid: number): number[] {
-  return readdirSync(`/proc/${pid}/task`)
-    .flatMap((t) => readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8').split(' '))
-    .filter((p) => p.trim() !== '')
-    .map(Number);
-}
 
 function validIn(pid: number, path: string): boolean {
   return spawnSync('nsenter', ['-t', String(pid), '-m', 'nix-store', '--check-validity', path]).status === 0;

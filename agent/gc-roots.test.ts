@@ -1,12 +1,12 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Outcome, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
-import { alive } from './testing/processes.js';
+import { alive, daemonsOf, killAgentTree } from './testing/processes.js';
 import { is, ScriptedCoordinator } from './testing/scripted-coordinator.js';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -23,13 +23,7 @@ beforeEach(() => {
 });
 
 afterEach(async () => {
-  if (agent !== null && agent.exitCode === null && agent.signalCode === null) {
-    // Its daemons run in process groups of their own and would outlive a SIGKILLed agent.
-    for (const d of daemonsOf(agent.pid as number)) process.kill(d, 'SIGKILL');
-    const exited = new Promise((resolve) => agent?.once('exit', resolve));
-    agent.kill('SIGKILL');
-    await exited;
-  }
+  await killAgentTree(agent);
   agent = null;
   await coordinator?.stop();
   coordinator = null;
@@ -48,21 +42,6 @@ function collectGarbage(pid: number): void {
     throw new Error(`process ${pid} does not see the test's /nix: refusing to collect garbage`);
   }
   execFileSync('nsenter', ['-t', String(pid), '-m', 'nix-store', '--gc'], { stdio: 'ignore' });
-}
-
-/** The nix-daemon processes a process started (the agent's store connections). */
-function daemonsOf(pid: number): number[] {
-  return readdirSync(`/proc/${pid}/task`)
-    .flatMap((t) => readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8').split(' '))
-    .filter((p) => p.trim() !== '')
-    .map(Number)
-    .filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'nix-daemon';
-      } catch {
-        return false;
-      }
-    });
 }
 
 // A mount namespace of its own (`unshare -m`, `nsenter`) needs root.

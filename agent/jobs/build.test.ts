@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,7 +13,7 @@ import { testAssign } from '../testing/assign.js';
 import { CacheUploader } from '../nix/cache-upload.js';
 import { StorePool } from '../nix/store-pool.js';
 import { Build } from './build.js';
-import { alive } from '../testing/processes.js';
+import { alive, daemonsOf } from '../testing/processes.js';
 
 let dir: string;
 let spool: LogSpool;
@@ -148,7 +148,7 @@ describe('Build', () => {
     const result = await b.run();
     expect(result.outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
     expect(result.error).toMatch(/upload to http:\/\/127\.0\.0\.1:\d+ failed/);
-    const daemons = childDaemons();
+    const daemons = daemonsOf(process.pid);
     expect(daemons.length).toBeGreaterThan(0);
     await pool.closeAll();
     await expect.poll(() => daemons.filter(alive), { timeout: 30_000 }).toEqual([]);
@@ -203,22 +203,6 @@ describe('Build', () => {
 /** Where Nix records an indirect root: `gcroots/auto/` + the link's SHA-1 in Nix's base32. */
 function autoRoot(link: string): string {
   return join('/nix/var/nix/gcroots/auto', nixBase32(createHash('sha1').update(link).digest()));
-}
-
-/** The nix-daemon processes this test process started (the pool's connections). */
-function childDaemons(): number[] {
-  const tasks = readdirSync(`/proc/${process.pid}/task`);
-  const children = tasks.flatMap((t) => readFileSync(`/proc/${process.pid}/task/${t}/children`, 'utf8').split(' '));
-  return children
-    .filter((pid) => pid.trim() !== '')
-    .map(Number)
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'nix-daemon';
-      } catch {
-        return false;
-      }
-    });
 }
 
 /** A loopback port nothing listens on: connections to it are refused. */

@@ -40,7 +40,6 @@ export function serveLog(ctx: RouterContext, logPath: string): void {
     ctx.set('Content-Range', `bytes ${start}-${end}/${size}`);
   }
   ctx.length = end - start + 1;
-  ctx.type = 'text/plain; charset=utf-8';
   ctx.body = createReadStream(logPath, { start, end });
 }
 
@@ -91,9 +90,11 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
     clearInterval(keepAlive);
     out.end();
   };
-  const ended = (): boolean => {
+  /** The attempt's row once it has ended and its log is closed; undefined while it runs. */
+  const ended = (): { row: AttemptRow | undefined } | undefined => {
+    if (logs.isOpen(path)) return undefined;
     const row = store.attempt(attempt.lease_id);
-    return !logs.isOpen(path) && (row === undefined || !OPEN_ATTEMPT_STATES.has(row.state));
+    return row === undefined || !OPEN_ATTEMPT_STATES.has(row.state) ? { row } : undefined;
   };
   /** Sends what the file has past `offset`; one pump at a time, waiting for a slow client (back-pressure). */
   const pump = async (): Promise<void> => {
@@ -116,8 +117,9 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
           }
         }
       } while (again);
-      if (!done && ended()) {
-        const row = store.attempt(attempt.lease_id);
+      const end = done ? undefined : ended();
+      if (end) {
+        const { row } = end;
         const derivation = store.derivation(attempt.drv_path);
         const final = {
           attempt: attempt.attempt,

@@ -387,8 +387,7 @@ export class BuildManager extends EventEmitter {
         f = { ...f, outcome: Outcome.OUTCOME_INFRA_ERROR, error: `result refused: ${problem}`, outputs: [] };
       }
     }
-    const result = f;
-    await this.writeSoon(() => this.recordFinished(agentId, leaseId, result));
+    await this.writeSoon(() => this.recordFinished(agentId, leaseId, f));
   }
 
   /**
