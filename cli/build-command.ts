@@ -7,6 +7,7 @@ import { policyFor } from '../coordinator/eval/eval-options.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
 import { EmbeddedSystem } from './embedded.js';
+import { remoteBuild } from './remote-build.js';
 
 export interface BuildCommandOptions {
   attr: string[];
@@ -16,6 +17,10 @@ export interface BuildCommandOptions {
   dataDir?: string;
   maxJobs?: string;
   verbose?: boolean;
+  /** Build on this running coordinator instead of an embedded one. */
+  coordinator?: string;
+  token?: string;
+  private?: boolean;
 }
 
 const SUCCESS = new Set(['succeeded', 'substituted']);
@@ -48,6 +53,15 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
   } finally {
     environment.close();
   }
+  const render = (results: BuildResult[], seconds: number): string =>
+    opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds);
+  if (opts.coordinator) {
+    return remoteBuild(
+      roots,
+      { coordinator: opts.coordinator, token: opts.token, json: opts.json, private: opts.private },
+      render,
+    );
+  }
   const system = new EmbeddedSystem({
     coordinator: config,
     agents,
@@ -67,8 +81,7 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
       `ekaci build ${file}`,
     );
     const results = await system.coordinator.manager.waitFor(requestId);
-    const seconds = (Date.now() - started) / 1000;
-    process.stdout.write(opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds));
+    process.stdout.write(render(results, (Date.now() - started) / 1000));
     return results.every((r) => SUCCESS.has(r.state)) ? 0 : 1;
   } finally {
     process.off('SIGINT', onSignal);

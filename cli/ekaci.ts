@@ -3,6 +3,7 @@ import { runCli } from './run-cli.js';
 import { buildCommand } from './build-command.js';
 import { diffCommand, evalCommand } from './eval-commands.js';
 import { logsCommand } from './logs-command.js';
+import { agentsCommand, cancelCommand, statusCommand } from './status-commands.js';
 import { reviewCommand } from './review-command.js';
 
 /** `ekaci`: the developer's and admin's command line. */
@@ -10,7 +11,9 @@ const program = new Command('ekaci').description('eka-ci: continuous integration
 
 program
   .command('build')
-  .description('evaluate and build attributes of a Nix file on an embedded coordinator with local agents')
+  .description(
+    'evaluate and build attributes of a Nix file on an embedded coordinator with local agents, or with --coordinator on a running one',
+  )
   .argument('<file>', 'Nix file to evaluate')
   .option('-A, --attr <attr>', 'attribute to build (repeatable; default: every top-level attribute)', collect, [])
   .option('--agents <n>', 'local agents (more than one: each in its own mount namespace and /nix, as root)', '1')
@@ -19,6 +22,9 @@ program
   .option('--config <file>', 'coordinator TOML configuration (timeouts, data_dir, …)')
   .option('--data-dir <dir>', 'state directory (database, logs, cache); overrides the configuration')
   .option('-v, --verbose', 'log what the coordinator and agents do (JSON on stderr)')
+  .option('--coordinator <url>', 'build on this running coordinator (uploads the .drv closure to its cache)')
+  .option('--token <token>', 'API token for --coordinator (default: $EKACI_TOKEN)')
+  .option('--private', "with --coordinator: the builds' data is readable with a credential only")
   .action(async (file: string, opts: Parameters<typeof buildCommand>[1]) => {
     process.exitCode = await buildCommand(file, opts);
   });
@@ -72,6 +78,41 @@ program
   .action(async (drv: string, opts: Parameters<typeof logsCommand>[1]) => {
     process.exitCode = await logsCommand(drv, opts);
   });
+
+const clientOptions = (command: Command): Command =>
+  command
+    .requiredOption('--coordinator <url>', "the coordinator's HTTP address (https://ci.example.org)")
+    .option('--token <token>', 'API token (default: $EKACI_TOKEN)');
+
+clientOptions(
+  program.command('status').description('what a running coordinator builds, what waits and why, and its agents'),
+)
+  .option('--json', 'print queues and agents as JSON')
+  .action(async (opts: Parameters<typeof statusCommand>[0]) => {
+    process.exitCode = await statusCommand(opts);
+  });
+
+clientOptions(
+  program
+    .command('agents')
+    .description("a running coordinator's agents; drain NAME: no new work for it until resume NAME (admins)")
+    .argument('[action]', 'drain or resume')
+    .argument('[name]', 'the agent'),
+)
+  .option('--reason <text>', 'why it is drained (shown to operators)')
+  .option('--json', 'print the agents as JSON')
+  .action(async (action: string | undefined, name: string | undefined, opts: Parameters<typeof agentsCommand>[2]) => {
+    process.exitCode = await agentsCommand(action, name, opts);
+  });
+
+clientOptions(
+  program
+    .command('cancel')
+    .description('cancels a queued or running build on a running coordinator')
+    .argument('<drv>', 'the .drv store path, or its hash'),
+).action(async (drv: string, opts: Parameters<typeof cancelCommand>[1]) => {
+  process.exitCode = await cancelCommand(drv, opts);
+});
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];

@@ -1,9 +1,8 @@
 import { UsageError } from '../common/errors.js';
 import { sseEvents } from '../common/sse.js';
+import { type ClientOptions, CoordinatorClient, drvHash, errorOf } from './coordinator-client.js';
 
-export interface LogsOptions {
-  coordinator: string;
-  token?: string;
+export interface LogsOptions extends ClientOptions {
   attempt?: string;
   follow?: boolean;
 }
@@ -17,16 +16,15 @@ const RECONNECTS = 5;
  * succeeded), 1 when the build ended otherwise or the coordinator refused (its message on stderr).
  */
 export async function logsCommand(drv: string, opts: LogsOptions): Promise<number> {
-  const hash = /^(?:\/nix\/store\/)?([0-9a-df-np-sv-z]{32})(?:-[^/]*)?$/.exec(drv)?.[1];
-  if (!hash) throw new UsageError(`"${drv}" is neither a .drv store path nor its hash`);
+  const hash = drvHash(drv);
   if (opts.attempt !== undefined && !/^[1-9][0-9]*$/.test(opts.attempt)) {
     throw new UsageError(`--attempt must be a positive whole number, got "${opts.attempt}"`);
   }
-  const token = opts.token ?? process.env.EKACI_TOKEN;
-  const base = opts.coordinator.replace(/\/+$/, '');
+  const client = new CoordinatorClient(opts);
+  const base = client.base;
   const path = opts.attempt === undefined ? 'log' : `attempts/${opts.attempt}/log`;
-  const url = `${base}/api/v1/derivations/${hash}/${path}${opts.follow ? '?follow=1' : ''}`;
-  const headers: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
+  const url = client.url(`/derivations/${hash}/${path}${opts.follow ? '?follow=1' : ''}`);
+  const headers = client.headers;
   if (!opts.follow) {
     const r = await fetch(url, { headers });
     if (!r.ok) return refused(r);
@@ -70,13 +68,6 @@ export async function logsCommand(drv: string, opts: LogsOptions): Promise<numbe
 }
 
 async function refused(r: Response): Promise<number> {
-  const text = await r.text();
-  let message = text;
-  try {
-    message = (JSON.parse(text) as { error: { message: string } }).error.message;
-  } catch {
-    // not an API error body: show it as it is
-  }
-  process.stderr.write(`ekaci logs: ${r.status}: ${message}\n`);
+  process.stderr.write(`ekaci logs: ${(await errorOf(r)).message}\n`);
   return 1;
 }

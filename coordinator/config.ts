@@ -105,6 +105,8 @@ const schema = z
         public_url: z.string().url().optional(),
         /** Anonymous callers may read public repositories' data (never private ones'). */
         public: z.boolean().default(true),
+        /** API token names whose holders may drain and resume agents and read the audit log. */
+        admins: z.array(z.string().min(1)).default([]),
       })
       .strict()
       .prefault({}),
@@ -208,7 +210,7 @@ export interface CoordinatorOptions {
   graphLruCapacity: number;
   /** A stream that sends no Hello within this time is closed. */
   helloTimeoutMs: number;
-  web: { address: string; port: number; publicUrl: string | undefined; public: boolean };
+  web: { address: string; port: number; publicUrl: string | undefined; public: boolean; admins: string[] };
   grpc: {
     address: string;
     port: number;
@@ -340,7 +342,13 @@ export function compileCoordinatorConfig(
     maxAttempts: c.max_attempts,
     graphLruCapacity: c.graph_lru_capacity,
     helloTimeoutMs: Math.round(c.agent_hello_timeout_seconds * 1000),
-    web: { address: c.web.address, port: c.web.port, publicUrl: c.web.public_url, public: c.web.public },
+    web: {
+      address: c.web.address,
+      port: c.web.port,
+      publicUrl: c.web.public_url,
+      public: c.web.public,
+      admins: c.web.admins,
+    },
     grpc: {
       address: c.grpc.address,
       port: c.grpc.port,

@@ -12,6 +12,7 @@ import { TokenStore } from './access/token-store.js';
 import { AuditLog } from './audit-log.js';
 import { BinaryCache } from './cache/binary-cache.js';
 import { checkFixedOutput } from './cache/fixed-output.js';
+import { checkContentAddressed } from './cache/content-addressed.js';
 import { cacheRouter } from './cache/http-routes.js';
 import { loadOrCreateSigningKey, signingKeyFromSecret } from './cache/signing-key.js';
 import { DerivationGraph } from './graph/derivation-graph.js';
@@ -22,6 +23,7 @@ import type { CoordinatorOptions } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
 import { createHttpApp, listen, routeList } from './http/server.js';
+import { defaultWebDir, webRouter } from './http/web-routes.js';
 import { LogStore } from './logs/log-store.js';
 import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
@@ -30,6 +32,8 @@ import { BuildStore } from './scheduler/build-store.js';
 import { ReviewService } from './review/review-service.js';
 import { GitMirrors } from './git/git-mirrors.js';
 import { GitHubService } from './github/github-service.js';
+import { RunStore } from './github/run-store.js';
+import { EventBus } from './events.js';
 
 /**
  * Lifecycle: `created` → `running` (start) → `stopped` (stopGracefully / stopNow). Graceful stop drains agents
@@ -59,6 +63,8 @@ export class Coordinator {
   readonly reviews: ReviewService;
   /** The GitHub App side, when `[[github_apps]]` are configured. */
   readonly github: GitHubService | undefined;
+  /** State changes of builds, runs and agents, for `GET /api/v1/events`. */
+  readonly events: EventBus;
   private hub: AgentHub | undefined;
   private cache: BinaryCache | undefined;
   private evalEnv: EvalEnvironment | undefined;
@@ -80,7 +86,10 @@ export class Coordinator {
     this.audit = new AuditLog(this.db);
     this.tokens = new TokenStore(this.db, this.audit, options.agentTokens, 'agent');
     this.apiTokens = new TokenStore(this.db, this.audit, options.apiTokens, 'api');
-    this.access = new AccessControl(this.tokens, this.apiTokens, { publicReads: options.web.public });
+    this.access = new AccessControl(this.tokens, this.apiTokens, {
+      publicReads: options.web.public,
+      admins: options.web.admins,
+    });
     const lazyCache = {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
       narInfo: (path: string) => this.requireCache().narInfo(path),
@@ -103,6 +112,14 @@ export class Coordinator {
       logger.child({ component: 'builds' }),
       new DerivationGraph(this.store, options.graphLruCapacity),
       this.health,
+    );
+    this.events = new EventBus((e) => {
+      if (e.type === 'build') return this.store.isPrivate(e.drvPath) ? 'private' : 'public';
+      if (e.type === 'run') return this.repoVisibility(e.repo);
+      return 'private'; // what builds where is operators' information, like GET /agents
+    });
+    this.manager.on('state', (drvPath: string, state: string, attempt: number, agentId: string | null) =>
+      this.events.publish({ type: 'build', drvPath, state, attempt, agentId }),
     );
     // What a write that failed for want of space left undone is reloaded from the database before work goes on.
     this.health.onResume(() => this.manager.resync());
@@ -127,6 +144,16 @@ export class Coordinator {
             mirrors: new GitMirrors({ dir: join(options.dataDir, 'git'), logger: logger.child({ component: 'git' }) }),
             publicUrl: () => this.publicUrl,
             evalEnvironment: () => this.evalEnvironment,
+            onRun: (run) =>
+              this.events.publish({
+                type: 'run',
+                id: run.id,
+                repo: run.repo,
+                kind: run.kind,
+                prNumber: run.pr_number,
+                headSha: run.head_sha,
+                state: run.state,
+              }),
             logger,
           })
         : undefined;
@@ -216,6 +243,7 @@ export class Coordinator {
           visibility: (path) => (this.store.isPrivate(path) ? 'private' : 'public'),
           checkUpload: (lease, storePath, url, compression) =>
             checkFixedOutput(lease.drvPath, storePath, this.requireCache().dir, url, compression),
+          checkContentAddressed: (info) => checkContentAddressed(info, this.requireCache().dir),
         }),
         api: apiRouter({
           store: this.store,
@@ -228,10 +256,17 @@ export class Coordinator {
           repoVisibility: (repo) => this.repoVisibility(repo),
           connectedAgents: () => this.hub?.connected() ?? [],
           capabilities: () => this.hub?.connectedCapabilities() ?? [],
+          cachedPaths: (paths) => this.requireCache().hasPaths([...paths]),
+          importDerivations: (drvs) => this.requireCache().importDerivations(drvs),
+          drainAgent: (id, actor, reason) => this.agentHub.drainAgent(id, actor, reason),
+          resumeAgent: (id, actor) => this.agentHub.resumeAgent(id, actor),
+          runs: this.github?.runs ?? new RunStore(this.db),
+          events: this.events,
         }),
         access: this.access,
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
+        web: webRouter(defaultWebDir()),
         ready: () => (this.state !== 'running' ? `the coordinator is ${this.state}` : this.health.reason),
       },
       this.logger.child({ component: 'http' }),
@@ -254,6 +289,7 @@ export class Coordinator {
         cancelGraceSeconds: CANCEL_GRACE_SECONDS,
         helloTimeoutMs: this.options.helloTimeoutMs,
         allowUnsandboxedUntrustedBuilds: this.options.security.allowUnsandboxedUntrustedBuilds,
+        onAgent: (e) => this.events.publish({ type: 'agent', ...e }),
       },
       this.logger.child({ component: 'agents' }),
       this.health,
@@ -305,8 +341,7 @@ export class Coordinator {
   private async closeRest(): Promise<void> {
     this.hub?.stop();
     this.github?.stopNow();
-    await new Promise<void>((resolve) => (this.httpServer ? this.httpServer.close(() => resolve()) : resolve()));
-    this.httpServer?.closeAllConnections();
+    await closeHttp(this.httpServer);
     this.logs.closeAll();
     this.health.stop();
     this.evalEnv?.close();
@@ -324,4 +359,20 @@ export class Coordinator {
 function hostFor(address: string): string {
   if (address === '0.0.0.0' || address === '::' || address === '') return '127.0.0.1';
   return address.includes(':') ? `[${address}]` : address;
+}
+
+// Requests under way get this long to finish when the coordinator stops; then every connection is cut.
+const HTTP_CLOSE_GRACE_MS = 2_000;
+
+/**
+ * Stops the HTTP server: no new connections, idle ones closed, requests under way given a moment, then the rest cut
+ * — live streams (logs followed, events) never end by themselves; their clients reconnect with Last-Event-ID.
+ */
+async function closeHttp(server: HttpServer | undefined): Promise<void> {
+  if (!server) return;
+  const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+  server.closeIdleConnections();
+  const cut = setTimeout(() => server.closeAllConnections(), HTTP_CLOSE_GRACE_MS);
+  await closed;
+  clearTimeout(cut);
 }

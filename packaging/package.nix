@@ -27,6 +27,7 @@ let
       ../coordinator
       ../examples
       ../proto
+      ../web
     ];
   };
 in
@@ -44,7 +45,8 @@ buildNpmPackage {
   npmFlags = [ "--build-from-source" ];
   env.npm_config_build_from_source = "true";
 
-  # `npm run build` compiles TypeScript to dist/; devDependencies are pruned afterwards.
+  # `npm run build` compiles TypeScript to dist/ and bundles the web UI into dist/web; devDependencies are pruned
+  # afterwards.
   npmBuildScript = "build";
 
   postInstall = ''

@@ -5,7 +5,7 @@ import { silentLogger } from '../common/logging.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import type { CommitEvaluation } from '../coordinator/eval/repo-evaluation.js';
-import { ANONYMOUS_ROUTES } from '../coordinator/http/server.js';
+import { isAnonymousRequest } from '../coordinator/http/server.js';
 import { startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
@@ -79,11 +79,11 @@ async function recordReview(c: Coordinator, repo: string): Promise<{ base: strin
 }
 
 describe('reading the coordinator', () => {
-  it('refuses anonymous callers on every route of a coordinator that is not public, but for probes and webhooks', async () => {
+  it('refuses anonymous callers on every route of a coordinator that is not public, but for probes, webhooks and the web UI’s files', async () => {
     const c = await start(false);
     expect(c.routes.length).toBeGreaterThan(5);
     for (const { method, path } of c.routes) {
-      const open = ANONYMOUS_ROUTES.some((r) => r.method === method && r.path === path);
+      const open = isAnonymousRequest(method, concrete(path));
       const r = await call(method, path);
       if (open) expect(r.status, `${method} ${path}`).not.toBe(401);
       else expect(r.status, `${method} ${path}`).toBe(401);
@@ -216,7 +216,7 @@ describe('submitting builds through the API', () => {
       '{"drvs": ["/nix/store/00000000000000000000000000000000-x.drv"]}',
       'application/json',
       422,
-      /not in the coordinator's store: \/nix\/store\/0{32}-x.drv/,
+      /neither in the coordinator's store nor in its cache: \/nix\/store\/0{32}-x.drv/,
     ],
   ])('refuses %s, saying why, and builds nothing', async (_what, body, type, status, message) => {
     const c = await start(true);

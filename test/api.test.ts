@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../agent/agent.js';
@@ -8,12 +8,14 @@ import type { Coordinator } from '../coordinator/coordinator.js';
 import { OPENAPI_DOCUMENT } from '../coordinator/http/openapi.js';
 import { checkResponse, checkedFetch, templateOf } from './support/api-contract.js';
 import { startCli } from './support/cli.js';
+import { inFreshStore } from '../common/nix/test-support.js';
 import { startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 import { sseEvents } from '../common/sse.js';
 
 /** The HTTP API against its OpenAPI document, and build logs read whole, in part and live, from a real build. */
 
+const ROOT = join(import.meta.dirname, '..');
 const TOKEN = 'ekaci_api-token-for-the-api-tests-0123456789';
 const auth = { authorization: `Bearer ${TOKEN}` };
 
@@ -46,11 +48,15 @@ async function start(overrides: Record<string, unknown> = {}): Promise<Coordinat
 
 const api = (path: string): string => `http://127.0.0.1:${coordinator!.httpPort}/api/v1${path}`;
 
-async function submit(script: string, extra = ''): Promise<{ drvPath: string; hash: string; request: number }> {
+async function submit(
+  script: string,
+  extra = '',
+  lets = '',
+): Promise<{ drvPath: string; hash: string; request: number }> {
   const file = writeNixFile(
     tempDir(),
     nonce(),
-    `{ x = mk "logged" { script = ${JSON.stringify(script)}; ${extra} }; }`,
+    `let ${lets || 'none = null;'} in { x = mk "logged" { script = ${JSON.stringify(script)}; ${extra} }; }`,
   );
   const drvPath = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', 'x'])).trim();
   const request = await coordinator!.manager.submit([{ attr: 'x', drvPath }], 'test');
@@ -127,6 +133,235 @@ describe('agents over HTTP', () => {
     await agent!.stopNow();
     agent = undefined;
     await expect.poll(async () => (await listed())[0]?.connected).toBe(false);
+  });
+});
+
+const ADMIN_TOKEN = 'ekaci_api-token-of-the-operator-0123456789';
+const admin = { authorization: `Bearer ${ADMIN_TOKEN}` };
+const hashOf = (drvPath: string): string => drvPath.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+const withAdmin = {
+  api_tokens: [
+    { name: 'reader', token: TOKEN },
+    { name: 'operator', token: ADMIN_TOKEN },
+  ],
+  web: { port: 0, public: false, admins: ['operator'] },
+};
+
+describe('derivations and actions over HTTP', () => {
+  it("shows a derivation's history, dependencies and dependents", async () => {
+    await start();
+    const { drvPath, request } = await submit('echo > $out', 'deps = [ dep ];', 'dep = mk "dep" {};');
+    expect((await coordinator!.manager.waitFor(request))[0]?.state).toBe('succeeded');
+    type Shown = {
+      history: { state: string; attempt: number }[];
+      dependencies: { count: number; derivations: { drvPath: string; state: string }[] };
+      dependents: { count: number; derivations: { drvPath: string }[] };
+    };
+    const shown = (await checkedFetch(api(`/derivations/${hashOf(drvPath)}`), { headers: auth })).json<Shown>();
+    // Submitted at created_at (queued); the history is every change after that.
+    expect(shown.history.map((h) => h.state)).toEqual(['buildable', 'building', 'succeeded']);
+    expect(shown.dependencies.count).toBe(1);
+    const dep = shown.dependencies.derivations[0]!;
+    expect(dep).toMatchObject({ state: 'succeeded', drvPath: expect.stringMatching(/-dep-.*\.drv$/) as unknown });
+    const depShown = (await checkedFetch(api(`/derivations/${hashOf(dep.drvPath)}`), { headers: auth })).json<Shown>();
+    expect(depShown.dependents).toEqual({ count: 1, derivations: [{ drvPath, state: 'succeeded' }] });
+    expect(depShown.history.map((h) => h.state)).toEqual(['buildable', 'building', 'succeeded']);
+  });
+
+  it('cancels a running build and builds it again for a token holder; refuses anonymous callers', async () => {
+    await start();
+    const { drvPath, hash } = await submit('/bin/sleep 30; echo > $out');
+    await expect.poll(() => coordinator!.store.derivation(drvPath)?.state).toBe('building');
+    const cancel = api(`/derivations/${hash}/cancel`);
+    expect((await checkedFetch(cancel, { method: 'POST' })).status).toBe(401);
+    expect((await checkedFetch(cancel, { method: 'POST', headers: auth })).status).toBe(202);
+    await expect.poll(() => coordinator!.store.derivation(drvPath)?.state, { timeout: 30_000 }).toBe('cancelled');
+    const again = await checkedFetch(cancel, { method: 'POST', headers: auth });
+    expect(again.status).toBe(409);
+    expect(again.json<{ error: { message: string } }>().error.message).toMatch(/is cancelled/);
+
+    const rebuild = await checkedFetch(api(`/derivations/${hash}/rebuild`), { method: 'POST', headers: auth });
+    expect(rebuild.status).toBe(202);
+    await expect.poll(() => coordinator!.store.attemptsOf(drvPath).length).toBe(2);
+    expect(coordinator!.store.derivation(drvPath)?.state).toBe('building');
+    const audit = coordinator!.audit.recent().map((a) => [a.actor, a.action]);
+    expect(audit).toEqual(
+      expect.arrayContaining([
+        ['api:reader', 'api.build-cancelled'],
+        ['api:reader', 'api.build-restarted'],
+      ]),
+    );
+    // The audit log is for admins only; this coordinator names none.
+    expect((await checkedFetch(api('/audit'), { headers: auth })).status).toBe(403);
+  });
+
+  it('drains an agent for an admin (no new work until resumed), audited; a plain token may not', async () => {
+    await start(withAdmin);
+    const drain = (headers: Record<string, string>, body?: object) =>
+      checkedFetch(api('/agents/logger/drain'), {
+        method: 'POST',
+        headers: { ...headers, ...(body ? { 'content-type': 'application/json' } : {}) },
+        ...(body ? { body: JSON.stringify(body) } : {}),
+      });
+    expect((await drain(auth)).status).toBe(403);
+    expect((await drain({})).status).toBe(401);
+    expect((await checkedFetch(api('/agents/nobody/drain'), { method: 'POST', headers: admin })).status).toBe(404);
+    expect((await drain(admin, { reason: 'kernel update' })).status).toBe(200);
+    type Listed = { id: string; freeSlots: number; drained: { by: string; reason: string } | null };
+    const listed = async () =>
+      (await checkedFetch(api('/agents'), { headers: auth })).json<{ agents: Listed[] }>().agents[0]!;
+    expect(await listed()).toMatchObject({ freeSlots: 0, drained: { by: 'api:operator', reason: 'kernel update' } });
+
+    const { drvPath, request } = await submit('echo > $out');
+    // It waits in its lane, served by the drained agent only.
+    await expect
+      .poll(async () => (await checkedFetch(api('/queues'), { headers: auth })).json<{ pending: number }>().pending)
+      .toBe(1);
+    const resumedAt = Date.now();
+    const resume = await checkedFetch(api('/agents/logger/resume'), { method: 'POST', headers: admin });
+    expect(resume.json()).toEqual({ id: 'logger', drained: false });
+    expect((await coordinator!.manager.waitFor(request))[0]?.state).toBe('succeeded');
+    // Nothing was assigned while it was drained.
+    expect(coordinator!.store.attemptsOf(drvPath).map((a) => a.assigned_at >= resumedAt)).toEqual([true]);
+    expect((await listed()).drained).toBeNull();
+    const audit = (await checkedFetch(api('/audit'), { headers: admin })).json<{
+      entries: { actor: string; action: string }[];
+    }>();
+    expect(audit.entries.filter((e) => e.action.startsWith('agent.')).map((e) => [e.actor, e.action])).toEqual([
+      ['api:operator', 'agent.resumed'],
+      ['api:operator', 'agent.drained'],
+    ]);
+  });
+});
+
+describe('ekaci as a client of a running coordinator', () => {
+  it('ekaci status, agents drain/resume and cancel: what runs and waits, operated from the terminal', async () => {
+    await start(withAdmin);
+    const url = `http://127.0.0.1:${coordinator!.httpPort}`;
+    const cli = (args: string[], token = ADMIN_TOKEN) =>
+      startCli([...args, '--coordinator', url], { env: { EKACI_TOKEN: token } }).done;
+    const { drvPath } = await submit('/bin/sleep 30; echo > $out');
+    await expect.poll(() => coordinator!.store.derivation(drvPath)?.state).toBe('building');
+    const status = await cli(['status']);
+    expect(status.code).toBe(0);
+    expect(status.stdout).toContain('1 unfinished, 1 building');
+    expect(status.stdout).toContain(`${drvPath} (attempt 1) on logger`);
+    expect(status.stdout).toMatch(/logger {2}\S+ {2}\S+ {2}0 of 1 slots free {2}1 running/);
+
+    const refused = await cli(['agents', 'drain', 'logger'], TOKEN);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/ekaci agents: 403: draining and resuming agents needs an API token named in/);
+    const drained = await cli(['agents', 'drain', 'logger', '--reason', 'disk swap']);
+    expect(drained.stdout).toBe('logger: drained: it takes no new work\n');
+    expect((await cli(['agents'])).stdout).toMatch(/drained by api:operator \(disk swap\)/);
+    expect((await cli(['agents', 'resume', 'logger'])).code).toBe(0);
+    expect((await cli(['agents', 'pause', 'logger'])).stderr).toMatch(/"pause" is not an action/);
+
+    const cancelled = await cli(['cancel', drvPath], TOKEN);
+    expect(cancelled.stdout).toBe(`${drvPath}: cancelled (its agent stops it)\n`);
+    await expect.poll(() => coordinator!.store.derivation(drvPath)?.state, { timeout: 30_000 }).toBe('cancelled');
+    const again = await cli(['cancel', drvPath], TOKEN);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/ekaci cancel: 409: nothing to cancel: .* is cancelled/);
+    const unreachable = await startCli(['status', '--coordinator', 'http://127.0.0.1:1']).done;
+    expect(unreachable.code).toBe(1);
+    expect(unreachable.stderr).toMatch(/ekaci status: cannot reach the coordinator/);
+  });
+});
+
+describe('ekaci build --coordinator', () => {
+  it('builds what a client instantiated in its own store: the .drv closure uploaded, the results printed', async () => {
+    await start();
+    const url = `http://127.0.0.1:${coordinator!.httpPort}`;
+    const dir = tempDir();
+    const tag = nonce();
+    writeFileSync(join(dir, 'data.txt'), `data ${tag}\n`);
+    const file = writeNixFile(
+      dir,
+      tag,
+      `{ ok = mk "remote-ok" { src = ./data.txt; script = "/bin/cat $src > $out"; };
+         bad = mk "remote-bad" { script = "echo failing on purpose; exit 3"; }; }`,
+    );
+    // The client has a store of its own (another machine): nothing it instantiates is in the coordinator's.
+    const client = (args: string[], token = TOKEN) =>
+      inFreshStore(tempDir(), { ...process.env, EKACI_TOKEN: token }, [
+        process.execPath,
+        ...['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), 'build', file, ...args, '--coordinator', url],
+      ]);
+    const built = await client(['-A', 'ok', '-A', 'bad']);
+    expect(built.stderr).toMatch(/submitted request \d+/);
+    expect(built.stderr).toMatch(/\[\d\/2\] ok: succeeded/);
+    expect(built.code).toBe(1);
+    const ok = /^succeeded +ok +(\S+)$/m.exec(built.stdout);
+    expect(ok, built.stdout + built.stderr).not.toBeNull();
+    expect(built.stdout).toMatch(/^failed +bad +\S+\.drv$/m);
+    expect(built.stdout).toMatch(/1 succeeded, 1 failed \(2 attributes/);
+    const [okDrv] = [ok![1]!];
+    expect(coordinator!.store.derivation(okDrv)?.state).toBe('succeeded');
+    const out = coordinator!.store.outputsOf(okDrv)[0]!.path;
+    expect(readFileSync(out, 'utf8')).toBe(`data ${tag}\n`);
+
+    const json = await client(['-A', 'ok', '--json']);
+    expect(json.code).toBe(0);
+    expect(JSON.parse(json.stdout)).toMatchObject({ builds: [{ attr: 'ok', drv: okDrv, state: 'succeeded' }] });
+    const refused = await client(['-A', 'ok'], 'not-a-token-of-this-coordinator');
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/ekaci build: 401: this coordinator is not public/);
+  });
+});
+
+describe('events over HTTP', () => {
+  it('streams state changes of builds and agents, resumes from Last-Event-ID, and says reset after a gap', async () => {
+    await start(withAdmin);
+    expect((await checkedFetch(api('/events'))).status).toBe(401);
+    const controller = new AbortController();
+    const response = await fetch(api('/events'), { headers: admin, signal: controller.signal });
+    expect(response.status).toBe(200);
+    checkResponse('GET', api('/events'), 200, response.headers.get('content-type') ?? '', '');
+    const seen: Array<{ id: string; type: string; data: Record<string, unknown> }> = [];
+    const reading = (async () => {
+      try {
+        for await (const e of sseEvents(response)) {
+          seen.push({ id: e.id!, type: e.event, data: JSON.parse(e.data) as Record<string, unknown> });
+        }
+      } catch {
+        // aborted
+      }
+    })();
+    const { drvPath, request } = await submit('echo > $out');
+    await coordinator!.manager.waitFor(request);
+    await expect
+      .poll(() => seen.filter((e) => e.type === 'build' && e.data.drvPath === drvPath).map((e) => e.data.state))
+      .toEqual(['buildable', 'building', 'succeeded']);
+    await checkedFetch(api('/agents/logger/drain'), { method: 'POST', headers: admin });
+    await expect
+      .poll(() => seen.find((e) => e.type === 'agent'))
+      .toMatchObject({ data: { type: 'agent', id: 'logger', connected: true, drained: true } });
+
+    // From the id of the first event on: the rest again, in order.
+    const resumed = new AbortController();
+    const again = await fetch(api('/events'), {
+      headers: { ...admin, 'last-event-id': seen[0]!.id },
+      signal: resumed.signal,
+    });
+    const replay: string[] = [];
+    for await (const e of sseEvents(again)) {
+      replay.push(e.id!);
+      if (replay.length === seen.length - 1) break;
+    }
+    resumed.abort();
+    expect(replay).toEqual(seen.slice(1).map((e) => e.id));
+    // An id of another start (or one long gone) cannot be resumed: reload.
+    const stale = new AbortController();
+    const reset = await fetch(api('/events'), {
+      headers: { ...admin, 'last-event-id': 'old:5' },
+      signal: stale.signal,
+    });
+    const first = await sseEvents(reset).next();
+    stale.abort();
+    expect(first.value).toMatchObject({ event: 'reset' });
+    controller.abort();
+    await reading;
   });
 });
 

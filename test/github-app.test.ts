@@ -2,11 +2,11 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
-import { silentLogger } from '../common/logging.js';
-import { GitMirrors } from '../coordinator/git/git-mirrors.js';
+import { parseRepoUrl } from '../coordinator/git/repo-url.js';
 import { FakeGitHub, INSTALLATION, commentPayload, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { type StandInCheckRun, allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
+import { checkedFetch } from './support/api-contract.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const REVIEW_FIXTURE = join(ROOT, 'test', 'fixtures', 'review');
@@ -18,12 +18,18 @@ const byName = (runs: StandInCheckRun[]): Record<string, StandInCheckRun> =>
 
 /** Waits until every eka-ci check run of a commit has completed, and returns them by name. */
 async function completedChecks(github: FakeGitHub, repo: string, sha: string, count: number) {
-  return byName(
-    await github.api.waitFor(() => {
-      const runs = github.api.checkRuns(repo, sha);
-      return runs.length >= count && runs.every((r) => r.status === 'completed') && runs;
-    }, `${count} completed check runs on ${sha}`),
-  );
+  try {
+    return byName(
+      await github.api.waitFor(() => {
+        const runs = github.api.checkRuns(repo, sha);
+        return runs.length >= count && runs.every((r) => r.status === 'completed') && runs;
+      }, `${count} completed check runs on ${sha}`),
+    );
+  } catch (err) {
+    // What there was instead, for a failure that does not reproduce.
+    const seen = github.api.checkRuns(repo, sha).map((r) => `${r.name}: ${r.status} ${r.conclusion ?? ''}`);
+    throw new Error(`${(err as Error).message}; the check runs were: ${seen.join('; ') || 'none'}`);
+  }
 }
 
 describe('eka-ci as a GitHub App', () => {
@@ -89,11 +95,16 @@ describe('eka-ci as a GitHub App', () => {
     expect(summary.output.title).toMatch(/3 newly failing/);
     expect(summary.output.summary).toContain('### Newly failing (3)');
     expect(summary.output.summary).toMatch(/\| `breaks` \| `x86_64-linux` \| succeeded → failed \|/);
-    expect(summary.detailsUrl).toMatch(/\/api\/v1\/reviews\?repo=acme%2Fpkgs&base=[0-9a-f]{40}&head=[0-9a-f]{40}/);
-    // The details link works: it is the review, served from the coordinator's database.
+    expect(summary.detailsUrl).toMatch(/\/reviews\?repo=acme%2Fpkgs&base=[0-9a-f]{40}&head=[0-9a-f]{40}$/);
+    // The details link works: it is the web UI's review page, and the review behind it is served from the
+    // coordinator's database.
     const linked = await fetch(summary.detailsUrl!);
     expect(linked.status).toBe(200);
-    expect(await linked.text()).toContain('### Newly failing (3)');
+    expect(linked.headers.get('content-type')).toBe('text/html; charset=utf-8');
+    const detailsUrl = new URL(summary.detailsUrl!);
+    const markdown = await fetch(new URL(`/api/v1/reviews${detailsUrl.search}&format=markdown`, detailsUrl));
+    expect(markdown.status).toBe(200);
+    expect(await markdown.text()).toContain('### Newly failing (3)');
     // One run for the delivery and its replay: each check run was created once.
     const creations = github.api.requests.filter((r) => r.method === 'POST' && r.path.endsWith('/check-runs'));
     expect(creations.length).toBe(3);
@@ -105,6 +116,53 @@ describe('eka-ci as a GitHub App', () => {
     expect(metrics).toMatch(/ekaci_github_webhook_wait_seconds_count\{event="pull_request"\} [1-9]/);
     expect(metrics).toMatch(/ekaci_github_api_calls_total\{operation="[^"]*check[^"]*",status="201"\} [1-9]/);
     expect(github.api.invalid).toEqual([]);
+  });
+
+  it("shows the repository, its pull requests with their counts, a commit and an attribute's sizes over the API", async () => {
+    const api = (path: string) => `http://127.0.0.1:${system.coordinator.httpPort}/api/v1${path}`;
+    type Repo = { name: string; github: boolean; private: boolean; openPullRequests: number };
+    const repos = (await checkedFetch(api('/repos'))).json<{ repositories: Repo[] }>().repositories;
+    expect(repos.find((r) => r.name === REPO)).toMatchObject({ github: true, private: false, openPullRequests: 1 });
+
+    type Pull = {
+      number: number;
+      title: string;
+      rebuilds: number;
+      newlyFailing: number | null;
+      review: string | null;
+      run: { state: string; rebuildCountBySystem: Record<string, number> } | null;
+    };
+    const pulls = (await checkedFetch(api(`/repos/${REPO}/pulls?sort=failing`))).json<{ pullRequests: Pull[] }>();
+    const [pull] = pulls.pullRequests;
+    const title = (repo.payload('opened').pull_request as { title: string }).title;
+    expect(pull).toMatchObject({ number: 7, title, newlyFailing: 3, run: { state: 'done' } });
+    expect(pull!.rebuilds).toBe(Object.values(pull!.run!.rebuildCountBySystem).reduce((a, b) => a + b, 0));
+    expect(pull!.rebuilds).toBeGreaterThan(0);
+    const review = await checkedFetch(`http://127.0.0.1:${system.coordinator.httpPort}${pull!.review!}`);
+    expect(review.json<{ summary: Record<string, number> }>().summary['newly-failing']).toBe(3);
+    expect((await checkedFetch(api(`/repos/${REPO}/pulls?sort=size`))).status).toBe(400);
+    // A repository nobody knows is private: an anonymous caller learns nothing of it, not even that it is unknown.
+    expect((await checkedFetch(api('/repos/acme/unknown/pulls'))).status).toBe(401);
+
+    type Commit = {
+      commit: string;
+      evaluations: { attrs: number; errors: number }[];
+      runs: { state: string; builds: Record<string, number> }[];
+      reviews: { base: string }[];
+    };
+    const commit = (await checkedFetch(api(`/repos/${REPO}/commits/${head.slice(0, 10)}`))).json<Commit>();
+    expect(commit.commit).toBe(head);
+    expect(commit.evaluations[0]!.attrs).toBeGreaterThan(commit.evaluations[0]!.errors);
+    expect(commit.evaluations[0]!.errors).toBeGreaterThan(0);
+    expect(commit.runs).toEqual([expect.objectContaining({ state: 'done' })]);
+    expect(commit.runs[0]!.builds.failed).toBeGreaterThan(0);
+    expect(commit.reviews.map((r) => r.base)).toEqual([repo.base]);
+
+    type Sizes = { points: { commit: string; outputs: { narSize: number | null }[] }[] };
+    const sizes = (await checkedFetch(api(`/repos/${REPO}/attributes/stable/sizes`))).json<Sizes>();
+    expect(sizes.points.map((p) => p.commit)).toEqual([head, repo.base]);
+    expect(sizes.points.every((p) => (p.outputs[0]?.narSize ?? 0) > 0)).toBe(true);
+    expect((await checkedFetch(api(`/repos/${REPO}/attributes/no-such-attr/sizes`))).status).toBe(404);
   });
 
   it('answers comment commands: refused for a reader (-1 and why), accepted for a writer (+1)', async () => {
@@ -421,10 +479,12 @@ describe('eka-ci as a GitHub App: merging, forks, merge groups, approval and res
     expect(checks['eka-ci / summary']?.conclusion).toBe('success');
     expect(github.api.checkRuns('eve/upstream')).toEqual([]);
     // The fork's mirror borrows the base repository's objects instead of holding a second copy of its history.
-    const mirrors = new GitMirrors({ dir: join(dataDir, 'git'), logger: silentLogger() });
+    // (Computed, not asked of a GitMirrors: a second one on the coordinator's directory would clean up after a
+    // crash that did not happen, deleting a mirror the coordinator is creating.)
+    const mirrorDir = (url: string) => join(dataDir, 'git', 'mirrors', parseRepoUrl(url).mirrorName);
     const forkUrl = (pr.pull_request as { head: { repo: { clone_url: string } } }).head.repo.clone_url;
-    const alternates = readFileSync(join(mirrors.mirrorDir(forkUrl), 'objects', 'info', 'alternates'), 'utf8');
-    expect(alternates.trim()).toBe(join(mirrors.mirrorDir(upstream.cloneUrl), 'objects'));
+    const alternates = readFileSync(join(mirrorDir(forkUrl), 'objects', 'info', 'alternates'), 'utf8');
+    expect(alternates.trim()).toBe(join(mirrorDir(upstream.cloneUrl), 'objects'));
   });
 
   it('builds a merge group and reports on its head commit', async () => {

@@ -293,10 +293,33 @@ export function outputPaths(d: Derivation): Record<string, string> {
  * was fetched under, it proves the text is that derivation, whoever served it.
  */
 export function derivationStorePath(text: string, d: Derivation, name: string): string {
-  const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])].sort();
-  const type = ['text', ...references].join(':');
-  const contentHash = createHash('sha256').update(text, 'utf8').digest('hex');
-  const digest = createHash('sha256').update(`${type}:sha256:${contentHash}:${STORE_DIR}:${name}`, 'utf8').digest();
+  const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])];
+  return textStorePath(createHash('sha256').update(text, 'utf8').digest('hex'), references, name);
+}
+
+/** The store path of a text file (`builtins.toFile`, a `.drv`) with this SHA-256 (hex) and these references. */
+export function textStorePath(sha256Hex: string, references: readonly string[], name: string): string {
+  return makeStorePath(['text', ...[...references].sort()].join(':'), sha256Hex, name);
+}
+
+/**
+ * The store path of a recursive SHA-256 content-addressed path (`nix-store --add`, a source `./foo` of an
+ * expression) whose NAR has this SHA-256 (hex), with these references (itself included, where it refers to itself).
+ */
+export function sourceStorePath(
+  narSha256Hex: string,
+  references: readonly string[],
+  self: string,
+  name: string,
+): string {
+  const others = references.filter((r) => r !== self).sort();
+  const type = ['source', ...others, ...(references.includes(self) ? ['self'] : [])].join(':');
+  return makeStorePath(type, narSha256Hex, name);
+}
+
+/** Nix's makeStorePath: the hash part from a path's type, content hash (hex SHA-256) and name. */
+function makeStorePath(type: string, sha256Hex: string, name: string): string {
+  const digest = createHash('sha256').update(`${type}:sha256:${sha256Hex}:${STORE_DIR}:${name}`, 'utf8').digest();
   // Nix's compressHash: the 32-byte digest folded into 20 by XOR.
   const compressed = new Uint8Array(20);
   digest.forEach((byte, i) => (compressed[i % 20] = (compressed[i % 20] as number) ^ byte));

@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { mutateText, mutations, parsesOrFailsWith } from '../../test/support/fuzz.js';
 import { CacheError } from '../errors.js';
-import { type NarInfo, nixBase32, parseNarInfo, serializeNarInfo } from './narinfo.js';
+import { type NarInfo, fromNixBase32, nixBase32, parseNarInfo, serializeNarInfo } from './narinfo.js';
 import { NIX_BASE32_ALPHABET, isStorePath } from './store-path.js';
 
 const RUNS = 300;
@@ -50,6 +50,26 @@ const spellings = (d: Buffer): string[] => [
 function expectNamed(err: Error): void {
   expect(err.message).toMatch(/^invalid narinfo: /);
 }
+
+describe('Nix base32', () => {
+  it('decodes what it encodes, for digests of every length Nix uses', () => {
+    fc.assert(
+      fc.property(
+        fc.constantFrom(16, 20, 32, 64).chain((n) => fc.uint8Array({ minLength: n, maxLength: n })),
+        (b) => {
+          expect(fromNixBase32(nixBase32(b), b.length)).toEqual(Buffer.from(b));
+        },
+      ),
+      { numRuns: RUNS },
+    );
+    // Nix's own: the empty string's SHA-256.
+    const empty = '0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73';
+    expect(fromNixBase32(empty, 32).toString('hex')).toBe(
+      'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855',
+    );
+    expect(() => fromNixBase32('e'.repeat(52), 32)).toThrow(/not base32/);
+  });
+});
 
 describe('parseNarInfo on any input', () => {
   it('reads back every narinfo exactly as serializeNarInfo wrote it', () => {

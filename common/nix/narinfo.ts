@@ -110,6 +110,24 @@ export function nixBase32(bytes: Uint8Array): string {
   return out;
 }
 
+/** The bytes of a Nix base32 string (`parseHash32`), `bytes` long; throws on a character outside the alphabet. */
+export function fromNixBase32(text: string, bytes: number): Buffer {
+  if (text.length !== Math.ceil((bytes * 8) / 5)) throw corrupt(`"${text}" is not ${bytes} bytes in base32`);
+  const out = Buffer.alloc(bytes);
+  for (let n = 0; n < text.length; n++) {
+    const digit = NIX_BASE32_ALPHABET.indexOf(text[text.length - n - 1]!);
+    if (digit < 0) throw corrupt(`"${text}" is not base32`);
+    const b = n * 5;
+    const i = b >> 3;
+    const j = b & 7;
+    out[i] = (out[i]! | (digit << j)) & 0xff;
+    const carry = digit >> (8 - j);
+    if (i + 1 < bytes) out[i + 1] = out[i + 1]! | carry;
+    else if (carry !== 0) throw corrupt(`"${text}" is longer than ${bytes} bytes`);
+  }
+  return out;
+}
+
 /**
  * `sha256:<base32>` for a SHA-256 written in any encoding Nix accepts (base16, base32, base64, SRI). Signatures
  * cover the base32 form, so a narinfo written with another encoding must be normalised before it is signed.

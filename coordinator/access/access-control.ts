@@ -20,7 +20,15 @@ export type Visibility = 'public' | 'private';
 export interface AccessOptions {
   /** `[web] public`: anonymous callers may read what belongs to public repositories. */
   publicReads: boolean;
+  /** `[web] admins`: names of API tokens whose holders operate the coordinator (agents, the audit log). */
+  admins?: readonly string[];
 }
+
+/**
+ * What a caller may change: `builds` — submit, cancel and rebuild derivations; `agents` — drain and resume agents;
+ * `audit` — read the audit log.
+ */
+export type Action = 'builds' | 'agents' | 'audit';
 
 export const ANONYMOUS: Principal = { kind: 'anonymous' };
 
@@ -74,9 +82,13 @@ export class AccessControl {
     return p.kind === 'agent' && lease !== undefined && lease.agentId === p.name;
   }
 
-  /** Submitting builds through the API: API tokens only (agents build what they are given; anonymous callers nothing). */
-  maySubmitBuilds(p: Principal): boolean {
-    return p.kind === 'api';
+  /**
+   * Acting through the API. Builds: any API token (agents build what they are given; anonymous callers nothing).
+   * Operating the fleet and reading the audit log: the API tokens `[web] admins` names.
+   */
+  mayAct(p: Principal, action: Action): boolean {
+    if (p.kind !== 'api') return false;
+    return action === 'builds' || (this.options.admins ?? []).includes(p.name);
   }
 
   /** Whether a caller may see anything of `/metrics` and the like: the same rule as public data. */

@@ -28,6 +28,8 @@ export interface AgentHubOptions {
   helloTimeoutMs: number;
   /** `[security] allow_unsandboxed_untrusted_builds`: untrusted code may build on agents without Nix's sandbox. */
   allowUnsandboxedUntrustedBuilds: boolean;
+  /** An agent connected, disconnected, or was drained or resumed by an operator (the coordinator's event stream). */
+  onAgent?: (e: { id: string; connected: boolean; drained: boolean }) => void;
 }
 
 // Heartbeats come four times per lease TTL, so a lease survives three lost heartbeats.
@@ -53,6 +55,8 @@ export class AgentHub {
   private timers: NodeJS.Timeout[] = [];
   private readonly handlers: SessionHandlers;
   private readonly seen: Statement;
+  /** Agents an operator drained: connected or not, they get no new work until resumed (kept in the database). */
+  private readonly drained: Set<string>;
 
   constructor(
     private readonly manager: BuildManager,
@@ -79,6 +83,11 @@ export class AgentHub {
       fault: (_s, where, err, context) => this.health.fault(where, err, context),
     };
     this.seen = db.prepare('UPDATE agents SET last_seen = ? WHERE agent_id = ?');
+    this.drained = new Set(
+      (db.prepare('SELECT agent_id FROM agents WHERE drained_at IS NOT NULL').all() as Array<{ agent_id: string }>).map(
+        (r) => r.agent_id,
+      ),
+    );
     health.onResume(() => this.scheduleDispatch());
     manager.on('refused', (agentId: string, leaseId: string, reason: string) => {
       this.audit.record(`agent:${agentId}`, 'agent.result-refused', { leaseId, reason });
@@ -126,13 +135,41 @@ export class AgentHub {
     return [...this.sessions.values()].flatMap((s) => (s.capabilities ? [s.capabilities] : []));
   }
 
-  /** The connected agents as the API shows them: free slots and whether they drain. */
+  /** The connected agents as the API shows them: free slots and whether they drain (of their own accord). */
   connected(): Array<{ agentId: string; freeSlots: number; draining: boolean }> {
     return [...this.sessions.values()].map((s) => ({
       agentId: s.agentId,
-      freeSlots: s.freeSlots,
+      freeSlots: this.drained.has(s.agentId) ? 0 : s.freeSlots,
       draining: s.draining,
     }));
+  }
+
+  /**
+   * An operator's drain: the agent gets no new work (what it runs finishes) until `resume`, across reconnects and
+   * restarts. False for an agent that never connected.
+   */
+  drainAgent(agentId: string, actor: string, reason: string): boolean {
+    const r = this.db
+      .prepare('UPDATE agents SET drained_at = ?, drained_by = ?, drain_reason = ? WHERE agent_id = ?')
+      .run(Date.now(), actor, reason, agentId);
+    if (r.changes === 0) return false;
+    this.drained.add(agentId);
+    this.audit.record(actor, 'agent.drained', { agentId, reason });
+    this.options.onAgent?.({ id: agentId, connected: this.sessions.has(agentId), drained: true });
+    return true;
+  }
+
+  /** Ends an operator's drain: the agent takes work again. False for an agent that never connected. */
+  resumeAgent(agentId: string, actor: string): boolean {
+    const r = this.db
+      .prepare('UPDATE agents SET drained_at = NULL, drained_by = NULL, drain_reason = NULL WHERE agent_id = ?')
+      .run(agentId);
+    if (r.changes === 0) return false;
+    const was = this.drained.delete(agentId);
+    if (was) this.audit.record(actor, 'agent.resumed', { agentId });
+    this.options.onAgent?.({ id: agentId, connected: this.sessions.has(agentId), drained: false });
+    this.scheduleDispatch();
+    return true;
   }
 
   get agentCount(): number {
@@ -238,6 +275,7 @@ export class AgentHub {
         },
       },
     });
+    this.options.onAgent?.({ id: hello.agentId, connected: true, drained: this.drained.has(hello.agentId) });
     this.logger.info(
       { agentId: hello.agentId, systems: hello.systems, features: hello.supportedFeatures, maxJobs: hello.maxJobs },
       hello.sandboxed ? 'agent connected' : 'agent connected (builds outside a sandbox: no untrusted code)',
@@ -260,7 +298,9 @@ export class AgentHub {
   }
 
   private onClosed(session: AgentSession): void {
-    if (this.sessions.get(session.agentId) === session) this.sessions.delete(session.agentId);
+    if (this.sessions.get(session.agentId) !== session) return;
+    this.sessions.delete(session.agentId);
+    this.options.onAgent?.({ id: session.agentId, connected: false, drained: this.drained.has(session.agentId) });
     // Its leases stay until their TTL runs out: the agent may reconnect and keep them.
     this.logger.info({ agentId: session.agentId }, 'agent disconnected');
   }
@@ -294,7 +334,7 @@ export class AgentHub {
     // before it committed.
     const outgoing = new Map<AgentSession, Assign[]>();
     this.manager.batch(() => {
-      const free = new Map([...this.sessions.values()].map((s) => [s, s.freeSlots]));
+      const free = new Map([...this.sessions.values()].map((s) => [s, this.drained.has(s.agentId) ? 0 : s.freeSlots]));
       let progress = true;
       while (progress) {
         progress = false;

@@ -163,6 +163,16 @@ export class BinaryCache {
     this.logger.debug({ paths: paths.length, ms: Date.now() - started }, 'pushed paths into the binary cache');
   }
 
+  /**
+   * Copies `.drv` files (with their closures: other `.drv`s and sources) from the cache into the local store: the
+   * closures `ekaci build --coordinator` uploaded. They are content-addressed, so Nix checks each against its path
+   * and needs no signature.
+   */
+  async importDerivations(drvPaths: readonly string[]): Promise<void> {
+    const args = [...NIX_EXPERIMENTAL, 'copy', '--derivation', '--from', `file://${this.dir}`, ...NO_SUBSTITUTERS];
+    for (const batch of argBatches([...drvPaths])) await runNixChecked('nix', [...args, ...batch]);
+  }
+
   /** The file behind a cache path; throws for names that are not cache files (see `classifyCachePath`). */
   filePath(relativePath: string): string {
     const kind = classifyCachePath(relativePath);

@@ -12,6 +12,7 @@ import { AuditLog } from '../audit-log.js';
 import { openDatabase } from '../db/database.js';
 import { BinaryCache } from './binary-cache.js';
 import { checkFixedOutput } from './fixed-output.js';
+import { checkContentAddressed } from './content-addressed.js';
 import { type CacheRouterOptions, type UploadLease, LEASE_HEADER, cacheRouter } from './http-routes.js';
 import { fingerprint, nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
@@ -51,6 +52,7 @@ function routerOptions(publicReads = true, extra: Partial<CacheRouterOptions> = 
     visibility: (p) => ([...privatePaths].some((x) => x.startsWith(p) || p.startsWith(x)) ? 'private' : 'public'),
     checkUpload: (lease, storePath, url, compression) =>
       checkFixedOutput(lease.drvPath, storePath, cache.dir, url, compression),
+    checkContentAddressed: (info) => checkContentAddressed(info, cache.dir),
     ...extra,
   };
 }
@@ -436,5 +438,70 @@ describe('binary cache over HTTP', () => {
     expect(r.stderr).not.toMatch(/error/);
     expect(r.code).toBe(0);
     expect(r.stdout.trim()).toBe(built.out);
+  });
+
+  it('takes the .drv closure an API token uploads with nix copy, and nothing that is not content-addressed', async () => {
+    const dir = await temp.make();
+    const nonce = Math.random().toString(36).slice(2);
+    await writeFile(join(dir, 'builder.sh'), `echo ${nonce} > $out\n`);
+    await writeFile(
+      join(dir, 'default.nix'),
+      `let dep = derivation { name = "ca-dep-${nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+         args = [ ./builder.sh ]; };
+       in derivation { name = "ca-top-${nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+         args = [ "-c" "echo \${dep} > $out" ]; }`,
+    );
+    const drv = (
+      await runNixChecked('nix-instantiate', [join(dir, 'default.nix'), ...NO_SUBSTITUTERS], { env })
+    ).trim();
+    const closure = (await runNixChecked('nix-store', ['-qR', drv], { env })).split('\n').filter(Boolean);
+    expect(closure).toHaveLength(3); // the source, the dependency's .drv, the top .drv
+    const netrc = join(dir, 'netrc');
+    await writeFile(netrc, `machine 127.0.0.1 login ekaci password ${API_TOKEN}\n`);
+    await runNixChecked(
+      'nix',
+      [
+        ...['--extra-experimental-features', 'nix-command', 'copy', '--derivation', '--to', server.url],
+        ...['--option', 'netrc-file', netrc, ...NO_SUBSTITUTERS, drv],
+      ],
+      { env },
+    );
+    expect(await cache.hasPaths(closure)).toEqual(new Set(closure));
+
+    // An output is not content-addressed: its path says nothing of its content. Refused, and not stored.
+    const built = await buildTrivial(work, env);
+    const output = await upload(built.out, undefined, API_TOKEN);
+    expect(output.narinfo.status).toBe(403);
+    expect(output.narinfo.body).toMatch(/is not content-addressed/);
+    expect(await cache.hasPaths([built.out])).toEqual(new Set());
+    // A .drv under another path than its content's, or claiming another content hash.
+    const other = built.drv;
+    expect(await cache.hasPaths([other])).toEqual(new Set());
+    const forged = await upload(built.drv, undefined, API_TOKEN, (info) => {
+      info.ca = `text:sha256:${nixBase32(createHash('sha256').update('something else').digest())}`;
+    });
+    expect(forged.narinfo.status).toBe(400);
+    expect(forged.narinfo.body).toMatch(/does not have the hash its CA says/);
+    // The top .drv's own narinfo, true in every field, but under the path of another .drv.
+    const info = (await cache.narInfo(drv))!;
+    const moved = await raw(
+      'PUT',
+      `/cache/${narInfoName(other)}`,
+      { Authorization: `Bearer ${API_TOKEN}` },
+      Buffer.from(serializeNarInfo({ ...info, storePath: other, sigs: [] })),
+    );
+    expect(moved.status).toBe(400);
+    expect(moved.body).toMatch(/is not the store path of its content/);
+    expect(await cache.hasPaths([other])).toEqual(new Set());
+    // Logs come from agents holding the lease, never from a client.
+    const log = await raw(
+      'PUT',
+      `/cache/log/${drv.slice('/nix/store/'.length)}`,
+      {
+        Authorization: `Bearer ${API_TOKEN}`,
+      },
+      Buffer.from('x'),
+    );
+    expect(log.status).toBe(403);
   });
 });

@@ -10,6 +10,10 @@
  * `X-Ekaci-Lease` header, a lease that agent holds now. A narinfo may only be for an output of that lease's
  * derivation, a log only for that derivation. NAR file names are the hash of their content and unguessable without
  * the narinfo that points to them, so they follow the coordinator-wide rule only.
+ *
+ * An API token that may submit builds may upload content-addressed paths only — `.drv` files and sources, whose store
+ * paths prove their content (see content-addressed.ts) — with no lease: `ekaci build --coordinator` uploads the
+ * closure of what it asks to build this way, with `nix copy --derivation --to`.
  */
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -18,6 +22,7 @@ import Router, { type RouterContext } from '@koa/router';
 import { CacheError } from '../../common/errors.js';
 import { STORE_DIR } from '../../common/nix/store-path.js';
 import type { AccessControl, Principal, Visibility } from '../access/access-control.js';
+import type { NarInfo } from '../../common/nix/narinfo.js';
 import type { BinaryCache } from './binary-cache.js';
 import { CONTENT_TYPES, classifyCachePath, type CacheFileKind } from './cache-layout.js';
 
@@ -62,6 +67,8 @@ export interface CacheRouterOptions {
   visibility(storePath: string): Visibility;
   /** Checks a narinfo before it is stored (a fixed-output derivation's hash); throws CacheError to refuse it. */
   checkUpload?(lease: UploadLease, storePath: string, narinfoUrl: string, compression: string): Promise<void>;
+  /** Checks a narinfo an API token uploads: content-addressed, and true to its content; throws CacheError. */
+  checkContentAddressed(info: NarInfo): Promise<void>;
   /** Shrunk in tests; production uses the defaults. */
   limits?: Partial<UploadLimits>;
 }
@@ -111,18 +118,31 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
 
   router.put('/{*path}', async (ctx) => {
     const principal = options.access.principal(ctx.get('Authorization') || undefined);
-    if (principal.kind !== 'agent') {
+    const client = principal.kind === 'api' && options.access.mayAct(principal, 'builds');
+    if (principal.kind !== 'agent' && !client) {
       ctx.set('WWW-Authenticate', 'Basic realm="eka-ci binary cache"');
-      reject(ctx, 401, 'upload needs a valid agent token (HTTP Basic password or Bearer)');
+      reject(
+        ctx,
+        401,
+        'upload needs a valid agent token, or an API token for derivations (HTTP Basic password or Bearer)',
+      );
       return;
     }
     const kind = classify(ctx);
     if (kind === undefined) return;
     const path = String(ctx.params.path);
     const leaseId = ctx.get(LEASE_HEADER);
-    const lease = leaseId === '' ? undefined : options.lease(leaseId);
-    if (!options.access.mayUploadFor(principal, lease)) {
-      reject(ctx, 403, `agent ${principal.name} holds no open lease ${JSON.stringify(leaseId)}: nothing to upload for`);
+    const lease = leaseId === '' || client ? undefined : options.lease(leaseId);
+    if (client && kind === 'log') {
+      reject(ctx, 403, 'build logs come from the agents that hold the lease');
+      return;
+    }
+    if (!client && !options.access.mayUploadFor(principal, lease)) {
+      reject(
+        ctx,
+        403,
+        `agent ${principal.kind === 'agent' ? principal.name : '?'} holds no open lease ${JSON.stringify(leaseId)}: nothing to upload for`,
+      );
       return;
     }
     if (kind === 'log' && path !== `log/${lease!.drvPath.slice(STORE_DIR.length + 1)}`) {
@@ -149,6 +169,15 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
       else if (kind === 'log') await cache.writeLog(path, body);
       else {
         await cache.writeNarInfo(path, await readText(body), async (info) => {
+          if (client) {
+            if (info.ca === undefined) {
+              throw new UploadRefused(
+                `${info.storePath} is not content-addressed: an API token may upload only .drv files and sources, ` +
+                  'whose store paths prove their content',
+              );
+            }
+            return options.checkContentAddressed(info);
+          }
           if (!lease!.outputPaths.includes(info.storePath)) {
             throw new UploadRefused(`lease ${leaseId} builds ${lease!.drvPath}, which has no output ${info.storePath}`);
           }

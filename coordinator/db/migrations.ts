@@ -307,6 +307,17 @@ export const MIGRATIONS: readonly Migration[] = [
   );
   ALTER TABLE eval_values ADD COLUMN platforms_id INTEGER;  -- the value's meta.platforms, when not in its json
   `,
+  `
+  -- What lists of pull requests show without computing a review each: the title, and a run's counts (rebuilds per
+  -- system once diffed; the review's summary once built). Operators drain an agent (no new work) through the API.
+  ALTER TABLE github_pull_requests ADD COLUMN title TEXT NOT NULL DEFAULT '';
+  ALTER TABLE github_runs ADD COLUMN summary_json TEXT;
+  ALTER TABLE agents ADD COLUMN drained_at INTEGER;
+  ALTER TABLE agents ADD COLUMN drained_by TEXT;
+  ALTER TABLE agents ADD COLUMN drain_reason TEXT;
+  -- An attribute across a repository's commits (its size history) without reading every evaluation whole.
+  CREATE INDEX evaluation_attrs_name ON evaluation_attrs(name_id, evaluation_id);
+  `,
 ];
 
 /**

@@ -38,6 +38,27 @@ type AttrValue = Omit<EvalResult, 'attr'>;
  * An evaluation becomes visible (`load`) only once all its attributes are stored (`complete = 1`); a save cut short
  * by a crash leaves an incomplete one, which the next save of that commit and `retain` remove.
  */
+/** A job's evaluation of a commit in figures. */
+export interface EvaluationSummary {
+  job: string;
+  attrs: number;
+  /** Attributes that failed to evaluate. */
+  errors: number;
+  allowEvalFailures: boolean;
+  seconds: number;
+  evaluatedAt: number;
+}
+
+/** An attribute as one evaluation saw it. */
+export interface AttrInCommit {
+  commit: string;
+  job: string;
+  evaluatedAt: number;
+  drvPath: string | null;
+  system: string | null;
+  error: string | null;
+}
+
 export class EvaluationStore {
   private readonly s;
 
@@ -127,6 +148,72 @@ export class EvaluationStore {
       .prepare('SELECT config_hash FROM commit_configs WHERE repo = ? AND commit_sha = ?')
       .get(repo, commit) as { config_hash: string } | undefined;
     return config ? { commit, jobs, configDigest: config.config_hash } : { commit, jobs };
+  }
+
+  /** Each job's evaluation of a commit in figures (attributes, errors, time), without reading the attributes. */
+  summaries(repo: string, commit: string): EvaluationSummary[] {
+    const rows = this.db
+      .prepare(
+        `SELECT e.job, e.allow_eval_failures, e.seconds, e.created_at, COUNT(a.position) AS attrs,
+                COALESCE(SUM(json_extract(v.json, '$.error') IS NOT NULL), 0) AS errors
+           FROM evaluations e LEFT JOIN evaluation_attrs a ON a.evaluation_id = e.id
+           LEFT JOIN eval_values v ON v.id = a.value_id
+          WHERE e.repo = ? AND e.commit_sha = ? AND e.complete = 1 GROUP BY e.id ORDER BY e.job`,
+      )
+      .all(repo, commit) as Array<{
+      job: string;
+      allow_eval_failures: number;
+      seconds: number;
+      created_at: number;
+      attrs: number;
+      errors: number;
+    }>;
+    return rows.map((r) => ({
+      job: r.job,
+      attrs: r.attrs,
+      errors: r.errors,
+      allowEvalFailures: r.allow_eval_failures === 1,
+      seconds: r.seconds,
+      evaluatedAt: r.created_at,
+    }));
+  }
+
+  /** An attribute in each evaluation of a repository that has it, oldest first: its derivation, or its error. */
+  attrHistory(repo: string, attr: string, job?: string): AttrInCommit[] {
+    const rows = this.db
+      .prepare(
+        `SELECT e.commit_sha, e.job, e.created_at, v.json FROM eval_attr_names n
+           JOIN evaluation_attrs a ON a.name_id = n.id JOIN evaluations e ON e.id = a.evaluation_id
+           JOIN eval_values v ON v.id = a.value_id
+          WHERE n.name = ? AND e.repo = ? AND e.complete = 1 AND (? IS NULL OR e.job = ?)
+          ORDER BY e.created_at, e.id`,
+      )
+      .all(attr, repo, job ?? null, job ?? null) as Array<{
+      commit_sha: string;
+      job: string;
+      created_at: number;
+      json: string;
+    }>;
+    return rows.map((r) => {
+      const value = JSON.parse(r.json) as AttrValue;
+      return {
+        commit: r.commit_sha,
+        job: r.job,
+        evaluatedAt: r.created_at,
+        drvPath: value.drvPath ?? null,
+        system: value.system ?? null,
+        error: value.error ?? null,
+      };
+    });
+  }
+
+  /** Repositories with evaluations, with when each was last evaluated. */
+  repositories(): Array<{ repo: string; lastEvaluatedAt: number }> {
+    return (
+      this.db
+        .prepare('SELECT repo, MAX(created_at) AS at FROM evaluations WHERE complete = 1 GROUP BY repo ORDER BY repo')
+        .all() as Array<{ repo: string; at: number }>
+    ).map((r) => ({ repo: r.repo, lastEvaluatedAt: r.at }));
   }
 
   /** Whether every job of `evaluation` is stored for its commit (without reading them). */

@@ -88,6 +88,7 @@ export class CommandRunner {
       author: pr.user.login,
       author_association: pr.author_association,
       draft: pr.draft ? 1 : 0,
+      title: pr.title,
     });
     // Commands act on the pull request's base branch: one the app may not build is not served at all.
     if (!this.deps.apps.allowed(served, repo, pr.base.ref)) return;

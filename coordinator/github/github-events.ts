@@ -131,6 +131,7 @@ export class GitHubEvents {
       author: pr.user.login,
       author_association: pr.author_association,
       draft: pr.draft ? 1 : 0,
+      title: pr.title,
     });
     this.deps.runs.recordHead(repo, pr.number, pr.head.sha, githubTime(pr.updated_at));
     if (p.action === 'closed') {

@@ -43,6 +43,8 @@ export interface GitHubServiceDeps {
   /** Where repository code is evaluated; open once the coordinator runs. */
   evalEnvironment: () => EvalEnvironment;
   logger: Logger;
+  /** A run was created or changed state (the coordinator's event stream). */
+  onRun?: (run: RunRow) => void;
   /** Tests shrink the client's waits. */
   clientOptions?: Partial<GitHubAppClientOptions>;
 }
@@ -68,7 +70,7 @@ export class GitHubService {
   constructor(private readonly deps: GitHubServiceDeps) {
     const { options, logger } = deps;
     const log = logger.child({ component: 'github' });
-    this.runs = new RunStore(deps.db);
+    this.runs = new RunStore(deps.db, deps.onRun);
     this.apps = new AppRegistry(options.githubApps, this.runs, log, { metrics: this.metrics, ...deps.clientOptions });
     this.reporter = new CheckRunReporter(
       deps.db,
@@ -76,8 +78,9 @@ export class GitHubService {
       { minIntervalMs: options.github.checkRunUpdateIntervalMs, logger: log },
     );
     const links: RunLinks = {
+      // The web UI's review page (web/src/pages/pull.ts), where a reviewer lands from a check run's "Details".
       review: (repo, base, head) =>
-        `${deps.publicUrl()}/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}&format=markdown`,
+        `${deps.publicUrl()}/reviews?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}`,
       derivation: (drv) => `${deps.publicUrl()}/api/v1/derivations/${storePathHash(drv)}`,
     };
     this.pipeline = new RunPipeline({

@@ -21,7 +21,9 @@ export class RepoApi {
     [this.owner = '', this.repo = ''] = fullName.split('/');
   }
 
-  async pullRequest(number: number): Promise<PullRequestRef & { state: string; draft?: boolean | undefined }> {
+  async pullRequest(
+    number: number,
+  ): Promise<PullRequestRef & { title: string; state: string; draft?: boolean | undefined }> {
     const op = 'GET /repos/{owner}/{repo}/pulls/{pull_number}';
     const response = await this.octokit.request(op, { owner: this.owner, repo: this.repo, pull_number: number });
     return readResponse(pullResponse, op, response);

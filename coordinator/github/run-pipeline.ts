@@ -175,6 +175,8 @@ export class RunPipeline {
     const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
     // Cancelled (a newer push, the pull request closed) while the diff was computed: it stays cancelled.
     if (!this.stillOpen(runId)) return;
+    const rebuildCountBySystem = diffs ? sumRebuilds(diffs) : {};
+    if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const roots = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles));
     runs.setRoots(runId, roots);
     runs.setRunState(runId, 'building');
@@ -221,6 +223,7 @@ export class RunPipeline {
       reporter.set(target, buildCheck(system, results, details));
     }
     if (review) {
+      runs.setSummary(runId, { rebuildCountBySystem, review: review.summary });
       const links = this.deps.links;
       reporter.set(target, summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined));
     } else {
@@ -305,4 +308,13 @@ export function targetOf(run: Pick<RunRow, 'installation_id' | 'repo' | 'head_sh
 /** Systems the head evaluation has derivations for: each gets a build check, neutral when nothing was built. */
 function headSystems(head: CommitEvaluation): string[] {
   return [...new Set(head.jobs.flatMap((j) => j.attrs.flatMap((a) => (a.system && !a.skipped ? [a.system] : []))))];
+}
+
+/** Rebuilds per system over every job of a diff. */
+function sumRebuilds(diffs: readonly StoredJobDiff[]): Record<string, number> {
+  const sum: Record<string, number> = {};
+  for (const d of diffs) {
+    for (const [system, n] of Object.entries(d.rebuildCountBySystem)) sum[system] = (sum[system] ?? 0) + n;
+  }
+  return sum;
 }

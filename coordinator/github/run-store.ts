@@ -32,6 +32,17 @@ export interface RunRow {
   error: string | null;
   /** 1: the head is code of someone without write access, built only by sandboxed agents. */
   untrusted: number;
+  created_at: number;
+  updated_at: number;
+  /** JSON of a RunSummary, once the run has diffed its commits. */
+  summary_json: string | null;
+}
+
+/** A run's counts, for lists of pull requests: rebuilds per system once diffed; the review's once built. */
+export interface RunSummary {
+  rebuildCountBySystem: Record<string, number>;
+  /** The review's counts (see Review.summary), once the builds are done. */
+  review?: Record<string, number>;
 }
 
 export interface NewRun {
@@ -76,6 +87,8 @@ export interface PullRequestRow {
   merge_by: string | null;
   merge_comment_id: number | null;
   merge_waiting: number;
+  title: string;
+  updated_at: number;
 }
 
 export interface RunRoot {
@@ -87,7 +100,11 @@ export interface RunRoot {
 
 /** The GitHub App's durable state: installations, repositories, pull requests, runs and their roots. */
 export class RunStore {
-  constructor(readonly db: Db) {}
+  /** `onRun`: a run was created or changed state (the coordinator's event stream). */
+  constructor(
+    readonly db: Db,
+    private readonly onRun: (run: RunRow) => void = () => {},
+  ) {}
 
   upsertInstallation(id: number, app: string, account: string, suspended: boolean): void {
     this.db
@@ -150,15 +167,16 @@ export class RunStore {
       | 'merge_by'
       | 'merge_comment_id'
       | 'merge_waiting'
+      | 'updated_at'
     >,
   ): void {
     this.db
       .prepare(
         `INSERT INTO github_pull_requests (repo, number, state, head_sha, head_clone_url, base_sha, base_ref, author,
-           author_association, draft, updated_at)
+           author_association, draft, title, updated_at)
          VALUES (@repo, @number, @state, @head_sha, @head_clone_url, @base_sha, @base_ref, @author,
-           @author_association, @draft, @now)
-         ON CONFLICT (repo, number) DO UPDATE SET state = excluded.state, head_sha = excluded.head_sha,
+           @author_association, @draft, @title, @now)
+         ON CONFLICT (repo, number) DO UPDATE SET state = excluded.state, head_sha = excluded.head_sha, title = excluded.title,
            head_clone_url = excluded.head_clone_url, base_sha = excluded.base_sha, base_ref = excluded.base_ref,
            author_association = excluded.author_association, draft = excluded.draft, updated_at = excluded.updated_at`,
       )
@@ -257,7 +275,9 @@ export class RunStore {
         now,
         r.untrusted ? 1 : 0,
       );
-    return Number(info.lastInsertRowid);
+    const id = Number(info.lastInsertRowid);
+    this.onRun(this.run(id)!);
+    return id;
   }
 
   run(id: number): RunRow | undefined {
@@ -268,6 +288,30 @@ export class RunStore {
     this.db
       .prepare('UPDATE github_runs SET state = ?, error = ?, updated_at = ? WHERE id = ?')
       .run(state, error, Date.now(), id);
+    const run = this.run(id);
+    if (run) this.onRun(run);
+  }
+
+  /** The counts a list of pull requests shows for this run (see RunSummary); replaces what was there. */
+  setSummary(id: number, summary: RunSummary): void {
+    this.db.prepare('UPDATE github_runs SET summary_json = ? WHERE id = ?').run(JSON.stringify(summary), id);
+  }
+
+  /** Repositories the GitHub Apps serve, by name. */
+  repositories(): RepositoryRow[] {
+    return this.db.prepare('SELECT * FROM github_repositories ORDER BY full_name').all() as RepositoryRow[];
+  }
+
+  /** A repository's pull requests in a state (`all`: both), each with its newest run of its current head. */
+  pullRequests(repo: string, state: 'open' | 'closed' | 'all'): Array<PullRequestRow & { run: RunRow | undefined }> {
+    const prs = this.db
+      .prepare("SELECT * FROM github_pull_requests WHERE repo = ? AND (? = 'all' OR state = ?) ORDER BY number")
+      .all(repo, state, state) as PullRequestRow[];
+    const latest = this.db.prepare(
+      `SELECT * FROM github_runs WHERE repo = ? AND pr_number = ? AND kind = 'pull_request' AND head_sha = ?
+       ORDER BY id DESC LIMIT 1`,
+    );
+    return prs.map((p) => ({ ...p, run: latest.get(repo, p.number, p.head_sha) as RunRow | undefined }));
   }
 
   openRuns(): RunRow[] {

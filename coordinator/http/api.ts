@@ -13,7 +13,12 @@ import { renderMarkdown } from '../review/markdown.js';
 import type { ReviewService } from '../review/review-service.js';
 import { followLog, serveLog } from './log-routes.js';
 import { OPENAPI_DOCUMENT } from './openapi.js';
+import { addRepoRoutes } from './repo-routes.js';
+import { eventsRoute } from './events-route.js';
+import { actorOf, badRequest, mayAct, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
 import type { RequestState } from './server.js';
+import type { RunStore } from '../github/run-store.js';
+import type { EventBus } from '../events.js';
 
 export interface ApiSources {
   store: BuildStore;
@@ -29,6 +34,16 @@ export interface ApiSources {
   connectedAgents(): Array<{ agentId: string; freeSlots: number; draining: boolean }>;
   /** What the connected agents can build. */
   capabilities(): AgentCapabilities[];
+  /** Which of these store paths the coordinator's binary cache holds. */
+  cachedPaths(paths: readonly string[]): Promise<Set<string>>;
+  /** Copies .drv closures from the binary cache into the coordinator's store. */
+  importDerivations(drvPaths: readonly string[]): Promise<void>;
+  /** An operator's drain and resume of an agent (false: no such agent). */
+  drainAgent(agentId: string, actor: string, reason: string): boolean;
+  resumeAgent(agentId: string, actor: string): boolean;
+  /** Repositories, pull requests and runs (GitHub). */
+  runs: RunStore;
+  events: EventBus;
 }
 
 interface AgentRow {
@@ -42,18 +57,30 @@ interface AgentRow {
   nix_version: string;
   last_seen: number;
   sandboxed: number;
+  drained_at: number | null;
+  drained_by: string | null;
+  drain_reason: string | null;
 }
+
+const drainBody = z.object({ reason: z.string().min(1).max(500).optional() }).strict();
 
 // A request names its roots; their closures are read from the store. A megabyte is some 10,000 paths.
 const MAX_SUBMIT_BYTES = 4 * 1024 * 1024;
 
+const drvPath = z.string().refine(isDrvPath, 'a .drv store path');
 const submitBody = z
   .object({
-    drvs: z.array(z.string().refine(isDrvPath, 'a .drv store path')).min(1),
+    drvs: z.array(drvPath).min(1).optional(),
+    /** The same, each under the name the results should show (`ekaci build -A NAME`). */
+    roots: z
+      .array(z.object({ attr: z.string().min(1).max(1000), drvPath }).strict())
+      .min(1)
+      .optional(),
     /** Whether the request's data belongs to a private repository (readable with a credential only). */
     private: z.boolean().default(false),
   })
-  .strict();
+  .strict()
+  .refine((b) => (b.drvs === undefined) !== (b.roots === undefined), 'give either drvs or roots');
 
 /**
  * The API: a derivation's state, attempts and logs; build requests; reviews of commit pairs. Every route asks
@@ -62,22 +89,13 @@ const submitBody = z
 export function apiRouter(sources: ApiSources): Router {
   const { store, logs, manager, reviews, evaluations, access } = sources;
   const router = new Router();
-  /** False (after answering 401/403) when the caller may not read data of this visibility. */
-  const mayRead = (ctx: RouterContext, visibility: Visibility): boolean => {
-    const principal = (ctx.state as RequestState).principal;
-    if (access.mayRead(principal, visibility)) return true;
-    ctx.status = principal.kind === 'anonymous' ? 401 : 403;
-    ctx.body = {
-      error: { code: 'EKACI_ERR_AUTH', message: 'this belongs to a private repository: send an API token' },
-    };
-    return false;
-  };
+  const readable = (ctx: RouterContext, visibility: Visibility): boolean => mayRead(ctx, access, visibility);
   const drvVisibility = (drvPath: string): Visibility => (store.isPrivate(drvPath) ? 'private' : 'public');
 
   // Every agent that ever said Hello, whether it is connected now, its free slots and what it runs. Operators'
   // information (host names, what builds where): with a credential only.
   router.get('/agents', (ctx) => {
-    if (!mayRead(ctx, 'private')) return;
+    if (!readable(ctx, 'private')) return;
     const live = new Map(sources.connectedAgents().map((a) => [a.agentId, a]));
     const leases = manager.openLeases();
     const rows = store.db.prepare('SELECT * FROM agents ORDER BY agent_id').all() as AgentRow[];
@@ -93,6 +111,7 @@ export function apiRouter(sources: ApiSources): Router {
         nixVersion: r.nix_version,
         sandboxed: r.sandboxed === 1,
         lastSeen: r.last_seen,
+        drained: r.drained_at === null ? null : { at: r.drained_at, by: r.drained_by, reason: r.drain_reason },
         connected: live.has(r.agent_id),
         freeSlots: live.get(r.agent_id)?.freeSlots ?? 0,
         draining: live.get(r.agent_id)?.draining ?? false,
@@ -103,9 +122,39 @@ export function apiRouter(sources: ApiSources): Router {
 
   // The queues: per lane what is buildable, since when, who serves it, and why nobody does.
   router.get('/queues', (ctx) => {
-    if (!mayRead(ctx, 'private')) return;
+    if (!readable(ctx, 'private')) return;
     ctx.body = manager.queues(sources.capabilities());
   });
+  // An operator's drain (no new work; what runs finishes) and its end, kept across reconnects and restarts.
+  router.post('/agents/:id/drain', async (ctx) => {
+    if (!mayAct(ctx, access, 'agents')) return;
+    let reason = 'drained by an operator';
+    if (ctx.request.length) {
+      const body = await readJsonBody(ctx, 4096);
+      if (body === undefined) return;
+      const parsed = drainBody.safeParse(body);
+      if (!parsed.success) return badRequest(ctx, 400, `reason: ${parsed.error.issues[0]!.message}`);
+      reason = parsed.data.reason ?? reason;
+    }
+    if (!sources.drainAgent(ctx.params.id ?? '', actorOf(ctx), reason)) {
+      return notFound(ctx, `no agent ${ctx.params.id ?? ''} ever connected`);
+    }
+    ctx.body = { id: ctx.params.id, drained: true };
+  });
+  router.post('/agents/:id/resume', (ctx) => {
+    if (!mayAct(ctx, access, 'agents')) return;
+    if (!sources.resumeAgent(ctx.params.id ?? '', actorOf(ctx))) {
+      return notFound(ctx, `no agent ${ctx.params.id ?? ''} ever connected`);
+    }
+    ctx.body = { id: ctx.params.id, drained: false };
+  });
+  router.get('/events', (ctx) => eventsRoute(ctx, sources.events, access));
+  router.get('/audit', (ctx) => {
+    if (!mayAct(ctx, access, 'audit')) return;
+    const limit = Math.min(Math.max(Number(ctx.query.limit ?? 100) || 100, 1), 1000);
+    ctx.body = { entries: sources.audit.recent(limit) };
+  });
+  addRepoRoutes(router, sources);
 
   router.get('/openapi.json', (ctx) => {
     ctx.body = OPENAPI_DOCUMENT;
@@ -113,19 +162,63 @@ export function apiRouter(sources: ApiSources): Router {
   router.get('/derivations/:hash', (ctx) => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
     if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
-    if (!mayRead(ctx, drvVisibility(drvPath))) return;
+    if (!readable(ctx, drvVisibility(drvPath))) return;
     ctx.body = {
       derivation: store.derivation(drvPath),
       outputs: store.outputsOf(drvPath),
       attempts: store.attemptsOf(drvPath).map(({ log_path: _ignored, ...a }) => a),
+      history: store.db
+        .prepare('SELECT attempt, state, agent_id, detail, at FROM events WHERE drv_path = ? ORDER BY id LIMIT ?')
+        .all(drvPath, MAX_LISTED),
+      dependencies: neighbours(store, 'SELECT input_drv AS d FROM derivation_inputs WHERE drv_path = ?', drvPath),
+      dependents: neighbours(store, 'SELECT drv_path AS d FROM derivation_inputs WHERE input_drv = ?', drvPath),
     };
+  });
+  // Actions on a derivation: cancel it (queued or running; what only it blocked ends dependency-failed), or build
+  // it again (a failure is final until someone asks).
+  router.post('/derivations/:hash/cancel', (ctx) => {
+    if (!mayAct(ctx, access, 'builds')) return;
+    const drvPath = findDrv(store, ctx.params.hash ?? '');
+    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    const state = store.derivation(drvPath)!.state;
+    if (!['queued', 'buildable', 'building'].includes(state)) {
+      ctx.status = 409;
+      ctx.body = { error: { code: 'EKACI_ERR_STATE', message: `nothing to cancel: ${drvPath} is ${state}` } };
+      return;
+    }
+    const actor = actorOf(ctx);
+    manager.cancel([drvPath], `cancelled by ${actor}`);
+    sources.audit.record(actor, 'api.build-cancelled', { drvPath });
+    ctx.status = 202;
+    ctx.body = { drvPath, state: store.derivation(drvPath)!.state };
+  });
+  router.post('/derivations/:hash/rebuild', async (ctx) => {
+    if (!mayAct(ctx, access, 'builds')) return;
+    const drvPath = findDrv(store, ctx.params.hash ?? '');
+    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    const row = store.derivation(drvPath)!;
+    const actor = actorOf(ctx);
+    let id: number;
+    try {
+      // The code stays whose it was: a rebuild asked by anyone does not make someone else's code trusted.
+      id = await manager.submit([{ attr: drvPath, drvPath }], actor, {
+        rebuildFailed: true,
+        untrusted: row.untrusted === 1,
+        private: row.private === 1,
+      });
+    } catch (err) {
+      return badRequest(ctx, 422, `cannot build ${drvPath} again: ${(err as Error).message}`);
+    }
+    sources.audit.record(actor, 'api.build-restarted', { drvPath, request: id });
+    ctx.status = 202;
+    ctx.body = { id, url: `/api/v1/requests/${id}` };
   });
   // A build's log: the current (latest) attempt's, or a given attempt's; `Range` reads part of it, `follow=1` (or
   // `Accept: text/event-stream`) follows it live as Server-Sent Events until the attempt ends.
   const log = (ctx: RouterContext, pick: (attempts: AttemptRow[]) => AttemptRow | undefined): void => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
     if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
-    if (!mayRead(ctx, drvVisibility(drvPath))) return;
+    if (!readable(ctx, drvVisibility(drvPath))) return;
     const attempt = pick(store.attemptsOf(drvPath));
     if (!attempt) return notFound(ctx, `${drvPath} has no such attempt (it has not been built, or not that often)`);
     const follow = ctx.query.follow === '1' || ctx.get('Accept').includes('text/event-stream');
@@ -140,11 +233,7 @@ export function apiRouter(sources: ApiSources): Router {
   // GET /requests/:id follows it.
   router.post('/builds', async (ctx) => {
     const principal = (ctx.state as RequestState).principal;
-    if (!access.maySubmitBuilds(principal)) {
-      ctx.status = principal.kind === 'anonymous' ? 401 : 403;
-      ctx.body = { error: { code: 'EKACI_ERR_AUTH', message: 'submitting builds needs an API token' } };
-      return;
-    }
+    if (!mayAct(ctx, access, 'builds')) return;
     const body = await readJsonBody(ctx, MAX_SUBMIT_BYTES);
     if (body === undefined) return;
     const parsed = submitBody.safeParse(body);
@@ -152,11 +241,26 @@ export function apiRouter(sources: ApiSources): Router {
       const issue = parsed.error.issues[0]!;
       return badRequest(ctx, 400, `${issue.path.join('.') || 'body'}: ${issue.message}`);
     }
-    const missing = parsed.data.drvs.filter((d) => !existsSync(d));
+    const roots = parsed.data.roots ?? parsed.data.drvs!.map((d) => ({ attr: d, drvPath: d }));
+    const drvs = [...new Set(roots.map((r) => r.drvPath))];
+    // Not in the coordinator's store: uploaded to its cache (`ekaci build --coordinator`) and imported from there.
+    const absent = drvs.filter((d) => !existsSync(d));
+    const inCache = absent.length > 0 ? await sources.cachedPaths(absent) : new Set<string>();
+    const missing = absent.filter((d) => !inCache.has(d));
     if (missing.length > 0) {
-      return badRequest(ctx, 422, `not in the coordinator's store: ${missing.slice(0, 5).join(', ')}`);
+      return badRequest(
+        ctx,
+        422,
+        `neither in the coordinator's store nor in its cache: ${missing.slice(0, 5).join(', ')}`,
+      );
     }
-    const roots = parsed.data.drvs.map((d) => ({ attr: d, drvPath: d }));
+    if (inCache.size > 0) {
+      try {
+        await sources.importDerivations([...inCache]);
+      } catch (err) {
+        return badRequest(ctx, 422, `cannot take the derivations from the cache: ${(err as Error).message}`);
+      }
+    }
     const actor = `api:${principal.kind === 'api' ? principal.name : 'unknown'}`;
     let id: number;
     try {
@@ -165,7 +269,7 @@ export function apiRouter(sources: ApiSources): Router {
       // A .drv that is not one, or an input missing from the store.
       return badRequest(ctx, 422, `cannot read the derivations: ${(err as Error).message}`);
     }
-    sources.audit.record(actor, 'api.builds-submitted', { request: id, roots: parsed.data.drvs.length });
+    sources.audit.record(actor, 'api.builds-submitted', { request: id, roots: roots.length });
     ctx.status = 202;
     ctx.body = { id, url: `/api/v1/requests/${id}` };
   });
@@ -173,17 +277,14 @@ export function apiRouter(sources: ApiSources): Router {
     const id = Number(ctx.params.id);
     const roots = store.requestRoots(id);
     const visibility = roots.some((r) => store.isPrivate(r.drvPath)) ? 'private' : 'public';
-    if (!mayRead(ctx, visibility)) return;
+    if (!readable(ctx, visibility)) return;
     ctx.body = { settled: manager.isSettled(id), builds: manager.results(id) };
   });
   // The review of a pair of commits that a run (GitHub) or `ekaci review` recorded, as JSON or (format=markdown)
   // the summary a check run shows. Commits may be named by a unique prefix of at least 7 hex digits. Nothing is
   // computed for a pair nobody recorded.
   router.get('/reviews', async (ctx) => {
-    const param = (name: string): string | undefined => {
-      const v = ctx.query[name];
-      return typeof v === 'string' && v !== '' ? v : undefined;
-    };
+    const param = (name: string): string | undefined => queryParam(ctx, name);
     const [repo, base, head, format] = [param('repo'), param('base'), param('head'), param('format') ?? 'json'];
     if (!repo || !base || !head) {
       return badRequest(ctx, 400, 'repo, base and head are required query parameters');
@@ -191,7 +292,7 @@ export function apiRouter(sources: ApiSources): Router {
     if (format !== 'json' && format !== 'markdown') {
       return badRequest(ctx, 400, `format must be json or markdown, got "${format}"`);
     }
-    if (!mayRead(ctx, sources.repoVisibility(repo))) return;
+    if (!readable(ctx, sources.repoVisibility(repo))) return;
     const baseCommit = evaluations.resolveCommit(repo, base);
     const headCommit = evaluations.resolveCommit(repo, head);
     const unknown = [!baseCommit && base, !headCommit && head].filter(Boolean);
@@ -211,36 +312,6 @@ export function apiRouter(sources: ApiSources): Router {
   return router;
 }
 
-function notFound(ctx: RouterContext, message: string): void {
-  ctx.status = 404;
-  ctx.body = { error: { code: 'EKACI_ERR_NOT_FOUND', message } };
-}
-
-function badRequest(ctx: RouterContext, status: number, message: string): void {
-  ctx.status = status;
-  ctx.body = { error: { code: 'EKACI_ERR_REQUEST', message } };
-}
-
-/** The request's JSON body, or undefined after answering 413/400/415. */
-async function readJsonBody(ctx: RouterContext, max: number): Promise<unknown> {
-  if (!ctx.is('application/json')) return badRequest(ctx, 415, 'send the body as application/json');
-  const chunks: Buffer[] = [];
-  let bytes = 0;
-  for await (const chunk of ctx.req as AsyncIterable<Buffer>) {
-    bytes += chunk.length;
-    if (bytes > max) {
-      ctx.set('Connection', 'close');
-      return badRequest(ctx, 413, `the body is larger than ${max} bytes`);
-    }
-    chunks.push(chunk);
-  }
-  try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
-  } catch (err) {
-    return badRequest(ctx, 400, `the body is not JSON: ${(err as Error).message}`);
-  }
-}
-
 // A whole store path hash, optionally with its name: a prefix would let anyone walk the derivations one by one.
 const DRV_KEY = /^[0-9a-df-np-sv-z]{32}(?:-[A-Za-z0-9+\-._?=]+)?$/;
 
@@ -250,4 +321,22 @@ function findDrv(store: BuildStore, hashOrName: string): string | undefined {
     .prepare('SELECT drv_path FROM derivations WHERE drv_path >= ? AND drv_path < ? LIMIT 1')
     .get(`/nix/store/${hashOrName}`, `/nix/store/${hashOrName}\uffff`) as { drv_path: string } | undefined;
   return row?.drv_path;
+}
+
+// Lists in a derivation's page (its history, dependencies, dependents) stop here; the count says how many there are.
+const MAX_LISTED = 500;
+
+/** A derivation's inputs or dependents with their states: the first MAX_LISTED, and how many there are. */
+function neighbours(
+  store: BuildStore,
+  sql: string,
+  drvPath: string,
+): { count: number; derivations: Array<{ drvPath: string; state: string | null }> } {
+  const all = (store.db.prepare(sql).all(drvPath) as Array<{ d: string }>).map((r) => r.d);
+  const shown = all.slice(0, MAX_LISTED);
+  const states = store.states(shown);
+  return {
+    count: all.length,
+    derivations: shown.map((d) => ({ drvPath: d, state: states.get(d)?.state ?? null })),
+  };
 }

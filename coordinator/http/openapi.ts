@@ -19,6 +19,32 @@ const hashParameter = {
   schema: { type: 'string', pattern: '^[0-9a-df-np-sv-z]{32}(-[A-Za-z0-9+\\-._?=]+)?$' },
 };
 const nullable = (type: string) => ({ type: [type, 'null'] });
+const json = (description: string, schema: object) => ({ description, content: { 'application/json': { schema } } });
+const object = (properties: Record<string, object>, required = Object.keys(properties)) => ({
+  type: 'object',
+  additionalProperties: false,
+  required,
+  properties,
+});
+const pathString = (name: string, description?: string) => ({
+  name,
+  in: 'path',
+  required: true,
+  ...(description ? { description } : {}),
+  schema: { type: 'string' },
+});
+const repoParameters = [pathString('owner'), pathString('repo')];
+const counts = { type: 'object', additionalProperties: { type: 'integer', minimum: 0 } };
+const neighbours = object({
+  count: { type: 'integer', minimum: 0 },
+  derivations: {
+    type: 'array',
+    items: object({
+      drvPath: { type: 'string' },
+      state: { anyOf: [{ $ref: '#/components/schemas/BuildState' }, { type: 'null' }] },
+    }),
+  },
+});
 const logResponses = {
   '200': {
     description:
@@ -44,6 +70,30 @@ const logParameters = [
   { name: 'Range', in: 'header', required: false, schema: { type: 'string', pattern: '^bytes=' } },
   { name: 'Last-Event-ID', in: 'header', required: false, schema: { type: 'string', pattern: '^[0-9]+$' } },
 ];
+
+const runProperties = {
+  id: { type: 'integer' },
+  kind: { type: 'string', enum: ['pull_request', 'push', 'merge_group'] },
+  prNumber: nullable('integer'),
+  baseSha: nullable('string'),
+  headSha: { type: 'string' },
+  state: {
+    type: 'string',
+    enum: ['queued', 'awaiting-approval', 'evaluating', 'building', 'done', 'cancelled', 'failed'],
+  },
+  error: nullable('string'),
+  untrusted: { type: 'boolean' },
+  createdAt: { type: 'integer' },
+  updatedAt: { type: 'integer' },
+  rebuildCountBySystem: {
+    description: 'Rebuilds per system, once the commits are diffed.',
+    anyOf: [{ type: 'null' }, counts],
+  },
+  review: {
+    description: "The review's counts (see Review.summary), once built.",
+    anyOf: [{ type: 'null' }, counts],
+  },
+};
 
 export const OPENAPI_DOCUMENT = {
   openapi: '3.1.0',
@@ -152,6 +202,7 @@ export const OPENAPI_DOCUMENT = {
           'connected',
           'freeSlots',
           'draining',
+          'drained',
           'leases',
         ],
         properties: {
@@ -167,7 +218,14 @@ export const OPENAPI_DOCUMENT = {
           lastSeen: { type: 'integer', description: 'ms since the epoch: its last Hello or heartbeat.' },
           connected: { type: 'boolean' },
           freeSlots: { type: 'integer', minimum: 0 },
-          draining: { type: 'boolean' },
+          draining: { type: 'boolean', description: 'The agent itself drains (it is stopping).' },
+          drained: {
+            description: "An operator's drain: no new work until resumed.",
+            anyOf: [
+              { type: 'null' },
+              object({ at: { type: 'integer' }, by: nullable('string'), reason: nullable('string') }),
+            ],
+          },
           leases: {
             type: 'array',
             items: {
@@ -221,6 +279,34 @@ export const OPENAPI_DOCUMENT = {
             },
           },
         },
+      },
+      Run: object(runProperties),
+      Event: {
+        description: 'A state change (`GET /events`).',
+        oneOf: [
+          object({
+            type: { const: 'build' },
+            drvPath: { type: 'string' },
+            state: { $ref: '#/components/schemas/BuildState' },
+            attempt: { type: 'integer' },
+            agentId: nullable('string'),
+          }),
+          object({
+            type: { const: 'run' },
+            id: { type: 'integer' },
+            repo: { type: 'string' },
+            kind: { type: 'string' },
+            prNumber: nullable('integer'),
+            headSha: { type: 'string' },
+            state: { type: 'string' },
+          }),
+          object({
+            type: { const: 'agent' },
+            id: { type: 'string' },
+            connected: { type: 'boolean' },
+            drained: { type: 'boolean' },
+          }),
+        ],
       },
       Review: {
         type: 'object',
@@ -327,20 +413,277 @@ export const OPENAPI_DOCUMENT = {
             description: 'The derivation.',
             content: {
               'application/json': {
-                schema: {
-                  type: 'object',
-                  required: ['derivation', 'outputs', 'attempts'],
-                  properties: {
-                    derivation: { $ref: '#/components/schemas/Derivation' },
-                    outputs: { type: 'array', items: { $ref: '#/components/schemas/Output' } },
-                    attempts: { type: 'array', items: { $ref: '#/components/schemas/Attempt' } },
+                schema: object({
+                  derivation: { $ref: '#/components/schemas/Derivation' },
+                  outputs: { type: 'array', items: { $ref: '#/components/schemas/Output' } },
+                  attempts: { type: 'array', items: { $ref: '#/components/schemas/Attempt' } },
+                  history: {
+                    type: 'array',
+                    description: 'Every state it went through, oldest first (the first 500).',
+                    items: object({
+                      attempt: { type: 'integer' },
+                      state: { $ref: '#/components/schemas/BuildState' },
+                      agent_id: nullable('string'),
+                      detail: nullable('string'),
+                      at: { type: 'integer' },
+                    }),
                   },
-                },
+                  dependencies: { ...neighbours, description: 'Its input derivations (the first 500).' },
+                  dependents: { ...neighbours, description: 'Derivations that take it as an input (the first 500).' },
+                }),
               },
             },
           },
           ...denied,
           '404': errorResponse('No such derivation.'),
+        },
+      },
+    },
+    '/derivations/{hash}/cancel': {
+      post: {
+        summary: 'Cancels a derivation that is queued or building; what only it blocked ends dependency-failed.',
+        parameters: [hashParameter],
+        responses: {
+          '202': json('Cancelled (a running build stops within its grace period).', {
+            type: 'object',
+            required: ['drvPath', 'state'],
+            properties: { drvPath: { type: 'string' }, state: { $ref: '#/components/schemas/BuildState' } },
+          }),
+          ...denied,
+          '404': errorResponse('No such derivation.'),
+          '409': errorResponse('It is not queued or building.'),
+        },
+      },
+    },
+    '/derivations/{hash}/rebuild': {
+      post: {
+        summary: 'Builds a derivation again, a failed one included; a request like `POST /builds` makes.',
+        parameters: [hashParameter],
+        responses: {
+          '202': json(
+            'Accepted; `GET /requests/{id}` follows it.',
+            object({ id: { type: 'integer' }, url: { type: 'string' } }),
+          ),
+          ...denied,
+          '404': errorResponse('No such derivation.'),
+          '422': errorResponse('Its .drv closure is no longer readable.'),
+        },
+      },
+    },
+    '/agents/{id}/drain': {
+      post: {
+        summary:
+          'Drains an agent: no new work (what it runs finishes) until resumed; kept across restarts. Admins only.',
+        parameters: [pathString('id', 'The agent id (its token name).')],
+        requestBody: {
+          required: false,
+          content: { 'application/json': { schema: object({ reason: { type: 'string', maxLength: 500 } }, []) } },
+        },
+        responses: {
+          '200': json('Drained.', object({ id: { type: 'string' }, drained: { const: true } })),
+          '400': errorResponse('The body is not what this route takes.'),
+          ...denied,
+          '404': errorResponse('No agent of that id ever connected.'),
+          '415': errorResponse('The body is not JSON.'),
+        },
+      },
+    },
+    '/agents/{id}/resume': {
+      post: {
+        summary: "Ends an operator's drain of an agent. Admins only.",
+        parameters: [pathString('id', 'The agent id (its token name).')],
+        responses: {
+          '200': json('Resumed.', object({ id: { type: 'string' }, drained: { const: false } })),
+          ...denied,
+          '404': errorResponse('No agent of that id ever connected.'),
+        },
+      },
+    },
+    '/events': {
+      get: {
+        summary: 'State changes of builds, runs and agents, live, as Server-Sent Events.',
+        description:
+          'Events `build`, `run` and `agent` (data: an `Event` as JSON; id: what to send back as `Last-Event-ID` ' +
+          'to resume). `reset` says events were missed (a restart, a long absence): reload. Each caller sees only ' +
+          'what it may read; agent events need a credential.',
+        parameters: [{ name: 'Last-Event-ID', in: 'header', required: false, schema: { type: 'string' } }],
+        responses: {
+          '200': { description: 'The event stream.', content: { 'text/event-stream': { schema: { type: 'string' } } } },
+          ...denied,
+        },
+      },
+    },
+    '/audit': {
+      get: {
+        summary: 'The latest privileged actions, newest first. Admins only.',
+        parameters: [
+          { name: 'limit', in: 'query', required: false, schema: { type: 'integer', minimum: 1, maximum: 1000 } },
+        ],
+        responses: {
+          '200': json(
+            'The audit log.',
+            object({
+              entries: {
+                type: 'array',
+                items: object({
+                  at: { type: 'integer' },
+                  actor: { type: 'string' },
+                  action: { type: 'string' },
+                  detail: nullable('string'),
+                }),
+              },
+            }),
+          ),
+          ...denied,
+        },
+      },
+    },
+    '/repos': {
+      get: {
+        summary: 'Repositories: those the GitHub Apps serve, and any with evaluations (`ekaci review`).',
+        responses: {
+          '200': json(
+            'The repositories the caller may read, by name.',
+            object({
+              repositories: {
+                type: 'array',
+                items: object({
+                  name: { type: 'string' },
+                  github: { type: 'boolean' },
+                  private: { type: 'boolean' },
+                  defaultBranch: nullable('string'),
+                  openPullRequests: { type: 'integer', minimum: 0 },
+                  lastEvaluatedAt: nullable('integer'),
+                }),
+              },
+            }),
+          ),
+          ...denied,
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/pulls': {
+      get: {
+        summary: "A repository's pull requests with their latest run's rebuild and newly-failing counts.",
+        parameters: [
+          ...repoParameters,
+          { name: 'state', in: 'query', required: false, schema: { type: 'string', enum: ['open', 'closed', 'all'] } },
+          {
+            name: 'sort',
+            in: 'query',
+            required: false,
+            description: 'Most recently updated, most rebuilds or most newly failing first.',
+            schema: { type: 'string', enum: ['updated', 'rebuilds', 'failing'] },
+          },
+        ],
+        responses: {
+          '200': json(
+            'The pull requests.',
+            object({
+              pullRequests: {
+                type: 'array',
+                items: object({
+                  number: { type: 'integer' },
+                  title: { type: 'string' },
+                  author: { type: 'string' },
+                  state: { type: 'string', enum: ['open', 'closed'] },
+                  draft: { type: 'boolean' },
+                  headSha: { type: 'string' },
+                  baseSha: { type: 'string' },
+                  baseRef: { type: 'string' },
+                  updatedAt: { type: 'integer' },
+                  rebuilds: { type: 'integer', minimum: 0 },
+                  newlyFailing: nullable('integer'),
+                  run: { anyOf: [{ type: 'null' }, { $ref: '#/components/schemas/Run' }] },
+                  review: { ...nullable('string'), description: 'The review, once the run recorded it.' },
+                }),
+              },
+            }),
+          ),
+          '400': errorResponse('A query parameter is wrong.'),
+          ...denied,
+          '404': errorResponse('No GitHub App serves the repository.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/commits/{sha}': {
+      get: {
+        summary:
+          "A commit (or a unique prefix of ≥ 7 digits): each job's evaluation, its runs and builds, its reviews.",
+        parameters: [...repoParameters, pathString('sha')],
+        responses: {
+          '200': json(
+            'The commit.',
+            object({
+              repo: { type: 'string' },
+              commit: { type: 'string' },
+              evaluations: {
+                type: 'array',
+                items: object({
+                  job: { type: 'string' },
+                  attrs: { type: 'integer', minimum: 0 },
+                  errors: { type: 'integer', minimum: 0 },
+                  allowEvalFailures: { type: 'boolean' },
+                  seconds: { type: 'number' },
+                  evaluatedAt: { type: 'integer' },
+                }),
+              },
+              runs: {
+                type: 'array',
+                items: object({
+                  ...runProperties,
+                  builds: { ...counts, description: "The head's root builds by state." },
+                }),
+              },
+              reviews: {
+                type: 'array',
+                items: object({ base: { type: 'string' }, url: { type: 'string' } }),
+              },
+            }),
+          ),
+          ...denied,
+          '404': errorResponse('No evaluation or run of such a commit.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/attributes/{attr}/sizes': {
+      get: {
+        summary: "An attribute's output sizes in each evaluated commit, oldest first.",
+        parameters: [
+          ...repoParameters,
+          pathString('attr', 'The attribute path, as the job names it.'),
+          { name: 'job', in: 'query', required: false, schema: { type: 'string' } },
+        ],
+        responses: {
+          '200': json(
+            'The sizes.',
+            object({
+              repo: { type: 'string' },
+              attr: { type: 'string' },
+              points: {
+                type: 'array',
+                items: object({
+                  commit: { type: 'string' },
+                  job: { type: 'string' },
+                  evaluatedAt: { type: 'integer' },
+                  drvPath: nullable('string'),
+                  system: nullable('string'),
+                  error: nullable('string'),
+                  state: { anyOf: [{ $ref: '#/components/schemas/BuildState' }, { type: 'null' }] },
+                  outputs: {
+                    type: 'array',
+                    items: object({
+                      name: { type: 'string' },
+                      narSize: nullable('integer'),
+                      closureSize: nullable('integer'),
+                    }),
+                  },
+                }),
+              },
+            }),
+          ),
+          ...denied,
+          '404': errorResponse('No evaluation of the repository has the attribute.'),
         },
       },
     },
@@ -370,10 +713,22 @@ export const OPENAPI_DOCUMENT = {
             'application/json': {
               schema: {
                 type: 'object',
-                required: ['drvs'],
+                description:
+                  'Either `drvs` or `roots` (the same, each with the name results show). A .drv that is not in the ' +
+                  "coordinator's store is taken from its binary cache, where `nix copy --derivation --to` with an API " +
+                  'token puts it (`ekaci build --coordinator`).',
+                oneOf: [{ required: ['drvs'] }, { required: ['roots'] }],
                 additionalProperties: false,
                 properties: {
                   drvs: { type: 'array', minItems: 1, items: { type: 'string', pattern: '^/nix/store/.+\\.drv$' } },
+                  roots: {
+                    type: 'array',
+                    minItems: 1,
+                    items: object({
+                      attr: { type: 'string', minLength: 1 },
+                      drvPath: { type: 'string', pattern: '^/nix/store/.+\\.drv$' },
+                    }),
+                  },
                   private: { type: 'boolean', default: false },
                 },
               },
@@ -397,7 +752,7 @@ export const OPENAPI_DOCUMENT = {
           ...denied,
           '413': errorResponse('The body is too large.'),
           '415': errorResponse('The body is not JSON.'),
-          '422': errorResponse("A .drv is not in the coordinator's store, or cannot be read."),
+          '422': errorResponse("A .drv is neither in the coordinator's store nor in its cache, or cannot be read."),
         },
       },
     },

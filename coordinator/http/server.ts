@@ -5,6 +5,7 @@ import Koa from 'koa';
 import type { Registry } from 'prom-client';
 import type { Logger } from '../../common/logging.js';
 import type { AccessControl, Principal } from '../access/access-control.js';
+import { isWebUiRequest } from './web-routes.js';
 
 export interface HttpRoutes {
   cache: Router;
@@ -14,6 +15,8 @@ export interface HttpRoutes {
   api: Router;
   /** The GitHub webhook endpoint, when GitHub Apps are configured. */
   github?: Router;
+  /** The web UI's pages and assets (web-routes.ts). */
+  web?: Router;
   access: AccessControl;
 }
 
@@ -32,6 +35,14 @@ export const ANONYMOUS_ROUTES: ReadonlyArray<{ method: string; path: string }> =
   { method: 'POST', path: '/github/webhook' },
   { method: 'GET', path: '/api/v1/openapi.json' },
 ];
+
+/** Whether anyone may make this request whatever `[web] public` says: the routes above, and the web UI's files. */
+export function isAnonymousRequest(method: string, path: string): boolean {
+  return (
+    ANONYMOUS_ROUTES.some((r) => r.path === path && (r.method === method || method === 'HEAD')) ||
+    isWebUiRequest(method, path)
+  );
+}
 
 /** Every route the app serves, method and path, for tests that must cover them all (access rules). */
 export function routeList(app: Koa): Array<{ method: string; path: string }> {
@@ -52,10 +63,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   app.use(async (ctx, next) => {
     const principal = routes.access.principal(ctx.get('Authorization') || undefined);
     (ctx.state as RequestState).principal = principal;
-    const open = ANONYMOUS_ROUTES.some(
-      (r) => r.path === ctx.path && (r.method === ctx.method || ctx.method === 'HEAD'),
-    );
-    if (!open && principal.kind === 'anonymous' && !routes.access.publicReads) {
+    if (!isAnonymousRequest(ctx.method, ctx.path) && principal.kind === 'anonymous' && !routes.access.publicReads) {
       ctx.status = 401;
       ctx.set('WWW-Authenticate', 'Bearer realm="eka-ci"');
       ctx.body = { error: { code: 'EKACI_ERR_AUTH', message: 'this coordinator is not public: send an API token' } };
@@ -79,6 +87,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   root.use('/cache', routes.cache.routes(), routes.cache.allowedMethods());
   root.use('/api/v1', routes.api.routes(), routes.api.allowedMethods());
   if (routes.github) root.use(routes.github.routes(), routes.github.allowedMethods());
+  if (routes.web) root.use(routes.web.routes(), routes.web.allowedMethods());
   app.use(root.routes()).use(root.allowedMethods());
   (app as Koa & { [ROOT]?: Router })[ROOT] = root;
   return app;

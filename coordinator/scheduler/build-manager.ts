@@ -863,7 +863,10 @@ export class BuildManager extends EventEmitter {
     now: number,
     extra: { rootCause?: string; error?: string; agentId?: string; detail?: string } = {},
   ): boolean {
-    if (this.store.setState(drvPath, state, attempt, now, extra)) return true;
+    if (this.store.setState(drvPath, state, attempt, now, extra)) {
+      this.emit('state', drvPath, state, attempt, extra.agentId ?? null);
+      return true;
+    }
     const from = this.store.derivation(drvPath)?.state ?? 'unknown';
     this.health.illegalTransition();
     this.logger.error({ drvPath, from, to: state, attempt }, `illegal transition ${from} → ${state} refused`);

@@ -1,0 +1,50 @@
+import { PassThrough } from 'node:stream';
+import type { RouterContext } from '@koa/router';
+import type { AccessControl } from '../access/access-control.js';
+import type { EventBus, PublishedEvent } from '../events.js';
+import { FOLLOW_KEEPALIVE_MS } from './log-routes.js';
+import type { RequestState } from './server.js';
+
+// A client this far behind (bytes written but not yet taken by its socket) is dropped: it reconnects with
+// Last-Event-ID and is replayed, or told to reload, instead of making the coordinator hold an unbounded backlog.
+const MAX_BACKLOG_BYTES = 1024 * 1024;
+
+/**
+ * `GET /api/v1/events`: state changes of builds, runs and agents as Server-Sent Events (`build`, `run`, `agent`;
+ * data: the event as JSON; id: what to send back as `Last-Event-ID`). A client resuming after a gap the coordinator
+ * no longer covers first gets a `reset` event: reload what the page shows. Each caller sees only what it may read.
+ */
+export function eventsRoute(ctx: RouterContext, bus: EventBus, access: AccessControl): void {
+  const principal = (ctx.state as RequestState).principal;
+  const out = new PassThrough();
+  ctx.status = 200;
+  ctx.type = 'text/event-stream';
+  ctx.set('Cache-Control', 'no-cache');
+  ctx.set('X-Accel-Buffering', 'no');
+  ctx.req.socket.setNoDelay(true);
+  ctx.body = out;
+  let closed = false;
+  const send = (e: PublishedEvent): void => {
+    if (closed || !access.mayRead(principal, e.visibility)) return;
+    out.write(`id: ${bus.idOf(e)}\nevent: ${e.event.type}\ndata: ${JSON.stringify(e.event)}\n\n`);
+    if (out.writableLength > MAX_BACKLOG_BYTES) stop();
+  };
+  const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), FOLLOW_KEEPALIVE_MS);
+  keepAlive.unref();
+  let unsubscribe = (): void => {};
+  function stop(): void {
+    if (closed) return;
+    closed = true;
+    unsubscribe();
+    clearInterval(keepAlive);
+    out.end();
+  }
+  ctx.req.on('close', stop);
+  out.write('retry: 2000\n\n');
+  const subscription = bus.subscribe(ctx.get('Last-Event-ID') || undefined, send);
+  unsubscribe = subscription.unsubscribe;
+  if (closed) unsubscribe();
+  else if (!subscription.replayed) {
+    out.write(`event: reset\ndata: ${JSON.stringify({ reason: 'events were missed: reload' })}\n\n`);
+  }
+}

@@ -1,0 +1,179 @@
+import type Router from '@koa/router';
+import type { RouterContext } from '@koa/router';
+import type { PullRequestRow, RunRow, RunSummary } from '../github/run-store.js';
+import { mayRead, notFound, badRequest, queryParam } from './respond.js';
+import type { ApiSources } from './api.js';
+import type { RequestState } from './server.js';
+
+/** How a list of pull requests can be ordered: most rebuilds, most newly failing, or most recently updated first. */
+const PULL_SORTS = ['updated', 'rebuilds', 'failing'] as const;
+type PullSort = (typeof PULL_SORTS)[number];
+
+/**
+ * Repositories, their pull requests, a commit's evaluations and runs, and an attribute's sizes across commits: what
+ * the overview and review pages read. Every answer is filtered by the repository's visibility.
+ */
+export function addRepoRoutes(router: Router, sources: ApiSources): void {
+  const { access, runs, evaluations, store } = sources;
+  const repoOf = (ctx: RouterContext): string => `${ctx.params.owner ?? ''}/${ctx.params.repo ?? ''}`;
+
+  router.get('/repos', (ctx) => {
+    const visible = (repo: string): boolean =>
+      access.mayRead((ctx.state as RequestState).principal, sources.repoVisibility(repo));
+    const github = new Map(runs.repositories().map((r) => [r.full_name, r]));
+    const evaluated = new Map(evaluations.repositories().map((r) => [r.repo, r.lastEvaluatedAt]));
+    const openCount = runs.db.prepare(
+      "SELECT COUNT(*) AS n FROM github_pull_requests WHERE repo = ? AND state = 'open'",
+    );
+    const names = [...new Set([...github.keys(), ...evaluated.keys()])].sort().filter(visible);
+    ctx.body = {
+      repositories: names.map((name) => {
+        const g = github.get(name);
+        return {
+          name,
+          github: g !== undefined,
+          private: sources.repoVisibility(name) === 'private',
+          defaultBranch: g?.default_branch ?? null,
+          openPullRequests: g ? (openCount.get(name) as { n: number }).n : 0,
+          lastEvaluatedAt: evaluated.get(name) ?? null,
+        };
+      }),
+    };
+  });
+
+  router.get('/repos/:owner/:repo/pulls', (ctx) => {
+    const repo = repoOf(ctx);
+    const state = queryParam(ctx, 'state') ?? 'open';
+    const sort = queryParam(ctx, 'sort') ?? 'updated';
+    if (state !== 'open' && state !== 'closed' && state !== 'all') {
+      return badRequest(ctx, 400, `state must be open, closed or all, got "${state}"`);
+    }
+    if (!PULL_SORTS.includes(sort as PullSort)) {
+      return badRequest(ctx, 400, `sort must be one of ${PULL_SORTS.join(', ')}, got "${sort}"`);
+    }
+    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!runs.repository(repo)) return notFound(ctx, `no GitHub App serves ${repo}`);
+    const pulls = runs.pullRequests(repo, state).map((p) => pullOf(repo, p));
+    ctx.body = { pullRequests: sortPulls(pulls, sort as PullSort) };
+  });
+
+  // A commit (a unique prefix of 7+ hex digits will do): each job's evaluation in figures, the runs of it (pull
+  // requests, pushes, merge groups) with their builds' states, and the reviews recorded with it as head.
+  router.get('/repos/:owner/:repo/commits/:sha', (ctx) => {
+    const repo = repoOf(ctx);
+    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    const prefix = (ctx.params.sha ?? '').toLowerCase();
+    const commit = evaluations.resolveCommit(repo, prefix) ?? runCommit(runs.db, repo, prefix);
+    if (!commit) return notFound(ctx, `${repo} has no evaluation or run of a commit ${prefix} (or it is ambiguous)`);
+    const reviewed = runs.db
+      .prepare('SELECT DISTINCT base_commit FROM rebuild_diffs WHERE repo = ? AND head_commit = ? ORDER BY base_commit')
+      .all(repo, commit) as Array<{ base_commit: string }>;
+    const buildStates = runs.db.prepare(
+      `SELECT d.state, COUNT(*) AS n FROM github_run_roots r JOIN derivations d ON d.drv_path = r.drv_path
+        WHERE r.run_id = ? AND r.side = 'head' GROUP BY d.state`,
+    );
+    ctx.body = {
+      repo,
+      commit,
+      evaluations: evaluations.summaries(repo, commit),
+      runs: runs.runsOf({ repo, headSha: commit }).map((r) => ({
+        ...runOf(r),
+        builds: Object.fromEntries(
+          (buildStates.all(r.id) as Array<{ state: string; n: number }>).map((b) => [b.state, b.n]),
+        ),
+      })),
+      reviews: reviewed.map((r) => ({
+        base: r.base_commit,
+        url: `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${r.base_commit}&head=${commit}`,
+      })),
+    };
+  });
+
+  // An attribute's output sizes in each evaluated commit, oldest first (the chart of a review page).
+  router.get('/repos/:owner/:repo/attributes/:attr/sizes', (ctx) => {
+    const repo = repoOf(ctx);
+    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    const attr = ctx.params.attr ?? '';
+    const history = evaluations.attrHistory(repo, attr, queryParam(ctx, 'job'));
+    if (history.length === 0) return notFound(ctx, `no evaluation of ${repo} has an attribute ${attr}`);
+    const states = store.states(history.flatMap((h) => (h.drvPath ? [h.drvPath] : [])));
+    ctx.body = {
+      repo,
+      attr,
+      points: history.map((h) => ({
+        commit: h.commit,
+        job: h.job,
+        evaluatedAt: h.evaluatedAt,
+        drvPath: h.drvPath,
+        system: h.system,
+        error: h.error,
+        state: h.drvPath ? (states.get(h.drvPath)?.state ?? null) : null,
+        outputs: h.drvPath
+          ? store.outputsOf(h.drvPath).map((o) => ({ name: o.name, narSize: o.nar_size, closureSize: o.closure_size }))
+          : [],
+      })),
+    };
+  });
+}
+
+/** The run of a commit named by a prefix, for a commit that has runs but no evaluation yet (queued, failed). */
+function runCommit(db: ApiSources['runs']['db'], repo: string, prefix: string): string | undefined {
+  if (!/^[0-9a-f]{7,64}$/.test(prefix)) return undefined;
+  const rows = db
+    .prepare('SELECT DISTINCT head_sha FROM github_runs WHERE repo = ? AND head_sha >= ? AND head_sha < ? LIMIT 2')
+    .all(repo, prefix, `${prefix}\uffff`) as Array<{ head_sha: string }>;
+  return rows.length === 1 ? rows[0]!.head_sha : undefined;
+}
+
+type Pull = ReturnType<typeof pullOf>;
+
+function runOf(r: RunRow) {
+  const summary = r.summary_json === null ? null : (JSON.parse(r.summary_json) as RunSummary);
+  return {
+    id: r.id,
+    kind: r.kind,
+    prNumber: r.pr_number,
+    baseSha: r.base_sha,
+    headSha: r.head_sha,
+    state: r.state,
+    error: r.error,
+    untrusted: r.untrusted === 1,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    rebuildCountBySystem: summary?.rebuildCountBySystem ?? null,
+    review: summary?.review ?? null,
+  };
+}
+
+function pullOf(repo: string, p: PullRequestRow & { run: RunRow | undefined }) {
+  const run = p.run ? runOf(p.run) : null;
+  const rebuilds = run?.rebuildCountBySystem ? Object.values(run.rebuildCountBySystem).reduce((a, b) => a + b, 0) : 0;
+  return {
+    number: p.number,
+    title: p.title,
+    author: p.author,
+    state: p.state,
+    draft: p.draft === 1,
+    headSha: p.head_sha,
+    baseSha: p.base_sha,
+    baseRef: p.base_ref,
+    updatedAt: p.updated_at,
+    rebuilds,
+    newlyFailing: run?.review?.['newly-failing'] ?? null,
+    run,
+    /** The review of the run's commits, once its diff is recorded. */
+    review:
+      run?.baseSha && run.rebuildCountBySystem
+        ? `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${run.baseSha}&head=${run.headSha}`
+        : null,
+  };
+}
+
+function sortPulls(pulls: Pull[], sort: PullSort): Pull[] {
+  const key: Record<PullSort, (p: Pull) => number> = {
+    updated: (p) => p.updatedAt,
+    rebuilds: (p) => p.rebuilds,
+    failing: (p) => p.newlyFailing ?? -1,
+  };
+  return [...pulls].sort((a, b) => key[sort](b) - key[sort](a) || b.updatedAt - a.updatedAt || b.number - a.number);
+}

@@ -1,0 +1,73 @@
+import type { RouterContext } from '@koa/router';
+import type { AccessControl, Action, Visibility } from '../access/access-control.js';
+import type { RequestState } from './server.js';
+
+/** How API routes answer: errors as `{ "error": { "code", "message" } }`, and the access checks every route makes. */
+
+export function notFound(ctx: RouterContext, message: string): void {
+  ctx.status = 404;
+  ctx.body = { error: { code: 'EKACI_ERR_NOT_FOUND', message } };
+}
+
+export function badRequest(ctx: RouterContext, status: number, message: string): void {
+  ctx.status = status;
+  ctx.body = { error: { code: 'EKACI_ERR_REQUEST', message } };
+}
+
+function denied(ctx: RouterContext, message: string): void {
+  const principal = (ctx.state as RequestState).principal;
+  ctx.status = principal.kind === 'anonymous' ? 401 : 403;
+  ctx.body = { error: { code: 'EKACI_ERR_AUTH', message } };
+}
+
+/** False (after answering 401/403) when the caller may not read data of this visibility. */
+export function mayRead(ctx: RouterContext, access: AccessControl, visibility: Visibility): boolean {
+  if (access.mayRead((ctx.state as RequestState).principal, visibility)) return true;
+  denied(ctx, 'this belongs to a private repository: send an API token');
+  return false;
+}
+
+const ACTION_NEEDS: Record<Action, string> = {
+  builds: 'changing builds needs an API token',
+  agents: 'draining and resuming agents needs an API token named in [web] admins',
+  audit: 'the audit log is for the API tokens named in [web] admins',
+};
+
+/** False (after answering 401/403) when the caller may not take this action. */
+export function mayAct(ctx: RouterContext, access: AccessControl, action: Action): boolean {
+  if (access.mayAct((ctx.state as RequestState).principal, action)) return true;
+  denied(ctx, ACTION_NEEDS[action]);
+  return false;
+}
+
+/** Who acts, as the audit log names them. */
+export function actorOf(ctx: RouterContext): string {
+  const p = (ctx.state as RequestState).principal;
+  return p.kind === 'anonymous' ? 'anonymous' : `${p.kind}:${p.name}`;
+}
+
+/** The request's JSON body, or undefined after answering 413/400/415. */
+export async function readJsonBody(ctx: RouterContext, max: number): Promise<unknown> {
+  if (!ctx.is('application/json')) return badRequest(ctx, 415, 'send the body as application/json');
+  const chunks: Buffer[] = [];
+  let bytes = 0;
+  for await (const chunk of ctx.req as AsyncIterable<Buffer>) {
+    bytes += chunk.length;
+    if (bytes > max) {
+      ctx.set('Connection', 'close');
+      return badRequest(ctx, 413, `the body is larger than ${max} bytes`);
+    }
+    chunks.push(chunk);
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+  } catch (err) {
+    return badRequest(ctx, 400, `the body is not JSON: ${(err as Error).message}`);
+  }
+}
+
+/** A query parameter given once and not empty, or undefined. */
+export function queryParam(ctx: RouterContext, name: string): string | undefined {
+  const v = ctx.query[name];
+  return typeof v === 'string' && v !== '' ? v : undefined;
+}

@@ -1,0 +1,340 @@
+import { isBlockingEvalFailure, isNewEvalFailure } from '../../../coordinator/review/classify.js';
+import type { AttrReview, OutputSizes, Review, SideResult } from '../../../coordinator/review/model.js';
+import type { Memo } from '../api.js';
+import { type Child, h, link, replace } from '../dom.js';
+import { buildHref, bytes, storeName } from '../format.js';
+import { failureLog, logTail } from './review-logs.js';
+import { sizeBars, sizeHistory } from './size-chart.js';
+import { badge } from './widgets.js';
+
+/**
+ * The review as a page, in the order a reviewer needs it (the markdown summary's, coordinator/review/markdown.ts):
+ * the verdict; newly failing with each failing root and its log; evaluation errors; size changes with a chart;
+ * dependency changes; newly succeeding; still failing; not built; added; removed. Every attribute links to its build.
+ */
+
+// Rows a table shows before "show all": a nixpkgs review lists thousands of attributes.
+const MAX_ROWS = 100;
+// Failing roots whose log is read for the page (a root that broke its dependents has its tail in the review).
+const MAX_FETCHED_LOGS = 10;
+// Attributes whose size history is read for a sparkline.
+const MAX_SPARKLINES = 20;
+// Attributes named beside a root cause or dependency change before "and N more".
+const MAX_NAMED = 3;
+
+export interface ReviewOptions {
+  repo: string;
+  signal: AbortSignal;
+  memo: Memo;
+}
+
+export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
+  const attrs = [...review.attrs].sort((a, b) => a.attr.localeCompare(b.attr) || a.job.localeCompare(b.job));
+  const multiJob = new Set(attrs.map((a) => a.job)).size > 1;
+  const name = (a: AttrReview): Child => attrLink(a, multiJob);
+  const outcome = (x: string): AttrReview[] => attrs.filter((a) => a.outcome === x);
+  const newlyFailing = outcome('newly-failing');
+  const newEval = attrs.filter(isNewEvalFailure);
+  const oldEval = attrs.filter((a) => a.head?.eval === 'error' && a.base?.eval === 'error');
+  const sizes = sizeChanges(attrs);
+  const notBuilt = attrs.filter((a) => a.change === 'changed' && !a.outcome && a.head?.eval === 'ok');
+  return h(
+    'div',
+    { class: 'review' },
+    verdict(review, newlyFailing, newEval, sizes),
+    h(
+      'p',
+      { class: 'revisions' },
+      'Base ',
+      h('code', null, review.base.rev.slice(0, 12)),
+      ' → head ',
+      h('code', null, review.head.rev.slice(0, 12)),
+    ),
+    review.configChanged &&
+      h(
+        'p',
+        { class: 'problem' },
+        "This change edits eka-ci's configuration: it is judged by the base's rules until it is merged, and only " +
+          'someone with write access may merge it.',
+      ),
+    section('newly-failing', 'Newly failing', newlyFailing.length, [
+      resultsTable(newlyFailing, name),
+      rootCauses(newlyFailing, o),
+    ]),
+    section('eval-errors', 'Evaluation errors', newEval.length + oldEval.length, [
+      table(
+        ['Attribute', 'System', 'Evaluation base → head', 'Error'],
+        [...newEval, ...oldEval].map((a) => [
+          name(a),
+          a.system ?? '—',
+          [a.base?.eval ?? '—', ' → error', isNewEvalFailure(a) && !isBlockingEvalFailure(a) && ' (allowed)'],
+          errorMessage(a.head?.error ?? ''),
+        ]),
+      ),
+    ]),
+    section('sizes', 'Size changes', sizes.length, [sizeTable(sizes, o, multiJob)]),
+    dependencySection(attrs, multiJob),
+    section('newly-succeeding', 'Newly succeeding', outcome('newly-succeeding').length, [
+      resultsTable(outcome('newly-succeeding'), name),
+    ]),
+    section('still-failing', 'Still failing', outcome('still-failing').length, [
+      resultsTable(outcome('still-failing'), name),
+    ]),
+    section('not-built', 'Not built', notBuilt.length, [resultsTable(notBuilt, name)]),
+    section('added', 'Added', attrs.filter((a) => a.change === 'added').length, [
+      table(
+        ['Attribute', 'System', 'Head'],
+        attrs.filter((a) => a.change === 'added').map((a) => [name(a), a.system ?? '—', sideBadge(a.head)]),
+      ),
+    ]),
+    section('removed', 'Removed', attrs.filter((a) => a.change === 'removed').length, [
+      table(
+        ['Attribute', 'System', 'Base'],
+        attrs.filter((a) => a.change === 'removed').map((a) => [name(a), a.system ?? '—', sideBadge(a.base)]),
+      ),
+    ]),
+    notListed(review, attrs),
+  );
+}
+
+/** The derivations whose state the review shows: their build events make the page read it again. */
+export function reviewDerivations(review: Review): Set<string> {
+  const drvs = new Set<string>();
+  for (const a of review.attrs) {
+    for (const d of [a.base?.drv, a.head?.drv, ...(a.rootCauses ?? []).map((r) => r.drv)]) if (d) drvs.add(d);
+  }
+  return drvs;
+}
+
+function verdict(review: Review, newlyFailing: AttrReview[], newEval: AttrReview[], sizes: SizeRow[]): HTMLElement {
+  const blocking = newEval.filter(isBlockingEvalFailure).length;
+  const allowed = newEval.length - blocking;
+  const warnings = sizes.filter((s) => s.s.warning).length;
+  const bad = [
+    newlyFailing.length > 0 && `${newlyFailing.length} newly failing`,
+    blocking > 0 && `${blocking} new evaluation error${blocking === 1 ? '' : 's'}`,
+  ].filter(Boolean);
+  const notes = [
+    allowed > 0 && `${allowed} new evaluation error${allowed === 1 ? '' : 's'} allowed by allow_eval_failures`,
+    warnings > 0 && `${warnings} size warning${warnings === 1 ? '' : 's'}`,
+  ].filter(Boolean);
+  return h(
+    'p',
+    { class: `verdict ${bad.length > 0 ? 'bad' : 'good'}`, 'data-newly-failing': review.summary['newly-failing'] ?? 0 },
+    bad.length > 0 ? `✗ ${bad.join(', ')}` : '✓ nothing newly failing',
+    notes.length > 0 && h('span', { class: 'warn' }, ` · ⚠ ${notes.join(' · ')}`),
+  );
+}
+
+function section(id: string, heading: string, count: number, body: Child[]): Child {
+  if (count === 0) return false;
+  return h(
+    'section',
+    { class: 'review-section', id, 'data-count': count },
+    h('h2', null, `${heading} (${count})`),
+    body,
+  );
+}
+
+/** An attribute, linked to the build that decides it (head's, or base's for a removed one). */
+function attrLink(a: AttrReview, multiJob: boolean): Child {
+  const drv = a.head?.drv ?? a.base?.drv;
+  const label = [h('code', null, a.attr), multiJob && h('span', { class: 'muted' }, ` (${a.job})`)];
+  return drv ? h('a', { href: buildHref(drv), class: 'attr', 'data-attr': a.attr }, label) : label;
+}
+
+function sideBadge(s: SideResult | undefined): Child {
+  if (!s) return '—';
+  return s.eval === 'error' ? badge('eval-error') : badge(s.build);
+}
+
+function resultsTable(list: AttrReview[], name: (a: AttrReview) => Child): HTMLElement {
+  return table(
+    ['Attribute', 'System', 'Base → head'],
+    list.map((a) => [name(a), a.system ?? '—', [sideBadge(a.base), ' → ', sideBadge(a.head)]]),
+  );
+}
+
+/** A table of rows, the first MAX_ROWS shown and the rest behind a button. */
+function table(headers: string[], rows: Child[][], rowClass?: (i: number) => string | undefined): HTMLElement {
+  const tr = (cells: Child[], i: number): HTMLElement =>
+    h(
+      'tr',
+      { class: rowClass?.(i) },
+      cells.map((c) => h('td', null, c)),
+    );
+  const body = h('tbody', null, rows.slice(0, MAX_ROWS).map(tr));
+  const more =
+    rows.length > MAX_ROWS &&
+    h(
+      'button',
+      {
+        type: 'button',
+        class: 'show-all',
+        onclick: (event: Event) => {
+          replace(body, rows.map(tr));
+          (event.target as HTMLElement).remove();
+        },
+      },
+      `Show all ${rows.length}`,
+    );
+  return h(
+    'div',
+    { class: 'table-wrap' },
+    h(
+      'table',
+      null,
+      h(
+        'thead',
+        null,
+        h(
+          'tr',
+          null,
+          headers.map((x) => h('th', null, x)),
+        ),
+      ),
+      body,
+    ),
+    more,
+  );
+}
+
+/**
+ * Each failing root once, with the attributes it breaks and the end of its log: a dependency failure's root comes
+ * with its log tail in the review; an attribute that failed itself is its own root, and its log is read here.
+ */
+function rootCauses(newlyFailing: AttrReview[], o: ReviewOptions): Child {
+  const roots = new Map<string, { logTail?: string; attrs: AttrReview[] }>();
+  for (const a of newlyFailing) {
+    const own = a.head?.drv && (a.head.build === 'failed' || a.head.build === 'timed-out') ? a.head.drv : undefined;
+    const causes: Array<{ drv: string; logTail?: string }> = a.rootCauses ?? (own ? [{ drv: own }] : []);
+    for (const c of causes) {
+      const root = roots.get(c.drv) ?? { attrs: [] };
+      root.logTail ??= c.logTail;
+      root.attrs.push(a);
+      roots.set(c.drv, root);
+    }
+  }
+  let fetched = 0;
+  return [...roots].map(([drv, root]) => {
+    const names = [...new Set(root.attrs.map((a) => a.attr))];
+    const breaks = names.filter((n) => n !== root.attrs.find((a) => a.head?.drv === drv)?.attr);
+    const log =
+      root.logTail !== undefined
+        ? logTail(root.logTail)
+        : fetched++ < MAX_FETCHED_LOGS
+          ? failureLog(drv, o)
+          : h('p', { class: 'muted' }, 'Its log is on ', link(buildHref(drv), 'its build page'), '.');
+    return h(
+      'div',
+      { class: 'root-cause', 'data-root': drv },
+      h(
+        'h3',
+        null,
+        link(buildHref(drv), storeName(drv)),
+        ' failed',
+        breaks.length > 0 && [
+          ', breaking ',
+          breaks.slice(0, MAX_NAMED).map((n, i) => [i > 0 && ', ', h('code', null, n)]),
+          breaks.length > MAX_NAMED && ` and ${breaks.length - MAX_NAMED} more`,
+        ],
+      ),
+      log,
+    );
+  });
+}
+
+/** Nix prints the trace first and the error last: the message from the last `error:` on, the rest on demand. */
+function errorMessage(error: string): Child {
+  const lines = error.trim().split('\n');
+  let last = lines.length - 1;
+  while (last > 0 && !/^\s*error:\s*\S/.test(lines[last] ?? '')) last--;
+  const message = lines.slice(last).join('\n').trim();
+  return [
+    h('pre', { class: 'error-text' }, message || '—'),
+    last > 0 && h('details', null, h('summary', null, 'Whole trace'), h('pre', { class: 'error-text' }, error)),
+  ];
+}
+
+interface SizeRow {
+  a: AttrReview;
+  s: OutputSizes;
+}
+
+/** Outputs whose size moved and that were built on both sides; warnings (the job's size_check) first, then largest. */
+function sizeChanges(attrs: AttrReview[]): SizeRow[] {
+  return attrs
+    .flatMap((a) => (a.sizes ?? []).map((s) => ({ a, s })))
+    .filter(({ s }) => s.base && s.head && (s.closureSizeDelta !== 0 || s.narSizeDelta !== 0))
+    .sort(
+      (x, y) =>
+        Number(y.s.warning) - Number(x.s.warning) ||
+        Math.abs(y.s.closureSizePercent ?? 0) - Math.abs(x.s.closureSizePercent ?? 0),
+    );
+}
+
+function sizeTable(rows: SizeRow[], o: ReviewOptions, multiJob: boolean): HTMLElement {
+  const signed = (n: number | null, f: (n: number) => string): string =>
+    n === null ? '—' : `${n < 0 ? '−' : '+'}${f(Math.abs(n))}`;
+  return table(
+    ['Attribute', 'Output', 'Closure base → head', 'Change', 'Output (NAR)', 'Chart', 'History'],
+    rows.map(({ a, s }, i) => [
+      [attrLink(a, multiJob), s.warning && h('span', { class: 'tag warn' }, 'over the size check')],
+      h('code', null, s.output),
+      `${bytes(s.base?.closureSize)} → ${bytes(s.head?.closureSize)}`,
+      h(
+        'span',
+        { class: 'size-delta' },
+        signed(s.closureSizeDelta, bytes),
+        ' (',
+        signed(s.closureSizePercent, (n) => `${n.toFixed(1)} %`),
+        ')',
+      ),
+      signed(s.narSizeDelta, bytes),
+      sizeBars(s),
+      i < MAX_SPARKLINES ? sizeHistory(a.attr, a.job, s.output, o) : '',
+    ]),
+    (i) => (rows[i]!.s.warning ? 'size-row warning' : 'size-row'),
+  );
+}
+
+/** Dependency changes grouped by what changed, most widespread first: a version bump shows once, not per attribute. */
+function dependencySection(attrs: AttrReview[], multiJob: boolean): Child {
+  const groups = new Map<string, { name: string; base: string[]; head: string[]; attrs: AttrReview[] }>();
+  for (const a of attrs) {
+    for (const d of a.dependencies ?? []) {
+      const key = JSON.stringify([d.name, d.base, d.head]);
+      const group = groups.get(key) ?? { name: d.name, base: d.base, head: d.head, attrs: [] };
+      if (!group.attrs.includes(a)) group.attrs.push(a);
+      groups.set(key, group);
+    }
+  }
+  const sorted = [...groups.values()].sort((x, y) => y.attrs.length - x.attrs.length || x.name.localeCompare(y.name));
+  const versions = (v: string[]): string => (v.length > 0 ? v.join(', ') : '—');
+  return section('dependencies', 'Runtime dependency changes', sorted.length, [
+    table(
+      ['Dependency', 'Base', 'Head', 'Attributes'],
+      sorted.map((g) => [
+        h('code', null, g.name),
+        versions(g.base),
+        versions(g.head),
+        [
+          g.attrs.slice(0, MAX_NAMED).map((a, i) => [i > 0 && ', ', attrLink(a, multiJob)]),
+          g.attrs.length > MAX_NAMED && ` and ${g.attrs.length - MAX_NAMED} more`,
+        ],
+      ]),
+    ),
+  ]);
+}
+
+function notListed(review: Review, attrs: AttrReview[]): Child {
+  const stillSucceeding =
+    review.summary['still-succeeding'] ?? attrs.filter((a) => a.outcome === 'still-succeeding').length;
+  const unchanged = review.summary['unchanged'] ?? attrs.filter((a) => a.change === 'unchanged' && !a.outcome).length;
+  const parts = [
+    stillSucceeding > 0 && `${stillSucceeding} still succeeding`,
+    unchanged > 0 && `${unchanged} unchanged`,
+  ];
+  const shown = parts.filter(Boolean);
+  return shown.length > 0 && h('p', { class: 'muted' }, `Not listed: ${shown.join(', ')}.`);
+}
