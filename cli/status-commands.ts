@@ -1,18 +1,8 @@
 import { UsageError } from '../common/errors.js';
+import type { QueueLane } from '../coordinator/scheduler/build-manager.js';
 import { type ClientOptions, CoordinatorClient, asCommand, drvHash } from './coordinator-client.js';
 
 /** `ekaci status`, `ekaci agents [drain|resume NAME]` and `ekaci cancel DRV` against a running coordinator. */
-
-interface Lane {
-  kind: string;
-  system: string;
-  features: string[];
-  untrusted: boolean;
-  buildable: number;
-  waitingSince: number;
-  agents: string[];
-  why?: string;
-}
 
 interface Agent {
   id: string;
@@ -51,7 +41,7 @@ export function statusCommand(opts: ClientOptions & { json?: boolean }): Promise
   return asCommand('status', async () => {
     const client = new CoordinatorClient(opts);
     const [queues, { agents }] = await Promise.all([
-      client.json<{ pending: number; lanes: Lane[] }>('/queues'),
+      client.json<{ pending: number; lanes: QueueLane[] }>('/queues'),
       client.json<{ agents: Agent[] }>('/agents'),
     ]);
     if (opts.json) {

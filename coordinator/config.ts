@@ -107,6 +107,8 @@ const schema = z
         public: z.boolean().default(true),
         /** API token names whose holders may drain and resume agents and read the audit log. */
         admins: z.array(z.string().min(1)).default([]),
+        /** Origins (`https://dash.example.org`) of other sites whose pages may call the API. */
+        cors_origins: z.array(z.string().regex(/^https?:\/\/[^/]+$/, 'an origin: scheme://host[:port]')).default([]),
       })
       .strict()
       .prefault({}),
@@ -159,6 +161,31 @@ const schema = z
       .prefault({}),
     agent_tokens: tokenList,
     api_tokens: tokenList,
+    /** GitHub OAuth login for the web UI (an OAuth App's, or a GitHub App's, client id and secret). */
+    oauth: z
+      .object({
+        client_id: z.string().min(1),
+        client_secret: z.string().min(1).optional(),
+        client_secret_file: z.string().min(1).optional(),
+        client_secret_credential: z.string().min(1).optional(),
+        /** Where GitHub sends the browser back: this coordinator's `/auth/callback`. */
+        redirect_url: z.string().url(),
+        /** Signs session cookies; 32 characters at least. */
+        jwt_secret: z.string().min(32, 'at least 32 characters').optional(),
+        jwt_secret_file: z.string().min(1).optional(),
+        jwt_secret_credential: z.string().min(1).optional(),
+        github_url: z.string().url().default('https://github.com'),
+        api_url: z.string().url().default('https://api.github.com'),
+        /** GitHub logins that operate the coordinator: drain and resume agents, read the audit log. */
+        admins: z.array(z.string().min(1)).default([]),
+        session_hours: z
+          .number()
+          .positive()
+          .max(24 * 90)
+          .default(24 * 7),
+      })
+      .strict()
+      .optional(),
     github_apps: z
       .array(githubApp)
       .default([])
@@ -210,7 +237,14 @@ export interface CoordinatorOptions {
   graphLruCapacity: number;
   /** A stream that sends no Hello within this time is closed. */
   helloTimeoutMs: number;
-  web: { address: string; port: number; publicUrl: string | undefined; public: boolean; admins: string[] };
+  web: {
+    address: string;
+    port: number;
+    publicUrl: string | undefined;
+    public: boolean;
+    admins: string[];
+    corsOrigins: string[];
+  };
   grpc: {
     address: string;
     port: number;
@@ -222,6 +256,8 @@ export interface CoordinatorOptions {
   /** Tokens declared in the configuration (more live in the database). */
   agentTokens: Array<{ name: string; token: string }>;
   apiTokens: Array<{ name: string; token: string }>;
+  /** GitHub OAuth login (`[oauth]`), when configured. */
+  oauth: OAuthOptions | undefined;
   githubApps: GitHubAppOptions[];
   security: {
     /** Undefined only with `allowInsecureWebhooks` or without GitHub Apps. */
@@ -234,6 +270,17 @@ export interface CoordinatorOptions {
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
   /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
   evaluation: EvaluationOptions;
+}
+
+export interface OAuthOptions {
+  clientId: string;
+  clientSecret: string;
+  redirectUrl: string;
+  jwtSecret: string;
+  githubUrl: string;
+  apiUrl: string;
+  admins: string[];
+  sessionSeconds: number;
 }
 
 export function defaultDataDir(): string {
@@ -348,6 +395,7 @@ export function compileCoordinatorConfig(
       publicUrl: c.web.public_url,
       public: c.web.public,
       admins: c.web.admins,
+      corsOrigins: c.web.cors_origins,
     },
     grpc: {
       address: c.grpc.address,
@@ -379,6 +427,7 @@ export function compileCoordinatorConfig(
     ),
     agentTokens,
     apiTokens,
+    oauth: c.oauth ? compileOAuth(c.oauth, ctx) : undefined,
     githubApps,
     security: withoutSecretInJson(
       {
@@ -396,6 +445,41 @@ export function compileCoordinatorConfig(
     },
     evaluation: compileEvaluationOptions(c.evaluation),
   };
+}
+
+function compileOAuth(
+  o: NonNullable<z.infer<typeof schema>['oauth']>,
+  ctx: Parameters<typeof readSecret>[3],
+): OAuthOptions {
+  const secret = (field: 'client_secret' | 'jwt_secret'): string => {
+    const value = readSecret(
+      'oauth',
+      field,
+      { value: o[field], file: o[`${field}_file`], credential: o[`${field}_credential`] },
+      ctx,
+    );
+    if (value === undefined)
+      throw new ConfigError(`${ctx.source}: oauth.${field}: required (or ${field}_file, ${field}_credential)`);
+    if (field === 'jwt_secret' && value.length < 32) {
+      throw new ConfigError(`${ctx.source}: oauth.jwt_secret: at least 32 characters`);
+    }
+    return value;
+  };
+  const options: OAuthOptions = {
+    clientId: o.client_id,
+    clientSecret: secret('client_secret'),
+    redirectUrl: o.redirect_url,
+    jwtSecret: secret('jwt_secret'),
+    githubUrl: o.github_url.replace(/\/+$/, ''),
+    apiUrl: o.api_url.replace(/\/+$/, ''),
+    admins: o.admins,
+    sessionSeconds: Math.round(o.session_hours * 3600),
+  };
+  Object.defineProperty(options, 'toJSON', {
+    value: () => ({ ...options, clientSecret: '[redacted]', jwtSecret: '[redacted]' }),
+    enumerable: false,
+  });
+  return options;
 }
 
 function compileGitHubApp(

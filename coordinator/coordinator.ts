@@ -34,6 +34,8 @@ import { GitMirrors } from './git/git-mirrors.js';
 import { GitHubService } from './github/github-service.js';
 import { RunStore } from './github/run-store.js';
 import { EventBus } from './events.js';
+import { Sessions } from './access/sessions.js';
+import { authRouter } from './http/auth-routes.js';
 
 /**
  * Lifecycle: `created` → `running` (start) → `stopped` (stopGracefully / stopNow). Graceful stop drains agents
@@ -89,6 +91,14 @@ export class Coordinator {
     this.access = new AccessControl(this.tokens, this.apiTokens, {
       publicReads: options.web.public,
       admins: options.web.admins,
+      ...(options.oauth
+        ? {
+            userAdmins: options.oauth.admins,
+            sessions: new Sessions(options.oauth.jwtSecret, options.oauth.sessionSeconds),
+            repoPermission: (repo: string, login: string) =>
+              this.github?.permissionOf(repo, login) ?? Promise.resolve(undefined),
+          }
+        : {}),
     });
     const lazyCache = {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
@@ -261,9 +271,24 @@ export class Coordinator {
           drainAgent: (id, actor, reason) => this.agentHub.drainAgent(id, actor, reason),
           resumeAgent: (id, actor) => this.agentHub.resumeAgent(id, actor),
           runs: this.github?.runs ?? new RunStore(this.db),
+          runCommand: (repo, number, login, command) =>
+            this.github ? this.github.commands.runFromWeb(repo, number, login, command) : Promise.resolve(undefined),
+          rebuildFailed: (repo, sha, actor) =>
+            this.github ? this.github.events.rerun(repo, sha, 'web', actor) : Promise.resolve(false),
           events: this.events,
         }),
         access: this.access,
+        corsOrigins: this.options.web.corsOrigins,
+        ...(this.options.oauth && this.access.sessions
+          ? {
+              auth: authRouter({
+                oauth: this.options.oauth,
+                sessions: this.access.sessions,
+                audit: this.audit,
+                logger: this.logger.child({ component: 'auth' }),
+              }),
+            }
+          : {}),
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
         web: webRouter(defaultWebDir()),

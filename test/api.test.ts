@@ -110,6 +110,26 @@ describe('the API contract', () => {
   });
 });
 
+describe('CORS', () => {
+  it('lets the pages of the origins [web] cors_origins lists call the API, and no other', async () => {
+    await start({ web: { port: 0, public: false, cors_origins: ['https://dash.example.org'] } });
+    const preflight = (origin: string) =>
+      fetch(api('/agents'), {
+        method: 'OPTIONS',
+        headers: { origin, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization' },
+      });
+    const allowed = await preflight('https://dash.example.org');
+    expect(allowed.status).toBe(204);
+    expect(allowed.headers.get('access-control-allow-origin')).toBe('https://dash.example.org');
+    expect(allowed.headers.get('access-control-allow-headers')).toMatch(/Authorization/);
+    const other = await preflight('https://evil.example');
+    expect(other.headers.get('access-control-allow-origin')).toBeNull();
+    const read = await fetch(api('/agents'), { headers: { ...auth, origin: 'https://dash.example.org' } });
+    expect(read.headers.get('access-control-allow-origin')).toBe('https://dash.example.org');
+    expect(read.headers.get('vary')).toMatch(/Origin/);
+  });
+});
+
 describe('agents over HTTP', () => {
   it('lists the agents: capabilities, connection, free slots and what each runs, to a credential only', async () => {
     await start();

@@ -158,6 +158,28 @@ describe('eka-ci as a GitHub App', () => {
     expect(commit.runs[0]!.builds.failed).toBeGreaterThan(0);
     expect(commit.reviews.map((r) => r.base)).toEqual([repo.base]);
 
+    type Timeline = {
+      builds: {
+        drvPath: string;
+        agentId: string;
+        startedAt: number | null;
+        finishedAt: number | null;
+        critical: boolean;
+      }[];
+      criticalPath: string[];
+    };
+    const runId = system.coordinator.github!.runs.runsOf({ repo: REPO, headSha: head })[0]!.id;
+    const timeline = (await checkedFetch(api(`/runs/${runId}/timeline`))).json<Timeline>();
+    expect(timeline.builds.length).toBeGreaterThan(0);
+    expect(timeline.builds.every((b) => b.agentId === 'local-1')).toBe(true);
+    // The critical path runs forward in time: each step started once the one before had finished.
+    const byDrv = new Map(timeline.builds.filter((b) => b.critical).map((b) => [b.drvPath, b]));
+    expect([...byDrv.keys()].sort()).toEqual([...timeline.criticalPath].sort());
+    const path = timeline.criticalPath.map((d) => byDrv.get(d)!);
+    for (let i = 1; i < path.length; i++) expect(path[i]!.startedAt!).toBeGreaterThanOrEqual(path[i - 1]!.finishedAt!);
+    expect(Math.max(...timeline.builds.map((b) => b.finishedAt ?? 0))).toBe(path.at(-1)!.finishedAt);
+    expect((await checkedFetch(api('/runs/999999/timeline'))).status).toBe(404);
+
     type Sizes = { points: { commit: string; outputs: { narSize: number | null }[] }[] };
     const sizes = (await checkedFetch(api(`/repos/${REPO}/attributes/stable/sizes`))).json<Sizes>();
     expect(sizes.points.map((p) => p.commit)).toEqual([head, repo.base]);

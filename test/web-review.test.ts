@@ -77,8 +77,18 @@ async function api(path: string, init: RequestInit = {}, token = TOKEN): Promise
   return r.json();
 }
 
+/** What the API answers a POST it refuses (which changes nothing), as the page shows it: `message (status)`. */
+async function refusalOf(path: string, token: string | null): Promise<string> {
+  const r = await fetch(site(`/api/v1${path}`), {
+    method: 'POST',
+    headers: token ? { Authorization: `Bearer ${token}` } : {},
+  });
+  expect(r.status).toBeGreaterThanOrEqual(400);
+  return `${((await r.json()) as { error: { message: string } }).error.message} (${r.status})`;
+}
+
 /** A page in a fresh browser context, with an API token in its localStorage or none. */
-async function open(path: string, token: string | undefined = TOKEN): Promise<Page> {
+async function open(path: string, token: string | null = TOKEN): Promise<Page> {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   if (token) await context.addInitScript((t) => localStorage.setItem('ekaci.token', t), token);
   const page = await context.newPage();
@@ -142,7 +152,7 @@ describe('the overview and the review of a pull request', () => {
 
   it('shows the review of a pull request: newly failing first with roots and logs, errors, sizes, links to builds', async () => {
     // Public repository data on a public coordinator: no token needed to read it.
-    const page = await open(`/repos/${REPO}/pulls/7`, undefined);
+    const page = await open(`/repos/${REPO}/pulls/7`, null);
     await page.locator('.review .verdict').waitFor();
     expect(await page.locator('h1').textContent()).toBe(`${prTitle()} #7 `);
     expect(await page.locator('#run-state').textContent()).toBe('done');
@@ -184,7 +194,8 @@ describe('the overview and the review of a pull request', () => {
       `+${head - base} B (+${sizes.closureSizePercent!.toFixed(1)} %)`,
     );
     expect(await app.locator('svg.size-bars rect').count()).toBe(2);
-    await app.locator('svg.sparkline polyline').waitFor();
+    // Its size over the evaluated commits, the review's head marked.
+    await app.locator('svg.sparkline circle.head').waitFor();
     expect(await page.locator('#dependencies').textContent()).toMatch(/lib\s*1\.0\s*2\.0/);
     expect(await page.locator('#still-failing a.attr').getAttribute('href')).toBe(`/builds/${headOf('broken').hash}`);
     await shot(page, 'review-pull.png');
@@ -198,7 +209,7 @@ describe('the overview and the review of a pull request', () => {
 
   it('opens the check run’s Details link on the review page', async () => {
     expect(summary.detailsUrl).toBe(site(`/reviews?repo=acme%2Fpkgs&base=${pr.base}&head=${pr.head}`));
-    const page = await open(summary.detailsUrl!.slice(site('').length), undefined);
+    const page = await open(summary.detailsUrl!.slice(site('').length), null);
     await page.locator('.review .verdict').waitFor();
     expect(await page.locator('h1').textContent()).toBe(`Review of ${REPO}`);
     expect(await page.locator('#newly-failing h2').textContent()).toBe('Newly failing (3)');
@@ -208,7 +219,7 @@ describe('the overview and the review of a pull request', () => {
 
 describe('a build: its dependency chain, rebuilding it, live updates', () => {
   it('follows a dependency failure down to the failed root and shows the root’s log', async () => {
-    const page = await open(`/builds/${headOf('uses-breaks').hash}`, undefined);
+    const page = await open(`/builds/${headOf('uses-breaks').hash}`, null);
     await page.locator('.chain .log-text', { hasText: 'this change broke it' }).waitFor();
     const chain = await page.locator('.chain-links li').evaluateAll((lis) => lis.map((li) => li.textContent));
     expect(chain).toEqual(['uses-breaks-1.0 dependency-failed', 'breaks-1.0 failed']);
@@ -219,11 +230,12 @@ describe('a build: its dependency chain, rebuilding it, live updates', () => {
     const { drvPath, hash } = headOf('breaks');
     const attempts = (): number => system.coordinator.store.attemptsOf(drvPath).length;
     expect(attempts()).toBe(1);
-    const anonymous = await open(`/builds/${hash}`, undefined);
+    const anonymous = await open(`/builds/${hash}`, null);
     await anonymous.locator('button[data-action="rebuild"]').click();
     const refusal = anonymous.locator('.action-message[data-state="error"]');
     await refusal.waitFor();
-    expect(await refusal.textContent()).toBe('changing builds needs an API token (401)');
+    expect(await refusal.textContent()).toMatch(/needs an API token.* \(401\)$/);
+    expect(await refusal.textContent()).toBe(await refusalOf(`/derivations/${hash}/rebuild`, null));
     expect(attempts()).toBe(1);
     await shot(anonymous, 'build-rebuild-refused.png');
 
@@ -272,17 +284,15 @@ describe('a build: its dependency chain, rebuilding it, live updates', () => {
 
 describe('the timeline of a run', () => {
   it('draws the builds of each agent over time and marks the critical path', async () => {
-    const openapi = (await (await fetch(site('/api/v1/openapi.json'))).json()) as { paths: Record<string, unknown> };
-    if (!openapi.paths['/runs/{id}/timeline']) {
-      console.warn('GET /api/v1/runs/{id}/timeline does not exist yet: the timeline page is not tested');
-      return;
-    }
     const { runs } = (await api(`/repos/${REPO}/commits/${pr.head}`)) as { runs: Array<{ id: number }> };
     const id = runs[0]!.id;
     const timeline = (await api(`/runs/${id}/timeline`)) as { builds: unknown[]; criticalPath: string[] };
-    const page = await open(`/runs/${id}`);
+    // The pull request's page links to its run's timeline.
+    const page = await open(`/repos/${REPO}/pulls/7`);
+    await page.locator(`a[href="/runs/${id}"]`).click();
     const bars = page.locator('svg.timeline-chart rect.bar');
     await bars.first().waitFor();
+    expect(await page.locator('.run-facts').textContent()).toMatch(/^done pull request #7, head [0-9a-f]{12} onto/);
     expect(await bars.count()).toBe(timeline.builds.length);
     expect(await page.locator('svg.timeline-chart rect.bar.critical').count()).toBeGreaterThan(0);
     expect(await page.locator('.critical-path li').count()).toBe(timeline.criticalPath.length);
@@ -300,9 +310,8 @@ describe('the agents page', () => {
     await row.locator('button[data-action="drain"]').click();
     const refusal = row.locator('.action-message[data-state="error"]');
     await refusal.waitFor();
-    expect(await refusal.textContent()).toBe(
-      'draining and resuming agents needs an API token named in [web] admins (403)',
-    );
+    expect(await refusal.textContent()).toBe(await refusalOf('/agents/local-1/drain', TOKEN));
+    expect(await refusal.textContent()).toMatch(/admins \(403\)$/);
     await shot(reader, 'agents-drain-refused.png');
 
     const page = await open('/agents', ADMIN_TOKEN);

@@ -56,6 +56,20 @@ const MAX_TRACKED_USERS = 10_000;
  * cancelled when the head moves. Each command is answered with a reaction: +1 accepted, -1 refused (with a reply
  * saying why), rocket when merged.
  */
+/** How a command is answered: on the pull request (a comment's), or to the web UI's caller. */
+interface Answer {
+  accepted(note?: string): Promise<void>;
+  refused(reason: string): Promise<void>;
+}
+
+/** Who gave commands, when, and how each is answered (`id`: the comment's; null from the web UI). */
+interface CommandSource {
+  id: number | null;
+  author: string;
+  createdAt: number;
+  answer: (line: string) => Answer;
+}
+
 export class CommandRunner {
   private readonly limiter = new KeyedRateLimiter(MAX_TRACKED_USERS, COMMAND_BURST, COMMANDS_PER_SECOND);
 
@@ -69,13 +83,71 @@ export class CommandRunner {
   ): Promise<void> {
     const commands = parseCommands(comment.body, this.deps.botName);
     if (commands.length === 0) return;
-    const wait = this.limiter.take(`${repo}\u0000${comment.author.toLowerCase()}`);
+    const api = new RepoApi(await this.deps.apps.octokit(served), repo);
+    // Answered on the pull request: a reaction to the comment, and a reply saying why when refused.
+    const answer = (line: string): Answer => ({
+      accepted: async (note) => {
+        await api.react(comment.id, '+1');
+        if (note) await api.reply(number, `@${comment.author}: ${note}`);
+      },
+      refused: async (reason) => {
+        await api.react(comment.id, '-1');
+        await api.reply(number, `> ${line}\n\n@${comment.author}: ${reason}`);
+      },
+    });
+    await this.runCommands(served, api, repo, number, commands, { ...comment, answer });
+  }
+
+  /**
+   * A command given on eka-ci's web UI by a logged-in GitHub user (`approve SHA`, `merge`, `rebuild`, …): decided by
+   * the same rules as a comment, answered to the caller instead of on the pull request. Undefined when no App serves
+   * the repository.
+   */
+  async runFromWeb(
+    repo: string,
+    number: number,
+    login: string,
+    line: string,
+  ): Promise<{ accepted: boolean; message: string } | undefined> {
+    const served = await this.servedFor(repo);
+    if (!served) return undefined;
+    const commands = parseCommands(`@${this.deps.botName ?? 'eka-ci'} ${line}`, this.deps.botName);
+    if (commands.length !== 1) return { accepted: false, message: `"${line}" is not one eka-ci command` };
+    const api = new RepoApi(await this.deps.apps.octokit(served), repo);
+    let outcome = { accepted: false, message: 'not run (rate-limited, or the branch is not served)' };
+    const answer: Answer = {
+      accepted: (note) => {
+        outcome = { accepted: true, message: note ?? 'done' };
+        return Promise.resolve();
+      },
+      refused: (reason) => {
+        outcome = { accepted: false, message: reason };
+        return Promise.resolve();
+      },
+    };
+    await this.runCommands(served, api, repo, number, commands, {
+      id: null,
+      author: login,
+      createdAt: Date.now(),
+      answer: () => answer,
+    });
+    return outcome;
+  }
+
+  private async runCommands(
+    served: Served,
+    api: RepoApi,
+    repo: string,
+    number: number,
+    commands: PrCommand[],
+    from: CommandSource,
+  ): Promise<void> {
+    const wait = this.limiter.take(`${repo}\u0000${from.author.toLowerCase()}`);
     if (wait > 0) {
-      this.deps.logger.warn({ repo, author: comment.author, waitMs: wait }, 'commands rate-limited');
-      this.deps.audit.record(`github:${comment.author}`, 'command-rate-limited', { repo, pr: number });
+      this.deps.logger.warn({ repo, author: from.author, waitMs: wait }, 'commands rate-limited');
+      this.deps.audit.record(`github:${from.author}`, 'command-rate-limited', { repo, pr: number });
       return;
     }
-    const api = new RepoApi(await this.deps.apps.octokit(served), repo);
     const pr = await api.pullRequest(number);
     this.deps.runs.upsertPullRequest({
       repo,
@@ -92,15 +164,15 @@ export class CommandRunner {
     });
     // Commands act on the pull request's base branch: one the app may not build is not served at all.
     if (!this.deps.apps.allowed(served, repo, pr.base.ref)) return;
-    const actor: Actor = { login: comment.author, permission: await api.permission(comment.author) };
+    const actor: Actor = { login: from.author, permission: await api.permission(from.author) };
     for (const command of commands) {
+      const answer = from.answer(command.line);
       const refusal = this.refusal(command, actor, repo, pr);
       if (refusal) {
-        await api.react(comment.id, '-1');
-        await api.reply(number, `> ${command.line}\n\n@${comment.author}: ${refusal}`);
+        await answer.refused(refusal);
         continue;
       }
-      await this.execute(command as Exclude<PrCommand, { kind: 'invalid' }>, served, api, repo, pr, comment);
+      await this.execute(command as Exclude<PrCommand, { kind: 'invalid' }>, served, repo, pr, from, answer);
     }
   }
 
@@ -131,10 +203,10 @@ export class CommandRunner {
   private async execute(
     command: Exclude<PrCommand, { kind: 'invalid' }>,
     served: Served,
-    api: RepoApi,
     repo: string,
     pr: PullRequestRef,
-    comment: { id: number; author: string; createdAt: number },
+    comment: CommandSource,
+    answer: Answer,
   ): Promise<void> {
     const actor = `github:${comment.author}`;
     const baseCloneUrl = pr.base.repo.clone_url;
@@ -155,20 +227,16 @@ export class CommandRunner {
               .concat(pr.head.sha.startsWith(command.sha) ? [pr.head.sha] : [])[0]
           : this.deps.runs.headBefore(repo, pr.number, comment.createdAt);
         if (seen === undefined) {
-          await api.react(comment.id, '-1');
-          await api.reply(
-            pr.number,
-            `@${comment.author}: eka-ci cannot tell which commit you saw${command.sha ? ` (no head ${command.sha} of this pull request)` : ''}; comment \`@eka-ci approve ${pr.head.sha}\` to approve the current head.`,
+          await answer.refused(
+            `eka-ci cannot tell which commit you saw${command.sha ? ` (no head ${command.sha} of this pull request)` : ''}; comment \`@eka-ci approve ${pr.head.sha}\` to approve the current head.`,
           );
           return;
         }
         this.deps.runs.setApproval(repo, pr.number, comment.author, seen);
         this.deps.audit.record(actor, 'approve', { repo, pr: pr.number, head: seen });
         if (seen !== pr.head.sha) {
-          await api.react(comment.id, '+1');
-          await api.reply(
-            pr.number,
-            `@${comment.author}: approved ${seen}; the pull request has moved on to ${pr.head.sha} since, which needs its own approval.`,
+          await answer.accepted(
+            `approved ${seen}; the pull request has moved on to ${pr.head.sha} since, which needs its own approval.`,
           );
           return;
         }
@@ -194,7 +262,7 @@ export class CommandRunner {
         this.deps.audit.record(actor, 'merge-cancelled', { repo, pr: pr.number });
         break;
     }
-    await api.react(comment.id, '+1');
+    await answer.accepted();
     if (command.kind === 'merge') await this.evaluateMerge(repo, pr.number, served);
   }
 

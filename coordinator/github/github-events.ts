@@ -71,14 +71,24 @@ export class GitHubEvents {
         const p = parsePayload(checkRunEvent, d.event, d.payload);
         const rebuild = p.action === 'requested_action' && p.requested_action?.identifier === 'rebuild-failed';
         if (p.action === 'rerequested' || rebuild) {
-          await this.rerun(p.repository.full_name, p.check_run.head_sha, d.event, p.sender?.login ?? 'unknown');
+          await this.rerun(
+            p.repository.full_name,
+            p.check_run.head_sha,
+            d.event,
+            `github:${p.sender?.login ?? 'unknown'}`,
+          );
         }
         return;
       }
       case 'check_suite': {
         const p = parsePayload(checkSuiteEvent, d.event, d.payload);
         if (p.action === 'rerequested') {
-          await this.rerun(p.repository.full_name, p.check_suite.head_sha, d.event, p.sender?.login ?? 'unknown');
+          await this.rerun(
+            p.repository.full_name,
+            p.check_suite.head_sha,
+            d.event,
+            `github:${p.sender?.login ?? 'unknown'}`,
+          );
         }
         return;
       }
@@ -263,20 +273,21 @@ export class GitHubEvents {
   }
 
   /**
-   * "Re-run" on a check run or suite, or its "Rebuild failed" button: the commit's newest run, again. A pull
-   * request's head goes through the same door as a new push (approval, trust), so a re-run never builds code that
-   * still waits for approval, whoever clicked it.
+   * "Re-run" on a check run or suite, or its "Rebuild failed" button (on GitHub, or the web UI's): the commit's
+   * newest run, again. A pull request's head goes through the same door as a new push (approval, trust), so a re-run
+   * never builds code that still waits for approval, whoever clicked it. False when there is nothing to run again (no
+   * run of the commit, or no longer the head of an open pull request).
    */
-  private async rerun(repo: string, headSha: string, kind: string, sender: string): Promise<void> {
+  async rerun(repo: string, headSha: string, kind: string, actor: string): Promise<boolean> {
     const last = this.deps.runs.latestRunOf(repo, headSha);
-    if (!last) return;
+    if (!last) return false;
     if (last.kind === 'pull_request' && last.pr_number !== null) {
       const pr = this.deps.runs.pullRequest(repo, last.pr_number);
       // Only the current head of an open pull request is built again.
-      if (!pr || pr.state !== 'open' || pr.head_sha !== headSha) return;
+      if (!pr || pr.state !== 'open' || pr.head_sha !== headSha) return false;
       const served = await this.served(last.installation_id, repo, pr.base_ref);
-      if (!served) return;
-      this.deps.audit.record(`github:${sender}`, 'rebuild-failed', { repo, headSha, via: kind });
+      if (!served) return false;
+      this.deps.audit.record(actor, 'rebuild-failed', { repo, headSha, via: kind });
       await this.startPullRequestRun(
         served,
         repo,
@@ -290,7 +301,7 @@ export class GitHubEvents {
         last.base_clone_url,
         { rebuildFailed: true, attrs: JSON.parse(last.extra_attrs) as string[] },
       );
-      return;
+      return true;
     }
     if (OPEN_RUN_STATES.has(last.state)) this.deps.pipeline.cancel(last.id, 'a re-run was requested');
     const runId = this.deps.runs.createRun({
@@ -305,8 +316,9 @@ export class GitHubEvents {
       extraAttrs: JSON.parse(last.extra_attrs) as string[],
       rebuildFailed: true,
     });
-    this.deps.audit.record(`github:${sender}`, 'rebuild-failed', { repo, headSha, runId, via: kind });
+    this.deps.audit.record(actor, 'rebuild-failed', { repo, headSha, runId, via: kind });
     this.deps.pipeline.start(runId);
+    return true;
   }
 
   private async comment(p: ReturnType<typeof issueCommentEvent.parse>): Promise<void> {

@@ -1,3 +1,4 @@
+import { LRUCache } from 'lru-cache';
 import type Router from '@koa/router';
 import { IllegalStateError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -28,6 +29,9 @@ import { webhookReceiver } from './webhook-receiver.js';
 
 // GitHub's largest page; commit titles beyond it belong to mass changes, which the rebuild diff covers anyway.
 const COMMITS_PER_PAGE = 100;
+
+// A permission GitHub gave is trusted this long: a writer demoted sees their buttons go within minutes.
+const PERMISSION_TTL_MS = 5 * 60_000;
 
 export interface GitHubServiceDeps {
   options: CoordinatorOptions;
@@ -64,6 +68,7 @@ export class GitHubService {
   readonly commands: CommandRunner;
   readonly queue: DeliveryQueue;
   private readonly apps: AppRegistry;
+  private readonly permissions = new LRUCache<string, string>({ max: 10_000, ttl: PERMISSION_TTL_MS });
   /** Registered with the coordinator's Prometheus registry once it exists (see `registerMetrics`). */
   readonly metrics = new GitHubMetricsSink();
 
@@ -81,7 +86,7 @@ export class GitHubService {
       // The web UI's review page (web/src/pages/pull.ts), where a reviewer lands from a check run's "Details".
       review: (repo, base, head) =>
         `${deps.publicUrl()}/reviews?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}`,
-      derivation: (drv) => `${deps.publicUrl()}/api/v1/derivations/${storePathHash(drv)}`,
+      derivation: (drv) => `${deps.publicUrl()}/builds/${storePathHash(drv)}`,
     };
     this.pipeline = new RunPipeline({
       runs: this.runs,
@@ -140,6 +145,27 @@ export class GitHubService {
   }
 
   /** `POST /github/webhook`, for the coordinator's HTTP server. */
+  /**
+   * A GitHub user's permission on a repository, asked through the App that serves it (and remembered for a few
+   * minutes: a page of buttons asks often); undefined when no App serves the repository or GitHub cannot say.
+   */
+  async permissionOf(repo: string, login: string): Promise<string | undefined> {
+    const key = `${repo}\u0000${login.toLowerCase()}`;
+    const known = this.permissions.get(key);
+    if (known !== undefined) return known;
+    const r = this.runs.repository(repo);
+    const served = r ? await this.apps.served(r.installation_id, repo) : undefined;
+    if (!served) return undefined;
+    try {
+      const permission = await new RepoApi(await this.apps.octokit(served), repo).permission(login);
+      this.permissions.set(key, permission);
+      return permission;
+    } catch (err) {
+      this.deps.logger.warn({ repo, login, err: (err as Error).message }, 'cannot ask GitHub for a permission');
+      return undefined;
+    }
+  }
+
   router(): Router {
     return webhookReceiver({
       queue: this.queue,

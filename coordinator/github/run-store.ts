@@ -234,7 +234,7 @@ export class RunStore {
   setMerge(
     repo: string,
     number: number,
-    merge: { method: string; forSha: string; by: string; commentId: number } | undefined,
+    merge: { method: string; forSha: string; by: string; commentId: number | null } | undefined,
   ): void {
     this.db
       .prepare(
@@ -297,6 +297,18 @@ export class RunStore {
     this.db.prepare('UPDATE github_runs SET summary_json = ? WHERE id = ?').run(JSON.stringify(summary), id);
   }
 
+  /** The repositories with runs that build this derivation as a root (whose writers may cancel or rebuild it). */
+  repositoriesOf(drvPath: string): string[] {
+    return (
+      this.db
+        .prepare(
+          `SELECT DISTINCT g.repo FROM github_run_roots r JOIN github_runs g ON g.id = r.run_id
+            WHERE r.drv_path = ? ORDER BY g.repo`,
+        )
+        .all(drvPath) as Array<{ repo: string }>
+    ).map((r) => r.repo);
+  }
+
   /** Repositories the GitHub Apps serve, by name. */
   repositories(): RepositoryRow[] {
     return this.db.prepare('SELECT * FROM github_repositories ORDER BY full_name').all() as RepositoryRow[];
@@ -307,11 +319,17 @@ export class RunStore {
     const prs = this.db
       .prepare("SELECT * FROM github_pull_requests WHERE repo = ? AND (? = 'all' OR state = ?) ORDER BY number")
       .all(repo, state, state) as PullRequestRow[];
-    const latest = this.db.prepare(
-      `SELECT * FROM github_runs WHERE repo = ? AND pr_number = ? AND kind = 'pull_request' AND head_sha = ?
-       ORDER BY id DESC LIMIT 1`,
-    );
-    return prs.map((p) => ({ ...p, run: latest.get(repo, p.number, p.head_sha) as RunRow | undefined }));
+    return prs.map((p) => ({ ...p, run: this.latestPullRun(repo, p.number, p.head_sha) }));
+  }
+
+  /** The newest run of a pull request's head. */
+  latestPullRun(repo: string, number: number, headSha: string): RunRow | undefined {
+    return this.db
+      .prepare(
+        `SELECT * FROM github_runs WHERE repo = ? AND pr_number = ? AND kind = 'pull_request' AND head_sha = ?
+         ORDER BY id DESC LIMIT 1`,
+      )
+      .get(repo, number, headSha) as RunRow | undefined;
   }
 
   openRuns(): RunRow[] {

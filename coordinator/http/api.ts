@@ -15,7 +15,7 @@ import { followLog, serveLog } from './log-routes.js';
 import { OPENAPI_DOCUMENT } from './openapi.js';
 import { addRepoRoutes } from './repo-routes.js';
 import { eventsRoute } from './events-route.js';
-import { actorOf, badRequest, mayAct, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
+import { actorOf, badRequest, mayAct, mayActOn, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
 import type { RequestState } from './server.js';
 import type { RunStore } from '../github/run-store.js';
 import type { EventBus } from '../events.js';
@@ -41,6 +41,15 @@ export interface ApiSources {
   /** An operator's drain and resume of an agent (false: no such agent). */
   drainAgent(agentId: string, actor: string, reason: string): boolean;
   resumeAgent(agentId: string, actor: string): boolean;
+  /** A commit's newest run again, failed builds included; false when there is none to run again. */
+  rebuildFailed(repo: string, headSha: string, actor: string): Promise<boolean>;
+  /** A comment command given on the web UI by a GitHub user; undefined when no App serves the repository. */
+  runCommand(
+    repo: string,
+    number: number,
+    login: string,
+    command: string,
+  ): Promise<{ accepted: boolean; message: string } | undefined>;
   /** Repositories, pull requests and runs (GitHub). */
   runs: RunStore;
   events: EventBus;
@@ -149,6 +158,17 @@ export function apiRouter(sources: ApiSources): Router {
     ctx.body = { id: ctx.params.id, drained: false };
   });
   router.get('/events', (ctx) => eventsRoute(ctx, sources.events, access));
+  // Who the caller is, as the pages need it: what to show, and the CSRF token a login session sends with changes.
+  router.get('/me', (ctx) => {
+    const p = (ctx.state as RequestState).principal;
+    ctx.body = {
+      kind: p.kind,
+      name: p.kind === 'anonymous' ? null : p.name,
+      admin: access.isAdmin(p),
+      csrfToken: access.csrfTokenOf(p) ?? null,
+      login: access.sessions ? '/auth/login' : null,
+    };
+  });
   router.get('/audit', (ctx) => {
     if (!mayAct(ctx, access, 'audit')) return;
     const limit = Math.min(Math.max(Number(ctx.query.limit ?? 100) || 100, 1), 1000);
@@ -176,10 +196,17 @@ export function apiRouter(sources: ApiSources): Router {
   });
   // Actions on a derivation: cancel it (queued or running; what only it blocked ends dependency-failed), or build
   // it again (a failure is final until someone asks).
-  router.post('/derivations/:hash/cancel', (ctx) => {
-    if (!mayAct(ctx, access, 'builds')) return;
+  /** The derivation an action names, after checking who acts (API tokens; writers of a repository it is built for). */
+  const actionTarget = async (ctx: RouterContext): Promise<string | undefined> => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
-    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    const repos = drvPath ? sources.runs.repositoriesOf(drvPath) : [];
+    if (!(await mayActOn(ctx, access, 'builds', repos))) return undefined;
+    if (!drvPath) notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    return drvPath;
+  };
+  router.post('/derivations/:hash/cancel', async (ctx) => {
+    const drvPath = await actionTarget(ctx);
+    if (!drvPath) return;
     const state = store.derivation(drvPath)!.state;
     if (!['queued', 'buildable', 'building'].includes(state)) {
       ctx.status = 409;
@@ -193,9 +220,8 @@ export function apiRouter(sources: ApiSources): Router {
     ctx.body = { drvPath, state: store.derivation(drvPath)!.state };
   });
   router.post('/derivations/:hash/rebuild', async (ctx) => {
-    if (!mayAct(ctx, access, 'builds')) return;
-    const drvPath = findDrv(store, ctx.params.hash ?? '');
-    if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
+    const drvPath = await actionTarget(ctx);
+    if (!drvPath) return;
     const row = store.derivation(drvPath)!;
     const actor = actorOf(ctx);
     let id: number;

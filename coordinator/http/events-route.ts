@@ -1,8 +1,7 @@
-import { PassThrough } from 'node:stream';
 import type { RouterContext } from '@koa/router';
 import type { AccessControl } from '../access/access-control.js';
 import type { EventBus, PublishedEvent } from '../events.js';
-import { FOLLOW_KEEPALIVE_MS } from './log-routes.js';
+import { FOLLOW_KEEPALIVE_MS, eventStream } from './log-routes.js';
 import type { RequestState } from './server.js';
 
 // A client this far behind (bytes written but not yet taken by its socket) is dropped: it reconnects with
@@ -16,13 +15,7 @@ const MAX_BACKLOG_BYTES = 1024 * 1024;
  */
 export function eventsRoute(ctx: RouterContext, bus: EventBus, access: AccessControl): void {
   const principal = (ctx.state as RequestState).principal;
-  const out = new PassThrough();
-  ctx.status = 200;
-  ctx.type = 'text/event-stream';
-  ctx.set('Cache-Control', 'no-cache');
-  ctx.set('X-Accel-Buffering', 'no');
-  ctx.req.socket.setNoDelay(true);
-  ctx.body = out;
+  const out = eventStream(ctx);
   let closed = false;
   const send = (e: PublishedEvent): void => {
     if (closed || !access.mayRead(principal, e.visibility)) return;

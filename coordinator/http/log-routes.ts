@@ -71,13 +71,7 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
   const path = attempt.log_path;
   const resumeAt = Number(ctx.get('Last-Event-ID') || '0');
   let offset = Number.isSafeInteger(resumeAt) && resumeAt >= 0 ? resumeAt : 0;
-  const out = new PassThrough();
-  ctx.status = 200;
-  ctx.type = 'text/event-stream';
-  ctx.set('Cache-Control', 'no-cache');
-  ctx.set('X-Accel-Buffering', 'no');
-  ctx.req.socket.setNoDelay(true);
-  ctx.body = out;
+  const out = eventStream(ctx);
 
   let pumping = false;
   let again = false;
@@ -150,6 +144,19 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
   ctx.req.on('close', stop);
   out.write('retry: 2000\n\n');
   void pump().catch(onError);
+}
+
+/** Answers with a Server-Sent Events stream: what the handler writes to the returned stream goes out at once. */
+export function eventStream(ctx: RouterContext): PassThrough {
+  const out = new PassThrough();
+  ctx.status = 200;
+  ctx.type = 'text/event-stream';
+  ctx.set('Cache-Control', 'no-cache');
+  // Proxies (nginx) would otherwise hold events back until a buffer fills.
+  ctx.set('X-Accel-Buffering', 'no');
+  ctx.req.socket.setNoDelay(true);
+  ctx.body = out;
+  return out;
 }
 
 function fileSize(path: string): number {

@@ -73,6 +73,7 @@ const logParameters = [
 
 const runProperties = {
   id: { type: 'integer' },
+  repo: { type: 'string' },
   kind: { type: 'string', enum: ['pull_request', 'push', 'merge_group'] },
   prNumber: nullable('integer'),
   baseSha: nullable('string'),
@@ -281,6 +282,21 @@ export const OPENAPI_DOCUMENT = {
         },
       },
       Run: object(runProperties),
+      PullRequest: object({
+        number: { type: 'integer' },
+        title: { type: 'string' },
+        author: { type: 'string' },
+        state: { type: 'string', enum: ['open', 'closed'] },
+        draft: { type: 'boolean' },
+        headSha: { type: 'string' },
+        baseSha: { type: 'string' },
+        baseRef: { type: 'string' },
+        updatedAt: { type: 'integer' },
+        rebuilds: { type: 'integer', minimum: 0 },
+        newlyFailing: nullable('integer'),
+        run: { anyOf: [{ type: 'null' }, { $ref: '#/components/schemas/Run' }] },
+        review: { ...nullable('string'), description: 'The review, once the run recorded it.' },
+      }),
       Event: {
         description: 'A state change (`GET /events`).',
         oneOf: [
@@ -499,6 +515,29 @@ export const OPENAPI_DOCUMENT = {
         },
       },
     },
+    '/me': {
+      get: {
+        summary:
+          'Who the caller is: what a page may offer them, and the CSRF token a login session sends with changes.',
+        security: [{}],
+        responses: {
+          '200': json(
+            'The caller.',
+            object({
+              kind: { type: 'string', enum: ['anonymous', 'agent', 'api', 'user'] },
+              name: nullable('string'),
+              admin: { type: 'boolean' },
+              csrfToken: {
+                ...nullable('string'),
+                description: 'For a login session: send it as `X-CSRF-Token` with every POST.',
+              },
+              login: { ...nullable('string'), description: 'Where to log in with GitHub, when configured.' },
+            }),
+          ),
+          ...denied,
+        },
+      },
+    },
     '/events': {
       get: {
         summary: 'State changes of builds, runs and agents, live, as Server-Sent Events.',
@@ -580,24 +619,7 @@ export const OPENAPI_DOCUMENT = {
           '200': json(
             'The pull requests.',
             object({
-              pullRequests: {
-                type: 'array',
-                items: object({
-                  number: { type: 'integer' },
-                  title: { type: 'string' },
-                  author: { type: 'string' },
-                  state: { type: 'string', enum: ['open', 'closed'] },
-                  draft: { type: 'boolean' },
-                  headSha: { type: 'string' },
-                  baseSha: { type: 'string' },
-                  baseRef: { type: 'string' },
-                  updatedAt: { type: 'integer' },
-                  rebuilds: { type: 'integer', minimum: 0 },
-                  newlyFailing: nullable('integer'),
-                  run: { anyOf: [{ type: 'null' }, { $ref: '#/components/schemas/Run' }] },
-                  review: { ...nullable('string'), description: 'The review, once the run recorded it.' },
-                }),
-              },
+              pullRequests: { type: 'array', items: { $ref: '#/components/schemas/PullRequest' } },
             }),
           ),
           '400': errorResponse('A query parameter is wrong.'),
@@ -643,6 +665,92 @@ export const OPENAPI_DOCUMENT = {
           ),
           ...denied,
           '404': errorResponse('No evaluation or run of such a commit.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/pulls/{number}': {
+      get: {
+        summary: 'One pull request, as the list shows it.',
+        parameters: [
+          ...repoParameters,
+          { name: 'number', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } },
+        ],
+        responses: {
+          '200': json('The pull request.', { $ref: '#/components/schemas/PullRequest' }),
+          ...denied,
+          '404': errorResponse('No such pull request was seen.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/pulls/{number}/commands': {
+      post: {
+        summary:
+          'A comment command (`approve SHA`, `merge [merge|squash|rebase]`, `merge cancel`, `rebuild`, `build ATTR…`) ' +
+          'given on the web UI by a logged-in GitHub user, decided by the same rules as a comment.',
+        parameters: [
+          ...repoParameters,
+          { name: 'number', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } },
+        ],
+        requestBody: {
+          required: true,
+          content: { 'application/json': { schema: object({ command: { type: 'string', minLength: 1 } }) } },
+        },
+        responses: {
+          '202': json('Accepted.', object({ accepted: { const: true }, message: { type: 'string' } })),
+          '400': errorResponse('The body is not what this route takes.'),
+          ...denied,
+          '404': errorResponse('No App serves the repository.'),
+          '415': errorResponse('The body is not JSON.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/commits/{sha}/rebuild-failed': {
+      post: {
+        summary: "A commit's newest run again, its failed builds included (API tokens; writers of the repository).",
+        parameters: [...repoParameters, pathString('sha', 'The full commit sha.')],
+        responses: {
+          '202': json('The run starts again.', object({ repo: { type: 'string' }, commit: { type: 'string' } })),
+          '400': errorResponse('Not a full commit sha.'),
+          ...denied,
+          '409': errorResponse("No run of the commit, or no longer an open pull request's head."),
+        },
+      },
+    },
+    '/runs/{id}/timeline': {
+      get: {
+        summary:
+          "A run's builds per agent over time (every attempt in its closure since it began) and its critical path.",
+        parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } }],
+        responses: {
+          '200': json(
+            'The timeline.',
+            object({
+              run: { $ref: '#/components/schemas/Run' },
+              closure: { type: 'integer', minimum: 0, description: 'Derivations of the closure looked at.' },
+              truncated: { type: 'boolean', description: 'The closure was larger than the walk allows.' },
+              builds: {
+                type: 'array',
+                items: object({
+                  drvPath: { type: 'string' },
+                  attr: nullable('string'),
+                  attempt: { type: 'integer' },
+                  agentId: { type: 'string' },
+                  state: { $ref: '#/components/schemas/AttemptState' },
+                  assignedAt: { type: 'integer' },
+                  startedAt: nullable('integer'),
+                  finishedAt: nullable('integer'),
+                  critical: { type: 'boolean' },
+                }),
+              },
+              criticalPath: {
+                type: 'array',
+                description: 'From the first build to the one that finished last, each waiting for the one before.',
+                items: { type: 'string' },
+              },
+            }),
+          ),
+          ...denied,
+          '404': errorResponse('No such run.'),
         },
       },
     },

@@ -1,7 +1,9 @@
 import type Router from '@koa/router';
 import type { RouterContext } from '@koa/router';
 import type { PullRequestRow, RunRow, RunSummary } from '../github/run-store.js';
-import { mayRead, notFound, badRequest, queryParam } from './respond.js';
+import { runTimeline } from '../github/run-timeline.js';
+import { z } from 'zod';
+import { actorOf, badRequest, mayActOn, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
 import type { ApiSources } from './api.js';
 import type { RequestState } from './server.js';
 
@@ -57,6 +59,40 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     ctx.body = { pullRequests: sortPulls(pulls, sort as PullSort) };
   });
 
+  router.get('/repos/:owner/:repo/pulls/:number', (ctx) => {
+    const repo = repoOf(ctx);
+    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    const pr = /^[0-9]+$/.test(ctx.params.number ?? '') ? runs.pullRequest(repo, Number(ctx.params.number)) : undefined;
+    if (!pr) return notFound(ctx, `${repo} has no pull request ${ctx.params.number ?? ''} eka-ci has seen`);
+    ctx.body = pullOf(repo, { ...pr, run: runs.latestPullRun(repo, pr.number, pr.head_sha) });
+  });
+
+  // A comment command given on the web UI by a logged-in GitHub user (`approve SHA`, `merge [method]`,
+  // `merge cancel`, `rebuild`, `build ATTR…`): the rules of the comment, the answer to the caller.
+  router.post('/repos/:owner/:repo/pulls/:number/commands', async (ctx) => {
+    const repo = repoOf(ctx);
+    const principal = (ctx.state as RequestState).principal;
+    if (principal.kind !== 'user') {
+      ctx.status = principal.kind === 'anonymous' ? 401 : 403;
+      ctx.body = {
+        error: { code: 'EKACI_ERR_AUTH', message: 'commands are given as a GitHub user: log in with GitHub' },
+      };
+      return;
+    }
+    const body = await readJsonBody(ctx, 4096);
+    if (body === undefined) return;
+    const parsed = commandBody.safeParse(body);
+    if (!parsed.success) return badRequest(ctx, 400, `command: ${parsed.error.issues[0]!.message}`);
+    const outcome = /^[0-9]+$/.test(ctx.params.number ?? '')
+      ? await sources.runCommand(repo, Number(ctx.params.number), principal.name, parsed.data.command)
+      : undefined;
+    if (!outcome) return notFound(ctx, `no GitHub App serves ${repo}, or no pull request ${ctx.params.number ?? ''}`);
+    ctx.status = outcome.accepted ? 202 : 403;
+    ctx.body = outcome.accepted
+      ? { accepted: true, message: outcome.message }
+      : { error: { code: 'EKACI_ERR_REFUSED', message: outcome.message } };
+  });
+
   // A commit (a unique prefix of 7+ hex digits will do): each job's evaluation in figures, the runs of it (pull
   // requests, pushes, merge groups) with their builds' states, and the reviews recorded with it as head.
   router.get('/repos/:owner/:repo/commits/:sha', (ctx) => {
@@ -87,6 +123,34 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
         url: `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${r.base_commit}&head=${commit}`,
       })),
     };
+  });
+
+  // "Rebuild failed" for a commit: its newest run again, failed builds included (writers of the repository).
+  router.post('/repos/:owner/:repo/commits/:sha/rebuild-failed', async (ctx) => {
+    const repo = repoOf(ctx);
+    if (!(await mayActOn(ctx, access, 'builds', [repo]))) return;
+    const sha = (ctx.params.sha ?? '').toLowerCase();
+    if (!/^[0-9a-f]{40}$/.test(sha)) return badRequest(ctx, 400, 'name the commit by its full sha');
+    if (!(await sources.rebuildFailed(repo, sha, actorOf(ctx)))) {
+      ctx.status = 409;
+      ctx.body = {
+        error: {
+          code: 'EKACI_ERR_STATE',
+          message: `nothing to build again: ${sha} has no run in ${repo}, or is no longer an open pull request's head`,
+        },
+      };
+      return;
+    }
+    ctx.status = 202;
+    ctx.body = { repo, commit: sha };
+  });
+
+  // A run's builds per agent over time, and its critical path (the timeline page).
+  router.get('/runs/:id/timeline', (ctx) => {
+    const run = /^[0-9]+$/.test(ctx.params.id ?? '') ? runs.run(Number(ctx.params.id)) : undefined;
+    if (!run) return notFound(ctx, `no run ${ctx.params.id ?? ''}`);
+    if (!mayRead(ctx, access, sources.repoVisibility(run.repo))) return;
+    ctx.body = { run: runOf(run), ...runTimeline(store, run, runs.roots(run.id)) };
   });
 
   // An attribute's output sizes in each evaluated commit, oldest first (the chart of a review page).
@@ -127,10 +191,13 @@ function runCommit(db: ApiSources['runs']['db'], repo: string, prefix: string): 
 
 type Pull = ReturnType<typeof pullOf>;
 
+const commandBody = z.object({ command: z.string().min(1).max(1000) }).strict();
+
 function runOf(r: RunRow) {
   const summary = r.summary_json === null ? null : (JSON.parse(r.summary_json) as RunSummary);
   return {
     id: r.id,
+    repo: r.repo,
     kind: r.kind,
     prNumber: r.pr_number,
     baseSha: r.base_sha,

@@ -40,10 +40,28 @@ export function mayAct(ctx: RouterContext, access: AccessControl, action: Action
   return false;
 }
 
+/** False (after answering 401/403) when the caller may not take this action on what these repositories build. */
+export async function mayActOn(
+  ctx: RouterContext,
+  access: AccessControl,
+  action: Action,
+  repos: readonly string[],
+): Promise<boolean> {
+  if (await access.mayActOn((ctx.state as RequestState).principal, action, repos)) return true;
+  denied(
+    ctx,
+    repos.length > 0
+      ? `changing this build needs an API token, or write access to ${repos.join(' or ')}`
+      : ACTION_NEEDS[action],
+  );
+  return false;
+}
+
 /** Who acts, as the audit log names them. */
 export function actorOf(ctx: RouterContext): string {
   const p = (ctx.state as RequestState).principal;
-  return p.kind === 'anonymous' ? 'anonymous' : `${p.kind}:${p.name}`;
+  if (p.kind === 'anonymous') return 'anonymous';
+  return p.kind === 'user' ? `github:${p.name}` : `${p.kind}:${p.name}`;
 }
 
 /** The request's JSON body, or undefined after answering 413/400/415. */

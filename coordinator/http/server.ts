@@ -6,6 +6,7 @@ import type { Registry } from 'prom-client';
 import type { Logger } from '../../common/logging.js';
 import type { AccessControl, Principal } from '../access/access-control.js';
 import { isWebUiRequest } from './web-routes.js';
+import { CSRF_HEADER, SESSION_COOKIE } from '../access/sessions.js';
 
 export interface HttpRoutes {
   cache: Router;
@@ -17,6 +18,10 @@ export interface HttpRoutes {
   github?: Router;
   /** The web UI's pages and assets (web-routes.ts). */
   web?: Router;
+  /** GitHub login (`/auth/…`), when `[oauth]` is configured. */
+  auth?: Router;
+  /** `[web] cors_origins`: other origins whose pages may call the API. */
+  corsOrigins?: readonly string[];
   access: AccessControl;
 }
 
@@ -34,7 +39,15 @@ export const ANONYMOUS_ROUTES: ReadonlyArray<{ method: string; path: string }> =
   { method: 'GET', path: '/readyz' },
   { method: 'POST', path: '/github/webhook' },
   { method: 'GET', path: '/api/v1/openapi.json' },
+  // Who the caller is (anonymous, as likely as not): what a page needs to offer a login.
+  { method: 'GET', path: '/api/v1/me' },
+  // Logging in is how a person gets a credential.
+  { method: 'GET', path: '/auth/login' },
+  { method: 'GET', path: '/auth/callback' },
+  { method: 'POST', path: '/auth/logout' },
 ];
+
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 
 /** Whether anyone may make this request whatever `[web] public` says: the routes above, and the web UI's files. */
 export function isAnonymousRequest(method: string, path: string): boolean {
@@ -61,8 +74,33 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   // Who is asking, decided once per request by AccessControl; on a coordinator that is not public, nobody without a
   // credential gets past this point except to the routes above. Routes then check the visibility of what they serve.
   app.use(async (ctx, next) => {
-    const principal = routes.access.principal(ctx.get('Authorization') || undefined);
+    // CORS: only the origins `[web] cors_origins` lists; a preflight is answered here.
+    const origin = ctx.get('Origin');
+    if (origin && routes.corsOrigins?.includes(origin)) {
+      ctx.set('Access-Control-Allow-Origin', origin);
+      ctx.set('Access-Control-Allow-Credentials', 'true');
+      ctx.vary('Origin');
+      if (ctx.method === 'OPTIONS') {
+        ctx.set('Access-Control-Allow-Methods', 'GET, POST, DELETE');
+        ctx.set('Access-Control-Allow-Headers', `Authorization, Content-Type, Last-Event-ID, Range, ${CSRF_HEADER}`);
+        ctx.set('Access-Control-Max-Age', '600');
+        ctx.status = 204;
+        return;
+      }
+    }
+    const principal = routes.access.principal(ctx.get('Authorization') || undefined, ctx.cookies.get(SESSION_COOKIE));
     (ctx.state as RequestState).principal = principal;
+    // A browser sends the session cookie by itself, also for another site's form: a change needs the CSRF token too.
+    if (!SAFE_METHODS.has(ctx.method) && !routes.access.csrfOk(principal, ctx.get(CSRF_HEADER) || undefined)) {
+      ctx.status = 403;
+      ctx.body = {
+        error: {
+          code: 'EKACI_ERR_CSRF',
+          message: `a change made with a login session needs the ${CSRF_HEADER} header`,
+        },
+      };
+      return;
+    }
     if (!isAnonymousRequest(ctx.method, ctx.path) && principal.kind === 'anonymous' && !routes.access.publicReads) {
       ctx.status = 401;
       ctx.set('WWW-Authenticate', 'Bearer realm="eka-ci"');
@@ -87,6 +125,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   root.use('/cache', routes.cache.routes(), routes.cache.allowedMethods());
   root.use('/api/v1', routes.api.routes(), routes.api.allowedMethods());
   if (routes.github) root.use(routes.github.routes(), routes.github.allowedMethods());
+  if (routes.auth) root.use(routes.auth.routes(), routes.auth.allowedMethods());
   if (routes.web) root.use(routes.web.routes(), routes.web.allowedMethods());
   app.use(root.routes()).use(root.allowedMethods());
   (app as Koa & { [ROOT]?: Router })[ROOT] = root;

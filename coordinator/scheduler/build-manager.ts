@@ -52,6 +52,18 @@ interface Lease {
   overLimit?: boolean;
 }
 
+/** A lane of the queues as operators read them (`GET /api/v1/queues`, `ekaci status`). */
+export interface QueueLane {
+  kind: 'build' | 'fixed-output';
+  system: string;
+  features: string[];
+  untrusted: boolean;
+  buildable: number;
+  waitingSince: number;
+  agents: string[];
+  why?: string;
+}
+
 export interface BuildResult {
   attr: string;
   drvPath: string;
@@ -608,19 +620,7 @@ export class BuildManager extends EventEmitter {
    * The queues as an operator reads them: per lane (system, features, fixed-output or not, untrusted or not) what
    * is buildable, since when, which connected agents serve it, and — when none does — why it waits.
    */
-  queues(agents: readonly AgentCapabilities[]): {
-    pending: number;
-    lanes: Array<{
-      kind: 'build' | 'fixed-output';
-      system: string;
-      features: string[];
-      untrusted: boolean;
-      buildable: number;
-      waitingSince: number;
-      agents: string[];
-      why?: string;
-    }>;
-  } {
+  queues(agents: readonly AgentCapabilities[]): { pending: number; lanes: QueueLane[] } {
     const lanes = this.scheduler.lanesWaiting().map(({ lane, buildable, since }) => {
       const [kind = '', system = '', features = ''] = lane.split('|');
       const serving = agents.filter((a) => agentMatchesLane(a, lane)).map((a) => a.agentId);

@@ -15,6 +15,7 @@ import type { Reply } from './github-standin/endpoint-kit.js';
 import { ENDPOINTS } from './github-standin/endpoints.js';
 import { validateRequest, type MatchedOperation } from './github-standin/openapi.js';
 import { StandInState } from './github-standin/state.js';
+import { OAuthStandIn } from './github-standin/oauth.js';
 import type { FailureResponse, GitHubStandIn, InvalidRequest, RecordedRequest } from './github-standin/types.js';
 
 export type * from './github-standin/types.js';
@@ -59,6 +60,8 @@ class StandIn implements GitHubStandIn {
   readonly privateKey: string;
   url = '';
   private readonly state: StandInState;
+  /** GitHub's OAuth web flow, for logging in to eka-ci's web UI. */
+  readonly oauth = new OAuthStandIn();
   private readonly auth: AppAuth;
   private readonly server = createServer((req, res) => void this.serve(req, res));
   private readonly failures: Array<{ method?: string; pathPrefix: string; response: FailureResponse; left: number }> =
@@ -186,6 +189,8 @@ class StandIn implements GitHubStandIn {
         return { status: 400, body, errors: ['body is not JSON'] };
       }
     }
+    const oauth = this.oauth.handle(record.method, record.path, record.query, record.body, req.headers.authorization);
+    if (oauth) return oauth;
     const credential = this.auth.identify(req.headers.authorization);
     record.auth = credential.kind;
     if (credential.kind === 'installation' && credential.installationId !== undefined) {

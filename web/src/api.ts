@@ -173,6 +173,7 @@ export interface SizePoint {
 
 /** GET /runs/{id}/timeline: every build of a run, and the chain of builds that decided how long it took. */
 export interface Timeline {
+  run: Run;
   closure: number;
   truncated: boolean;
   builds: TimelineBuild[];
@@ -184,7 +185,7 @@ export interface TimelineBuild {
   attr: string | null;
   attempt: number;
   agentId: string;
-  state: string;
+  state: AttemptState;
   assignedAt: number;
   startedAt: number | null;
   finishedAt: number | null;
@@ -259,12 +260,37 @@ export async function getJson<T>(path: string, signal?: AbortSignal): Promise<T>
  */
 export async function postAction<T>(path: string, body?: object): Promise<T> {
   const init: RequestInit = { method: 'POST' };
+  // A login session (a cookie) proves itself on a change with its CSRF token; a token in a header needs none.
+  const csrf = (await me()).csrfToken;
+  const headers: Record<string, string> = csrf ? { 'X-CSRF-Token': csrf } : {};
   if (body !== undefined) {
     init.body = JSON.stringify(body);
-    init.headers = { 'Content-Type': 'application/json' };
+    headers['Content-Type'] = 'application/json';
   }
+  init.headers = headers;
   const response = await apiFetch(path, init);
   return (await response.json()) as T;
+}
+
+/** Who the page's user is to the coordinator (`GET /api/v1/me`). */
+export interface Me {
+  kind: 'anonymous' | 'agent' | 'api' | 'user';
+  name: string | null;
+  admin: boolean;
+  csrfToken: string | null;
+  /** Where to log in with GitHub, when the coordinator offers it. */
+  login: string | null;
+}
+
+let asked: Promise<Me> | undefined;
+
+/** The caller, asked once per page load (a login or logout reloads the page). */
+export function me(): Promise<Me> {
+  asked ??= apiFetch('/me').then(
+    (r) => r.json() as Promise<Me>,
+    () => ({ kind: 'anonymous', name: null, admin: false, csrfToken: null, login: null }),
+  );
+  return asked;
 }
 
 export async function errorOf(response: Response): Promise<ApiError> {

@@ -1,3 +1,4 @@
+import { me } from './api.js';
 import { h, replace } from './dom.js';
 import { buildPage } from './pages/build.js';
 import { agentsPage } from './pages/fleet.js';
@@ -75,3 +76,24 @@ document.addEventListener('click', (event) => {
 });
 window.addEventListener('popstate', show);
 show();
+void showWho();
+
+/** The header's corner: who is logged in (and a way out), or a way to log in with GitHub when the coordinator has one. */
+async function showWho(): Promise<void> {
+  const who = await me();
+  const place = document.getElementById('who');
+  if (!place) return;
+  if (who.kind === 'user') {
+    const out = h('button', { type: 'button', class: 'link', 'data-action': 'logout' }, 'Log out');
+    out.addEventListener('click', () => {
+      const headers = { 'X-CSRF-Token': who.csrfToken ?? '' };
+      void fetch('/auth/logout', { method: 'POST', headers })
+        .catch(() => undefined)
+        .finally(() => location.reload());
+    });
+    replace(place, h('span', { class: 'who' }, who.name ?? '', who.admin ? ' (admin)' : ''), ' ', out);
+  } else if (who.login && who.kind === 'anonymous') {
+    const back = encodeURIComponent(location.pathname + location.search);
+    replace(place, h('a', { href: `${who.login}?return=${back}`, 'data-action': 'login' }, 'Log in with GitHub'));
+  }
+}

@@ -1,3 +1,4 @@
+import type { OAuthStandIn } from './oauth.js';
 /** The public shapes of the GitHub stand-in: what tests put in, and what they read back. */
 
 /** One request as the stand-in saw it, whether it was valid, refused, failed on purpose, or served. */
@@ -91,6 +92,8 @@ export interface GitHubStandIn {
   readonly appId: number;
   /** PEM (PKCS#1, as GitHub hands them out) of a fresh RSA key generated at start. */
   readonly privateKey: string;
+  /** GitHub's OAuth web flow: client id and secret to configure, and who the browser is signed in as. */
+  readonly oauth: OAuthStandIn;
   readonly requests: RecordedRequest[];
   readonly invalid: InvalidRequest[];
   addInstallation(id: number, account: string): void;

@@ -56,7 +56,7 @@ class BuildPage {
     replace(this.main, h('p', { class: 'muted' }, 'Loading…'));
     const refresh = debounced(REFRESH_MS, this.signal, () => this.refresh());
     const concerns = (drvPath: string): boolean =>
-      storeHash(drvPath) === this.hash.slice(0, 32) || this.chain.involves(drvPath);
+      storeHash(drvPath) === this.hash.slice(0, 32) || this.chain.notice(drvPath);
     void live(this.signal, {
       event: (e) => {
         if (e.type === 'build' && concerns(e.drvPath)) refresh();

@@ -28,8 +28,11 @@ export class DependencyChain {
 
   constructor(private readonly signal: AbortSignal) {}
 
-  involves(drvPath: string): boolean {
-    return this.root === drvPath || this.links.some((l) => l.drvPath === drvPath);
+  /** Takes note of a build's change: true when it concerns the chain, which the next `show` then draws again. */
+  notice(drvPath: string): boolean {
+    const involved = this.root === drvPath || this.links.some((l) => l.drvPath === drvPath);
+    if (involved) this.root = undefined;
+    return involved;
   }
 
   show(detail: DerivationDetail): void {

@@ -193,7 +193,8 @@ function rebuilds(p: PullRequest): Child {
 function fleetGlance(agents: Agent[], queues: Queues): Child[] {
   const connected = agents.filter((a) => a.connected);
   const slots = connected.reduce((n, a) => n + a.maxJobs, 0);
-  const busy = connected.reduce((n, a) => n + a.maxJobs - a.freeSlots, 0);
+  // What runs, not what is free: a drained agent has no free slot and may run nothing.
+  const busy = connected.reduce((n, a) => n + a.leases.length, 0);
   const waiting = queues.lanes.reduce((n, l) => n + l.buildable, 0);
   return [
     h(

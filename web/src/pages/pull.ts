@@ -1,5 +1,5 @@
 import type { Review } from '../../../coordinator/review/model.js';
-import { ApiError, type CoordinatorEvent, getJson, type Memo, type PullRequest } from '../api.js';
+import { ApiError, type CoordinatorEvent, getJson, type Memo, postAction, type PullRequest } from '../api.js';
 import { type Child, h, link, replace } from '../dom.js';
 import { ago, clock } from '../format.js';
 import { live } from '../live.js';
@@ -7,6 +7,7 @@ import { problem } from '../problem.js';
 import { debounced } from '../timing.js';
 import { reviewDerivations, reviewView } from './review.js';
 import { badge } from './widgets.js';
+import { actionButton } from './actions.js';
 
 // A run settles hundreds of builds in a burst: the review (the largest answer the API gives) is read once per second.
 const REVIEW_REFRESH_MS = 1000;
@@ -88,17 +89,14 @@ export function pullPage(main: HTMLElement, repo: string, number: number, signal
   }).then(load);
 }
 
-/** The pull request among the open ones, or else among all (a closed one keeps its page). */
+/** The pull request, or undefined when the coordinator has not seen it. */
 async function findPull(repo: string, number: number, signal: AbortSignal): Promise<PullRequest | undefined> {
-  for (const state of ['open', 'all']) {
-    const { pullRequests } = await getJson<{ pullRequests: PullRequest[] }>(
-      `/repos/${repo}/pulls?state=${state}`,
-      signal,
-    );
-    const found = pullRequests.find((p) => p.number === number);
-    if (found) return found;
+  try {
+    return await getJson<PullRequest>(`/repos/${repo}/pulls/${number}`, signal);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) return undefined;
+    throw err;
   }
-  return undefined;
 }
 
 function pullHeader(repo: string, p: PullRequest): Child {
@@ -146,7 +144,25 @@ function pullHeader(repo: string, p: PullRequest): Child {
           'Rebuilds',
           systems.map(([s, n], i) => [i > 0 && ', ', h('strong', null, n), ` on ${s}`]),
         ),
+      p.state === 'open' && fact('Actions', ...pullActions(repo, p)),
     ),
+  ];
+}
+
+/**
+ * What a writer does from the comment box, as buttons: the coordinator decides (the same rules as `@eka-ci approve`,
+ * `@eka-ci merge`, the check run's "Rebuild failed") and its refusal is shown beside the button.
+ */
+function pullActions(repo: string, p: PullRequest): Child[] {
+  const command = (line: string) => () => postAction(`/repos/${repo}/pulls/${p.number}/commands`, { command: line });
+  return [
+    actionButton('Rebuild failed', () => postAction(`/repos/${repo}/commits/${p.headSha}/rebuild-failed`), {
+      name: 'rebuild-failed',
+    }),
+    ' ',
+    actionButton(`Approve ${p.headSha.slice(0, 7)}`, command(`approve ${p.headSha}`), { name: 'approve' }),
+    ' ',
+    actionButton('Merge when green', command('merge'), { name: 'merge' }),
   ];
 }
 

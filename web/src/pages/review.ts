@@ -1,10 +1,11 @@
 import { isBlockingEvalFailure, isNewEvalFailure } from '../../../coordinator/review/classify.js';
-import type { AttrReview, OutputSizes, Review, SideResult } from '../../../coordinator/review/model.js';
+import type { AttrReview, Review, SideResult } from '../../../coordinator/review/model.js';
 import type { Memo } from '../api.js';
-import { type Child, h, link, replace } from '../dom.js';
-import { buildHref, bytes, storeName } from '../format.js';
+import { type Child, h, link } from '../dom.js';
+import { buildHref, storeName } from '../format.js';
 import { failureLog, logTail } from './review-logs.js';
-import { sizeBars, sizeHistory } from './size-chart.js';
+import { type SizeRow, sizeChanges, sizeTable } from './review-sizes.js';
+import { attrLink, table } from './review-table.js';
 import { badge } from './widgets.js';
 
 /**
@@ -13,12 +14,8 @@ import { badge } from './widgets.js';
  * dependency changes; newly succeeding; still failing; not built; added; removed. Every attribute links to its build.
  */
 
-// Rows a table shows before "show all": a nixpkgs review lists thousands of attributes.
-const MAX_ROWS = 100;
 // Failing roots whose log is read for the page (a root that broke its dependents has its tail in the review).
 const MAX_FETCHED_LOGS = 10;
-// Attributes whose size history is read for a sparkline.
-const MAX_SPARKLINES = 20;
 // Attributes named beside a root cause or dependency change before "and N more".
 const MAX_NAMED = 3;
 
@@ -72,7 +69,7 @@ export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
         ]),
       ),
     ]),
-    section('sizes', 'Size changes', sizes.length, [sizeTable(sizes, o, multiJob)]),
+    section('sizes', 'Size changes', sizes.length, [sizeTable(sizes, review, o, multiJob)]),
     dependencySection(attrs, multiJob),
     section('newly-succeeding', 'Newly succeeding', outcome('newly-succeeding').length, [
       resultsTable(outcome('newly-succeeding'), name),
@@ -136,13 +133,6 @@ function section(id: string, heading: string, count: number, body: Child[]): Chi
   );
 }
 
-/** An attribute, linked to the build that decides it (head's, or base's for a removed one). */
-function attrLink(a: AttrReview, multiJob: boolean): Child {
-  const drv = a.head?.drv ?? a.base?.drv;
-  const label = [h('code', null, a.attr), multiJob && h('span', { class: 'muted' }, ` (${a.job})`)];
-  return drv ? h('a', { href: buildHref(drv), class: 'attr', 'data-attr': a.attr }, label) : label;
-}
-
 function sideBadge(s: SideResult | undefined): Child {
   if (!s) return '—';
   return s.eval === 'error' ? badge('eval-error') : badge(s.build);
@@ -152,50 +142,6 @@ function resultsTable(list: AttrReview[], name: (a: AttrReview) => Child): HTMLE
   return table(
     ['Attribute', 'System', 'Base → head'],
     list.map((a) => [name(a), a.system ?? '—', [sideBadge(a.base), ' → ', sideBadge(a.head)]]),
-  );
-}
-
-/** A table of rows, the first MAX_ROWS shown and the rest behind a button. */
-function table(headers: string[], rows: Child[][], rowClass?: (i: number) => string | undefined): HTMLElement {
-  const tr = (cells: Child[], i: number): HTMLElement =>
-    h(
-      'tr',
-      { class: rowClass?.(i) },
-      cells.map((c) => h('td', null, c)),
-    );
-  const body = h('tbody', null, rows.slice(0, MAX_ROWS).map(tr));
-  const more =
-    rows.length > MAX_ROWS &&
-    h(
-      'button',
-      {
-        type: 'button',
-        class: 'show-all',
-        onclick: (event: Event) => {
-          replace(body, rows.map(tr));
-          (event.target as HTMLElement).remove();
-        },
-      },
-      `Show all ${rows.length}`,
-    );
-  return h(
-    'div',
-    { class: 'table-wrap' },
-    h(
-      'table',
-      null,
-      h(
-        'thead',
-        null,
-        h(
-          'tr',
-          null,
-          headers.map((x) => h('th', null, x)),
-        ),
-      ),
-      body,
-    ),
-    more,
   );
 }
 
@@ -217,8 +163,9 @@ function rootCauses(newlyFailing: AttrReview[], o: ReviewOptions): Child {
   }
   let fetched = 0;
   return [...roots].map(([drv, root]) => {
-    const names = [...new Set(root.attrs.map((a) => a.attr))];
-    const breaks = names.filter((n) => n !== root.attrs.find((a) => a.head?.drv === drv)?.attr);
+    /** The attribute whose own build this is, when one failed by itself; the others are broken by it. */
+    const self = root.attrs.find((a) => a.head?.drv === drv);
+    const breaks = [...new Set(root.attrs.map((a) => a.attr))].filter((n) => n !== self?.attr);
     const log =
       root.logTail !== undefined
         ? logTail(root.logTail)
@@ -232,7 +179,7 @@ function rootCauses(newlyFailing: AttrReview[], o: ReviewOptions): Child {
         'h3',
         null,
         link(buildHref(drv), storeName(drv)),
-        ' failed',
+        self?.head?.build === 'timed-out' ? ' timed out' : ' failed',
         breaks.length > 0 && [
           ', breaking ',
           breaks.slice(0, MAX_NAMED).map((n, i) => [i > 0 && ', ', h('code', null, n)]),
@@ -254,48 +201,6 @@ function errorMessage(error: string): Child {
     h('pre', { class: 'error-text' }, message || '—'),
     last > 0 && h('details', null, h('summary', null, 'Whole trace'), h('pre', { class: 'error-text' }, error)),
   ];
-}
-
-interface SizeRow {
-  a: AttrReview;
-  s: OutputSizes;
-}
-
-/** Outputs whose size moved and that were built on both sides; warnings (the job's size_check) first, then largest. */
-function sizeChanges(attrs: AttrReview[]): SizeRow[] {
-  return attrs
-    .flatMap((a) => (a.sizes ?? []).map((s) => ({ a, s })))
-    .filter(({ s }) => s.base && s.head && (s.closureSizeDelta !== 0 || s.narSizeDelta !== 0))
-    .sort(
-      (x, y) =>
-        Number(y.s.warning) - Number(x.s.warning) ||
-        Math.abs(y.s.closureSizePercent ?? 0) - Math.abs(x.s.closureSizePercent ?? 0),
-    );
-}
-
-function sizeTable(rows: SizeRow[], o: ReviewOptions, multiJob: boolean): HTMLElement {
-  const signed = (n: number | null, f: (n: number) => string): string =>
-    n === null ? '—' : `${n < 0 ? '−' : '+'}${f(Math.abs(n))}`;
-  return table(
-    ['Attribute', 'Output', 'Closure base → head', 'Change', 'Output (NAR)', 'Chart', 'History'],
-    rows.map(({ a, s }, i) => [
-      [attrLink(a, multiJob), s.warning && h('span', { class: 'tag warn' }, 'over the size check')],
-      h('code', null, s.output),
-      `${bytes(s.base?.closureSize)} → ${bytes(s.head?.closureSize)}`,
-      h(
-        'span',
-        { class: 'size-delta' },
-        signed(s.closureSizeDelta, bytes),
-        ' (',
-        signed(s.closureSizePercent, (n) => `${n.toFixed(1)} %`),
-        ')',
-      ),
-      signed(s.narSizeDelta, bytes),
-      sizeBars(s),
-      i < MAX_SPARKLINES ? sizeHistory(a.attr, a.job, s.output, o) : '',
-    ]),
-    (i) => (rows[i]!.s.warning ? 'size-row warning' : 'size-row'),
-  );
 }
 
 /** Dependency changes grouped by what changed, most widespread first: a version bump shows once, not per attribute. */

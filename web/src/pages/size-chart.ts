@@ -47,6 +47,7 @@ export function sizeHistory(
   attr: string,
   job: string,
   output: string,
+  marked: { base: string; head: string },
   o: { repo: string; signal: AbortSignal; memo: Memo },
 ): HTMLSpanElement {
   const slot = document.createElement('span');
@@ -59,7 +60,7 @@ export function sizeHistory(
         const size = p.outputs.find((o) => o.name === output)?.closureSize;
         return size === null || size === undefined ? [] : [{ commit: p.commit, size }];
       });
-      if (values.length >= 2) slot.append(sparkline(values));
+      if (values.length >= 2) slot.append(sparkline(values, marked));
       else slot.append(document.createTextNode(values.length === 1 ? 'one commit' : ''));
     })
     .catch(() => {
@@ -68,13 +69,18 @@ export function sizeHistory(
   return slot;
 }
 
-function sparkline(values: ReadonlyArray<{ commit: string; size: number }>): SVGElement {
+/** The line of sizes; the review's two commits are dots (the head's filled), named in the hover text. */
+function sparkline(
+  values: ReadonlyArray<{ commit: string; size: number }>,
+  marked: { base: string; head: string },
+): SVGElement {
   const sizes = values.map((v) => v.size);
   const [min, max] = [Math.min(...sizes), Math.max(...sizes)];
-  const x = (i: number): number => 2 + (i / (values.length - 1)) * (SPARK_WIDTH - 4);
-  const y = (n: number): number => 2 + (max === min ? 0.5 : 1 - (n - min) / (max - min)) * (SPARK_HEIGHT - 4);
+  const x = (i: number): number => 3 + (i / (values.length - 1)) * (SPARK_WIDTH - 6);
+  const y = (n: number): number => 3 + (max === min ? 0.5 : 1 - (n - min) / (max - min)) * (SPARK_HEIGHT - 6);
   const points = values.map((v, i) => `${x(i).toFixed(1)},${y(v.size).toFixed(1)}`).join(' ');
-  const last = values.at(-1)!;
+  const role = (commit: string): string =>
+    commit === marked.head ? ' (head)' : commit === marked.base ? ' (base)' : '';
   return svg(
     'svg',
     {
@@ -85,8 +91,12 @@ function sparkline(values: ReadonlyArray<{ commit: string; size: number }>): SVG
       role: 'img',
       'aria-label': `closure size over ${values.length} commits, ${bytes(min)} to ${bytes(max)}`,
     },
-    svg('title', null, values.map((v) => `${v.commit.slice(0, 10)}: ${bytes(v.size)}`).join('\n')),
+    svg('title', null, values.map((v) => `${v.commit.slice(0, 10)}${role(v.commit)}: ${bytes(v.size)}`).join('\n')),
     svg('polyline', { points, fill: 'none' }),
-    svg('circle', { cx: x(values.length - 1), cy: y(last.size), r: 2 }),
+    values.map(
+      (v, i) =>
+        role(v.commit) !== '' &&
+        svg('circle', { class: v.commit === marked.head ? 'head' : 'base', cx: x(i), cy: y(v.size), r: 2.5 }),
+    ),
   );
 }

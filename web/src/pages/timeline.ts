@@ -1,9 +1,10 @@
-import { ApiError, getJson, type Timeline, type TimelineBuild } from '../api.js';
+import { ApiError, getJson, type Run, type Timeline, type TimelineBuild } from '../api.js';
 import { type Child, h, link, replace, svg } from '../dom.js';
-import { buildHref, clock, duration, storeName } from '../format.js';
+import { ago, buildHref, clock, duration, storeName } from '../format.js';
 import { live } from '../live.js';
 import { problem } from '../problem.js';
 import { debounced } from '../timing.js';
+import { badge } from './widgets.js';
 
 /**
  * `/runs/<id>`: the builds of a run per agent over time (GET /runs/{id}/timeline), one bar per attempt from its start
@@ -47,7 +48,7 @@ export function timelinePage(main: HTMLElement, id: number, signal: AbortSignal)
     }
     if (signal.aborted) return;
     drvs = new Set(timeline.builds.map((b) => b.drvPath));
-    replace(body, timelineView(timeline));
+    replace(body, runFacts(timeline.run), timelineView(timeline));
     shown = true;
   };
   const refresh = debounced(REFRESH_MS, signal, load);
@@ -59,6 +60,19 @@ export function timelinePage(main: HTMLElement, id: number, signal: AbortSignal)
     },
     reload: refresh,
   }).then(load);
+}
+
+function runFacts(run: Run): HTMLElement {
+  const what = run.kind === 'pull_request' ? `pull request #${run.prNumber ?? '?'}` : run.kind.replace('_', ' ');
+  return h(
+    'p',
+    { class: 'run-facts' },
+    badge(run.state, 'run-state'),
+    ` ${what}, head `,
+    h('code', null, run.headSha.slice(0, 12)),
+    run.baseSha && [' onto ', h('code', null, run.baseSha.slice(0, 12))],
+    `, started ${ago(run.createdAt)}`,
+  );
 }
 
 function timelineView(t: Timeline): Child[] {
@@ -125,7 +139,11 @@ function chart(builds: readonly TimelineBuild[], start: number, end: number, now
     const t = start + ((end - start) * i) / TICKS;
     parts.push(
       svg('line', { class: 'tick', x1: x(t), x2: x(t), y1: AXIS_HEIGHT - 4, y2: height }),
-      svg('text', { class: 'tick-label', x: x(t), y: AXIS_HEIGHT - 8 }, i === 0 ? '0s' : `+${duration(t - start)}`),
+      svg(
+        'text',
+        { class: 'tick-label', x: x(t), y: AXIS_HEIGHT - 8, 'text-anchor': i === TICKS ? 'end' : 'middle' },
+        i === 0 ? '0s' : `+${duration(t - start)}`,
+      ),
     );
   }
   let row = 0;

@@ -50,7 +50,7 @@ export function agentsTable(agents: readonly Agent[], options: AgentsTableOption
           h('td', null, agentStatus(a)),
           h('td', null, a.systems.join(', ')),
           full && h('td', null, features(a)),
-          h('td', { class: 'num' }, a.connected ? `${a.maxJobs - a.freeSlots} of ${a.maxJobs} busy` : '—'),
+          h('td', { class: 'num' }, a.connected ? `${a.leases.length} of ${a.maxJobs} busy` : '—'),
           full &&
             h('td', null, a.nixVersion, a.sandboxed ? ', sandboxed' : h('span', { class: 'warn' }, ', no sandbox')),
           full && h('td', { title: new Date(a.lastSeen).toISOString() }, ago(a.lastSeen)),
