@@ -465,6 +465,28 @@ describe('build logs over HTTP', () => {
     expect(refused.stderr).toMatch(/401: this coordinator is not public/);
   });
 
+  it('gives followers that follow together the same whole log, characters split across chunks included', async () => {
+    await start();
+    // 200 KiB of two-byte characters after one one-byte character: every 64 KiB boundary falls inside a character.
+    const { drvPath, hash } = await submit(
+      'printf x; i=0; while [ $i -lt 400 ]; do printf "%s" "$LINE"; i=$((i+1)); done; echo; echo > $out',
+      `LINE = "${'é'.repeat(256)}";`,
+    );
+    await expect.poll(() => coordinator!.store.attemptsOf(drvPath).length).toBe(1);
+    const follow = async (): Promise<string> => {
+      const r = await fetch(api(`/derivations/${hash}/log?follow=1`), { headers: auth });
+      let text = '';
+      for await (const e of sseEvents(r)) if (e.event === 'log') text += JSON.parse(e.data) as string;
+      return text;
+    };
+    const [a, b] = await Promise.all([follow(), follow()]);
+    const stored = readFileSync(coordinator!.store.attemptsOf(drvPath)[0]!.log_path, 'utf8');
+    expect(stored).toContain(`x${'é'.repeat(1000)}`);
+    expect(a).toBe(stored);
+    expect(b).toBe(stored);
+    expect(a).not.toContain('\ufffd');
+  });
+
   it('reads a part of a log with Range, and refuses a range past its end', async () => {
     await start();
     const { hash, request } = await submit('echo 0123456789; echo > $out');

@@ -182,7 +182,8 @@ describe('eka-ci as a GitHub App', () => {
 
     type Sizes = { points: { commit: string; outputs: { narSize: number | null }[] }[] };
     const sizes = (await checkedFetch(api(`/repos/${REPO}/attributes/stable/sizes`))).json<Sizes>();
-    expect(sizes.points.map((p) => p.commit)).toEqual([head, repo.base]);
+    // Oldest first: the base was evaluated before the head.
+    expect(sizes.points.map((p) => p.commit)).toEqual([repo.base, head]);
     expect(sizes.points.every((p) => (p.outputs[0]?.narSize ?? 0) > 0)).toBe(true);
     expect((await checkedFetch(api(`/repos/${REPO}/attributes/no-such-attr/sizes`))).status).toBe(404);
   });

@@ -97,13 +97,15 @@ export class LeaseLog extends EventEmitter<LeaseLogEvents> {
   private readonly fd: number;
   private state: LeaseLogState = 'open';
   private durable = 0;
-  private appended = 0;
   /** Bytes appended whose write has not finished (nor been given up): what this log holds in memory. */
   private queued = 0;
   private peakQueued = 0;
   private writes: Promise<void> = Promise.resolve();
   private readonly reads = new Set<Promise<unknown>>();
   private blocked = false;
+  /** Appended bytes that wait for the write in flight; one write takes them all. */
+  private batch: Buffer[] = [];
+  private batchQueued = false;
   /** The first write error (a full disk): the build is then reported as an infrastructure failure. */
   writeError: Error | null = null;
 
@@ -133,32 +135,44 @@ export class LeaseLog extends EventEmitter<LeaseLogEvents> {
     return this.state === 'closed';
   }
 
-  /** Queues bytes for the file; false means "pause the producer until `drain`" (see `writable`). */
+  /**
+   * Queues bytes for the file; false means "pause the producer until `drain`" (see `writable`). Bytes appended
+   * while a write is in flight go out together in the next one: a build printing short lines costs a write per
+   * batch, not per line.
+   */
   append(chunk: Buffer): boolean {
     if (this.state !== 'open') throw new IllegalStateError(`cannot append to a ${this.state} log ${this.path}`);
-    const position = this.appended;
-    this.appended += chunk.length;
     this.queued += chunk.length;
     this.peakQueued = Math.max(this.peakQueued, this.queued);
-    this.writes = this.writes.then(async () => {
-      // After a write error or removal the bytes are dropped, but they still leave memory and may end a pause.
-      if (this.writeError === null && this.state !== 'removed') {
-        try {
-          await writeFully(this.fd, chunk, position);
-          this.durable += chunk.length;
-          this.emit('grow');
-        } catch (err) {
-          this.writeError = err instanceof Error ? err : new Error(String(err));
-        }
-      }
-      this.queued -= chunk.length;
-      if (this.blocked && this.queued <= this.highWaterBytes / 2) {
-        this.blocked = false;
-        this.emit('drain');
-      }
-    });
+    this.batch.push(chunk);
+    if (!this.batchQueued) {
+      this.batchQueued = true;
+      this.writes = this.writes.then(() => this.writeBatch());
+    }
     if (this.queued > this.highWaterBytes) this.blocked = true;
     return !this.blocked;
+  }
+
+  private async writeBatch(): Promise<void> {
+    const chunks = this.batch;
+    this.batch = [];
+    this.batchQueued = false;
+    const data = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
+    // After a write error or removal the bytes are dropped, but they still leave memory and may end a pause.
+    if (this.writeError === null && this.state !== 'removed') {
+      try {
+        await writeFully(this.fd, data, this.durable);
+        this.durable += data.length;
+        this.emit('grow');
+      } catch (err) {
+        this.writeError = err instanceof Error ? err : new Error(String(err));
+      }
+    }
+    this.queued -= data.length;
+    if (this.blocked && this.queued <= this.highWaterBytes / 2) {
+      this.blocked = false;
+      this.emit('drain');
+    }
   }
 
   /** Resolves when appending may go on: at once, or at `drain` after an `append` returned false. */

@@ -101,6 +101,8 @@ const READ_HIGH_WATER_BYTES = 4 * 1024 * 1024;
 const READ_LOW_WATER_BYTES = 1024 * 1024;
 
 const padding = (n: number): number => (8 - (n % 8)) % 8;
+// STDERR_RESULT of a log line up to its text: code, activity id, type, field count, field type, length.
+const LOG_LINE_HEADER_BYTES = 48;
 
 function protocolViolation(what: string): NixCommandError {
   return new NixCommandError(`nix-daemon broke the worker protocol: ${what}`, null, '');
@@ -198,6 +200,29 @@ export class WireReader {
     return result;
   }
 
+  /**
+   * A whole STDERR_RESULT carrying one build log line, when the first buffered chunk holds one: taken without
+   * awaiting, which is what a builder printing hundreds of thousands of lines costs (a promise per field otherwise).
+   * Undefined, having taken nothing, for anything else.
+   */
+  takeLogLine(): string | undefined {
+    const b = this.chunks[0];
+    if (b === undefined || b.length < LOG_LINE_HEADER_BYTES) return undefined;
+    // u64 little-endian fields: code, activity id, result type, field count, field type, string length.
+    if (b.readUInt32LE(0) !== Stderr.Result || b.readUInt32LE(4) !== 0) return undefined;
+    if (b.readUInt32LE(16) !== RES_BUILD_LOG_LINE || b.readUInt32LE(20) !== 0) return undefined;
+    if (b.readUInt32LE(24) !== 1 || b.readUInt32LE(28) !== 0 || b.readUInt32LE(32) !== 1 || b.readUInt32LE(36) !== 0) {
+      return undefined;
+    }
+    const length = b.readUInt32LE(40);
+    if (b.readUInt32LE(44) !== 0) return undefined;
+    const total = LOG_LINE_HEADER_BYTES + length + padding(length);
+    if (b.length < total) return undefined;
+    const line = b.toString('utf8', LOG_LINE_HEADER_BYTES, LOG_LINE_HEADER_BYTES + length);
+    this.take(total);
+    return line;
+  }
+
   /** Exactly `n` bytes. */
   async exactly(n: number): Promise<Buffer> {
     await this.wait(n);
@@ -283,6 +308,12 @@ export async function readStderr(
   handlers: StderrHandlers = {},
 ): Promise<DaemonErrorInfo | undefined> {
   for (;;) {
+    const line = reader.takeLogLine();
+    if (line !== undefined) {
+      const hold = handlers.onBuildLogLine?.(line);
+      if (hold instanceof Promise) await hold;
+      continue;
+    }
     const code = await reader.u64();
     switch (code) {
       case Stderr.Last:

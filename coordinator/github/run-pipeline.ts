@@ -158,13 +158,15 @@ export class RunPipeline {
       // A fork's mirror borrows the base repository's objects: its pull request brings only what it adds.
       const fork = run.head_clone_url !== run.base_clone_url;
       if (fork && run.base_sha) await this.deps.mirrors.fetch(run.base_clone_url, [run.base_sha], { auth });
+      // The base first: evaluations are kept in the order they were made, which is how an attribute's size history
+      // reads (a base evaluated after its head would show a pull request's growth as a shrink).
+      const base = run.base_sha
+        ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, { auth })
+        : undefined;
       const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, {
         auth,
         ...(fork ? { objectsFrom: run.base_clone_url } : {}),
       });
-      const base = run.base_sha
-        ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, { auth })
-        : undefined;
       return { head, base, titles };
     });
     if (!evaluated || !this.stillOpen(runId)) return;

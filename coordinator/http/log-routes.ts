@@ -10,8 +10,10 @@ export interface LogSources {
   logs: LogStore;
 }
 
-// Bytes read from the file per event of a live log: large enough for throughput, small enough to interleave followers.
-const FOLLOW_CHUNK_BYTES = 256 * 1024;
+// Bytes read from the file per event of a live log: large enough for throughput, small enough to interleave
+// followers, and below V8's largest regular heap object (128 KiB): a longer string (the text, its JSON, the event)
+// is allocated in large-object space, page by page, which makes an event several times slower to build.
+const FOLLOW_CHUNK_BYTES = 64 * 1024;
 // A comment this often keeps proxies and load balancers from closing an idle follower's connection.
 export const FOLLOW_KEEPALIVE_MS = 15_000;
 
@@ -76,10 +78,13 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
   let pumping = false;
   let again = false;
   let done = false;
-  const decoder = new TextDecoder('utf-8');
+  const share = shared.get(path) ?? { followers: 0, frames: new Map() };
+  share.followers++;
+  shared.set(path, share);
   const stop = (): void => {
     if (done) return;
     done = true;
+    if (--share.followers === 0 && shared.get(path) === share) shared.delete(path);
     unwatch();
     clearInterval(keepAlive);
     out.end();
@@ -102,11 +107,10 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
         again = false;
         for (;;) {
           if (done) return;
-          const chunk = logs.readRange(path, offset, FOLLOW_CHUNK_BYTES);
-          if (chunk.length === 0) break;
-          offset += chunk.length;
-          const text = decoder.decode(chunk, { stream: true });
-          if (!out.write(`id: ${offset}\nevent: log\ndata: ${JSON.stringify(text)}\n\n`)) {
+          const frame = logFrame(logs, path, offset);
+          if (frame === undefined) break;
+          offset = frame.next;
+          if (!out.write(frame.bytes)) {
             await new Promise<void>((resolve) => out.once('drain', resolve));
           }
         }
@@ -136,9 +140,18 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
     stop();
   };
   // Closing a log happens inside the transaction that records the attempt's end: look once that has committed.
-  const unwatch = logs.watch(path, (event) =>
-    event === 'closed' ? setImmediate(() => void pump().catch(onError)) : void pump().catch(onError),
-  );
+  // Appends arrive inside the agent's message handler: pump on the next turn, which also takes every chunk that
+  // arrived meanwhile in one event.
+  let scheduled = false;
+  const schedule = (): void => {
+    if (scheduled) return;
+    scheduled = true;
+    setImmediate(() => {
+      scheduled = false;
+      void pump().catch(onError);
+    });
+  };
+  const unwatch = logs.watch(path, schedule);
   const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), FOLLOW_KEEPALIVE_MS);
   keepAlive.unref();
   ctx.req.on('close', stop);
@@ -157,6 +170,50 @@ export function eventStream(ctx: RouterContext): PassThrough {
   ctx.req.socket.setNoDelay(true);
   ctx.body = out;
   return out;
+}
+
+/**
+ * Recent `log` events of each followed log, each encoded once: followers at the same offset (the usual case, all of
+ * them woken by the same chunk) share it instead of each reading, decoding, escaping and encoding the same bytes.
+ */
+const shared = new Map<string, { followers: number; frames: Map<number, { next: number; bytes: Buffer }> }>();
+// Events kept per followed log, by the offset they start at: followers that drift apart (one waited for its socket)
+// still find theirs. At most this many × FOLLOW_CHUNK_BYTES (with JSON's escapes) per log that is followed.
+const FRAMES_KEPT = 16;
+
+/**
+ * The `log` event for the bytes of a log from `offset` (up to the next multiple of FOLLOW_CHUNK_BYTES, cut before an
+ * incomplete UTF-8 character so that every event decodes alone); undefined when there are none yet.
+ */
+function logFrame(logs: LogStore, path: string, offset: number): { next: number; bytes: Buffer } | undefined {
+  const entry = shared.get(path);
+  const cached = entry?.frames.get(offset);
+  if (cached) return cached;
+  // Events end at multiples of FOLLOW_CHUNK_BYTES (or where the log ends for now): followers that came apart at
+  // the log's growing end meet again at the next multiple and share the events from there.
+  const chunk = logs.readRange(path, offset, FOLLOW_CHUNK_BYTES - (offset % FOLLOW_CHUNK_BYTES));
+  // A log that has ended is sent to its last byte, an incomplete character included (as U+FFFD).
+  const end = logs.isOpen(path) ? completeUtf8(chunk) : chunk.length;
+  if (end === 0) return undefined;
+  const next = offset + end;
+  const text = chunk.toString('utf8', 0, end);
+  const frame = { next, bytes: Buffer.from(`id: ${next}\nevent: log\ndata: ${JSON.stringify(text)}\n\n`) };
+  if (entry) {
+    entry.frames.set(offset, frame);
+    if (entry.frames.size > FRAMES_KEPT) entry.frames.delete(entry.frames.keys().next().value!);
+  }
+  return frame;
+}
+
+/** Length of the longest prefix of `b` that ends on a UTF-8 character boundary (all of it when under 4 bytes). */
+function completeUtf8(b: Buffer): number {
+  let i = b.length;
+  // Walk back over at most three continuation bytes to the lead byte of the last character.
+  for (let back = 0; back < 3 && i > 0 && (b[i - 1]! & 0xc0) === 0x80; back++) i--;
+  if (i === 0) return b.length;
+  const lead = b[i - 1]!;
+  const need = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc0 ? 2 : 1;
+  return b.length - (i - 1) >= need ? b.length : i - 1;
 }
 
 function fileSize(path: string): number {

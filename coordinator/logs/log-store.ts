@@ -64,8 +64,13 @@ export class LogStore {
     return n;
   }
 
-  /** Up to `length` bytes of a log from `offset` (fewer at its end; none when there is no such log). */
+  /**
+   * Up to `length` bytes of a log from `offset` (fewer at its end; none when there is no such log). A running
+   * attempt's log is read through its open descriptor; only the bytes there are get a buffer.
+   */
   readRange(logPath: string, offset: number, length: number): Buffer {
+    const file = this.open.get(logPath);
+    if (file) return readAt(file.fd, offset, Math.min(length, file.size - offset));
     let fd: number;
     try {
       fd = openSync(logPath, 'r');
@@ -73,9 +78,7 @@ export class LogStore {
       return Buffer.alloc(0);
     }
     try {
-      const buffer = Buffer.alloc(Math.max(0, length));
-      const n = readSync(fd, buffer, 0, buffer.length, offset);
-      return buffer.subarray(0, n);
+      return readAt(fd, offset, Math.min(length, fstatSync(fd).size - offset));
     } finally {
       closeSync(fd);
     }
@@ -135,4 +138,11 @@ export class LogStore {
     }
     return file;
   }
+}
+
+function readAt(fd: number, offset: number, length: number): Buffer {
+  if (length <= 0) return Buffer.alloc(0);
+  const buffer = Buffer.allocUnsafe(length);
+  const n = readSync(fd, buffer, 0, length, offset);
+  return buffer.subarray(0, n);
 }
