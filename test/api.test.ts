@@ -1,15 +1,14 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Agent } from '../agent/agent.js';
-import { silentLogger } from '../common/logging.js';
+import type { Agent } from '../agent/agent.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import { OPENAPI_DOCUMENT } from '../coordinator/http/openapi.js';
 import { checkResponse, checkedFetch, templateOf } from './support/api-contract.js';
 import { startCli } from './support/cli.js';
 import { inFreshStore } from '../common/nix/test-support.js';
-import { startCoordinator } from './support/coordinator-harness.js';
+import { startWithAgent } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 import { sseEvents } from '../common/sse.js';
 
@@ -29,20 +28,7 @@ afterEach(async () => {
 });
 
 async function start(overrides: Record<string, unknown> = {}): Promise<Coordinator> {
-  coordinator = await startCoordinator(tempDir(), {
-    web: { port: 0, public: false },
-    api_tokens: [{ name: 'reader', token: TOKEN }],
-    ...overrides,
-  });
-  agent = new Agent({
-    coordinator: coordinator.grpcTarget,
-    token: coordinator.localAgentToken('logger'),
-    agentId: 'logger',
-    maxJobs: 1,
-    spoolDir: join(tempDir(), 'spool'),
-    logger: silentLogger(),
-  });
-  await agent.start();
+  ({ coordinator, agent } = await startWithAgent(TOKEN, 'logger', overrides));
   return coordinator;
 }
 

@@ -1,8 +1,8 @@
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import { checkedFetch } from './support/api-contract.js';
+import { freePort } from './support/coordinator-harness.js';
 import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -12,14 +12,6 @@ const ROOT = join(import.meta.dirname, '..');
 const DEMO = join(ROOT, 'examples', 'review');
 const REPO = 'acme/login';
 const JWT_SECRET = 'a-session-signing-secret-of-forty-characters';
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /** The value of one cookie a response sets, and the attributes it was set with. */
 function setCookie(r: Response, name: string): { value: string; attributes: string } | undefined {

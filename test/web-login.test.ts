@@ -1,12 +1,10 @@
-import { mkdirSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { type Browser, chromium, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
-import { buildWeb } from '../web/build.js';
+import { launchBrowser, openPage, screenshot } from './support/browser.js';
+import { freePort } from './support/coordinator-harness.js';
 import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -18,8 +16,6 @@ import { tempDir } from './support/nix-project.js';
 
 const REPO = 'acme/web-login';
 const REVIEW_FIXTURE = join(import.meta.dirname, 'fixtures', 'review');
-const SCREENSHOTS = fileURLToPath(new URL('../test-output/screenshots/', import.meta.url));
-const CHROMIUM = process.env.EKACI_CHROMIUM ?? '/usr/bin/chromium';
 
 let browser: Browser;
 let github: FakeGitHub;
@@ -28,21 +24,8 @@ let pr: ReturnType<FakeGitHub['pullRequest']>;
 let base: string;
 let pageErrors: string[] = [];
 
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
-
 beforeAll(async () => {
-  await buildWeb();
-  mkdirSync(SCREENSHOTS, { recursive: true });
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--disable-gpu', '--disable-quic', '--disable-background-networking', '--disable-component-update'],
-  });
+  browser = await launchBrowser();
   github = await FakeGitHub.start();
   pr = github.pullRequest(REPO, REVIEW_FIXTURE, { number: 3 });
   github.api.setPermission(REPO, 'alice', 'write');
@@ -78,12 +61,8 @@ afterEach(async () => {
   pageErrors = [];
 });
 
-async function open(path: string): Promise<Page> {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  const page = await context.newPage();
-  page.on('pageerror', (err) => pageErrors.push(err.message));
-  await page.goto(`${base}${path}`);
-  return page;
+function open(path: string): Promise<Page> {
+  return openPage(browser, `${base}${path}`, pageErrors);
 }
 
 /** Clicks "Log in with GitHub" as `login` (signed in at the stand-in) and waits to be back, logged in. */
@@ -102,8 +81,7 @@ async function failedBuild(): Promise<{ drvPath: string; hash: string }> {
   return { drvPath, hash: drvPath.slice('/nix/store/'.length, '/nix/store/'.length + 32) };
 }
 
-const shot = (page: Page, name: string): Promise<Buffer> =>
-  page.screenshot({ path: join(SCREENSHOTS, name), fullPage: true });
+const shot = screenshot;
 
 describe('logging in with GitHub in the web UI', () => {
   it('refuses an anonymous visitor, then logs a writer in, who rebuilds a failed build', async () => {

@@ -1,11 +1,9 @@
-import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { type Browser, chromium, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
-import { buildWeb } from '../web/build.js';
+import { launchBrowser, openPage, screenshot } from './support/browser.js';
 import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
 import type { StandInCheckRun } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
@@ -20,8 +18,6 @@ const REPO = 'acme/pkgs';
 const REVIEW_FIXTURE = join(import.meta.dirname, 'fixtures', 'review');
 const TOKEN = 'ekaci_api-token-of-a-reader-for-the-review-page-tests';
 const ADMIN_TOKEN = 'ekaci_api-token-of-an-operator-for-the-review-page-test';
-const SCREENSHOTS = fileURLToPath(new URL('../test-output/screenshots/', import.meta.url));
-const CHROMIUM = process.env.EKACI_CHROMIUM ?? '/usr/bin/chromium';
 
 let browser: Browser;
 let github: FakeGitHub;
@@ -32,12 +28,7 @@ let review: Review;
 let pageErrors: string[] = [];
 
 beforeAll(async () => {
-  await buildWeb();
-  mkdirSync(SCREENSHOTS, { recursive: true });
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--disable-gpu', '--disable-quic', '--disable-background-networking', '--disable-component-update'],
-  });
+  browser = await launchBrowser();
   github = await FakeGitHub.start();
   pr = github.pullRequest(REPO, REVIEW_FIXTURE, { number: 7 });
   github.api.setPermission(REPO, 'alice', 'write');
@@ -88,20 +79,11 @@ async function refusalOf(path: string, token: string | null): Promise<string> {
 }
 
 /** A page in a fresh browser context, with an API token in its localStorage or none. */
-async function open(path: string, token: string | null = TOKEN): Promise<Page> {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  if (token) await context.addInitScript((t) => localStorage.setItem('ekaci.token', t), token);
-  const page = await context.newPage();
-  page.on('pageerror', (err) => pageErrors.push(err.message));
-  page.on('console', (m) => {
-    if (m.text().includes('Content Security Policy')) pageErrors.push(m.text());
-  });
-  await page.goto(site(path));
-  return page;
+function open(path: string, token: string | null = TOKEN): Promise<Page> {
+  return openPage(browser, site(path), pageErrors, token ?? undefined);
 }
 
-const shot = (page: Page, name: string): Promise<Buffer> =>
-  page.screenshot({ path: join(SCREENSHOTS, name), fullPage: true });
+const shot = screenshot;
 
 /** The head derivation of a reviewed attribute, and its /builds/ hash. */
 function headOf(attr: string): { drvPath: string; hash: string } {

@@ -1,15 +1,15 @@
-import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { type Browser, chromium, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Agent } from '../agent/agent.js';
 import { silentLogger } from '../common/logging.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
-import { buildWeb } from '../web/build.js';
-import { startCoordinator } from './support/coordinator-harness.js';
+import { launchBrowser, openPage, screenshot } from './support/browser.js';
+import { startWithAgent } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
 /**
@@ -18,9 +18,6 @@ import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
  */
 
 const TOKEN = 'ekaci_api-token-for-the-web-ui-tests-0123456789';
-const SCREENSHOTS = fileURLToPath(new URL('../test-output/screenshots/', import.meta.url));
-// Chromium as the machine has it; playwright's own browser download cannot work offline.
-const CHROMIUM = process.env.EKACI_CHROMIUM ?? '/usr/bin/chromium';
 
 let browser: Browser;
 let coordinator: Coordinator | undefined;
@@ -29,13 +26,7 @@ let agent: Agent | undefined;
 let pageErrors: string[] = [];
 
 beforeAll(async () => {
-  await buildWeb();
-  mkdirSync(SCREENSHOTS, { recursive: true });
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    // Nothing but loopback is reachable here: Chromium's own background traffic would only fail.
-    args: ['--disable-gpu', '--disable-quic', '--disable-background-networking', '--disable-component-update'],
-  });
+  browser = await launchBrowser();
 });
 
 afterAll(async () => {
@@ -53,36 +44,15 @@ afterEach(async () => {
 });
 
 async function start(overrides: Record<string, unknown> = {}): Promise<Coordinator> {
-  coordinator = await startCoordinator(tempDir(), {
-    web: { port: 0, public: false },
-    api_tokens: [{ name: 'reader', token: TOKEN }],
-    ...overrides,
-  });
-  agent = new Agent({
-    coordinator: coordinator.grpcTarget,
-    token: coordinator.localAgentToken('browser-agent'),
-    agentId: 'browser-agent',
-    maxJobs: 1,
-    spoolDir: join(tempDir(), 'spool'),
-    logger: silentLogger(),
-  });
-  await agent.start();
+  ({ coordinator, agent } = await startWithAgent(TOKEN, 'browser-agent', overrides));
   return coordinator;
 }
 
 const site = (path: string): string => `http://127.0.0.1:${coordinator!.httpPort}${path}`;
 
 /** A page in a fresh browser context, holding the API token unless told not to. */
-async function open(path: string, withToken = true): Promise<Page> {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  if (withToken) await context.addInitScript((t) => localStorage.setItem('ekaci.token', t), TOKEN);
-  const page = await context.newPage();
-  page.on('pageerror', (err) => pageErrors.push(err.message));
-  page.on('console', (m) => {
-    if (m.text().includes('Content Security Policy')) pageErrors.push(m.text());
-  });
-  await page.goto(site(path));
-  return page;
+function open(path: string, withToken = true): Promise<Page> {
+  return openPage(browser, site(path), pageErrors, withToken ? TOKEN : undefined);
 }
 
 async function submit(script: string, extra = ''): Promise<{ drvPath: string; hash: string; request: number }> {
@@ -106,8 +76,7 @@ function gateDir(): string {
 const until = (file: string): string =>
   `i=0; while [ ! -e ${file} ] && [ $i -lt 600 ]; do /bin/sleep 0.1; i=$((i+1)); done`;
 
-const shot = (page: Page, name: string): Promise<Buffer> =>
-  page.screenshot({ path: join(SCREENSHOTS, name), fullPage: true });
+const shot = screenshot;
 
 describe('the build page', () => {
   it('follows a running build’s log live, renders its colours, keeps markup as text, and shows how it ended', async () => {
@@ -184,7 +153,9 @@ describe('the build page', () => {
       logger: silentLogger(),
     });
     await agent.start();
-    await page.locator('.log-text', { hasText: 'second run' }).waitFor();
+    // The second build waits for the first one's build process to be gone (its lock on the output): on a loaded
+    // machine that can take a while.
+    await page.locator('.log-text', { hasText: 'second run' }).waitFor({ timeout: 90_000 });
     const tabs = page.locator('button.attempt-tab');
     expect(await tabs.count()).toBe(2);
     expect(await tabs.nth(0).textContent()).toMatch(/^#1 (lost|infra-error) browser-agent$/);

@@ -1,3 +1,5 @@
+import { createServer } from 'node:net';
+import { join } from 'node:path';
 import { credentials, Metadata } from '@grpc/grpc-js';
 import { clientChannelOptions } from '../../common/grpc-options.js';
 import { silentLogger } from '../../common/logging.js';
@@ -10,6 +12,8 @@ import {
 import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
 import { compileCoordinatorConfig } from '../../coordinator/config.js';
 import { Coordinator } from '../../coordinator/coordinator.js';
+import { Agent } from '../../agent/agent.js';
+import { tempDir } from './nix-project.js';
 
 /** A coordinator on loopback ports chosen by the OS, in its own data directory, with test-sized timings. */
 export async function startCoordinator(dataDir: string, overrides: Record<string, unknown> = {}): Promise<Coordinator> {
@@ -117,4 +121,39 @@ export class RawAgent {
     this.waiters = [];
     for (const r of w) r();
   }
+}
+
+/** A loopback port free right now: for a coordinator whose address must be known before it starts (OAuth). */
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/**
+ * A coordinator that is not public, with one API token (`reader`), and one real agent with one slot named `agentId`:
+ * what the API and web UI tests build against. `overrides` are configuration keys.
+ */
+export async function startWithAgent(
+  token: string,
+  agentId: string,
+  overrides: Record<string, unknown> = {},
+): Promise<{ coordinator: Coordinator; agent: Agent }> {
+  const coordinator = await startCoordinator(tempDir(), {
+    web: { port: 0, public: false },
+    api_tokens: [{ name: 'reader', token }],
+    ...overrides,
+  });
+  const agent = new Agent({
+    coordinator: coordinator.grpcTarget,
+    token: coordinator.localAgentToken(agentId),
+    agentId,
+    maxJobs: 1,
+    spoolDir: join(tempDir(), 'spool'),
+    logger: silentLogger(),
+  });
+  await agent.start();
+  return { coordinator, agent };
 }

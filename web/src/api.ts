@@ -3,34 +3,18 @@
  * credential is an API token kept in the browser's localStorage, sent as `Authorization: Bearer`.
  */
 
+import type { BuildState } from '../../coordinator/scheduler/build-state.js';
+
 export const TOKEN_KEY = 'ekaci.token';
 export const API = '/api/v1';
 
-export type BuildState =
-  | 'queued'
-  | 'buildable'
-  | 'building'
-  | 'succeeded'
-  | 'failed'
-  | 'dependency-failed'
-  | 'timed-out'
-  | 'cancelled'
-  | 'unbuildable'
-  | 'substituted';
+export type { BuildState } from '../../coordinator/scheduler/build-state.js';
 
 export type AttemptState =
   'assigned' | 'accepted' | 'started' | 'succeeded' | 'failed' | 'timed-out' | 'infra-error' | 'cancelled' | 'lost';
 
 /** States after which a derivation changes only when something else happens (a rebuild, a capable agent). */
-export const SETTLED_STATES: ReadonlySet<BuildState> = new Set([
-  'succeeded',
-  'failed',
-  'dependency-failed',
-  'timed-out',
-  'cancelled',
-  'unbuildable',
-  'substituted',
-]);
+export { TERMINAL_STATES as SETTLED_STATES } from '../../coordinator/scheduler/build-state.js';
 export const OPEN_ATTEMPT_STATES: ReadonlySet<AttemptState> = new Set(['assigned', 'accepted', 'started']);
 
 export interface Derivation {
