@@ -3,7 +3,8 @@
  * takes from. `stop` ends it and every process below it (its nix-daemon, the builder), by process id.
  */
 import { type ChildProcess, fork } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { descendants } from '../common/process-tree.js';
 
 // How long a child gets to stop by itself before it and what it started are killed.
 const STOP_GRACE_MS = 10_000;
@@ -91,7 +92,7 @@ export class Child<Command, Report extends { type: string }> {
   private track(): void {
     const pid = this.process.pid;
     if (pid === undefined || this.exited) return;
-    for (const p of descendants(pid)) {
+    for (const { pid: p } of descendants(pid)) {
       const started = startTime(p);
       if (started !== undefined) this.below.set(p, started);
     }
@@ -112,31 +113,4 @@ function startTime(pid: number): string | undefined {
   } catch {
     return undefined;
   }
-}
-
-/** Every process below `pid`, from /proc (children before their own children). */
-export function descendants(pid: number): number[] {
-  const children = new Map<number, number[]>();
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    let stat: string;
-    try {
-      stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-    } catch {
-      continue;
-    }
-    // pid (comm) state ppid …: comm may hold spaces and parentheses, so read after the last ')'.
-    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-    const list = children.get(ppid) ?? [];
-    list.push(Number(entry));
-    children.set(ppid, list);
-  }
-  const found: number[] = [];
-  for (let queue = [pid]; queue.length > 0;) {
-    const next: number[] = [];
-    for (const p of queue) for (const c of children.get(p) ?? []) next.push(c);
-    found.push(...next);
-    queue = next;
-  }
-  return found;
 }

@@ -6,6 +6,7 @@ import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
 import { policyFor } from '../coordinator/eval/eval-options.js';
 import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
+import { SUCCESS_STATES } from '../coordinator/scheduler/build-state.js';
 import { EmbeddedSystem } from './embedded.js';
 import { remoteBuild } from './remote-build.js';
 
@@ -22,8 +23,6 @@ export interface BuildCommandOptions {
   token?: string;
   private?: boolean;
 }
-
-const SUCCESS = new Set(['succeeded', 'substituted']);
 
 /**
  * `ekaci build FILE [-A ATTR]…`: evaluates the attributes, builds them on the embedded system and prints one
@@ -53,14 +52,13 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
   } finally {
     environment.close();
   }
-  const render = (results: BuildResult[], seconds: number): string =>
-    opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds);
+  // The same lines and exit status wherever it was built.
+  const report = (results: BuildResult[], seconds: number): number => {
+    process.stdout.write(opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds));
+    return results.every((r) => SUCCESS_STATES.has(r.state)) ? 0 : 1;
+  };
   if (opts.coordinator) {
-    return remoteBuild(
-      roots,
-      { coordinator: opts.coordinator, token: opts.token, json: opts.json, private: opts.private },
-      render,
-    );
+    return remoteBuild(roots, { coordinator: opts.coordinator, token: opts.token, private: opts.private }, report);
   }
   const system = new EmbeddedSystem({
     coordinator: config,
@@ -81,8 +79,7 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
       `ekaci build ${file}`,
     );
     const results = await system.coordinator.manager.waitFor(requestId);
-    process.stdout.write(render(results, (Date.now() - started) / 1000));
-    return results.every((r) => SUCCESS.has(r.state)) ? 0 : 1;
+    return report(results, (Date.now() - started) / 1000);
   } finally {
     process.off('SIGINT', onSignal);
     await system.stop();
@@ -109,7 +106,7 @@ function renderText(results: readonly BuildResult[], seconds: number): string {
   const lines = results.map((r) => {
     let line = `${r.state.padEnd(17)} ${r.attr.padEnd(width)} ${r.drvPath}`;
     if (r.rootCause) line += `\n${' '.repeat(18)}root cause: ${r.rootCause}`;
-    if (r.error && !SUCCESS.has(r.state)) line += `\n${' '.repeat(18)}${r.error.split('\n')[0]}`;
+    if (r.error && !SUCCESS_STATES.has(r.state)) line += `\n${' '.repeat(18)}${r.error.split('\n')[0]}`;
     return line;
   });
   const counts = new Map<string, number>();

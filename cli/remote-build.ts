@@ -4,14 +4,13 @@ import { join } from 'node:path';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../common/nix/cli.js';
 import { sseEvents } from '../common/sse.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
+import { TERMINAL_STATES } from '../coordinator/scheduler/build-state.js';
 import { type ClientOptions, CoordinatorClient, asCommand, drvHash, errorOf } from './coordinator-client.js';
 
 export interface RemoteBuild extends ClientOptions {
-  json?: boolean;
   private?: boolean;
 }
 
-const SUCCESS = new Set(['succeeded', 'substituted']);
 // Without events (a proxy that buffers them), the request is looked at this often anyway.
 const POLL_MS = 5_000;
 
@@ -20,12 +19,12 @@ const POLL_MS = 5_000;
  * the coordinator's binary cache with `nix copy --derivation` (the API token as the netrc password; only
  * content-addressed paths are accepted, so nothing the client sends can pose as a build output), the roots are
  * submitted, and progress is followed live from `/api/v1/events` until every root has settled. Prints what the
- * embedded mode prints; `render` formats the results. Exit status 0 when every root succeeded, 1 otherwise.
+ * embedded mode prints: `report` prints the results and gives the exit status.
  */
 export function remoteBuild(
   roots: ReadonlyArray<{ attr: string; drvPath: string }>,
   opts: RemoteBuild,
-  render: (results: BuildResult[], seconds: number) => string,
+  report: (results: BuildResult[], seconds: number) => number,
 ): Promise<number> {
   return asCommand('build', async () => {
     const client = new CoordinatorClient(opts);
@@ -40,8 +39,7 @@ export function remoteBuild(
     });
     process.stderr.write(`submitted request ${submitted.id} to ${client.base}\n`);
     const results = await follow(client, submitted.id, roots.length);
-    process.stdout.write(render(results, (Date.now() - started) / 1000));
-    return results.every((r) => SUCCESS.has(r.state)) ? 0 : 1;
+    return report(results, (Date.now() - started) / 1000);
   });
 }
 
@@ -93,7 +91,7 @@ async function follow(client: CoordinatorClient, id: number, total: number): Pro
     for (;;) {
       const request = await client.json<{ settled: boolean; builds: BuildResult[] }>(`/requests/${id}`);
       for (const b of request.builds) {
-        if (seen.has(b.attr) || ['queued', 'buildable', 'building'].includes(b.state)) continue;
+        if (seen.has(b.attr) || !TERMINAL_STATES.has(b.state)) continue;
         seen.add(b.attr);
         process.stderr.write(`[${seen.size}/${total}] ${b.attr}: ${b.state}\n`);
       }
@@ -115,7 +113,7 @@ async function follow(client: CoordinatorClient, id: number, total: number): Pro
 
 async function cancelUnfinished(client: CoordinatorClient, id: number): Promise<void> {
   const request = await client.json<{ builds: BuildResult[] }>(`/requests/${id}`);
-  for (const b of request.builds.filter((r) => ['queued', 'buildable', 'building'].includes(r.state))) {
+  for (const b of request.builds.filter((r) => !TERMINAL_STATES.has(r.state))) {
     await client.json(`/derivations/${drvHash(b.drvPath)}/cancel`, { method: 'POST' }).catch(() => undefined);
   }
 }

@@ -2,7 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { PLATFORM } from './platform.js';
 
-interface ProcessInfo {
+export interface ProcessInfo {
   pid: number;
   ppid: number;
   pgid: number;
@@ -13,23 +13,25 @@ interface ProcessInfo {
  * the `nix-store` group alone would orphan a builder that Nix had no chance to stop (after SIGKILL).
  */
 export function descendantGroups(rootPid: number): number[] {
-  const all = listProcesses();
+  const groups = new Set(descendants(rootPid).map((p) => p.pgid));
+  groups.delete(rootPid);
+  return [...groups];
+}
+
+/** Every process below `rootPid`, children before their own children. */
+export function descendants(rootPid: number): ProcessInfo[] {
   const children = new Map<number, ProcessInfo[]>();
-  for (const p of all) {
+  for (const p of listProcesses()) {
     const siblings = children.get(p.ppid) ?? [];
     siblings.push(p);
     children.set(p.ppid, siblings);
   }
-  const groups = new Set<number>();
-  const stack = [rootPid];
-  for (let pid = stack.pop(); pid !== undefined; pid = stack.pop()) {
-    for (const child of children.get(pid) ?? []) {
-      groups.add(child.pgid);
-      stack.push(child.pid);
-    }
+  const found: ProcessInfo[] = [];
+  for (let i = -1; i < found.length; i++) {
+    const pid = i < 0 ? rootPid : found[i]!.pid;
+    found.push(...(children.get(pid) ?? []));
   }
-  groups.delete(rootPid);
-  return [...groups];
+  return found;
 }
 
 /** Signals a whole process group; a group that is already gone is not an error. */

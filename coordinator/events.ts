@@ -74,10 +74,6 @@ export class EventBus {
     return { replayed, unsubscribe: () => this.listeners.delete(listener) };
   }
 
-  get subscribers(): number {
-    return this.listeners.size;
-  }
-
   idOf(e: PublishedEvent): string {
     return `${this.epoch}:${e.id}`;
   }

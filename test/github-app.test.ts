@@ -3,8 +3,15 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import { parseRepoUrl } from '../coordinator/git/repo-url.js';
-import { FakeGitHub, INSTALLATION, commentPayload, deliver, startGitHubCoordinator } from './support/github-app.js';
-import { type StandInCheckRun, allWebhookExamples, webhookExamples } from './support/github-standin.js';
+import {
+  FakeGitHub,
+  INSTALLATION,
+  commentPayload,
+  completedChecks,
+  deliver,
+  startGitHubCoordinator,
+} from './support/github-app.js';
+import { allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 import { checkedFetch } from './support/api-contract.js';
 
@@ -12,25 +19,6 @@ const ROOT = join(import.meta.dirname, '..');
 const REVIEW_FIXTURE = join(ROOT, 'test', 'fixtures', 'review');
 const DEMO = join(ROOT, 'examples', 'review');
 const REPO = 'acme/pkgs';
-
-const byName = (runs: StandInCheckRun[]): Record<string, StandInCheckRun> =>
-  Object.fromEntries(runs.map((r) => [r.name, r]));
-
-/** Waits until every eka-ci check run of a commit has completed, and returns them by name. */
-async function completedChecks(github: FakeGitHub, repo: string, sha: string, count: number) {
-  try {
-    return byName(
-      await github.api.waitFor(() => {
-        const runs = github.api.checkRuns(repo, sha);
-        return runs.length >= count && runs.every((r) => r.status === 'completed') && runs;
-      }, `${count} completed check runs on ${sha}`),
-    );
-  } catch (err) {
-    // What there was instead, for a failure that does not reproduce.
-    const seen = github.api.checkRuns(repo, sha).map((r) => `${r.name}: ${r.status} ${r.conclusion ?? ''}`);
-    throw new Error(`${(err as Error).message}; the check runs were: ${seen.join('; ') || 'none'}`);
-  }
-}
 
 describe('eka-ci as a GitHub App', () => {
   let github: FakeGitHub;

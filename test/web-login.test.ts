@@ -5,7 +5,7 @@ import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
 import { launchBrowser, openPage, screenshot } from './support/browser.js';
 import { freePort } from './support/coordinator-harness.js';
-import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
+import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { tempDir } from './support/nix-project.js';
 
 /**
@@ -43,10 +43,7 @@ beforeAll(async () => {
     },
   });
   expect((await deliver(system, 'pull_request', pr.payload('opened'))).status).toBe(202);
-  await github.api.waitFor(() => {
-    const runs = github.api.checkRuns(REPO, pr.head);
-    return runs.length >= 3 && runs.every((r) => r.status === 'completed');
-  }, 'the completed check runs of the pull request');
+  await completedChecks(github, REPO, pr.head, 3);
 }, 180_000);
 
 afterAll(async () => {

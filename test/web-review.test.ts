@@ -4,7 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
 import { launchBrowser, openPage, screenshot } from './support/browser.js';
-import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
+import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
 import type { StandInCheckRun } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -40,11 +40,7 @@ beforeAll(async () => {
     ],
   });
   expect((await deliver(system, 'pull_request', pr.payload('opened'))).status).toBe(202);
-  summary = await github.api.waitFor(() => {
-    const runs = github.api.checkRuns(REPO, pr.head);
-    const done = runs.length >= 3 && runs.every((r) => r.status === 'completed');
-    return done && runs.find((r) => r.name === 'eka-ci / summary');
-  }, 'the completed check runs of the pull request');
+  summary = (await completedChecks(github, REPO, pr.head, 3))['eka-ci / summary']!;
   review = (await api(`/reviews?repo=${encodeURIComponent(REPO)}&base=${pr.base}&head=${pr.head}`)) as Review;
 }, 180_000);
 

@@ -104,6 +104,14 @@ export class AccessControl {
     return this.mayRead(p, visibility);
   }
 
+  /**
+   * Uploading content-addressed paths (`.drv` files and sources, which prove their own content) to the binary cache
+   * without a lease: an API token that may submit builds (`ekaci build --coordinator` uploads what it asks to build).
+   */
+  mayUploadContentAddressed(p: Principal): boolean {
+    return p.kind === 'api' && this.mayAct(p, 'builds');
+  }
+
   /** Uploading to the binary cache (outputs, logs) for a lease: only the agent that holds the lease now. */
   mayUploadFor(p: Principal, lease: { agentId: string } | undefined): boolean {
     return p.kind === 'agent' && lease !== undefined && lease.agentId === p.name;

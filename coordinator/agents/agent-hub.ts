@@ -139,9 +139,14 @@ export class AgentHub {
   connected(): Array<{ agentId: string; freeSlots: number; draining: boolean }> {
     return [...this.sessions.values()].map((s) => ({
       agentId: s.agentId,
-      freeSlots: this.drained.has(s.agentId) ? 0 : s.freeSlots,
+      freeSlots: this.freeSlotsOf(s),
       draining: s.draining,
     }));
+  }
+
+  /** The slots an agent offers that may be given work: none while an operator has drained it. */
+  private freeSlotsOf(s: AgentSession): number {
+    return this.drained.has(s.agentId) ? 0 : s.freeSlots;
   }
 
   /**
@@ -334,7 +339,7 @@ export class AgentHub {
     // before it committed.
     const outgoing = new Map<AgentSession, Assign[]>();
     this.manager.batch(() => {
-      const free = new Map([...this.sessions.values()].map((s) => [s, this.drained.has(s.agentId) ? 0 : s.freeSlots]));
+      const free = new Map([...this.sessions.values()].map((s) => [s, this.freeSlotsOf(s)]));
       let progress = true;
       while (progress) {
         progress = false;

@@ -118,7 +118,7 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
 
   router.put('/{*path}', async (ctx) => {
     const principal = options.access.principal(ctx.get('Authorization') || undefined);
-    const client = principal.kind === 'api' && options.access.mayAct(principal, 'builds');
+    const client = options.access.mayUploadContentAddressed(principal);
     if (principal.kind !== 'agent' && !client) {
       ctx.set('WWW-Authenticate', 'Basic realm="eka-ci binary cache"');
       reject(

@@ -15,7 +15,18 @@ import { followLog, serveLog } from './log-routes.js';
 import { OPENAPI_DOCUMENT } from './openapi.js';
 import { addRepoRoutes } from './repo-routes.js';
 import { eventsRoute } from './events-route.js';
-import { actorOf, badRequest, mayAct, mayActOn, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
+import {
+  actorOf,
+  badRequest,
+  conflict,
+  mayAct,
+  mayActOn,
+  mayRead,
+  notFound,
+  queryParam,
+  readJsonBody,
+} from './respond.js';
+import { TERMINAL_STATES } from '../scheduler/build-state.js';
 import type { RequestState } from './server.js';
 import type { RunStore } from '../github/run-store.js';
 import type { EventBus } from '../events.js';
@@ -208,11 +219,7 @@ export function apiRouter(sources: ApiSources): Router {
     const drvPath = await actionTarget(ctx);
     if (!drvPath) return;
     const state = store.derivation(drvPath)!.state;
-    if (!['queued', 'buildable', 'building'].includes(state)) {
-      ctx.status = 409;
-      ctx.body = { error: { code: 'EKACI_ERR_STATE', message: `nothing to cancel: ${drvPath} is ${state}` } };
-      return;
-    }
+    if (TERMINAL_STATES.has(state)) return conflict(ctx, `nothing to cancel: ${drvPath} is ${state}`);
     const actor = actorOf(ctx);
     manager.cancel([drvPath], `cancelled by ${actor}`);
     sources.audit.record(actor, 'api.build-cancelled', { drvPath });
@@ -258,7 +265,6 @@ export function apiRouter(sources: ApiSources): Router {
   // Builds derivations whose .drv files are in the coordinator's store; answers the request's id at once (202), and
   // GET /requests/:id follows it.
   router.post('/builds', async (ctx) => {
-    const principal = (ctx.state as RequestState).principal;
     if (!mayAct(ctx, access, 'builds')) return;
     const body = await readJsonBody(ctx, MAX_SUBMIT_BYTES);
     if (body === undefined) return;
@@ -287,7 +293,7 @@ export function apiRouter(sources: ApiSources): Router {
         return badRequest(ctx, 422, `cannot take the derivations from the cache: ${(err as Error).message}`);
       }
     }
-    const actor = `api:${principal.kind === 'api' ? principal.name : 'unknown'}`;
+    const actor = actorOf(ctx);
     let id: number;
     try {
       id = await manager.submit(roots, actor, { private: parsed.data.private });

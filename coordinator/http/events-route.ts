@@ -1,7 +1,7 @@
 import type { RouterContext } from '@koa/router';
 import type { AccessControl } from '../access/access-control.js';
 import type { EventBus, PublishedEvent } from '../events.js';
-import { FOLLOW_KEEPALIVE_MS, eventStream } from './log-routes.js';
+import { eventStream } from './log-routes.js';
 import type { RequestState } from './server.js';
 
 // A client this far behind (bytes written but not yet taken by its socket) is dropped: it reconnects with
@@ -22,18 +22,14 @@ export function eventsRoute(ctx: RouterContext, bus: EventBus, access: AccessCon
     out.write(`id: ${bus.idOf(e)}\nevent: ${e.event.type}\ndata: ${JSON.stringify(e.event)}\n\n`);
     if (out.writableLength > MAX_BACKLOG_BYTES) stop();
   };
-  const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), FOLLOW_KEEPALIVE_MS);
-  keepAlive.unref();
   let unsubscribe = (): void => {};
   function stop(): void {
     if (closed) return;
     closed = true;
     unsubscribe();
-    clearInterval(keepAlive);
     out.end();
   }
   ctx.req.on('close', stop);
-  out.write('retry: 2000\n\n');
   const subscription = bus.subscribe(ctx.get('Last-Event-ID') || undefined, send);
   unsubscribe = subscription.unsubscribe;
   if (closed) unsubscribe();

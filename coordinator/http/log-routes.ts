@@ -15,7 +15,7 @@ export interface LogSources {
 // is allocated in large-object space, page by page, which makes an event several times slower to build.
 const FOLLOW_CHUNK_BYTES = 64 * 1024;
 // A comment this often keeps proxies and load balancers from closing an idle follower's connection.
-export const FOLLOW_KEEPALIVE_MS = 15_000;
+const KEEPALIVE_MS = 15_000;
 
 /**
  * Answers a log as `text/plain`, honouring one `Range: bytes=…` (206 with `Content-Range`; 416 past the end): a
@@ -86,7 +86,6 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
     done = true;
     if (--share.followers === 0 && shared.get(path) === share) shared.delete(path);
     unwatch();
-    clearInterval(keepAlive);
     out.end();
   };
   /** The attempt's row once it has ended and its log is closed; undefined while it runs. */
@@ -152,14 +151,14 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
     });
   };
   const unwatch = logs.watch(path, schedule);
-  const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), FOLLOW_KEEPALIVE_MS);
-  keepAlive.unref();
   ctx.req.on('close', stop);
-  out.write('retry: 2000\n\n');
   void pump().catch(onError);
 }
 
-/** Answers with a Server-Sent Events stream: what the handler writes to the returned stream goes out at once. */
+/**
+ * Answers with a Server-Sent Events stream: what the handler writes to the returned stream goes out at once. The
+ * stream tells the client how soon to reconnect, and keeps an idle connection alive until it ends or the client goes.
+ */
 export function eventStream(ctx: RouterContext): PassThrough {
   const out = new PassThrough();
   ctx.status = 200;
@@ -169,6 +168,12 @@ export function eventStream(ctx: RouterContext): PassThrough {
   ctx.set('X-Accel-Buffering', 'no');
   ctx.req.socket.setNoDelay(true);
   ctx.body = out;
+  const keepAlive = setInterval(() => out.write(': keep-alive\n\n'), KEEPALIVE_MS);
+  keepAlive.unref();
+  const quiet = (): void => clearInterval(keepAlive);
+  out.once('finish', quiet);
+  ctx.req.once('close', quiet);
+  out.write('retry: 2000\n\n');
   return out;
 }
 

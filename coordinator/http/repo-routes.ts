@@ -3,7 +3,17 @@ import type { RouterContext } from '@koa/router';
 import type { PullRequestRow, RunRow, RunSummary } from '../github/run-store.js';
 import { runTimeline } from '../github/run-timeline.js';
 import { z } from 'zod';
-import { actorOf, badRequest, mayActOn, mayRead, notFound, queryParam, readJsonBody } from './respond.js';
+import {
+  actorOf,
+  badRequest,
+  conflict,
+  mayActOn,
+  mayRead,
+  notFound,
+  numberParam,
+  queryParam,
+  readJsonBody,
+} from './respond.js';
 import type { ApiSources } from './api.js';
 import type { RequestState } from './server.js';
 
@@ -62,7 +72,8 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
   router.get('/repos/:owner/:repo/pulls/:number', (ctx) => {
     const repo = repoOf(ctx);
     if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
-    const pr = /^[0-9]+$/.test(ctx.params.number ?? '') ? runs.pullRequest(repo, Number(ctx.params.number)) : undefined;
+    const number = numberParam(ctx, 'number');
+    const pr = number === undefined ? undefined : runs.pullRequest(repo, number);
     if (!pr) return notFound(ctx, `${repo} has no pull request ${ctx.params.number ?? ''} eka-ci has seen`);
     ctx.body = pullOf(repo, { ...pr, run: runs.latestPullRun(repo, pr.number, pr.head_sha) });
   });
@@ -83,9 +94,9 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     if (body === undefined) return;
     const parsed = commandBody.safeParse(body);
     if (!parsed.success) return badRequest(ctx, 400, `command: ${parsed.error.issues[0]!.message}`);
-    const outcome = /^[0-9]+$/.test(ctx.params.number ?? '')
-      ? await sources.runCommand(repo, Number(ctx.params.number), principal.name, parsed.data.command)
-      : undefined;
+    const number = numberParam(ctx, 'number');
+    const outcome =
+      number === undefined ? undefined : await sources.runCommand(repo, number, principal.name, parsed.data.command);
     if (!outcome) return notFound(ctx, `no GitHub App serves ${repo}, or no pull request ${ctx.params.number ?? ''}`);
     ctx.status = outcome.accepted ? 202 : 403;
     ctx.body = outcome.accepted
@@ -120,7 +131,7 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
       })),
       reviews: reviewed.map((r) => ({
         base: r.base_commit,
-        url: `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${r.base_commit}&head=${commit}`,
+        url: reviewUrl(repo, r.base_commit, commit),
       })),
     };
   });
@@ -132,14 +143,10 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     const sha = (ctx.params.sha ?? '').toLowerCase();
     if (!/^[0-9a-f]{40}$/.test(sha)) return badRequest(ctx, 400, 'name the commit by its full sha');
     if (!(await sources.rebuildFailed(repo, sha, actorOf(ctx)))) {
-      ctx.status = 409;
-      ctx.body = {
-        error: {
-          code: 'EKACI_ERR_STATE',
-          message: `nothing to build again: ${sha} has no run in ${repo}, or is no longer an open pull request's head`,
-        },
-      };
-      return;
+      return conflict(
+        ctx,
+        `nothing to build again: ${sha} has no run in ${repo}, or is no longer an open pull request's head`,
+      );
     }
     ctx.status = 202;
     ctx.body = { repo, commit: sha };
@@ -147,7 +154,8 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
 
   // A run's builds per agent over time, and its critical path (the timeline page).
   router.get('/runs/:id/timeline', (ctx) => {
-    const run = /^[0-9]+$/.test(ctx.params.id ?? '') ? runs.run(Number(ctx.params.id)) : undefined;
+    const id = numberParam(ctx, 'id');
+    const run = id === undefined ? undefined : runs.run(id);
     if (!run) return notFound(ctx, `no run ${ctx.params.id ?? ''}`);
     if (!mayRead(ctx, access, sources.repoVisibility(run.repo))) return;
     ctx.body = { run: runOf(run), ...runTimeline(store, run, runs.roots(run.id)) };
@@ -191,6 +199,11 @@ function runCommit(db: ApiSources['runs']['db'], repo: string, prefix: string): 
 
 type Pull = ReturnType<typeof pullOf>;
 
+/** Where the API serves the review of two commits. */
+function reviewUrl(repo: string, base: string, head: string): string {
+  return `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${base}&head=${head}`;
+}
+
 const commandBody = z.object({ command: z.string().min(1).max(1000) }).strict();
 
 function runOf(r: RunRow) {
@@ -229,10 +242,7 @@ function pullOf(repo: string, p: PullRequestRow & { run: RunRow | undefined }) {
     newlyFailing: run?.review?.['newly-failing'] ?? null,
     run,
     /** The review of the run's commits, once its diff is recorded. */
-    review:
-      run?.baseSha && run.rebuildCountBySystem
-        ? `/api/v1/reviews?repo=${encodeURIComponent(repo)}&base=${run.baseSha}&head=${run.headSha}`
-        : null,
+    review: run?.baseSha && run.rebuildCountBySystem ? reviewUrl(repo, run.baseSha, run.headSha) : null,
   };
 }
 

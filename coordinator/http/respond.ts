@@ -14,6 +14,18 @@ export function badRequest(ctx: RouterContext, status: number, message: string):
   ctx.body = { error: { code: 'EKACI_ERR_REQUEST', message } };
 }
 
+/** 409: what was asked does not fit the state of what it names (nothing to cancel, nothing to run again). */
+export function conflict(ctx: RouterContext, message: string): void {
+  ctx.status = 409;
+  ctx.body = { error: { code: 'EKACI_ERR_STATE', message } };
+}
+
+/** A whole-number path parameter, or undefined for anything else. */
+export function numberParam(ctx: RouterContext, name: string): number | undefined {
+  const v = ctx.params[name];
+  return v !== undefined && /^[0-9]+$/.test(v) ? Number(v) : undefined;
+}
+
 function denied(ctx: RouterContext, message: string): void {
   const principal = (ctx.state as RequestState).principal;
   ctx.status = principal.kind === 'anonymous' ? 401 : 403;

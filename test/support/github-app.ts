@@ -5,7 +5,13 @@ import { EmbeddedSystem } from '../../cli/embedded.js';
 import { silentLogger } from '../../common/logging.js';
 import { compileCoordinatorConfig } from '../../coordinator/config.js';
 import { type GitHttpServer, serveGitOverHttp } from '../../coordinator/git/test-support.js';
-import { type GitHubStandIn, deliverWebhook, startGitHubStandIn, webhookExamples } from './github-standin.js';
+import {
+  type GitHubStandIn,
+  type StandInCheckRun,
+  deliverWebhook,
+  startGitHubStandIn,
+  webhookExamples,
+} from './github-standin.js';
 import { nonce, tempDir } from './nix-project.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -237,4 +243,23 @@ export function deliver(
   options: { deliveryId?: string; signature?: string } = {},
 ): Promise<{ status: number; body: string }> {
   return deliverWebhook(webhookUrl(system), WEBHOOK_SECRET, event, payload, options);
+}
+
+const byName = (runs: StandInCheckRun[]): Record<string, StandInCheckRun> =>
+  Object.fromEntries(runs.map((r) => [r.name, r]));
+
+/** Waits until every eka-ci check run of a commit has completed, and returns them by name. */
+export async function completedChecks(github: FakeGitHub, repo: string, sha: string, count: number) {
+  try {
+    return byName(
+      await github.api.waitFor(() => {
+        const runs = github.api.checkRuns(repo, sha);
+        return runs.length >= count && runs.every((r) => r.status === 'completed') && runs;
+      }, `${count} completed check runs on ${sha}`),
+    );
+  } catch (err) {
+    // What there was instead, for a failure that does not reproduce.
+    const seen = github.api.checkRuns(repo, sha).map((r) => `${r.name}: ${r.status} ${r.conclusion ?? ''}`);
+    throw new Error(`${(err as Error).message}; the check runs were: ${seen.join('; ') || 'none'}`);
+  }
 }

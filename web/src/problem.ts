@@ -4,7 +4,8 @@ import { reconnectLive } from './live.js';
 
 /**
  * What a page shows instead of its data when the API said no: a coordinator that is not public asks for a token
- * (kept in this browser's localStorage until OAuth login exists); anything else is the API's own message.
+ * (kept in this browser's localStorage; where GitHub login is offered, the header links to it); anything else is the
+ * API's own message.
  */
 export function problem(err: unknown, retry: () => void): HTMLElement {
   if (err instanceof ApiError && (err.status === 401 || err.status === 403)) return tokenForm(err, retry);
