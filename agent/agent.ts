@@ -5,6 +5,7 @@ import { credentials as grpcCredentials, type ChannelCredentials } from '@grpc/g
 import { Backoff } from '../common/backoff.js';
 import { ConfigError, EkaciError, IllegalStateError } from '../common/errors.js';
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import { sandboxAvailable } from '../common/sandbox/sandbox.js';
 import type { CoordinatorMessage, Hello, Outcome, Welcome } from '../common/proto/ekaci/agent/v1/agent.js';
 import { DEFAULT_HEARTBEAT_INTERVAL_MS, HeartbeatLoop } from './connection/heartbeat.js';
 import { Outbox } from './connection/outbox.js';
@@ -76,6 +77,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private capabilities: NixCapabilities | null = null;
   /** Whether builds here run in Nix's sandbox, measured at start-up (see sandbox-probe.ts). */
   private sandboxed = false;
+  /** Why checks cannot run here (the check sandbox does not start), measured at start-up; null when they can. */
+  private checksUnavailable: string | null = 'not measured yet';
   private lastWelcome: Welcome | null = null;
   private warmedCacheUrl = '';
   private warmUp: Promise<void> = Promise.resolve();
@@ -142,6 +145,12 @@ export class Agent extends EventEmitter<AgentEvents> {
       const probe = await probeSandbox(this.pool, this.capabilities.systems[0] ?? '', o.logger);
       this.sandboxed = probe.sandboxed;
       o.logger.info({ sandboxed: probe.sandboxed, why: probe.reason }, 'sandbox probe');
+      this.checksUnavailable = await sandboxAvailable().then(
+        () => null,
+        (err: unknown) => (err instanceof Error ? err.message : String(err)),
+      );
+      if (this.checksUnavailable === null) o.logger.info('checks run here: the check sandbox starts');
+      else o.logger.warn({ why: this.checksUnavailable }, 'this agent takes no checks');
       credentials =
         o.tlsCaPath === null
           ? grpcCredentials.createInsecure()
@@ -279,6 +288,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       runningLeases: this.workload?.runningLeases() ?? [],
       sessionNonce: this.outbox.sessionNonce,
       sandboxed: this.sandboxed,
+      runsChecks: this.checksUnavailable === null,
     };
   }
 
@@ -349,6 +359,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       outbox: this.outbox,
       logger: this.options.logger,
       localCancelGraceMs: this.options.localCancelGraceMs,
+      checks: { token: this.options.token, unavailable: this.checksUnavailable },
       host: {
         sendEvent: (value) => {
           if (!this.welcoming) this.session?.send({ msg: { $case: 'jobEvent', value } });

@@ -138,6 +138,7 @@ describe('an agent with a store of its own', () => {
           outputNames: ['out'],
           maxLogBytes: 0,
           inputOutputs: [],
+          check: undefined,
         },
       });
       const finished = (await s.waitFor(is.event('silent', 'finished'))).msg?.value as JobEvent;

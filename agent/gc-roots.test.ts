@@ -110,6 +110,7 @@ describe('per-lease GC roots', () => {
           timeoutSeconds: 0,
           outputNames: ['out'],
           maxLogBytes: 0,
+          check: undefined,
         },
       });
       const finished = (await s.waitFor(is.event('rooted', 'finished'))).msg?.value as JobEvent;

@@ -2,7 +2,8 @@ import { existsSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
-import { isNewlyFailing } from '../coordinator/review/classify.js';
+import { checkSpecs } from '../coordinator/checks/check-specs.js';
+import { failedChecks, isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
 import { reviewRoots } from '../coordinator/review/review-roots.js';
 import { attrsFromCommitTitles } from '../coordinator/github/ofborg-titles.js';
@@ -89,10 +90,11 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
     logger: c.logger,
   });
   await system.start();
-  const { manager, store, reviews } = system.coordinator;
+  const { manager, store, reviews, checks } = system.coordinator;
   const onSignal = (): void => {
     progress.line('interrupted: cancelling builds…');
     manager.cancel(manager.activeDerivations(), 'interrupted by the user');
+    checks.cancel(c.repo, head.commit, 'interrupted by the user');
   };
   process.once('SIGINT', onSignal);
   try {
@@ -105,11 +107,24 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
       const baseRoots = roots.filter((r) => r.side === 'base');
       progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
       progress.watch(manager, store);
+      // The repository's checks run on the embedded agent too, beside the builds, under the same policy as on GitHub
+      // (the base's check must allow the network as well); the user's own code is trusted.
+      const specs = checkSpecs(head, base, { networkPermitted: true, timeoutSeconds: config.checks.timeoutSeconds });
+      const checkIds = checks.request({
+        repo: c.repo,
+        commit: head.commit,
+        cloneUrl: c.repo,
+        checks: specs,
+        untrusted: false,
+        private: true,
+        rerunFailed: false,
+      });
+      if (specs.length > 0) progress.line(`running ${specs.length} checks…`);
       try {
         const requests = [];
         if (headRoots.length > 0) requests.push(await manager.submit(headRoots, `ekaci review head ${head.commit}`));
         if (baseRoots.length > 0) requests.push(await manager.submit(baseRoots, `ekaci review base ${base.commit}`));
-        await Promise.all(requests.map((r) => manager.waitFor(r)));
+        await Promise.all([...requests.map((r) => manager.waitFor(r)), checks.waitFor(checkIds)]);
       } finally {
         progress.stop();
       }
@@ -120,7 +135,7 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
     if (opts.markdown) writeFileSync(opts.markdown, markdown);
     if (opts.json) writeFileSync(opts.json, `${JSON.stringify(review, null, 2)}\n`);
     process.stdout.write(markdown);
-    return isNewlyFailing(review) ? 1 : 0;
+    return isNewlyFailing(review) || failedChecks(review).length > 0 ? 1 : 0;
   } finally {
     process.off('SIGINT', onSignal);
     await system.stop();

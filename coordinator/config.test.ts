@@ -58,7 +58,9 @@ describe('coordinator configuration', () => {
       requireApproval: false,
       approvedUsers: [],
       allowUnsandboxedUntrustedBuilds: false,
+      untrustedCheckNetworkRepos: [],
     });
+    expect(o.checks).toEqual({ maxLogBytes: 4 * 1024 ** 2, timeoutSeconds: 1_800 });
     expect(o.web.public).toBe(true);
     expect(o.helloTimeoutMs).toBe(10_000);
     expect(o.evaluation).toMatchObject({ sandbox: true, store: 'auto', allowImportFromDerivation: false, rules: [] });
@@ -99,6 +101,7 @@ describe('coordinator configuration', () => {
       requireApproval: true,
       approvedUsers: ['alice'],
       allowUnsandboxedUntrustedBuilds: false,
+      untrustedCheckNetworkRepos: [],
     });
     expect(o.github).toEqual({ buildDraftPullRequests: true, checkRunUpdateIntervalMs: 2_500 });
   });

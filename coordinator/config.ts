@@ -51,6 +51,9 @@ const MAX_GRAPH_LRU_CAPACITY = 10_000_000;
 // Log bytes stored per build attempt (and Nix's max-build-log-size on the agents): a build that prints more fails. A
 // compiler's warnings for a big package stay well under it; a build stuck printing in a loop reaches it quickly.
 const DEFAULT_MAX_LOG_BYTES = 64 * 1024 ** 2;
+// A check is a formatter or a linter: its output is read by people, and a few MiB is already far too much to read.
+const DEFAULT_CHECK_MAX_LOG_BYTES = 4 * 1024 ** 2;
+const DEFAULT_CHECK_TIMEOUT_S = 1_800;
 // The largest NAR an agent may upload (one output): the largest outputs in nixpkgs are a few GiB.
 const DEFAULT_MAX_NAR_UPLOAD_BYTES = 16 * 1024 ** 3;
 
@@ -94,6 +97,8 @@ const schema = z
     build_max_duration_seconds: leaseSeconds.default(DEFAULT_MAX_DURATION_S),
     build_max_log_bytes: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_MAX_LOG_BYTES),
     unbuildable_grace_seconds: seconds.default(DEFAULT_UNBUILDABLE_GRACE_S),
+    check_max_log_bytes: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER).default(DEFAULT_CHECK_MAX_LOG_BYTES),
+    check_timeout_seconds: leaseSeconds.positive().default(DEFAULT_CHECK_TIMEOUT_S),
     lease_ttl_seconds: timerSeconds.positive().default(DEFAULT_LEASE_TTL_S),
     max_attempts: z.number().int().min(1).default(DEFAULT_MAX_ATTEMPTS),
     graph_lru_capacity: z.number().int().min(1).max(MAX_GRAPH_LRU_CAPACITY).default(DEFAULT_GRAPH_LRU_CAPACITY),
@@ -200,6 +205,8 @@ const schema = z
         approved_users: z.array(z.string().min(1)).default([]),
         /** Untrusted pull-request code may build on agents whose Nix sandbox is off (it then sees the host). */
         allow_unsandboxed_untrusted_builds: z.boolean().default(false),
+        /** Repositories (owner/name) whose untrusted pull requests' checks get the network they ask for. */
+        untrusted_check_network_repos: z.array(z.string().regex(/^[^/\s]+\/[^/\s]+$/, 'owner/name')).default([]),
       })
       .strict()
       .prefault({}),
@@ -231,6 +238,8 @@ export interface CoordinatorOptions {
   /** `build_max_log_bytes`: log bytes per build attempt; 0 for no limit. */
   maxLogBytes: number;
   unbuildableGraceSeconds: number;
+  /** Repository checks: output cap (`check_max_log_bytes`, 0: none) and the timeout of a check that sets none. */
+  checks: { maxLogBytes: number; timeoutSeconds: number };
   leaseTtlMs: number;
   maxAttempts: number;
   /** Derivations kept in memory beyond those with pending work (the rest reload from SQLite). */
@@ -266,6 +275,8 @@ export interface CoordinatorOptions {
     requireApproval: boolean;
     approvedUsers: string[];
     allowUnsandboxedUntrustedBuilds: boolean;
+    /** Repositories whose untrusted pull requests' checks still get the network they ask for (`owner/name`). */
+    untrustedCheckNetworkRepos: string[];
   };
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
   /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
@@ -385,6 +396,7 @@ export function compileCoordinatorConfig(
     maxDurationSeconds: c.build_max_duration_seconds,
     maxLogBytes: c.build_max_log_bytes,
     unbuildableGraceSeconds: c.unbuildable_grace_seconds,
+    checks: { maxLogBytes: c.check_max_log_bytes, timeoutSeconds: c.check_timeout_seconds },
     leaseTtlMs: Math.round(c.lease_ttl_seconds * 1000),
     maxAttempts: c.max_attempts,
     graphLruCapacity: c.graph_lru_capacity,
@@ -436,6 +448,7 @@ export function compileCoordinatorConfig(
         requireApproval: c.security.require_approval,
         approvedUsers: c.security.approved_users,
         allowUnsandboxedUntrustedBuilds: c.security.allow_unsandboxed_untrusted_builds,
+        untrustedCheckNetworkRepos: c.security.untrusted_check_network_repos,
       },
       'webhookSecret',
     ),
@@ -530,6 +543,8 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv): unknown {
     'build_no_output_timeout_seconds',
     'build_max_duration_seconds',
     'build_max_log_bytes',
+    'check_max_log_bytes',
+    'check_timeout_seconds',
     'unbuildable_grace_seconds',
     'lease_ttl_seconds',
     'max_attempts',

@@ -28,9 +28,11 @@ import { LogStore } from './logs/log-store.js';
 import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
+import { CheckManager } from './checks/check-manager.js';
+import { checkSourcePath, checkSourceRouter } from './checks/source-route.js';
 import { BuildStore } from './scheduler/build-store.js';
 import { ReviewService } from './review/review-service.js';
-import { GitMirrors } from './git/git-mirrors.js';
+import { GitMirrors, mirrorDirFor } from './git/git-mirrors.js';
 import { GitHubService } from './github/github-service.js';
 import { RunStore } from './github/run-store.js';
 import { EventBus } from './events.js';
@@ -63,6 +65,8 @@ export class Coordinator {
   readonly access: AccessControl;
   readonly evaluations: EvaluationStore;
   readonly reviews: ReviewService;
+  /** Repository checks, run on agents that run checks. */
+  readonly checks: CheckManager;
   /** The GitHub App side, when `[[github_apps]]` are configured. */
   readonly github: GitHubService | undefined;
   /** State changes of builds, runs and agents, for `GET /api/v1/events`. */
@@ -123,6 +127,21 @@ export class Coordinator {
       new DerivationGraph(this.store, options.graphLruCapacity),
       this.health,
     );
+    this.checks = new CheckManager(
+      this.db,
+      this.manager,
+      this.store,
+      lazyCache,
+      this.logs,
+      {
+        leaseTtlMs: options.leaseTtlMs,
+        maxAttempts: options.maxAttempts,
+        maxLogBytes: options.checks.maxLogBytes,
+        sourceUrl: (leaseId) => `${this.publicUrl}${checkSourcePath(leaseId)}`,
+      },
+      logger.child({ component: 'checks' }),
+      this.health,
+    );
     this.events = new EventBus((e) => {
       if (e.type === 'build') return this.store.isPrivate(e.drvPath) ? 'private' : 'public';
       if (e.type === 'run') return this.repoVisibility(e.repo);
@@ -140,6 +159,7 @@ export class Coordinator {
       evaluations: this.evaluations,
       diffs: new DiffStore(this.db),
       references: (path) => this.references(path),
+      checks: (repo, commit) => this.checks.resultsOf(repo, commit),
     });
     this.github =
       options.githubApps.length > 0
@@ -152,6 +172,7 @@ export class Coordinator {
             manager: this.manager,
             store: this.store,
             mirrors: new GitMirrors({ dir: join(options.dataDir, 'git'), logger: logger.child({ component: 'git' }) }),
+            checks: this.checks,
             publicUrl: () => this.publicUrl,
             evalEnvironment: () => this.evalEnvironment,
             onRun: (run) =>
@@ -238,6 +259,7 @@ export class Coordinator {
       db: this.db,
       agentCount: () => this.hub?.agentCount ?? 0,
       pending: () => this.manager.pendingCount,
+      checks: this.checks,
     });
     this.github?.metrics.register(metrics);
     this.health.register(metrics);
@@ -259,6 +281,7 @@ export class Coordinator {
           store: this.store,
           logs: this.logs,
           manager: this.manager,
+          checks: this.checks,
           reviews: this.reviews,
           evaluations: this.evaluations,
           access: this.access,
@@ -289,6 +312,12 @@ export class Coordinator {
               }),
             }
           : {}),
+        agent: checkSourceRouter({
+          access: this.access,
+          checks: this.checks,
+          audit: this.audit,
+          mirrorDir: (url) => mirrorDirFor(join(this.options.dataDir, 'git'), url),
+        }),
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
         web: webRouter(defaultWebDir()),
@@ -318,6 +347,7 @@ export class Coordinator {
       },
       this.logger.child({ component: 'agents' }),
       this.health,
+      this.checks,
     );
     this.grpcServer = new Server(serverChannelOptions);
     this.grpcServer.addService(AgentServiceService, this.hub.service);
@@ -336,6 +366,7 @@ export class Coordinator {
       ),
     );
     this.manager.recover();
+    this.checks.recover();
     this.hub.start();
     this.github?.start();
     this.state = 'running';

@@ -1,8 +1,16 @@
-import { Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { EventEmitter } from 'node:events';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { CheckRow } from './checks/check-manager.js';
 import type { Db } from './db/database.js';
 
 /** Prometheus metrics, computed when scraped from the state the coordinator holds anyway. */
-export function createMetrics(sources: { db: Db; agentCount: () => number; pending: () => number }): Registry {
+export function createMetrics(sources: {
+  db: Db;
+  agentCount: () => number;
+  pending: () => number;
+  /** The check manager: its `settled` events are counted and timed. */
+  checks?: EventEmitter;
+}): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'ekaci_coordinator_' });
   new Gauge({
@@ -34,6 +42,25 @@ export function createMetrics(sources: { db: Db; agentCount: () => number; pendi
       this.reset();
       for (const r of rows) this.set({ state: r.state }, r.n);
     },
+  });
+  const checksFinished = new Counter({
+    name: 'ekaci_checks_finished_total',
+    help: 'Repository checks that ended, by outcome',
+    labelNames: ['outcome'],
+    registers: [registry],
+  });
+  const checkSeconds = new Histogram({
+    name: 'ekaci_check_duration_seconds',
+    help: 'How long repository checks ran on their agents, by outcome',
+    labelNames: ['outcome'],
+    buckets: [1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600],
+    registers: [registry],
+  });
+  sources.checks?.on('settled', (row: CheckRow) => {
+    checksFinished.inc({ outcome: row.state });
+    if (row.started_at !== null && row.finished_at !== null) {
+      checkSeconds.observe({ outcome: row.state }, Math.max(0, row.finished_at - row.started_at) / 1000);
+    }
   });
   return registry;
 }

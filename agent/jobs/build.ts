@@ -1,22 +1,19 @@
 import { readFile, rm, symlink } from 'node:fs/promises';
 import { IllegalStateError, NixCommandError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
-import { NIX_EXPERIMENTAL, lastLines, runNix } from '../../common/nix/cli.js';
 import type { BuildOutcome, NixDaemonConnection } from '../../common/nix/daemon-client.js';
-import { type Derivation, derivationStorePath, outputPaths, parseDerivation } from '../../common/nix/derivation.js';
-import { storePathName } from '../../common/nix/store-path.js';
+import { type Derivation, outputPaths, parseDerivation } from '../../common/nix/derivation.js';
 import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { nixBuildOutcome } from '../../common/retry.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
 import type { CacheUploader } from '../nix/cache-upload.js';
+import { readCachedDerivation } from '../nix/cached-derivation.js';
 import type { StorePool } from '../nix/store-pool.js';
+import { ERROR_TEXT_MAX_CHARS, type Job, type JobResult } from './job.js';
 
 // How much of the end of the output is kept in memory: Nix prints its verdict (and the machine problems
 // nixBuildOutcome looks for) in the last lines; 16 KiB holds them even after a verbose builder.
 const LOG_TAIL_BYTES = 16 * 1024;
-
-// Longest `Finished.error`: a summary for tables and check runs; the full story is in the log.
-const ERROR_TEXT_MAX_CHARS = 2000;
 
 /** What a build needs from the agent besides its `Assign`. */
 export interface BuildContext {
@@ -31,12 +28,8 @@ export interface BuildContext {
   spool: LogSpool;
 }
 
-export interface BuildResult {
-  outcome: Outcome;
-  error: string;
-  outputs: BuiltOutput[];
-  finishedAtMs: number;
-}
+/** A build's result never carries an exit code: Nix's verdict is in `error`. */
+export type BuildResult = Omit<JobResult, 'exitCode'>;
 
 /**
  * States: created → building → uploading → done; building/uploading → stopping → done (cancel); created → done
@@ -62,7 +55,7 @@ const TRANSITIONS: Record<BuildState, readonly BuildState[]> = {
  * The log is read from the daemon no faster than the spool writes it: while the lease log's buffer is over its
  * high-water mark, the build stops reading, and the daemon (and through it the builder) waits.
  */
-export class Build {
+export class Build implements Job {
   private state: BuildState = 'created';
   private conn: NixDaemonConnection | null = null;
   /** The last lines of the log, at least LOG_TAIL_BYTES of them when the log is that long. */
@@ -258,17 +251,9 @@ export class Build {
     const c = this.context;
     if (c.cacheUrl === '' || c.pool.basicDerivationsRefused) return null;
     if ((await conn.queryValidPaths([a.drvPath])).has(a.drvPath)) return null;
-    // The one file, without its references: nothing in the store changes.
-    const args = [...NIX_EXPERIMENTAL, 'store', 'cat', '--store', c.cacheUrl, '--option', 'netrc-file', c.netrcPath];
     let d: Derivation;
     try {
-      const cat = await runNix('nix', [...args, a.drvPath]);
-      if (cat.code !== 0) throw new Error(lastLines(cat.stderr, 3));
-      d = parseDerivation(cat.stdout, a.drvPath);
-      // Nix checks a substituted .drv's signature; this text is checked against its path, which hashes it.
-      if (derivationStorePath(cat.stdout, d, storePathName(a.drvPath)) !== a.drvPath) {
-        throw new Error('its contents do not match its path');
-      }
+      d = await readCachedDerivation(c.cacheUrl, c.netrcPath, a.drvPath);
     } catch (err) {
       this.logger.warn({ drvPath: a.drvPath, err: message(err) }, 'cannot read the .drv from the cache on its own');
       return null;

@@ -15,7 +15,9 @@ import type { LogShipper } from '../logs/shipper.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
 import type { CacheUploader } from '../nix/cache-upload.js';
 import type { StorePool } from '../nix/store-pool.js';
-import { Build, type BuildContext, type BuildResult } from './build.js';
+import { Build, type BuildContext } from './build.js';
+import { Check, type CheckContext } from './check.js';
+import type { Job, JobResult } from './job.js';
 
 /**
  * The life of a lease on this agent:
@@ -40,8 +42,8 @@ const TRANSITIONS: Record<LeaseState, readonly LeaseState[]> = {
 
 class Lease {
   state: LeaseState = 'queued';
-  build: Build | null = null;
-  result: BuildResult | null = null;
+  job: Job | null = null;
+  result: JobResult | null = null;
   finished: JobEvent | null = null;
   cancelAckDue = false;
 
@@ -84,6 +86,8 @@ export interface WorkloadOptions {
   logger: Logger;
   /** SIGTERM → SIGKILL grace for cancels the agent decides itself (dropped or unrenewed leases). */
   localCancelGraceMs: number;
+  /** What check leases need besides the build context: the agent's token and whether its sandbox starts. */
+  checks: Pick<CheckContext, 'token' | 'unavailable' | 'timeoutGraceMs'>;
 }
 
 interface WorkloadEvents {
@@ -94,8 +98,9 @@ interface WorkloadEvents {
 }
 
 /**
- * The leases this agent holds and the builds running for them. At most `maxJobs` builds run at once; an `Assign`
- * beyond that (a coordinator that raced a Credit) waits in a local queue instead of being refused.
+ * The leases this agent holds and the jobs running for them: a `Build` for an `Assign` of a derivation, a `Check`
+ * for one with `check` set ("build" below means either). At most `maxJobs` run at once; an `Assign` beyond that (a
+ * coordinator that raced a Credit) waits in a local queue instead of being refused.
  */
 export class Workload extends EventEmitter<WorkloadEvents> {
   private readonly leases = new Map<string, Lease>();
@@ -180,10 +185,10 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       lease.transition('awaiting-logs');
       // Closing the (empty) log completes it; the shipper's 'complete' then reports Finished.
       void lease.log.close();
-    } else if (lease?.state === 'building' && lease.build !== null) {
+    } else if (lease?.state === 'building' && lease.job !== null) {
       // CancelAck goes out from buildEnded, once the processes are gone and before Finished.
       lease.cancelAckDue = true;
-      await lease.build.cancel(reason, cancel.graceSeconds * 1000);
+      await lease.job.cancel(reason, cancel.graceSeconds * 1000);
       return;
     }
     // Unknown or already finished leases are acknowledged too: Cancel is idempotent and the result stands.
@@ -212,7 +217,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     this.options.shipper.untrack(leaseId);
     if (wasQueued) this.unqueue(lease);
     // A running build cleans up when its process is gone (buildEnded); anything else can go now.
-    if (lease.build !== null && lease.build.status !== 'done') void lease.build.cancel(reason, graceMs);
+    if (lease.job !== null && lease.job.status !== 'done') void lease.job.cancel(reason, graceMs);
     else void this.cleanUp(lease);
     this.checkIdle();
   }
@@ -269,11 +274,16 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       uploader: this.options.uploader,
       spool,
     };
-    const build = new Build(lease.assign, context, lease.log, logger.child({ leaseId: lease.id }));
-    lease.build = build;
+    const jobLogger = logger.child({ leaseId: lease.id });
+    const check = lease.assign.check;
+    const job: Job =
+      check === undefined
+        ? new Build(lease.assign, context, lease.log, jobLogger)
+        : new Check(lease.assign, check, { ...context, ...this.options.checks }, lease.log, jobLogger);
+    lease.job = job;
     host.sendEvent(outbox.add(lease.id, { $case: 'started', value: { startedAtMs: Date.now() } }));
     this.emit('started', lease.id);
-    const done = build.run().then((result) => {
+    const done = job.run().then((result) => {
       this.running--;
       this.buildEnded(lease, result);
       this.startQueued();
@@ -283,7 +293,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     void done.finally(() => this.builds.delete(done));
   }
 
-  private buildEnded(lease: Lease, result: BuildResult): void {
+  private buildEnded(lease: Lease, result: JobResult): void {
     if (lease.state === 'dropped') {
       void this.cleanUp(lease);
     } else {
@@ -322,6 +332,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     const done = (async () => {
       try {
         spool.removeGcRoots(lease.id);
+        await spool.removeWorkDir(lease.id);
         await lease.log.remove();
       } catch (err) {
         logger.warn({ err, leaseId: lease.id }, 'cannot remove the spool of a lease');
@@ -347,6 +358,6 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   }
 }
 
-function cancelledResult(reason: string): BuildResult {
+function cancelledResult(reason: string): JobResult {
   return { outcome: Outcomes.OUTCOME_CANCELLED, error: `cancelled: ${reason}`, outputs: [], finishedAtMs: Date.now() };
 }

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { closeSync, mkdirSync, openSync, read, rmSync, unlinkSync, write, writeFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { IllegalStateError } from '../../common/errors.js';
 
@@ -15,7 +16,8 @@ const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$/;
 
 /**
  * The agent's on-disk spool: one log file per lease under `logs/`, Nix GC roots per lease under `gcroots/` (so a
- * build's outputs survive until they are uploaded and reported) and the `netrc` Nix uses to reach the cache.
+ * build's outputs survive until they are uploaded and reported), a work directory per check lease under `work/`
+ * and the `netrc` Nix uses to reach the cache.
  */
 export class LogSpool {
   constructor(
@@ -33,7 +35,7 @@ export class LogSpool {
    * and the session nonce start anew), so the coordinator has already given them up.
    */
   prepare(): void {
-    for (const sub of ['logs', 'gcroots', 'uploads']) {
+    for (const sub of ['logs', 'gcroots', 'uploads', 'work']) {
       rmSync(join(this.dir, sub), { recursive: true, force: true });
       mkdirSync(join(this.dir, sub), { recursive: true, mode: 0o700 });
     }
@@ -62,6 +64,21 @@ export class LogSpool {
   /** Releases a lease's outputs to the garbage collector (they are in the cache by now, or not worth keeping). */
   removeGcRoots(leaseId: string): void {
     rmSync(join(this.dir, 'gcroots', fileName(leaseId)), { recursive: true, force: true });
+  }
+
+  /**
+   * A fresh, empty work directory for a lease, readable by the agent's user only (a check's checkout goes there).
+   * One per lease, side by side: no lease's directory is inside another's.
+   */
+  workDir(leaseId: string): string {
+    const dir = join(this.dir, 'work', fileName(leaseId));
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    return dir;
+  }
+
+  removeWorkDir(leaseId: string): Promise<void> {
+    return rm(join(this.dir, 'work', fileName(leaseId)), { recursive: true, force: true });
   }
 
   /** Writes the credentials Nix sends to the coordinator's cache, readable by the agent's user only. */

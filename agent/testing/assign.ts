@@ -12,5 +12,6 @@ export function testAssign(leaseId: string, drvPath: string, extra: Partial<Assi
     maxLogBytes: 0,
     ...extra,
     inputOutputs: extra.inputOutputs ?? [],
+    check: extra.check,
   };
 }

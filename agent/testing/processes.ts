@@ -11,6 +11,20 @@ export function alive(pid: number): boolean {
   }
 }
 
+/**
+ * Whether a process exists and has not exited: a zombie (exited, waiting for its parent or init to reap it) does not
+ * run. A sandbox's init orphaned by bubblewrap's exit is reaped by the host's init whenever that gets to it.
+ */
+export function running(pid: number): boolean {
+  if (!alive(pid)) return false;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
 /** The direct children of a process (of every one of its threads), from /proc. */
 export function childrenOf(pid: number): number[] {
   return readdirSync(`/proc/${pid}/task`)

@@ -31,6 +31,9 @@ export function darwinProfile(spec: SandboxSpec): string {
   if (writable.length > 0) {
     lines.push(`(allow file-read* file-write* ${writable.map((p) => `(subpath ${q(p)})`).join(' ')})`);
   }
+  // A read-only mount inside a writable one (a check's ro_bind in its checkout) stays read-only: the later rule
+  // wins in SBPL, as the later mount hides the earlier one with bubblewrap.
+  if (readOnly.length > 0) lines.push(`(deny file-write* ${readOnly.map((p) => `(subpath ${q(p)})`).join(' ')})`);
   if (spec.network) lines.push('(allow network*)', '(allow file-read* (subpath "/private/etc"))');
   return lines.join('\n');
 }

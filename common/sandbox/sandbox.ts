@@ -18,6 +18,7 @@
 import { spawn } from 'node:child_process';
 import { SandboxError } from '../errors.js';
 import { PLATFORM } from '../platform.js';
+import { descendants, signalGroup } from '../process-tree.js';
 import { bubblewrapArgs } from './bubblewrap.js';
 import { darwinProfile } from './darwin-profile.js';
 import type { SandboxSpec, SandboxedCommand } from './spec.js';
@@ -39,6 +40,46 @@ export function sandboxCommand(command: string, args: readonly string[], spec: S
     args: ['-p', darwinProfile(spec), '/usr/bin/env', '-i', ...envArgs(spec.env), command, ...args],
     env: { ...spec.env },
   };
+}
+
+/**
+ * SIGTERM to the sandboxed command and everything it started, given the pid of the process spawned from
+ * `sandboxCommand` — but not to the sandbox itself. On Linux that process is bubblewrap, whose child is the PID
+ * namespace's init: a SIGTERM to either would end the namespace at once (SIGKILL to everything inside), leaving the
+ * command no grace. sandbox-exec execs the command, so on macOS the pid is the command's and its group is signalled.
+ */
+export function terminateSandboxed(pid: number): void {
+  if (PLATFORM === 'darwin') {
+    signalGroup(pid, 'SIGTERM');
+    return;
+  }
+  for (const p of descendants(pid)) if (p.ppid !== pid) signal(p.pid, 'SIGTERM');
+}
+
+/**
+ * SIGKILL to everything inside the sandbox started as `pid`. On Linux the namespace's init dies, the kernel kills
+ * every process of the namespace (orphans and daemons included: they all live there) and bubblewrap, left without
+ * a child, exits and is reaped by the caller: killing bubblewrap itself instead would orphan its init to a host
+ * init that may never reap it. Before the namespace exists, bubblewrap itself is killed. On macOS the command's
+ * group and every descendant get SIGKILL (untested; a process that left both escapes, see darwin-profile.ts).
+ */
+export function killSandboxed(pid: number): void {
+  const inside = descendants(pid);
+  if (PLATFORM === 'darwin') {
+    signalGroup(pid, 'SIGKILL');
+    signal(pid, 'SIGKILL');
+  } else if (inside.length === 0) {
+    signal(pid, 'SIGKILL');
+  }
+  for (const p of inside) signal(p.pid, 'SIGKILL');
+}
+
+function signal(pid: number, name: NodeJS.Signals): void {
+  try {
+    process.kill(pid, name);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
 }
 
 function envArgs(env: Readonly<Record<string, string>>): string[] {

@@ -112,8 +112,11 @@ export class AccessControl {
     return p.kind === 'api' && this.mayAct(p, 'builds');
   }
 
-  /** Uploading to the binary cache (outputs, logs) for a lease: only the agent that holds the lease now. */
-  mayUploadFor(p: Principal, lease: { agentId: string } | undefined): boolean {
+  /**
+   * Acting for a lease — uploading its outputs and logs to the binary cache, downloading a check's source: only the
+   * agent that holds the lease now.
+   */
+  holdsLease(p: Principal, lease: { agentId: string } | undefined): boolean {
     return p.kind === 'agent' && lease !== undefined && lease.agentId === p.name;
   }
 

@@ -13,6 +13,7 @@ import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
 import type { AuditLog } from '../audit-log.js';
 import type { Db } from '../db/database.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
+import type { CheckManager } from '../checks/check-manager.js';
 import { type AgentCapabilities, agentMatchesLane } from '../scheduler/scheduler.js';
 import { AgentSession, type SessionHandlers } from './agent-session.js';
 import type { AccessControl } from '../access/access-control.js';
@@ -67,16 +68,22 @@ export class AgentHub {
     private readonly options: AgentHubOptions,
     private readonly logger: Logger,
     private readonly health: Health,
+    private readonly checks?: CheckManager,
   ) {
     this.handlers = {
       hello: (s, hello) => this.onHello(s, hello),
       jobEvent: (s, e) => this.onJobEvent(s, e),
       logChunk: (s, leaseId, offset, data) =>
-        this.manager.appendLog(s.agentId, leaseId, offset, data) ?? offset + data.length,
+        (this.checks?.owns(leaseId)
+          ? this.checks.appendLog(s.agentId, leaseId, offset, data)
+          : this.manager.appendLog(s.agentId, leaseId, offset, data)) ?? offset + data.length,
       heartbeat: (s, leaseIds) => {
         // Only for the status page: a failed write (a full disk) must not cost the agent its leases.
         this.survive('agent last seen', () => this.seen.run(Date.now(), s.agentId));
-        return this.manager.renew(s.agentId, leaseIds);
+        const [checkLeases, buildLeases] = this.split(leaseIds, (id) => id);
+        const builds = this.manager.renew(s.agentId, buildLeases);
+        if (!this.checks || checkLeases.length === 0) return builds;
+        return { ...builds, renewed: [...builds.renewed, ...this.checks.renew(s.agentId, checkLeases).renewed] };
       },
       credit: () => this.scheduleDispatch(),
       closed: (s) => this.onClosed(s),
@@ -94,11 +101,23 @@ export class AgentHub {
       this.logger.warn({ agentId, leaseId, reason }, 'refused a result that did not check out');
     });
     manager.on('work', () => this.scheduleDispatch());
-    manager.on('cancel-lease', (leaseId: string, agentId: string, reason: string) => {
+    const cancelLease = (leaseId: string, agentId: string, reason: string): void => {
       this.sessions.get(agentId)?.send({
         msg: { $case: 'cancel', value: { leaseId, graceSeconds: this.options.cancelGraceSeconds, reason } },
       });
-    });
+    };
+    manager.on('cancel-lease', cancelLease);
+    checks?.on('cancel-lease', cancelLease);
+    checks?.on('work', () => this.scheduleDispatch());
+  }
+
+  /** Splits lease-bearing items into the checks' and the builds'. */
+  private split<T>(items: readonly T[], leaseOf: (item: T) => string): [T[], T[]] {
+    if (!this.checks) return [[], [...items]];
+    const checks: T[] = [];
+    const builds: T[] = [];
+    for (const item of items) (this.checks.owns(leaseOf(item)) ? checks : builds).push(item);
+    return [checks, builds];
   }
 
   /** The gRPC service implementation (`AgentServiceServer`). */
@@ -110,6 +129,7 @@ export class AgentHub {
     const sweep = (): void => {
       this.survive('lease sweep', () => {
         this.manager.expireLeases();
+        this.checks?.expireLeases();
         this.manager.markUnbuildable(this.connectedCapabilities());
       });
       this.timers[0] = setTimeout(sweep, jitter(SWEEP_INTERVAL_MS));
@@ -265,7 +285,11 @@ export class AgentHub {
         Date.now(),
         hello.sandboxed ? 1 : 0,
       );
-    const leaseDecisions = this.manager.reconcile(hello.agentId, hello.runningLeases);
+    const [checkLeases, buildLeases] = this.split(hello.runningLeases, (r) => r.leaseId);
+    const leaseDecisions = [
+      ...this.manager.reconcile(hello.agentId, buildLeases),
+      ...(this.checks?.reconcile(hello.agentId, checkLeases) ?? []),
+    ];
     session.send({
       msg: {
         $case: 'welcome',
@@ -290,6 +314,7 @@ export class AgentHub {
 
   private onJobEvent(session: AgentSession, e: JobEvent): void | Promise<void> {
     const agentId = session.agentId;
+    if (this.checks?.owns(e.leaseId)) return this.onCheckEvent(this.checks, agentId, e);
     switch (e.event?.$case) {
       case 'accepted':
         return this.manager.accepted(agentId, e.leaseId);
@@ -297,6 +322,19 @@ export class AgentHub {
         return this.manager.started(agentId, e.leaseId, e.event.value.startedAtMs);
       case 'finished':
         return this.manager.finished(agentId, e.leaseId, e.event.value);
+      case undefined:
+        return;
+    }
+  }
+
+  private onCheckEvent(checks: CheckManager, agentId: string, e: JobEvent): void {
+    switch (e.event?.$case) {
+      case 'accepted':
+        return checks.accepted(agentId, e.leaseId);
+      case 'started':
+        return checks.started(agentId, e.leaseId, e.event.value.startedAtMs);
+      case 'finished':
+        return checks.finished(agentId, e.leaseId, e.event.value);
       case undefined:
         return;
     }
@@ -345,7 +383,9 @@ export class AgentHub {
         progress = false;
         for (const [s, slots] of free) {
           if (!s.capabilities || slots === 0) continue;
-          const assigns = this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
+          // A check first: checks are short and what a pull request's author waits for.
+          const checks = this.checks?.assign(s.capabilities, 1) ?? [];
+          const assigns = checks.length > 0 ? checks : this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
           if (assigns.length === 0) continue;
           free.set(s, slots - assigns.length);
           outgoing.set(s, [...(outgoing.get(s) ?? []), ...assigns]);

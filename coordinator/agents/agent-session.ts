@@ -255,6 +255,7 @@ export class AgentSession {
       mandatoryFeatures: hello.mandatoryFeatures,
       // Decided by the hub (sandbox, server policy) once the Hello is accepted.
       mayBuildUntrusted: false,
+      runsChecks: hello.runsChecks,
     };
     this.state = 'active';
     const r = this.handlers.hello(this, hello);

@@ -137,7 +137,7 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
       reject(ctx, 403, 'build logs come from the agents that hold the lease');
       return;
     }
-    if (!client && !options.access.mayUploadFor(principal, lease)) {
+    if (!client && !options.access.holdsLease(principal, lease)) {
       reject(
         ctx,
         403,

@@ -318,6 +318,42 @@ export const MIGRATIONS: readonly Migration[] = [
   -- An attribute across a repository's commits (its size history) without reading every evaluation whole.
   CREATE INDEX evaluation_attrs_name ON evaluation_attrs(name_id, evaluation_id);
   `,
+  `
+  -- Repository checks. A commit's checks as its evaluation planned them (each check's command, binds and the shell
+  -- derivation per system), and each check's run on an agent: one row per commit, check and system, reused by
+  -- every run of that commit until "rebuild failed" runs a failed one again.
+  ALTER TABLE commit_configs ADD COLUMN checks_json TEXT;
+  CREATE TABLE check_jobs (
+    id              INTEGER PRIMARY KEY,
+    repo            TEXT NOT NULL,
+    commit_sha      TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    system          TEXT NOT NULL,
+    clone_url       TEXT NOT NULL,                -- where the coordinator's mirror of the commit is
+    command         TEXT NOT NULL,
+    allow_network   INTEGER NOT NULL,             -- after the base's policy and the repository's trust
+    ro_bind_json    TEXT NOT NULL,
+    timeout_seconds INTEGER NOT NULL,
+    shell_drv       TEXT,                         -- NULL: the builder host's /bin and /usr/bin
+    untrusted       INTEGER NOT NULL,
+    state           TEXT NOT NULL,                -- waiting (for its shell) | queued | running | succeeded | failed |
+                                                  -- timed-out | cancelled | unbuildable
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    lease_id        TEXT UNIQUE,
+    agent_id        TEXT,
+    lease_expires   INTEGER,
+    cancel_reason   TEXT,
+    log_path        TEXT,
+    log_bytes       INTEGER NOT NULL DEFAULT 0,
+    exit_code       INTEGER,
+    error           TEXT,
+    queued_at       INTEGER NOT NULL,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    UNIQUE (repo, commit_sha, name, system)
+  );
+  CREATE INDEX check_jobs_state ON check_jobs(state);
+  `,
 ];
 
 /**

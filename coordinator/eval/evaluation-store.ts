@@ -1,3 +1,4 @@
+import type { CheckPlan } from './check-shells.js';
 import { createHash } from 'node:crypto';
 import { turn } from '../../common/turn.js';
 import type { Db } from '../db/database.js';
@@ -107,8 +108,15 @@ export class EvaluationStore {
     }
     if (evaluation.configDigest !== undefined) {
       this.db
-        .prepare('INSERT OR REPLACE INTO commit_configs (repo, commit_sha, config_hash) VALUES (?, ?, ?)')
-        .run(repo, evaluation.commit, evaluation.configDigest);
+        .prepare(
+          'INSERT OR REPLACE INTO commit_configs (repo, commit_sha, config_hash, checks_json) VALUES (?, ?, ?, ?)',
+        )
+        .run(
+          repo,
+          evaluation.commit,
+          evaluation.configDigest,
+          evaluation.checks ? JSON.stringify(evaluation.checks) : null,
+        );
     }
   }
 
@@ -145,9 +153,11 @@ export class EvaluationStore {
       seconds: r.seconds,
     }));
     const config = this.db
-      .prepare('SELECT config_hash FROM commit_configs WHERE repo = ? AND commit_sha = ?')
-      .get(repo, commit) as { config_hash: string } | undefined;
-    return config ? { commit, jobs, configDigest: config.config_hash } : { commit, jobs };
+      .prepare('SELECT config_hash, checks_json FROM commit_configs WHERE repo = ? AND commit_sha = ?')
+      .get(repo, commit) as { config_hash: string; checks_json: string | null } | undefined;
+    if (!config) return { commit, jobs };
+    const checks = config.checks_json === null ? {} : { checks: JSON.parse(config.checks_json) as CheckPlan[] };
+    return { commit, jobs, configDigest: config.config_hash, ...checks };
   }
 
   /** Each job's evaluation of a commit in figures (attributes, errors, time), without reading the attributes. */

@@ -11,12 +11,15 @@ import type { EvalPolicy } from './eval-options.js';
 import type { EvalResult } from './eval-result.js';
 import { evaluateBuiltIn } from './evaluator.js';
 
+/** What a flake evaluation reads: a job's outputs, or `devShells` for the shells of repository checks. */
+export type EvaluatedFlakeOutput = FlakeOutput | 'devShells';
+
 export interface FlakeEvaluatorOptions {
   /** A git checkout (a clone or a worktree) whose top holds `flake.nix`. */
   checkoutDir: string;
   /** The commit to evaluate; default the checkout's `HEAD`. */
   rev?: string;
-  outputs: readonly FlakeOutput[];
+  outputs: readonly EvaluatedFlakeOutput[];
   /** Only these systems are evaluated. */
   systems: readonly string[];
   workers?: number;
@@ -36,7 +39,8 @@ const GIT_TIMEOUT_MS = 60_000;
  * evaluator (`evaluateBuiltIn`; `nix-eval-jobs` is not used for flakes), one result per attribute. Attribute
  * names:
  *
- * - `checks.<system>.<name>` and `packages.<system>.<name>`;
+ * - `checks.<system>.<name>`, `packages.<system>.<name>` and `devShells.<system>.<name>` (the shells of
+ *   repository checks);
  * - `hydraJobs.<job>.<system>` (Hydra's own layout), or `hydraJobs.<job>` for a job that is a derivation
  *   itself (reported skipped when it is for a system not in `systems`).
  *
@@ -84,7 +88,11 @@ export function flakeRef(checkoutDir: string, rev: string): string {
  * A Nix file whose value is `{ <output> = … }` for each of `outputs` the flake has, shaped for the built-in
  * evaluator: every set on the way to a derivation is marked `recurseForDerivations`, and only `systems` are kept.
  */
-export function flakeJobsExpression(ref: string, outputs: readonly FlakeOutput[], systems: readonly string[]): string {
+export function flakeJobsExpression(
+  ref: string,
+  outputs: readonly EvaluatedFlakeOutput[],
+  systems: readonly string[],
+): string {
   const list = (xs: readonly string[]): string => `[ ${xs.map(nixString).join(' ')} ]`;
   return `let
   flake = builtins.getFlake ${nixString(ref)};
@@ -98,6 +106,7 @@ export function flakeJobsExpression(ref: string, outputs: readonly FlakeOutput[]
   shape = {
     checks = perSystem;
     packages = perSystem;
+    devShells = perSystem;
     hydraJobs = jobs;
   };
 in

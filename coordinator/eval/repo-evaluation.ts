@@ -4,6 +4,7 @@ import type { Checkout, FetchOptions, GitMirrors } from '../git/git-mirrors.js';
 import { RepoConfigError } from '../repo-config/errors.js';
 import { type FlakeJob, type RepoJob, loadRepoConfig } from '../repo-config/repo-config.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
+import { type CheckPlan, planChecks } from './check-shells.js';
 import { evaluateFlake } from './flake.js';
 import type { EvalEnvironment } from './eval-environment.js';
 import type { EvalPolicy } from './eval-options.js';
@@ -24,6 +25,8 @@ export interface CommitEvaluation {
   jobs: JobEvaluation[];
   /** The digest of the commit's `.eka-ci` configuration (see RepoConfig.digest); absent for old records. */
   configDigest?: string;
+  /** The commit's repository checks with their shells evaluated; absent for old records. */
+  checks?: CheckPlan[];
 }
 
 /**
@@ -45,6 +48,8 @@ export async function evaluateCommit(options: {
   environment: EvalEnvironment;
   /** What this repository's expressions may do beyond their checkout (server configuration, never the repository's). */
   policy: EvalPolicy;
+  /** Where checks that list no systems run; default this machine's system. */
+  defaultSystem?: string;
 }): Promise<CommitEvaluation> {
   await options.environment.prepare();
   const checkout = await options.mirrors.checkout(options.repo, options.rev, options.fetch);
@@ -81,7 +86,15 @@ export async function evaluateCommit(options: {
         seconds: (performance.now() - started) / 1000,
       });
     }
-    return { commit: checkout.commit, jobs, configDigest: config.digest };
+    const checks = await planChecks(
+      config,
+      checkout,
+      options.defaultSystem ?? (await localSystem()),
+      options.environment,
+      options.policy,
+      join(options.dataDir, 'gcroots', checkout.commit),
+    );
+    return { commit: checkout.commit, jobs, configDigest: config.digest, checks };
   } finally {
     await checkout.release();
   }
@@ -147,7 +160,7 @@ async function* evaluateFlakeJob(
 let cachedSystem: Promise<string> | undefined;
 
 /** The local Nix's `system` (asked once per process). */
-function localSystem(): Promise<string> {
+export function localSystem(): Promise<string> {
   cachedSystem ??= runNixChecked('nix-instantiate', [
     ...NO_SUBSTITUTERS,
     '--eval',

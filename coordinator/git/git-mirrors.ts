@@ -40,6 +40,11 @@ export interface FetchOptions {
 }
 
 /** A worktree of one commit, shared by everyone who asked for that commit until the last one releases it. */
+/** Where the mirrors under a git directory (`<data dir>/git`) keep `url`'s bare mirror. */
+export function mirrorDirFor(gitDir: string, url: string): string {
+  return join(gitDir, 'mirrors', parseRepoUrl(url).mirrorName);
+}
+
 export interface Checkout {
   dir: string;
   commit: string;
@@ -103,7 +108,7 @@ export class GitMirrors {
 
   /** The bare mirror's directory for `url` (which need not exist yet). */
   mirrorDir(url: string): string {
-    return join(this.dir, 'mirrors', parseRepoUrl(url).mirrorName);
+    return mirrorDirFor(this.dir, url);
   }
 
   /**

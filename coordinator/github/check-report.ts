@@ -1,7 +1,7 @@
 import type { JobEvaluation } from '../eval/repo-evaluation.js';
 import { evalFailureBlocks, isNewlyFailing } from '../review/classify.js';
-import { renderMarkdown } from '../review/markdown.js';
-import type { Review } from '../review/model.js';
+import { renderChecks, renderMarkdown } from '../review/markdown.js';
+import type { CheckResult, Review } from '../review/model.js';
 import type { BuildState } from '../scheduler/build-state.js';
 import type { CheckConclusion, CheckRunSpec } from './check-runs.js';
 
@@ -12,6 +12,7 @@ import type { CheckConclusion, CheckRunSpec } from './check-runs.js';
 
 export const EVALUATION_CHECK = 'eka-ci / evaluation';
 export const SUMMARY_CHECK = 'eka-ci / summary';
+export const CHECKS_CHECK = 'eka-ci / checks';
 export const buildCheckName = (system: string): string => `eka-ci / build (${system})`;
 
 /** Check-run names eka-ci owns, for the merge policy: every one must be green. */
@@ -167,6 +168,53 @@ export function summaryCheck(
     rest.join('\n').trim() || verdict,
     {
       ...(detailsUrl ? { detailsUrl } : {}),
+    },
+  );
+}
+
+const CHECK_DONE: ReadonlySet<CheckResult['state']> = new Set([
+  'succeeded',
+  'failed',
+  'timed-out',
+  'cancelled',
+  'unbuildable',
+]);
+
+/**
+ * `eka-ci / checks`: the repository's checks (`checks.<name>`), each with its state, exit code, time and the end of
+ * its output. In progress until every one ended; then failure when any did not pass (timed_out when all that did not
+ * pass timed out, cancelled when they were cancelled), with "Rebuild failed" to run the failed ones again.
+ */
+export function checksCheck(checks: readonly CheckResult[], detailsUrl: string | undefined): CheckRunSpec {
+  const extra = detailsUrl ? { detailsUrl } : {};
+  const summary = renderChecks(checks).slice(1).join('\n\n');
+  const done = checks.filter((c) => CHECK_DONE.has(c.state));
+  if (done.length < checks.length) {
+    const failed = done.filter((c) => c.state !== 'succeeded').length;
+    return inProgress(
+      CHECKS_CHECK,
+      `${done.length} of ${checks.length} done, ${failed} not passing`,
+      summary,
+      detailsUrl,
+    );
+  }
+  const bad = checks.filter((c) => c.state !== 'succeeded');
+  if (bad.length === 0) {
+    const title = `${checks.length} check${checks.length === 1 ? '' : 's'} passed`;
+    return completed(CHECKS_CHECK, 'success', title, summary, extra);
+  }
+  let conclusion: CheckConclusion = 'failure';
+  if (bad.every((c) => c.state === 'timed-out')) conclusion = 'timed_out';
+  else if (bad.every((c) => c.state === 'cancelled')) conclusion = 'cancelled';
+  const names = bad.map((c) => `${c.name} (${c.state})`).join(', ');
+  return completed(
+    CHECKS_CHECK,
+    conclusion,
+    `${bad.length} of ${checks.length} not passing: ${names}`.slice(0, 255),
+    summary,
+    {
+      ...extra,
+      actions: [{ ...REBUILD_FAILED_ACTION }],
     },
   );
 }

@@ -10,6 +10,7 @@ import { policyFor } from '../eval/eval-options.js';
 import type { EvaluationStore } from '../eval/evaluation-store.js';
 import type { GitMirrors } from '../git/git-mirrors.js';
 import type { ReviewService } from '../review/review-service.js';
+import type { CheckManager } from '../checks/check-manager.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import { storePathHash } from '../../common/nix/store-path.js';
@@ -41,6 +42,7 @@ export interface GitHubServiceDeps {
   reviews: ReviewService;
   manager: BuildManager;
   store: BuildStore;
+  checks: CheckManager;
   mirrors: GitMirrors;
   /** The coordinator's public base URL (for details links), known once its HTTP port is bound. */
   publicUrl: () => string;
@@ -101,6 +103,11 @@ export class GitHubService {
       reviews: deps.reviews,
       manager: deps.manager,
       store: deps.store,
+      checks: deps.checks,
+      checkPolicy: {
+        timeoutSeconds: options.checks.timeoutSeconds,
+        untrustedNetworkRepos: options.security.untrustedCheckNetworkRepos,
+      },
       links,
       logger: log,
       commitTitles: (run) => this.commitTitles(run),

@@ -14,13 +14,17 @@ import { reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
+import type { CheckManager } from '../checks/check-manager.js';
+import { checkSpecs } from '../checks/check-specs.js';
 import {
+  CHECKS_CHECK,
   EVALUATION_CHECK,
   SUMMARY_CHECK,
   type RootResult,
   buildCheck,
   buildCheckName,
   buildProgress,
+  checksCheck,
   completed,
   evaluationCheck,
   inProgress,
@@ -46,6 +50,9 @@ export interface PipelineDeps {
   reviews: ReviewService;
   manager: BuildManager;
   store: BuildStore;
+  checks: CheckManager;
+  /** `check_timeout_seconds` (for checks that set none) and `[security] untrusted_check_network_repos`. */
+  checkPolicy: { timeoutSeconds: number; untrustedNetworkRepos: readonly string[] };
   /** Links into the coordinator's web API for check runs' details; undefined without a public URL. */
   links: RunLinks | undefined;
   logger: Logger;
@@ -136,7 +143,18 @@ export class RunPipeline {
     const only = [...mine].filter((d) => !others.has(d));
     if (only.length > 0) manager.cancel(only, reason);
     const target = targetOf(run);
-    const names = [EVALUATION_CHECK, SUMMARY_CHECK, ...new Set(runs.roots(runId).map((r) => buildCheckName(r.system)))];
+    const hasChecks = this.deps.checks.checksOf(run.repo, run.head_sha).length > 0;
+    // A commit's checks are shared by its runs: they stop only when no other open run of the commit waits for them.
+    const shared = runs
+      .runsOf({ repo: run.repo, headSha: run.head_sha })
+      .some((r) => r.id !== runId && OPEN_RUN_STATES.has(r.state));
+    if (!shared) this.deps.checks.cancel(run.repo, run.head_sha, reason);
+    const names = [
+      EVALUATION_CHECK,
+      SUMMARY_CHECK,
+      ...(hasChecks ? [CHECKS_CHECK] : []),
+      ...new Set(runs.roots(runId).map((r) => buildCheckName(r.system))),
+    ];
     for (const name of names) this.deps.reporter.set(target, completed(name, 'cancelled', 'Cancelled', reason));
     this.deps.logger.info({ runId, reason, cancelled: only.length }, 'run cancelled');
   }
@@ -185,11 +203,18 @@ export class RunPipeline {
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
     for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
     reporter.set(target, inProgress(SUMMARY_CHECK, 'Building', `Building ${roots.length} derivations.`, details));
+    const checkIds = this.requestChecks(run, head, base);
+    const drawChecks = (): void => {
+      if (checkIds.length > 0)
+        reporter.set(target, checksCheck(this.deps.checks.resultsOf(run.repo, run.head_sha), details));
+    };
+    drawChecks();
 
     const refresh = setInterval(() => {
       // A cancelled run's checks are concluded: redrawing them as running would reopen them.
       if (!this.stillOpen(runId)) return;
       for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
+      drawChecks();
     }, PROGRESS_REFRESH_MS);
     refresh.unref();
     this.timers.add(refresh);
@@ -207,13 +232,14 @@ export class RunPipeline {
         };
         if (list.length > 0) requests.push(await this.deps.manager.submit(list, source, options));
       }
-      await Promise.all(requests.map((r) => this.deps.manager.waitFor(r)));
+      await Promise.all([...requests.map((r) => this.deps.manager.waitFor(r)), this.deps.checks.waitFor(checkIds)]);
     } finally {
       clearInterval(refresh);
       this.timers.delete(refresh);
     }
     if (!this.stillOpen(runId)) return;
 
+    drawChecks();
     const review = base ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit) : undefined;
     const newly = newlyFailingDrvs(review);
     const allSystems = [...new Set([...systems, ...headSystems(head)])].sort();
@@ -243,6 +269,30 @@ export class RunPipeline {
     runs.setRunState(runId, 'done');
     this.deps.logger.info({ runId, repo: run.repo, head: run.head_sha }, 'run done');
     this.deps.onFinished(runs.run(runId)!);
+  }
+
+  /**
+   * Asks for the head's repository checks. What a check may do comes from the base: a pull request's check gets the
+   * network only when the base's check of that name allows it too, and an untrusted pull request's never, unless the
+   * server allows it for the repository.
+   */
+  private requestChecks(run: RunRow, head: CommitEvaluation, base: CommitEvaluation | undefined): number[] {
+    const { checkPolicy } = this.deps;
+    const untrusted = run.untrusted === 1;
+    const specs = checkSpecs(head, base, {
+      networkPermitted: !untrusted || checkPolicy.untrustedNetworkRepos.includes(run.repo),
+      timeoutSeconds: checkPolicy.timeoutSeconds,
+    });
+    if (specs.length === 0) return [];
+    return this.deps.checks.request({
+      repo: run.repo,
+      commit: run.head_sha,
+      cloneUrl: run.head_clone_url,
+      checks: specs,
+      untrusted,
+      private: this.deps.runs.repository(run.repo)?.private !== 0,
+      rerunFailed: run.rebuild_failed === 1,
+    });
   }
 
   /** A commit's evaluation, from the database when this coordinator evaluated it before. */

@@ -30,11 +30,14 @@ import { TERMINAL_STATES } from '../scheduler/build-state.js';
 import type { RequestState } from './server.js';
 import type { RunStore } from '../github/run-store.js';
 import type { EventBus } from '../events.js';
+import type { CheckManager } from '../checks/check-manager.js';
 
 export interface ApiSources {
   store: BuildStore;
   logs: LogStore;
   manager: BuildManager;
+  /** Repository checks: a commit's, and their logs. */
+  checks: CheckManager;
   reviews: ReviewService;
   evaluations: EvaluationStore;
   access: AccessControl;

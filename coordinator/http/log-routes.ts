@@ -70,7 +70,30 @@ export function parseRange(header: string, size: number): [number, number] | 'un
  */
 export function followLog(ctx: RouterContext, sources: LogSources, attempt: AttemptRow): void {
   const { logs, store } = sources;
-  const path = attempt.log_path;
+  followLogFile(ctx, logs, attempt.log_path, () => {
+    const row = store.attempt(attempt.lease_id);
+    if (row !== undefined && OPEN_ATTEMPT_STATES.has(row.state)) return undefined;
+    return {
+      attempt: attempt.attempt,
+      attemptState: row?.state ?? null,
+      state: store.derivation(attempt.drv_path)?.state ?? null,
+      error: row?.error ?? null,
+      truncated: row?.log_truncated === 1,
+    };
+  });
+}
+
+/**
+ * Follows one log file as Server-Sent Events (see followLog). `ended` answers what the `end` event says (its `bytes`
+ * is added) once whatever writes the log has finished, and undefined while it runs; it is asked only after the log
+ * file was closed.
+ */
+export function followLogFile(
+  ctx: RouterContext,
+  logs: LogStore,
+  path: string,
+  ended: () => Record<string, unknown> | undefined,
+): void {
   const resumeAt = Number(ctx.get('Last-Event-ID') || '0');
   let offset = Number.isSafeInteger(resumeAt) && resumeAt >= 0 ? resumeAt : 0;
   const out = eventStream(ctx);
@@ -87,12 +110,6 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
     if (--share.followers === 0 && shared.get(path) === share) shared.delete(path);
     unwatch();
     out.end();
-  };
-  /** The attempt's row once it has ended and its log is closed; undefined while it runs. */
-  const ended = (): { row: AttemptRow | undefined } | undefined => {
-    if (logs.isOpen(path)) return undefined;
-    const row = store.attempt(attempt.lease_id);
-    return row === undefined || !OPEN_ATTEMPT_STATES.has(row.state) ? { row } : undefined;
   };
   /** Sends what the file has past `offset`; one pump at a time, waiting for a slow client (back-pressure). */
   const pump = async (): Promise<void> => {
@@ -114,19 +131,9 @@ export function followLog(ctx: RouterContext, sources: LogSources, attempt: Atte
           }
         }
       } while (again);
-      const end = done ? undefined : ended();
+      const end = done || logs.isOpen(path) ? undefined : ended();
       if (end) {
-        const { row } = end;
-        const derivation = store.derivation(attempt.drv_path);
-        const final = {
-          attempt: attempt.attempt,
-          attemptState: row?.state ?? null,
-          state: derivation?.state ?? null,
-          error: row?.error ?? null,
-          bytes: offset,
-          truncated: row?.log_truncated === 1,
-        };
-        out.write(`id: ${offset}\nevent: end\ndata: ${JSON.stringify(final)}\n\n`);
+        out.write(`id: ${offset}\nevent: end\ndata: ${JSON.stringify({ ...end, bytes: offset })}\n\n`);
         stop();
       }
     } finally {

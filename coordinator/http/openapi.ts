@@ -661,10 +661,54 @@ export const OPENAPI_DOCUMENT = {
                 type: 'array',
                 items: object({ base: { type: 'string' }, url: { type: 'string' } }),
               },
+              checks: {
+                type: 'array',
+                description: "The repository's checks on this commit, one per check and system.",
+                items: object({
+                  name: { type: 'string' },
+                  system: { type: 'string' },
+                  state: {
+                    type: 'string',
+                    enum: [
+                      'waiting',
+                      'queued',
+                      'running',
+                      'succeeded',
+                      'failed',
+                      'timed-out',
+                      'cancelled',
+                      'unbuildable',
+                    ],
+                  },
+                  exitCode: nullable('integer'),
+                  seconds: nullable('number'),
+                  logTail: { type: 'string' },
+                  error: nullable('string'),
+                  logUrl: { type: 'string' },
+                }),
+              },
             }),
           ),
           ...denied,
           '404': errorResponse('No evaluation or run of such a commit.'),
+        },
+      },
+    },
+    '/repos/{owner}/{repo}/commits/{sha}/checks/{name}/log': {
+      get: {
+        summary:
+          "A repository check's output (its latest attempt); the `end` event of a followed log carries the check's " +
+          'state, exit code and error.',
+        parameters: [
+          ...repoParameters,
+          pathString('sha'),
+          pathString('name'),
+          { name: 'system', in: 'query', required: false, schema: { type: 'string' } },
+          ...logParameters.slice(1),
+        ],
+        responses: {
+          ...logResponses,
+          '404': errorResponse('No such check on the commit, it has not started, or it runs on several systems.'),
         },
       },
     },

@@ -15,6 +15,8 @@ import {
   readJsonBody,
 } from './respond.js';
 import type { ApiSources } from './api.js';
+import { CHECK_TERMINAL_STATES } from '../checks/check-manager.js';
+import { followLogFile, serveLog } from './log-routes.js';
 import type { RequestState } from './server.js';
 
 /** How a list of pull requests can be ordered: most rebuilds, most newly failing, or most recently updated first. */
@@ -133,7 +135,45 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
         base: r.base_commit,
         url: reviewUrl(repo, r.base_commit, commit),
       })),
+      checks: sources.checks.resultsOf(repo, commit).map((c) => ({
+        ...c,
+        logUrl: `/api/v1/repos/${repo}/commits/${commit}/checks/${encodeURIComponent(c.name)}/log?system=${encodeURIComponent(c.system)}`,
+      })),
     };
+  });
+
+  // A repository check's output (its latest attempt): `Range` reads part of it; `follow=1` (or `Accept:
+  // text/event-stream`) follows it live as Server-Sent Events until the check ends. `system` picks one when the
+  // check runs on several.
+  router.get('/repos/:owner/:repo/commits/:sha/checks/:name/log', (ctx) => {
+    const repo = repoOf(ctx);
+    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    const prefix = (ctx.params.sha ?? '').toLowerCase();
+    const commit = evaluations.resolveCommit(repo, prefix) ?? runCommit(runs.db, repo, prefix);
+    const system = queryParam(ctx, 'system');
+    const rows = commit
+      ? sources.checks
+          .checksOf(repo, commit)
+          .filter((c) => c.name === ctx.params.name && (!system || c.system === system))
+      : [];
+    const row = rows[0];
+    if (!row || rows.length > 1) {
+      return notFound(
+        ctx,
+        rows.length > 1
+          ? `check ${ctx.params.name ?? ''} runs on ${rows.map((r) => r.system).join(', ')}: name one with ?system=`
+          : `${repo} has no check ${ctx.params.name ?? ''} on a commit ${prefix}`,
+      );
+    }
+    if (row.log_path === null) return notFound(ctx, `check ${row.name} has not started (it is ${row.state})`);
+    const follow = ctx.query.follow === '1' || ctx.get('Accept').includes('text/event-stream');
+    if (!follow) return serveLog(ctx, row.log_path);
+    const id = row.id;
+    followLogFile(ctx, sources.logs, row.log_path, () => {
+      const now = sources.checks.row(id);
+      if (!now || !CHECK_TERMINAL_STATES.has(now.state)) return undefined;
+      return { attempt: now.attempts, state: now.state, exitCode: now.exit_code, error: now.error };
+    });
   });
 
   // "Rebuild failed" for a commit: its newest run again, failed builds included (writers of the repository).

@@ -13,6 +13,9 @@ import { basename, join } from 'node:path';
  */
 export type LogEvent = 'appended' | 'closed';
 
+// How much of a log's end `tail` reads.
+const TAIL_WINDOW_BYTES = 64 * 1024;
+
 export class LogStore {
   private readonly open = new Map<string, { fd: number; size: number }>();
   private readonly watchers = new Map<string, Set<(event: LogEvent) => void>>();
@@ -104,6 +107,19 @@ export class LogStore {
   /** How many log files are open (running attempts): a gauge, and what a leak would show in. */
   get openCount(): number {
     return this.open.size;
+  }
+
+  /**
+   * The last `lines` lines of a log (read from its last 64 KiB: a review shows the end of a failure, never the whole
+   * log), trailing blank space dropped.
+   */
+  tail(logPath: string, lines: number): string {
+    const size = this.storedBytes(logPath);
+    const from = Math.max(0, size - TAIL_WINDOW_BYTES);
+    let text = this.readRange(logPath, from, size - from).toString('utf8');
+    // Started mid-log: the first line is a fragment (and maybe a cut UTF-8 sequence).
+    if (from > 0) text = text.slice(text.indexOf('\n') + 1);
+    return text.trimEnd().split('\n').slice(-lines).join('\n');
   }
 
   read(logPath: string): Buffer {

@@ -112,11 +112,12 @@ describe('compiled config', () => {
       checks: [
         {
           name: 'fmt',
-          shell: 'bash',
           command: 'nixfmt --check .',
+          shell: undefined,
           allowNetwork: false,
           roBind: [],
           timeoutSeconds: undefined,
+          systems: undefined,
         },
       ],
     });
@@ -176,13 +177,15 @@ describe('compiled config', () => {
       {
         checks: {
           lint: {
-            shell: 'sh',
+            shell: 'shells.lint',
             command: 'treefmt --fail-on-change',
             allow_network: true,
             ro_bind: ['/pkgs', 'treefmt.toml'],
             timeout_seconds: 600,
+            systems: ['x86_64-linux', 'aarch64-darwin'],
           },
         },
+        jobs: { pkgs: { file: 'pkgs/a.nix' } },
       },
       '.eka-ci/config.json',
       dir,
@@ -190,11 +193,12 @@ describe('compiled config', () => {
     expect(config.checks).toEqual([
       {
         name: 'lint',
-        shell: 'sh',
         command: 'treefmt --fail-on-change',
+        shell: { attrPath: ['shells', 'lint'], job: config.jobs[0] },
         allowNetwork: true,
-        roBind: [join(dir, 'pkgs'), join(dir, 'treefmt.toml')],
+        roBind: ['pkgs', 'treefmt.toml'],
         timeoutSeconds: 600,
+        systems: ['x86_64-linux', 'aarch64-darwin'],
       },
     ]);
   });
@@ -262,8 +266,30 @@ describe('schema errors name the field and the file', () => {
     );
   });
 
+  it('reads shell as the attribute of a shell derivation: the old meaning (an interpreter) is an error saying so', async () => {
+    expect(await problems({ checks: { fmt: { shell: 'bash', command: 'true' } } })).toMatch(
+      /^\.eka-ci\/config\.json: checks\.fmt\.shell: "bash" reads as an interpreter, but shell names the shell derivation/,
+    );
+    expect(await problems({ checks: { fmt: { shell: '/bin/sh', command: 'true' } } })).toMatch(
+      /reads as an interpreter/,
+    );
+  });
+
+  it('needs the job a check’s shell comes from when there are several, and a job that exists', async () => {
+    const jobs = { a: { file: 'default.nix' }, b: { file: 'default.nix' } };
+    expect(await problems({ jobs, checks: { fmt: { shell: 'dev', command: 'true' } } })).toBe(
+      '.eka-ci/config.json: check fmt: shell dev needs the job whose file or flake it is in: name it with "job" (jobs: a, b)',
+    );
+    expect(await problems({ jobs, checks: { fmt: { shell: 'dev', job: 'c', command: 'true' } } })).toBe(
+      '.eka-ci/config.json: check fmt: job c is not a job of this file',
+    );
+    expect(await problems({ jobs, checks: { fmt: { job: 'a', command: 'true' } } })).toBe(
+      '.eka-ci/config.json: check fmt: job is only read with shell',
+    );
+  });
+
   it('rejects a check without a command', async () => {
-    expect(await problems({ checks: { fmt: { shell: 'sh' } } })).toMatch(
+    expect(await problems({ checks: { fmt: { timeout_seconds: 5 } } })).toMatch(
       /^\.eka-ci\/config\.json: checks\.fmt\.command: /,
     );
   });

@@ -61,12 +61,18 @@ export type RepoJob = FileJob | FlakeJob;
 
 export interface RepoCheck {
   name: string;
-  shell: string;
   command: string;
+  /**
+   * The shell derivation whose environment the command runs in: an attribute path in `job`'s file (from the file's
+   * top, whatever the job's `attr_path`), or `devShells.<system>.<shell>` of a flake job. Undefined: the builder host's /bin and /usr/bin.
+   */
+  shell: { attrPath: string[]; job: RepoJob } | undefined;
   allowNetwork: boolean;
-  /** Real absolute paths inside the checkout, each an existing file or directory. */
+  /** Paths relative to the checkout root, each an existing file or directory inside it (checked here). */
   roBind: string[];
   timeoutSeconds: number | undefined;
+  /** `undefined`: the coordinator's default system. */
+  systems: string[] | undefined;
 }
 
 export interface RepoConfig {
@@ -136,16 +142,32 @@ export async function compileRepoConfig(
     for (const path of check.ro_bind) {
       const subject = `check ${name}: ro_bind path ${path}`;
       const found = await resolveInCheckout(root, path);
-      if (found.kind === 'file' || found.kind === 'directory') roBind.push(found.absolute);
+      if (found.kind === 'file' || found.kind === 'directory') roBind.push(found.relative);
       else problems.push(pathProblem(subject, found));
+    }
+    let shell: RepoCheck['shell'];
+    if (check.shell !== undefined) {
+      const jobName = check.job ?? (jobs.length === 1 ? jobs[0]!.name : undefined);
+      const job = jobs.find((j) => j.name === jobName);
+      if (job !== undefined) shell = { attrPath: check.shell.split('.'), job };
+      else if (check.job !== undefined) problems.push(`check ${name}: job ${check.job} is not a job of this file`);
+      else {
+        problems.push(
+          `check ${name}: shell ${check.shell} needs the job whose file or flake it is in: ` +
+            `name it with "job" (jobs: ${jobs.map((j) => j.name).join(', ') || 'none'})`,
+        );
+      }
+    } else if (check.job !== undefined) {
+      problems.push(`check ${name}: job is only read with shell`);
     }
     checks.push({
       name,
-      shell: check.shell,
       command: check.command,
+      shell,
       allowNetwork: check.allow_network,
       roBind,
       timeoutSeconds: check.timeout_seconds,
+      systems: check.systems,
     });
   }
 

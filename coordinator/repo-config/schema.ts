@@ -47,15 +47,37 @@ const job = z
     }
   });
 
+// What `shell` meant before it named a shell derivation: an interpreter. A config still saying so gets an error
+// that says what changed, rather than a failed attempt to evaluate an attribute called "bash".
+const INTERPRETERS = new Set(['bash', 'sh', 'dash', 'zsh', 'fish', 'ksh', 'csh', 'tcsh']);
+const ATTR_PATH = /^[^.]+(\.[^.]+)*$/;
+
 const check = z
   .object({
-    shell: z.string().min(1).default('bash'),
     command: z.string().min(1),
+    shell: z
+      .string()
+      .regex(ATTR_PATH, 'an attribute path such as "lint" or "shells.lint", with no empty parts')
+      .optional(),
+    job: name.optional(),
     allow_network: z.boolean().default(false),
     ro_bind: z.array(z.string().min(1)).default([]),
-    timeout_seconds: z.number().positive().optional(),
+    timeout_seconds: z.number().int().positive().max(86_400).optional(),
+    systems: z.array(z.string().min(1)).min(1, 'list at least one system, or leave systems out').optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    if (c.shell !== undefined && (INTERPRETERS.has(c.shell) || c.shell.startsWith('/'))) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['shell'],
+        message:
+          `"${c.shell}" reads as an interpreter, but shell names the shell derivation whose environment the command ` +
+          "runs in (an attribute of the job's file, or devShells.<system>.<name> of a flake); the command always " +
+          "runs with bash -c. Leave shell out to run with the builder host's /bin and /usr/bin",
+      });
+    }
+  });
 
 export const repoConfigSchema = z
   .object({

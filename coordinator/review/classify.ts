@@ -1,4 +1,4 @@
-import type { AttrReview, BuildOutcomeName, Change, Outcome, Review, SideResult } from './model.js';
+import type { AttrReview, BuildOutcomeName, Change, CheckResult, Outcome, Review, SideResult } from './model.js';
 
 /** Build results that count against the change: the attribute did not produce its outputs. */
 const FAILING: ReadonlySet<BuildOutcomeName> = new Set(['failed', 'dependency-failed', 'timed-out']);
@@ -114,6 +114,13 @@ export function summarise(attrs: readonly AttrReview[]): Record<SummaryKey, numb
  */
 export function isNewlyFailing(review: Pick<Review, 'attrs'>): boolean {
   return review.attrs.some((attr) => attr.outcome === 'newly-failing' || isBlockingEvalFailure(attr));
+}
+
+const CHECK_FAILURES: ReadonlySet<CheckResult['state']> = new Set(['failed', 'timed-out', 'cancelled', 'unbuildable']);
+
+/** The repository checks that ended without passing. */
+export function failedChecks(review: Pick<Review, 'checks'>): CheckResult[] {
+  return (review.checks ?? []).filter((c) => CHECK_FAILURES.has(c.state));
 }
 
 /** The head derivations the review counts as newly failing to build (each build check fails on its own). */

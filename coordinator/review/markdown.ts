@@ -1,5 +1,5 @@
-import { isBlockingEvalFailure, isNewEvalFailure } from './classify.js';
-import type { AttrReview, OutputSizes, Review, SideResult } from './model.js';
+import { failedChecks, isBlockingEvalFailure, isNewEvalFailure } from './classify.js';
+import type { AttrReview, CheckResult, OutputSizes, Review, SideResult } from './model.js';
 
 /**
  * The review as GitHub-flavoured markdown, for a check run's summary and `ekaci review`. Sections come in the
@@ -49,6 +49,8 @@ interface Document {
   /** In priority order; the first is "Newly failing", which the root causes belong to. */
   tables: Table[];
   rootCauses: RootCauseGroup[];
+  /** The repository checks' blocks (renderChecks), shown after the first table. */
+  checks: string[];
   counts: string | null;
 }
 
@@ -86,7 +88,7 @@ function render(doc: Document, plan: Plan, maxChars: number): string[] {
   doc.tables.forEach((table, i) => {
     const shown = plan.rows[i] ?? 0;
     blocks.push(...renderTable(table, shown));
-    if (i === 0) blocks.push(...renderRootCauses(doc.rootCauses, shown, plan.logs));
+    if (i === 0) blocks.push(...renderRootCauses(doc.rootCauses, shown, plan.logs), ...doc.checks);
   });
   if (doc.counts) blocks.push(doc.counts);
   const shortened = plan.logs < doc.rootCauses.length || doc.tables.some((t, i) => (plan.rows[i] ?? 0) < t.rows.length);
@@ -221,6 +223,8 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
     ...(newlyFailing.length > 0 ? [`${fmt(newlyFailing.length)} newly failing`] : []),
     ...(blockingEval.length > 0 ? [plural(blockingEval.length, 'new evaluation error')] : []),
   ];
+  const notPassing = failedChecks(review).length;
+  if (notPassing > 0) parts.push(`${plural(notPassing, 'check')} not passing`);
   let verdict = parts.length > 0 ? `❌ ${parts.join(', ')}` : '✅ nothing newly failing';
   if (allowedEval > 0) verdict += ` · ⚠️ ${plural(allowedEval, 'new evaluation error')} allowed by allow_eval_failures`;
   if (sizeWarnings.length > 0) verdict += ` · ⚠️ ${plural(sizeWarnings.length, 'size warning')}`;
@@ -244,8 +248,51 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
         : ''),
     tables,
     rootCauses: rootCauseGroups(newlyFailing),
+    checks: renderChecks(review.checks ?? []),
     counts,
   };
+}
+
+const CHECK_ICONS: Record<CheckResult['state'], string> = {
+  waiting: '⏳',
+  queued: '⏳',
+  running: '🔄',
+  succeeded: '✅',
+  failed: '❌',
+  'timed-out': '⏱️',
+  cancelled: '⛔',
+  unbuildable: '🚫',
+};
+// Failed checks whose output is shown; the rest are in the table, with their logs a click away.
+const MAX_CHECK_LOGS = 10;
+
+/** The repository checks: a table, then what each one that did not pass said (its error and its last lines). */
+export function renderChecks(checks: readonly CheckResult[]): string[] {
+  if (checks.length === 0) return [];
+  const sorted = [...checks].sort((a, b) => compare(a.name, b.name) || compare(a.system, b.system));
+  const table = [
+    header(['check', 'system', 'result', 'exit code', 'time']),
+    ...sorted.map((c) =>
+      row([
+        codeCell(c.name),
+        codeCell(c.system),
+        `${CHECK_ICONS[c.state]} ${c.state}`,
+        c.exitCode === null ? '—' : String(c.exitCode),
+        c.seconds === null ? '—' : `${c.seconds.toFixed(1)} s`,
+      ]),
+    ),
+  ].join('\n');
+  const blocks = [`### Checks (${fmt(checks.length)})`, table];
+  const failed = failedChecks({ checks: sorted });
+  for (const c of failed.slice(0, MAX_CHECK_LOGS)) {
+    const what = `check ${c.name} (${c.system})`;
+    if (c.error)
+      blocks.push(`**${escapeText(what)}**: ${escapeText(truncate(stripControl(c.error), MAX_ERROR_CHARS))}`);
+    if (c.logTail.trim() !== '') blocks.push(logDetails(what, c.logTail));
+  }
+  if (failed.length > MAX_CHECK_LOGS)
+    blocks.push(`… the output of ${fmt(failed.length - MAX_CHECK_LOGS)} more left out.`);
+  return blocks;
 }
 
 /** One root often breaks hundreds of attributes; it is named, and its log shown, once. */

@@ -73,4 +73,22 @@ export interface Review {
   attrs: AttrReview[];
   /** Counts per outcome, plus `added`, `removed`, `eval-failing` (new evaluation errors) and `size-warnings`. */
   summary: Record<string, number>;
+  /** The head's repository checks (`checks.<name>` of its configuration), one per check and system. */
+  checks?: CheckResult[];
+}
+
+/** A repository check on one system, as it stands. */
+export interface CheckResult {
+  name: string;
+  system: string;
+  /** `waiting` (for its shell), `queued` and `running` until it ends; then its outcome. */
+  state: 'waiting' | 'queued' | 'running' | 'succeeded' | 'failed' | 'timed-out' | 'cancelled' | 'unbuildable';
+  /** The command's exit status, when it ran to an exit. */
+  exitCode: number | null;
+  /** How long the command ran, once it ended. */
+  seconds: number | null;
+  /** The last lines of its output. */
+  logTail: string;
+  /** Why it failed beyond its exit code (timeout, output cap, an unbuildable shell), if anything. */
+  error: string | null;
 }

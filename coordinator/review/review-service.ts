@@ -4,7 +4,7 @@ import { diffCommits } from '../graph/commit-diff.js';
 import type { DiffStore, StoredJobDiff } from '../graph/diff-store.js';
 import type { LogStore } from '../logs/log-store.js';
 import type { BuildStore } from '../scheduler/build-store.js';
-import type { Review } from './model.js';
+import type { CheckResult, Review } from './model.js';
 import { changesConfig, gatesFor } from './base-policy.js';
 import { type BuildFacts, buildReview } from './review-builder.js';
 import { turn } from '../../common/turn.js';
@@ -16,6 +16,8 @@ export interface ReviewSources {
   diffs: DiffStore;
   /** A store path's references, from the binary cache; [] when unknown. */
   references(path: string): Promise<string[]>;
+  /** The repository checks of a commit, as they stand. */
+  checks?(repo: string, commit: string): CheckResult[];
 }
 
 /**
@@ -75,14 +77,12 @@ export class ReviewService {
         head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],
       })),
       build: (drv) => buildFacts(store, drv),
-      logTail: (drv, lines) => {
-        const attempt = store.derivation(drv)?.attempts ?? 0;
-        const text = logs.read(logs.pathFor(drv, attempt)).toString('utf8');
-        return text.trimEnd().split('\n').slice(-lines).join('\n');
-      },
+      logTail: (drv, lines) => logs.tail(logs.pathFor(drv, store.derivation(drv)?.attempts ?? 0), lines),
       references: (path) => this.sources.references(path),
     });
     if (changesConfig(baseEval, headEval)) review.configChanged = true;
+    const checks = this.sources.checks?.(repo, headCommit) ?? [];
+    if (checks.length > 0) review.checks = checks;
     return review;
   }
 

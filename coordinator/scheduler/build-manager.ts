@@ -360,6 +360,7 @@ export class BuildManager extends EventEmitter {
             .flatMap((input) =>
               this.store.outputsOf(input).map((o) => ({ drvPath: input, name: o.name, path: o.path })),
             ),
+          check: undefined,
         });
       }
     });

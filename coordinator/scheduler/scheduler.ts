@@ -32,6 +32,8 @@ export interface AgentCapabilities {
   mandatoryFeatures: readonly string[];
   /** The agent builds in Nix's sandbox, or the server allows untrusted code on unsandboxed agents. */
   mayBuildUntrusted: boolean;
+  /** The agent runs repository checks in a sandbox of its own (`Hello.runs_checks`). */
+  runsChecks?: boolean;
 }
 
 type NodeStatus = 'queued' | 'buildable' | 'building';

@@ -87,6 +87,7 @@ export class RawAgent {
         runningLeases: [],
         sessionNonce: 'n',
         sandboxed: false,
+        runsChecks: false,
         ...overrides,
       },
     });

@@ -1,5 +1,5 @@
-import { isBlockingEvalFailure, isNewEvalFailure } from '../../../coordinator/review/classify.js';
-import type { AttrReview, Review, SideResult } from '../../../coordinator/review/model.js';
+import { failedChecks, isBlockingEvalFailure, isNewEvalFailure } from '../../../coordinator/review/classify.js';
+import type { AttrReview, CheckResult, Review, SideResult } from '../../../coordinator/review/model.js';
 import type { Memo } from '../api.js';
 import { type Child, h, link } from '../dom.js';
 import { buildHref, storeName } from '../format.js';
@@ -58,6 +58,7 @@ export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
       resultsTable(newlyFailing, name),
       rootCauses(newlyFailing, o),
     ]),
+    section('checks', 'Checks', review.checks?.length ?? 0, [checksTable(review, o)]),
     section('eval-errors', 'Evaluation errors', newEval.length + oldEval.length, [
       table(
         ['Attribute', 'System', 'Evaluation base → head', 'Error'],
@@ -107,9 +108,11 @@ function verdict(review: Review, newlyFailing: AttrReview[], newEval: AttrReview
   const blocking = newEval.filter(isBlockingEvalFailure).length;
   const allowed = newEval.length - blocking;
   const warnings = sizes.filter((s) => s.s.warning).length;
+  const checks = failedChecks(review).length;
   const bad = [
     newlyFailing.length > 0 && `${newlyFailing.length} newly failing`,
     blocking > 0 && `${blocking} new evaluation error${blocking === 1 ? '' : 's'}`,
+    checks > 0 && `${checks} check${checks === 1 ? '' : 's'} not passing`,
   ].filter(Boolean);
   const notes = [
     allowed > 0 && `${allowed} new evaluation error${allowed === 1 ? '' : 's'} allowed by allow_eval_failures`,
@@ -121,6 +124,40 @@ function verdict(review: Review, newlyFailing: AttrReview[], newEval: AttrReview
     bad.length > 0 ? `✗ ${bad.join(', ')}` : '✓ nothing newly failing',
     notes.length > 0 && h('span', { class: 'warn' }, ` · ⚠ ${notes.join(' · ')}`),
   );
+}
+
+/** The repository's checks: each one's result, and for one that did not pass, its error and the end of its output. */
+function checksTable(review: Review, o: ReviewOptions): Child {
+  const checks = [...(review.checks ?? [])].sort(
+    (a, b) => a.name.localeCompare(b.name) || a.system.localeCompare(b.system),
+  );
+  const failed = new Set(failedChecks(review));
+  const logHref = (c: CheckResult): string =>
+    `/api/v1/repos/${o.repo}/commits/${review.head.rev}/checks/${encodeURIComponent(c.name)}/log?system=${encodeURIComponent(c.system)}`;
+  return [
+    table(
+      ['Check', 'System', 'Result', 'Exit code', 'Time', 'Output'],
+      checks.map((c) => [
+        h('code', null, c.name),
+        c.system,
+        badge(c.state),
+        c.exitCode === null ? '—' : String(c.exitCode),
+        c.seconds === null ? '—' : `${c.seconds.toFixed(1)} s`,
+        c.state === 'waiting' || c.state === 'queued' || c.state === 'unbuildable' ? '—' : link(logHref(c), 'log'),
+      ]),
+    ),
+    checks
+      .filter((c) => failed.has(c))
+      .map((c) =>
+        h(
+          'div',
+          { class: 'check-failure', 'data-check': c.name },
+          h('h3', null, `${c.name} (${c.system})`),
+          c.error && h('p', { class: 'problem' }, c.error),
+          c.logTail !== '' && logTail(c.logTail),
+        ),
+      ),
+  ];
 }
 
 function section(id: string, heading: string, count: number, body: Child[]): Child {

@@ -51,7 +51,7 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  *
  * ## Leases
  *
- * Every build handed to an agent is a lease (`Assign`) with a TTL. Each `Heartbeat` lists the leases the
+ * Every build or check handed to an agent is a lease (`Assign`) with a TTL. Each `Heartbeat` lists the leases the
  * agent holds and renews them; the coordinator's `HeartbeatAck` states the new expiry. A lease whose
  * holder is gone past its TTL is lost: the attempt is recorded as an infrastructure failure and the
  * derivation is queued again, on a different agent where one exists. An agent that reconnects in time
@@ -212,6 +212,12 @@ export interface Hello {
    * unless the coordinator's configuration allows otherwise. Added in 1.2; an older agent counts as unsandboxed.
    */
   sandboxed: boolean;
+  /**
+   * Since 1.4: the agent runs repository checks (`Assign.check`) in a sandbox of its own (bubblewrap on Linux,
+   * sandbox-exec on macOS), measured at start-up by starting one. Checks go only to agents that say so; an older
+   * agent, which would read a check's Assign as a build of its shell, never gets one.
+   */
+  runsChecks: boolean;
 }
 
 export interface RunningLease {
@@ -285,6 +291,37 @@ export interface Assign {
    * substitutes the `.drv` and its closure and builds it as before.
    */
   inputOutputs: InputOutput[];
+  /**
+   * Since 1.4: the lease is a repository check, not a build. `drv_path` is then the check's shell derivation ('' for
+   * none: the host's /bin and /usr/bin), whose environment the command runs in; `input_outputs` are the outputs of
+   * its input derivations, which the coordinator built first and the agent substitutes from the cache (the shell
+   * derivation itself is not built: like nix-shell, its inputs make the environment). `timeout_seconds` bounds the
+   * command, `max_log_bytes` its output (the coordinator's check_max_log_bytes). Logs, heartbeats, cancel and
+   * `Finished` work as for a build; `Finished.outputs` stays empty and `Finished.exit_code` carries the command's.
+   */
+  check: CheckJob | undefined;
+}
+
+/** A repository check (`checks.<name>` of `.eka-ci/config.json`) as an agent runs it. */
+export interface CheckJob {
+  name: string;
+  /** Run as `bash -c command` in the sandbox, in a writable copy of the commit's source. */
+  command: string;
+  /**
+   * Whether the sandbox has a network. The coordinator already applied the repository's trust: an untrusted pull
+   * request's check never gets one unless the server allows it for the repository.
+   */
+  allowNetwork: boolean;
+  /**
+   * Paths inside the checkout (relative, no `..`) made read-only in the sandbox. A path that resolves outside the
+   * checkout (a symlink out of it) fails the check.
+   */
+  roBind: string[];
+  /**
+   * Where the agent downloads the commit's source: a tar archive, served to the holder of this lease only
+   * (`Authorization: Bearer <agent token>`).
+   */
+  sourceUrl: string;
 }
 
 /** One output of an input derivation of an `Assign`. */
@@ -318,6 +355,8 @@ export interface Finished {
   finishedAtMs: number;
   /** Total log bytes of the lease: the coordinator checks it has them all. */
   logBytes: number;
+  /** Since 1.4, for a check: the command's exit status (absent when it never ran or was killed by a signal). */
+  exitCode?: number | undefined;
 }
 
 export interface BuiltOutput {
@@ -878,6 +917,7 @@ function createBaseHello(): Hello {
     runningLeases: [],
     sessionNonce: "",
     sandboxed: false,
+    runsChecks: false,
   };
 }
 
@@ -918,6 +958,9 @@ export const Hello: MessageFns<Hello> = {
     }
     if (message.sandboxed !== false) {
       writer.uint32(96).bool(message.sandboxed);
+    }
+    if (message.runsChecks !== false) {
+      writer.uint32(104).bool(message.runsChecks);
     }
     return writer;
   },
@@ -1031,6 +1074,14 @@ export const Hello: MessageFns<Hello> = {
             message.sandboxed = reader.bool();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.runsChecks = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1089,6 +1140,11 @@ export const Hello: MessageFns<Hello> = {
         ? globalThis.String(object.session_nonce)
         : "",
       sandboxed: isSet(object.sandboxed) ? globalThis.Boolean(object.sandboxed) : false,
+      runsChecks: isSet(object.runsChecks)
+        ? globalThis.Boolean(object.runsChecks)
+        : isSet(object.runs_checks)
+        ? globalThis.Boolean(object.runs_checks)
+        : false,
     };
   },
 
@@ -1130,6 +1186,9 @@ export const Hello: MessageFns<Hello> = {
     if (message.sandboxed !== false) {
       obj.sandboxed = message.sandboxed;
     }
+    if (message.runsChecks !== false) {
+      obj.runsChecks = message.runsChecks;
+    }
     return obj;
   },
 
@@ -1152,6 +1211,7 @@ export const Hello: MessageFns<Hello> = {
     message.runningLeases = object.runningLeases?.map((e) => RunningLease.fromPartial(e)) || [];
     message.sessionNonce = object.sessionNonce ?? "";
     message.sandboxed = object.sandboxed ?? false;
+    message.runsChecks = object.runsChecks ?? false;
     return message;
   },
 };
@@ -1927,6 +1987,7 @@ function createBaseAssign(): Assign {
     outputNames: [],
     maxLogBytes: 0,
     inputOutputs: [],
+    check: undefined,
   };
 }
 
@@ -1955,6 +2016,9 @@ export const Assign: MessageFns<Assign> = {
     }
     for (const v of message.inputOutputs) {
       InputOutput.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.check !== undefined) {
+      CheckJob.encode(message.check, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -2036,6 +2100,14 @@ export const Assign: MessageFns<Assign> = {
             message.inputOutputs.push(InputOutput.decode(reader, reader.uint32()));
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.check = CheckJob.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2086,6 +2158,7 @@ export const Assign: MessageFns<Assign> = {
         : globalThis.Array.isArray(object?.input_outputs)
         ? object.input_outputs.map((e: any) => InputOutput.fromJSON(e))
         : [],
+      check: isSet(object.check) ? CheckJob.fromJSON(object.check) : undefined,
     };
   },
 
@@ -2115,6 +2188,9 @@ export const Assign: MessageFns<Assign> = {
     if (message.inputOutputs?.length) {
       obj.inputOutputs = message.inputOutputs.map((e) => InputOutput.toJSON(e));
     }
+    if (message.check !== undefined) {
+      obj.check = CheckJob.toJSON(message.check);
+    }
     return obj;
   },
 
@@ -2131,6 +2207,154 @@ export const Assign: MessageFns<Assign> = {
     message.outputNames = object.outputNames?.map((e) => e) || [];
     message.maxLogBytes = object.maxLogBytes ?? 0;
     message.inputOutputs = object.inputOutputs?.map((e) => InputOutput.fromPartial(e)) || [];
+    message.check = (object.check !== undefined && object.check !== null)
+      ? CheckJob.fromPartial(object.check)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseCheckJob(): CheckJob {
+  return { name: "", command: "", allowNetwork: false, roBind: [], sourceUrl: "" };
+}
+
+export const CheckJob: MessageFns<CheckJob> = {
+  encode(message: CheckJob, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.command !== "") {
+      writer.uint32(18).string(message.command);
+    }
+    if (message.allowNetwork !== false) {
+      writer.uint32(24).bool(message.allowNetwork);
+    }
+    for (const v of message.roBind) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.sourceUrl !== "") {
+      writer.uint32(42).string(message.sourceUrl);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CheckJob {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCheckJob();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.command = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.allowNetwork = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.roBind.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.sourceUrl = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CheckJob {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      command: isSet(object.command) ? globalThis.String(object.command) : "",
+      allowNetwork: isSet(object.allowNetwork)
+        ? globalThis.Boolean(object.allowNetwork)
+        : isSet(object.allow_network)
+        ? globalThis.Boolean(object.allow_network)
+        : false,
+      roBind: globalThis.Array.isArray(object?.roBind)
+        ? object.roBind.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.ro_bind)
+        ? object.ro_bind.map((e: any) => globalThis.String(e))
+        : [],
+      sourceUrl: isSet(object.sourceUrl)
+        ? globalThis.String(object.sourceUrl)
+        : isSet(object.source_url)
+        ? globalThis.String(object.source_url)
+        : "",
+    };
+  },
+
+  toJSON(message: CheckJob): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.command !== "") {
+      obj.command = message.command;
+    }
+    if (message.allowNetwork !== false) {
+      obj.allowNetwork = message.allowNetwork;
+    }
+    if (message.roBind?.length) {
+      obj.roBind = message.roBind;
+    }
+    if (message.sourceUrl !== "") {
+      obj.sourceUrl = message.sourceUrl;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CheckJob>): CheckJob {
+    return CheckJob.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CheckJob>): CheckJob {
+    const message = createBaseCheckJob();
+    message.name = object.name ?? "";
+    message.command = object.command ?? "";
+    message.allowNetwork = object.allowNetwork ?? false;
+    message.roBind = object.roBind?.map((e) => e) || [];
+    message.sourceUrl = object.sourceUrl ?? "";
     return message;
   },
 };
@@ -2528,7 +2752,7 @@ export const Started: MessageFns<Started> = {
 };
 
 function createBaseFinished(): Finished {
-  return { outcome: 0, error: "", outputs: [], finishedAtMs: 0, logBytes: 0 };
+  return { outcome: 0, error: "", outputs: [], finishedAtMs: 0, logBytes: 0, exitCode: undefined };
 }
 
 export const Finished: MessageFns<Finished> = {
@@ -2547,6 +2771,9 @@ export const Finished: MessageFns<Finished> = {
     }
     if (message.logBytes !== 0) {
       writer.uint32(40).uint64(message.logBytes);
+    }
+    if (message.exitCode !== undefined) {
+      writer.uint32(48).int32(message.exitCode);
     }
     return writer;
   },
@@ -2604,6 +2831,14 @@ export const Finished: MessageFns<Finished> = {
             message.logBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.exitCode = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2631,6 +2866,11 @@ export const Finished: MessageFns<Finished> = {
         : isSet(object.log_bytes)
         ? globalThis.Number(object.log_bytes)
         : 0,
+      exitCode: isSet(object.exitCode)
+        ? globalThis.Number(object.exitCode)
+        : isSet(object.exit_code)
+        ? globalThis.Number(object.exit_code)
+        : undefined,
     };
   },
 
@@ -2651,6 +2891,9 @@ export const Finished: MessageFns<Finished> = {
     if (message.logBytes !== 0) {
       obj.logBytes = Math.round(message.logBytes);
     }
+    if (message.exitCode !== undefined) {
+      obj.exitCode = Math.round(message.exitCode);
+    }
     return obj;
   },
 
@@ -2664,6 +2907,7 @@ export const Finished: MessageFns<Finished> = {
     message.outputs = object.outputs?.map((e) => BuiltOutput.fromPartial(e)) || [];
     message.finishedAtMs = object.finishedAtMs ?? 0;
     message.logBytes = object.logBytes ?? 0;
+    message.exitCode = object.exitCode ?? undefined;
     return message;
   },
 };
