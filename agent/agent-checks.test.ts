@@ -6,8 +6,9 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../common/logging.js';
 import { Outcome, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
+import { SandboxCgroups } from '../common/sandbox/cgroup.js';
 import { Agent } from './agent.js';
-import { compileAgentOptions } from './options.js';
+import { compileAgentOptions, type AgentOptionsInput } from './options.js';
 import { testAssign } from './testing/assign.js';
 import { killAgentTree } from './testing/processes.js';
 import { is, ScriptedCoordinator, type ScriptedStream } from './testing/scripted-coordinator.js';
@@ -20,6 +21,9 @@ let source: SourceServer | null = null;
 let agentProcess: ChildProcess | null = null;
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+
+// Whether this process may make cgroups for a process limit (root, or a delegated cgroup).
+const cgroupsHere = await SandboxCgroups.probe({ memoryBytes: 0, maxProcesses: 20 });
 
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'ekaci-agent-checks-'));
@@ -37,7 +41,7 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function startAgent(): Promise<ScriptedStream> {
+async function startAgent(options: Partial<AgentOptionsInput> = {}): Promise<ScriptedStream> {
   coordinator = await ScriptedCoordinator.start();
   source = await serveSource({ 'README.md': 'readme of the pull request\n' }, 'test-token');
   agent = new Agent(
@@ -47,6 +51,7 @@ async function startAgent(): Promise<ScriptedStream> {
       maxJobs: 1,
       spoolDir: join(dir, 'spool'),
       logger: silentLogger(),
+      ...options,
     }),
   );
   await agent.start();
@@ -111,6 +116,28 @@ describe('an agent that runs checks', () => {
     await new Promise((resolve) => agent?.once('settled', resolve));
     expect(existsSync(join(dir, 'spool', 'work', 'lint'))).toBe(false);
   });
+
+  it.skipIf(cgroupsHere.unavailable !== null)(
+    `gives its checks the process limit it was started with${
+      cgroupsHere.unavailable === null ? '' : ` (skipped: ${cgroupsHere.unavailable})`
+    }`,
+    async () => {
+      const s = await startAgent({ checkMaxProcesses: 20, checkMemoryMib: 0 });
+
+      // dash, unlike bash, fails at the first refused fork instead of retrying it for seconds.
+      s.send(checkAssign('forks', "sh -c 'for i in $(seq 50); do /bin/sleep 30 & done; wait'"));
+      const f = await finished(s, 'forks');
+
+      expect(f.outcome).toBe(Outcome.OUTCOME_FAILED);
+      expect(f.exitCode).toBe(2);
+      expect(f.error).toMatch(
+        /^exit code 2; (a fork|\d+ forks) refused at the check's limit of 20 processes and threads$/,
+      );
+      const log = coordinator?.logs.get('forks')?.toString('utf8') ?? '';
+      expect(log).toContain('eka-ci: limits: 20 processes and threads (cgroup v');
+      expect(log).toContain('Cannot fork');
+    },
+  );
 
   it('passes none of the descriptors its process inherited to a check', async () => {
     coordinator = await ScriptedCoordinator.start();

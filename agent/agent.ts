@@ -5,6 +5,7 @@ import { credentials as grpcCredentials, type ChannelCredentials } from '@grpc/g
 import { Backoff } from '../common/backoff.js';
 import { ConfigError, EkaciError, IllegalStateError } from '../common/errors.js';
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import { SandboxCgroups } from '../common/sandbox/cgroup.js';
 import { sandboxAvailable } from '../common/sandbox/sandbox.js';
 import type { CoordinatorMessage, Hello, Outcome, Welcome } from '../common/proto/ekaci/agent/v1/agent.js';
 import { DEFAULT_HEARTBEAT_INTERVAL_MS, HeartbeatLoop } from './connection/heartbeat.js';
@@ -79,6 +80,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private sandboxed = false;
   /** Why checks cannot run here (the check sandbox does not start), measured at start-up; null when they can. */
   private checksUnavailable: string | null = 'not measured yet';
+  /** Where checks get their memory and process limits, measured at start-up. */
+  private checkCgroups: SandboxCgroups | null = null;
   private lastWelcome: Welcome | null = null;
   private warmedCacheUrl = '';
   private warmUp: Promise<void> = Promise.resolve();
@@ -137,6 +140,8 @@ export class Agent extends EventEmitter<AgentEvents> {
     let credentials: ChannelCredentials;
     try {
       const o = this.options;
+      // First, while the agent has no child process: on cgroup v2 it moves into a leaf of its cgroup (cgroup-v2.ts).
+      this.checkCgroups = await this.probeCheckCgroups();
       this.pool.use(await detectStoreAccess(o.store, o.daemonSocket));
       if (this.pool.access.kind === 'host-daemon' && o.nixSandbox) {
         o.logger.warn("--nix-sandbox has no effect on the host's nix-daemon: its nix.conf decides");
@@ -349,6 +354,20 @@ export class Agent extends EventEmitter<AgentEvents> {
     }
   }
 
+  /** The cgroups of checks' limits; says once why checks run without limits. */
+  private async probeCheckCgroups(): Promise<SandboxCgroups> {
+    const o = this.options;
+    const cgroups = await SandboxCgroups.probe({
+      memoryBytes: o.checkMemoryMib * 2 ** 20,
+      maxProcesses: o.checkMaxProcesses,
+    });
+    if (cgroups.unavailable === null) {
+      o.logger.info({ limits: cgroups.describe(), staleCgroupsRemoved: cgroups.swept }, 'checks run with limits');
+    } else if (o.checkMemoryMib === 0 && o.checkMaxProcesses === 0) o.logger.info('checks run without limits, as set');
+    else o.logger.warn({ why: cgroups.unavailable }, 'checks run without memory or process limits');
+    return cgroups;
+  }
+
   private createWorkload(maxJobs: number): Workload {
     const workload = new Workload({
       maxJobs,
@@ -359,7 +378,7 @@ export class Agent extends EventEmitter<AgentEvents> {
       outbox: this.outbox,
       logger: this.options.logger,
       localCancelGraceMs: this.options.localCancelGraceMs,
-      checks: { token: this.options.token, unavailable: this.checksUnavailable },
+      checks: { token: this.options.token, unavailable: this.checksUnavailable, cgroups: this.checkCgroups },
       host: {
         sendEvent: (value) => {
           if (!this.welcoming) this.session?.send({ msg: { $case: 'jobEvent', value } });

@@ -152,6 +152,9 @@ describe('ekaci-agent', () => {
     const { code, stderr } = await ekaciAgent(['--coordinator', '127.0.0.1:1', '--max-jobs', 'many']).exit;
     expect(code).toBe(2);
     expect(stderr).toMatch(/--max-jobs must be a positive integer, not 'many'/);
+    const memory = await ekaciAgent(['--coordinator', '127.0.0.1:1', '--check-memory-mib', '4G']).exit;
+    expect(memory.code).toBe(2);
+    expect(memory.stderr).toMatch(/--check-memory-mib must be a whole number, not '4G'/);
   });
 
   it('connects with a 0600 token file and drains on SIGTERM, then exits 0', async () => {

@@ -24,6 +24,8 @@ interface Flags {
   store?: string;
   drainGrace?: number;
   cacheWait?: number;
+  checkMemoryMib?: number;
+  checkMaxProcesses?: number;
   exitWithParent?: boolean;
 }
 
@@ -55,6 +57,14 @@ function parseArgs(argv: string[]): Flags {
       '--cache-wait <seconds>',
       "how long an upload waits for the coordinator's cache to answer (a restart) before the build fails (default: 120)",
       (v) => parseCount('--cache-wait', v, true),
+    )
+    .option('--check-memory-mib <MiB>', "a check's memory, where cgroups allow; 0 for no limit (default: 4096)", (v) =>
+      parseCount('--check-memory-mib', v, true),
+    )
+    .option(
+      '--check-max-processes <n>',
+      "a check's processes and threads, where cgroups allow; 0 for no limit (default: 1024)",
+      (v) => parseCount('--check-max-processes', v, true),
     )
     .option('--exit-with-parent', 'stop at once when the process that started this agent exits (embedded agents)')
     .exitOverride()
@@ -100,6 +110,8 @@ function compile(flags: Flags): AgentOptions {
     store: parseStore(flags.store),
     drainGraceMs: flags.drainGrace === undefined ? undefined : flags.drainGrace * 1000,
     cacheWaitMs: flags.cacheWait === undefined ? undefined : flags.cacheWait * 1000,
+    checkMemoryMib: flags.checkMemoryMib,
+    checkMaxProcesses: flags.checkMaxProcesses,
     logger: createLogger('ekaci-agent'),
   });
 }

@@ -29,6 +29,13 @@ const DEFAULT_DRAIN_GRACE_MS = 100_000;
 // A coordinator restarting (an upgrade, a crash) is back within seconds; two minutes covers a slow start.
 const DEFAULT_CACHE_WAIT_MS = 120_000;
 
+// A check's memory, where cgroups allow: enough for a compiler, a language server or a test runner of a large
+// repository, while a runaway check cannot take the builder's memory from the builds beside it.
+const DEFAULT_CHECK_MEMORY_MIB = 4096;
+// A check's processes and threads together, where cgroups allow: far beyond a parallel test suite, and a fork bomb
+// stops there instead of at the host's pid_max.
+const DEFAULT_CHECK_MAX_PROCESSES = 1024;
+
 // How long a graceful stop waits for the coordinator to end the stream after the agent half-closed it. Everything
 // is acknowledged by then; the status only confirms it, so the wait is short.
 const DEFAULT_CLOSE_TIMEOUT_MS = 2_000;
@@ -82,6 +89,10 @@ export interface AgentOptions {
   /** How long an upload waits for an unreachable cache (a coordinator restarting) before the build fails. */
   cacheWaitMs: number;
   closeTimeoutMs: number;
+  /** Memory of one check in MiB, where cgroups allow (`--check-memory-mib`); 0 for no limit. */
+  checkMemoryMib: number;
+  /** Processes and threads of one check, where cgroups allow (`--check-max-processes`); 0 for no limit. */
+  checkMaxProcesses: number;
 }
 
 export type AgentOptionsInput = Pick<AgentOptions, 'coordinator' | 'token'> & Partial<AgentOptions>;
@@ -111,6 +122,8 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
     drainGraceMs: DEFAULT_DRAIN_GRACE_MS,
     cacheWaitMs: DEFAULT_CACHE_WAIT_MS,
     closeTimeoutMs: DEFAULT_CLOSE_TIMEOUT_MS,
+    checkMemoryMib: DEFAULT_CHECK_MEMORY_MIB,
+    checkMaxProcesses: DEFAULT_CHECK_MAX_PROCESSES,
     ...withoutUndefined(input),
     coordinator: input.coordinator,
     token: input.token,
@@ -134,6 +147,10 @@ export function compileAgentOptions(input: AgentOptionsInput): AgentOptions {
   ] as const;
   for (const key of positive) {
     positiveInteger(key, options[key]);
+  }
+  for (const key of ['checkMemoryMib', 'checkMaxProcesses'] as const) wholeNumber(key, options[key]);
+  if (!Number.isSafeInteger(options.checkMemoryMib * 2 ** 20)) {
+    throw new ConfigError(`checkMemoryMib is too large: ${options.checkMemoryMib}`);
   }
   if (options.logChunkBytes > LOG_CHUNK_BYTES) {
     throw new ConfigError(`logChunkBytes must be at most ${LOG_CHUNK_BYTES}, the protocol's limit`);
@@ -192,6 +209,12 @@ function defaultSpoolDir(): string {
 
 function positiveInteger(key: string, value: number): void {
   if (!Number.isInteger(value) || value < 1) throw new ConfigError(`${key} must be a positive integer, not ${value}`);
+}
+
+function wholeNumber(key: string, value: number): void {
+  if (!Number.isInteger(value) || value < 0) {
+    throw new ConfigError(`${key} must be a whole number (0 for no limit), not ${value}`);
+  }
 }
 
 function withoutUndefined<T extends object>(input: T): Partial<T> {

@@ -28,7 +28,7 @@ import { LogStore } from './logs/log-store.js';
 import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
-import { CheckManager } from './checks/check-manager.js';
+import { CheckManager, type CheckRow } from './checks/check-manager.js';
 import { checkSourcePath, checkSourceRouter } from './checks/source-route.js';
 import { BuildStore } from './scheduler/build-store.js';
 import { ReviewService } from './review/review-service.js';
@@ -144,11 +144,21 @@ export class Coordinator {
     );
     this.events = new EventBus((e) => {
       if (e.type === 'build') return this.store.isPrivate(e.drvPath) ? 'private' : 'public';
-      if (e.type === 'run') return this.repoVisibility(e.repo);
+      if (e.type === 'run' || e.type === 'check') return this.repoVisibility(e.repo);
       return 'private'; // what builds where is operators' information, like GET /agents
     });
     this.manager.on('state', (drvPath: string, state: string, attempt: number, agentId: string | null) =>
       this.events.publish({ type: 'build', drvPath, state, attempt, agentId }),
+    );
+    this.checks.on('state', (row: CheckRow) =>
+      this.events.publish({
+        type: 'check',
+        repo: row.repo,
+        commit: row.commit_sha,
+        name: row.name,
+        system: row.system,
+        state: row.state,
+      }),
     );
     // What a write that failed for want of space left undone is reloaded from the database before work goes on.
     this.health.onResume(() => this.manager.resync());

@@ -16,7 +16,8 @@ export type CoordinatorEvent =
       headSha: string;
       state: string;
     }
-  | { type: 'agent'; id: string; connected: boolean; drained: boolean };
+  | { type: 'agent'; id: string; connected: boolean; drained: boolean }
+  | { type: 'check'; repo: string; commit: string; name: string; system: string; state: string };
 
 export interface PublishedEvent {
   /** Increases by one per event from the coordinator's start; what a client sends back as `Last-Event-ID`. */

@@ -124,6 +124,18 @@ rec {
       '';
     };
 
+    checkMemoryMiB = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      description = "Memory of one repository check (its cgroup's limit), in MiB; 0 for none; null takes the agent's 4096.";
+    };
+
+    checkMaxProcesses = mkOption {
+      type = types.nullOr types.ints.unsigned;
+      default = null;
+      description = "Processes and threads of one repository check; 0 for none; null takes the agent's 1024.";
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -142,6 +154,8 @@ rec {
     ++ lib.optionals (cfg.tls.certFile != null) [ "--tls-cert" cfg.tls.certFile ]
     ++ lib.optionals (cfg.tls.keyFile != null) [ "--tls-key" cfg.tls.keyFile ]
     ++ [ "--drain-grace" (toString cfg.drainGraceSeconds) "--cache-wait" (toString cfg.cacheWaitSeconds) ]
+    ++ lib.optionals (cfg.checkMemoryMiB != null) [ "--check-memory-mib" (toString cfg.checkMemoryMiB) ]
+    ++ lib.optionals (cfg.checkMaxProcesses != null) [ "--check-max-processes" (toString cfg.checkMaxProcesses) ]
     ++ cfg.extraArgs;
 
   # What the service manager waits for after SIGTERM before it kills: the drain and a margin to report.

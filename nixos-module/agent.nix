@@ -29,14 +29,15 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" "nix-daemon.socket" ];
-      path = [ config.nix.package ];
+      # bubblewrap: the sandbox of repository checks.
+      path = [ config.nix.package pkgs.bubblewrap ];
       environment = {
         NIX_REMOTE = "daemon";
         # Nix's client caches what it learns of binary caches under $XDG_CACHE_HOME (default ~/.cache, and a system
         # user's home is the read-only /var/empty).
         XDG_CACHE_HOME = "/var/cache/eka-ci-agent";
       };
-      serviceConfig = import ./hardening.nix { bubblewrap = false; } // {
+      serviceConfig = import ./hardening.nix { bubblewrap = true; cgroups = true; } // {
         ExecStart = execStart;
         User = cfg.user;
         Group = cfg.group;

@@ -2,8 +2,10 @@
 # keeps them equal). `bubblewrap`: the service runs bubblewrap itself (the coordinator evaluates pull requests in
 # it), which needs user namespaces and a /proc it may mount again: measured on Linux 6.x, bubblewrap's `--proc`
 # fails with EPERM under ProtectKernelTunables, ProtectKernelLogs and ProcSubset=pid (each leaves a locked mount
-# on /proc), so those stay off for it. NoNewPrivileges and an empty capability bounding set do not bother it.
-{ bubblewrap }:
+# on /proc), so those stay off for it. NoNewPrivileges and an empty capability bounding set do not bother it. The
+# coordinator runs bubblewrap to evaluate, an agent to run repository checks. `cgroups`: the service gets a cgroup
+# subtree of its own (Delegate) that it may write, where an agent puts each check under memory and process limits.
+{ bubblewrap, cgroups ? false }:
 {
   NoNewPrivileges = true;
   CapabilityBoundingSet = "";
@@ -14,7 +16,7 @@
   PrivateDevices = true;
   ProtectClock = true;
   ProtectHostname = true;
-  ProtectControlGroups = true;
+  ProtectControlGroups = !cgroups;
   ProtectKernelModules = true;
   ProtectKernelTunables = !bubblewrap;
   ProtectKernelLogs = !bubblewrap;
@@ -32,3 +34,4 @@
   SystemCallFilter = [ "@system-service" ] ++ (if bubblewrap then [ "@mount" ] else [ ]);
   UMask = "0077";
 }
+// (if cgroups then { Delegate = true; } else { })

@@ -238,6 +238,11 @@ describe('repository checks on the coordinator', () => {
 
   it('cancels a running check: the agent is told, and the check ends cancelled whatever the agent reports', async () => {
     const { commit, ids } = await setUp();
+    const seen: string[] = [];
+    coordinator!.events.subscribe(undefined, (e) => {
+      if (e.event.type === 'check')
+        seen.push(`${e.event.name}@${e.event.commit.slice(0, 7)}: ${e.event.state} (${e.visibility})`);
+    });
     const { agent } = raw('runner');
     agent.hello({ runsChecks: true });
     await agent.next('welcome');
@@ -252,6 +257,11 @@ describe('repository checks on the coordinator', () => {
     const [row] = await coordinator!.checks.waitFor(ids);
 
     expect(row).toMatchObject({ state: 'cancelled', error: 'a newer push' });
+    // Pages that show the commit hear each change (a local repository's data is private).
+    expect(seen).toEqual([
+      `lint@${commit.slice(0, 7)}: running (private)`,
+      `lint@${commit.slice(0, 7)}: cancelled (private)`,
+    ]);
     const metrics = await (await fetch(`${coordinator!.publicUrl}/metrics`)).text();
     expect(metrics).toContain('ekaci_checks_finished_total{outcome="cancelled"} 1');
     expect(metrics).toMatch(/ekaci_check_duration_seconds_count\{outcome="cancelled"\} 1/);

@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import { FakeGitHub, INSTALLATION, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
 import { checkedFetch } from './support/api-contract.js';
+import { launchBrowser, openPage, screenshot } from './support/browser.js';
 import { webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -152,6 +153,35 @@ describe('repository checks of a pull request, reported on GitHub', () => {
     const after = system.coordinator.checks.checksOf('acme/checked', repo.head);
     expect(after.find((c) => c.name === 'lint')!.attempts).toBe(before.find((c) => c.name === 'lint')!.attempts);
     expect(after.find((c) => c.name === 'style')!.state).toBe('failed');
+
+    // The review page (the summary's Details link) shows them: a row each, the failed one's output, its whole log.
+    const browser = await launchBrowser();
+    const errors: string[] = [];
+    try {
+      const page = await openPage(browser, runs['eka-ci / summary']!.detailsUrl!, errors);
+      await page.locator('#checks').waitFor();
+      expect(await page.locator('.verdict').textContent()).toContain('1 check not passing');
+      const rows = await page
+        .locator('#checks table tbody tr')
+        .evaluateAll((trs) => trs.map((tr) => [...tr.querySelectorAll('td')].slice(0, 4).map((td) => td.textContent)));
+      expect(rows).toEqual([
+        ['lint', 'x86_64-linux', 'succeeded', '0'],
+        ['net', 'x86_64-linux', 'succeeded', '0'],
+        ['style', 'x86_64-linux', 'failed', '4'],
+      ]);
+      const failure = page.locator('.check-failure[data-check="style"]');
+      expect(await failure.locator('.problem').textContent()).toBe('exit code 4');
+      await failure.locator('.log-tail', { hasText: 'bad style in default.nix' }).waitFor();
+      await screenshot(page, 'review-checks.png');
+      const logLink = page.locator('#checks table tbody tr', { hasText: 'style' }).locator('a', { hasText: 'log' });
+      const log = await fetch(
+        new URL(String(await logLink.getAttribute('href')), runs['eka-ci / summary']!.detailsUrl),
+      );
+      expect(await log.text()).toContain('bad style in default.nix');
+      expect(errors).toEqual([]);
+    } finally {
+      await browser.close();
+    }
   });
 
   it('gives an untrusted pull request’s check no network, whatever its configuration asks', async () => {

@@ -309,10 +309,14 @@ describe('the agent modules', () => {
       LoadCredential: ['agent-token:/run/keys/eka-ci-agent-token'],
       NoNewPrivileges: true,
       ProtectSystem: 'strict',
-      ProtectKernelTunables: true,
-      RestrictNamespaces: true,
+      // Repository checks run in bubblewrap, each in a cgroup of the service's delegated subtree.
+      ProtectKernelTunables: false,
+      RestrictNamespaces: 'user mnt pid net ipc uts cgroup',
+      ProtectControlGroups: false,
+      Delegate: true,
     });
-    expect(unit.environment).toMatchObject({ NIX_REMOTE: 'daemon', PATH: '/usr/bin:/usr/sbin' });
+    // nix, then bubblewrap (the stand-ins of both packages live in one directory here).
+    expect(unit.environment).toMatchObject({ NIX_REMOTE: 'daemon', PATH: '/usr/bin:/usr/sbin:/usr/bin:/usr/sbin' });
     expect(r.users.users['eka-ci-agent']).toMatchObject({ isSystemUser: true });
     expect(r.nixSettings).toEqual({
       'extra-substituters': ['https://ci.example.org/cache'],
@@ -380,12 +384,12 @@ describe('packaging/ for hosts without the modules', () => {
   });
 
   withLib('carry the modules’ hardening, key for key', async () => {
-    for (const [unit, bubblewrap] of [
-      ['eka-ci-coordinator.service', true],
-      ['eka-ci-agent.service', false],
+    for (const [unit, cgroups] of [
+      ['eka-ci-coordinator.service', false],
+      ['eka-ci-agent.service', true],
     ] as const) {
       const expected = (await evalJson(
-        `import ${join(REPO, 'nixos-module', 'hardening.nix')} { bubblewrap = ${bubblewrap}; }`,
+        `import ${join(REPO, 'nixos-module', 'hardening.nix')} { bubblewrap = true; cgroups = ${cgroups}; }`,
       )) as Record<string, unknown>;
       const lines = readFileSync(join(REPO, 'packaging', unit), 'utf8').split('\n');
       const settings = new Map(

@@ -16,15 +16,17 @@ import { nonce, tempDir } from './support/nix-project.js';
  * application only through its dependency, a package that starts failing, one that is fixed, one added, one
  * removed, and an attribute whose evaluation breaks.
  */
-function changeRepo(job: { allow_eval_failures?: boolean } = {}): { repo: string; base: string; head: string } {
+/** An empty git repository whose `.eka-ci/config.json` holds `config`, and a fresh tag for its derivations. */
+function configuredRepo(config: object): { repo: string; tag: string } {
   const repo = tempDir('ekaci-review-repo-');
-  const tag = nonce();
   git(repo, 'init', '-q');
   mkdirSync(join(repo, '.eka-ci'));
-  writeFileSync(
-    join(repo, '.eka-ci', 'config.json'),
-    JSON.stringify({ jobs: { pkgs: { file: 'default.nix', ...job } } }),
-  );
+  writeFileSync(join(repo, '.eka-ci', 'config.json'), JSON.stringify(config));
+  return { repo, tag: nonce() };
+}
+
+function changeRepo(job: { allow_eval_failures?: boolean } = {}): { repo: string; base: string; head: string } {
+  const { repo, tag } = configuredRepo({ jobs: { pkgs: { file: 'default.nix', ...job } } });
   const write = (body: string): void =>
     writeFileSync(
       join(repo, 'default.nix'),
@@ -108,11 +110,7 @@ describe('ekaci review', () => {
 
 describe('what ekaci review builds', () => {
   it('is what the GitHub pipeline builds: attributes named in commit titles, never those for another platform', async () => {
-    const repo = tempDir('ekaci-review-repo-');
-    const tag = nonce();
-    git(repo, 'init', '-q');
-    mkdirSync(join(repo, '.eka-ci'));
-    writeFileSync(join(repo, '.eka-ci', 'config.json'), JSON.stringify({ jobs: { pkgs: { file: 'default.nix' } } }));
+    const { repo, tag } = configuredRepo({ jobs: { pkgs: { file: 'default.nix' } } });
     const write = (version: string): void =>
       writeFileSync(
         join(repo, 'default.nix'),
@@ -200,6 +198,58 @@ describe('the demo (npm run demo)', () => {
     expect(r.stdout).toContain('| `cowsay` | `x86_64-linux` | failed → succeeded |');
     expect(r.stdout).toContain('| `lolcat` | `x86_64-linux` | succeeded |');
     expect(r.stdout).toContain('| `greeting` | 1.0 | 1.1 | `greeting`, `hello` |');
+    // The demo's check ran on the embedded agent, in its sandbox.
+    expect(r.stdout).toMatch(/\| `whitespace` \| `x86_64-linux` \| ✅ succeeded \| 0 \|/);
+  });
+});
+
+describe('ekaci review and repository checks', () => {
+  it('runs the head’s checks on the embedded agent: a failing one makes it exit 1 with nothing newly failing', async () => {
+    const { repo, tag } = configuredRepo({
+      jobs: { pkgs: { file: 'default.nix' } },
+      checks: { 'no-todo': { command: 'if grep -n TODO notes.txt; then exit 3; fi' } },
+    });
+    const pkgs = (v: string): string =>
+      `{ pkg = derivation { name = "pkg-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${v} > $out" ]; }; }\n`;
+    writeFileSync(join(repo, 'default.nix'), pkgs('1'));
+    writeFileSync(join(repo, 'notes.txt'), 'all done\n');
+    git(repo, 'add', '-A');
+    git(repo, 'commit', '-qm', 'base');
+    const base = git(repo, 'rev-parse', 'HEAD');
+    writeFileSync(join(repo, 'default.nix'), pkgs('2'));
+    writeFileSync(join(repo, 'notes.txt'), 'all done\nTODO: the rest\n');
+    git(repo, 'commit', '-qam', 'head');
+    const dir = tempDir();
+    const json = join(dir, 'review.json');
+    const r = await ekaci([
+      'review',
+      '--repo',
+      repo,
+      '--base',
+      base,
+      '--head',
+      'HEAD',
+      '--data-dir',
+      join(dir, 'data'),
+      '--json',
+      json,
+    ]);
+
+    expect(r.code).toBe(1);
+    expect(r.stdout.split('\n')[0]).toBe('❌ 1 check not passing');
+    expect(r.stdout).toMatch(/\| `no-todo` \| `x86_64-linux` \| ❌ failed \| 3 \|/);
+    expect(r.stdout).toContain('2:TODO: the rest');
+    const review = JSON.parse(readFileSync(json, 'utf8')) as Review;
+    expect(review.attrs.filter((a) => a.outcome === 'newly-failing')).toEqual([]);
+    expect(review.checks).toEqual([
+      expect.objectContaining({
+        name: 'no-todo',
+        system: 'x86_64-linux',
+        state: 'failed',
+        exitCode: 3,
+        error: 'exit code 3',
+      }),
+    ]);
   });
 });
 

@@ -8,6 +8,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { silentLogger } from '../../common/logging.js';
 import { descendants } from '../../common/process-tree.js';
 import { Outcome, type Assign, type CheckJob } from '../../common/proto/ekaci/agent/v1/agent.js';
+import { SandboxCgroups } from '../../common/sandbox/cgroup.js';
 import { sandboxAvailable } from '../../common/sandbox/sandbox.js';
 import { LogSpool } from '../logs/spool.js';
 import { StorePool } from '../nix/store-pool.js';
@@ -19,6 +20,12 @@ import { Check, type CheckContext } from './check.js';
 const TOKEN = `agent-token-${randomBytes(8).toString('hex')}`;
 const NIX = ['--option', 'substituters', '', '--extra-experimental-features', 'nix-command'];
 const QUIET = { encoding: 'utf8', stdio: 'pipe' } as const;
+
+// Small limits, so that a few sleeps and a pipe reach them. Whether this process may make cgroups (root, or a
+// delegated cgroup) decides whether the tests of limits run.
+const LIMITS = { memoryBytes: 64 * 2 ** 20, maxProcesses: 20 };
+const limited = await SandboxCgroups.probe(LIMITS);
+const noCgroups = limited.unavailable !== null;
 
 let source: SourceServer;
 let loopback: Server;
@@ -367,6 +374,104 @@ describe('a check in the sandbox', () => {
   });
 });
 
+describe(`a check with memory and process limits${
+  noCgroups ? ` (skipped: this process cannot make cgroups: ${limited.unavailable})` : ''
+}`, () => {
+  // A test that fails midway leaves no check running, and so no cgroup behind.
+  const started: Check[] = [];
+  afterEach(async () => {
+    await Promise.all(started.splice(0).map((c) => c.kill('the test ended')));
+  });
+  it.skipIf(noCgroups)('cannot fork past its process limit: forks fail, and it ends FAILED saying so', async () => {
+    // dash (/bin/sh here), unlike bash, does not retry a refused fork for seconds: it fails at once. The check then
+    // waits, without forking, for the test to have counted its processes.
+    const c = check(
+      `sh -c 'for i in $(seq 50); do /bin/sleep 30 & done; wait'; s=$?; echo "forker exited $s"; ` +
+        'for ((i = 0; i < 300; i++)); do [[ -e go ]] && break; read -t 0.1; done; exit $s',
+      { context: { cgroups: limited } },
+    );
+    started.push(c.check);
+    const pending = c.check.run();
+    await waitForLog(c.text, 'forker exited');
+    const dirs = c.check.cgroupDirs;
+    const pid = c.check.pid as number;
+    const tree = [pid, ...descendants(pid).map((p) => p.pid)];
+    const sleepers = tree.filter((p) => comm(p) === 'sleep');
+
+    expect(dirs.length).toBeGreaterThan(0);
+    for (const dir of dirs) expect(procsOf(dir).sort()).toEqual(tree.sort());
+    expect(tree.length).toBeLessThanOrEqual(20);
+    expect(sleepers.length).toBeGreaterThan(0);
+    expect(sleepers.length).toBeLessThanOrEqual(20 - 3); // bubblewrap, its init and bash count too
+    writeFileSync(join(spool.dir, 'work', c.leaseId, 'source', 'go'), '');
+    const r = await pending;
+    const log = c.text();
+
+    expect(r.outcome).toBe(Outcome.OUTCOME_FAILED);
+    expect(r.exitCode).toBe(2);
+    expect(r.error).toMatch(
+      /^exit code 2; (a fork|\d+ forks) refused at the check's limit of 20 processes and threads$/,
+    );
+    expect(log).toContain('eka-ci: limits: 64 MiB of memory, 20 processes and threads (cgroup v');
+    expect(log).toContain('Cannot fork');
+    expect(log).toMatch(/eka-ci: (a fork|\d+ forks) refused at the check's limit of 20 processes and threads\r\n$/);
+    for (const dir of dirs) expect(existsSync(dir)).toBe(false);
+  });
+
+  it.skipIf(noCgroups)('is killed by the kernel past its memory limit: exit 137, FAILED, out of memory', async () => {
+    // tail keeps its last line whole, and 200 MB of zeros is one line.
+    const c = check('set -o pipefail; head -c 200M /dev/zero | tail | wc -c', {
+      context: { cgroups: limited },
+      assign: { timeoutSeconds: 60 },
+    });
+    started.push(c.check);
+    const pending = c.check.run();
+    await waitForLog(c.text, 'eka-ci: limits:');
+    const dirs = c.check.cgroupDirs;
+    const r = await pending;
+
+    expect(r.outcome).toBe(Outcome.OUTCOME_FAILED);
+    expect(r.exitCode).toBe(137);
+    expect(r.error).toBe("exit code 137; out of memory: the kernel killed a process at the check's limit of 64 MiB");
+    expect(c.text()).toContain("eka-ci: out of memory: the kernel killed a process at the check's limit of 64 MiB");
+    expect(c.text()).not.toContain('209715200');
+    expect(dirs.length).toBeGreaterThan(0);
+    for (const dir of dirs) expect(existsSync(dir)).toBe(false);
+  });
+
+  it.skipIf(noCgroups)('is killed whole at its timeout, leaving no process and no cgroup', async () => {
+    const c = check("trap '' TERM; echo started; while :; do /bin/sleep 1; done", {
+      context: { cgroups: limited, timeoutGraceMs: 300 },
+      assign: { timeoutSeconds: 1 },
+    });
+    started.push(c.check);
+    const pending = c.check.run();
+    await waitForLog(c.text, 'started');
+    const dirs = c.check.cgroupDirs;
+    const pid = c.check.pid as number;
+    const inside = descendants(pid).map((p) => p.pid);
+    for (const dir of dirs) expect(procsOf(dir).sort()).toEqual([pid, ...inside].sort());
+
+    const r = await pending;
+
+    expect(r.outcome).toBe(Outcome.OUTCOME_TIMED_OUT);
+    expect(r.error).toBe('timed out after 1 s');
+    await expect.poll(() => [pid, ...inside].filter(running), { timeout: 2000, interval: 20 }).toEqual([]);
+    for (const dir of dirs) expect(existsSync(dir)).toBe(false);
+  });
+
+  it('runs without limits where the agent cannot make cgroups, saying so in its log', async () => {
+    const none = await SandboxCgroups.probe(LIMITS, { root: join(dir, 'no-cgroups-here') });
+    expect(none.unavailable).toMatch(/no cgroup hierarchy is mounted under/);
+
+    const r = await run('echo ran', { context: { cgroups: none } });
+
+    expect(r.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    expect(r.log).toContain('eka-ci: limits: none on this agent\n');
+    expect(r.log).toContain('ran');
+  });
+});
+
 describe('a check with a shell derivation', () => {
   it('runs in the derivation’s environment, with its inputs substituted from the cache and on PATH', async () => {
     const shell = shellWithGreet();
@@ -409,6 +514,21 @@ describe('a check with a shell derivation', () => {
     expect(r.log).toBe('');
   });
 });
+
+function procsOf(cgroupDir: string): number[] {
+  return readFileSync(join(cgroupDir, 'cgroup.procs'), 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+    .map(Number);
+}
+
+function comm(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '';
+  }
+}
 
 /** A loopback port nothing listens on: connections to it are refused. */
 async function closedPort(): Promise<number> {

@@ -7,9 +7,11 @@ import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
 import { PLATFORM } from '../../common/platform.js';
 import { signalGroup } from '../../common/process-tree.js';
 import { Outcome, type Assign, type CheckJob } from '../../common/proto/ekaci/agent/v1/agent.js';
+import type { SandboxCgroups } from '../../common/sandbox/cgroup.js';
 import { type SandboxMount, killSandboxed, sandboxCommand, terminateSandboxed } from '../../common/sandbox/sandbox.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
 import type { StorePool } from '../nix/store-pool.js';
+import { CheckLimits } from './check-limits.js';
 import { fetchSource, readOnlyPaths } from './check-source.js';
 import { type CheckShell, type ShellDirs, derivationShell, hostShell } from './check-shell.js';
 import { ERROR_TEXT_MAX_CHARS, type Job, type JobResult } from './job.js';
@@ -55,6 +57,8 @@ export interface CheckContext {
   unavailable: string | null;
   /** SIGTERM → SIGKILL at the timeout; CHECK_TIMEOUT_GRACE_MS when not given. */
   timeoutGraceMs?: number;
+  /** Where checks get their memory and process limits (probed at the agent's start); none: no limits. */
+  cgroups?: SandboxCgroups | null;
 }
 
 /**
@@ -89,6 +93,14 @@ type Ending = Pick<JobResult, 'outcome' | 'error' | 'exitCode'>;
  * processes, SIGKILL to the sandbox after the grace); cancel CANCELLED; anything of the agent's own (download,
  * shell, sandbox start, log spool) INFRA_ERROR. A command killed by a signal inside the Linux sandbox exits 128+N,
  * as bash reports it. The work directory is removed when the check ends, after its last process.
+ *
+ * Where the agent has cgroups (`context.cgroups`), the sandbox runs in a cgroup of its own with the agent's memory
+ * and process limits (check-limits.ts): a fork past the process limit fails, and the kernel kills a process of the
+ * check that needs memory past the memory limit (bash then reports 137). The log's second line states the limits;
+ * a FAILED or TIMED_OUT check whose limits were reached says so in its error and at the end of its log. Killing
+ * stays bubblewrap's, whose PID namespace ends with its init and lets bubblewrap reap that init (killing both at
+ * once through the cgroup could leave the init to a host init that never reaps it); the cgroup kills what is left
+ * after that, or everything when bubblewrap itself does not die.
  */
 export class Check implements Job {
   private state: CheckState = 'created';
@@ -98,6 +110,7 @@ export class Check implements Job {
   private readonly abort = new AbortController();
   private conn: NixDaemonConnection | null = null;
   private term: IPty | null = null;
+  private limits: CheckLimits | null = null;
   private timers: NodeJS.Timeout[] = [];
   private logged = 0;
   private capped = false;
@@ -114,7 +127,10 @@ export class Check implements Job {
     return this.state;
   }
 
-  /** The pid of the sandbox's wrapper process while the command runs (bubblewrap; the command on macOS). */
+  /**
+   * The pid of the sandbox's wrapper process while the command runs: bubblewrap (at first the shell that joins the
+   * check's cgroup and execs it); the command on macOS.
+   */
   get pid(): number | undefined {
     return this.term?.pid;
   }
@@ -122,6 +138,11 @@ export class Check implements Job {
   run(): Promise<JobResult> {
     this.result ??= this.execute();
     return this.result;
+  }
+
+  /** The directories of the check's cgroup while its sandbox may run; none without limits. */
+  get cgroupDirs(): readonly string[] {
+    return this.limits?.dirs ?? [];
   }
 
   /** Graceful: SIGTERM to the command's processes, SIGKILL to the sandbox after `graceMs`. */
@@ -146,6 +167,7 @@ export class Check implements Job {
       ending = infra(`the check failed on the agent: ${message(err)}`);
     }
     this.clearTimers();
+    if (this.limits !== null) ending = await this.releaseLimits(this.limits, ending);
     await this.log.close();
     await this.context.spool.removeWorkDir(this.assign.leaseId).catch((err: unknown) => {
       this.logger.warn({ err: message(err) }, 'cannot remove the work directory of a check');
@@ -195,16 +217,22 @@ export class Check implements Job {
       ...(linux ? [] : [{ source: hostTmp, writable: true }]),
       ...readOnly.map((p) => ({ source: join(checkout, p), target: join(inside, p) })),
     ];
+    const limits = await CheckLimits.make(this.context.cgroups ?? null, this.assign.leaseId, this.logger);
+    this.limits = limits;
     const command = sandboxCommand(shell.bash, ['-c', CLOSE_INHERITED_FDS + shell.prelude + this.check.command], {
       mounts,
       network: this.check.allowNetwork,
       env: shell.env,
       cwd: inside,
       newSession: false,
+      cgroupProcs: limits.procsFiles,
     });
     const network = this.check.allowNetwork ? 'on' : 'off';
     this.output(
-      Buffer.from(`eka-ci: check '${this.check.name}': bash -c in ${shell.description}, network ${network}\n`),
+      Buffer.from(
+        `eka-ci: check '${this.check.name}': bash -c in ${shell.description}, network ${network}\n` +
+          `eka-ci: limits: ${limits.description}\n`,
+      ),
     );
     if (this.stopCause !== null) return this.stopCause;
     this.transition('running');
@@ -225,6 +253,16 @@ export class Check implements Job {
     }
     this.term = term;
     return this.supervise(term);
+  }
+
+  /** Says in the error and at the end of the log which limits a failed check reached; removes its cgroup. */
+  private async releaseLimits(limits: CheckLimits, ending: Ending): Promise<Ending> {
+    this.limits = null;
+    const notes = await limits.release(this.logger);
+    const failed = ending.outcome === Outcome.OUTCOME_FAILED || ending.outcome === Outcome.OUTCOME_TIMED_OUT;
+    if (!failed || notes.length === 0) return ending;
+    this.output(Buffer.from(notes.map((n) => `\r\neka-ci: ${n}`).join('') + '\r\n'));
+    return { ...ending, error: [ending.error, ...notes].filter((e) => e !== '').join('; ') };
   }
 
   private async derivationShell(dirs: ShellDirs): Promise<CheckShell> {
@@ -309,7 +347,9 @@ export class Check implements Job {
     killSandboxed(pid);
     this.timers.push(
       setTimeout(() => {
-        if (this.term?.pid === pid) signalGroup(pid, 'SIGKILL');
+        if (this.term?.pid !== pid) return;
+        signalGroup(pid, 'SIGKILL');
+        this.limits?.kill();
       }, WRAPPER_KILL_AFTER_MS),
     );
   }

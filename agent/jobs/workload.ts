@@ -86,8 +86,11 @@ export interface WorkloadOptions {
   logger: Logger;
   /** SIGTERM → SIGKILL grace for cancels the agent decides itself (dropped or unrenewed leases). */
   localCancelGraceMs: number;
-  /** What check leases need besides the build context: the agent's token and whether its sandbox starts. */
-  checks: Pick<CheckContext, 'token' | 'unavailable' | 'timeoutGraceMs'>;
+  /**
+   * What check leases need besides the build context: the agent's token, whether its sandbox starts, and the
+   * cgroups of their limits.
+   */
+  checks: Pick<CheckContext, 'token' | 'unavailable' | 'timeoutGraceMs' | 'cgroups'>;
 }
 
 interface WorkloadEvents {

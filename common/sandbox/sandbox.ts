@@ -10,7 +10,8 @@
  * - no network unless `network` (Linux: a network namespace of its own, where even loopback is another host's);
  * - exactly `env`: the caller's environment never passes through;
  * - new PID, IPC, UTS and cgroup namespaces and no capabilities, so it can neither see nor signal host processes;
- * - death with its parent: killing the returned command's process ends everything inside.
+ * - death with its parent: killing the returned command's process ends everything inside;
+ * - memory and process-count limits, when the caller made it cgroups (cgroup.ts) and names them in the spec.
  *
  * Linux uses bubblewrap (`bwrap`), which also works unprivileged where user namespaces are allowed. macOS uses
  * `sandbox-exec` with a generated profile of the same intent; see darwin-profile.ts for what is not tested there.
@@ -32,7 +33,10 @@ const WRAPPER_PATH = '/usr/local/bin:/usr/bin:/bin:/run/current-system/sw/bin';
 export function sandboxCommand(command: string, args: readonly string[], spec: SandboxSpec): SandboxedCommand {
   const wrapperEnv = { PATH: process.env.PATH ?? WRAPPER_PATH };
   if (PLATFORM === 'linux') {
-    return { file: 'bwrap', args: [...bubblewrapArgs(spec), '--', command, ...args], env: wrapperEnv };
+    const bwrap = ['bwrap', ...bubblewrapArgs(spec), '--', command, ...args];
+    const cgroups = spec.cgroupProcs ?? [];
+    if (cgroups.length === 0) return { file: 'bwrap', args: bwrap.slice(1), env: wrapperEnv };
+    return { file: '/bin/sh', args: ['-c', joinCgroups(cgroups), 'sh', ...bwrap], env: wrapperEnv };
   }
   // sandbox-exec passes its own environment to the command: the spec's is the wrapper's.
   return {
@@ -40,6 +44,22 @@ export function sandboxCommand(command: string, args: readonly string[], spec: S
     args: ['-p', darwinProfile(spec), '/usr/bin/env', '-i', ...envArgs(spec.env), command, ...args],
     env: { ...spec.env },
   };
+}
+
+/**
+ * A shell script that moves itself into the cgroups and execs its arguments (bubblewrap): the pid written is the
+ * shell's, which exec hands to bubblewrap, so no process of the sandbox ever runs outside them. A cgroup it cannot
+ * join (removed meanwhile) is said on the sandbox's output, and the sandbox runs without that limit: a sandbox never
+ * fails for want of limits.
+ */
+function joinCgroups(procsFiles: readonly string[]): string {
+  const join = procsFiles.map((f) => `echo $$ > ${shellQuote(f)}`).join(' && ');
+  const warn = "echo 'eka-ci: cannot join the cgroups of the sandbox: it runs without their limits' >&2";
+  return `${join} || ${warn}; exec "$@"`;
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, "'\\''")}'`;
 }
 
 /**

@@ -23,6 +23,11 @@ export interface SandboxSpec {
    * command given a terminal of its own (a check under node-pty), which needs to be its session leader.
    */
   newSession?: boolean;
+  /**
+   * Linux: the `cgroup.procs` files of the cgroups the sandbox runs in (SandboxCgroup.procsFiles), joined before it
+   * starts anything, so that its limits hold from its first fork.
+   */
+  cgroupProcs?: readonly string[];
 }
 
 export interface SandboxedCommand {

@@ -11,6 +11,7 @@ import {
   Outcome,
   type RunningLease,
 } from '../../common/proto/ekaci/agent/v1/agent.js';
+import { type HeldLease, LeaseTable } from '../agents/lease-table.js';
 import type { Db } from '../db/database.js';
 import type { CheckResult } from '../review/model.js';
 import type { Health } from '../health.js';
@@ -94,12 +95,8 @@ export interface CheckManagerOptions {
   sourceUrl(leaseId: string): string;
 }
 
-interface CheckLease {
-  leaseId: string;
+interface CheckLease extends HeldLease {
   checkId: number;
-  agentId: string;
-  expiresAt: number;
-  logPath: string;
   cancelled?: string;
   overLimit?: boolean;
 }
@@ -120,10 +117,11 @@ const OUTCOME_STATE: Partial<Record<Outcome, CheckState>> = {
  * the command's exit code. The lease protocol is the builds' (agent.proto); an agent's events reach this manager
  * for the leases it `owns`. Every transition is written to `check_jobs` before anything is sent, so a restart
  * picks up where it left: running checks wait one lease TTL for their agents, waiting ones wait for their shells
- * again. Events: `work` (a check can be assigned), `cancel-lease` (leaseId, agentId, reason), `settled` (CheckRow).
+ * again. Events: `work` (a check can be assigned), `cancel-lease` (leaseId, agentId, reason), `state` (CheckRow:
+ * any change of state), `settled` (CheckRow: it ended).
  */
 export class CheckManager extends EventEmitter {
-  private readonly leases = new Map<string, CheckLease>();
+  private readonly leases: LeaseTable<CheckLease>;
   private readonly waitingShells = new Set<number>();
   private readonly waiters = new Set<{ ids: readonly number[]; resolve: (rows: CheckRow[]) => void }>();
 
@@ -139,6 +137,7 @@ export class CheckManager extends EventEmitter {
     private readonly now: () => number = Date.now,
   ) {
     super();
+    this.leases = new LeaseTable<CheckLease>(options.leaseTtlMs, logs, now);
   }
 
   /** After a start: running checks keep their leases for one TTL; checks waiting for their shells wait again. */
@@ -146,7 +145,7 @@ export class CheckManager extends EventEmitter {
     const expiresAt = this.now() + this.options.leaseTtlMs;
     for (const row of this.rowsIn('running')) {
       if (row.lease_id === null || row.agent_id === null || row.log_path === null) continue;
-      this.leases.set(row.lease_id, {
+      this.leases.add({
         leaseId: row.lease_id,
         checkId: row.id,
         agentId: row.agent_id,
@@ -221,6 +220,7 @@ export class CheckManager extends EventEmitter {
     for (const row of fresh) {
       if (row.state === 'waiting') this.awaitShell(row, req);
       if (CHECK_TERMINAL_STATES.has(row.state)) this.announce(row);
+      else this.emit('state', row);
     }
     if (fresh.some((r) => r.state === 'queued')) this.emit('work');
     return ids;
@@ -263,7 +263,7 @@ export class CheckManager extends EventEmitter {
 
   /** Whether a lease id is a check's (open now or finished): its agent's events come here, not to the builds. */
   owns(leaseId: string): boolean {
-    if (this.leases.has(leaseId)) return true;
+    if (this.leases.get(leaseId) !== undefined) return true;
     return this.db.prepare('SELECT 1 FROM check_jobs WHERE lease_id = ?').get(leaseId) !== undefined;
   }
 
@@ -278,6 +278,7 @@ export class CheckManager extends EventEmitter {
   assign(agent: AgentCapabilities, slots: number): Assign[] {
     if (!agent.runsChecks || slots <= 0 || !this.health.accepting) return [];
     const out: Assign[] = [];
+    const running: number[] = [];
     const now = this.now();
     this.db.transaction(() => {
       for (const row of this.rowsIn('queued')) {
@@ -297,10 +298,12 @@ export class CheckManager extends EventEmitter {
                log_bytes = 0, started_at = NULL WHERE id = ?`,
           )
           .run(attempt, lease.leaseId, agent.agentId, lease.logPath, row.id);
-        this.leases.set(lease.leaseId, lease);
+        this.leases.add(lease);
         out.push(this.assignmentOf(row, lease, attempt));
+        running.push(row.id);
       }
     })();
+    for (const id of running) this.emit('state', this.row(id));
     return out;
   }
 
@@ -411,38 +414,23 @@ export class CheckManager extends EventEmitter {
   }
 
   renew(agentId: string, leaseIds: readonly string[]): { renewed: string[]; expiresAt: number } {
-    const expiresAt = this.now() + this.options.leaseTtlMs;
-    const renewed = leaseIds.filter((id) => {
-      const lease = this.own(agentId, id);
-      if (lease) lease.expiresAt = expiresAt;
-      return lease !== undefined;
-    });
-    return { renewed, expiresAt };
+    return this.leases.renew(agentId, leaseIds);
   }
 
   /** An agent (re)connected: the check leases it lists are kept if still its own; its others died with it. */
   reconcile(agentId: string, running: readonly RunningLease[]): LeaseDecision[] {
-    const decisions = running.map((r): LeaseDecision => {
-      const lease = this.own(agentId, r.leaseId);
-      if (!lease) return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: 'lease is no longer valid' };
-      if (lease.cancelled !== undefined) {
-        this.end(lease, 'cancelled', lease.cancelled);
-        return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: lease.cancelled };
-      }
-      lease.expiresAt = this.now() + this.options.leaseTtlMs;
-      return { leaseId: r.leaseId, keep: true, logOffset: this.logs.storedBytes(lease.logPath), reason: '' };
-    });
-    const listed = new Set(running.map((r) => r.leaseId));
-    for (const lease of [...this.leases.values()]) {
-      if (lease.agentId === agentId && !listed.has(lease.leaseId)) this.lose(lease, 'the agent restarted without it');
-    }
-    return decisions;
+    const stopped = (lease: CheckLease): string | undefined => {
+      if (lease.cancelled !== undefined) this.end(lease, 'cancelled', lease.cancelled);
+      return lease.cancelled;
+    };
+    return this.leases.reconcile(agentId, running, stopped, (lease) =>
+      this.lose(lease, 'the agent restarted without it'),
+    );
   }
 
   expireLeases(): void {
-    const now = this.now();
-    for (const lease of [...this.leases.values()]) {
-      if (lease.expiresAt <= now) this.lose(lease, `lease expired: agent ${lease.agentId} stopped renewing it`);
+    for (const lease of this.leases.expired()) {
+      this.lose(lease, `lease expired: agent ${lease.agentId} stopped renewing it`);
     }
   }
 
@@ -472,6 +460,7 @@ export class CheckManager extends EventEmitter {
       return this.settleAs(row.id, 'failed', `could not be run after ${row.attempts} attempts: ${reason}`);
     }
     this.db.prepare(`UPDATE check_jobs SET state = 'queued', error = ? WHERE id = ?`).run(reason, row.id);
+    this.emit('state', this.row(row.id));
     this.emit('work');
   }
 
@@ -519,6 +508,7 @@ export class CheckManager extends EventEmitter {
       }
       if (this.row(row.id)?.state !== 'waiting') return;
       this.db.prepare(`UPDATE check_jobs SET state = 'queued' WHERE id = ? AND state = 'waiting'`).run(row.id);
+      this.emit('state', this.row(row.id));
       this.emit('work');
     })()
       .catch((err: Error) => {
@@ -529,6 +519,7 @@ export class CheckManager extends EventEmitter {
   }
 
   private announce(row: CheckRow): void {
+    this.emit('state', row);
     this.emit('settled', row);
     for (const w of [...this.waiters]) {
       const rows = this.settledRows(w.ids);
@@ -548,7 +539,6 @@ export class CheckManager extends EventEmitter {
   }
 
   private own(agentId: string, leaseId: string): CheckLease | undefined {
-    const lease = this.leases.get(leaseId);
-    return lease?.agentId === agentId ? lease : undefined;
+    return this.leases.own(agentId, leaseId);
   }
 }

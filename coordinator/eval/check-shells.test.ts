@@ -1,8 +1,8 @@
-import { execFileSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
+import { git } from '../../test/support/cli.js';
 import { testEvalEnvironment } from '../../test/support/eval-environment.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
 import { GitMirrors } from '../git/git-mirrors.js';
@@ -11,26 +11,16 @@ import { evaluateCommit } from './repo-evaluation.js';
 
 /** A commit's checks as its evaluation plans them: each check's shell evaluated per system, problems per check. */
 
-const GIT_ENV = {
-  ...process.env,
-  GIT_AUTHOR_NAME: 'eka-ci test',
-  GIT_AUTHOR_EMAIL: 'test@example.invalid',
-  GIT_COMMITTER_NAME: 'eka-ci test',
-  GIT_COMMITTER_EMAIL: 'test@example.invalid',
-};
-
 function commit(files: Record<string, string>): { dir: string; rev: string } {
   const dir = tempDir('ekaci-check-shells-');
   for (const [path, text] of Object.entries(files)) {
     mkdirSync(join(dir, path, '..'), { recursive: true });
     writeFileSync(join(dir, path), text);
   }
-  const git = (...args: string[]): string =>
-    execFileSync('git', args, { cwd: dir, env: GIT_ENV, encoding: 'utf8' }).trim();
-  git('init', '-q');
-  git('add', '.');
-  git('commit', '-q', '-m', 'checks');
-  return { dir, rev: git('rev-parse', 'HEAD') };
+  git(dir, 'init', '-q');
+  git(dir, 'add', '.');
+  git(dir, 'commit', '-q', '-m', 'checks');
+  return { dir, rev: git(dir, 'rev-parse', 'HEAD') };
 }
 
 async function plan(files: Record<string, string>) {

@@ -322,6 +322,14 @@ export const OPENAPI_DOCUMENT = {
             connected: { type: 'boolean' },
             drained: { type: 'boolean' },
           }),
+          object({
+            type: { const: 'check' },
+            repo: { type: 'string' },
+            commit: { type: 'string' },
+            name: { type: 'string' },
+            system: { type: 'string' },
+            state: { type: 'string' },
+          }),
         ],
       },
       Review: {

@@ -15,6 +15,7 @@ import type { DerivationGraph } from '../graph/derivation-graph.js';
 import type { Health } from '../health.js';
 import { readClosure } from '../graph/ingest.js';
 import type { LogStore } from '../logs/log-store.js';
+import { type HeldLease, LeaseTable } from '../agents/lease-table.js';
 import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
 import type { AttemptState, BuildStore, DerivationRow, NewDerivation } from './build-store.js';
 import { type AgentCapabilities, Scheduler, agentMatchesLane, isUntrustedLane } from './scheduler.js';
@@ -39,13 +40,9 @@ export interface BuildManagerOptions {
   maxLogBytes: number;
 }
 
-interface Lease {
-  leaseId: string;
+interface Lease extends HeldLease {
   drvPath: string;
   attempt: number;
-  agentId: string;
-  expiresAt: number;
-  logPath: string;
   /** Why the lease was cancelled (recorded on its attempt before the agent is told), if it was. */
   cancelled?: string;
   /** The log reached `maxLogBytes`: the build is stopped and fails. */
@@ -83,7 +80,7 @@ export interface BuildResult {
  */
 export class BuildManager extends EventEmitter {
   private scheduler: Scheduler;
-  private readonly leases = new Map<string, Lease>();
+  private readonly leases: LeaseTable<Lease>;
   /** The open lease of each derivation being built. */
   private readonly leaseOf = new Map<string, Lease>();
   /** Derivations that reached a terminal state since the last `announceSettled()`; announced after the commit. */
@@ -106,6 +103,7 @@ export class BuildManager extends EventEmitter {
   ) {
     super();
     this.scheduler = new Scheduler(now);
+    this.leases = new LeaseTable<Lease>(options.leaseTtlMs, logs, now);
   }
 
   get pendingCount(): number {
@@ -129,7 +127,7 @@ export class BuildManager extends EventEmitter {
    * their expiry.
    */
   resync(): void {
-    const expiry = new Map([...this.leases.values()].map((l) => [l.leaseId, l.expiresAt]));
+    const expiry = new Map(this.leases.values().map((l) => [l.leaseId, l.expiresAt]));
     const fallback = this.now() + this.options.leaseTtlMs;
     this.scheduler = new Scheduler(this.now);
     this.leases.clear();
@@ -495,7 +493,7 @@ export class BuildManager extends EventEmitter {
 
   /** The open leases, oldest first: what runs where. */
   openLeases(): Array<{ leaseId: string; agentId: string; drvPath: string; attempt: number; expiresAt: number }> {
-    return [...this.leases.values()].map((l) => ({
+    return this.leases.values().map((l) => ({
       leaseId: l.leaseId,
       agentId: l.agentId,
       drvPath: l.drvPath,
@@ -573,13 +571,7 @@ export class BuildManager extends EventEmitter {
 
   /** Heartbeat: extends the agent's leases it still holds. Returns those renewed. */
   renew(agentId: string, leaseIds: readonly string[]): { renewed: string[]; expiresAt: number } {
-    const expiresAt = this.now() + this.options.leaseTtlMs;
-    const renewed = leaseIds.filter((id) => {
-      const lease = this.ownLease(agentId, id);
-      if (lease) lease.expiresAt = expiresAt;
-      return lease !== undefined;
-    });
-    return { renewed, expiresAt };
+    return this.leases.renew(agentId, leaseIds);
   }
 
   /**
@@ -587,29 +579,21 @@ export class BuildManager extends EventEmitter {
    * the log length the coordinator has; this agent's leases it did not list died with it and are retried.
    */
   reconcile(agentId: string, running: readonly RunningLease[]): LeaseDecision[] {
-    const decisions = running.map((r): LeaseDecision => {
-      const lease = this.ownLease(agentId, r.leaseId);
-      if (!lease) return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: 'lease is no longer valid' };
+    const stopped = (lease: Lease): string | undefined => {
       const stop = lease.cancelled ?? (lease.overLimit ? this.overLimitReason() : undefined);
-      if (stop !== undefined) {
-        // Cancelled (or over its log limit) while the agent was away: it learns now, and the build ends here.
-        this.end(lease, lease.cancelled !== undefined ? 'cancelled' : 'failed', stop);
-        return { leaseId: r.leaseId, keep: false, logOffset: 0, reason: stop };
-      }
-      lease.expiresAt = this.now() + this.options.leaseTtlMs;
-      return { leaseId: r.leaseId, keep: true, logOffset: this.logs.storedBytes(lease.logPath), reason: '' };
-    });
-    const listed = new Set(running.map((r) => r.leaseId));
-    const lost = [...this.leases.values()].filter((l) => l.agentId === agentId && !listed.has(l.leaseId));
-    for (const lease of lost) this.lose(lease, 'the agent restarted without it');
-    return decisions;
+      // Cancelled (or over its log limit) while the agent was away: it learns now, and the build ends here.
+      if (stop !== undefined) this.end(lease, lease.cancelled !== undefined ? 'cancelled' : 'failed', stop);
+      return stop;
+    };
+    return this.leases.reconcile(agentId, running, stopped, (lease) =>
+      this.lose(lease, 'the agent restarted without it'),
+    );
   }
 
   /** Leases whose agents stopped renewing them are lost: the derivation is retried (elsewhere if possible). */
   expireLeases(): void {
-    const now = this.now();
-    for (const lease of [...this.leases.values()]) {
-      if (lease.expiresAt <= now) this.lose(lease, `lease expired: agent ${lease.agentId} stopped renewing it`);
+    for (const lease of this.leases.expired()) {
+      this.lose(lease, `lease expired: agent ${lease.agentId} stopped renewing it`);
     }
   }
 
@@ -786,8 +770,7 @@ export class BuildManager extends EventEmitter {
   }
 
   private ownLease(agentId: string, leaseId: string): Lease | undefined {
-    const lease = this.leases.get(leaseId);
-    return lease && lease.agentId === agentId ? lease : undefined;
+    return this.leases.own(agentId, leaseId);
   }
 
   private lose(lease: Lease, reason: string): void {
@@ -828,7 +811,7 @@ export class BuildManager extends EventEmitter {
   }
 
   private track(lease: Lease): void {
-    this.leases.set(lease.leaseId, lease);
+    this.leases.add(lease);
     this.leaseOf.set(lease.drvPath, lease);
   }
 

@@ -176,11 +176,12 @@ export interface TimelineBuild {
   critical: boolean;
 }
 
-/** What GET /events sends (`build`, `run`, `agent`; coordinator/events.ts). */
+/** What GET /events sends (`build`, `run`, `agent`, `check`; coordinator/events.ts). */
 export type CoordinatorEvent =
   | { type: 'build'; drvPath: string; state: BuildState; attempt: number; agentId: string | null }
   | { type: 'run'; id: number; repo: string; kind: string; prNumber: number | null; headSha: string; state: RunState }
-  | { type: 'agent'; id: string; connected: boolean; drained: boolean };
+  | { type: 'agent'; id: string; connected: boolean; drained: boolean }
+  | { type: 'check'; repo: string; commit: string; name: string; system: string; state: string };
 
 /** A read a page makes once and keeps by key (across redraws), for data that changes only when an event says so. */
 export type Memo = <T>(key: string, load: () => Promise<T>) => Promise<T>;

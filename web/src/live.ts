@@ -113,7 +113,7 @@ class EventStream {
           for await (const e of sseEvents(response)) {
             if (e.id !== undefined) this.lastId = e.id;
             if (e.event === 'reset') this.reloadAll();
-            else if (e.event === 'build' || e.event === 'run' || e.event === 'agent') {
+            else if (e.event === 'build' || e.event === 'run' || e.event === 'agent' || e.event === 'check') {
               this.dispatch(JSON.parse(e.data) as CoordinatorEvent);
             }
           }

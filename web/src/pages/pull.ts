@@ -198,12 +198,13 @@ class ReviewPanel {
     this.refresh = debounced(REVIEW_REFRESH_MS, signal, () => this.load());
   }
 
-  /** Reads the review again when the event concerns it: a build it shows (whose log may be new), or its run. */
+  /** Reads the review again when the event concerns it: a build it shows (whose log may be new), its run, a check. */
   notice(e: CoordinatorEvent): void {
     if (e.type === 'build' && this.drvs.has(e.drvPath)) {
       this.cache.delete(`log:${e.drvPath}`);
       this.refresh();
     } else if (e.type === 'run' && e.repo === this.repo && e.headSha.startsWith(this.head)) this.refresh();
+    else if (e.type === 'check' && e.repo === this.repo && e.commit.startsWith(this.head)) this.refresh();
   }
 
   async load(): Promise<void> {
