@@ -3,6 +3,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../common/logging.js';
+import { sseEvents } from '../common/sse.js';
 import { type Assign, Outcome } from '../common/proto/ekaci/agent/v1/agent.js';
 import type { CheckSpec } from '../coordinator/checks/check-manager.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
@@ -265,6 +266,53 @@ describe('repository checks on the coordinator', () => {
     const metrics = await (await fetch(`${coordinator!.publicUrl}/metrics`)).text();
     expect(metrics).toContain('ekaci_checks_finished_total{outcome="cancelled"} 1');
     expect(metrics).toMatch(/ekaci_check_duration_seconds_count\{outcome="cancelled"\} 1/);
+  });
+
+  it('serves a running check’s output live over the API, ending with its state and exit code', async () => {
+    // A local repository is private data: an API token reads it.
+    const { commit } = await setUp({ api_tokens: [{ name: 'r', token: 'api-token-for-reading-0002' }] });
+    const auth = { Authorization: 'Bearer api-token-for-reading-0002' };
+    const { agent } = raw('runner');
+    agent.hello({ runsChecks: true });
+    await agent.next('welcome');
+    credit(agent);
+    const assign = await agent.next('assign');
+    event(agent, 1, assign.leaseId, 'started');
+    agent.send({ $case: 'logChunk', value: { leaseId: assign.leaseId, offset: 0, data: Buffer.from('first line\n') } });
+    await agent.next('logAck', (a) => a.storedBytes === 11);
+
+    const url = `${coordinator!.publicUrl}/api/v1/repos/local/checks/commits/${commit}/checks/lint/log?follow=1`;
+    const response = await fetch(url, { headers: auth });
+    expect(response.status).toBe(200);
+    const received: string[] = [];
+    let end: Record<string, unknown> | undefined;
+    for await (const e of sseEvents(response)) {
+      if (e.event === 'log') {
+        received.push(JSON.parse(e.data) as string);
+        // The first chunk arrived live: the rest of the output and the result come after it.
+        if (received.length === 1) {
+          agent.send({
+            $case: 'logChunk',
+            value: { leaseId: assign.leaseId, offset: 11, data: Buffer.from('second line\n') },
+          });
+          await agent.next('logAck', (a) => a.storedBytes === 23);
+          event(agent, 2, assign.leaseId, {
+            finished: { outcome: Outcome.OUTCOME_FAILED, exitCode: 2, error: 'exit code 2', logBytes: 23 },
+          });
+        }
+      } else if (e.event === 'end') {
+        end = JSON.parse(e.data) as Record<string, unknown>;
+        break;
+      }
+    }
+
+    expect(received.join('')).toBe('first line\nsecond line\n');
+    expect(end).toEqual({ attempt: 1, state: 'failed', exitCode: 2, error: 'exit code 2', bytes: 23 });
+    // Not started, or no such check: a 404 that says which.
+    const missing = await fetch(url.replace('/checks/lint/', '/checks/nope/'), { headers: auth });
+    expect((await fetch(url)).status).toBe(401);
+    expect(missing.status).toBe(404);
+    expect(((await missing.json()) as { error: { message: string } }).error.message).toContain('has no check nope');
   });
 
   it('marks a check unbuildable without running it when its shell did not evaluate', async () => {

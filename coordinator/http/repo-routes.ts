@@ -149,7 +149,9 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     const repo = repoOf(ctx);
     if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
     const prefix = (ctx.params.sha ?? '').toLowerCase();
-    const commit = evaluations.resolveCommit(repo, prefix) ?? runCommit(runs.db, repo, prefix);
+    // A whole sha needs no resolving (`ekaci review`'s checks have no run to find it by).
+    const whole = /^[0-9a-f]{40}$/.test(prefix) ? prefix : undefined;
+    const commit = evaluations.resolveCommit(repo, prefix) ?? runCommit(runs.db, repo, prefix) ?? whole;
     const system = queryParam(ctx, 'system');
     const rows = commit
       ? sources.checks
