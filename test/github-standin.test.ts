@@ -365,7 +365,8 @@ describe('GitHub stand-in: failures and rate limits', () => {
 
   it('reports the budget in x-ratelimit headers and refuses with 403 once spent, until the reset', async () => {
     const auth = await installationToken();
-    const reset = Math.floor(Date.now() / 1000) + 1;
+    // At least a whole second away: a reset one second up from a clock at x.999 s would pass before the next call.
+    const reset = Math.floor(Date.now() / 1000) + 2;
     standIn.setRateLimit(1, reset);
     const last = await call('GET', '/repos/nixos/nixpkgs', { auth });
     expect([last.status, last.headers.get('x-ratelimit-remaining'), last.headers.get('x-ratelimit-reset')]).toEqual([

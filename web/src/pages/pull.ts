@@ -38,6 +38,13 @@ export function pullPage(main: HTMLElement, repo: string, number: number, signal
   let panel: ReviewPanel | undefined;
   let panelSignal: AbortController | undefined;
   let stopped = false;
+  // The action buttons outlive the header's redraws (every event of the run redraws it): an action in flight, such
+  // as "Rebuild failed", whose own run event arrives before its answer, must still show that answer.
+  let actions: { head: string; nodes: Child[] } | undefined;
+  const actionsOf = (p: PullRequest): Child[] => {
+    if (actions?.head !== p.headSha) actions = { head: p.headSha, nodes: pullActions(repo, p) };
+    return actions.nodes;
+  };
 
   const load = async (): Promise<void> => {
     if (stopped) return;
@@ -62,7 +69,7 @@ export function pullPage(main: HTMLElement, repo: string, number: number, signal
       return;
     }
     document.title = `${pull.title} · ${repo}#${number} · eka-ci`;
-    replace(header, pullHeader(repo, pull));
+    replace(header, pullHeader(repo, pull, actionsOf));
     const run = pull.run;
     if (!run?.baseSha) {
       panelSignal?.abort();
@@ -99,7 +106,7 @@ async function findPull(repo: string, number: number, signal: AbortSignal): Prom
   }
 }
 
-function pullHeader(repo: string, p: PullRequest): Child {
+function pullHeader(repo: string, p: PullRequest, actionsOf: (p: PullRequest) => Child[]): Child {
   const run = p.run;
   const systems = Object.entries(run?.rebuildCountBySystem ?? {});
   return [
@@ -144,7 +151,7 @@ function pullHeader(repo: string, p: PullRequest): Child {
           'Rebuilds',
           systems.map(([s, n], i) => [i > 0 && ', ', h('strong', null, n), ` on ${s}`]),
         ),
-      p.state === 'open' && fact('Actions', ...pullActions(repo, p)),
+      p.state === 'open' && fact('Actions', ...actionsOf(p)),
     ),
   ];
 }
