@@ -1,6 +1,6 @@
 import type { EventEmitter } from 'node:events';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
-import type { CheckRow } from './checks/check-manager.js';
+import { type CheckRow, checkSeconds } from './checks/check-manager.js';
 import type { Db } from './db/database.js';
 
 /** Prometheus metrics, computed when scraped from the state the coordinator holds anyway. */
@@ -49,7 +49,7 @@ export function createMetrics(sources: {
     labelNames: ['outcome'],
     registers: [registry],
   });
-  const checkSeconds = new Histogram({
+  const checkDuration = new Histogram({
     name: 'ekaci_check_duration_seconds',
     help: 'How long repository checks ran on their agents, by outcome',
     labelNames: ['outcome'],
@@ -58,9 +58,8 @@ export function createMetrics(sources: {
   });
   sources.checks?.on('settled', (row: CheckRow) => {
     checksFinished.inc({ outcome: row.state });
-    if (row.started_at !== null && row.finished_at !== null) {
-      checkSeconds.observe({ outcome: row.state }, Math.max(0, row.finished_at - row.started_at) / 1000);
-    }
+    const seconds = checkSeconds(row);
+    if (seconds !== null) checkDuration.observe({ outcome: row.state }, seconds);
   });
   return registry;
 }

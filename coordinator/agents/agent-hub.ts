@@ -74,8 +74,8 @@ export class AgentHub {
       hello: (s, hello) => this.onHello(s, hello),
       jobEvent: (s, e) => this.onJobEvent(s, e),
       logChunk: (s, leaseId, offset, data) =>
-        (this.checks?.owns(leaseId)
-          ? this.checks.appendLog(s.agentId, leaseId, offset, data)
+        (this.isCheckLease(leaseId)
+          ? this.checks!.appendLog(s.agentId, leaseId, offset, data)
           : this.manager.appendLog(s.agentId, leaseId, offset, data)) ?? offset + data.length,
       heartbeat: (s, leaseIds) => {
         // Only for the status page: a failed write (a full disk) must not cost the agent its leases.
@@ -116,8 +116,18 @@ export class AgentHub {
     if (!this.checks) return [[], [...items]];
     const checks: T[] = [];
     const builds: T[] = [];
-    for (const item of items) (this.checks.owns(leaseOf(item)) ? checks : builds).push(item);
+    for (const item of items) (this.isCheckLease(leaseOf(item)) ? checks : builds).push(item);
     return [checks, builds];
+  }
+
+  /**
+   * Whether a lease is a check's. Open leases are told apart in memory (this is asked for every log chunk); only a
+   * lease neither manager holds open (a late chunk or result after a restart) is looked up in the checks' table.
+   */
+  private isCheckLease(leaseId: string): boolean {
+    if (!this.checks) return false;
+    if (this.checks.holds(leaseId)) return true;
+    return !this.manager.holds(leaseId) && this.checks.owns(leaseId);
   }
 
   /** The gRPC service implementation (`AgentServiceServer`). */
@@ -314,7 +324,7 @@ export class AgentHub {
 
   private onJobEvent(session: AgentSession, e: JobEvent): void | Promise<void> {
     const agentId = session.agentId;
-    if (this.checks?.owns(e.leaseId)) return this.onCheckEvent(this.checks, agentId, e);
+    if (this.isCheckLease(e.leaseId)) return this.onCheckEvent(this.checks!, agentId, e);
     switch (e.event?.$case) {
       case 'accepted':
         return this.manager.accepted(agentId, e.leaseId);

@@ -101,6 +101,13 @@ interface CheckLease extends HeldLease {
   overLimit?: boolean;
 }
 
+/** How long a check ran on its agent, once it started and ended. */
+export function checkSeconds(row: Pick<CheckRow, 'started_at' | 'finished_at'>): number | null {
+  return row.started_at !== null && row.finished_at !== null
+    ? Math.max(0, row.finished_at - row.started_at) / 1000
+    : null;
+}
+
 // Lines of a check's output a review keeps: what a failing formatter or linter says fits in them.
 const CHECK_LOG_TAIL_LINES = 30;
 
@@ -247,10 +254,7 @@ export class CheckManager extends EventEmitter {
       system: row.system,
       state: row.state,
       exitCode: row.exit_code,
-      seconds:
-        row.started_at !== null && row.finished_at !== null
-          ? Math.max(0, row.finished_at - row.started_at) / 1000
-          : null,
+      seconds: checkSeconds(row),
       // A check writes to a terminal: its lines end in CRLF.
       logTail: row.log_path === null ? '' : this.logs.tail(row.log_path, CHECK_LOG_TAIL_LINES).replace(/\r\n/g, '\n'),
       error: row.error,
@@ -263,8 +267,14 @@ export class CheckManager extends EventEmitter {
 
   /** Whether a lease id is a check's (open now or finished): its agent's events come here, not to the builds. */
   owns(leaseId: string): boolean {
-    if (this.leases.get(leaseId) !== undefined) return true;
-    return this.db.prepare('SELECT 1 FROM check_jobs WHERE lease_id = ?').get(leaseId) !== undefined;
+    return (
+      this.holds(leaseId) || this.db.prepare('SELECT 1 FROM check_jobs WHERE lease_id = ?').get(leaseId) !== undefined
+    );
+  }
+
+  /** Whether a lease is an open check lease (memory only). */
+  holds(leaseId: string): boolean {
+    return this.leases.get(leaseId) !== undefined;
   }
 
   /** An open check lease: who holds it and the commit it runs on; undefined when not open or not a check's. */

@@ -4,6 +4,7 @@ import { renderChecks, renderMarkdown } from '../review/markdown.js';
 import type { CheckResult, Review } from '../review/model.js';
 import type { BuildState } from '../scheduler/build-state.js';
 import type { CheckConclusion, CheckRunSpec } from './check-runs.js';
+import { CHECK_TERMINAL_STATES } from '../checks/check-manager.js';
 
 /**
  * What each of a commit's few aggregated check runs says: `eka-ci / evaluation`, one `eka-ci / build (<system>)`
@@ -172,14 +173,6 @@ export function summaryCheck(
   );
 }
 
-const CHECK_DONE: ReadonlySet<CheckResult['state']> = new Set([
-  'succeeded',
-  'failed',
-  'timed-out',
-  'cancelled',
-  'unbuildable',
-]);
-
 /**
  * `eka-ci / checks`: the repository's checks (`checks.<name>`), each with its state, exit code, time and the end of
  * its output. In progress until every one ended; then failure when any did not pass (timed_out when all that did not
@@ -188,7 +181,7 @@ const CHECK_DONE: ReadonlySet<CheckResult['state']> = new Set([
 export function checksCheck(checks: readonly CheckResult[], detailsUrl: string | undefined): CheckRunSpec {
   const extra = detailsUrl ? { detailsUrl } : {};
   const summary = renderChecks(checks).slice(1).join('\n\n');
-  const done = checks.filter((c) => CHECK_DONE.has(c.state));
+  const done = checks.filter((c) => CHECK_TERMINAL_STATES.has(c.state));
   if (done.length < checks.length) {
     const failed = done.filter((c) => c.state !== 'succeeded').length;
     return inProgress(

@@ -502,6 +502,11 @@ export class BuildManager extends EventEmitter {
     }));
   }
 
+  /** Whether a lease is an open build lease (memory only: asked for every log chunk an agent sends). */
+  holds(leaseId: string): boolean {
+    return this.leases.get(leaseId) !== undefined;
+  }
+
   /** An open lease: who holds it, its derivation and the output paths it may publish; undefined if not open. */
   openLease(leaseId: string): { agentId: string; drvPath: string; outputPaths: string[] } | undefined {
     const lease = this.leases.get(leaseId);
