@@ -138,6 +138,7 @@ describe('an agent with a store of its own', () => {
           outputNames: ['out'],
           maxLogBytes: 0,
           inputOutputs: [],
+          pushes: [],
           check: undefined,
         },
       });

@@ -106,6 +106,7 @@ describe('per-lease GC roots', () => {
           drvPath,
           attempt: 1,
           inputOutputs: [],
+          pushes: [],
           maxSilentSeconds: 0,
           timeoutSeconds: 0,
           outputNames: ['out'],

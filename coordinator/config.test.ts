@@ -59,6 +59,8 @@ describe('coordinator configuration', () => {
       approvedUsers: [],
       allowUnsandboxedUntrustedBuilds: false,
       untrustedCheckNetworkRepos: [],
+      untrustedCachePushRepos: [],
+      allowPrivateCacheHosts: false,
     });
     expect(o.checks).toEqual({ maxLogBytes: 4 * 1024 ** 2, timeoutSeconds: 1_800 });
     expect(o.web.public).toBe(true);
@@ -102,6 +104,8 @@ describe('coordinator configuration', () => {
       approvedUsers: ['alice'],
       allowUnsandboxedUntrustedBuilds: false,
       untrustedCheckNetworkRepos: [],
+      untrustedCachePushRepos: [],
+      allowPrivateCacheHosts: false,
     });
     expect(o.github).toEqual({ buildDraftPullRequests: true, checkRunUpdateIntervalMs: 2_500 });
   });

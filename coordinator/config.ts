@@ -4,13 +4,17 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
 import { z } from 'zod';
 import { CacheError, ConfigError } from '../common/errors.js';
-import { credentialSource, credentialsSchema, resolveCredentials, type AppCredentials } from './github/credentials.js';
+import { AppCredentialSource, credentialsSchema, type AppCredentials } from './github/credentials.js';
 import { GitHubCredentialsError } from './github/errors.js';
 import { compilePermissions, permissionsSchema, type AppPermissions } from './github/permissions.js';
 import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
 import { type EvaluationOptions, compileEvaluationOptions, evaluationSchema } from './eval/eval-options.js';
 import { readSecret } from './secrets.js';
+import { registerSecret } from '../common/redaction.js';
+import { translateUpstreamKeys } from './upstream-keys.js';
 import { signingKeyFromSecret } from './cache/signing-key.js';
+import { type CacheOptions, cachesSchema, compileCaches } from './caches/cache-config.js';
+import { type HooksOptions, compileHooks, hookSecurityKeys, hooksSchema } from './hooks/hook-config.js';
 
 /**
  * The coordinator's TOML configuration: parsed and validated once at startup into `CoordinatorOptions`, a fully
@@ -207,10 +211,17 @@ const schema = z
         allow_unsandboxed_untrusted_builds: z.boolean().default(false),
         /** Repositories (owner/name) whose untrusted pull requests' checks get the network they ask for. */
         untrusted_check_network_repos: z.array(z.string().regex(/^[^/\s]+\/[^/\s]+$/, 'owner/name')).default([]),
+        /** Repositories (owner/name) whose untrusted pull requests still push to the caches their jobs name. */
+        untrusted_cache_push_repos: z.array(z.string().regex(/^[^/\s]+\/[^/\s]+$/, 'owner/name')).default([]),
+        /** Caches on loopback, private or link-local addresses are refused unless this is set (tests, a LAN cache). */
+        allow_private_cache_hosts: z.boolean().default(false),
+        ...hookSecurityKeys,
       })
       .strict()
       .prefault({}),
     evaluation: evaluationSchema,
+    caches: cachesSchema,
+    hooks: hooksSchema,
     github: z
       .object({
         build_draft_pull_requests: z.boolean().default(false),
@@ -224,8 +235,16 @@ const schema = z
 export interface GitHubAppOptions {
   /** The configuration's name for the app. */
   id: string;
-  /** Server-side only: never handed to anything a repository controls. */
+  /**
+   * Server-side only: never handed to anything a repository controls. Read at compile time from local sources; from
+   * remote ones (Vault, AWS, instance metadata) when the coordinator starts (`resolveGitHubAppCredentials`).
+   */
   credentials: AppCredentials;
+  /**
+   * Where the credentials come from, read again when they rotate. Not enumerable: options are compared and logged
+   * as plain data. Absent in options built by hand (tests), whose credentials are fixed.
+   */
+  readonly credentialSource?: AppCredentialSource;
   permissions: AppPermissions;
   /** REST API root without a trailing `/`: `https://api.github.com`, or `https://HOST/api/v3` for GHES. */
   apiUrl: string;
@@ -277,10 +296,17 @@ export interface CoordinatorOptions {
     allowUnsandboxedUntrustedBuilds: boolean;
     /** Repositories whose untrusted pull requests' checks still get the network they ask for (`owner/name`). */
     untrustedCheckNetworkRepos: string[];
+    /** Repositories whose untrusted pull requests still push to their jobs' caches (`owner/name`). */
+    untrustedCachePushRepos: string[];
+    allowPrivateCacheHosts: boolean;
   };
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
   /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
   evaluation: EvaluationOptions;
+  /** `[[caches]]`: binary caches jobs may push to. */
+  caches: CacheOptions[];
+  /** `[[hooks]]` and the `[security]` keys that bound them (coordinator/hooks). */
+  hooks: HooksOptions;
 }
 
 export interface OAuthOptions {
@@ -332,7 +358,7 @@ export function compileCoordinatorConfig(
   env: NodeJS.ProcessEnv = process.env,
   baseDir = process.cwd(),
 ): CoordinatorOptions {
-  const withEnv = applyEnvOverrides(raw, env);
+  const withEnv = applyEnvOverrides(translateUpstreamKeys(raw, source, env), env);
   const parsed = schema.safeParse(withEnv);
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
@@ -360,6 +386,7 @@ export function compileCoordinatorConfig(
         ctx,
       );
       const token = fromEnv ?? fromConfig;
+      registerSecret(token);
       if (!token) {
         throw new ConfigError(`${source}: ${key}.${t.name}: needs token, token_file, token_credential or env`);
       }
@@ -379,6 +406,7 @@ export function compileCoordinatorConfig(
     ctx,
   );
   const webhookSecret = env.GITHUB_WEBHOOK_SECRET || webhookFromConfig;
+  registerSecret(webhookSecret);
   if (webhookSecret !== undefined && webhookSecret.length < MIN_WEBHOOK_SECRET_LENGTH) {
     const from = env.GITHUB_WEBHOOK_SECRET ? 'GITHUB_WEBHOOK_SECRET' : `${source}: security.webhook_secret`;
     throw new ConfigError(`${from}: shorter than ${MIN_WEBHOOK_SECRET_LENGTH} characters`);
@@ -449,6 +477,8 @@ export function compileCoordinatorConfig(
         approvedUsers: c.security.approved_users,
         allowUnsandboxedUntrustedBuilds: c.security.allow_unsandboxed_untrusted_builds,
         untrustedCheckNetworkRepos: c.security.untrusted_check_network_repos,
+        untrustedCachePushRepos: c.security.untrusted_cache_push_repos,
+        allowPrivateCacheHosts: c.security.allow_private_cache_hosts,
       },
       'webhookSecret',
     ),
@@ -457,6 +487,8 @@ export function compileCoordinatorConfig(
       checkRunUpdateIntervalMs: Math.round(c.github.check_run_update_interval_seconds * 1000),
     },
     evaluation: compileEvaluationOptions(c.evaluation),
+    caches: compileCaches(c.caches, ctx, { allowPrivateHosts: c.security.allow_private_cache_hosts }),
+    hooks: compileHooks(c.hooks, c.security, ctx),
   };
 }
 
@@ -501,19 +533,42 @@ function compileGitHubApp(
   env: NodeJS.ProcessEnv,
   baseDir: string,
 ): GitHubAppOptions {
-  let resolved: AppCredentials;
-  try {
-    resolved = resolveCredentials(credentialSource(app.credentials), env, baseDir, app.id);
-  } catch (err) {
+  const configError = (err: unknown): never => {
     if (!(err instanceof GitHubCredentialsError)) throw err;
     throw new ConfigError(`${source}: github_apps.${app.id}.credentials: ${err.message}`, { cause: err });
+  };
+  let credentialSource: AppCredentialSource;
+  try {
+    credentialSource = AppCredentialSource.compile(app.id, app.credentials, { source, env, baseDir });
+    // Local sources fail here, at compile time, as they always did; remote ones when the coordinator starts.
+    if (credentialSource.synchronous) credentialSource.resolveSync();
+  } catch (err) {
+    return configError(err);
   }
-  return {
+  const options: GitHubAppOptions = {
     id: app.id,
-    credentials: resolved,
+    credentials: credentialSource.credentials,
     permissions: compilePermissions(app.permissions),
     apiUrl: app.api_url.replace(/\/+$/, ''),
   };
+  Object.defineProperty(options, 'credentialSource', { value: credentialSource, enumerable: false });
+  return options;
+}
+
+/**
+ * Reads the credentials of every app whose source is remote (Vault, AWS, instance metadata): the coordinator awaits
+ * this before it starts, and fails with a ConfigError naming the app and the source when one cannot be read.
+ */
+export async function resolveGitHubAppCredentials(apps: readonly GitHubAppOptions[]): Promise<void> {
+  for (const app of apps) {
+    const from = app.credentialSource;
+    try {
+      await from?.current();
+    } catch (err) {
+      if (!(err instanceof GitHubCredentialsError) || !from) throw err;
+      throw new ConfigError(`${from.configFile}: github_apps.${app.id}.credentials: ${err.message}`, { cause: err });
+    }
+  }
 }
 
 /** A configured signing key is checked at start-up, where a bad one is a configuration error. */

@@ -1,6 +1,10 @@
+import { CachePushService } from './caches/push-service.js';
+import { s3PushRouter } from './caches/s3-push-routes.js';
+import { HookService } from './hooks/hook-service.js';
+import type { CachePushResult } from '../common/proto/ekaci/agent/v1/agent.js';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import type { Server as HttpServer } from 'node:http';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { IllegalStateError } from '../common/errors.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
@@ -19,7 +23,7 @@ import { DerivationGraph } from './graph/derivation-graph.js';
 import { DiffStore } from './graph/diff-store.js';
 import { EvalEnvironment } from './eval/eval-environment.js';
 import { EvaluationStore } from './eval/evaluation-store.js';
-import type { CoordinatorOptions } from './config.js';
+import { type CoordinatorOptions, resolveGitHubAppCredentials } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
 import { createHttpApp, listen, routeList } from './http/server.js';
@@ -67,6 +71,10 @@ export class Coordinator {
   readonly reviews: ReviewService;
   /** Repository checks, run on agents that run checks. */
   readonly checks: CheckManager;
+  /** The operator's binary caches (`[[caches]]`): which builds push where, and how it went. */
+  readonly cachePushes: CachePushService;
+  /** Post-build hooks (`[[hooks]]`): run after build results are recorded, out of the build path. */
+  readonly hooks: HookService;
   /** The GitHub App side, when `[[github_apps]]` are configured. */
   readonly github: GitHubService | undefined;
   /** State changes of builds, runs and agents, for `GET /api/v1/events`. */
@@ -142,6 +150,28 @@ export class Coordinator {
       logger.child({ component: 'checks' }),
       this.health,
     );
+    this.cachePushes = new CachePushService(
+      this.db,
+      {
+        caches: options.caches,
+        untrustedPushRepos: options.security.untrustedCachePushRepos,
+        allowPrivateHosts: options.security.allowPrivateCacheHosts,
+      },
+      logger.child({ component: 'caches' }),
+    );
+    this.manager.pushPlanner = (drvPath) => this.cachePushes.pushesFor(drvPath, this.publicUrl);
+    this.manager.on('pushed', (drvPath: string, results: CachePushResult[]) =>
+      this.cachePushes.record(drvPath, results),
+    );
+    this.hooks = new HookService({
+      db: this.db,
+      store: this.store,
+      logs: this.logs,
+      audit: this.audit,
+      hooks: options.hooks,
+      logDir: join(options.dataDir, 'hook-logs'),
+      logger: logger.child({ component: 'hooks' }),
+    });
     this.events = new EventBus((e) => {
       if (e.type === 'build') return this.store.isPrivate(e.drvPath) ? 'private' : 'public';
       if (e.type === 'run' || e.type === 'check') return this.repoVisibility(e.repo);
@@ -183,6 +213,7 @@ export class Coordinator {
             store: this.store,
             mirrors: new GitMirrors({ dir: join(options.dataDir, 'git'), logger: logger.child({ component: 'git' }) }),
             checks: this.checks,
+            cachePushes: this.cachePushes,
             publicUrl: () => this.publicUrl,
             evalEnvironment: () => this.evalEnvironment,
             onRun: (run) =>
@@ -254,8 +285,12 @@ export class Coordinator {
   async start(): Promise<void> {
     if (this.state !== 'created') throw new IllegalStateError(`cannot start a coordinator that is ${this.state}`);
     this.state = 'starting';
+    // GitHub App credentials from Vault, AWS or instance metadata are read now: a wrong one fails the start.
+    await resolveGitHubAppCredentials(this.options.githubApps);
     // Before anything listens: a coordinator that cannot confine repository code must not accept any.
     this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }));
+    // Every cache's credentials and host are checked before anything listens: a wrong token fails the start.
+    await this.cachePushes.start();
     const configured = this.options.cache.secretKey;
     const key = configured
       ? signingKeyFromSecret(configured, 'cache.secret_key')
@@ -265,11 +300,18 @@ export class Coordinator {
       secretKey: key.secretKey,
       logger: this.logger.child({ component: 'cache' }),
     });
+    this.cachePushes.attachBuiltIn(this.cache, join(this.options.dataDir, 'tmp', 'cache-pushes'), (drvPath) => {
+      const attempt = this.store.derivation(drvPath)?.attempts ?? 0;
+      const path = attempt > 0 ? this.logs.pathFor(drvPath, attempt) : undefined;
+      return path !== undefined && existsSync(path) ? this.logs.read(path) : undefined;
+    });
     const metrics = createMetrics({
       db: this.db,
       agentCount: () => this.hub?.agentCount ?? 0,
       pending: () => this.manager.pendingCount,
       checks: this.checks,
+      cachePushes: this.cachePushes,
+      hooks: this.hooks,
     });
     this.github?.metrics.register(metrics);
     this.health.register(metrics);
@@ -309,6 +351,7 @@ export class Coordinator {
           rebuildFailed: (repo, sha, actor) =>
             this.github ? this.github.events.rerun(repo, sha, 'web', actor) : Promise.resolve(false),
           events: this.events,
+          hooks: this.hooks,
         }),
         access: this.access,
         corsOrigins: this.options.web.corsOrigins,
@@ -322,12 +365,31 @@ export class Coordinator {
               }),
             }
           : {}),
-        agent: checkSourceRouter({
-          access: this.access,
-          checks: this.checks,
-          audit: this.audit,
-          mirrorDir: (url) => mirrorDirFor(join(this.options.dataDir, 'git'), url),
-        }),
+        agent: [
+          checkSourceRouter({
+            access: this.access,
+            checks: this.checks,
+            audit: this.audit,
+            mirrorDir: (url) => mirrorDirFor(join(this.options.dataDir, 'git'), url),
+          }),
+          s3PushRouter({
+            access: this.access,
+            audit: this.audit,
+            lease: (id) => this.manager.openLease(id),
+            cacheFor: (leaseId, cacheId) => {
+              const lease = this.manager.openLease(leaseId);
+              if (!lease) return Promise.resolve(undefined);
+              const outputs = this.store.outputsOf(lease.drvPath).map((o) => o.path);
+              return this.cachePushes.s3Grant(
+                leaseId,
+                cacheId,
+                { drvPath: lease.drvPath, outputs },
+                this.requireCache(),
+              );
+            },
+            builtIn: this.requireCache(),
+          }),
+        ],
         metrics,
         ...(this.github ? { github: this.github.router() } : {}),
         web: webRouter(defaultWebDir()),
@@ -375,6 +437,8 @@ export class Coordinator {
         err ? reject(err) : resolve(port),
       ),
     );
+    // Before builds recover: no result is announced before hooks listen.
+    this.hooks.start(this.manager);
     this.manager.recover();
     this.checks.recover();
     this.hub.start();
@@ -394,6 +458,7 @@ export class Coordinator {
     this.hub?.stop();
     await new Promise<void>((resolve) => this.grpcServer?.tryShutdown(() => resolve()) ?? resolve());
     await this.github?.stopGracefully();
+    await this.hooks.stopGracefully();
     await this.closeRest();
   }
 
@@ -406,7 +471,10 @@ export class Coordinator {
 
   private async closeRest(): Promise<void> {
     this.hub?.stop();
+    this.cachePushes.stop();
+    this.hooks.stopNow();
     this.github?.stopNow();
+    for (const app of this.options.githubApps) app.credentialSource?.close();
     await closeHttp(this.httpServer);
     this.logs.closeAll();
     this.health.stop();

@@ -10,6 +10,10 @@ export function createMetrics(sources: {
   pending: () => number;
   /** The check manager: its `settled` events are counted and timed. */
   checks?: EventEmitter;
+  /** The cache push service: its `result` events are counted. */
+  cachePushes?: EventEmitter;
+  /** The hook service: its `finished` events (a HookRunRow) are counted. */
+  hooks?: EventEmitter;
 }): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'ekaci_coordinator_' });
@@ -43,6 +47,31 @@ export function createMetrics(sources: {
       for (const r of rows) this.set({ state: r.state }, r.n);
     },
   });
+  const cachePushes = new Counter({
+    name: 'ekaci_cache_pushes_total',
+    help: "Pushes of builds' outputs to the operator's caches, by cache and result (pushed, failed, refused)",
+    labelNames: ['cache', 'result'],
+    registers: [registry],
+  });
+  const cachePushRetries = new Counter({
+    name: 'ekaci_cache_push_retries_total',
+    help: 'Attempts beyond the first that cache pushes needed, by cache',
+    labelNames: ['cache'],
+    registers: [registry],
+  });
+  sources.cachePushes?.on('result', (cache: string, result: string, attempts: number) => {
+    cachePushes.inc({ cache, result });
+    if (attempts > 1) cachePushRetries.inc({ cache }, attempts - 1);
+  });
+  const hookRuns = new Counter({
+    name: 'ekaci_hook_runs_total',
+    help: 'Post-build hook runs that ended, by hook and result (succeeded, failed, timed-out, error, skipped, interrupted)',
+    labelNames: ['hook', 'result'],
+    registers: [registry],
+  });
+  sources.hooks?.on('finished', (row: { hook_id: string; state: string }) =>
+    hookRuns.inc({ hook: row.hook_id, result: row.state }),
+  );
   const checksFinished = new Counter({
     name: 'ekaci_checks_finished_total',
     help: 'Repository checks that ended, by outcome',

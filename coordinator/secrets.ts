@@ -1,13 +1,14 @@
 import { readFileSync } from 'node:fs';
 import { basename, isAbsolute, resolve } from 'node:path';
 import { ConfigError } from '../common/errors.js';
+import { registerSecret } from '../common/redaction.js';
 
 /**
  * Where the coordinator's secrets come from. Every secret in the configuration may be given three ways, under one
  * key with suffixes: `KEY` (the value in the file, for tests), `KEY_file` (a path, relative to the configuration
  * file) or `KEY_credential` (a systemd credential name: the file `$CREDENTIALS_DIRECTORY/NAME` that
  * `LoadCredential=NAME:/path` provides, so the secret is never in the Nix store or the unit). Values are read once
- * at start-up and trimmed; no message ever contains one.
+ * at start-up and trimmed; no message ever contains one, and the logger redacts every one it is handed.
  */
 export interface SecretSource {
   value?: string | undefined;
@@ -48,7 +49,10 @@ export function readSecret(
     const names = given.map((k) => (k === 'value' ? field : `${field}_${k}`));
     return fail(`give one of ${names.join(' and ')}, not both`);
   }
-  if (from.value !== undefined) return from.value;
+  if (from.value !== undefined) {
+    registerSecret(from.value);
+    return from.value;
+  }
   let path: string;
   if (from.file !== undefined) path = isAbsolute(from.file) ? from.file : resolve(ctx.baseDir, from.file);
   else if (from.credential !== undefined) path = systemdCredentialPath(from.credential, ctx.env, fail);
@@ -62,5 +66,6 @@ export function readSecret(
   }
   const value = text.trim();
   if (value === '') return fail(`${path} is empty`);
+  registerSecret(value);
   return value;
 }

@@ -50,6 +50,13 @@ rec {
       description = "Features every derivation built here must require (a host kept for big builds).";
     };
 
+    extraPackages = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+      example = lib.literalExpression "[ pkgs.attic-client pkgs.cachix ]";
+      description = "More tools on the agent's PATH: the clients of `attic` and `cachix` caches the coordinator pushes to.";
+    };
+
     maxJobs = mkOption {
       type = types.nullOr types.ints.positive;
       default = null;

@@ -29,8 +29,8 @@ in
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" "nix-daemon.socket" ];
-      # bubblewrap: the sandbox of repository checks.
-      path = [ config.nix.package pkgs.bubblewrap ];
+      # bubblewrap: the sandbox of repository checks; xz, zstd: NARs compressed for s3 caches.
+      path = [ config.nix.package pkgs.bubblewrap pkgs.xz pkgs.zstd ] ++ cfg.extraPackages;
       environment = {
         NIX_REMOTE = "daemon";
         # Nix's client caches what it learns of binary caches under $XDG_CACHE_HOME (default ~/.cache, and a system

@@ -53,7 +53,8 @@ in
       EnvironmentVariables = {
         NIX_REMOTE = "daemon";
         STATE_DIRECTORY = stateDir;
-        PATH = "${config.nix.package}/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+        PATH = lib.concatMapStrings (p: "${p}/bin:") ([ config.nix.package pkgs.xz pkgs.zstd ] ++ cfg.extraPackages)
+          + "/usr/bin:/bin:/usr/sbin:/sbin";
       };
     };
   };

@@ -52,6 +52,7 @@ function finished(
           error: '',
           outputs: outputs.map((o) => ({ ...o, narSize: 1, closureSize: 1 })),
           finishedAtMs: Date.now(),
+          pushes: [],
           logBytes: 0,
         },
       },

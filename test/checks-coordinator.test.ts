@@ -102,7 +102,7 @@ function eventOf(
   if (e === 'started') return { $case: 'started' as const, value: { startedAtMs: Date.now() } };
   return {
     $case: 'finished' as const,
-    value: { error: '', outputs: [], finishedAtMs: Date.now(), ...e.finished },
+    value: { error: '', outputs: [], pushes: [], finishedAtMs: Date.now(), ...e.finished },
   };
 }
 

@@ -50,7 +50,10 @@ function finished(a: RawAgent, messageId: number, leaseId: string, outcome: Outc
     value: {
       messageId,
       leaseId,
-      event: { $case: 'finished', value: { outcome, error, outputs: [], finishedAtMs: Date.now(), logBytes: 0 } },
+      event: {
+        $case: 'finished',
+        value: { outcome, error, outputs: [], finishedAtMs: Date.now(), logBytes: 0, pushes: [] },
+      },
     },
   });
 }
@@ -108,6 +111,7 @@ describe('the coordinator under faults', () => {
       error: 'builder exited 1',
       outputs: [],
       finishedAtMs: 0,
+      pushes: [],
       logBytes: 0,
     };
     // Both reach the manager before the event loop turns, so they are written in the same transaction.

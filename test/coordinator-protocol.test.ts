@@ -133,6 +133,7 @@ describe('the coordinator side of the agent protocol', () => {
             error: 'builder exited 1',
             outputs: [],
             finishedAtMs: Date.now(),
+            pushes: [],
             logBytes: 0,
           },
         },
@@ -152,7 +153,14 @@ describe('the coordinator side of the agent protocol', () => {
         leaseId: first.leaseId,
         event: {
           $case: 'finished',
-          value: { outcome: Outcome.OUTCOME_SUCCEEDED, error: '', outputs: [], finishedAtMs: 0, logBytes: 0 },
+          value: {
+            outcome: Outcome.OUTCOME_SUCCEEDED,
+            error: '',
+            outputs: [],
+            finishedAtMs: 0,
+            logBytes: 0,
+            pushes: [],
+          },
         },
       },
     });

@@ -315,8 +315,11 @@ describe('the agent modules', () => {
       ProtectControlGroups: false,
       Delegate: true,
     });
-    // nix, then bubblewrap (the stand-ins of both packages live in one directory here).
-    expect(unit.environment).toMatchObject({ NIX_REMOTE: 'daemon', PATH: '/usr/bin:/usr/sbin:/usr/bin:/usr/sbin' });
+    // nix, bubblewrap, xz and zstd (the stand-ins of these packages live in one directory here).
+    expect(unit.environment).toMatchObject({
+      NIX_REMOTE: 'daemon',
+      PATH: '/usr/bin:/usr/sbin:'.repeat(4).slice(0, -1),
+    });
     expect(r.users.users['eka-ci-agent']).toMatchObject({ isSystemUser: true });
     expect(r.nixSettings).toEqual({
       'extra-substituters': ['https://ci.example.org/cache'],
@@ -361,7 +364,12 @@ describe('the agent modules', () => {
       KeepAlive: true,
       RunAtLoad: true,
       ExitTimeOut: 120,
-      EnvironmentVariables: { NIX_REMOTE: 'daemon', STATE_DIRECTORY: '/var/lib/eka-ci-agent' },
+      EnvironmentVariables: {
+        NIX_REMOTE: 'daemon',
+        STATE_DIRECTORY: '/var/lib/eka-ci-agent',
+        // nix, xz and zstd (one stand-in directory here), then the system's.
+        PATH: '/usr/bin:/usr/bin:/usr/bin:/usr/bin:/bin:/usr/sbin:/sbin',
+      },
     });
     expect(r.users.knownUsers).toEqual(['eka-ci-agent']);
     expect(r.users.users['eka-ci-agent']).toMatchObject({ uid: 531, home: '/var/lib/eka-ci-agent' });

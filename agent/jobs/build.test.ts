@@ -45,6 +45,7 @@ function build(a: Assign, cacheUrl = `file://${cacheDir}`, logSpool = spool) {
     pool,
     uploader: new CacheUploader('secret'),
     spool: logSpool,
+    token: 'secret',
   };
   return { log, build: new Build(a, context, log, silentLogger()) };
 }

@@ -3,10 +3,16 @@ import { IllegalStateError, NixCommandError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import type { BuildOutcome, NixDaemonConnection } from '../../common/nix/daemon-client.js';
 import { type Derivation, outputPaths, parseDerivation } from '../../common/nix/derivation.js';
-import { Outcome, type Assign, type BuiltOutput } from '../../common/proto/ekaci/agent/v1/agent.js';
+import {
+  Outcome,
+  type Assign,
+  type BuiltOutput,
+  type CachePushResult,
+} from '../../common/proto/ekaci/agent/v1/agent.js';
 import { nixBuildOutcome } from '../../common/retry.js';
 import type { LeaseLog, LogSpool } from '../logs/spool.js';
 import type { CacheUploader } from '../nix/cache-upload.js';
+import { pushToCaches } from '../nix/cache-push.js';
 import { readCachedDerivation } from '../nix/cached-derivation.js';
 import type { StorePool } from '../nix/store-pool.js';
 import { ERROR_TEXT_MAX_CHARS, type Job, type JobResult } from './job.js';
@@ -26,6 +32,8 @@ export interface BuildContext {
   uploader: CacheUploader;
   /** Where the lease's GC roots go: its outputs stay in the store until the coordinator acknowledged the result. */
   spool: LogSpool;
+  /** The agent's token: for the coordinator's presigning routes of s3 cache pushes. */
+  token: string;
 }
 
 /** A build's result never carries an exit code: Nix's verdict is in `error`. */
@@ -188,11 +196,27 @@ export class Build implements Job {
         outputs.push({ name, path, ...(await c.uploader.sizes(conn, path)) });
       }
       if (this.cancelReason !== null) return this.finishCancelled();
-      return this.finish(Outcome.OUTCOME_SUCCEEDED, '', outputs);
+      const pushes = await this.pushToCaches(conn, Object.values(paths));
+      if (this.cancelReason !== null) return this.finishCancelled();
+      return { ...this.finish(Outcome.OUTCOME_SUCCEEDED, '', outputs), ...(pushes.length > 0 ? { pushes } : {}) };
     } catch (err) {
       if (this.cancelReason !== null) return this.finishCancelled();
       return this.finish(Outcome.OUTCOME_INFRA_ERROR, `upload to ${c.cacheUrl} failed: ${message(err)}`);
     }
+  }
+
+  /** Pushes the outputs to the caches the assignment names; the results go with `Finished`, failures included. */
+  private async pushToCaches(conn: NixDaemonConnection, outputs: string[]): Promise<CachePushResult[]> {
+    const { pushes, leaseId } = this.assign;
+    if (pushes.length === 0) return [];
+    return pushToCaches(pushes, outputs, {
+      conn,
+      leaseId,
+      token: this.context.token,
+      spoolDir: this.context.spool.workDir(leaseId),
+      logger: this.logger,
+      stopped: () => this.cancelReason !== null,
+    });
   }
 
   /**

@@ -1,4 +1,4 @@
-import type { BuiltOutput, Outcome } from '../../common/proto/ekaci/agent/v1/agent.js';
+import type { BuiltOutput, CachePushResult, Outcome } from '../../common/proto/ekaci/agent/v1/agent.js';
 
 // Longest `Finished.error`: a summary for tables and check runs; the full story is in the log.
 export const ERROR_TEXT_MAX_CHARS = 2000;
@@ -11,6 +11,8 @@ export interface JobResult {
   finishedAtMs: number;
   /** A check's command exit status; absent for builds and for a command that never ran or was killed. */
   exitCode?: number;
+  /** How the lease's pushes to the operator's caches went (`Assign.pushes`). */
+  pushes?: CachePushResult[];
 }
 
 /**

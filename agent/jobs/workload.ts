@@ -276,6 +276,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
       pool: this.options.pool,
       uploader: this.options.uploader,
       spool,
+      token: this.options.checks.token,
     };
     const jobLogger = logger.child({ leaseId: lease.id });
     const check = lease.assign.check;
@@ -318,7 +319,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     }
     if (lease.state !== 'awaiting-logs' || lease.result === null) return;
     const r = lease.result;
-    const finished = { ...r, logBytes: lease.log.size };
+    const finished = { ...r, pushes: r.pushes ?? [], logBytes: lease.log.size };
     lease.finished = outbox.add(lease.id, { $case: 'finished', value: finished });
     lease.transition('reporting');
     host.sendEvent(lease.finished);

@@ -13,5 +13,6 @@ export function testAssign(leaseId: string, drvPath: string, extra: Partial<Assi
     ...extra,
     inputOutputs: extra.inputOutputs ?? [],
     check: extra.check,
+    pushes: extra.pushes ?? [],
   };
 }

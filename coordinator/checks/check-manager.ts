@@ -328,6 +328,7 @@ export class CheckManager extends EventEmitter {
       maxSilentSeconds: 0,
       timeoutSeconds: row.timeout_seconds,
       outputNames: [],
+      pushes: [],
       maxLogBytes: this.options.maxLogBytes,
       inputOutputs: Object.entries(inputs).flatMap(([input, names]) =>
         this.store

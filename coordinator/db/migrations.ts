@@ -354,6 +354,63 @@ export const MIGRATIONS: readonly Migration[] = [
   );
   CREATE INDEX check_jobs_state ON check_jobs(state);
   `,
+  `
+  -- Binary caches. A run's branch (cache permissions are per branch); the caches each job names, as evaluated; the
+  -- caches a run asked each of its head roots to be pushed to (refused: why not); and each derivation's pushes.
+  ALTER TABLE github_runs ADD COLUMN branch TEXT;
+  ALTER TABLE evaluations ADD COLUMN caches_json TEXT;
+  CREATE TABLE run_cache_pushes (
+    run_id   INTEGER NOT NULL,
+    drv_path TEXT NOT NULL,
+    cache_id TEXT NOT NULL,
+    attr     TEXT NOT NULL,
+    refused  TEXT,                               -- NULL: allowed
+    PRIMARY KEY (run_id, drv_path, cache_id)
+  ) WITHOUT ROWID;
+  CREATE INDEX run_cache_pushes_drv ON run_cache_pushes(drv_path) WHERE refused IS NULL;
+  CREATE TABLE cache_pushes (
+    drv_path   TEXT NOT NULL,
+    cache_id   TEXT NOT NULL,
+    state      TEXT NOT NULL,                    -- pushed | failed
+    attempts   INTEGER NOT NULL,
+    paths      INTEGER NOT NULL DEFAULT 0,       -- store paths uploaded (those already there are not counted)
+    error      TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (drv_path, cache_id)
+  ) WITHOUT ROWID;
+  `,
+  `
+  -- Post-build hooks (coordinator/hooks): one row per hook and result of a derivation's attempt, whatever became of
+  -- it (queued, ran, skipped and why). Hooks look up which requests had a derivation as a root.
+  CREATE TABLE hook_runs (
+    id            INTEGER PRIMARY KEY,
+    hook_id       TEXT NOT NULL,
+    drv_path      TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,               -- the derivation's attempt whose result started it
+    result        TEXT NOT NULL,                  -- success | failure
+    build_state   TEXT NOT NULL,                  -- succeeded | failed | timed-out
+    run_id        INTEGER,                        -- the GitHub run whose context it has; NULL: a CLI/API request
+    attr          TEXT NOT NULL,
+    repo          TEXT NOT NULL,
+    branch        TEXT NOT NULL,
+    commit_sha    TEXT NOT NULL,
+    job           TEXT NOT NULL,
+    state         TEXT NOT NULL,                  -- see coordinator/hooks/hook-run-store.ts
+    reason        TEXT,                           -- why it was skipped, or what went wrong
+    exit_code     INTEGER,
+    signal        TEXT,
+    log_path      TEXT,
+    log_bytes     INTEGER NOT NULL DEFAULT 0,
+    log_truncated INTEGER NOT NULL DEFAULT 0,
+    queued_at     INTEGER NOT NULL,
+    started_at    INTEGER,
+    finished_at   INTEGER,
+    UNIQUE (hook_id, drv_path, attempt)
+  );
+  CREATE INDEX hook_runs_drv ON hook_runs(drv_path);
+  CREATE INDEX hook_runs_open ON hook_runs(state) WHERE state IN ('queued', 'running');
+  CREATE INDEX request_roots_drv ON request_roots(drv_path);
+  `,
 ];
 
 /**

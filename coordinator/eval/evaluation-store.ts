@@ -10,6 +10,7 @@ interface JobRow {
   job: string;
   allow_eval_failures: number;
   max_increase_percent: number | null;
+  caches_json: string | null;
   seconds: number;
 }
 
@@ -86,8 +87,9 @@ export class EvaluationStore {
           this.db
             .prepare(
               `INSERT INTO evaluations
-                 (repo, commit_sha, job, allow_eval_failures, max_increase_percent, seconds, created_at, complete)
-               VALUES (?, ?, ?, ?, ?, ?, ?, 0)`,
+                 (repo, commit_sha, job, allow_eval_failures, max_increase_percent, seconds, created_at, complete,
+                  caches_json)
+               VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)`,
             )
             .run(
               repo,
@@ -97,6 +99,7 @@ export class EvaluationStore {
               job.maxIncreasePercent ?? null,
               job.seconds,
               Date.now(),
+              job.caches?.length ? JSON.stringify(job.caches) : null,
             ).lastInsertRowid,
         );
       })();
@@ -124,7 +127,7 @@ export class EvaluationStore {
   load(repo: string, commit: string): CommitEvaluation | undefined {
     const rows = this.db
       .prepare(
-        `SELECT id, job, allow_eval_failures, max_increase_percent, seconds FROM evaluations
+        `SELECT id, job, allow_eval_failures, max_increase_percent, seconds, caches_json FROM evaluations
           WHERE repo = ? AND commit_sha = ? AND complete = 1 ORDER BY job`,
       )
       .all(repo, commit) as JobRow[];
@@ -151,6 +154,7 @@ export class EvaluationStore {
       maxIncreasePercent: r.max_increase_percent ?? undefined,
       attrs: (attrsOf.all(r.id) as StoredAttr[]).map(attr),
       seconds: r.seconds,
+      ...(r.caches_json ? { caches: JSON.parse(r.caches_json) as string[] } : {}),
     }));
     const config = this.db
       .prepare('SELECT config_hash, checks_json FROM commit_configs WHERE repo = ? AND commit_sha = ?')

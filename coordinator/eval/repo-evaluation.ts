@@ -18,6 +18,8 @@ export interface JobEvaluation {
   maxIncreasePercent: number | undefined;
   attrs: EvalResult[];
   seconds: number;
+  /** The ids of the server's caches the job's outputs are pushed to (`jobs.<name>.caches`). */
+  caches?: string[];
 }
 
 export interface CommitEvaluation {
@@ -84,6 +86,7 @@ export async function evaluateCommit(options: {
         maxIncreasePercent: job.sizeCheck?.maxIncreasePercent,
         attrs,
         seconds: (performance.now() - started) / 1000,
+        ...(job.caches.length > 0 ? { caches: job.caches } : {}),
       });
     }
     const checks = await planChecks(

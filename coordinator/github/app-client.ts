@@ -36,6 +36,11 @@ export interface GitHubAppClientOptions {
   /** The app's name in the configuration, for logs. */
   id: string;
   credentials: GitHubAppCredentials;
+  /**
+   * Where the credentials come from, when they may rotate or are read only when the coordinator starts: asked before
+   * each use (cheap: its values are cached) and a new identity means new credentials. Without it, `credentials`.
+   */
+  credentialSource?: { current(): Promise<GitHubAppCredentials> };
   /** `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server. */
   apiUrl: string;
   logger: Logger;
@@ -149,7 +154,10 @@ function observe(
 }
 
 export class GitHubAppClient {
-  private readonly app: App;
+  private app: App | undefined;
+  private appCredentials: GitHubAppCredentials | undefined;
+  private readonly makeApp: (credentials: GitHubAppCredentials) => App;
+  private readonly credentialSource: GitHubAppClientOptions['credentialSource'];
   private readonly logger: Logger;
   private readonly installations = new LRUCache<string, { id: number | null }>({ max: INSTALLATION_CACHE_MAX });
   private readonly octokits = new Map<number, Promise<Octokit>>();
@@ -175,12 +183,23 @@ export class GitHubAppClient {
       userAgent: `eka-ci (${options.id})`,
       log,
     });
-    this.app = new App({
-      appId: options.credentials.appId,
-      privateKey: options.credentials.privateKey,
-      Octokit: ClientOctokit,
-      log,
-    });
+    this.makeApp = (credentials) =>
+      new App({ appId: credentials.appId, privateKey: credentials.privateKey, Octokit: ClientOctokit, log });
+    this.credentialSource = options.credentialSource;
+    if (!this.credentialSource) this.app = this.makeApp(options.credentials);
+  }
+
+  /** The App for the current credentials; rotated credentials replace it (and the installation clients made by it). */
+  private async currentApp(): Promise<App> {
+    if (!this.credentialSource) return this.app!;
+    const credentials = await this.credentialSource.current();
+    if (!this.app || credentials !== this.appCredentials) {
+      if (this.app) this.logger.info('app credentials rotated: new tokens are minted with the new ones');
+      this.app = this.makeApp(credentials);
+      this.appCredentials = credentials;
+      this.octokits.clear();
+    }
+    return this.app;
   }
 
   /** The installation serving owner/repo (cached; undefined when the app is not installed there). */
@@ -190,7 +209,8 @@ export class GitHubAppClient {
     if (cached) return cached.id ?? undefined;
     try {
       const op = 'GET /repos/{owner}/{repo}/installation';
-      const { id } = readResponse(installationResponse, op, await this.app.octokit.request(op, { owner, repo }));
+      const app = await this.currentApp();
+      const { id } = readResponse(installationResponse, op, await app.octokit.request(op, { owner, repo }));
       this.installations.set(key, { id }, { ttl: INSTALLATION_TTL_MS });
       return id;
     } catch (error) {
@@ -207,9 +227,14 @@ export class GitHubAppClient {
 
   /** An Octokit authenticated as the installation (tokens are cached and renewed before expiry by @octokit/app). */
   octokit(installationId: number): Promise<Octokit> {
+    if (this.credentialSource) return this.currentApp().then((app) => this.installationOctokit(app, installationId));
+    return this.installationOctokit(this.app!, installationId);
+  }
+
+  private installationOctokit(app: App, installationId: number): Promise<Octokit> {
     let octokit = this.octokits.get(installationId);
     if (!octokit) {
-      octokit = this.app.getInstallationOctokit(installationId);
+      octokit = app.getInstallationOctokit(installationId);
       // A failed first token request must not be remembered: the next call tries again.
       void octokit.catch(() => this.octokits.delete(installationId));
       this.octokits.set(installationId, octokit);
@@ -220,9 +245,10 @@ export class GitHubAppClient {
   /** Credentials for cloning over HTTPS: { username: 'x-access-token', password: <installation token> }. */
   async cloneAuth(installationId: number): Promise<{ username: string; password: string }> {
     type TokenAuth = { token: string; expiresAt: string };
-    let auth = (await this.app.octokit.auth({ type: 'installation', installationId })) as TokenAuth;
+    const app = await this.currentApp();
+    let auth = (await app.octokit.auth({ type: 'installation', installationId })) as TokenAuth;
     if (Date.parse(auth.expiresAt) - Date.now() < CLONE_TOKEN_MIN_VALIDITY_MS) {
-      auth = (await this.app.octokit.auth({ type: 'installation', installationId, refresh: true })) as TokenAuth;
+      auth = (await app.octokit.auth({ type: 'installation', installationId, refresh: true })) as TokenAuth;
     }
     return { username: 'x-access-token', password: auth.token };
   }

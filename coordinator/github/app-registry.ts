@@ -31,6 +31,7 @@ export class AppRegistry {
       client: new GitHubAppClient({
         id: app.id,
         credentials: app.credentials,
+        credentialSource: app.credentialSource,
         apiUrl: app.apiUrl,
         logger,
         ...clientOptions,

@@ -1,20 +1,33 @@
 import { createPrivateKey } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { inspect } from 'node:util';
-import { isAbsolute, resolve } from 'node:path';
 import { z } from 'zod';
+import { IllegalStateError } from '../../common/errors.js';
+import { registerSecret } from '../../common/redaction.js';
+import {
+  type CredentialContext,
+  Credentials,
+  CredentialsError,
+  type CredentialsSpec,
+  credentialsTable,
+} from '../credentials/credentials.js';
+import { parseCredentialFile as parseFile } from '../credentials/file-format.js';
+import { envVar } from '../credentials/schema.js';
 import { GitHubCredentialsError } from './errors.js';
-import { systemdCredentialPath } from '../secrets.js';
 
 /**
- * Where a GitHub App's id and private key come from. They live only on the coordinator: nothing here is reachable
- * from a repository's configuration, and no error or log line ever contains the key (or the id's raw value, in
- * case the key was pasted into the wrong variable).
+ * Where a GitHub App's id and private key come from: any source of coordinator/credentials (a `credentials` table
+ * on the `[[github_apps]]` entry). They live only on the coordinator: nothing here is reachable from a repository's
+ * configuration, and no error or log line ever contains the key (or the id's raw value, in case the key was pasted
+ * into the wrong variable).
  *
- * - `env`: two environment variables, the app id's then the key's.
- * - `file`: a file holding `GITHUB_APP_ID` and `GITHUB_APP_PRIVATE_KEY`, as a JSON object or as `KEY=VALUE` lines.
- * - `systemd-credential`: the same format, read from `$CREDENTIALS_DIRECTORY/NAME` (systemd's `LoadCredential=`).
+ * - `env`: two environment variables, the app id's then the key's (`vars` is positional here).
  * - `github-app-key-file`: the app id from an environment variable and the `.pem` file GitHub offers for download.
+ * - every other source (`file`, `systemd-credential`, `vault`, `aws-secrets-manager`, `aws-profile`,
+ *   `instance-metadata`): the values named `GITHUB_APP_ID` and `GITHUB_APP_PRIVATE_KEY`.
+ *
+ * Local sources (environment, files) are read when the configuration is compiled, so a bad one fails start-up there;
+ * remote ones when the coordinator starts (`AppCredentialSource.current`). All are read again when they rotate, the
+ * next time the app needs them.
  */
 export type CredentialSource =
   | { kind: 'env'; appIdVar: string; privateKeyVar: string }
@@ -32,35 +45,16 @@ export const DEFAULT_PRIVATE_KEY_VAR = 'GITHUB_APP_PRIVATE_KEY';
 
 type Fail = (problem: string, cause?: unknown) => never;
 
-const envVar = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'an environment variable name');
-
 /** The `credentials` table of a `[[github_apps]]` entry; without one, the two default environment variables. */
-export const credentialsSchema = z
-  .object({
-    env: z
-      .object({ vars: z.tuple([envVar, envVar]).default([DEFAULT_APP_ID_VAR, DEFAULT_PRIVATE_KEY_VAR]) })
-      .strict()
-      .optional(),
-    file: z
-      .object({ path: z.string().min(1) })
-      .strict()
-      .optional(),
-    'systemd-credential': z
-      .object({ name: z.string().min(1) })
-      .strict()
-      .optional(),
-    'github-app-key-file': z
-      .object({ app_id_env: envVar, key_file: z.string().min(1) })
-      .strict()
-      .optional(),
-  })
-  .strict()
-  .refine((c) => Object.values(c).filter((v) => v !== undefined).length === 1, {
-    message: 'exactly one of env, file, systemd-credential or github-app-key-file',
-  })
-  .prefault({ env: {} });
+export const credentialsSchema = credentialsTable(
+  z.object({ vars: z.tuple([envVar, envVar]).default([DEFAULT_APP_ID_VAR, DEFAULT_PRIVATE_KEY_VAR]) }).strict(),
+  'exactly one of env, file, systemd-credential or github-app-key-file, ' +
+    'or a secret store: vault, aws-secrets-manager, aws-profile or instance-metadata',
+).prefault({ env: {} });
 
-export function credentialSource(c: z.infer<typeof credentialsSchema>): CredentialSource {
+export type GitHubCredentialsSpec = z.infer<typeof credentialsSchema>;
+
+export function credentialSource(c: GitHubCredentialsSpec): CredentialSource {
   if (c.file) return { kind: 'file', path: c.file.path };
   if (c['systemd-credential']) return { kind: 'systemd-credential', name: c['systemd-credential'].name };
   const keyFile = c['github-app-key-file'];
@@ -69,11 +63,148 @@ export function credentialSource(c: z.infer<typeof credentialsSchema>): Credenti
   return { kind: 'env', appIdVar, privateKeyVar };
 }
 
-const PEM = /^-----BEGIN ((?:RSA )?PRIVATE KEY)-----\r?\n[A-Za-z0-9+/=\s]+\r?\n-----END \1-----\s*$/;
+function specOf(source: CredentialSource): CredentialsSpec {
+  switch (source.kind) {
+    case 'env':
+      return { env: { vars: [source.appIdVar, source.privateKeyVar] } };
+    case 'file':
+      return { file: { path: source.path } };
+    case 'systemd-credential':
+      return { 'systemd-credential': { name: source.name } };
+    case 'github-app-key-file':
+      return { 'github-app-key-file': { app_id_env: source.appIdEnv, key_file: source.keyFile } };
+  }
+}
 
 /**
- * Reads one app's credentials. `baseDir` anchors relative paths (the configuration file's directory); `appName` is
- * the configuration's name for the app, used only in error messages.
+ * One app's credentials from its source: `current()` reads (or re-reads, after rotation) and checks them;
+ * `credentials` shows the last ones read.
+ */
+export class AppCredentialSource {
+  /** The last credentials read, as a live view: its fields follow rotation. */
+  readonly credentials: AppCredentials;
+  private last: AppCredentials | undefined;
+  private lastRaw: string | undefined;
+
+  private constructor(
+    /** The configuration file, for messages. */
+    readonly configFile: string,
+    private readonly appName: string,
+    private readonly source: Credentials,
+    private readonly idName: string,
+    private readonly keyName: string,
+    private readonly valueNames: readonly [string, string],
+  ) {
+    const view = (): AppCredentials => {
+      if (!this.last) {
+        throw new IllegalStateError(`GitHub App ${appName}: ${source.description}: read when the coordinator starts`);
+      }
+      return this.last;
+    };
+    const live = {} as AppCredentials;
+    Object.defineProperty(live, 'appId', { get: () => view().appId, enumerable: true });
+    Object.defineProperty(live, 'privateKey', { get: () => view().privateKey, enumerable: true });
+    redactedView(live, () => this.last?.appId);
+    this.credentials = live;
+  }
+
+  /** Checks the table without reading remote sources; `appName` is the configuration's name for the app. */
+  static compile(appName: string, spec: GitHubCredentialsSpec, ctx: CredentialContext): AppCredentialSource {
+    if (spec['cachix-token'] || spec.none) {
+      throw new GitHubCredentialsError(
+        `GitHub App ${appName}: ${spec.none ? 'none' : 'cachix-token'} gives no app id and private key`,
+      );
+    }
+    const source = githubError(() => Credentials.compile(`GitHub App ${appName}`, spec, ctx));
+    if (spec.env) {
+      const [id, key] = spec.env.vars;
+      return new AppCredentialSource(ctx.source, appName, source, id, key, [id, key]);
+    }
+    const names = [DEFAULT_APP_ID_VAR, DEFAULT_PRIVATE_KEY_VAR] as const;
+    if (spec['github-app-key-file']) {
+      return new AppCredentialSource(
+        ctx.source,
+        appName,
+        source,
+        spec['github-app-key-file'].app_id_env,
+        'the key file',
+        names,
+      );
+    }
+    return new AppCredentialSource(ctx.source, appName, source, DEFAULT_APP_ID_VAR, DEFAULT_PRIVATE_KEY_VAR, names);
+  }
+
+  /** Whether `resolveSync` works: environment and local files. */
+  get synchronous(): boolean {
+    return this.source.synchronous;
+  }
+
+  get description(): string {
+    return this.source.description;
+  }
+
+  /** The credentials of a synchronous source, read now (or again, if they rotated). */
+  resolveSync(): AppCredentials {
+    return this.accept(githubError(() => this.source.valuesSync()));
+  }
+
+  /**
+   * The credentials, read again when their source rotated. The same object is returned until they change, so a
+   * caller tells a rotation by identity.
+   */
+  async current(): Promise<AppCredentials> {
+    let values: ReadonlyMap<string, string>;
+    try {
+      values = await this.source.values();
+    } catch (err) {
+      throw toGitHubError(err);
+    }
+    return this.accept(values);
+  }
+
+  close(): void {
+    this.source.close();
+  }
+
+  private accept(values: ReadonlyMap<string, string>): AppCredentials {
+    const [idValue, keyValue] = this.valueNames;
+    const appId = values.get(idValue);
+    const privateKey = values.get(keyValue);
+    const raw = `${appId}\0${privateKey}`;
+    if (this.last && raw === this.lastRaw) return this.last;
+    const fail: Fail = (problem, cause) => {
+      throw new GitHubCredentialsError(`GitHub App ${this.appName}: ${this.source.description}: ${problem}`, { cause });
+    };
+    if (appId === undefined || appId.trim() === '') return fail(`${this.idName} is missing or empty`);
+    if (privateKey === undefined || privateKey.trim() === '') return fail(`${this.keyName} is missing or empty`);
+    if (!/^\s*[1-9][0-9]{0,14}\s*$/.test(appId)) {
+      return fail(`${this.idName} is not a GitHub App id (a positive integer)`);
+    }
+    const checked = redacted({ appId: Number(appId), privateKey: checkPrivateKey(privateKey, this.keyName, fail) });
+    // The key as it will be used (newlines restored), beside the raw value the source registered.
+    registerSecret(checked.privateKey);
+    this.last = checked;
+    this.lastRaw = raw;
+    return checked;
+  }
+}
+
+function toGitHubError(err: unknown): unknown {
+  if (!(err instanceof CredentialsError)) return err;
+  return new GitHubCredentialsError(err.message, { cause: err });
+}
+
+function githubError<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (err) {
+    throw toGitHubError(err);
+  }
+}
+
+/**
+ * Reads one app's credentials from a local source. `baseDir` anchors relative paths (the configuration file's
+ * directory); `appName` is the configuration's name for the app, used only in error messages.
  */
 export function resolveCredentials(
   source: CredentialSource,
@@ -81,75 +212,8 @@ export function resolveCredentials(
   baseDir: string,
   appName = '(unnamed)',
 ): AppCredentials {
-  const where = describeSource(source, baseDir);
-  const fail: Fail = (problem, cause) => {
-    throw new GitHubCredentialsError(`GitHub App ${appName}: ${where}: ${problem}`, { cause });
-  };
-  let appId: string | undefined;
-  let privateKey: string | undefined;
-  let idName = DEFAULT_APP_ID_VAR;
-  let keyName = DEFAULT_PRIVATE_KEY_VAR;
-  switch (source.kind) {
-    case 'env':
-      [idName, keyName] = [source.appIdVar, source.privateKeyVar];
-      appId = env[source.appIdVar];
-      privateKey = env[source.privateKeyVar];
-      break;
-    case 'file':
-    case 'systemd-credential': {
-      const values = parseCredentialFile(readSecret(credentialPath(source, env, baseDir, fail), fail), fail);
-      appId = values.get(DEFAULT_APP_ID_VAR);
-      privateKey = values.get(DEFAULT_PRIVATE_KEY_VAR);
-      break;
-    }
-    case 'github-app-key-file':
-      idName = source.appIdEnv;
-      keyName = 'the key file';
-      appId = env[source.appIdEnv];
-      privateKey = readSecret(anchored(source.keyFile, baseDir), fail);
-      break;
-  }
-  if (appId === undefined || appId.trim() === '') return fail(`${idName} is missing or empty`);
-  if (privateKey === undefined || privateKey.trim() === '') return fail(`${keyName} is missing or empty`);
-  if (!/^\s*[1-9][0-9]{0,14}\s*$/.test(appId)) return fail(`${idName} is not a GitHub App id (a positive integer)`);
-  return redacted({ appId: Number(appId), privateKey: checkPrivateKey(privateKey, keyName, fail) });
-}
-
-/** Where `source` looks, for messages: names and paths only. */
-function describeSource(source: CredentialSource, baseDir: string): string {
-  switch (source.kind) {
-    case 'env':
-      return `environment variables ${source.appIdVar} and ${source.privateKeyVar}`;
-    case 'file':
-      return `credentials file ${anchored(source.path, baseDir)}`;
-    case 'systemd-credential':
-      return `systemd credential ${source.name}`;
-    case 'github-app-key-file':
-      return `app id from ${source.appIdEnv}, key file ${anchored(source.keyFile, baseDir)}`;
-  }
-}
-
-function credentialPath(
-  source: Extract<CredentialSource, { kind: 'file' | 'systemd-credential' }>,
-  env: NodeJS.ProcessEnv,
-  baseDir: string,
-  fail: Fail,
-): string {
-  if (source.kind === 'file') return anchored(source.path, baseDir);
-  return systemdCredentialPath(source.name, env, fail);
-}
-
-function anchored(path: string, baseDir: string): string {
-  return isAbsolute(path) ? path : resolve(baseDir, path);
-}
-
-function readSecret(path: string, fail: Fail): string {
-  try {
-    return readFileSync(path, 'utf8');
-  } catch (err) {
-    // Node's message names the path and the errno, never the content.
-    return fail(`cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, err);
-  }
+  const spec = specOf(source) as GitHubCredentialsSpec;
+  return AppCredentialSource.compile(appName, spec, { source: appName, env, baseDir }).resolveSync();
 }
 
 /** A JSON object, or `KEY=VALUE` lines (optionally `export`ed, values optionally quoted and spanning lines). */
@@ -159,64 +223,10 @@ export function parseCredentialFile(
     throw new GitHubCredentialsError(problem);
   },
 ): Map<string, string> {
-  const trimmed = text.trim();
-  if (trimmed.startsWith('{')) {
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(trimmed);
-    } catch {
-      // JSON.parse quotes the text around the error, which could be part of the key.
-      return fail('starts with "{" but is not valid JSON');
-    }
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) return fail('is not a JSON object');
-    const values = new Map<string, string>();
-    for (const [key, value] of Object.entries(parsed)) {
-      if (typeof value === 'string' || typeof value === 'number') values.set(key, String(value));
-    }
-    return values;
-  }
-  return parseKeyValueLines(text, fail);
+  return parseFile(text, fail);
 }
 
-function parseKeyValueLines(text: string, fail: Fail): Map<string, string> {
-  const values = new Map<string, string>();
-  const lines = text.split(/\r?\n/);
-  for (let i = 0; i < lines.length; i++) {
-    const line = lines[i]!;
-    if (line.trim() === '' || line.trim().startsWith('#')) continue;
-    const match = /^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
-    if (!match) return fail(`line ${i + 1} is not KEY=VALUE`);
-    const [, key, rest] = match as unknown as [string, string, string];
-    const quote = rest[0];
-    if (quote !== '"' && quote !== "'") {
-      values.set(key, rest.trim());
-      continue;
-    }
-    // A quoted value may span lines: that is how a PEM fits into a dotenv file.
-    const first = i;
-    let quoted = rest.slice(1);
-    while (closingQuote(quoted, quote) < 0) {
-      if (++i >= lines.length) return fail(`line ${first + 1}: the value of ${key} has no closing ${quote}`);
-      quoted += `\n${lines[i]}`;
-    }
-    const close = closingQuote(quoted, quote);
-    if (!/^\s*(#.*)?$/.test(quoted.slice(close + 1))) return fail(`line ${i + 1}: text after the quoted ${key}`);
-    values.set(key, quote === '"' ? unescape(quoted.slice(0, close)) : quoted.slice(0, close));
-  }
-  return values;
-}
-
-function closingQuote(text: string, quote: string): number {
-  for (let i = 0; i < text.length; i++) {
-    if (quote === '"' && text[i] === '\\') i++;
-    else if (text[i] === quote) return i;
-  }
-  return -1;
-}
-
-function unescape(raw: string): string {
-  return raw.replace(/\\(.)/g, (_, c: string) => (c === 'n' ? '\n' : c === 'r' ? '\r' : c === 't' ? '\t' : c));
-}
+const PEM = /^-----BEGIN ((?:RSA )?PRIVATE KEY)-----\r?\n[A-Za-z0-9+/=\s]+\r?\n-----END \1-----\s*$/;
 
 /**
  * A key as deployments tend to carry it: a PEM, perhaps with its newlines written as `\n` (the usual way to fit it
@@ -238,7 +248,11 @@ function checkPrivateKey(key: string, keyName: string, fail: Fail): string {
 
 /** Keeps the key out of JSON (and so out of pino's logs) and out of `console.log`, should options ever be logged. */
 function redacted(credentials: AppCredentials): AppCredentials {
-  const shown = (): object => ({ appId: credentials.appId, privateKey: '[redacted]' });
+  return redactedView(credentials, () => credentials.appId);
+}
+
+function redactedView(credentials: AppCredentials, appId: () => number | undefined): AppCredentials {
+  const shown = (): object => ({ appId: appId(), privateKey: '[redacted]' });
   Object.defineProperty(credentials, 'toJSON', { value: shown, enumerable: false });
   Object.defineProperty(credentials, inspect.custom, { value: shown, enumerable: false });
   return credentials;

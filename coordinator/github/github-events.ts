@@ -199,6 +199,7 @@ export class GitHubEvents {
       installationId: served.installationId,
       kind: 'pull_request',
       untrusted,
+      branch: pr.base.ref,
       prNumber: pr.number,
       baseSha: pr.base.sha,
       headSha: pr.head.sha,
@@ -241,6 +242,7 @@ export class GitHubEvents {
       repo,
       installationId: served.installationId,
       kind: 'push',
+      branch,
       headSha: p.after,
       baseCloneUrl: p.repository.clone_url,
       headCloneUrl: p.repository.clone_url,
@@ -264,6 +266,7 @@ export class GitHubEvents {
       repo,
       installationId: served.installationId,
       kind: 'merge_group',
+      branch: g.base_ref.replace(/^refs\/heads\//, ''),
       baseSha: g.base_sha,
       headSha: g.head_sha,
       baseCloneUrl: p.repository.clone_url,
@@ -315,6 +318,7 @@ export class GitHubEvents {
       headCloneUrl: last.head_clone_url,
       extraAttrs: JSON.parse(last.extra_attrs) as string[],
       rebuildFailed: true,
+      ...(last.branch !== null ? { branch: last.branch } : {}),
     });
     this.deps.audit.record(actor, 'rebuild-failed', { repo, headSha, runId, via: kind });
     this.deps.pipeline.start(runId);

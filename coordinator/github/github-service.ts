@@ -1,3 +1,4 @@
+import type { CachePushService } from '../caches/push-service.js';
 import { LRUCache } from 'lru-cache';
 import type Router from '@koa/router';
 import { IllegalStateError } from '../../common/errors.js';
@@ -43,6 +44,8 @@ export interface GitHubServiceDeps {
   manager: BuildManager;
   store: BuildStore;
   checks: CheckManager;
+  /** The operator's binary caches: which run roots go where, and how it went. */
+  cachePushes?: CachePushService;
   mirrors: GitMirrors;
   /** The coordinator's public base URL (for details links), known once its HTTP port is bound. */
   publicUrl: () => string;
@@ -104,6 +107,7 @@ export class GitHubService {
       manager: deps.manager,
       store: deps.store,
       checks: deps.checks,
+      ...(deps.cachePushes ? { cachePushes: deps.cachePushes } : {}),
       checkPolicy: {
         timeoutSeconds: options.checks.timeoutSeconds,
         untrustedNetworkRepos: options.security.untrustedCheckNetworkRepos,

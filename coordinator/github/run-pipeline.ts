@@ -15,6 +15,7 @@ import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import type { CheckManager } from '../checks/check-manager.js';
+import { type CachePushService, pushSummaryLines } from '../caches/push-service.js';
 import { checkSpecs } from '../checks/check-specs.js';
 import {
   CHECKS_CHECK,
@@ -51,6 +52,8 @@ export interface PipelineDeps {
   manager: BuildManager;
   store: BuildStore;
   checks: CheckManager;
+  /** The operator's binary caches: which of a run's roots go to which cache (see CachePushService). */
+  cachePushes?: CachePushService;
   /** `check_timeout_seconds` (for checks that set none) and `[security] untrusted_check_network_repos`. */
   checkPolicy: { timeoutSeconds: number; untrustedNetworkRepos: readonly string[] };
   /** Links into the coordinator's web API for check runs' details; undefined without a public URL. */
@@ -199,6 +202,7 @@ export class RunPipeline {
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const roots = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles));
     runs.setRoots(runId, roots);
+    this.deps.cachePushes?.planRun(run, roots, head, base);
     runs.setRunState(runId, 'building');
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
     for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
@@ -238,6 +242,9 @@ export class RunPipeline {
       this.timers.delete(refresh);
     }
     if (!this.stillOpen(runId)) return;
+    // What the run may push but no agent did: roots built before it asked (they came with no lease).
+    await this.deps.cachePushes?.pushLeftovers(runId, (drv) => this.builtOutputs(drv));
+    if (!this.stillOpen(runId)) return;
 
     drawChecks();
     const review = base ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit) : undefined;
@@ -253,16 +260,25 @@ export class RunPipeline {
     if (review) {
       runs.setSummary(runId, { rebuildCountBySystem, review: review.summary });
       const links = this.deps.links;
-      reporter.set(target, summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined));
+      reporter.set(
+        target,
+        withCacheLines(
+          summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined),
+          this.cacheLines(runId),
+        ),
+      );
     } else {
       const failed = roots.filter((r) => ['failed', 'dependency-failed', 'timed-out'].includes(this.state(r) ?? ''));
       reporter.set(
         target,
-        completed(
-          SUMMARY_CHECK,
-          failed.length > 0 ? 'failure' : 'success',
-          `${roots.length - failed.length} of ${roots.length} built`,
-          failed.length > 0 ? failed.map((r) => `- \`${r.attr}\`: ${this.state(r)}`).join('\n') : 'Everything built.',
+        withCacheLines(
+          completed(
+            SUMMARY_CHECK,
+            failed.length > 0 ? 'failure' : 'success',
+            `${roots.length - failed.length} of ${roots.length} built`,
+            failed.length > 0 ? failed.map((r) => `- \`${r.attr}\`: ${this.state(r)}`).join('\n') : 'Everything built.',
+          ),
+          this.cacheLines(runId),
         ),
       );
     }
@@ -323,6 +339,17 @@ export class RunPipeline {
     return reviewRoots({ head, diffs, named, builds: this.deps.store });
   }
 
+  /** A derivation's output paths when it was built (or substituted); undefined otherwise. */
+  private builtOutputs(drvPath: string): string[] | undefined {
+    const state = this.deps.store.derivation(drvPath)?.state;
+    if (state !== 'succeeded' && state !== 'substituted') return undefined;
+    return this.deps.store.outputsOf(drvPath).map((o) => o.path);
+  }
+
+  private cacheLines(runId: number): string[] {
+    return pushSummaryLines(this.deps.cachePushes?.runPushes(runId) ?? []);
+  }
+
   private state(r: RunRoot): RootResult['state'] {
     return this.deps.store.derivation(r.drvPath)?.state;
   }
@@ -350,6 +377,12 @@ export class RunPipeline {
     this.deps.reporter.set(target, completed(EVALUATION_CHECK, 'failure', 'Evaluation failed', message));
     this.deps.reporter.set(target, completed(SUMMARY_CHECK, 'failure', 'Evaluation failed', message));
   }
+}
+
+/** A summary check run with the run's cache pushes (pushed, refused, failed) appended. */
+function withCacheLines(spec: CheckRunSpec, lines: readonly string[]): CheckRunSpec {
+  if (lines.length === 0) return spec;
+  return { ...spec, summary: `${spec.summary}\n\n**Caches**\n\n${lines.join('\n')}` };
 }
 
 export function targetOf(run: Pick<RunRow, 'installation_id' | 'repo' | 'head_sha'>): CheckTarget {

@@ -36,6 +36,8 @@ export interface RunRow {
   updated_at: number;
   /** JSON of a RunSummary, once the run has diffed its commits. */
   summary_json: string | null;
+  /** See NewRun.branch; null for runs recorded before branches were. */
+  branch: string | null;
 }
 
 /** A run's counts, for lists of pull requests: rebuilds per system once diffed; the review's once built. */
@@ -59,6 +61,8 @@ export interface NewRun {
   state?: RunState;
   /** The head is code of someone without write access (see RunRow.untrusted). */
   untrusted?: boolean;
+  /** The branch the run's code goes to: the pushed branch, or a pull request's or merge group's base. */
+  branch?: string;
 }
 
 export interface RepositoryRow {
@@ -256,8 +260,8 @@ export class RunStore {
     const info = this.db
       .prepare(
         `INSERT INTO github_runs (repo, installation_id, kind, pr_number, base_sha, head_sha, base_clone_url,
-           head_clone_url, extra_attrs, rebuild_failed, state, created_at, updated_at, untrusted)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+           head_clone_url, extra_attrs, rebuild_failed, state, created_at, updated_at, untrusted, branch)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       )
       .run(
         r.repo,
@@ -274,6 +278,7 @@ export class RunStore {
         now,
         now,
         r.untrusted ? 1 : 0,
+        r.branch ?? null,
       );
     const id = Number(info.lastInsertRowid);
     this.onRun(this.run(id)!);

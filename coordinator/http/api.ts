@@ -15,6 +15,8 @@ import { followLog, serveLog } from './log-routes.js';
 import { OPENAPI_DOCUMENT } from './openapi.js';
 import { addRepoRoutes } from './repo-routes.js';
 import { eventsRoute } from './events-route.js';
+import { addHookRoutes } from '../hooks/hook-routes.js';
+import type { HookService } from '../hooks/hook-service.js';
 import {
   actorOf,
   badRequest,
@@ -67,6 +69,8 @@ export interface ApiSources {
   /** Repositories, pull requests and runs (GitHub). */
   runs: RunStore;
   events: EventBus;
+  /** Post-build hooks: a derivation's runs and their output. */
+  hooks: Pick<HookService, 'runsOf' | 'run'>;
 }
 
 interface AgentRow {
@@ -189,6 +193,7 @@ export function apiRouter(sources: ApiSources): Router {
     ctx.body = { entries: sources.audit.recent(limit) };
   });
   addRepoRoutes(router, sources);
+  addHookRoutes(router, { hooks: sources.hooks, logs, access, findDrv: (hash) => findDrv(store, hash) });
 
   router.get('/openapi.json', (ctx) => {
     ctx.body = OPENAPI_DOCUMENT;

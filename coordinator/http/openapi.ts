@@ -1,4 +1,5 @@
 import { BUILD_STATES } from '../scheduler/build-state.js';
+import { HOOK_RUN_STATES } from '../hooks/hook-run-store.js';
 
 /**
  * The contract of `/api/v1`, as OpenAPI 3.1 (served at `/api/v1/openapi.json`). Tests validate every response
@@ -124,6 +125,29 @@ export const OPENAPI_DOCUMENT = {
         },
       },
       BuildState: { type: 'string', enum: BUILD_STATES },
+      HookRun: object({
+        id: { type: 'integer' },
+        hook: { type: 'string', description: 'The `[[hooks]]` id.' },
+        attempt: { type: 'integer', description: "The derivation's attempt whose result started it." },
+        result: { type: 'string', enum: ['success', 'failure'] },
+        buildState: { type: 'string', enum: ['succeeded', 'failed', 'timed-out'] },
+        state: { type: 'string', enum: HOOK_RUN_STATES },
+        reason: { ...nullable('string'), description: 'Why it was skipped, or what went wrong.' },
+        exitCode: nullable('integer'),
+        signal: nullable('string'),
+        runId: { ...nullable('integer'), description: 'The GitHub run whose context it ran in; null: a request.' },
+        repo: { type: 'string' },
+        branch: { type: 'string' },
+        attr: { type: 'string' },
+        job: { type: 'string' },
+        commitSha: { type: 'string' },
+        logBytes: { type: 'integer', minimum: 0 },
+        logTruncated: { type: 'boolean' },
+        logUrl: nullable('string'),
+        queuedAt: { type: 'integer' },
+        startedAt: nullable('integer'),
+        finishedAt: nullable('integer'),
+      }),
       AttemptState: {
         type: 'string',
         enum: [
@@ -862,6 +886,35 @@ export const OPENAPI_DOCUMENT = {
           { name: 'attempt', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } },
         ],
         responses: logResponses,
+      },
+    },
+    '/derivations/{hash}/hooks': {
+      get: {
+        summary: "The post-build hook runs of a derivation's results, oldest first (with a credential only).",
+        parameters: [hashParameter],
+        responses: {
+          '200': json(
+            'Its hook runs.',
+            object({ runs: { type: 'array', items: { $ref: '#/components/schemas/HookRun' } } }),
+          ),
+          ...denied,
+          '404': errorResponse('No such derivation.'),
+        },
+      },
+    },
+    '/hook-runs/{id}/log': {
+      get: {
+        summary:
+          "A hook run's output (stdout and stderr, credential values replaced); the `end` event of a followed log " +
+          "carries the run's state, exit code and reason. With a credential only.",
+        parameters: [
+          { name: 'id', in: 'path', required: true, schema: { type: 'string', pattern: '^[0-9]+$' } },
+          ...logParameters.slice(1),
+        ],
+        responses: {
+          ...logResponses,
+          '404': errorResponse('No such hook run, or it has not started (queued or skipped).'),
+        },
       },
     },
     '/builds': {

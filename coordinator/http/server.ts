@@ -20,8 +20,8 @@ export interface HttpRoutes {
   web?: Router;
   /** GitHub login (`/auth/…`), when `[oauth]` is configured. */
   auth?: Router;
-  /** What agents fetch for their leases (`/agent/…`: a check's source). */
-  agent?: Router;
+  /** What agents fetch and push for their leases (`/agent/…`: a check's source, presigned cache uploads). */
+  agent?: Router[];
   /** `[web] cors_origins`: other origins whose pages may call the API. */
   corsOrigins?: readonly string[];
   access: AccessControl;
@@ -126,7 +126,7 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   });
   root.use('/cache', routes.cache.routes(), routes.cache.allowedMethods());
   root.use('/api/v1', routes.api.routes(), routes.api.allowedMethods());
-  if (routes.agent) root.use('/agent', routes.agent.routes(), routes.agent.allowedMethods());
+  for (const r of routes.agent ?? []) root.use('/agent', r.routes(), r.allowedMethods());
   if (routes.github) root.use(routes.github.routes(), routes.github.allowedMethods());
   if (routes.auth) root.use(routes.auth.routes(), routes.auth.allowedMethods());
   if (routes.web) root.use(routes.web.routes(), routes.web.allowedMethods());

@@ -160,6 +160,20 @@ export async function compileRepoConfig(
     } else if (check.job !== undefined) {
       problems.push(`check ${name}: job is only read with shell`);
     }
+    // Upstream eka-ci's shell_nix chose where shell is looked up; here the check's job decides. Where the two agree
+    // (false: a flake's devShells) it is accepted, otherwise the message says how to say it here.
+    if (check.shell_nix === true) {
+      problems.push(
+        `check ${name}: shell_nix: shell is looked up in a job's file or flake: for an attribute of shell.nix, add ` +
+          `a job whose file is shell.nix (e.g. "shells": {"file": "shell.nix", "attr_path": "${check.shell ?? 'NAME'}"}), ` +
+          'name it with "job", and remove shell_nix',
+      );
+    } else if (check.shell_nix === false && shell?.job.kind === 'file') {
+      problems.push(
+        `check ${name}: shell_nix: false means a flake's devShells, but job ${shell.job.name} is a file job: name ` +
+          'a flake job with "job", or remove shell_nix to use an attribute of the file',
+      );
+    }
     checks.push({
       name,
       command: check.command,

@@ -20,7 +20,10 @@ const sizeCheck = z
   })
   .strict();
 
-const job = z
+// Upstream eka-ci reads this spelling too, meaning the same.
+const UPSTREAM_JOB_ALIASES: Readonly<Record<string, string>> = { 'allow-eval-failures': 'allow_eval_failures' };
+
+const jobObject = z
   .object({
     file: z.string().min(1).optional(),
     attr_path: z
@@ -47,6 +50,19 @@ const job = z
     }
   });
 
+const job = z.preprocess((raw) => {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) return raw;
+  const out: Record<string, unknown> = { ...(raw as Record<string, unknown>) };
+  for (const [alias, key] of Object.entries(UPSTREAM_JOB_ALIASES)) {
+    // Both spellings at once: the alias stays, and is reported as written twice.
+    if (alias in out && !(key in out)) {
+      out[key] = out[alias];
+      delete out[alias];
+    }
+  }
+  return out;
+}, jobObject);
+
 // What `shell` meant before it named a shell derivation: an interpreter. A config still saying so gets an error
 // that says what changed, rather than a failed attempt to evaluate an attribute called "bash".
 const INTERPRETERS = new Set(['bash', 'sh', 'dash', 'zsh', 'fish', 'ksh', 'csh', 'tcsh']);
@@ -61,6 +77,8 @@ const check = z
       .optional(),
     job: name.optional(),
     allow_network: z.boolean().default(false),
+    /** Upstream eka-ci's switch between a flake's devShells (false) and shell.nix (true); see compileRepoConfig. */
+    shell_nix: z.boolean().optional(),
     ro_bind: z.array(z.string().min(1)).default([]),
     timeout_seconds: z.number().int().positive().max(86_400).optional(),
     systems: z.array(z.string().min(1)).min(1, 'list at least one system, or leave systems out').optional(),
@@ -89,11 +107,45 @@ export const repoConfigSchema = z
 export type RawRepoConfig = z.infer<typeof repoConfigSchema>;
 export type RawJob = RawRepoConfig['jobs'][string];
 
+const HOOKS_ADVICE =
+  'a repository cannot run commands on the server (upstream eka-ci ran these): ask the server operator for a ' +
+  '[[hooks]] entry whose permissions name this repository, or push outputs with caches';
+
+/**
+ * Upstream eka-ci's keys that mean nothing here, each with what to write instead; keyed by position: top level, or
+ * inside one job.
+ */
+const UPSTREAM_ADVICE: { top: Readonly<Record<string, string>>; job: Readonly<Record<string, string>> } = {
+  top: {
+    flake:
+      'write a job instead: "jobs": {"flake": {"flake": {"outputs": ["checks", "packages"]}}} (the outputs that ' +
+      "upstream eka-ci's flake.checks.enable and flake.packages.enable turned on)",
+    package_change_summary: "eka-ci's review always lists the changed packages; remove it",
+    rebuild_impact: "eka-ci's review always shows each change's rebuild count and blast radius; remove it",
+  },
+  job: {
+    post_build_hooks: HOOKS_ADVICE,
+    fod_post_build_hooks: HOOKS_ADVICE,
+    'allow-eval-failures': 'written twice, as allow-eval-failures and allow_eval_failures; keep allow_eval_failures',
+  },
+};
+
+function upstreamAdvice(path: readonly PropertyKey[]): string | undefined {
+  const key = String(path.at(-1));
+  let table: Readonly<Record<string, string>> = {};
+  if (path.length === 1) table = UPSTREAM_ADVICE.top;
+  else if (path.length === 3 && path[0] === 'jobs') table = UPSTREAM_ADVICE.job;
+  return Object.hasOwn(table, key) ? table[key] : undefined;
+}
+
 /** One line per issue, each naming the field path (`jobs.hello.atr_path: unknown field`). */
 export function describeIssues(issues: readonly z.core.$ZodIssue[]): string[] {
   return issues.flatMap((issue) => {
     if (issue.code === 'unrecognized_keys') {
-      return issue.keys.map((key) => `${fieldPath([...issue.path, key])}: unknown field`);
+      return issue.keys.map((key) => {
+        const path = [...issue.path, key];
+        return `${fieldPath(path)}: ${upstreamAdvice(path) ?? 'unknown field'}`;
+      });
     }
     const message = issue.code === 'invalid_key' ? (issue.issues[0]?.message ?? issue.message) : issue.message;
     return [`${fieldPath(issue.path)}: ${message}`];

@@ -5,6 +5,7 @@ import { NixCommandError } from '../../common/errors.js';
 import { argBatches, lastLines, runNix } from '../../common/nix/cli.js';
 import {
   type Assign,
+  type CachePush,
   type Finished,
   type LeaseDecision,
   Outcome,
@@ -76,7 +77,7 @@ export interface BuildResult {
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
  * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
  * (leaseId, agentId, reason), `settled` (a derivation reached a terminal state), `refused` (agentId, leaseId,
- * reason: a result that did not check out).
+ * reason: a result that did not check out), `pushed` (drvPath, CachePushResult[]: how the agent's cache pushes went).
  */
 export class BuildManager extends EventEmitter {
   private scheduler: Scheduler;
@@ -90,6 +91,8 @@ export class BuildManager extends EventEmitter {
   /** Agents' reports waiting for the next group commit (`writeSoon`). */
   private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
   private flushScheduled = false;
+  /** The binary caches a derivation's outputs go to from the agent that builds it (see CachePushService). */
+  pushPlanner: (drvPath: string) => CachePush[] = () => [];
 
   constructor(
     private readonly store: BuildStore,
@@ -359,6 +362,7 @@ export class BuildManager extends EventEmitter {
               this.store.outputsOf(input).map((o) => ({ drvPath: input, name: o.name, path: o.path })),
             ),
           check: undefined,
+          pushes: this.pushPlanner(drvPath),
         });
       }
     });
@@ -390,7 +394,9 @@ export class BuildManager extends EventEmitter {
    * otherwise the attempt is this agent's infrastructure failure, retried elsewhere, and `refused` is emitted.
    */
   async finished(agentId: string, leaseId: string, f: Finished): Promise<void> {
-    if (!this.ownLease(agentId, leaseId)) return;
+    const held = this.ownLease(agentId, leaseId);
+    if (!held) return;
+    if (f.pushes.length > 0) this.emit('pushed', held.drvPath, f.pushes);
     if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
       const problem = await this.outputProblem(this.ownLease(agentId, leaseId)!, f);
       if (problem !== undefined) {

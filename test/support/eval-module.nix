@@ -18,6 +18,8 @@ let
     nix = standinPackage "nix" tools;
     git = standinPackage "git" tools;
     bubblewrap = standinPackage "bubblewrap" tools;
+    xz = standinPackage "xz" tools;
+    zstd = standinPackage "zstd" tools;
     nix-eval-jobs = standinPackage "nix-eval-jobs" "/standin/nix-eval-jobs";
     formats.toml = { }: {
       type =

@@ -299,7 +299,41 @@ export interface Assign {
    * command, `max_log_bytes` its output (the coordinator's check_max_log_bytes). Logs, heartbeats, cancel and
    * `Finished` work as for a build; `Finished.outputs` stays empty and `Finished.exit_code` carries the command's.
    */
-  check: CheckJob | undefined;
+  check:
+    | CheckJob
+    | undefined;
+  /**
+   * Since 1.5: binary caches the outputs go to once the build succeeded and they are in the coordinator's cache
+   * (the jobs that asked for this derivation name them, and the server's cache permissions allowed it). A push that
+   * fails is retried `attempts` times in all and reported in `Finished.pushes`; it never fails the build.
+   */
+  pushes: CachePush[];
+}
+
+/** One binary cache an agent pushes a lease's outputs (with their closure) to. */
+export interface CachePush {
+  cacheId: string;
+  /**
+   * s3 | nix-copy | attic | cachix. s3: through URLs the coordinator presigns for this lease (`/agent/leases/…`);
+   * nix-copy: `nix copy --to destination`; attic: `attic push` to `destination` (server URL, then the cache name);
+   * cachix: `cachix push destination`.
+   */
+  type: string;
+  destination: string;
+  /** zstd | xz | none. */
+  compression: string;
+  /** Credentials for this cache's command only (never stored by the agent): its environment variables. */
+  env: { [key: string]: string };
+  /** nix-copy and cachix: the cache's signing key (`name:base64`), written to a private file for the command only. */
+  secretKey: string;
+  attempts: number;
+  /** Each attempt's command is stopped after this long; 0 means no limit. */
+  timeoutSeconds: number;
+}
+
+export interface CachePush_EnvEntry {
+  key: string;
+  value: string;
 }
 
 /** A repository check (`checks.<name>` of `.eka-ci/config.json`) as an agent runs it. */
@@ -356,7 +390,21 @@ export interface Finished {
   /** Total log bytes of the lease: the coordinator checks it has them all. */
   logBytes: number;
   /** Since 1.4, for a check: the command's exit status (absent when it never ran or was killed by a signal). */
-  exitCode?: number | undefined;
+  exitCode?:
+    | number
+    | undefined;
+  /** Since 1.5: how each of `Assign.pushes` went. */
+  pushes: CachePushResult[];
+}
+
+export interface CachePushResult {
+  cacheId: string;
+  ok: boolean;
+  /** The last attempt's error, when not ok. */
+  error: string;
+  attempts: number;
+  /** Store paths uploaded (those the cache had already are not counted). */
+  paths: number;
 }
 
 export interface BuiltOutput {
@@ -1988,6 +2036,7 @@ function createBaseAssign(): Assign {
     maxLogBytes: 0,
     inputOutputs: [],
     check: undefined,
+    pushes: [],
   };
 }
 
@@ -2019,6 +2068,9 @@ export const Assign: MessageFns<Assign> = {
     }
     if (message.check !== undefined) {
       CheckJob.encode(message.check, writer.uint32(74).fork()).join();
+    }
+    for (const v of message.pushes) {
+      CachePush.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -2108,6 +2160,14 @@ export const Assign: MessageFns<Assign> = {
             message.check = CheckJob.decode(reader, reader.uint32());
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.pushes.push(CachePush.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2159,6 +2219,7 @@ export const Assign: MessageFns<Assign> = {
         ? object.input_outputs.map((e: any) => InputOutput.fromJSON(e))
         : [],
       check: isSet(object.check) ? CheckJob.fromJSON(object.check) : undefined,
+      pushes: globalThis.Array.isArray(object?.pushes) ? object.pushes.map((e: any) => CachePush.fromJSON(e)) : [],
     };
   },
 
@@ -2191,6 +2252,9 @@ export const Assign: MessageFns<Assign> = {
     if (message.check !== undefined) {
       obj.check = CheckJob.toJSON(message.check);
     }
+    if (message.pushes?.length) {
+      obj.pushes = message.pushes.map((e) => CachePush.toJSON(e));
+    }
     return obj;
   },
 
@@ -2210,6 +2274,324 @@ export const Assign: MessageFns<Assign> = {
     message.check = (object.check !== undefined && object.check !== null)
       ? CheckJob.fromPartial(object.check)
       : undefined;
+    message.pushes = object.pushes?.map((e) => CachePush.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCachePush(): CachePush {
+  return {
+    cacheId: "",
+    type: "",
+    destination: "",
+    compression: "",
+    env: {},
+    secretKey: "",
+    attempts: 0,
+    timeoutSeconds: 0,
+  };
+}
+
+export const CachePush: MessageFns<CachePush> = {
+  encode(message: CachePush, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.cacheId !== "") {
+      writer.uint32(10).string(message.cacheId);
+    }
+    if (message.type !== "") {
+      writer.uint32(18).string(message.type);
+    }
+    if (message.destination !== "") {
+      writer.uint32(26).string(message.destination);
+    }
+    if (message.compression !== "") {
+      writer.uint32(34).string(message.compression);
+    }
+    globalThis.Object.entries(message.env).forEach(([key, value]: [string, string]) => {
+      CachePush_EnvEntry.encode({ key: key as any, value }, writer.uint32(42).fork()).join();
+    });
+    if (message.secretKey !== "") {
+      writer.uint32(50).string(message.secretKey);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(56).uint32(message.attempts);
+    }
+    if (message.timeoutSeconds !== 0) {
+      writer.uint32(64).uint32(message.timeoutSeconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CachePush {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCachePush();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.cacheId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.destination = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.compression = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            const entry5 = CachePush_EnvEntry.decode(reader, reader.uint32());
+            if (entry5.value !== undefined) {
+              message.env[entry5.key] = entry5.value;
+            }
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.secretKey = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.timeoutSeconds = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CachePush {
+    return {
+      cacheId: isSet(object.cacheId)
+        ? globalThis.String(object.cacheId)
+        : isSet(object.cache_id)
+        ? globalThis.String(object.cache_id)
+        : "",
+      type: isSet(object.type) ? globalThis.String(object.type) : "",
+      destination: isSet(object.destination) ? globalThis.String(object.destination) : "",
+      compression: isSet(object.compression) ? globalThis.String(object.compression) : "",
+      env: isObject(object.env)
+        ? (globalThis.Object.entries(object.env) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      secretKey: isSet(object.secretKey)
+        ? globalThis.String(object.secretKey)
+        : isSet(object.secret_key)
+        ? globalThis.String(object.secret_key)
+        : "",
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+      timeoutSeconds: isSet(object.timeoutSeconds)
+        ? globalThis.Number(object.timeoutSeconds)
+        : isSet(object.timeout_seconds)
+        ? globalThis.Number(object.timeout_seconds)
+        : 0,
+    };
+  },
+
+  toJSON(message: CachePush): unknown {
+    const obj: any = {};
+    if (message.cacheId !== "") {
+      obj.cacheId = message.cacheId;
+    }
+    if (message.type !== "") {
+      obj.type = message.type;
+    }
+    if (message.destination !== "") {
+      obj.destination = message.destination;
+    }
+    if (message.compression !== "") {
+      obj.compression = message.compression;
+    }
+    if (message.env) {
+      const entries = globalThis.Object.entries(message.env) as [string, string][];
+      if (entries.length > 0) {
+        obj.env = {};
+        entries.forEach(([k, v]) => {
+          obj.env[k] = v;
+        });
+      }
+    }
+    if (message.secretKey !== "") {
+      obj.secretKey = message.secretKey;
+    }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    if (message.timeoutSeconds !== 0) {
+      obj.timeoutSeconds = Math.round(message.timeoutSeconds);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CachePush>): CachePush {
+    return CachePush.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CachePush>): CachePush {
+    const message = createBaseCachePush();
+    message.cacheId = object.cacheId ?? "";
+    message.type = object.type ?? "";
+    message.destination = object.destination ?? "";
+    message.compression = object.compression ?? "";
+    message.env = (globalThis.Object.entries(object.env ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.secretKey = object.secretKey ?? "";
+    message.attempts = object.attempts ?? 0;
+    message.timeoutSeconds = object.timeoutSeconds ?? 0;
+    return message;
+  },
+};
+
+function createBaseCachePush_EnvEntry(): CachePush_EnvEntry {
+  return { key: "", value: "" };
+}
+
+export const CachePush_EnvEntry: MessageFns<CachePush_EnvEntry> = {
+  encode(message: CachePush_EnvEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CachePush_EnvEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCachePush_EnvEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CachePush_EnvEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: CachePush_EnvEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CachePush_EnvEntry>): CachePush_EnvEntry {
+    return CachePush_EnvEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CachePush_EnvEntry>): CachePush_EnvEntry {
+    const message = createBaseCachePush_EnvEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
     return message;
   },
 };
@@ -2752,7 +3134,7 @@ export const Started: MessageFns<Started> = {
 };
 
 function createBaseFinished(): Finished {
-  return { outcome: 0, error: "", outputs: [], finishedAtMs: 0, logBytes: 0, exitCode: undefined };
+  return { outcome: 0, error: "", outputs: [], finishedAtMs: 0, logBytes: 0, exitCode: undefined, pushes: [] };
 }
 
 export const Finished: MessageFns<Finished> = {
@@ -2774,6 +3156,9 @@ export const Finished: MessageFns<Finished> = {
     }
     if (message.exitCode !== undefined) {
       writer.uint32(48).int32(message.exitCode);
+    }
+    for (const v of message.pushes) {
+      CachePushResult.encode(v!, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -2839,6 +3224,14 @@ export const Finished: MessageFns<Finished> = {
             message.exitCode = reader.int32();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.pushes.push(CachePushResult.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2871,6 +3264,9 @@ export const Finished: MessageFns<Finished> = {
         : isSet(object.exit_code)
         ? globalThis.Number(object.exit_code)
         : undefined,
+      pushes: globalThis.Array.isArray(object?.pushes)
+        ? object.pushes.map((e: any) => CachePushResult.fromJSON(e))
+        : [],
     };
   },
 
@@ -2894,6 +3290,9 @@ export const Finished: MessageFns<Finished> = {
     if (message.exitCode !== undefined) {
       obj.exitCode = Math.round(message.exitCode);
     }
+    if (message.pushes?.length) {
+      obj.pushes = message.pushes.map((e) => CachePushResult.toJSON(e));
+    }
     return obj;
   },
 
@@ -2908,6 +3307,144 @@ export const Finished: MessageFns<Finished> = {
     message.finishedAtMs = object.finishedAtMs ?? 0;
     message.logBytes = object.logBytes ?? 0;
     message.exitCode = object.exitCode ?? undefined;
+    message.pushes = object.pushes?.map((e) => CachePushResult.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCachePushResult(): CachePushResult {
+  return { cacheId: "", ok: false, error: "", attempts: 0, paths: 0 };
+}
+
+export const CachePushResult: MessageFns<CachePushResult> = {
+  encode(message: CachePushResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.cacheId !== "") {
+      writer.uint32(10).string(message.cacheId);
+    }
+    if (message.ok !== false) {
+      writer.uint32(16).bool(message.ok);
+    }
+    if (message.error !== "") {
+      writer.uint32(26).string(message.error);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(32).uint32(message.attempts);
+    }
+    if (message.paths !== 0) {
+      writer.uint32(40).uint32(message.paths);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CachePushResult {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCachePushResult();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.cacheId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.paths = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CachePushResult {
+    return {
+      cacheId: isSet(object.cacheId)
+        ? globalThis.String(object.cacheId)
+        : isSet(object.cache_id)
+        ? globalThis.String(object.cache_id)
+        : "",
+      ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+      paths: isSet(object.paths) ? globalThis.Number(object.paths) : 0,
+    };
+  },
+
+  toJSON(message: CachePushResult): unknown {
+    const obj: any = {};
+    if (message.cacheId !== "") {
+      obj.cacheId = message.cacheId;
+    }
+    if (message.ok !== false) {
+      obj.ok = message.ok;
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    if (message.paths !== 0) {
+      obj.paths = Math.round(message.paths);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CachePushResult>): CachePushResult {
+    return CachePushResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CachePushResult>): CachePushResult {
+    const message = createBaseCachePushResult();
+    message.cacheId = object.cacheId ?? "";
+    message.ok = object.ok ?? false;
+    message.error = object.error ?? "";
+    message.attempts = object.attempts ?? 0;
+    message.paths = object.paths ?? 0;
     return message;
   },
 };
@@ -3629,6 +4166,10 @@ function longToNumber(int64: { toString(): string }): number {
     throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
   }
   return num;
+}
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
 }
 
 function isSet(value: any): boolean {
