@@ -6,8 +6,6 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Server } from 'node:http';
-import Router from '@koa/router';
-import { Registry } from 'prom-client';
 import { silentLogger } from '../common/logging.js';
 import { AccessControl } from '../coordinator/access/access-control.js';
 import { TokenStore } from '../coordinator/access/token-store.js';
@@ -15,9 +13,9 @@ import { AuditLog } from '../coordinator/audit-log.js';
 import { BinaryCache } from '../coordinator/cache/binary-cache.js';
 import { generateSigningKey } from '../coordinator/cache/signing-key.js';
 import { S3BinaryCache, type S3Compression } from '../coordinator/caches/s3-cache.js';
-import { leaseClosure, s3PushRouter, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
+import { leaseClosure, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
+import { serveS3PushRoutes } from '../test/support/s3-push-app.js';
 import { openDatabase } from '../coordinator/db/database.js';
-import { createHttpApp, listen } from '../coordinator/http/server.js';
 
 /** Where the S3 service (bench/cache-push-s3.ts) listens, and its key. */
 export interface S3Service {
@@ -82,31 +80,11 @@ async function handle(command: CoordinatorCommand): Promise<void> {
         new TokenStore(db, audit, [], 'api'),
         { publicReads: false },
       );
-      const cache = builtIn;
-      const app = createHttpApp(
-        {
-          cache: new Router(),
-          api: new Router(),
-          metrics: new Registry(),
-          ready: () => undefined,
-          access,
-          agent: [
-            s3PushRouter({
-              access,
-              audit,
-              lease: (id) => leases.get(id),
-              cacheFor: (leaseId, cacheId) => grants.get(`${leaseId} ${cacheId}`),
-              builtIn: cache,
-            }),
-          ],
-        },
-        silentLogger(),
-      );
-      const http = await listen(app, '127.0.0.1', 0);
+      const http = await serveS3PushRoutes({ access, audit, leases, grants, builtIn });
       server = http.server;
       send({
         type: 'started',
-        url: `http://127.0.0.1:${http.port}`,
+        url: http.url,
         token: TOKEN,
         publicKey: bucketKey.publicKey,
         fillMs,

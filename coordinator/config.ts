@@ -10,6 +10,7 @@ import { compilePermissions, permissionsSchema, type AppPermissions } from './gi
 import { DEFAULT_GRAPH_LRU_CAPACITY } from './graph/derivation-graph.js';
 import { type EvaluationOptions, compileEvaluationOptions, evaluationSchema } from './eval/eval-options.js';
 import { readSecret } from './secrets.js';
+import { Credentials, credentialsSchema as credentialSourceSchema } from './credentials/credentials.js';
 import { registerSecret } from '../common/redaction.js';
 import { translateUpstreamKeys } from './upstream-keys.js';
 import { signingKeyFromSecret } from './cache/signing-key.js';
@@ -183,6 +184,8 @@ const schema = z
         jwt_secret: z.string().min(32, 'at least 32 characters').optional(),
         jwt_secret_file: z.string().min(1).optional(),
         jwt_secret_credential: z.string().min(1).optional(),
+        /** Both secrets from any credential source, as OAUTH_CLIENT_SECRET and OAUTH_JWT_SECRET. */
+        credentials: credentialSourceSchema.optional(),
         github_url: z.string().url().default('https://github.com'),
         api_url: z.string().url().default('https://api.github.com'),
         /** GitHub logins that operate the coordinator: drain and resume agents, read the audit log. */
@@ -311,9 +314,12 @@ export interface CoordinatorOptions {
 
 export interface OAuthOptions {
   clientId: string;
+  /** Set at start-up (resolveOAuthSecrets) when `credentials` is a source that needs the network. */
   clientSecret: string;
   redirectUrl: string;
   jwtSecret: string;
+  /** `[oauth] credentials`, when the secrets come from a credential source. */
+  credentials?: Credentials;
   githubUrl: string;
   apiUrl: string;
   admins: string[];
@@ -496,6 +502,7 @@ function compileOAuth(
   o: NonNullable<z.infer<typeof schema>['oauth']>,
   ctx: Parameters<typeof readSecret>[3],
 ): OAuthOptions {
+  const credentials = o.credentials ? Credentials.compile('oauth.credentials', o.credentials, ctx) : undefined;
   const secret = (field: 'client_secret' | 'jwt_secret'): string => {
     const value = readSecret(
       'oauth',
@@ -503,12 +510,13 @@ function compileOAuth(
       { value: o[field], file: o[`${field}_file`], credential: o[`${field}_credential`] },
       ctx,
     );
-    if (value === undefined)
-      throw new ConfigError(`${ctx.source}: oauth.${field}: required (or ${field}_file, ${field}_credential)`);
-    if (field === 'jwt_secret' && value.length < 32) {
-      throw new ConfigError(`${ctx.source}: oauth.jwt_secret: at least 32 characters`);
-    }
-    return value;
+    if (value !== undefined) return checkedOAuthSecret(field, value, ctx.source);
+    // A source that needs the network is read when the coordinator starts (resolveOAuthSecrets).
+    if (credentials && !credentials.synchronous) return '';
+    if (credentials) return oauthSecretFrom(credentials.valuesSync(), field, credentials, ctx.source);
+    throw new ConfigError(
+      `${ctx.source}: oauth.${field}: required (or ${field}_file, ${field}_credential, or oauth.credentials)`,
+    );
   };
   const options: OAuthOptions = {
     clientId: o.client_id,
@@ -520,11 +528,53 @@ function compileOAuth(
     admins: o.admins,
     sessionSeconds: Math.round(o.session_hours * 3600),
   };
+  Object.defineProperty(options, 'credentials', { value: credentials, enumerable: false, writable: false });
   Object.defineProperty(options, 'toJSON', {
     value: () => ({ ...options, clientSecret: '[redacted]', jwtSecret: '[redacted]' }),
     enumerable: false,
   });
   return options;
+}
+
+const OAUTH_SECRET_NAMES = { client_secret: 'OAUTH_CLIENT_SECRET', jwt_secret: 'OAUTH_JWT_SECRET' } as const;
+
+function oauthSecretFrom(
+  values: ReadonlyMap<string, string>,
+  field: 'client_secret' | 'jwt_secret',
+  credentials: Credentials,
+  source: string,
+): string {
+  const value = values.get(OAUTH_SECRET_NAMES[field]);
+  if (value === undefined || value === '') {
+    throw new ConfigError(
+      `${source}: oauth.credentials: ${credentials.description} has no ${OAUTH_SECRET_NAMES[field]} (for ${field})`,
+    );
+  }
+  return checkedOAuthSecret(field, value, source);
+}
+
+function checkedOAuthSecret(field: 'client_secret' | 'jwt_secret', value: string, source: string): string {
+  if (field === 'jwt_secret' && value.length < 32) {
+    throw new ConfigError(`${source}: oauth.jwt_secret: at least 32 characters`);
+  }
+  return value;
+}
+
+/**
+ * Reads `[oauth]` secrets whose credential source needs the network (Vault, AWS, instance metadata): called when the
+ * coordinator starts, before it serves a login. A source that cannot be read, or lacks a secret, stops the start.
+ */
+export async function resolveOAuthSecrets(o: OAuthOptions | undefined, source = 'the configuration'): Promise<void> {
+  const credentials = o?.credentials;
+  if (!o || !credentials || credentials.synchronous) return;
+  let values: ReadonlyMap<string, string>;
+  try {
+    values = await credentials.values();
+  } catch (err) {
+    throw new ConfigError(`${source}: oauth.credentials: ${(err as Error).message}`, { cause: err });
+  }
+  if (o.clientSecret === '') o.clientSecret = oauthSecretFrom(values, 'client_secret', credentials, source);
+  if (o.jwtSecret === '') o.jwtSecret = oauthSecretFrom(values, 'jwt_secret', credentials, source);
 }
 
 function compileGitHubApp(

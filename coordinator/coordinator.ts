@@ -23,7 +23,7 @@ import { DerivationGraph } from './graph/derivation-graph.js';
 import { DiffStore } from './graph/diff-store.js';
 import { EvalEnvironment } from './eval/eval-environment.js';
 import { EvaluationStore } from './eval/evaluation-store.js';
-import { type CoordinatorOptions, resolveGitHubAppCredentials } from './config.js';
+import { type CoordinatorOptions, resolveGitHubAppCredentials, resolveOAuthSecrets } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
 import { apiRouter } from './http/api.js';
 import { createHttpApp, listen, routeList } from './http/server.js';
@@ -106,7 +106,7 @@ export class Coordinator {
       ...(options.oauth
         ? {
             userAdmins: options.oauth.admins,
-            sessions: new Sessions(options.oauth.jwtSecret, options.oauth.sessionSeconds),
+            sessions: new Sessions(() => options.oauth?.jwtSecret ?? '', options.oauth.sessionSeconds),
             repoPermission: (repo: string, login: string) =>
               this.github?.permissionOf(repo, login) ?? Promise.resolve(undefined),
           }
@@ -285,12 +285,15 @@ export class Coordinator {
   async start(): Promise<void> {
     if (this.state !== 'created') throw new IllegalStateError(`cannot start a coordinator that is ${this.state}`);
     this.state = 'starting';
-    // GitHub App credentials from Vault, AWS or instance metadata are read now: a wrong one fails the start.
+    // Every cache's and hook's credentials (and every cache's host) are checked before anything listens: a wrong
+    // token fails the start, naming the cache or hook and the source, not the first build that needed it.
+    await this.cachePushes.start();
+    for (const hook of this.options.hooks.hooks) await hook.credentials?.values();
+    // GitHub App and OAuth credentials from Vault, AWS or instance metadata are read now: a wrong one fails the start.
     await resolveGitHubAppCredentials(this.options.githubApps);
+    await resolveOAuthSecrets(this.options.oauth);
     // Before anything listens: a coordinator that cannot confine repository code must not accept any.
     this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }));
-    // Every cache's credentials and host are checked before anything listens: a wrong token fails the start.
-    await this.cachePushes.start();
     const configured = this.options.cache.secretKey;
     const key = configured
       ? signingKeyFromSecret(configured, 'cache.secret_key')

@@ -110,24 +110,7 @@ describe('pushing builds to the operator’s caches', () => {
     expect(s3.requests.filter((r) => r.status >= 400 && r.method === 'PUT')).toEqual([]);
     expect(s3.requests.some((r) => r.method === 'PUT' && /\/nar\/[a-z0-9]{52}\.nar\.zst$/.test(r.path))).toBe(true);
     const store = join(dir, 'fresh-store');
-    const realised = await runNix('nix-store', [
-      '--store',
-      store,
-      '--realise',
-      tool,
-      '--option',
-      'substituters',
-      s3.bucketUrl,
-      '--option',
-      'trusted-public-keys',
-      bucketKey.publicKey,
-      '--option',
-      'require-sigs',
-      'true',
-      '--option',
-      'narinfo-cache-negative-ttl',
-      '0',
-    ]);
+    const realised = await realiseFrom(s3.bucketUrl, bucketKey.publicKey, store, tool);
     expect(realised.code, realised.stderr).toBe(0);
     expect(existsSync(join(store, tool.slice(1)))).toBe(true);
     expect(existsSync(join(store, dep.slice(1)))).toBe(true);
@@ -186,22 +169,29 @@ describe('pushing builds to the operator’s caches', () => {
       `StorePath: ${tool}`,
     );
     expect(s3.requests.slice(before).filter((r) => r.method === 'PUT' && r.status >= 400)).toEqual([]);
-    const store = join(dir, 'fresh-store-2');
-    const realised = await runNix('nix-store', [
-      '--store',
-      store,
-      '--realise',
-      tool,
-      '--option',
-      'substituters',
-      s3.bucketUrl,
-      '--option',
-      'trusted-public-keys',
-      bucketKey.publicKey,
-      '--option',
-      'narinfo-cache-negative-ttl',
-      '0',
-    ]);
+    const realised = await realiseFrom(s3.bucketUrl, bucketKey.publicKey, join(dir, 'fresh-store-2'), tool);
     expect(realised.code, realised.stderr).toBe(0);
   });
 });
+
+/** Realises `path` in a fresh chroot store from one binary cache, trusting `publicKey` only. */
+function realiseFrom(substituter: string, publicKey: string, store: string, path: string) {
+  return runNix('nix-store', [
+    '--store',
+    store,
+    '--realise',
+    path,
+    '--option',
+    'substituters',
+    substituter,
+    '--option',
+    'trusted-public-keys',
+    publicKey,
+    '--option',
+    'require-sigs',
+    'true',
+    '--option',
+    'narinfo-cache-negative-ttl',
+    '0',
+  ]);
+}

@@ -9,8 +9,6 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { Server } from 'node:http';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import Router from '@koa/router';
-import { Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { pushToS3, type S3PushOptions } from '../agent/nix/s3-push.js';
 import { silentLogger } from '../common/logging.js';
@@ -25,9 +23,10 @@ import { BinaryCache } from '../coordinator/cache/binary-cache.js';
 import { generateSigningKey } from '../coordinator/cache/signing-key.js';
 import { TempDirs, inFreshStore, nixEnv } from '../coordinator/cache/test-support.js';
 import { S3BinaryCache, type S3Compression } from '../coordinator/caches/s3-cache.js';
-import { leaseClosure, s3PushPath, s3PushRouter, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
+import { leaseClosure, s3PushPath, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
+import { serveS3PushRoutes } from './support/s3-push-app.js';
+import { closeServer } from './stand-ins/loopback.js';
 import { openDatabase } from '../coordinator/db/database.js';
-import { createHttpApp, listen } from '../coordinator/http/server.js';
 import { startS3StandIn, type S3StandIn } from './stand-ins/s3-server.js';
 
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true';
@@ -188,35 +187,15 @@ beforeAll(async () => {
     new TokenStore(db, audit, [{ name: 'dashboard', token: API_TOKEN }], 'api'),
     { publicReads: false },
   );
-  const app = createHttpApp(
-    {
-      cache: new Router(),
-      api: new Router(),
-      metrics: new Registry(),
-      ready: () => undefined,
-      access,
-      agent: [
-        s3PushRouter({
-          access,
-          audit,
-          lease: (id) => leases.get(id),
-          cacheFor: (leaseId, cacheId) => grants.get(`${leaseId} ${cacheId}`),
-          builtIn,
-        }),
-      ],
-    },
-    silentLogger(),
-  );
-  const http = await listen(app, '127.0.0.1', 0);
+  const http = await serveS3PushRoutes({ access, audit, leases, grants, builtIn });
   server = http.server;
-  coordinatorUrl = `http://127.0.0.1:${http.port}`;
+  coordinatorUrl = http.url;
   conn = await NixDaemonConnection.open({ nixOptions: { substituters: '' } });
 });
 
 afterAll(async () => {
   await conn?.close();
-  server?.closeAllConnections();
-  await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
+  await closeServer(server);
   for (const c of caches) c.close();
   await s3?.close();
   await temp.removeAll();

@@ -1,6 +1,5 @@
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -13,6 +12,7 @@ import { testAssign } from '../testing/assign.js';
 import { shellDerivation } from '../testing/derivations.js';
 import { CacheUploader } from './cache-upload.js';
 import { StorePool } from './store-pool.js';
+import { closeServer, listenOnLoopback } from '../../test/stand-ins/loopback.js';
 
 // The agent's own environment holds secrets of its own: a push command must never see them.
 const CANARY = 'EKACI_TEST_AGENT_SECRET';
@@ -118,30 +118,14 @@ describe('pushes to the operator’s caches after a build', () => {
     const narinfo = readFileSync(join(dest, `${out.slice(11, 43)}.narinfo`), 'utf8');
     expect(narinfo).toContain('Compression: zstd');
     expect(narinfo).toMatch(/^Sig: ekaci-test-copy-1:/m);
-    const store = join(dir, 'fresh-store');
-    const copied = await runNix('nix', [
-      '--extra-experimental-features',
-      'nix-command',
-      'copy',
-      '--from',
-      `file://${dest}`,
-      '--to',
-      store,
-      out,
-      ...substituteOptions(key.publicKey),
-    ]);
+    const copyFrom = (store: string, publicKey: string) =>
+      runNix('nix', [
+        ...['--extra-experimental-features', 'nix-command', 'copy', '--from', `file://${dest}`, '--to', store, out],
+        ...substituteOptions(publicKey),
+      ]);
+    const copied = await copyFrom(join(dir, 'fresh-store'), key.publicKey);
     expect(copied.code, copied.stderr).toBe(0);
-    const wrongKey = await runNix('nix', [
-      '--extra-experimental-features',
-      'nix-command',
-      'copy',
-      '--from',
-      `file://${dest}`,
-      '--to',
-      join(dir, 'other-store'),
-      out,
-      ...substituteOptions((await generateSigningKey('someone-else-1')).publicKey),
-    ]);
+    const wrongKey = await copyFrom(join(dir, 'other-store'), (await generateSigningKey('someone-else-1')).publicKey);
     expect(wrongKey.code).not.toBe(0);
     expect(wrongKey.stderr).toContain('lacks a valid signature');
   });
@@ -270,10 +254,9 @@ async function httpCache(user: string, password: string) {
     res.writeHead(200, { 'content-length': body.length });
     res.end(req.method === 'HEAD' ? undefined : body);
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as AddressInfo;
+  const url = await listenOnLoopback(server);
   return {
-    url: `http://127.0.0.1:${port}`,
+    url,
     root,
     get puts() {
       return state.puts;
@@ -281,6 +264,6 @@ async function httpCache(user: string, password: string) {
     get unauthorised() {
       return state.unauthorised;
     },
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+    close: () => closeServer(server),
   };
 }

@@ -1,3 +1,4 @@
+import { IllegalStateError } from '../../common/errors.js';
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 
 /**
@@ -23,8 +24,9 @@ const b64 = (data: Buffer | string): string => Buffer.from(data).toString('base6
 const HEADER = b64(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
 
 export class Sessions {
+  /** `secret`: the signing secret, or where to read it (a secret resolved when the coordinator starts). */
   constructor(
-    private readonly secret: string,
+    private readonly secret: string | (() => string),
     private readonly lifetimeSeconds: number,
   ) {}
 
@@ -88,6 +90,8 @@ export class Sessions {
   }
 
   private mac(data: string): string {
-    return createHmac('sha256', this.secret).update(data).digest('base64url');
+    const secret = typeof this.secret === 'string' ? this.secret : this.secret();
+    if (secret === '') throw new IllegalStateError('the session secret is not read yet');
+    return createHmac('sha256', secret).update(data).digest('base64url');
   }
 }

@@ -5,7 +5,8 @@ import { GetSecretValueCommand, SecretsManagerClient } from '@aws-sdk/client-sec
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { InstanceMetadataStandIn } from '../../test/stand-ins/instance-metadata.js';
 import { SecretsManagerStandIn } from '../../test/stand-ins/secrets-manager.js';
-import { awsCredentialProvider, Credentials, CredentialsError, credentialsSchema } from './credentials.js';
+import { awsCredentialProvider, Credentials, credentialsSchema } from './credentials.js';
+import { credentialsFailure } from './test-support.js';
 
 // SDK 3.1178 warns on Node 20 about its future releases; the versions are pinned.
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true';
@@ -57,16 +58,7 @@ function secretsManager(table: Record<string, unknown> = {}, env: NodeJS.Process
   );
 }
 
-async function failure(p: Promise<unknown>): Promise<string> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(CredentialsError);
-  const message = (err as Error).message;
-  for (const secret of [AWS_SECRET, PEM_LIKE]) expect(message).not.toContain(secret);
-  return message;
-}
+const failure = (p: Promise<unknown>): Promise<string> => credentialsFailure(p, [AWS_SECRET, PEM_LIKE]);
 
 describe('the aws-secrets-manager source', () => {
   it("reads the SecretString's JSON keys through a SigV4-signed GetSecretValue", async () => {

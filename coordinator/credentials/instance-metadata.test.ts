@@ -1,6 +1,7 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { InstanceMetadataStandIn } from '../../test/stand-ins/instance-metadata.js';
-import { Credentials, CredentialsError, credentialsSchema } from './credentials.js';
+import { Credentials, credentialsSchema } from './credentials.js';
+import { credentialsFailure } from './test-support.js';
 
 let imds: InstanceMetadataStandIn;
 let endpoint: string;
@@ -22,16 +23,7 @@ function metadata(table: Record<string, unknown> = {}): Credentials {
   return c;
 }
 
-async function failure(p: Promise<unknown>): Promise<string> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(CredentialsError);
-  const message = (err as Error).message;
-  expect(message).not.toContain(imds.roleCredentials.SecretAccessKey);
-  return message;
-}
+const failure = (p: Promise<unknown>): Promise<string> => credentialsFailure(p, [imds.roleCredentials.SecretAccessKey]);
 
 describe('the instance-metadata source', () => {
   describe('on AWS (IMDSv2)', () => {

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { VaultStandIn } from '../../test/stand-ins/vault.js';
-import { Credentials, CredentialsError, credentialsSchema } from './credentials.js';
+import { Credentials, credentialsSchema } from './credentials.js';
+import { credentialsFailure } from './test-support.js';
 
 const TOKEN = 'hvs.CAESIJtokenofthetestsuite0123456789';
 const SECRET = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY';
@@ -43,17 +44,7 @@ function vaultCredentials(table: Record<string, unknown> = {}, env: NodeJS.Proce
   return c;
 }
 
-async function failure(p: Promise<unknown>): Promise<string> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(CredentialsError);
-  const message = (err as Error).message;
-  expect(message).not.toContain(TOKEN);
-  expect(message).not.toContain(SECRET);
-  return message;
-}
+const failure = (p: Promise<unknown>): Promise<string> => credentialsFailure(p, [TOKEN, SECRET]);
 
 describe('the vault source (KV v2 over HTTP)', () => {
   it("reads the secret's keys with the token from VAULT_TOKEN and the namespace", async () => {

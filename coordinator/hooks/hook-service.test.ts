@@ -1,10 +1,10 @@
 import { once } from 'node:events';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
 import { checkedFetch } from '../../test/support/api-contract.js';
-import { startWithAgent } from '../../test/support/coordinator-harness.js';
+import { startCoordinator, startWithAgent } from '../../test/support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from '../../test/support/nix-project.js';
 import type { Coordinator } from '../coordinator.js';
 import { RunStore } from '../github/run-store.js';
@@ -343,15 +343,33 @@ describe('post-build hooks', () => {
     await ended(c, drvs.second!, 1);
   });
 
+  it('refuses to start with a hook whose credentials cannot be read, naming the hook and the source', async () => {
+    const missing = join(tempDir(), 'no-such-token.env');
+    await expect(
+      startCoordinator(tempDir(), {
+        hooks: [
+          {
+            id: 'notify',
+            command: ['/bin/true'],
+            credentials: { file: { path: missing } },
+            permissions: { allow_all: true },
+          },
+        ],
+      }),
+    ).rejects.toThrow(/hooks\.notify\.credentials: .*no-such-token\.env.*ENOENT/);
+  });
+
   it('kills a hook at its timeout, records credentials it could not read, and interrupts what runs at a stop', async () => {
     const dir = tempDir();
+    // Readable at the start (where unreadable credentials stop the coordinator), gone by the time the hook runs.
+    writeFileSync(join(dir, 'token.env'), 'EKACI_HOOK_TEST_TOKEN=a-token-value-1\n');
     const c = await start(
       [
         { id: 'stuck', command: ['/bin/sleep', '1000'], timeout_seconds: 1, permissions: { allow_all: true } },
         {
           id: 'no-token',
           command: ['/bin/true'],
-          credentials: { env: { vars: ['EKACI_HOOK_TEST_TOKEN'] } },
+          credentials: { file: { path: join(dir, 'token.env') } },
           permissions: { allow_all: true },
         },
         {
@@ -365,6 +383,7 @@ describe('post-build hooks', () => {
       // The hook running at the stop would run for an hour were it not killed.
       { security: { max_hook_timeout_seconds: 3_600 } },
     );
+    rmSync(join(dir, 'token.env'));
     const { x } = await instantiate({ x: OK });
     await build(c, { x: x! });
     const runs = await ended(c, x!, 2);
@@ -375,7 +394,7 @@ describe('post-build hooks', () => {
     });
     const noToken = runs.find((r) => r.hook_id === 'no-token')!;
     expect(noToken.state).toBe('error');
-    expect(noToken.reason).toMatch(/^credentials \(.*EKACI_HOOK_TEST_TOKEN.*\): .*hooks\.no-token\.credentials/);
+    expect(noToken.reason).toMatch(/^credentials \(.*token\.env.*\): .*hooks\.no-token\.credentials.*ENOENT/);
 
     const pid = Number(await fileContents(join(dir, 'pid')));
     const interrupted = once(c.hooks, 'finished') as Promise<[HookRunRow]>;

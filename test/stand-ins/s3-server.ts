@@ -10,11 +10,11 @@
  */
 import { createHash, createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import S3rver from 's3rver';
+import { closeServer, listenOnLoopback } from './loopback.js';
 
 export interface S3Key {
   accessKeyId: string;
@@ -93,8 +93,7 @@ export async function startS3StandIn(bucket = 'cache'): Promise<S3StandIn> {
       (err: Error) => refuse(400, err.name, err.message),
     );
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const endpoint = await listenOnLoopback(server);
   return {
     endpoint,
     region: REGION,
@@ -104,8 +103,7 @@ export async function startS3StandIn(bucket = 'cache'): Promise<S3StandIn> {
     requests,
     advanceClock: (ms) => (clockOffset += ms),
     close: async () => {
-      server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      await closeServer(server);
       await s3rver.close();
       await rm(dir, { recursive: true, force: true });
     },

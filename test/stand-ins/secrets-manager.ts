@@ -7,8 +7,8 @@
  */
 import { randomUUID, timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import aws4 from 'aws4';
+import { closeServer, listenOnLoopback } from './loopback.js';
 
 // AWS refuses requests whose X-Amz-Date is further than this from its clock.
 const MAX_SKEW_MS = 5 * 60_000;
@@ -39,15 +39,11 @@ export class SecretsManagerStandIn {
         send(res, 500, { __type: 'InternalServiceError', message: String(err) }),
       );
     });
-    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+    return listenOnLoopback(this.server);
   }
 
   async stop(): Promise<void> {
-    const server = this.server;
-    if (!server) return;
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await closeServer(this.server);
     this.server = undefined;
   }
 

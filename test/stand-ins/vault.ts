@@ -11,7 +11,7 @@
  * Time is the stand-in's `now()`, so a test moves it to expire tokens without waiting.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { closeServer, listenOnLoopback } from './loopback.js';
 
 interface Token {
   /** ms since the epoch; undefined: never expires (a root token). */
@@ -61,15 +61,11 @@ export class VaultStandIn {
         res.end(JSON.stringify({ errors: [String(err)] }));
       });
     });
-    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+    return listenOnLoopback(this.server);
   }
 
   async stop(): Promise<void> {
-    const server = this.server;
-    if (!server) return;
-    server.closeAllConnections();
-    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await closeServer(this.server);
     this.server = undefined;
   }
 
