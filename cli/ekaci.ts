@@ -70,9 +70,13 @@ repoCommand('review', 'should I merge this? Evaluate both commits, build what th
 program
   .command('logs')
   .description("a build's log from a running coordinator; --follow streams it live until the build ends")
-  .argument('<drv>', 'the .drv store path, or its hash')
+  .argument('<drv>', 'the .drv store path, or its hash; with --repo, an attribute (as its job names it)')
   .requiredOption('--coordinator <url>', "the coordinator's HTTP address (https://ci.example.org)")
   .option('--token <token>', 'API token (default: $EKACI_TOKEN)')
+  .option('--repo <owner/name>', "the attribute's repository")
+  .option('--commit <sha>', 'the attribute at this commit (a prefix is enough; default: the newest evaluated)')
+  .option('--pr <number>', "the attribute at this pull request's head")
+  .option('--job <name>', 'the job the attribute is in, when several have it')
   .option('--attempt <n>', 'this attempt instead of the latest')
   .option('-f, --follow', 'follow the log live; the exit status is then the build’s (0: it succeeded)')
   .action(async (drv: string, opts: Parameters<typeof logsCommand>[1]) => {

@@ -14,6 +14,7 @@ import {
 import { allWebhookExamples, webhookExamples } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 import { checkedFetch } from './support/api-contract.js';
+import { ekaci } from './support/cli.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const REVIEW_FIXTURE = join(ROOT, 'test', 'fixtures', 'review');
@@ -104,6 +105,33 @@ describe('eka-ci as a GitHub App', () => {
     expect(metrics).toMatch(/ekaci_github_webhook_wait_seconds_count\{event="pull_request"\} [1-9]/);
     expect(metrics).toMatch(/ekaci_github_api_calls_total\{operation="[^"]*check[^"]*",status="201"\} [1-9]/);
     expect(github.api.invalid).toEqual([]);
+  });
+
+  it('ekaci logs finds an attribute’s build by pull request or commit, and says why when there is none', async () => {
+    const coordinatorUrl = `http://127.0.0.1:${system.coordinator.httpPort}`;
+    const logs = (...args: string[]) => ekaci(['logs', ...args, '--coordinator', coordinatorUrl, '--repo', REPO]);
+    const byPr = await logs('breaks', '--pr', '7');
+    expect(byPr.stdout).toContain('this change broke it');
+    expect(byPr.stderr).toMatch(
+      new RegExp(`breaks at ${head.slice(0, 12)} is /nix/store/[a-z0-9]{32}-breaks-1\\.0\\.drv`),
+    );
+    expect(byPr.code).toBe(0);
+    const byCommit = await logs('breaks', '--commit', head.slice(0, 10));
+    expect(byCommit.stdout).toBe(byPr.stdout);
+    // The base's `breaks` built fine, quietly.
+    const byBase = await logs('breaks', '--commit', repo.base);
+    expect(byBase.stderr).toContain(`breaks at ${repo.base.slice(0, 12)} is`);
+    expect(byBase.stdout).not.toContain('this change broke it');
+    const evalError = await logs('evals', '--pr', '7');
+    expect(evalError.code).toBe(1);
+    expect(evalError.stderr).toContain(`evals did not evaluate at ${head}: `);
+    expect(evalError.stderr).toContain('this change broke the evaluation of evals');
+    const missing = await logs('no-such-attr', '--pr', '7');
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/ekaci logs: 404: /);
+    const noPr = await logs('breaks', '--pr', '999');
+    expect(noPr.code).toBe(1);
+    expect(noPr.stderr).toMatch(/ekaci logs: 404: /);
   });
 
   it("shows the repository, its pull requests with their counts, a commit and an attribute's sizes over the API", async () => {
