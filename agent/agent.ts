@@ -1,3 +1,4 @@
+import { registerSecret } from '../common/redaction.js';
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -335,6 +336,8 @@ export class Agent extends EventEmitter<AgentEvents> {
     const msg = message.msg;
     switch (msg?.$case) {
       case 'assign':
+        // A cache push's credentials: never in this agent's log lines, whatever mentions them.
+        for (const push of msg.value.pushes) registerSecret(push.secretKey, ...Object.values(push.env));
         return workload.assign(msg.value);
       case 'ack':
         return workload.acknowledged(msg.value.messageIds);

@@ -280,6 +280,27 @@ describe('which builds push where', () => {
     s.stop();
   });
 
+  it('finds the job of an attribute when one job name is a prefix of another', async () => {
+    const s = await service();
+    const runs = new RunStore(db);
+    const run = runs.run(
+      runs.createRun({
+        repo: 'org/app',
+        installationId: 1,
+        kind: 'push',
+        headSha: 'h'.repeat(40),
+        baseCloneUrl: 'x',
+        headCloneUrl: 'x',
+        branch: 'main',
+      }),
+    )!;
+    const drv = `/nix/store/${'e'.repeat(32)}-tool.drv`;
+    const head = evaluation('h', { pkgs: ['main-only'], 'pkgs.extra': ['bucket'] });
+    s.planRun(run, [{ side: 'head', drvPath: drv, attr: 'pkgs.extra.tool', system: 'x86_64-linux' }], head, undefined);
+    expect(s.pushesFor(drv, '').map((p) => p.cacheId)).toEqual(['bucket']);
+    s.stop();
+  });
+
   it('fails the start with the cache named when its credentials cannot be read', async () => {
     const [c] = caches([
       {

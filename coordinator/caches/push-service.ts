@@ -168,7 +168,13 @@ export class CachePushService extends EventEmitter {
       this.db.prepare('DELETE FROM run_cache_pushes WHERE run_id = ?').run(run.id);
       for (const root of roots) {
         if (root.side !== 'head') continue;
-        const job = head.jobs.find((j) => root.attr.startsWith(`${j.name}.`))?.name;
+        // The longest job name that prefixes the attribute: job names may contain dots themselves.
+        const job = head.jobs
+          .filter((j) => root.attr.startsWith(`${j.name}.`))
+          .reduce<string | undefined>(
+            (best, j) => (best === undefined || j.name.length > best.length ? j.name : best),
+            undefined,
+          );
         for (const cacheId of (job !== undefined ? cachesOfJob.get(job) : undefined) ?? []) {
           const refused = pushRefusal(this.byId.get(cacheId), cacheId, {
             repo: run.repo,

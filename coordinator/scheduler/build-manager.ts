@@ -396,14 +396,15 @@ export class BuildManager extends EventEmitter {
   async finished(agentId: string, leaseId: string, f: Finished): Promise<void> {
     const held = this.ownLease(agentId, leaseId);
     if (!held) return;
-    if (f.pushes.length > 0) this.emit('pushed', held.drvPath, f.pushes);
     if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
-      const problem = await this.outputProblem(this.ownLease(agentId, leaseId)!, f);
+      const problem = await this.outputProblem(held, f);
       if (problem !== undefined) {
         this.emit('refused', agentId, leaseId, problem);
         f = { ...f, outcome: Outcome.OUTCOME_INFRA_ERROR, error: `result refused: ${problem}`, outputs: [] };
       }
     }
+    // Pushes count only with a result that checked out: a refused one's "pushed" is not believed.
+    if (f.pushes.length > 0 && f.outcome === Outcome.OUTCOME_SUCCEEDED) this.emit('pushed', held.drvPath, f.pushes);
     await this.writeSoon(() => this.recordFinished(agentId, leaseId, f));
   }
 
