@@ -5,7 +5,7 @@
  */
 import { pushToS3, type S3PushResult } from '../agent/nix/s3-push.js';
 import { NixDaemonConnection } from '../common/nix/daemon-client.js';
-import type { NarCompression } from '../agent/nix/nar-compress.js';
+import type { NarCompression } from '../common/nix/nar.js';
 
 export type AgentCommand =
   | {

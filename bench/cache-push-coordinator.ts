@@ -12,7 +12,8 @@ import { TokenStore } from '../coordinator/access/token-store.js';
 import { AuditLog } from '../coordinator/audit-log.js';
 import { BinaryCache } from '../coordinator/cache/binary-cache.js';
 import { generateSigningKey } from '../coordinator/cache/signing-key.js';
-import { S3BinaryCache, type S3Compression } from '../coordinator/caches/s3-cache.js';
+import { S3BinaryCache } from '../coordinator/caches/s3-cache.js';
+import type { NarCompression } from '../common/nix/nar.js';
 import { leaseClosure, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
 import { serveS3PushRoutes } from '../test/support/s3-push-app.js';
 import { openDatabase } from '../coordinator/db/database.js';
@@ -26,7 +27,7 @@ export interface S3Service {
 }
 
 export type CoordinatorCommand =
-  | { type: 'start'; cacheDir: string; top: string; compression: S3Compression; s3: S3Service }
+  | { type: 'start'; cacheDir: string; top: string; compression: NarCompression; s3: S3Service }
   | { type: 'lease'; prefix: string }
   | { type: 'stop' };
 
@@ -48,7 +49,7 @@ let s3: S3Service | undefined;
 let server: Server | undefined;
 let builtIn: BinaryCache | undefined;
 let top = '';
-let compression: S3Compression = 'zstd';
+let compression: NarCompression = 'zstd';
 let closure: Set<string> | undefined;
 
 process.on('message', (command: CoordinatorCommand) => {

@@ -14,7 +14,32 @@ const MAX_REDACTED_VALUES = 4_096;
 export const REDACTED = '[redacted]';
 
 const values = new Set<string>();
-let pattern: RegExp | undefined;
+let registered: Redactor | undefined;
+
+/**
+ * Replaces a fixed set of values by `[redacted]`, longest first, so that a value that contains another is replaced
+ * whole. Values shorter than MIN_REDACTED_LENGTH are left alone.
+ */
+export class Redactor {
+  /** The length of the longest value (0 for none): a stream keeps that many characters less one back. */
+  readonly longest: number;
+  private readonly pattern: RegExp | undefined;
+
+  constructor(secrets: Iterable<string>) {
+    const kept = [...new Set(secrets)]
+      .filter((s) => s.length >= MIN_REDACTED_LENGTH)
+      .sort((a, b) => b.length - a.length);
+    this.longest = kept[0]?.length ?? 0;
+    this.pattern =
+      kept.length === 0
+        ? undefined
+        : new RegExp(kept.map((v) => v.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'g');
+  }
+
+  apply(text: string): string {
+    return this.pattern === undefined ? text : text.replace(this.pattern, REDACTED);
+  }
+}
 
 /**
  * Registers secret values. A multi-line value (a PEM key) is registered whole and line by line, so a log line that
@@ -32,7 +57,7 @@ export function registerSecret(...secrets: readonly (string | undefined)[]): voi
   }
   if (!added) return;
   while (values.size > MAX_REDACTED_VALUES) values.delete(values.values().next().value!);
-  pattern = undefined;
+  registered = undefined;
 }
 
 function forms(secret: string): string[] {
@@ -48,19 +73,12 @@ function forms(secret: string): string[] {
 /** `text` with every registered value replaced by `[redacted]`. */
 export function redact(text: string): string {
   if (values.size === 0) return text;
-  pattern ??= new RegExp(
-    // Longest first, so a value that contains another is replaced whole.
-    [...values]
-      .sort((a, b) => b.length - a.length)
-      .map((v) => v.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))
-      .join('|'),
-    'g',
-  );
-  return text.replace(pattern, REDACTED);
+  registered ??= new Redactor(values);
+  return registered.apply(text);
 }
 
 /** Forgets every registered value: for tests that must start from a clean registry. */
 export function clearSecrets(): void {
   values.clear();
-  pattern = undefined;
+  registered = undefined;
 }

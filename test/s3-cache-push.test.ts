@@ -22,7 +22,8 @@ import { AuditLog } from '../coordinator/audit-log.js';
 import { BinaryCache } from '../coordinator/cache/binary-cache.js';
 import { generateSigningKey } from '../coordinator/cache/signing-key.js';
 import { TempDirs, inFreshStore, nixEnv } from '../coordinator/cache/test-support.js';
-import { S3BinaryCache, type S3Compression } from '../coordinator/caches/s3-cache.js';
+import { S3BinaryCache } from '../coordinator/caches/s3-cache.js';
+import type { NarCompression } from '../common/nix/nar.js';
 import { leaseClosure, s3PushPath, type S3PushGrant } from '../coordinator/caches/s3-push-routes.js';
 import { serveS3PushRoutes } from './support/s3-push-app.js';
 import { closeServer } from './stand-ins/loopback.js';
@@ -88,7 +89,7 @@ async function buildClosure(): Promise<Closure> {
   return { top: paths.top!, mid: paths.mid!, leaf: paths.leaf!, big: paths.big! };
 }
 
-function s3Cache(id: string, compression: S3Compression, prefix: string, bucket = s3.bucket): S3BinaryCache {
+function s3Cache(id: string, compression: NarCompression, prefix: string, bucket = s3.bucket): S3BinaryCache {
   const cache = new S3BinaryCache({
     id,
     bucket,

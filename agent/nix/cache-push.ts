@@ -1,5 +1,6 @@
 import type { Logger } from '../../common/logging.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
+import type { NarCompression } from '../../common/nix/nar.js';
 import { pushByCommand, withRetries } from '../../common/nix/store-push.js';
 import type { CachePush, CachePushResult } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { pushToS3 } from './s3-push.js';
@@ -38,7 +39,7 @@ export async function pushToCaches(
         leaseId: ctx.leaseId,
         cacheId: push.cacheId,
         outputs: [...outputs],
-        compression: push.compression as 'zstd' | 'xz' | 'none',
+        compression: push.compression as NarCompression,
         spoolDir: ctx.spoolDir,
         stopped: ctx.stopped,
       });

@@ -5,6 +5,7 @@
  * compressor costs more than compressing a few KiB (≈25 ms per `zstd` start on a busy 2-core builder, against
  * ≈1 ms for a 10 KiB NAR).
  */
+import { NAR_FILE_SUFFIX, type NarCompression } from '../../common/nix/nar.js';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -12,8 +13,6 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CacheError } from '../../common/errors.js';
 import { nixBase32 } from '../../common/nix/narinfo.js';
-
-export type NarCompression = 'xz' | 'zstd' | 'none';
 
 /**
  * The commands, at their default levels — the levels Nix itself uses for these methods (libarchive's defaults:
@@ -26,7 +25,6 @@ const COMPRESSORS: Record<NarCompression, readonly string[] | undefined> = {
 };
 
 /** The file name suffix each command gives the files it compresses (`zstd a` writes `a.zst`). */
-export const COMPRESSED_SUFFIX: Record<NarCompression, string> = { xz: '.xz', zstd: '.zst', none: '' };
 
 /** The commands compressing the files named on their command lines, each to FILE + suffix, deleting FILE. */
 const FILE_COMPRESSORS: Record<'xz' | 'zstd', readonly string[]> = {
@@ -88,7 +86,7 @@ export async function spoolCompressed(
 }
 
 /**
- * Compresses `files` (spooled NARs) with one command, each into FILE + COMPRESSED_SUFFIX (the original is deleted),
+ * Compresses `files` (spooled NARs) with one command, each into FILE + NAR_FILE_SUFFIX (the original is deleted),
  * and returns each compressed file with its hash and size, in the order given.
  */
 export async function compressFiles(
@@ -111,7 +109,7 @@ export async function compressFiles(
   });
   const out: Array<SpooledNar & { file: string }> = [];
   for (const f of files) {
-    const file = `${f}${COMPRESSED_SUFFIX[compression]}`;
+    const file = `${f}${NAR_FILE_SUFFIX[compression]}`;
     const hash = createHash('sha256');
     let fileSize = 0;
     for await (const chunk of createReadStream(file) as AsyncIterable<Buffer>) {

@@ -5,6 +5,7 @@
  * (coordinator/caches/s3-push-routes.ts). Narinfos are written references first, each after its NAR, so the bucket
  * never offers a path whose NAR or references are not there yet.
  */
+import { NAR_FILE_SUFFIX, type NarCompression } from '../../common/nix/nar.js';
 import { createWriteStream } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -14,13 +15,7 @@ import { Backoff, sleep } from '../../common/backoff.js';
 import { CacheError } from '../../common/errors.js';
 import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-client.js';
 import { storePathHash } from '../../common/nix/store-path.js';
-import {
-  COMPRESSED_SUFFIX,
-  compressFiles,
-  spoolCompressed,
-  type NarCompression,
-  type SpooledNar,
-} from './nar-compress.js';
+import { compressFiles, spoolCompressed, type SpooledNar } from './nar-compress.js';
 import { Signal, deferred, type Deferred } from './push-flow.js';
 import { coordinatorErrorText, s3ErrorText, send, transient } from './push-requests.js';
 
@@ -260,7 +255,7 @@ class S3Push {
           if (batch.length >= BATCH_PATHS || batchBytes >= BATCH_BYTES) flush();
         } else {
           flush();
-          const file = `${base}.nar${COMPRESSED_SUFFIX[this.o.compression]}`;
+          const file = `${base}.nar${NAR_FILE_SUFFIX[this.o.compression]}`;
           const spooled = await spoolCompressed(this.o.conn.narFromPath(path), this.o.compression, file, what);
           enqueue(path, Promise.resolve({ ...spooled, file }));
         }

@@ -10,6 +10,12 @@ import { nixBase32 } from './narinfo.js';
  * decompressor their narinfo names, and the content hash a fixed-output derivation declares.
  */
 
+/** The compressions eka-ci writes NARs with (a cache's `compression`), the default first. */
+export const NAR_COMPRESSIONS = ['zstd', 'xz', 'none'] as const;
+export type NarCompression = (typeof NAR_COMPRESSIONS)[number];
+/** What a NAR file's name ends with after `.nar`, as Nix names them (`nar/<filehash>.nar.zst`). */
+export const NAR_FILE_SUFFIX: Record<NarCompression, string> = { xz: '.xz', zstd: '.zst', none: '' };
+
 /** Decompressors for the `Compression` values Nix writes, run as child processes (Node 20 has none for these). */
 const DECOMPRESSORS: Record<string, string[] | undefined> = {
   none: undefined,

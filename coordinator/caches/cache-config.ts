@@ -1,6 +1,7 @@
 import { lookup } from 'node:dns/promises';
 import { BlockList, isIP } from 'node:net';
 import { z } from 'zod';
+import { NAR_COMPRESSIONS, type NarCompression } from '../../common/nix/nar.js';
 import { CacheError, ConfigError } from '../../common/errors.js';
 import { type CredentialContext, Credentials, credentialsSchema } from '../credentials/credentials.js';
 import { type AppPermissions, compilePermissions, isAllowed, permissionsSchema } from '../github/permissions.js';
@@ -23,8 +24,6 @@ import { type S3Destination, parseS3Destination } from './s3-destination.js';
 
 export const CACHE_TYPES = ['s3', 'http', 'nix-copy', 'attic', 'cachix'] as const;
 export type CacheType = (typeof CACHE_TYPES)[number];
-export const COMPRESSIONS = ['zstd', 'xz', 'none'] as const;
-export type Compression = (typeof COMPRESSIONS)[number];
 
 // Three tries in all: a cache that fails three times with backoff between is down, not flaky.
 const DEFAULT_PUSH_ATTEMPTS = 3;
@@ -45,7 +44,7 @@ export const cachesSchema = z
         signing_key_file: z.string().min(1).optional(),
         signing_key_credential: z.string().min(1).optional(),
         /** Default zstd (an `s3://` destination's `compression=` parameter counts too). */
-        compression: z.enum(COMPRESSIONS).optional(),
+        compression: z.enum(NAR_COMPRESSIONS).optional(),
         /** S3-compatible services: the endpoint URL, the region, path-style addressing (MinIO, s3rver, Ceph). */
         endpoint: z.string().url().optional(),
         region: z.string().min(1).optional(),
@@ -69,7 +68,7 @@ export interface CacheOptions {
   permissions: AppPermissions;
   /** `name:base64` secret key, or undefined: pushed narinfos are unsigned (Nix then needs require-sigs off). */
   signingKey: string | undefined;
-  compression: Compression;
+  compression: NarCompression;
   pushAttempts: number;
   pushTimeoutSeconds: number;
 }

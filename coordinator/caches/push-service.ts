@@ -1,9 +1,10 @@
 import { EventEmitter } from 'node:events';
+import type { Statement } from 'better-sqlite3';
 import type { Logger } from '../../common/logging.js';
 import type { CachePush, CachePushResult } from '../../common/proto/ekaci/agent/v1/agent.js';
 import type { Db } from '../db/database.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
-import type { RunRoot, RunRow } from '../github/run-store.js';
+import { OPEN_RUN_STATES, type RunRoot, type RunRow } from '../github/run-store.js';
 import { LRUCache } from 'lru-cache';
 import { awsCredentialProvider } from '../credentials/credentials.js';
 import type { BinaryCache } from '../cache/binary-cache.js';
@@ -61,6 +62,7 @@ export class CachePushService extends EventEmitter {
         logOf: (drvPath: string) => Buffer | undefined;
       }
     | undefined;
+  private pendingPushes: Statement | undefined;
   /** The closure a lease may push, computed once per lease from the built-in cache's narinfos. */
   private readonly closures = new LRUCache<string, Promise<Set<string>>>({ max: 1_000 });
 
@@ -72,10 +74,6 @@ export class CachePushService extends EventEmitter {
   ) {
     super();
     this.byId = new Map(policy.caches.map((c) => [c.id, c]));
-  }
-
-  get configured(): boolean {
-    return this.byId.size > 0;
   }
 
   /**
@@ -125,6 +123,7 @@ export class CachePushService extends EventEmitter {
     if (this.refresher) clearInterval(this.refresher);
     this.refresher = undefined;
     for (const c of this.policy.caches) c.credentials.close();
+    for (const bucket of this.buckets.values()) bucket.close();
   }
 
   private async refresh(failHard: boolean): Promise<void> {
@@ -137,16 +136,6 @@ export class CachePushService extends EventEmitter {
         this.logger.warn({ cache: c.id, err: (err as Error).message }, 'cannot refresh cache credentials');
       }
     }
-  }
-
-  /** The cache called `id`, if configured. */
-  cache(id: string): CacheOptions | undefined {
-    return this.byId.get(id);
-  }
-
-  /** The newest credentials of a cache (empty before `start` or for `none`). */
-  credentialsOf(id: string): ReadonlyMap<string, string> {
-    return this.secrets.get(id) ?? new Map();
   }
 
   /**
@@ -198,20 +187,20 @@ export class CachePushService extends EventEmitter {
    */
   pushesFor(drvPath: string, s3Base: string): CachePush[] {
     if (this.byId.size === 0) return [];
-    const ids = this.db
-      .prepare(
-        `SELECT DISTINCT p.cache_id AS id FROM run_cache_pushes p JOIN github_runs r ON r.id = p.run_id
-          WHERE p.drv_path = ? AND p.refused IS NULL AND r.state IN ('queued', 'evaluating', 'building')
-            AND NOT EXISTS (SELECT 1 FROM cache_pushes c
-                             WHERE c.drv_path = p.drv_path AND c.cache_id = p.cache_id AND c.state = 'pushed')
-          ORDER BY p.cache_id`,
-      )
-      .all(drvPath) as Array<{ id: string }>;
+    // Asked for every assignment: prepared once.
+    this.pendingPushes ??= this.db.prepare(
+      `SELECT DISTINCT p.cache_id AS id FROM run_cache_pushes p JOIN github_runs r ON r.id = p.run_id
+        WHERE p.drv_path = ? AND p.refused IS NULL AND r.state IN (${[...OPEN_RUN_STATES].map((x) => `'${x}'`).join(', ')})
+          AND NOT EXISTS (SELECT 1 FROM cache_pushes c
+                           WHERE c.drv_path = p.drv_path AND c.cache_id = p.cache_id AND c.state = 'pushed')
+        ORDER BY p.cache_id`,
+    );
+    const ids = this.pendingPushes.all(drvPath) as Array<{ id: string }>;
     const out: CachePush[] = [];
     for (const { id } of ids) {
       const cache = this.byId.get(id);
       if (!cache) continue;
-      const secrets = this.credentialsOf(id);
+      const secrets = this.secrets.get(id) ?? new Map<string, string>();
       // s3: the agent gets presigned URLs per path, never a credential.
       const agentGetsSecrets = cache.type !== 's3';
       out.push({

@@ -8,6 +8,7 @@
  * the path information it trusts, once the NAR is in the bucket with the announced size: a narinfo never points at
  * a NAR that is not there.
  */
+import { NAR_FILE_SUFFIX, type NarCompression } from '../../common/nix/nar.js';
 import { HeadObjectCommand, PutObjectCommand, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import { LRUCache } from 'lru-cache';
@@ -16,9 +17,8 @@ import { fingerprint, serializeNarInfo, type NarInfo } from '../../common/nix/na
 import { STORE_DIR, isDrvPath, isStorePath, storePathHash } from '../../common/nix/store-path.js';
 import { CONTENT_TYPES, classifyCachePath, narInfoName } from '../cache/cache-layout.js';
 import { signFingerprint, signingKeyFromSecret } from '../cache/signing-key.js';
-import type { S3Compression } from './s3-destination.js';
 
-export { parseS3Destination, type S3Compression, type S3Destination } from './s3-destination.js';
+export { parseS3Destination, type S3Destination } from './s3-destination.js';
 
 export interface S3Credentials {
   accessKeyId: string;
@@ -37,7 +37,7 @@ export interface S3BinaryCacheOptions {
   /** `scheme://host[:port]` of an S3-compatible service; undefined for AWS. */
   endpoint?: string;
   forcePathStyle: boolean;
-  compression: S3Compression;
+  compression: NarCompression;
   /** The `name:base64` Nix secret key narinfos are signed with; undefined keeps only the coordinator's signatures. */
   signingKey: string | undefined;
   /** Asked again whenever the SDK finds the last answer expired (see CREDENTIALS_UNDATED_MS). */
@@ -67,7 +67,6 @@ const HEAD_CONCURRENCY = 16;
 const PRESENT_MEMORY = 200_000;
 
 /** File extension Nix gives a compressed NAR (`BinaryCacheStore::addToStoreCommon`). */
-const NAR_EXTENSIONS: Record<S3Compression, string> = { xz: '.xz', zstd: '.zst', none: '' };
 
 /** A presigned upload: the URL, and the headers the request must carry exactly (they are part of the signature). */
 export interface PresignedPut {
@@ -80,7 +79,7 @@ export class S3RequestFailed extends CacheError {}
 
 export class S3BinaryCache {
   readonly id: string;
-  readonly compression: S3Compression;
+  readonly compression: NarCompression;
   /** `name:base64` public key of `signingKey`, for users' `trusted-public-keys`; undefined when unsigned. */
   readonly publicKey: string | undefined;
   private readonly client: S3Client;
@@ -115,7 +114,7 @@ export class S3BinaryCache {
 
   /** The `nar/<fileHash>.nar<ext>` a NAR with this file hash (`sha256:<base32>` or bare base32) is stored under. */
   narUrl(fileHash: string): string {
-    const url = `nar/${fileHash.replace(/^sha256:/, '')}.nar${NAR_EXTENSIONS[this.compression]}`;
+    const url = `nar/${fileHash.replace(/^sha256:/, '')}.nar${NAR_FILE_SUFFIX[this.compression]}`;
     if (classifyCachePath(url) !== 'nar') throw new CacheError(`${JSON.stringify(fileHash)} is not a NAR file hash`);
     return url;
   }
@@ -230,7 +229,7 @@ export class S3BinaryCache {
   }
 
   private checkedNarUrl(narUrl: string): string {
-    if (classifyCachePath(narUrl) !== 'nar' || !narUrl.endsWith(`.nar${NAR_EXTENSIONS[this.compression]}`)) {
+    if (classifyCachePath(narUrl) !== 'nar' || !narUrl.endsWith(`.nar${NAR_FILE_SUFFIX[this.compression]}`)) {
       throw new CacheError(`${JSON.stringify(narUrl)} is not a ${this.compression} NAR of S3 cache ${this.id}`);
     }
     return narUrl;

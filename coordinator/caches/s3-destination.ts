@@ -5,8 +5,7 @@
  * rather than ignoring it.
  */
 import { ConfigError } from '../../common/errors.js';
-
-export type S3Compression = 'xz' | 'zstd' | 'none';
+import { NAR_COMPRESSIONS, type NarCompression } from '../../common/nix/nar.js';
 
 export interface S3Destination {
   bucket: string;
@@ -20,7 +19,7 @@ export interface S3Destination {
   forcePathStyle: boolean;
   /** `~/.aws` profile whose credentials Nix would use; eka-ci's credentials come from the cache's `credentials`. */
   profile?: string;
-  compression?: S3Compression;
+  compression?: NarCompression;
   /** The `secret-key=` file Nix would sign with; eka-ci signs with the cache's `signing_key` instead. */
   secretKeyFile?: string;
   /** `Priority:` written to nix-cache-info when the bucket is new. */
@@ -107,7 +106,8 @@ export function parseS3Destination(destination: string, what = 'destination'): S
   if (profile) result.profile = profile;
   const compression = params.get('compression');
   if (compression !== undefined) {
-    if (compression === 'xz' || compression === 'zstd' || compression === 'none') result.compression = compression;
+    if ((NAR_COMPRESSIONS as readonly string[]).includes(compression))
+      result.compression = compression as NarCompression;
     else fail(`compression ${JSON.stringify(compression)} is not one of xz, zstd, none`);
   }
   const secretKey = params.get('secret-key');

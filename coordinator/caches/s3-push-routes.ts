@@ -13,6 +13,7 @@
  * taken from the coordinator's own cache, never from the agent. A NAR whose bytes do not match is refused by Nix
  * when it substitutes it, since NarHash is checked against the decompressed NAR.
  */
+import { NAR_COMPRESSIONS } from '../../common/nix/nar.js';
 import Router, { type RouterContext } from '@koa/router';
 import { z } from 'zod';
 import { CacheError } from '../../common/errors.js';
@@ -58,7 +59,7 @@ const missingBody = z.object({ paths: z.array(storePath).max(MAX_MISSING_PATHS) 
 const narBody = z
   .object({
     storePath,
-    compression: z.enum(['xz', 'zstd', 'none']),
+    compression: z.enum(NAR_COMPRESSIONS),
     fileHash: z.string().regex(new RegExp(`^sha256:[${NIX_BASE32_ALPHABET}]{52}$`), 'not sha256:<nix base32>'),
     fileSize: z.number().int().positive().max(MAX_NAR_UPLOAD_BYTES),
   })

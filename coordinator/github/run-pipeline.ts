@@ -1,3 +1,4 @@
+import { SUCCESS_STATES } from '../scheduler/build-state.js';
 import { join } from 'node:path';
 import type { Logger } from '../../common/logging.js';
 import { Semaphore } from '../../common/semaphore.js';
@@ -342,7 +343,7 @@ export class RunPipeline {
   /** A derivation's output paths when it was built (or substituted); undefined otherwise. */
   private builtOutputs(drvPath: string): string[] | undefined {
     const state = this.deps.store.derivation(drvPath)?.state;
-    if (state !== 'succeeded' && state !== 'substituted') return undefined;
+    if (state === undefined || !SUCCESS_STATES.has(state)) return undefined;
     return this.deps.store.outputsOf(drvPath).map((o) => o.path);
   }
 

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import { descendantGroups, signalGroup } from '../../common/process-tree.js';
-import { MIN_REDACTED_LENGTH, REDACTED } from '../../common/redaction.js';
+import { Redactor } from '../../common/redaction.js';
 import type { LogStore } from '../logs/log-store.js';
 
 /**
@@ -154,7 +154,7 @@ function spawnError(started: { error?: Error }): string {
  */
 class OutputSink {
   private readonly decoder = new StringDecoder('utf8');
-  private readonly secrets: string[];
+  private readonly redactor: Redactor;
   private readonly hold: number;
   private pending = '';
   private size = 0;
@@ -166,11 +166,8 @@ class OutputSink {
     private readonly limit: number,
     secrets: readonly string[],
   ) {
-    // Longest first, so that a value containing another is replaced whole.
-    this.secrets = [...new Set(secrets.filter((s) => s.length >= MIN_REDACTED_LENGTH))].sort(
-      (a, b) => b.length - a.length,
-    );
-    this.hold = Math.max(0, ...this.secrets.map((s) => s.length - 1));
+    this.redactor = new Redactor(secrets);
+    this.hold = Math.max(0, this.redactor.longest - 1);
     this.size = logs.storedBytes(path);
   }
 
@@ -186,8 +183,7 @@ class OutputSink {
   }
 
   private flush(all: boolean): void {
-    let text = this.pending;
-    for (const s of this.secrets) text = text.split(s).join(REDACTED);
+    const text = this.redactor.apply(this.pending);
     // The end may be the start of a value whose rest is still to come.
     let keep = all ? 0 : Math.min(this.hold, text.length);
     // Never between the two halves of a surrogate pair.
