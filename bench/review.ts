@@ -16,6 +16,10 @@
  * attributes (bare `nix-instantiate` stops at the first throw). Also reported: the database's growth per evaluated
  * commit and the ekaci process's event-loop delay p99.
  *
+ * A second baseline (BENCH_DAEMON_BASELINE=0 leaves it out) instantiates a third repository of the same shape through
+ * a nix-daemon: what any user but root pays on a multi-user host, and how ekaci's sandboxed evaluator reaches the
+ * store (read-only; `.drv` files written through a daemon).
+ *
  * Measures dist/ (what bin/ekaci.js runs): build first; a warning says when a source file is newer.
  */
 import { type SpawnSyncReturns, spawn, spawnSync } from 'node:child_process';
@@ -36,6 +40,8 @@ import { fileURLToPath } from 'node:url';
 import type { Review } from '../coordinator/review/model.js';
 import Database from 'better-sqlite3';
 import { envInt } from './bench-env.js';
+import { silentLogger } from '../common/logging.js';
+import { PrivateNixDaemon } from '../coordinator/eval/private-daemon.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const ekaciBin = join(root, 'bin', 'ekaci.js');
@@ -78,6 +84,10 @@ run('node', [ekaciBin, '--help']);
  * BENCH_ROUNDS > 1 the order alternates and the median ratio is reported: on a busy machine single runs
  * swing widely (2× to 5× at the defaults, on 2 CPUs shared with other work).
  */
+// A third repository per round, instantiated through a nix-daemon: what a bare nix-instantiate costs any user but
+// root on a multi-user host, and the store access ekaci's sandboxed evaluator has (its store is read-only; .drv
+// files are written through a daemon).
+const daemon = process.env.BENCH_DAEMON_BASELINE === '0' ? undefined : await PrivateNixDaemon.start(silentLogger());
 const rounds: Round[] = [];
 for (let i = 0; i < roundCount; i++) {
   const roundDir = join(dir, `round-${i + 1}`);
@@ -88,8 +98,17 @@ for (let i = 0; i < roundCount; i++) {
   let ekaci: EkaciRun | undefined;
   if (ekaciFirst) ekaci = await measureEkaci(ekaciRepo, roundDir);
   const baseline = measureBaseline(baselineRepo, roundDir);
+  const daemonBaseline = daemon
+    ? measureBaseline(makeRepo(join(roundDir, 'daemon-repo'), nonce(), false), roundDir, daemon.socketPath)
+    : undefined;
   ekaci ??= await measureEkaci(ekaciRepo, roundDir);
-  rounds.push({ ekaciFirst, ekaci, baseline, ratio: ekaci.seconds / baseline.seconds });
+  rounds.push({
+    ekaciFirst,
+    ekaci,
+    baseline,
+    ratio: ekaci.seconds / baseline.seconds,
+    ...(daemonBaseline ? { daemonBaseline, daemonRatio: ekaci.seconds / daemonBaseline.seconds } : {}),
+  });
 }
 
 // The round of the median ratio (the lower middle one for an even count) is the one shown in full.
@@ -128,6 +147,16 @@ const rows: [string, string][] = [
   ...ekaci.timeline.map((l): [string, string] => [`  at ${l.at.toFixed(2)} s`, l.line.trim().slice(0, 100)]),
   [`  at ${ekaci.seconds.toFixed(2)} s`, 'exit'],
   ['ratio ekaci/baseline', `${medianRatio.toFixed(2)}×${rounds.length > 1 ? ` (median of ${rounds.length})` : ''}`],
+  ...(median.daemonBaseline && median.daemonRatio !== undefined
+    ? ([
+        [
+          'nix-instantiate via daemon',
+          `base ${median.daemonBaseline.baseSeconds.toFixed(2)} s, head ${median.daemonBaseline.headSeconds.toFixed(2)} s, ` +
+            `both ${median.daemonBaseline.seconds.toFixed(2)} s`,
+        ],
+        ['ratio ekaci/daemon baseline', `${median.daemonRatio.toFixed(2)}× (the round shown)`],
+      ] as [string, string][])
+    : []),
   ['ekaci peak RSS', mib(peakRssKiB)],
   [
     'ekaci event-loop delay p99',
@@ -159,12 +188,14 @@ const results = {
   libraries,
   appsPerLibrary,
   ratio: medianRatio,
+  daemonRatio: median.daemonRatio ?? null,
   peakRssKiB: peakRssKiB ?? null,
   treePeakRssKiB: treePeakRssKiB ?? null,
   rounds: rounds.map((r) => ({
     ekaciFirst: r.ekaciFirst,
     ratio: r.ratio,
     baseline: r.baseline,
+    daemonBaseline: r.daemonBaseline ?? null,
     ekaci: {
       seconds: r.ekaci.seconds,
       timeline: r.ekaci.timeline,
@@ -179,6 +210,7 @@ const results = {
 };
 mkdirSync(join(root, '.bench'), { recursive: true });
 writeFileSync(join(root, '.bench', 'review.json'), `${JSON.stringify(results, null, 2)}\n`);
+daemon?.stop();
 rmSync(dir, { recursive: true, force: true });
 
 interface Repo {
@@ -201,21 +233,33 @@ interface Round {
   ekaci: EkaciRun;
   baseline: BaselineRun;
   ratio: number;
+  /** The baseline through a nix-daemon (BENCH_DAEMON_BASELINE, on by default). */
+  daemonBaseline?: BaselineRun;
+  daemonRatio?: number;
 }
 
-/** One worktree per commit (timed apart), then a bare nix-instantiate of every attribute on each. */
-function measureBaseline(repo: Repo, roundDir: string): BaselineRun {
-  process.stderr.write('  baseline: nix-instantiate of both commits…\n');
+/**
+ * One worktree per commit (timed apart), then a bare nix-instantiate of every attribute on each; with `store`, through
+ * that nix-daemon socket, as any user but root instantiates on a multi-user host (and as ekaci's sandboxed evaluator
+ * writes its `.drv` files).
+ */
+function measureBaseline(repo: Repo, roundDir: string, store?: string): BaselineRun {
+  const how = store ? 'through a nix-daemon' : 'direct store';
+  process.stderr.write(`  baseline: nix-instantiate of both commits (${how})…\n`);
   const t0 = performance.now();
   const worktrees = (['base', 'head'] as const).map((side) => {
-    const wt = join(roundDir, `baseline-${side}`);
+    const wt = join(roundDir, `baseline-${store ? 'daemon-' : ''}${side}`);
     run('git', ['-C', repo.dir, 'worktree', 'add', '--quiet', '--detach', wt, repo[side]]);
     return wt;
   });
   const worktreeSeconds = (performance.now() - t0) / 1000;
   const [base, head] = worktrees.map((wt) => {
     const t = performance.now();
-    const r = run('nix-instantiate', [...NO_SUBSTITUTERS, join(wt, 'default.nix')]);
+    const r = run('nix-instantiate', [
+      ...NO_SUBSTITUTERS,
+      ...(store ? ['--store', `unix://${store}`] : []),
+      join(wt, 'default.nix'),
+    ]);
     const seconds = (performance.now() - t) / 1000;
     const drvs = r.stdout.split('\n').filter(Boolean).sort();
     if (drvs.length !== attrs) fail(`nix-instantiate gave ${drvs.length} derivations, expected ${attrs}`);

@@ -2,6 +2,7 @@ import { isTerminal } from '../coordinator/scheduler/build-state.js';
 import type { BuildManager } from '../coordinator/scheduler/build-manager.js';
 import type { BuildStore } from '../coordinator/scheduler/build-store.js';
 import { storePathName } from '../common/nix/store-path.js';
+import { type RunEta, etaDetail, etaShort } from '../coordinator/scheduler/eta.js';
 
 // Redraws this often on a terminal: smooth enough for elapsed-time counters, cheap on the event loop.
 const REDRAW_MS = 250;
@@ -118,7 +119,17 @@ export class Progress {
       return `  ${e.label}: ${e.attrs} attributes, ${e.errors} evaluation errors (${clock(Date.now() - e.started)})`;
     const running = this.watching?.store.openAttempts().length ?? 0;
     const queued = this.watching?.manager.pendingCount ?? 0;
-    return `builds: ${queued} queued, ${running} running, ${this.done} done, ${this.failed} failed (${clock(Date.now() - this.buildStarted)})`;
+    const eta = queued + running > 0 ? this.eta() : null;
+    return `builds: ${queued} queued, ${running} running, ${this.done} done, ${this.failed} failed (${clock(Date.now() - this.buildStarted)})${eta ? `, ${etaShort(eta)}` : ''}`;
+  }
+
+  /**
+   * The ETA of every unfinished build (the embedded system builds this command's and nothing else), from recorded
+   * durations of the same packages; computed at most every few seconds, however often the block is redrawn.
+   */
+  private eta(): RunEta | null {
+    const w = this.watching;
+    return w ? w.manager.etas.of('ekaci-progress', () => w.manager.activeDerivations()) : null;
   }
 
   private draw(): void {
@@ -126,6 +137,8 @@ export class Progress {
     const running = this.evaluation ? [] : (this.watching?.store.openAttempts() ?? []);
     const now = Date.now();
     const lines = [this.status()];
+    const eta = this.evaluation || (this.watching?.manager.pendingCount ?? 0) === 0 ? null : this.eta();
+    if (eta) lines.push(`  ${etaDetail(eta)}`);
     for (const a of running.slice(0, MAX_RUNNING_SHOWN)) {
       const since = a.started_at ?? a.assigned_at;
       lines.push(`  ▸ ${storePathName(a.drv_path)}  ${clock(now - since)}  on ${a.agent_id}`);

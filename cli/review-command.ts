@@ -5,6 +5,7 @@ import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-
 import { checkSpecs } from '../coordinator/checks/check-specs.js';
 import { failedChecks, isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
+import { type LimitReport, limitReport, readBuildRules, rebuildsBySystem } from '../coordinator/review/build-limits.js';
 import { reviewRoots } from '../coordinator/review/review-roots.js';
 import { attrsFromCommitTitles } from '../coordinator/github/ofborg-titles.js';
 import { EmbeddedSystem } from './embedded.js';
@@ -29,7 +30,9 @@ export interface ReviewOptions extends Omit<CommonOptions, 'json'> {
 
 /**
  * `ekaci review`: evaluates both commits, builds what the change touches on the embedded system, and prints the
- * review as markdown. Exit 0 when nothing is newly failing (build or evaluation), 1 when something is.
+ * review as markdown. Exit 0 when nothing is newly failing (build or evaluation), 1 when something is. Builds the
+ * base's rules hold back (a mass rebuild, a change touching only `skip_build_paths`: see build-limits.ts) are said
+ * above the review, as in the summary check; what was not built never counts as failing.
  */
 export async function reviewCommand(opts: ReviewOptions): Promise<number> {
   const agents = Number(opts.agents);
@@ -99,10 +102,26 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
   process.once('SIGINT', onSignal);
   try {
     const diffs = await reviews.record(c.repo, base, head);
+    let limited: LimitReport | undefined;
     if (opts.build) {
       // OfBorg-style commit titles name attributes to build, as on GitHub (a local review has no comment commands).
       const titles = await c.mirrors.commitTitles(c.repo, base.commit, head.commit, MAX_COMMIT_TITLES);
-      const roots = reviewRoots({ head, diffs, named: attrsFromCommitTitles(titles), builds: store });
+      const rules = await readBuildRules(c.mirrors, {
+        baseUrl: c.repo,
+        headUrl: c.repo,
+        base: base.commit,
+        head: head.commit,
+        serverMaxRebuildCount: config.rebuild.maxRebuildCount,
+      });
+      const { roots, limits } = reviewRoots({
+        head,
+        diffs,
+        named: attrsFromCommitTitles(titles),
+        builds: store,
+        rules,
+      });
+      limited = limitReport(limits, { rebuildCountBySystem: rebuildsBySystem(diffs) });
+      if (limited) progress.line(limited.title);
       const headRoots = roots.filter((r) => r.side === 'head');
       const baseRoots = roots.filter((r) => r.side === 'base');
       progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
@@ -131,7 +150,8 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
     }
     const review = await reviews.reviewOf(c.repo, base.commit, head.commit, opts.job);
     if (!review) throw new IllegalStateError('the evaluations just recorded are missing from the database');
-    const markdown = renderMarkdown(review);
+    const said = limited ? `${limited.title}\n\n${limited.lines.join('\n')}\n\n` : '';
+    const markdown = said + renderMarkdown(review);
     if (opts.markdown) writeFileSync(opts.markdown, markdown);
     if (opts.json) writeFileSync(opts.json, `${JSON.stringify(review, null, 2)}\n`);
     process.stdout.write(markdown);

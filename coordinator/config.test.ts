@@ -139,6 +139,19 @@ describe('coordinator configuration', () => {
     expect(() => compileCoordinatorConfig({ evaluation: { sandbox: 'yes' } }, 't', {})).toThrow(/evaluation\.sandbox/);
   });
 
+  it('compiles [rebuild] max_rebuild_count: no limit by default, a whole number, errors naming the key', async () => {
+    expect(compileCoordinatorConfig({}, 't', {}).rebuild).toEqual({ maxRebuildCount: 0 });
+    expect((await load('[rebuild]\nmax_rebuild_count = 5000\n')).rebuild).toEqual({ maxRebuildCount: 5000 });
+    for (const bad of [-1, 1.5, 'many']) {
+      expect(() => compileCoordinatorConfig({ rebuild: { max_rebuild_count: bad } }, 't.toml', {})).toThrow(
+        /^t\.toml: rebuild\.max_rebuild_count: /,
+      );
+    }
+    expect(() => compileCoordinatorConfig({ rebuild: { skip_paths: ['doc/**'] } }, 't.toml', {})).toThrow(
+      /^t\.toml: rebuild\.skip_paths: /,
+    );
+  });
+
   it('reads GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY when an app names no credentials', () => {
     const o = compileCoordinatorConfig({ github_apps: [app()], security: { webhook_secret: SECRET } }, 't', APP_ENV);
     expect(o.githubApps[0]?.credentials).toEqual({ appId: 1001, privateKey: KEY });

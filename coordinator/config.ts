@@ -225,6 +225,13 @@ const schema = z
     evaluation: evaluationSchema,
     caches: cachesSchema,
     hooks: hooksSchema,
+    rebuild: z
+      .object({
+        /** Above this many rebuilds of a job on a system, build only attributes named (review/build-limits.ts). */
+        max_rebuild_count: z.number().int('a whole number of derivations').min(0).default(0),
+      })
+      .strict()
+      .prefault({}),
     github: z
       .object({
         build_draft_pull_requests: z.boolean().default(false),
@@ -304,6 +311,11 @@ export interface CoordinatorOptions {
     allowPrivateCacheHosts: boolean;
   };
   github: { buildDraftPullRequests: boolean; checkRunUpdateIntervalMs: number };
+  /**
+   * `[rebuild] max_rebuild_count`: a pull request's job with more rebuilds than this on a system builds there only the
+   * attributes named by commands and commit titles; a job's own limit may be lower (review/build-limits.ts). 0: none.
+   */
+  rebuild: { maxRebuildCount: number };
   /** How repository code is evaluated: sandbox, store, limits, and what repositories may fetch. */
   evaluation: EvaluationOptions;
   /** `[[caches]]`: binary caches jobs may push to. */
@@ -492,6 +504,7 @@ export function compileCoordinatorConfig(
       buildDraftPullRequests: c.github.build_draft_pull_requests,
       checkRunUpdateIntervalMs: Math.round(c.github.check_run_update_interval_seconds * 1000),
     },
+    rebuild: { maxRebuildCount: c.rebuild.max_rebuild_count },
     evaluation: compileEvaluationOptions(c.evaluation),
     caches: compileCaches(c.caches, ctx, { allowPrivateHosts: c.security.allow_private_cache_hosts }),
     hooks: compileHooks(c.hooks, c.security, ctx),

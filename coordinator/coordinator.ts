@@ -32,10 +32,12 @@ import { LogStore } from './logs/log-store.js';
 import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
+import { connectedSlots } from './scheduler/eta.js';
 import { CheckManager, type CheckRow } from './checks/check-manager.js';
 import { checkSourcePath, checkSourceRouter } from './checks/source-route.js';
 import { BuildStore } from './scheduler/build-store.js';
 import { ReviewService } from './review/review-service.js';
+import { SizeHistory } from './review/size-history.js';
 import { GitMirrors, mirrorDirFor } from './git/git-mirrors.js';
 import { GitHubService } from './github/github-service.js';
 import { RunStore } from './github/run-store.js';
@@ -69,6 +71,8 @@ export class Coordinator {
   readonly access: AccessControl;
   readonly evaluations: EvaluationStore;
   readonly reviews: ReviewService;
+  /** Branches' output sizes over time (size_check.base_branch, /api/v1/sizes). */
+  readonly sizes: SizeHistory;
   /** Repository checks, run on agents that run checks. */
   readonly checks: CheckManager;
   /** The operator's binary caches (`[[caches]]`): which builds push where, and how it went. */
@@ -160,6 +164,7 @@ export class Coordinator {
       logger.child({ component: 'caches' }),
     );
     this.manager.pushPlanner = (drvPath) => this.cachePushes.pushesFor(drvPath, this.publicUrl);
+    this.manager.slotsFor = (system) => connectedSlots(this.db, this.hub?.connectedCapabilities() ?? [], system);
     this.manager.on('pushed', (drvPath: string, results: CachePushResult[]) =>
       this.cachePushes.record(drvPath, results),
     );
@@ -193,6 +198,7 @@ export class Coordinator {
     // What a write that failed for want of space left undone is reloaded from the database before work goes on.
     this.health.onResume(() => this.manager.resync());
     this.evaluations = new EvaluationStore(this.db);
+    this.sizes = new SizeHistory(this.db, { keepPoints: options.evaluation.keepSizePoints });
     this.reviews = new ReviewService({
       store: this.store,
       logs: this.logs,
@@ -200,6 +206,7 @@ export class Coordinator {
       diffs: new DiffStore(this.db),
       references: (path) => this.references(path),
       checks: (repo, commit) => this.checks.resultsOf(repo, commit),
+      sizes: this.sizes,
     });
     this.github =
       options.githubApps.length > 0
@@ -338,6 +345,7 @@ export class Coordinator {
           manager: this.manager,
           checks: this.checks,
           reviews: this.reviews,
+          sizes: this.sizes,
           evaluations: this.evaluations,
           access: this.access,
           audit: this.audit,

@@ -190,4 +190,26 @@ describe('logging in with GitHub', () => {
     const alice = await logIn('alice');
     expect((await checkedFetch(`${base}/api/v1/agents`, { headers: { cookie: alice } })).status).toBe(403);
   });
+  it("lets a user read a private repository's data when GitHub lets them read the repository, and nobody else", async () => {
+    // What the repository's webhooks say once it is made private on GitHub.
+    system.coordinator.db.prepare('UPDATE github_repositories SET private = 1 WHERE full_name = ?').run(REPO);
+    github.api.setPermission(REPO, 'eve', 'none');
+    const pulls = (cookie?: string) =>
+      checkedFetch(`${base}/api/v1/repos/${REPO}/pulls`, { headers: cookie ? { cookie } : {} });
+    const listed = async (cookie: string) =>
+      (await checkedFetch(`${base}/api/v1/repos`, { headers: { cookie } }))
+        .json<{ repositories: Array<{ name: string }> }>()
+        .repositories.map((r) => r.name);
+    const mallory = await logIn('mallory'); // read access
+    expect((await pulls(mallory)).status).toBe(200);
+    expect(await listed(mallory)).toContain(REPO);
+    const eve = await logIn('eve'); // no access at all
+    const refused = await pulls(eve);
+    expect(refused.status).toBe(403);
+    expect(refused.json<{ error: { message: string } }>().error.message).toMatch(
+      /acme\/login is a private repository: .*log in with GitHub as a user who can read it/,
+    );
+    expect(await listed(eve)).not.toContain(REPO);
+    expect((await pulls()).status).toBe(401);
+  });
 });

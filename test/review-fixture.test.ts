@@ -89,6 +89,7 @@ describe('the review of the fixture change', () => {
       '### Not built (1)',
       '### Added (1)',
       '### Removed (1)',
+      '### Package changes',
       '### Runtime dependency changes (1)',
     ]);
     expect(markdown).toContain('| `hangs` | `x86_64-linux` | succeeded → timed-out |');
@@ -98,6 +99,7 @@ describe('the review of the fixture change', () => {
     expect(markdown).toContain('| `needs-kvm` | `x86_64-linux` | succeeded → unbuildable |');
     expect(markdown).toContain("'this change broke the evaluation of evals'");
     expect(markdown).toContain('| `lib` | 1.0 | 2.0 | `app`, `lib` |');
+    expect(markdown).toContain('| `lib` | `lib` | 1.0 → 2.0 |');
     expect(markdown).toContain('Not listed: 2 still succeeding, 2 unchanged.');
   });
 

@@ -149,6 +149,7 @@ describe('the overview and the review of a pull request', () => {
       'not-built',
       'added',
       'removed',
+      'package-changes',
     ]);
     const failing = page.locator('#newly-failing');
     const attrs = await failing
@@ -177,6 +178,20 @@ describe('the overview and the review of a pull request', () => {
     expect(await page.locator('#dependencies').textContent()).toMatch(/lib\s*1\.0\s*2\.0/);
     expect(await page.locator('#still-failing a.attr').getAttribute('href')).toBe(`/builds/${headOf('broken').hash}`);
     await shot(page, 'review-pull.png');
+
+    // What the change does to the packages: versions (parsed from the derivation names here), new and removed ones.
+    const changes = page.locator('#package-changes');
+    expect(await changes.locator('h2').textContent()).toBe('Package changes (7)');
+    expect(await changes.locator('.change-counts').textContent()).toBe(
+      '5 version changes, 1 new package, 1 removed package.',
+    );
+    const kinds = await changes.locator('.change-kind').evaluateAll((ks) => ks.map((k) => k.getAttribute('data-kind')));
+    expect(kinds).toEqual(['versions', 'new-packages', 'removed-packages']);
+    const lib = changes.locator('[data-kind="versions"] tr', { has: page.locator('a[data-attr="lib"]') });
+    expect(await lib.locator('td').allTextContents()).toEqual(['lib', 'lib', '1.0 → 2.0']);
+    expect(await lib.locator('a.attr').getAttribute('href')).toBe(`/builds/${headOf('lib').hash}`);
+    const removed = changes.locator('[data-kind="removed-packages"] td');
+    expect(await removed.allTextContents()).toEqual(['gone', 'gone', '1.0']);
 
     // Each attribute's link opens its build, in the same page.
     await markPage(page);

@@ -45,6 +45,7 @@ export type Action = 'builds' | 'agents' | 'audit';
 export const ANONYMOUS: Principal = { kind: 'anonymous' };
 
 const WRITERS = new Set(['write', 'maintain', 'admin']);
+const READERS = new Set(['read', 'triage', ...WRITERS]);
 
 export class AccessControl {
   constructor(
@@ -87,13 +88,25 @@ export class AccessControl {
 
   /**
    * Reading API data, logs or reviews. Any token reads everything; anonymous callers read public data, and only while
-   * the coordinator is public; a GitHub user reads public data (whatever `[web] public` says), private data as admin.
+   * the coordinator is public; a GitHub user reads public data (whatever `[web] public` says), private data as admin
+   * (and a private repository's data when GitHub lets them read it: `mayReadRepo`).
    */
   mayRead(p: Principal, visibility: Visibility): boolean {
     // Anyone can log in with GitHub: a user reads public data, and private data only as an admin.
     if (p.kind === 'user') return visibility === 'public' || this.isAdmin(p);
     if (p.kind !== 'anonymous') return true;
     return this.options.publicReads && visibility === 'public';
+  }
+
+  /**
+   * Reading a repository's data (its pull requests, runs, reviews, sizes): what `mayRead` allows, and a GitHub user
+   * who may read the repository on GitHub (any permission but `none`), asked through the App that serves it.
+   */
+  async mayReadRepo(p: Principal, repo: string, visibility: Visibility): Promise<boolean> {
+    if (this.mayRead(p, visibility)) return true;
+    if (p.kind !== 'user' || !this.options.repoPermission) return false;
+    const permission = await this.options.repoPermission(repo, p.name);
+    return permission !== undefined && READERS.has(permission);
   }
 
   /**

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { Db } from './database.js';
+import { seedBuildDurations } from '../scheduler/build-durations.js';
 
 /**
  * The schema, as an append-only list of migrations. Never edit a released migration: add one. Each runs in
@@ -411,6 +412,44 @@ export const MIGRATIONS: readonly Migration[] = [
   CREATE INDEX hook_runs_open ON hook_runs(state) WHERE state IN ('queued', 'running');
   CREATE INDEX request_roots_drv ON request_roots(drv_path);
   `,
+  `
+  -- Output sizes of a branch's builds per attribute and output (coordinator/review/size-history.ts): a point where
+  -- the attribute's derivation changed on the branch, the newest [evaluation] keep_size_points kept per series. And
+  -- each job's size_check.base_branch, as evaluated (reviews compare with that branch's newest point).
+  CREATE TABLE size_history (
+    id           INTEGER PRIMARY KEY,
+    repo         TEXT NOT NULL,
+    branch       TEXT NOT NULL,
+    job          TEXT NOT NULL,
+    attr         TEXT NOT NULL,                  -- relative to the job
+    output       TEXT NOT NULL,
+    system       TEXT NOT NULL,
+    commit_sha   TEXT NOT NULL,
+    drv_path     TEXT NOT NULL,
+    nar_size     INTEGER NOT NULL,
+    closure_size INTEGER NOT NULL,
+    recorded_at  INTEGER NOT NULL,
+    UNIQUE (repo, branch, job, attr, output, commit_sha)
+  );
+  CREATE INDEX size_history_series ON size_history(repo, attr, branch, recorded_at);
+  ALTER TABLE evaluations ADD COLUMN size_base_branch TEXT;
+  `,
+  (db) => {
+    // How long builds of a package take (coordinator/scheduler/build-durations.ts), for runs' ETAs: a mean over
+    // about the last 8 successful builds per system, pname and fixed-output or not; seeded from the attempts so far.
+    db.exec(`
+      CREATE TABLE build_durations (
+        system       TEXT NOT NULL,
+        pname        TEXT NOT NULL,                 -- the derivation's name without its version
+        fixed_output INTEGER NOT NULL,
+        samples      INTEGER NOT NULL,
+        mean_seconds REAL NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        PRIMARY KEY (system, pname, fixed_output)
+      ) WITHOUT ROWID;
+    `);
+    seedBuildDurations(db);
+  },
 ];
 
 /**

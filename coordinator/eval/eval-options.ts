@@ -22,6 +22,9 @@ const rule = z
 
 // A day or two of a busy default branch; a nixpkgs commit's evaluation costs some megabytes as rows.
 export const DEFAULT_KEEP_COMMITS = 100;
+// Points of one attribute's output on one branch. A point is added only when the derivation changes, so this is years
+// of a package updated weekly; a mass rebuild adds one point (some 200 bytes) to every series of the branch.
+export const DEFAULT_KEEP_SIZE_POINTS = 300;
 
 export const evaluationSchema = z
   .object({
@@ -39,6 +42,8 @@ export const evaluationSchema = z
      * unfinished runs use); older evaluations are deleted when a run ends.
      */
     keep_commits: z.number().int().min(1).default(DEFAULT_KEEP_COMMITS),
+    /** Retention of size history: the newest points kept per repository, branch, attribute and output. */
+    keep_size_points: z.number().int().min(1).default(DEFAULT_KEEP_SIZE_POINTS),
   })
   .strict()
   .prefault({});
@@ -58,6 +63,7 @@ export interface EvaluationOptions {
   allowImportFromDerivation: boolean;
   rules: readonly EvalRule[];
   keepCommits: number;
+  keepSizePoints: number;
 }
 
 /** What one repository's expressions may do beyond reading their own checkout and the store. */
@@ -77,6 +83,7 @@ export function compileEvaluationOptions(e: z.infer<typeof evaluationSchema>): E
     store: e.store,
     allowImportFromDerivation: e.allow_import_from_derivation,
     keepCommits: e.keep_commits,
+    keepSizePoints: e.keep_size_points,
     rules: e.repositories.map((r) => ({
       repos: r.repos,
       allowedUris: r.allowed_uris,

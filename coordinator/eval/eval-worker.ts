@@ -40,6 +40,8 @@ export class EvalWorker {
   readonly nonce = randomBytes(16).toString('hex');
   private wake: (() => void) | undefined;
   private exitReason = '';
+  /** Whether `__ekaciSentinel` is bound: requests end with a call of it rather than the whole sentinel. */
+  private shortSentinel = false;
 
   private constructor(
     private readonly child: ChildProcessByStdio<Writable, Readable, null>,
@@ -82,6 +84,16 @@ export class EvalWorker {
     >;
     const worker = new EvalWorker(child, dir, fd);
     worker.state = 'ready';
+    // The sentinel as a binding of the repl's own (out of reach of any file it imports), so that each request after
+    // this one ends with a line of a few characters (see `request`).
+    const sentinel = await worker.request(
+      `__ekaciSentinel = n: let s = "__ekaci_${worker.nonce}_" + toString n; in builtins.trace s s`,
+    );
+    if (!sentinel.ok && sentinel.error !== '') {
+      worker.kill();
+      throw new Error(sentinel.error);
+    }
+    worker.shortSentinel = true;
     for (const line of setup(worker.nonce)) {
       const r = await worker.request(line);
       if (!r.ok && r.error !== '') {
@@ -119,7 +131,9 @@ export class EvalWorker {
     // On a line of its own: the echoed request line also contains the quoted sentinel.
     const outMark = `\n"${sentinel}"\n`;
     const errMark = `trace: ${sentinel}\n`;
-    this.child.stdin.write(`${line}\nbuiltins.trace "${sentinel}" "${sentinel}"\n`);
+    // The repl reads its input a character at a time, three system calls each: the shorter a line, the cheaper.
+    const end = this.shortSentinel ? `__ekaciSentinel ${this.seq}` : `builtins.trace "${sentinel}" "${sentinel}"`;
+    this.child.stdin.write(`${line}\n${end}\n`);
     const watch = idleTimeoutMs > 0 ? this.watchProgress(idleTimeoutMs, progress) : undefined;
     try {
       for (;;) {

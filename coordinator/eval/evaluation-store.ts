@@ -10,6 +10,7 @@ interface JobRow {
   job: string;
   allow_eval_failures: number;
   max_increase_percent: number | null;
+  size_base_branch: string | null;
   caches_json: string | null;
   seconds: number;
 }
@@ -88,8 +89,8 @@ export class EvaluationStore {
             .prepare(
               `INSERT INTO evaluations
                  (repo, commit_sha, job, allow_eval_failures, max_increase_percent, seconds, created_at, complete,
-                  caches_json)
-               VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)`,
+                  caches_json, size_base_branch)
+               VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)`,
             )
             .run(
               repo,
@@ -100,6 +101,7 @@ export class EvaluationStore {
               job.seconds,
               Date.now(),
               job.caches?.length ? JSON.stringify(job.caches) : null,
+              job.sizeBaseBranch ?? null,
             ).lastInsertRowid,
         );
       })();
@@ -127,7 +129,7 @@ export class EvaluationStore {
   load(repo: string, commit: string): CommitEvaluation | undefined {
     const rows = this.db
       .prepare(
-        `SELECT id, job, allow_eval_failures, max_increase_percent, seconds, caches_json FROM evaluations
+        `SELECT id, job, allow_eval_failures, max_increase_percent, size_base_branch, seconds, caches_json FROM evaluations
           WHERE repo = ? AND commit_sha = ? AND complete = 1 ORDER BY job`,
       )
       .all(repo, commit) as JobRow[];
@@ -152,6 +154,7 @@ export class EvaluationStore {
       name: r.job,
       allowEvalFailures: r.allow_eval_failures === 1,
       maxIncreasePercent: r.max_increase_percent ?? undefined,
+      ...(r.size_base_branch !== null ? { sizeBaseBranch: r.size_base_branch } : {}),
       attrs: (attrsOf.all(r.id) as StoredAttr[]).map(attr),
       seconds: r.seconds,
       ...(r.caches_json ? { caches: JSON.parse(r.caches_json) as string[] } : {}),

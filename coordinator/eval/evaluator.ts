@@ -3,6 +3,7 @@ import { rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
+import { isDrvPath, isStorePath } from '../../common/nix/store-path.js';
 import { AsyncChannel } from './async-channel.js';
 import {
   type AttrReply,
@@ -13,6 +14,7 @@ import {
   chunkRequest,
   metaFieldRequest,
   resultMarker,
+  rootsRequest,
   setupLines,
   singleRequest,
 } from './eval-expression.js';
@@ -121,10 +123,8 @@ class EvaluationRun {
   private waiters: (() => void)[] = [];
   private readonly slots: WorkerSlot[] = [];
   private readonly roots: GcRoots;
-  private readonly rootWrites: Promise<void>[] = [];
-  private rootError: Error | undefined;
   private readonly setup: (nonce: string) => string[];
-  /** Where chunk requests are written for the workers to read (see `chunkRequest`). */
+  /** Where requests' arguments are written for the workers to read (see `chunkRequest`). */
   private readonly requestDir = mkdtempSync(join(tmpdir(), 'ekaci-eval-requests-'));
   private requestSeq = 0;
 
@@ -133,7 +133,7 @@ class EvaluationRun {
     private readonly emit: (r: EvalResult) => void,
   ) {
     this.roots = new GcRoots(o.gcRootsDir);
-    this.setup = (nonce) => setupLines(o.file, o.attrPath, nonce);
+    this.setup = (nonce) => setupLines(o.file, o.attrPath, nonce, this.requestDir);
   }
 
   async start(): Promise<void> {
@@ -150,8 +150,6 @@ class EvaluationRun {
     for (let i = 1; i < this.o.workers; i++) loops.push(this.loop(this.slot(undefined)));
     try {
       await Promise.all(loops);
-      await Promise.all(this.rootWrites);
-      if (this.rootError) throw this.rootError;
     } finally {
       this.stop();
     }
@@ -201,10 +199,7 @@ class EvaluationRun {
 
   private async evalPaths(slot: WorkerSlot, paths: string[][]): Promise<void> {
     if (this.stopped || paths.length === 0) return;
-    const file = join(this.requestDir, `${++this.requestSeq}.json`);
-    await writeFile(file, JSON.stringify(paths));
-    const { reply, nonce } = await slot.ask(chunkRequest(file), true);
-    await rm(file, { force: true });
+    const { reply, nonce } = await this.ask(slot, chunkRequest, paths, true);
     // Results are matched to the paths asked for, never by position: only traces carrying this worker's nonce
     // count, and a path not asked for (or answered twice) is ignored.
     const marker = resultMarker(nonce);
@@ -223,19 +218,60 @@ class EvaluationRun {
     let answered = 0;
     while (infos.has(answered)) answered++;
     const complete = reply.ok;
+    const derived: Derived[] = [];
     for (let i = 0; i < answered; i++) {
       const info = infos.get(i)!;
       const interrupted = !complete && i === answered - 1 && 'drvPath' in info && !metas.has(i);
       // The request died inside this attribute's meta: its fields are asked one by one.
-      await this.handle(slot, paths[i]!, info, metas.get(i) ?? (interrupted ? 'ask' : undefined));
+      await this.handle(slot, paths[i]!, info, metas.get(i) ?? (interrupted ? 'ask' : undefined), derived);
     }
-    if (complete || answered >= paths.length) return;
-    const last = infos.get(answered - 1);
-    const diedInMeta = answered > 0 && last !== undefined && 'drvPath' in last && !metas.has(answered - 1);
-    if (diedInMeta) return this.evalPaths(slot, paths.slice(answered));
-    // The path after the last answer is the one that aborted; its message is this reply's error.
-    await this.handle(slot, paths[answered]!, { failed: true }, undefined, reply);
-    await this.evalPaths(slot, paths.slice(answered + 1));
+    let rest: string[][] = [];
+    if (!complete && answered < paths.length) {
+      const last = infos.get(answered - 1);
+      const diedInMeta = answered > 0 && last !== undefined && 'drvPath' in last && !metas.has(answered - 1);
+      if (diedInMeta) rest = paths.slice(answered);
+      else {
+        // The path after the last answer is the one that aborted; its message is this reply's error.
+        await this.handle(slot, paths[answered]!, { failed: true }, undefined, derived, reply);
+        rest = paths.slice(answered + 1);
+      }
+    }
+    await this.root(slot, derived);
+    await this.evalPaths(slot, rest);
+  }
+
+  /** Sends a request whose argument (`arg`, as JSON) travels in the request directory (see `chunkRequest`). */
+  private async ask(
+    slot: WorkerSlot,
+    request: (n: number) => string,
+    arg: unknown,
+    results = false,
+  ): Promise<{ reply: ReplReply; nonce: string }> {
+    const n = ++this.requestSeq;
+    const file = join(this.requestDir, `${n}.json`);
+    await writeFile(file, JSON.stringify(arg));
+    try {
+      return await slot.ask(request(n), results);
+    } finally {
+      await rm(file, { force: true });
+    }
+  }
+
+  /**
+   * Roots the derivations a chunk found, with one store file referencing them all (`rootsRequest`), or one root
+   * each when the worker cannot write that file. Until then the worker's connection to the store keeps them (Nix's
+   * temporary roots); the run does not end before this is done.
+   */
+  private async root(slot: WorkerSlot, derived: readonly Derived[]): Promise<void> {
+    if (derived.length === 0 || this.stopped) return;
+    const { reply } = await this.ask(
+      slot,
+      rootsRequest,
+      derived.map((d) => d.path),
+    );
+    const rootFile = reply.ok ? parseJson(reply.value) : undefined;
+    if (typeof rootFile === 'string' && isStorePath(rootFile) && !isDrvPath(rootFile)) this.roots.add(rootFile);
+    else for (const d of derived) this.roots.add(d.drvPath);
   }
 
   private async handle(
@@ -243,15 +279,16 @@ class EvaluationRun {
     path: string[],
     item: AttrReply,
     meta: MetaReply | 'ask' | undefined,
+    derived: Derived[],
     failure?: ReplReply,
   ): Promise<void> {
     if (this.stopped) return;
     const attr = path.length > 0 ? path.join('.') : this.o.attrPath.join('.') || 'default';
     if ('failed' in item) {
-      const alone = failure ?? (await slot.ask(singleRequest(path))).reply;
+      const alone = failure ?? (await this.ask(slot, singleRequest, path)).reply;
       if (alone.ok) {
         const again = parseJson(alone.value) as AttrReply | undefined;
-        if (again !== undefined && !('failed' in again)) return this.handle(slot, path, again, 'ask');
+        if (again !== undefined && !('failed' in again)) return this.handle(slot, path, again, 'ask', derived);
       }
       this.emit({ attr, error: (alone.ok ? '' : alone.error) || 'evaluation failed without a message' });
       return;
@@ -269,13 +306,7 @@ class EvaluationRun {
       return;
     }
     const drv = item as { drvPath: string; system: string; outputs: Record<string, string> };
-    // Roots are written while the worker goes on: waiting for each one idled the worker for most of a chunk. The
-    // run does not finish before every root exists (see `start`).
-    this.rootWrites.push(
-      this.roots.add(drv.drvPath).catch((e: Error) => {
-        this.rootError ??= e;
-      }),
-    );
+    derived.push({ path, drvPath: drv.drvPath });
     const result: EvalResult = { attr, drvPath: drv.drvPath, system: drv.system, outputs: drv.outputs };
     const m = await this.metaOf(slot, path, meta === 'ask' || meta === undefined ? undefined : meta);
     result.meta = m.meta;
@@ -300,12 +331,18 @@ class EvaluationRun {
         values[field] = v;
         continue;
       }
-      const { reply: alone } = await slot.ask(metaFieldRequest(path, field));
+      const { reply: alone } = await this.ask(slot, (n) => metaFieldRequest(n, field), path);
       if (alone.ok) values[field] = parseJson(alone.value);
       else errors[field === 'unsupported' ? 'platforms' : field] = alone.error || 'failed without a message';
     }
     return { meta: cleanMeta(values), errors, unsupported: values.unsupported === true };
   }
+}
+
+/** An attribute that answered with a derivation: rooted with the rest of its chunk (see `root`). */
+interface Derived {
+  path: string[];
+  drvPath: string;
 }
 
 function isFailed(v: unknown): boolean {

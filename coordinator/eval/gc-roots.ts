@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readdir, readlink, rm, symlink, unlink } from 'node:fs/promises';
+import { mkdirSync, readlinkSync, symlinkSync, unlinkSync } from 'node:fs';
+import { readdir, rm } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 
 /** Nix's state directory, where the collector looks for `gcroots/auto`. */
@@ -13,20 +14,25 @@ function nixStateDir(): string {
  * `dir` releases the root. No Nix process runs per root (`nix-store -r --add-root` would build the derivation).
  */
 export class GcRoots {
-  private ready: Promise<void> | undefined;
+  private ready = false;
 
   constructor(readonly dir: string) {}
 
-  async add(drvPath: string): Promise<void> {
-    // A fresh store has no gcroots/auto until something first registers an indirect root.
-    this.ready ??= Promise.all([
-      mkdir(this.dir, { recursive: true }),
-      mkdir(join(nixStateDir(), 'gcroots', 'auto'), { recursive: true }),
-    ]).then(() => undefined);
-    await this.ready;
+  /**
+   * Synchronous on purpose: an evaluation adds one root per derivation (100,000 for nixpkgs), and two `symlink`
+   * system calls cost a few microseconds where the promise API's round trip through the thread pool cost ten times
+   * that in the event loop, in the way of the evaluator's next request.
+   */
+  add(drvPath: string): void {
+    if (!this.ready) {
+      // A fresh store has no gcroots/auto until something first registers an indirect root.
+      mkdirSync(this.dir, { recursive: true });
+      mkdirSync(join(nixStateDir(), 'gcroots', 'auto'), { recursive: true });
+      this.ready = true;
+    }
     const link = resolve(join(this.dir, basename(drvPath)));
-    await replaceSymlink(drvPath, link);
-    await replaceSymlink(link, autoRoot(link));
+    replaceSymlink(drvPath, link);
+    replaceSymlink(link, autoRoot(link));
   }
 }
 
@@ -50,13 +56,13 @@ export async function releaseCommitRoots(rootsDir: string, commits: readonly str
   }
 }
 
-async function replaceSymlink(target: string, path: string): Promise<void> {
+function replaceSymlink(target: string, path: string): void {
   try {
-    await symlink(target, path);
+    symlinkSync(target, path);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    if ((await readlink(path)) === target) return;
-    await unlink(path);
-    await symlink(target, path);
+    if (readlinkSync(path) === target) return;
+    unlinkSync(path);
+    symlinkSync(target, path);
   }
 }

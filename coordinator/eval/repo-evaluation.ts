@@ -16,6 +16,8 @@ export interface JobEvaluation {
   allowEvalFailures: boolean;
   /** The job's size_check threshold, if any. */
   maxIncreasePercent: number | undefined;
+  /** The job's size_check.base_branch: sizes compare with that branch's newest recorded build (see SizeHistory). */
+  sizeBaseBranch?: string | undefined;
   attrs: EvalResult[];
   seconds: number;
   /** The ids of the server's caches the job's outputs are pushed to (`jobs.<name>.caches`). */
@@ -84,6 +86,7 @@ export async function evaluateCommit(options: {
         name: job.name,
         allowEvalFailures: job.allowEvalFailures,
         maxIncreasePercent: job.sizeCheck?.maxIncreasePercent,
+        ...(job.sizeCheck?.baseBranch ? { sizeBaseBranch: job.sizeCheck.baseBranch } : {}),
         attrs,
         seconds: (performance.now() - started) / 1000,
         ...(job.caches.length > 0 ? { caches: job.caches } : {}),

@@ -2,10 +2,11 @@ import { chmod, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../../common/logging.js';
 import { ASKPASS_SCRIPT, baseGitEnv, runGit, type GitAuth } from './git-process.js';
-import { Mirror, type MirrorContext } from './mirror.js';
+import { type FileAtCommit, Mirror, type MirrorContext } from './mirror.js';
 import { parseRepoUrl } from './repo-url.js';
 
 export type { GitAuth } from './git-process.js';
+export type { FileAtCommit } from './mirror.js';
 
 /**
  * Ceiling on one fetch. The first fetch of a nixpkgs-sized repository moves ≈4 GiB; 30 minutes allows for that on a
@@ -132,6 +133,21 @@ export class GitMirrors {
   async commitTitles(url: string, base: string, head: string, limit: number): Promise<string[]> {
     await this.started;
     return this.mirrorFor(url).titles(base, head, limit);
+  }
+
+  /**
+   * The files the change from `base` to `head` touches (see `Mirror.changedFiles`), both fetched first if the mirror
+   * lacks them. For a fork, the head's mirror must borrow the base repository's objects (`fetch` with `objectsFrom`).
+   */
+  async changedFiles(url: string, base: string, head: string, options: FetchOptions = {}): Promise<string[]> {
+    const shas = await this.fetch(url, [base, head], options);
+    return this.mirrorFor(url).changedFiles(shas.get(base)!, shas.get(head)!);
+  }
+
+  /** A file of the commit `rev` names, read from the mirror without a worktree (see `Mirror.fileAt`). */
+  async fileAt(url: string, rev: string, path: string, options: FetchOptions = {}): Promise<FileAtCommit> {
+    const commit = await this.ensureCommit(url, rev, options);
+    return this.mirrorFor(url).fileAt(commit, path);
   }
 
   /** A worktree of the commit `rev` names; concurrent calls for one commit share a single worktree. */

@@ -18,6 +18,8 @@ export interface GitRunOptions {
   env: NodeJS.ProcessEnv;
   timeoutMs: number;
   cwd?: string;
+  /** Written to git's standard input (`cat-file --batch`); without it, stdin is closed. */
+  input?: string;
 }
 
 /**
@@ -98,9 +100,13 @@ export function runGit(args: string[], options: GitRunOptions): Promise<GitResul
     const child = spawn('git', args, {
       env: options.env,
       cwd: options.cwd,
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: 'pipe',
       detached: true,
     });
+    // Closed at once without input (git then reads end-of-file). git may exit before reading it all (a bad
+    // argument): that is its answer, not a reason to crash.
+    child.stdin.on('error', () => undefined);
+    child.stdin.end(options.input);
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let timedOut = false;

@@ -10,6 +10,9 @@ import { Mutex } from './mutex.js';
 import type { RepoLocation } from './repo-url.js';
 import { ABBREVIATED_SHA, parseRevision, refspec, type Revision } from './revision.js';
 
+/** A file of a commit (`Mirror.fileAt`). */
+export type FileAtCommit = { kind: 'file'; text: string } | { kind: 'missing' } | { kind: 'other'; what: string };
+
 export interface MirrorContext {
   env: NodeJS.ProcessEnv;
   askpass: string;
@@ -103,6 +106,59 @@ export class Mirror {
     const range = `${from.sha}..${to.sha}`;
     const out = await this.git(['log', '--format=%s', `--max-count=${limit}`, range], `list the commits ${range}`);
     return out.split('\n').filter((line) => line !== '');
+  }
+
+  /**
+   * The paths of the files the change from `base` to `head` touches: `git diff base...head`, from their merge base,
+   * so what the base branch did meanwhile does not count. A rename is its old and its new path (a file moved out of
+   * `doc/` is not a documentation-only change). Both must be full commit shas the mirror has (read-only, so no lock).
+   */
+  async changedFiles(base: string, head: string): Promise<string[]> {
+    const [from, to] = this.fullShas('changed files', base, head);
+    await this.open();
+    const range = `${from}...${to}`;
+    const out = await this.git(
+      ['diff', '--name-only', '--no-renames', '--no-ext-diff', '-z', range, '--'],
+      `list the files changed in ${range}`,
+    );
+    return out.split('\0').filter((path) => path !== '');
+  }
+
+  /**
+   * A file of a commit the mirror has, without a worktree. Symbolic links are followed inside the repository
+   * (`cat-file --follow-symlinks`); one that leads out of it, loops or names a directory is `other`.
+   */
+  async fileAt(commit: string, path: string): Promise<FileAtCommit> {
+    const [sha] = this.fullShas('a file', commit);
+    await this.open();
+    const out = await this.git(
+      ['cat-file', '--batch', '--follow-symlinks'],
+      `read ${path} at ${sha}`,
+      true,
+      `${sha}:${path}\n`,
+    );
+    const newline = out.indexOf('\n');
+    const header = (newline < 0 ? out : out.slice(0, newline)).split(' ');
+    if (header[1] === 'blob') return { kind: 'file', text: out.slice(newline + 1, -1) };
+    if (header.at(-1) === 'missing' || header[0] === 'dangling' || header[0] === 'notdir') return { kind: 'missing' };
+    if (header[1] === 'tree') return { kind: 'other', what: 'a directory' };
+    if (header[0] === 'symlink') return { kind: 'other', what: 'a symbolic link out of the repository' };
+    if (header[0] === 'loop') return { kind: 'other', what: 'a loop of symbolic links' };
+    return { kind: 'other', what: `a ${header[1] ?? header[0] ?? 'thing'} object` };
+  }
+
+  private fullShas(what: string, ...revs: string[]): string[] {
+    return revs.map((rev) => {
+      const revision = this.parse(rev);
+      if (revision.kind !== 'commit') {
+        throw new GitRevisionError(
+          `${what} need full commit shas, got ${revs.join(' and ')}`,
+          this.location.display,
+          rev,
+        );
+      }
+      return revision.sha;
+    });
   }
 
   /**
@@ -291,8 +347,8 @@ export class Mirror {
   }
 
   /** Runs a local command that must succeed. */
-  private async git(args: string[], what: string, inMirror = true): Promise<string> {
-    const result = await this.run(args, this.context.env, this.context.localTimeoutMs, inMirror);
+  private async git(args: string[], what: string, inMirror = true, input?: string): Promise<string> {
+    const result = await this.run(args, this.context.env, this.context.localTimeoutMs, inMirror, input);
     if (result.code !== 0) {
       const why = result.timedOut ? `timed out after ${this.context.localTimeoutMs} ms` : gitReason(result.stderr);
       throw new GitCommandError(`could not ${what} in the mirror of ${this.location.display}: ${why}`);
@@ -305,9 +361,10 @@ export class Mirror {
     env = this.context.env,
     timeoutMs = this.context.localTimeoutMs,
     inMirror = true,
+    input?: string,
   ): Promise<GitResult> {
     // A hook configured globally (core.hooksPath) must not run in eka-ci's mirrors or worktrees.
     const prefix = inMirror ? [`--git-dir=${this.dir}`, '-c', 'core.hooksPath=/dev/null'] : [];
-    return runGit([...prefix, ...args], { env, timeoutMs });
+    return runGit([...prefix, ...args], { env, timeoutMs, ...(input === undefined ? {} : { input }) });
   }
 }

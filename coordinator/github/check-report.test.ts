@@ -5,6 +5,7 @@ import { diffEvaluations } from '../graph/rebuild-diff.js';
 import { gatesFor, withBaseGates } from '../review/base-policy.js';
 import { isNewlyFailing, newlyFailingDrvs } from '../review/classify.js';
 import { renderMarkdown } from '../review/markdown.js';
+import type { LimitReport } from '../review/build-limits.js';
 import type { Review } from '../review/model.js';
 import { buildReview } from '../review/review-builder.js';
 import type { BuildState } from '../scheduler/build-state.js';
@@ -157,6 +158,45 @@ describe('an added attribute that fails', () => {
     expect(review.attrs.find((a) => a.attr === 'fresh')?.outcome).toBeUndefined();
     expect(summaryCheck(review, undefined).conclusion).toBe('success');
     expect(buildCheckOf(review, states).conclusion).toBe('success');
+  });
+});
+
+describe('builds held back by a limit (mass rebuild, skip_build_paths)', () => {
+  const limited: LimitReport = {
+    title: 'Mass rebuild: 2 rebuilds on x86_64-linux exceed max_rebuild_count 1; built nothing',
+    lines: ['**Builds held back.** …', '- job `pkgs`: 2 rebuilds …'],
+  };
+  const base = commit('b', [built('a'), built('b')]);
+  const head = commit('h', [
+    { ...built('a'), drvPath: drvOf('a2') },
+    { ...built('b'), drvPath: drvOf('b2') },
+  ]);
+
+  it('makes the build check neutral, titled with the reason, where it would have succeeded', () => {
+    const none = buildCheck(SYSTEM, [], undefined, limited);
+    expect(none).toMatchObject({ conclusion: 'neutral', title: limited.title });
+    expect(none.summary).toBe(limited.lines.join('\n'));
+    const named = buildCheck(SYSTEM, [root('pkgs.a', 'succeeded')], undefined, limited);
+    expect(named).toMatchObject({ conclusion: 'neutral', title: limited.title });
+    expect(named.summary).toBe([...limited.lines, '', '1 succeeded'].join('\n'));
+  });
+
+  it('still fails the build check on a newly failing named build, with the reason above the failures', () => {
+    const spec = buildCheck(SYSTEM, [root('pkgs.a', 'failed', true)], undefined, limited);
+    expect(spec).toMatchObject({ conclusion: 'failure', title: '1 newly failing of 1' });
+    expect(spec.summary.startsWith(limited.lines.join('\n'))).toBe(true);
+    expect(spec.actions).toEqual([expect.objectContaining({ identifier: 'rebuild-failed' })]);
+  });
+
+  it('makes the summary neutral, never a success, when nothing failed; a failure stays a failure', async () => {
+    const unbuilt = await reviewChange(base, head);
+    expect(summaryCheck(unbuilt, undefined).conclusion).toBe('success');
+    const spec = summaryCheck(unbuilt, undefined, undefined, limited);
+    expect(spec).toMatchObject({ conclusion: 'neutral', title: limited.title });
+    expect(spec.summary.startsWith(`${limited.lines.join('\n')}\n\n`)).toBe(true);
+    const broke = await reviewChange(base, head, { [drvOf('a')]: 'succeeded', [drvOf('a2')]: 'failed' });
+    const failing = summaryCheck(broke, undefined, undefined, limited);
+    expect(failing).toMatchObject({ conclusion: 'failure', title: '1 newly failing' });
   });
 });
 

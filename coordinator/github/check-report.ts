@@ -1,4 +1,5 @@
 import type { JobEvaluation } from '../eval/repo-evaluation.js';
+import type { LimitReport } from '../review/build-limits.js';
 import { evalFailureBlocks, isNewlyFailing } from '../review/classify.js';
 import { renderChecks, renderMarkdown } from '../review/markdown.js';
 import type { CheckResult, Review } from '../review/model.js';
@@ -102,10 +103,25 @@ export interface RootResult {
  * A build check for one system: neutral when nothing needed building; failure when a build is newly failing;
  * timed_out when every newly failing build timed out; cancelled when builds were cancelled and none failed;
  * success otherwise. A "Rebuild failed" button is offered whenever something failed.
+ *
+ * `limited` (see review/build-limits.ts): builds of the system were held back (a mass rebuild, a change touching only
+ * `skip_build_paths`). What would have been a success is then neutral, titled with the reason, which also heads the
+ * summary: nothing vouches for what was not built. A newly failing build still fails the check.
  */
-export function buildCheck(system: string, roots: readonly RootResult[], detailsUrl: string | undefined): CheckRunSpec {
+export function buildCheck(
+  system: string,
+  roots: readonly RootResult[],
+  detailsUrl: string | undefined,
+  limited?: LimitReport,
+): CheckRunSpec {
   const name = buildCheckName(system);
   const extra = detailsUrl ? { detailsUrl } : {};
+  if (limited) {
+    const spec = roots.length === 0 ? undefined : buildCheck(system, roots, detailsUrl);
+    const summary = [...limited.lines, ...(spec ? ['', spec.summary] : [])].join('\n');
+    if (spec && spec.conclusion !== 'success') return { ...spec, summary };
+    return completed(name, 'neutral', limited.title.slice(0, 255), summary, { ...extra, ...actionsOf(spec) });
+  }
   if (roots.length === 0)
     return completed(name, 'neutral', 'Nothing to build', 'No derivation needed building.', extra);
   const counts = new Map<string, number>();
@@ -134,6 +150,10 @@ export function buildCheck(system: string, roots: readonly RootResult[], details
   return completed(name, conclusion, title, summary, { ...extra, ...actions });
 }
 
+function actionsOf(spec: CheckRunSpec | undefined): Partial<Pick<CheckRunSpec, 'actions'>> {
+  return spec?.actions ? { actions: spec.actions } : {};
+}
+
 /** The running state of a build check, redrawn as builds settle. */
 export function buildProgress(
   system: string,
@@ -150,11 +170,15 @@ export function buildProgress(
   );
 }
 
-/** The summary check: the review itself; failure exactly when something is newly failing. */
+/**
+ * The summary check: the review itself; failure exactly when something is newly failing. With `limited` (builds held
+ * back, see `buildCheck`), what would have been a success is neutral, titled with the reason, which heads the summary.
+ */
 export function summaryCheck(
   review: Review,
   detailsUrl: string | undefined,
   attrUrl?: (drvPath: string) => string,
+  limited?: LimitReport,
 ): CheckRunSpec {
   const markdown = renderMarkdown(
     review,
@@ -162,11 +186,14 @@ export function summaryCheck(
   );
   const [verdict = '', ...rest] = markdown.split('\n');
   const failing = isNewlyFailing(review);
+  const body = rest.join('\n').trim() || verdict;
+  let title = verdict.replace(/^[^\w]+/u, '');
+  if (limited && !failing) title = limited.title;
   return completed(
     SUMMARY_CHECK,
-    failing ? 'failure' : 'success',
-    verdict.replace(/^[^\w]+/u, '').slice(0, 255),
-    rest.join('\n').trim() || verdict,
+    failing ? 'failure' : limited ? 'neutral' : 'success',
+    title.slice(0, 255),
+    limited ? [...limited.lines, '', body].join('\n') : body,
     {
       ...(detailsUrl ? { detailsUrl } : {}),
     },

@@ -115,6 +115,7 @@ export class GitHubService {
       links,
       logger: log,
       commitTitles: (run) => this.commitTitles(run),
+      maxRebuildCount: options.rebuild.maxRebuildCount,
       onFinished: (run) => {
         if (run.pr_number === null) return;
         this.commands.evaluateMerge(run.repo, run.pr_number).catch((err: Error) => {

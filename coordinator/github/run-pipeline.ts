@@ -11,10 +11,12 @@ import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
 import { newlyFailingDrvs } from '../review/classify.js';
-import { reviewRoots } from '../review/review-roots.js';
+import { type BuildRules, limitReport, readBuildRules } from '../review/build-limits.js';
+import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
+import { type RunEta, etaShort, etaText } from '../scheduler/eta.js';
 import type { CheckManager } from '../checks/check-manager.js';
 import { type CachePushService, pushSummaryLines } from '../caches/push-service.js';
 import { checkSpecs } from '../checks/check-specs.js';
@@ -64,6 +66,8 @@ export interface PipelineDeps {
   onFinished(run: RunRow): void;
   /** The commit titles of a pull request (attributes named OfBorg-style, `hello: 1.0 -> 2.0`, are built too). */
   commitTitles(run: RunRow): Promise<string[]>;
+  /** `[rebuild] max_rebuild_count`: above it a job builds only attributes named (see review/build-limits.ts); 0: none. */
+  maxRebuildCount?: number;
 }
 
 export interface RunLinks {
@@ -189,10 +193,12 @@ export class RunPipeline {
         auth,
         ...(fork ? { objectsFrom: run.base_clone_url } : {}),
       });
-      return { head, base, titles };
+      // What the base lets the change build (max_rebuild_count, skip_build_paths), read while the mirrors are warm.
+      const rules = base ? await this.buildRules(run, { auth }, fork) : undefined;
+      return { head, base, titles, rules };
     });
     if (!evaluated || !this.stillOpen(runId)) return;
-    const { head, base, titles } = evaluated;
+    const { head, base, titles, rules } = evaluated;
     // Judged by the base's gates: a pull request cannot allow itself evaluation failures.
     reporter.set(target, evaluationCheck(withBaseGates(head, base), base?.jobs, details));
 
@@ -201,13 +207,20 @@ export class RunPipeline {
     if (!this.stillOpen(runId)) return;
     const rebuildCountBySystem = diffs ? sumRebuilds(diffs) : {};
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
-    const roots = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles));
+    const { roots, limits } = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles), rules);
     runs.setRoots(runId, roots);
     this.deps.cachePushes?.planRun(run, roots, head, base);
     runs.setRunState(runId, 'building');
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
-    for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
-    reporter.set(target, inProgress(SUMMARY_CHECK, 'Building', `Building ${roots.length} derivations.`, details));
+    // The progress carries the run's ETA once its builds are queued (coordinator/scheduler/eta.ts).
+    const drawProgress = (): void => {
+      const eta = this.deps.manager.etas.of(`run:${runId}`, () => roots.map((r) => r.drvPath));
+      for (const system of systems)
+        reporter.set(target, withEta(buildProgress(system, this.results(roots, system), details), eta));
+      const building = inProgress(SUMMARY_CHECK, 'Building', `Building ${roots.length} derivations.`, details);
+      reporter.set(target, withEta(building, eta));
+    };
+    drawProgress();
     const checkIds = this.requestChecks(run, head, base);
     const drawChecks = (): void => {
       if (checkIds.length > 0)
@@ -218,7 +231,7 @@ export class RunPipeline {
     const refresh = setInterval(() => {
       // A cancelled run's checks are concluded: redrawing them as running would reopen them.
       if (!this.stillOpen(runId)) return;
-      for (const system of systems) reporter.set(target, buildProgress(system, this.results(roots, system), details));
+      drawProgress();
       drawChecks();
     }, PROGRESS_REFRESH_MS);
     refresh.unref();
@@ -248,6 +261,8 @@ export class RunPipeline {
     if (!this.stillOpen(runId)) return;
 
     drawChecks();
+    // The branch's commit that was built (a push's head, a pull request's base) joins the branch's size history.
+    await this.deps.reviews.recordSizes(run, roots, { head, base });
     const review = base ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit) : undefined;
     const newly = newlyFailingDrvs(review);
     const allSystems = [...new Set([...systems, ...headSystems(head)])].sort();
@@ -256,7 +271,7 @@ export class RunPipeline {
         ...r,
         newlyFailing: review ? newly.has(r.drvPath) : true,
       }));
-      reporter.set(target, buildCheck(system, results, details));
+      reporter.set(target, buildCheck(system, results, details, limitReport(limits, { system })));
     }
     if (review) {
       runs.setSummary(runId, { rebuildCountBySystem, review: review.summary });
@@ -264,7 +279,12 @@ export class RunPipeline {
       reporter.set(
         target,
         withCacheLines(
-          summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined),
+          summaryCheck(
+            review,
+            details,
+            links ? (d) => links.derivation(d) : undefined,
+            limitReport(limits, { rebuildCountBySystem }),
+          ),
           this.cacheLines(runId),
         ),
       );
@@ -335,9 +355,23 @@ export class RunPipeline {
     head: CommitEvaluation,
     diffs: StoredJobDiff[] | undefined,
     titled: readonly string[],
-  ): RunRoot[] {
+    rules: BuildRules | undefined,
+  ): ReviewPlan {
     const named = [...(JSON.parse(run.extra_attrs) as string[]), ...titled];
-    return reviewRoots({ head, diffs, named, builds: this.deps.store });
+    return reviewRoots({ head, diffs, named, builds: this.deps.store, ...(rules ? { rules } : {}) });
+  }
+
+  /** The build rules of a run with a base: the base commit's, and the files the change touches when they matter. */
+  private buildRules(run: RunRow, fetch: FetchOptions, fork: boolean): Promise<BuildRules> {
+    return readBuildRules(this.deps.mirrors, {
+      baseUrl: run.base_clone_url,
+      headUrl: run.head_clone_url,
+      base: run.base_sha!,
+      head: run.head_sha,
+      serverMaxRebuildCount: this.deps.maxRebuildCount ?? 0,
+      baseFetch: fetch,
+      headFetch: fork ? { ...fetch, objectsFrom: run.base_clone_url } : fetch,
+    });
   }
 
   /** A derivation's output paths when it was built (or substituted); undefined otherwise. */
@@ -378,6 +412,12 @@ export class RunPipeline {
     this.deps.reporter.set(target, completed(EVALUATION_CHECK, 'failure', 'Evaluation failed', message));
     this.deps.reporter.set(target, completed(SUMMARY_CHECK, 'failure', 'Evaluation failed', message));
   }
+}
+
+/** An in-progress check run with the run's ETA in its title and summary. */
+function withEta(spec: CheckRunSpec, eta: RunEta | null): CheckRunSpec {
+  if (!eta) return spec;
+  return { ...spec, title: `${spec.title} (${etaShort(eta)})`, summary: `${spec.summary}\n\n${etaText(eta)}` };
 }
 
 /** A summary check run with the run's cache pushes (pushed, refused, failed) appended. */

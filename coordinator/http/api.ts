@@ -14,6 +14,8 @@ import type { ReviewService } from '../review/review-service.js';
 import { followLog, serveLog } from './log-routes.js';
 import { OPENAPI_DOCUMENT } from './openapi.js';
 import { addRepoRoutes } from './repo-routes.js';
+import { addSizeRoutes } from './sizes-routes.js';
+import type { SizeHistory } from '../review/size-history.js';
 import { eventsRoute } from './events-route.js';
 import { addHookRoutes } from '../hooks/hook-routes.js';
 import type { HookService } from '../hooks/hook-service.js';
@@ -24,6 +26,7 @@ import {
   mayAct,
   mayActOn,
   mayRead,
+  mayReadRepo,
   notFound,
   queryParam,
   readJsonBody,
@@ -41,6 +44,8 @@ export interface ApiSources {
   /** Repository checks: a commit's, and their logs. */
   checks: CheckManager;
   reviews: ReviewService;
+  /** Branches' output sizes over time. */
+  sizes: SizeHistory;
   evaluations: EvaluationStore;
   access: AccessControl;
   audit: AuditLog;
@@ -193,6 +198,7 @@ export function apiRouter(sources: ApiSources): Router {
     ctx.body = { entries: sources.audit.recent(limit) };
   });
   addRepoRoutes(router, sources);
+  addSizeRoutes(router, sources);
   addHookRoutes(router, { hooks: sources.hooks, logs, access, findDrv: (hash) => findDrv(store, hash) });
 
   router.get('/openapi.json', (ctx) => {
@@ -332,7 +338,7 @@ export function apiRouter(sources: ApiSources): Router {
     if (format !== 'json' && format !== 'markdown') {
       return badRequest(ctx, 400, `format must be json or markdown, got "${format}"`);
     }
-    if (!readable(ctx, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     const baseCommit = evaluations.resolveCommit(repo, base);
     const headCommit = evaluations.resolveCommit(repo, head);
     const unknown = [!baseCommit && base, !headCommit && head].filter(Boolean);

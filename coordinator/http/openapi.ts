@@ -95,6 +95,42 @@ const runProperties = {
     description: "The review's counts (see Review.summary), once built.",
     anyOf: [{ type: 'null' }, counts],
   },
+  eta: {
+    description:
+      'While the run builds: how long what it still needs will take, as max(critical path, max over systems of ' +
+      'remaining work ÷ connected build slots). Each unfinished derivation is estimated from recorded builds of ' +
+      'its pname (same system, else any system, else a guess: the median of everything recorded); a running one ' +
+      'counts what is left of its estimate. Null when the run is not building or nothing it needs is unfinished.',
+    anyOf: [
+      { type: 'null' },
+      object({
+        seconds: { type: 'integer', minimum: 0 },
+        bound: {
+          type: 'string',
+          enum: ['critical-path', 'work'],
+          description: 'Which bound decided: the longest chain, or the queue of a system over its slots.',
+        },
+        criticalPath: {
+          type: 'array',
+          items: { type: 'string' },
+          description:
+            'The longest chain of .drv paths, from what builds first to a root; a chain longer than 10 keeps its ' +
+            'first 8 and last 2.',
+        },
+        criticalPathLength: { type: 'integer', minimum: 0 },
+        criticalPathSeconds: { type: 'integer', minimum: 0 },
+        basis: object({
+          estimated: {
+            type: 'integer',
+            minimum: 0,
+            description: 'Unfinished derivations estimated from builds of their pname.',
+          },
+          guessed: { type: 'integer', minimum: 0, description: 'Unfinished derivations whose pname was never built.' },
+        }),
+        computedAt: { type: 'integer', description: 'When it was computed (ms since the epoch).' },
+      }),
+    ],
+  },
 };
 
 export const OPENAPI_DOCUMENT = {
@@ -356,6 +392,34 @@ export const OPENAPI_DOCUMENT = {
           }),
         ],
       },
+      OutputSizes: (() => {
+        const sizes = {
+          anyOf: [object({ narSize: { type: 'integer' }, closureSize: { type: 'integer' } }), { type: 'null' }],
+        };
+        return object(
+          {
+            output: { type: 'string' },
+            base: sizes,
+            head: sizes,
+            narSizeDelta: nullable('integer'),
+            closureSizeDelta: nullable('integer'),
+            closureSizePercent: nullable('number'),
+            warning: { type: 'boolean', description: "The job's size_check.max_increase_percent was exceeded." },
+            baseline: {
+              ...object({
+                kind: { type: 'string', enum: ['branch', 'pull-request-base'] },
+                branch: { type: 'string' },
+                commit: { type: 'string' },
+              }),
+              description:
+                "With the job's size_check.base_branch: what `base` is — `branch`: that branch's newest recorded " +
+                'build of the attribute, from `commit`; `pull-request-base`: the branch has none, so the pull ' +
+                "request's base commit.",
+            },
+          },
+          ['output', 'base', 'head', 'narSizeDelta', 'closureSizeDelta', 'closureSizePercent', 'warning'],
+        );
+      })(),
       Review: {
         type: 'object',
         description: 'A review of a pair of commits: what changed, what fails newly, sizes (see the README).',
@@ -364,10 +428,76 @@ export const OPENAPI_DOCUMENT = {
           base: { type: 'object', required: ['rev'], properties: { rev: { type: 'string' } } },
           head: { type: 'object', required: ['rev'], properties: { rev: { type: 'string' } } },
           configChanged: { const: true },
-          attrs: { type: 'array', items: { type: 'object', required: ['attr'] } },
+          attrs: {
+            type: 'array',
+            items: {
+              type: 'object',
+              required: ['attr'],
+              properties: { sizes: { type: 'array', items: { $ref: '#/components/schemas/OutputSizes' } } },
+            },
+          },
           summary: { type: 'object', additionalProperties: { type: 'integer' } },
+          changes: { $ref: '#/components/schemas/ChangeSummary' },
         },
       },
+      ChangeSummary: (() => {
+        const at = {
+          job: { type: 'string' },
+          attr: { type: 'string' },
+          system: { ...nullable('string'), description: "The head's system (the base's for a removed package)." },
+        };
+        const strings = { type: 'array', items: { type: 'string' } };
+        const version = {
+          ...object({ pname: nullable('string'), version: nullable('string') }),
+          description:
+            '`pname` and `version` as evaluated, or parsed from the derivation name (as `builtins.parseDrvName`) ' +
+            'where it has neither; null where unknown or where the field failed to evaluate.',
+        };
+        const list = (description: string, properties: Record<string, object>) => ({
+          type: 'array',
+          description,
+          items: object({ ...at, ...properties }),
+        });
+        return {
+          ...object({
+            versions: list('Version changes (same or unknown pname), and renames (both pnames known, different).', {
+              base: version,
+              head: version,
+            }),
+            added: list('Attributes with a derivation on head only.', {
+              pname: nullable('string'),
+              version: nullable('string'),
+            }),
+            removed: list('Attributes with a derivation on base only.', {
+              pname: nullable('string'),
+              version: nullable('string'),
+            }),
+            licenses: list('`meta.license` compared as sets; [] is no license.', { base: strings, head: strings }),
+            maintainers: list('`meta.maintainers` that came and went.', { added: strings, removed: strings }),
+            platforms: list('`meta.platforms` that came and went.', { added: strings, removed: strings }),
+            broken: list('`meta.broken` (absent is false) turned on or off.', {
+              base: { type: 'boolean' },
+              head: { type: 'boolean' },
+            }),
+            metaErrors: list(
+              'A field that failed to evaluate on one side only (`side`), and so was not compared. `meta` is the ' +
+                'whole set, where the evaluator could not tell which field failed.',
+              {
+                field: {
+                  type: 'string',
+                  enum: ['pname', 'version', 'license', 'maintainers', 'platforms', 'broken', 'meta'],
+                },
+                side: { type: 'string', enum: ['base', 'head'] },
+                error: { type: 'string' },
+              },
+            ),
+          }),
+          description:
+            "What the change does to the packages, from every attribute of both commits' evaluations (a meta-only " +
+            'change leaves the derivation alike). Every list is sorted by job, then attribute. Absent when nothing ' +
+            'changed.',
+        };
+      })(),
     },
   },
   security: [{ token: [] }, {}],
@@ -868,6 +998,58 @@ export const OPENAPI_DOCUMENT = {
           ),
           ...denied,
           '404': errorResponse('No evaluation of the repository has the attribute.'),
+        },
+      },
+    },
+    '/sizes': {
+      get: {
+        summary:
+          "An attribute's output sizes as built on its repository's branches (a point where its derivation changed), " +
+          'oldest first: the newest `limit` points that match.',
+        parameters: [
+          { name: 'repo', in: 'query', required: true, description: 'OWNER/NAME', schema: { type: 'string' } },
+          {
+            name: 'attr',
+            in: 'query',
+            required: true,
+            description: 'Relative to its job.',
+            schema: { type: 'string' },
+          },
+          { name: 'branch', in: 'query', required: false, schema: { type: 'string' } },
+          { name: 'job', in: 'query', required: false, schema: { type: 'string' } },
+          { name: 'output', in: 'query', required: false, schema: { type: 'string' } },
+          {
+            name: 'limit',
+            in: 'query',
+            required: false,
+            schema: { type: 'integer', minimum: 1, maximum: 10000, default: 1000 },
+          },
+        ],
+        responses: {
+          '200': json(
+            'The points.',
+            object({
+              repo: { type: 'string' },
+              attr: { type: 'string' },
+              points: {
+                type: 'array',
+                items: object({
+                  branch: { type: 'string' },
+                  commit: { type: 'string' },
+                  job: { type: 'string' },
+                  output: { type: 'string' },
+                  system: { type: 'string' },
+                  drvPath: { type: 'string' },
+                  narSize: { type: 'integer', minimum: 0 },
+                  closureSize: { type: 'integer', minimum: 0 },
+                  recordedAt: { type: 'integer', description: 'When it was recorded (ms since the epoch).' },
+                }),
+              },
+            }),
+          ),
+          '400': errorResponse('repo or attr is missing, or limit is not a whole number from 1 to 10000.'),
+          ...denied,
+          '404': errorResponse('No recorded sizes match.'),
         },
       },
     },

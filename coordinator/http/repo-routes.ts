@@ -2,13 +2,14 @@ import type Router from '@koa/router';
 import type { RouterContext } from '@koa/router';
 import type { PullRequestRow, RunRow, RunSummary } from '../github/run-store.js';
 import { runTimeline } from '../github/run-timeline.js';
+import type { RunEta } from '../scheduler/eta.js';
 import { z } from 'zod';
 import {
   actorOf,
   badRequest,
   conflict,
   mayActOn,
-  mayRead,
+  mayReadRepo,
   notFound,
   numberParam,
   queryParam,
@@ -30,16 +31,27 @@ type PullSort = (typeof PULL_SORTS)[number];
 export function addRepoRoutes(router: Router, sources: ApiSources): void {
   const { access, runs, evaluations, store } = sources;
   const repoOf = (ctx: RouterContext): string => `${ctx.params.owner ?? ''}/${ctx.params.repo ?? ''}`;
+  // A building run's ETA (coordinator/scheduler/eta.ts), shared with its check runs' progress.
+  const etaOf = (r: RunRow): RunEta | null =>
+    r.state === 'building'
+      ? sources.manager.etas.of(`run:${r.id}`, () => runs.roots(r.id).map((root) => root.drvPath))
+      : null;
+  const runOf = (r: RunRow) => runObject(r, etaOf(r));
+  const pullOf = (repo: string, p: PullRequestRow & { run: RunRow | undefined }) => pullObject(repo, p, runOf);
 
-  router.get('/repos', (ctx) => {
-    const visible = (repo: string): boolean =>
-      access.mayRead((ctx.state as RequestState).principal, sources.repoVisibility(repo));
+  router.get('/repos', async (ctx) => {
+    const principal = (ctx.state as RequestState).principal;
+    const readable = new Set<string>();
     const github = new Map(runs.repositories().map((r) => [r.full_name, r]));
     const evaluated = new Map(evaluations.repositories().map((r) => [r.repo, r.lastEvaluatedAt]));
     const openCount = runs.db.prepare(
       "SELECT COUNT(*) AS n FROM github_pull_requests WHERE repo = ? AND state = 'open'",
     );
-    const names = [...new Set([...github.keys(), ...evaluated.keys()])].sort().filter(visible);
+    const all = [...new Set([...github.keys(), ...evaluated.keys()])].sort();
+    // A logged-in user's private repositories are asked of GitHub (cached): those they can read are listed too.
+    for (const name of all)
+      if (await access.mayReadRepo(principal, name, sources.repoVisibility(name))) readable.add(name);
+    const names = all.filter((name) => readable.has(name));
     ctx.body = {
       repositories: names.map((name) => {
         const g = github.get(name);
@@ -55,7 +67,7 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     };
   });
 
-  router.get('/repos/:owner/:repo/pulls', (ctx) => {
+  router.get('/repos/:owner/:repo/pulls', async (ctx) => {
     const repo = repoOf(ctx);
     const state = queryParam(ctx, 'state') ?? 'open';
     const sort = queryParam(ctx, 'sort') ?? 'updated';
@@ -65,15 +77,15 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     if (!PULL_SORTS.includes(sort as PullSort)) {
       return badRequest(ctx, 400, `sort must be one of ${PULL_SORTS.join(', ')}, got "${sort}"`);
     }
-    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     if (!runs.repository(repo)) return notFound(ctx, `no GitHub App serves ${repo}`);
     const pulls = runs.pullRequests(repo, state).map((p) => pullOf(repo, p));
     ctx.body = { pullRequests: sortPulls(pulls, sort as PullSort) };
   });
 
-  router.get('/repos/:owner/:repo/pulls/:number', (ctx) => {
+  router.get('/repos/:owner/:repo/pulls/:number', async (ctx) => {
     const repo = repoOf(ctx);
-    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     const number = numberParam(ctx, 'number');
     const pr = number === undefined ? undefined : runs.pullRequest(repo, number);
     if (!pr) return notFound(ctx, `${repo} has no pull request ${ctx.params.number ?? ''} eka-ci has seen`);
@@ -108,9 +120,9 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
 
   // A commit (a unique prefix of 7+ hex digits will do): each job's evaluation in figures, the runs of it (pull
   // requests, pushes, merge groups) with their builds' states, and the reviews recorded with it as head.
-  router.get('/repos/:owner/:repo/commits/:sha', (ctx) => {
+  router.get('/repos/:owner/:repo/commits/:sha', async (ctx) => {
     const repo = repoOf(ctx);
-    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     const prefix = (ctx.params.sha ?? '').toLowerCase();
     const commit = evaluations.resolveCommit(repo, prefix) ?? runCommit(runs.db, repo, prefix);
     if (!commit) return notFound(ctx, `${repo} has no evaluation or run of a commit ${prefix} (or it is ambiguous)`);
@@ -145,9 +157,9 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
   // A repository check's output (its latest attempt): `Range` reads part of it; `follow=1` (or `Accept:
   // text/event-stream`) follows it live as Server-Sent Events until the check ends. `system` picks one when the
   // check runs on several.
-  router.get('/repos/:owner/:repo/commits/:sha/checks/:name/log', (ctx) => {
+  router.get('/repos/:owner/:repo/commits/:sha/checks/:name/log', async (ctx) => {
     const repo = repoOf(ctx);
-    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     const prefix = (ctx.params.sha ?? '').toLowerCase();
     // A whole sha needs no resolving (`ekaci review`'s checks have no run to find it by).
     const whole = /^[0-9a-f]{40}$/.test(prefix) ? prefix : undefined;
@@ -195,18 +207,18 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
   });
 
   // A run's builds per agent over time, and its critical path (the timeline page).
-  router.get('/runs/:id/timeline', (ctx) => {
+  router.get('/runs/:id/timeline', async (ctx) => {
     const id = numberParam(ctx, 'id');
     const run = id === undefined ? undefined : runs.run(id);
     if (!run) return notFound(ctx, `no run ${ctx.params.id ?? ''}`);
-    if (!mayRead(ctx, access, sources.repoVisibility(run.repo))) return;
+    if (!(await mayReadRepo(ctx, access, run.repo, sources.repoVisibility(run.repo)))) return;
     ctx.body = { run: runOf(run), ...runTimeline(store, run, runs.roots(run.id)) };
   });
 
   // An attribute's output sizes in each evaluated commit, oldest first (the chart of a review page).
-  router.get('/repos/:owner/:repo/attributes/:attr/sizes', (ctx) => {
+  router.get('/repos/:owner/:repo/attributes/:attr/sizes', async (ctx) => {
     const repo = repoOf(ctx);
-    if (!mayRead(ctx, access, sources.repoVisibility(repo))) return;
+    if (!(await mayReadRepo(ctx, access, repo, sources.repoVisibility(repo)))) return;
     const attr = ctx.params.attr ?? '';
     const history = evaluations.attrHistory(repo, attr, queryParam(ctx, 'job'));
     if (history.length === 0) return notFound(ctx, `no evaluation of ${repo} has an attribute ${attr}`);
@@ -239,7 +251,7 @@ function runCommit(db: ApiSources['runs']['db'], repo: string, prefix: string): 
   return rows.length === 1 ? rows[0]!.head_sha : undefined;
 }
 
-type Pull = ReturnType<typeof pullOf>;
+type Pull = ReturnType<typeof pullObject>;
 
 /** Where the API serves the review of two commits. */
 function reviewUrl(repo: string, base: string, head: string): string {
@@ -248,7 +260,7 @@ function reviewUrl(repo: string, base: string, head: string): string {
 
 const commandBody = z.object({ command: z.string().min(1).max(1000) }).strict();
 
-function runOf(r: RunRow) {
+function runObject(r: RunRow, eta: RunEta | null) {
   const summary = r.summary_json === null ? null : (JSON.parse(r.summary_json) as RunSummary);
   return {
     id: r.id,
@@ -264,10 +276,15 @@ function runOf(r: RunRow) {
     updatedAt: r.updated_at,
     rebuildCountBySystem: summary?.rebuildCountBySystem ?? null,
     review: summary?.review ?? null,
+    eta,
   };
 }
 
-function pullOf(repo: string, p: PullRequestRow & { run: RunRow | undefined }) {
+function pullObject(
+  repo: string,
+  p: PullRequestRow & { run: RunRow | undefined },
+  runOf: (r: RunRow) => ReturnType<typeof runObject>,
+) {
   const run = p.run ? runOf(p.run) : null;
   const rebuilds = run?.rebuildCountBySystem ? Object.values(run.rebuildCountBySystem).reduce((a, b) => a + b, 0) : 0;
   return {

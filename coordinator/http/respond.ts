@@ -39,10 +39,26 @@ export function mayRead(ctx: RouterContext, access: AccessControl, visibility: V
   return false;
 }
 
+// Both ways in: an API token, or a GitHub login (the web UI), each as the configuration names them.
+/** False (after answering 401/403) when the caller may not read this repository's data (see `mayReadRepo`). */
+export async function mayReadRepo(
+  ctx: RouterContext,
+  access: AccessControl,
+  repo: string,
+  visibility: Visibility,
+): Promise<boolean> {
+  if (await access.mayReadRepo((ctx.state as RequestState).principal, repo, visibility)) return true;
+  denied(ctx, `${repo} is a private repository: send an API token, or log in with GitHub as a user who can read it`);
+  return false;
+}
+
 const ACTION_NEEDS: Record<Action, string> = {
-  builds: 'changing builds needs an API token',
-  agents: 'draining and resuming agents needs an API token named in [web] admins',
-  audit: 'the audit log is for the API tokens named in [web] admins',
+  builds:
+    'changing builds needs an API token, or a GitHub login named in [oauth] admins; other GitHub logins change ' +
+    'only the builds of repositories they have write access to',
+  agents:
+    'draining and resuming agents needs an API token named in [web] admins, or a GitHub login named in [oauth] admins',
+  audit: 'the audit log is for the API tokens named in [web] admins and the GitHub logins named in [oauth] admins',
 };
 
 /** False (after answering 401/403) when the caller may not take this action. */

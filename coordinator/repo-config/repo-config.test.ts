@@ -135,6 +135,8 @@ describe('compiled config', () => {
             caches: ['main'],
             size_check: { max_increase_percent: 5, base_branch: 'release-24.05' },
             systems: ['x86_64-linux'],
+            max_rebuild_count: 500,
+            skip_build_paths: ['doc/**', '*.md', '/LICENSE'],
           },
         },
       },
@@ -148,6 +150,8 @@ describe('compiled config', () => {
       caches: ['main'],
       sizeCheck: { maxIncreasePercent: 5, baseBranch: 'release-24.05' },
       systems: ['x86_64-linux'],
+      maxRebuildCount: 500,
+      skipBuildPaths: ['doc/**', '*.md', '/LICENSE'],
     });
   });
 
@@ -291,6 +295,31 @@ describe('schema errors name the field and the file', () => {
   it('rejects a check without a command', async () => {
     expect(await problems({ checks: { fmt: { timeout_seconds: 5 } } })).toMatch(
       /^\.eka-ci\/config\.json: checks\.fmt\.command: /,
+    );
+  });
+
+  it('rejects a max_rebuild_count that is negative or not a whole number', async () => {
+    for (const bad of [-1, 2.5, '100']) {
+      expect(await problems({ jobs: { hello: { file: 'default.nix', max_rebuild_count: bad } } })).toMatch(
+        /^\.eka-ci\/config\.json: jobs\.hello\.max_rebuild_count: /,
+      );
+    }
+  });
+
+  it('rejects each bad skip_build_paths glob, naming its place in the list and what is wrong', async () => {
+    const globs = ['doc/**', '', '!doc/**', 'doc/', '../x', './doc/**', 'a[b', '*.md', 'doc//x'];
+    const message = await problems({ jobs: { hello: { file: 'default.nix', skip_build_paths: globs } } });
+    expect(message.split('\n')).toEqual([
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[1]: an empty glob matches no file',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[2]: "!doc/**": negation is not supported: list the paths that skip building',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[3]: "doc/" matches no file (paths name files): write "doc/**" for everything under it',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[4]: "../x": no ".", ".." or empty parts: paths are relative to the repository root, as git prints them',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[5]: "./doc/**": no ".", ".." or empty parts: paths are relative to the repository root, as git prints them',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[6]: "a[b": "[" opens a class that is never closed (write "\\[" for a literal "[")',
+      '.eka-ci/config.json: jobs.hello.skip_build_paths[8]: "doc//x": no ".", ".." or empty parts: paths are relative to the repository root, as git prints them',
+    ]);
+    expect(await problems({ jobs: { hello: { file: 'default.nix', skip_build_paths: 'doc/**' } } })).toMatch(
+      /^\.eka-ci\/config\.json: jobs\.hello\.skip_build_paths: /,
     );
   });
 

@@ -33,7 +33,18 @@ export interface SizeCheck {
   baseBranch: string | undefined;
 }
 
-interface JobCommon {
+/**
+ * How much of a change a job builds: `max_rebuild_count` and `skip_build_paths` (see review/build-limits.ts). A pull
+ * request follows its base's (`buildRulesFromText` reads them from the base commit).
+ */
+export interface JobBuildRules {
+  /** `undefined` when the job sets none; 0 means no limit of the job's own. */
+  maxRebuildCount: number | undefined;
+  /** Globs (path-globs.ts), each valid; `undefined` when the job sets none. */
+  skipBuildPaths: string[] | undefined;
+}
+
+interface JobCommon extends JobBuildRules {
   name: string;
   /** `undefined` means no filter: whatever systems evaluation produces. */
   systems: string[] | undefined;
@@ -126,6 +137,7 @@ export async function compileRepoConfig(
         maxIncreasePercent: job.size_check.max_increase_percent,
         baseBranch: job.size_check.base_branch,
       },
+      ...buildRulesOf(job),
     };
     if (job.flake) {
       jobs.push({ ...common, kind: 'flake', outputs: [...new Set(job.flake.outputs)] });
@@ -187,6 +199,24 @@ export async function compileRepoConfig(
 
   if (problems.length > 0) throw new RepoConfigError(source, problems);
   return { source, digest, jobs, checks };
+}
+
+/**
+ * Each job's build rules in a config file's text (`source` names it in errors): what a pull request's base says,
+ * read from the base commit without a checkout. Rejects with `RepoConfigError` as `loadRepoConfig` would.
+ */
+export function buildRulesFromText(text: string, source: string): Map<string, JobBuildRules> {
+  const size = Buffer.byteLength(text);
+  if (size > MAX_CONFIG_BYTES) {
+    throw new RepoConfigError(source, [`is ${size} bytes; the limit is ${MAX_CONFIG_BYTES} bytes (1 MiB)`]);
+  }
+  const parsed = repoConfigSchema.safeParse(parseJson(text, source));
+  if (!parsed.success) throw new RepoConfigError(source, describeIssues(parsed.error.issues));
+  return new Map(Object.entries(parsed.data.jobs).map(([name, job]) => [name, buildRulesOf(job)]));
+}
+
+function buildRulesOf(job: RawJob): JobBuildRules {
+  return { maxRebuildCount: job.max_rebuild_count, skipBuildPaths: job.skip_build_paths };
 }
 
 /** The job's Nix file, or the problem with it as a message. */

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { globProblem } from './path-globs.js';
 
 /**
  * The raw shape of `.eka-ci/config.json`, exactly as users write it (snake_case). Every object is strict so a
@@ -20,6 +21,11 @@ const sizeCheck = z
   })
   .strict();
 
+const pathGlob = z.string().superRefine((glob, ctx) => {
+  const problem = globProblem(glob);
+  if (problem !== undefined) ctx.addIssue({ code: 'custom', message: problem });
+});
+
 // Upstream eka-ci reads this spelling too, meaning the same.
 const UPSTREAM_JOB_ALIASES: Readonly<Record<string, string>> = { 'allow-eval-failures': 'allow_eval_failures' };
 
@@ -38,6 +44,10 @@ const jobObject = z
     caches: z.array(z.string().min(1)).default([]),
     size_check: sizeCheck.optional(),
     systems: z.array(z.string().min(1)).min(1, 'list at least one system, or leave systems out').optional(),
+    /** Above this many rebuilds on a system, build only attributes named by commands and commit titles; 0: none. */
+    max_rebuild_count: z.number().int('a whole number of derivations').min(0).optional(),
+    /** A change touching only files these globs match builds nothing of the job (see path-globs.ts). */
+    skip_build_paths: z.array(pathGlob).optional(),
   })
   .strict()
   .superRefine((j, ctx) => {

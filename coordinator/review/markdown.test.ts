@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
+import type { ChangeSummary } from './change-summary.js';
 import { GITHUB_SUMMARY_MAX_CHARS, renderMarkdown } from './markdown.js';
-import type { AttrReview, BuildOutcomeName, Outcome, Review } from './model.js';
+import type { AttrReview, BuildOutcomeName, Outcome, OutputSizes, Review } from './model.js';
 
 const ok = (build: BuildOutcomeName) => ({ drv: '/nix/store/aaa-x.drv', eval: 'ok' as const, build });
 
@@ -156,6 +157,22 @@ describe('renderMarkdown', () => {
     );
   });
 
+  it("says what a size was compared with when the job's size_check.base_branch chose it", () => {
+    const withBaseline = (baseline: OutputSizes['baseline']): string => {
+      const r = everySection();
+      const chromium = r.attrs.find((a) => a.attr === 'chromium')!;
+      chromium.sizes = chromium.sizes!.map((s) => ({ ...s, baseline }));
+      return renderMarkdown(r);
+    };
+    const sha = 'a'.repeat(40);
+    expect(withBaseline({ kind: 'branch', branch: 'main', commit: sha })).toContain(
+      `| \`chromium\` | \`out\` | 100.0 MiB (main @ ${'a'.repeat(12)}) | 150.0 MiB |`,
+    );
+    expect(withBaseline({ kind: 'pull-request-base', branch: 'main', commit: sha })).toContain(
+      `100.0 MiB (the pull request's base ${'a'.repeat(12)}: main has no recorded build of it) |`,
+    );
+  });
+
   it('shows runtime dependency changes once per change with the attributes they affect', () => {
     const r = review(
       ['a', 'b', 'c', 'd', 'e'].map((name) =>
@@ -233,4 +250,151 @@ describe('renderMarkdown', () => {
       expect(md.startsWith('❌ 2,000 newly failing'.slice(0, maxChars - 1))).toBe(true);
     }
   });
+
+  describe('package changes', () => {
+    const at = (attr: string) => ({ job: 'nixpkgs', attr, system: 'x86_64-linux' });
+    const noChanges = (): ChangeSummary => ({
+      versions: [],
+      added: [],
+      removed: [],
+      licenses: [],
+      maintainers: [],
+      platforms: [],
+      broken: [],
+      metaErrors: [],
+    });
+    const everyKind = (): ChangeSummary => ({
+      versions: [
+        { ...at('hello'), base: { pname: 'hello', version: '2.12' }, head: { pname: 'hello', version: '2.13' } },
+        { ...at('exa'), base: { pname: 'exa', version: '0.10' }, head: { pname: 'eza', version: '0.18' } },
+      ],
+      added: [{ ...at('fresh'), pname: 'fresh', version: '0.1' }],
+      removed: [{ ...at('gone'), pname: 'gone', version: null }],
+      licenses: [
+        { ...at('curl'), base: ['mit'], head: ['curl'] },
+        { ...at('wget'), base: ['mit'], head: ['curl'] },
+      ],
+      maintainers: [{ ...at('curl'), added: ['alice'], removed: [] }],
+      platforms: ['a', 'b', 'c', 'd', 'e'].map((x) => ({ ...at(x), added: ['riscv64-linux'], removed: [] })),
+      broken: [
+        { ...at('flaky'), base: false, head: true },
+        { ...at('mended'), base: true, head: false },
+      ],
+      metaErrors: [
+        {
+          ...at('who'),
+          field: 'maintainers',
+          side: 'head',
+          error: 'error: … while evaluating\nerror: undefined variable',
+        },
+      ],
+    });
+    const withChanges = (changes: ChangeSummary, attrs: AttrReview[] = everySection().attrs): Review => ({
+      ...review(attrs),
+      changes,
+    });
+
+    it('follows the build tables with a counts line and a table for each kind of change', () => {
+      const md = renderMarkdown(withChanges(everyKind()));
+
+      expect(headings(md)).toEqual([
+        '### Newly failing (2)',
+        '### Evaluation errors (1)',
+        '### Size warnings (1)',
+        '### Newly succeeding (1)',
+        '### Still failing (1)',
+        '### Added (1)',
+        '### Removed (1)',
+        '### Package changes',
+        '### Runtime dependency changes (1)',
+      ]);
+      const section = md.slice(md.indexOf('### Package changes'), md.indexOf('### Runtime dependency changes'));
+      expect(section.split('\n').filter((l) => l.startsWith('#### '))).toEqual([
+        '#### Version changes (2)',
+        '#### Broken (2)',
+        '#### License changes (2)',
+        '#### Meta fields failing to evaluate (1)',
+        '#### New packages (1)',
+        '#### Removed packages (1)',
+        '#### Platform changes (5)',
+        '#### Maintainer changes (1)',
+      ]);
+      expect(section).toContain(
+        '\n\n2 version changes, 1 new package, 1 removed package, 1 newly broken, 1 no longer broken, ' +
+          '2 license changes, 5 platform changes, 1 maintainer change, 1 meta field newly failing to evaluate.\n\n',
+      );
+      expect(section).toContain('| `hello` | `hello` | 2.12 → 2.13 |');
+      expect(section).toContain('| `exa` | `exa` → `eza` | 0.10 → 0.18 |');
+      expect(section).toContain('| `flaky` | not broken → broken |');
+      expect(section).toContain('| `mended` | broken → not broken |');
+      expect(section).toContain('| `who` | `maintainers` | ok → error | error: undefined variable |');
+      expect(section).toContain('| `fresh` | `fresh` | 0.1 |');
+      expect(section).toContain('| `gone` | `gone` | — |');
+      // Changes many attributes share are one row each.
+      expect(section).toContain('| mit | curl | `curl`, `wget` |');
+      expect(section).toContain('| riscv64-linux | — | `a`, `b`, `c` and 2 more |');
+      expect(section).toContain('| alice | — | `curl` |');
+    });
+
+    it('leaves the section out when nothing changed, and shows only the tables of kinds that did', () => {
+      expect(renderMarkdown(everySection())).not.toContain('Package changes');
+      const md = renderMarkdown(withChanges({ ...noChanges(), licenses: everyKind().licenses }));
+
+      expect(md).toContain('### Package changes\n\n2 license changes.\n\n#### License changes (2)\n\n| base | head |');
+      expect(md).not.toContain('#### Version changes');
+    });
+
+    it('names the job beside the attribute when the change spans several jobs', () => {
+      const changes = { ...noChanges(), added: [{ ...at('fresh'), job: 'other', pname: 'fresh', version: '1' }] };
+
+      expect(renderMarkdown(withChanges(changes, [attr('curl', 'still-succeeding')]))).toContain(
+        '| `fresh` (other) | `fresh` | 1 |',
+      );
+    });
+
+    it('is trimmed before the build results: its tables collapse to counts, the counts line stays', () => {
+      const many = 3_000;
+      const changes: ChangeSummary = {
+        ...everyKind(),
+        versions: Array.from({ length: many }, (_, i) => ({
+          ...at(`pkg-${i}`),
+          base: { pname: `pkg-${i}`, version: '1.0' },
+          head: { pname: `pkg-${i}`, version: '1.1' },
+        })),
+        platforms: Array.from({ length: many }, (_, i) => ({ ...at(`pkg-${i}`), added: [`sys-${i}`], removed: [] })),
+      };
+      const failing = Array.from({ length: 60 }, (_, i) => attr(`failing-${i}`, 'newly-failing'));
+
+      const md = renderMarkdown(withChanges(changes, failing), { maxChars: 8_000 });
+
+      expect(md.length).toBeLessThanOrEqual(8_000);
+      expect(md.split('\n').filter((l) => l.startsWith('| `failing-'))).toHaveLength(60);
+      expect(md).toContain('### Package changes\n\n3,000 version changes, 1 new package, 1 removed package,');
+      expect(md).toContain('#### Platform changes (3,000)\n\n… 3,000 platform changes left out to fit.');
+      expect(md).toContain('_Shortened to fit 8,000 characters; what was left out is noted above._');
+      const versionRows = md.split('\n').filter((l) => /^\| `pkg-\d+` \| `pkg-\d+` \| 1\.0 → 1\.1 \|$/.test(l));
+      expect(versionRows.length).toBeGreaterThan(0);
+      expect(md).toContain(`\n\n… ${fmtCount(many - versionRows.length)} more not shown.`);
+
+      // With no room at all, the section is its heading, counts and one line per table.
+      const platformsOnly = { ...noChanges(), platforms: changes.platforms };
+      const tiny = renderMarkdown(withChanges(platformsOnly, failing), { maxChars: 2_000 });
+      expect(tiny.length).toBeLessThanOrEqual(2_000);
+      expect(tiny).toContain(
+        '\n\n### Package changes\n\n3,000 platform changes.\n\n#### Platform changes (3,000)\n\n' +
+          '… 3,000 platform changes left out to fit.\n\n',
+      );
+
+      for (const maxChars of [300, 10]) {
+        expect(renderMarkdown(withChanges(changes, failing), { maxChars }).length).toBeLessThanOrEqual(maxChars);
+      }
+
+      // At GitHub's limit the whole of it fits.
+      const full = renderMarkdown(withChanges({ ...everyKind(), versions: changes.versions.slice(0, 200) }, failing));
+      expect(full).not.toContain('left out');
+      expect(full.split('\n').filter((l) => / 1\.0 → 1\.1 \|$/.test(l))).toHaveLength(200);
+    });
+  });
 });
+
+const fmtCount = (n: number): string => n.toLocaleString('en-US');

@@ -1,10 +1,12 @@
+import { type PackageRef, groupChanges } from './change-summary.js';
 import { failedChecks, isBlockingEvalFailure, isNewEvalFailure } from './classify.js';
 import type { AttrReview, CheckResult, OutputSizes, Review, SideResult } from './model.js';
 
 /**
  * The review as GitHub-flavoured markdown, for a check run's summary and `ekaci review`. Sections come in the
  * order a reviewer needs them — verdict, newly failing, evaluation errors (new ones first), size warnings, then
- * the rest — and when the text would not fit in `maxChars` it is shortened from the least important end, always
+ * the rest, then what the change does to the packages (versions, licenses, …) — and when the text would not fit in
+ * `maxChars` it is shortened from the least important end, always
  * saying what was left out. Tables are never cut mid-row: a table is either shown (perhaps with its first rows only)
  * or replaced by a count line.
  */
@@ -33,6 +35,12 @@ interface Table {
   noun: string;
   header: string;
   rows: string[];
+  /** The number in the heading, where a row stands for several attributes (default: the rows). */
+  count?: number;
+  /** Heading level: 3, or 4 for a table inside a section (Package changes). */
+  level?: 3 | 4;
+  /** Blocks shown before the heading when the table has rows: the heading and counts of the section it opens. */
+  lead?: string[];
 }
 
 interface RootCauseGroup {
@@ -99,9 +107,11 @@ function render(doc: Document, plan: Plan, maxChars: number): string[] {
 function renderTable(table: Table, shown: number): string[] {
   const n = table.rows.length;
   if (n === 0) return [];
-  const heading = `### ${table.heading} (${fmt(n)})`;
-  if (shown === 0) return [heading, `… ${fmt(n)} ${table.noun} left out to fit.`];
-  const blocks = [heading, [table.header, ...table.rows.slice(0, shown)].join('\n')];
+  const count = table.count ?? n;
+  const heading = `${'#'.repeat(table.level ?? 3)} ${table.heading} (${fmt(count)})`;
+  const lead = table.lead ?? [];
+  if (shown === 0) return [...lead, heading, `… ${fmt(count)} ${table.noun} left out to fit.`];
+  const blocks = [...lead, heading, [table.header, ...table.rows.slice(0, shown)].join('\n')];
   // A blank line must separate this from the table, or GFM would read it as one more row.
   if (shown < n) blocks.push(`… ${fmt(n - shown)} more not shown.`);
   return blocks;
@@ -154,8 +164,9 @@ function largest(lo: number, hi: number, ok: (x: number) => boolean): number | u
 
 function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']): Document {
   const attrs = [...review.attrs].sort(byName);
-  const multiJob = new Set(attrs.map((a) => a.job)).size > 1;
-  const label = (a: AttrReview) => codeCell(a.attr) + (multiJob ? ` (${escapeText(a.job)})` : '');
+  const changed = review.changes ? (Object.values(review.changes) as PackageRef[][]).flat() : [];
+  const multiJob = new Set([...attrs, ...changed].map((a) => a.job)).size > 1;
+  const label = (a: PackageRef) => codeCell(a.attr) + (multiJob ? ` (${escapeText(a.job)})` : '');
   const system = (a: AttrReview) => (a.system ? codeCell(a.system) : '—');
   const link = detailsUrl ? (a: AttrReview) => [`[details](${escapeUrl(detailsUrl(a))})`] : () => [];
   const linkHeader = detailsUrl ? ['details'] : [];
@@ -216,6 +227,7 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
       header: header(['attribute', 'system', 'base result']),
       rows: removed.map((a) => row([label(a), system(a), side(a.base)])),
     },
+    ...packageTables(review, label),
     dependencyTable(attrs),
   ];
 
@@ -308,6 +320,127 @@ function rootCauseGroups(newlyFailing: AttrReview[]): RootCauseGroup[] {
   return [...groups.values()];
 }
 
+/**
+ * The change summary (review.changes): a counts line, then one table per kind of change — each attribute's own row
+ * where the change is its own (a version, `meta.broken`, a failing field, a package added or removed), one row per
+ * distinct change where many attributes often share it (a license, platforms, maintainers moving treewide).
+ */
+function packageTables(review: Review, label: (a: PackageRef) => string): Table[] {
+  const c = review.changes;
+  if (!c) return [];
+  const nothing = (list: string[]) => (list.length > 0 ? list.map(escapeText).join(', ') : '—');
+  const version = (v: string | null) => (v === null ? '—' : escapeText(v));
+  const pname = (p: string | null) => (p === null ? '—' : codeCell(p));
+  const brokenWord = (b: boolean) => (b ? 'broken' : 'not broken');
+  const grouped = (
+    heading: string,
+    noun: string,
+    columns: [string, string],
+    groups: Array<{ cells: [string, string]; attrs: PackageRef[] }>,
+    count: number,
+  ): Table => ({
+    heading,
+    noun,
+    header: header([...columns, 'attributes']),
+    rows: groups.map((g) => row([...g.cells, namedAttrs(g.attrs, true)])),
+    count,
+    level: 4,
+  });
+  const setGroups = (list: typeof c.platforms, show: (xs: string[]) => string) =>
+    groupChanges(list, (x) => JSON.stringify([x.added, x.removed])).map((g) => ({
+      cells: [show(g.change.added), show(g.change.removed)] as [string, string],
+      attrs: g.attrs,
+    }));
+  const newErrors = c.metaErrors.filter((e) => e.side === 'head').length;
+  const newlyBroken = c.broken.filter((b) => b.head).length;
+  const parts = [
+    ...(c.versions.length > 0 ? [plural(c.versions.length, 'version change')] : []),
+    ...(c.added.length > 0 ? [plural(c.added.length, 'new package')] : []),
+    ...(c.removed.length > 0 ? [plural(c.removed.length, 'removed package')] : []),
+    ...(newlyBroken > 0 ? [`${fmt(newlyBroken)} newly broken`] : []),
+    ...(c.broken.length > newlyBroken ? [`${fmt(c.broken.length - newlyBroken)} no longer broken`] : []),
+    ...(c.licenses.length > 0 ? [plural(c.licenses.length, 'license change')] : []),
+    ...(c.platforms.length > 0 ? [plural(c.platforms.length, 'platform change')] : []),
+    ...(c.maintainers.length > 0 ? [plural(c.maintainers.length, 'maintainer change')] : []),
+    ...(newErrors > 0 ? [plural(newErrors, 'meta field') + ' newly failing to evaluate'] : []),
+    ...(c.metaErrors.length > newErrors ? [`${plural(c.metaErrors.length - newErrors, 'meta field')} fixed`] : []),
+  ];
+  const tables: Table[] = [
+    {
+      heading: 'Version changes',
+      noun: 'version changes',
+      header: header(['attribute', 'package', 'version base → head']),
+      rows: c.versions.map((v) =>
+        row([
+          label(v),
+          v.base.pname !== null && v.head.pname !== null && v.base.pname !== v.head.pname
+            ? `${pname(v.base.pname)} → ${pname(v.head.pname)}`
+            : pname(v.head.pname ?? v.base.pname),
+          `${version(v.base.version)} → ${version(v.head.version)}`,
+        ]),
+      ),
+      level: 4,
+    },
+    {
+      heading: 'Broken',
+      noun: 'meta.broken changes',
+      header: header(['attribute', 'meta.broken base → head']),
+      rows: c.broken.map((b) => row([label(b), `${brokenWord(b.base)} → ${brokenWord(b.head)}`])),
+      level: 4,
+    },
+    grouped(
+      'License changes',
+      'license changes',
+      ['base', 'head'],
+      groupChanges(c.licenses, (l) => JSON.stringify([l.base, l.head])).map((g) => ({
+        cells: [nothing(g.change.base), nothing(g.change.head)],
+        attrs: g.attrs,
+      })),
+      c.licenses.length,
+    ),
+    {
+      heading: 'Meta fields failing to evaluate',
+      noun: 'meta evaluation errors',
+      header: header(['attribute', 'field', 'base → head', 'error']),
+      rows: c.metaErrors.map((e) =>
+        row([label(e), codeCell(e.field), e.side === 'head' ? 'ok → error' : 'error → ok', errorCell(e.error)]),
+      ),
+      level: 4,
+    },
+    {
+      heading: 'New packages',
+      noun: 'new packages',
+      header: header(['attribute', 'package', 'version']),
+      rows: c.added.map((p) => row([label(p), pname(p.pname), version(p.version)])),
+      level: 4,
+    },
+    {
+      heading: 'Removed packages',
+      noun: 'removed packages',
+      header: header(['attribute', 'package', 'version']),
+      rows: c.removed.map((p) => row([label(p), pname(p.pname), version(p.version)])),
+      level: 4,
+    },
+    grouped(
+      'Platform changes',
+      'platform changes',
+      ['added', 'removed'],
+      setGroups(c.platforms, nothing),
+      c.platforms.length,
+    ),
+    grouped(
+      'Maintainer changes',
+      'maintainer changes',
+      ['added', 'removed'],
+      setGroups(c.maintainers, nothing),
+      c.maintainers.length,
+    ),
+  ];
+  const first = tables.find((t) => t.rows.length > 0);
+  if (first) first.lead = ['### Package changes', `${parts.join(', ')}.`];
+  return tables;
+}
+
 /** Dependency changes grouped by what changed, most widespread first: a version bump shows once, not per attribute. */
 function dependencyTable(attrs: AttrReview[]): Table {
   const groups = new Map<string, { name: string; base: string[]; head: string[]; attrs: AttrReview[] }>();
@@ -329,7 +462,7 @@ function dependencyTable(attrs: AttrReview[]): Table {
   };
 }
 
-function namedAttrs(attrs: AttrReview[], inTable: boolean): string {
+function namedAttrs(attrs: ReadonlyArray<{ attr: string }>, inTable: boolean): string {
   const names = [...new Set(attrs.map((a) => a.attr))];
   const shown = names.slice(0, MAX_NAMED_ATTRS).map(inTable ? codeCell : codeSpan);
   const more = names.length - shown.length;
@@ -359,10 +492,21 @@ function errorCell(error: string): string {
   return message ? escapeText(truncate(message, MAX_ERROR_CHARS)) : '—';
 }
 
+/** What a size was compared with, where the job's size_check.base_branch chose it. */
+function baselineNote(s: OutputSizes): string {
+  const b = s.baseline;
+  if (!b) return '';
+  const branch = escapeText(b.branch);
+  const commit = b.commit.slice(0, 12);
+  return b.kind === 'branch'
+    ? ` (${branch} @ ${commit})`
+    : ` (the pull request's base ${commit}: ${branch} has no recorded build of it)`;
+}
+
 function sizeCells(s: OutputSizes): string[] {
   const signed = (n: number | null, f: (n: number) => string) => (n === null ? '—' : (n < 0 ? '−' : '+') + f(n));
   return [
-    s.base ? bytes(s.base.closureSize) : '—',
+    (s.base ? bytes(s.base.closureSize) : '—') + baselineNote(s),
     s.head ? bytes(s.head.closureSize) : '—',
     signed(s.closureSizeDelta, (n) => bytes(Math.abs(n))),
     signed(s.closureSizePercent, (n) => `${Math.abs(n).toFixed(1)} %`),

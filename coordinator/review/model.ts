@@ -4,6 +4,8 @@
  * form is exactly this model.
  */
 
+import type { ChangeSummary } from './change-summary.js';
+
 export type Change = 'added' | 'removed' | 'changed' | 'unchanged';
 
 export type BuildOutcomeName =
@@ -31,6 +33,19 @@ export interface OutputSizes {
   closureSizePercent: number | null;
   /** The job's size_check.max_increase_percent was exceeded. */
   warning: boolean;
+  /**
+   * Set when the job's size_check.base_branch names a branch: what `base` is. `branch`: the newest recorded build of
+   * that branch with this attribute, from `commit`. `pull-request-base`: the branch has no recorded sizes of it, so
+   * `base` is the pull request's base commit (`commit`), as without base_branch.
+   */
+  baseline?: SizeBaseline;
+}
+
+export interface SizeBaseline {
+  kind: 'branch' | 'pull-request-base';
+  /** The branch size_check.base_branch names (also for `pull-request-base`). */
+  branch: string;
+  commit: string;
 }
 
 export interface DependencyChange {
@@ -75,6 +90,11 @@ export interface Review {
   summary: Record<string, number>;
   /** The head's repository checks (`checks.<name>` of its configuration), one per check and system. */
   checks?: CheckResult[];
+  /**
+   * What the change does to the packages (versions, new and removed packages, license, maintainers, platforms,
+   * broken), over every attribute of both evaluations — a meta-only change leaves the drv alike. Absent when none.
+   */
+  changes?: ChangeSummary;
 }
 
 /** A repository check on one system, as it stands. */

@@ -2,9 +2,10 @@ import type { EvalResult } from '../eval/eval-result.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import type { BuildState } from '../scheduler/build-state.js';
 import { classifyOutcome, summarise } from './classify.js';
+import { changeSummarySteps, isEmptySummary } from './change-summary.js';
 import { diffClosures, runtimeClosure } from './closure-diff.js';
-import type { AttrReview, BuildOutcomeName, Review, SideResult } from './model.js';
-import { compareSizes } from './sizes.js';
+import type { AttrReview, BuildOutcomeName, OutputSizes, Review, SideResult } from './model.js';
+import { type SizesByOutput, compareSizes, compareWithBranch } from './sizes.js';
 import { turn } from '../../common/turn.js';
 
 /** What the builder needs to know about one derivation's build, from the coordinator's database. */
@@ -22,6 +23,8 @@ export interface ReviewInputs {
     /** The job's gates (the base's: see base-policy). */
     allowEvalFailures: boolean;
     maxIncreasePercent: number | undefined;
+    /** `size_check.base_branch`: sizes compare with that branch's newest recorded build (`branchSizes`). */
+    sizeBaseBranch?: string | undefined;
     diff: StoredJobDiff;
     base: readonly EvalResult[];
     head: readonly EvalResult[];
@@ -31,6 +34,8 @@ export interface ReviewInputs {
   logTail(drvPath: string, lines: number): string;
   /** A store path's references, from the binary cache; [] when unknown. */
   references(path: string): Promise<string[]>;
+  /** An attribute's sizes in the newest recorded build of a branch (see SizeHistory); undefined when there is none. */
+  branchSizes?(branch: string, job: string, attr: string): { commit: string; sizes: SizesByOutput } | undefined;
 }
 
 // As many log lines as a reviewer reads before opening the full log.
@@ -67,10 +72,9 @@ export async function buildReview(inputs: ReviewInputs): Promise<Review> {
       if (head?.build === 'dependency-failed' && rootCause) {
         review.rootCauses = [{ drv: rootCause, logTail: inputs.logTail(rootCause, ROOT_CAUSE_LOG_LINES) }];
       }
+      const sizes = attrSizes(job, d.attr, d.change, base, head, inputs);
+      if (sizes.length > 0) review.sizes = sizes;
       if (d.change === 'changed' && base?.drv && head?.drv) {
-        const baseOut = sizesOf(inputs.build(base.drv));
-        const headOut = sizesOf(inputs.build(head.drv));
-        if (baseOut || headOut) review.sizes = compareSizes(baseOut, headOut, job.maxIncreasePercent);
         if (base.build === 'succeeded' && head.build === 'succeeded') {
           const dependencies = diffClosures(
             await closureOf(inputs.build(base.drv), inputs),
@@ -82,7 +86,18 @@ export async function buildReview(inputs: ReviewInputs): Promise<Review> {
       attrs.push(review);
     }
   }
-  return { base: { rev: inputs.baseRev }, head: { rev: inputs.headRev }, attrs, summary: summarise(attrs) };
+  const result: Review = {
+    base: { rev: inputs.baseRev },
+    head: { rev: inputs.headRev },
+    attrs,
+    summary: summarise(attrs),
+  };
+  // Over every attribute of both sides, not the diff's: a meta-only change (a license) leaves the drv alike.
+  const steps = changeSummarySteps(inputs.jobs);
+  let step = steps.next();
+  for (; !step.done; step = steps.next()) await turn();
+  if (!isEmptySummary(step.value)) result.changes = step.value;
+  return result;
 }
 
 function side(e: EvalResult, inputs: ReviewInputs): SideResult {
@@ -107,6 +122,29 @@ export function outcomeName(state: BuildState | undefined): BuildOutcomeName {
     default:
       return 'not-built';
   }
+}
+
+/**
+ * Base and head sizes of a changed attribute. A job with size_check.base_branch measures an added attribute too, and
+ * against that branch's newest recorded build where there is one (see compareWithBranch).
+ */
+function attrSizes(
+  job: ReviewInputs['jobs'][number],
+  attr: string,
+  change: AttrReview['change'],
+  base: SideResult | undefined,
+  head: SideResult | undefined,
+  inputs: ReviewInputs,
+): OutputSizes[] {
+  if (!head?.drv || (change !== 'changed' && change !== 'added')) return [];
+  const headOut = sizesOf(inputs.build(head.drv));
+  const prBase =
+    change === 'changed' && base?.drv ? { commit: inputs.baseRev, sizes: sizesOf(inputs.build(base.drv)) } : undefined;
+  if (job.sizeBaseBranch) {
+    const newest = inputs.branchSizes?.(job.sizeBaseBranch, job.name, attr);
+    return compareWithBranch(job.sizeBaseBranch, newest, prBase, headOut, job.maxIncreasePercent);
+  }
+  return prBase ? compareSizes(prBase.sizes, headOut, job.maxIncreasePercent) : [];
 }
 
 function sizesOf(facts: BuildFacts | undefined): Record<string, { narSize: number; closureSize: number }> | undefined {

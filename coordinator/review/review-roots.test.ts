@@ -4,6 +4,7 @@ import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { diffEvaluations } from '../graph/rebuild-diff.js';
 import type { BuildState } from '../scheduler/build-state.js';
+import type { BuildRules } from './build-limits.js';
 import { type ReviewRoot, reviewRoots } from './review-roots.js';
 
 const SYSTEM = 'x86_64-linux';
@@ -40,7 +41,7 @@ describe('reviewRoots', () => {
       [pkg('changed', '1'), pkg('same', '1'), pkg('gone', '1')],
       [pkg('changed', '2'), pkg('same', '1'), pkg('fresh', '1')],
     );
-    const roots = reviewRoots({ ...c, named: [], builds: builds() });
+    const roots = reviewRoots({ ...c, named: [], builds: builds() }).roots;
     expect(sides(roots)).toEqual(['base pkgs.changed', 'head pkgs.changed', 'head pkgs.fresh']);
     expect(roots.find((r) => r.side === 'base')).toEqual({
       side: 'base',
@@ -56,7 +57,7 @@ describe('reviewRoots', () => {
       [pkg('moved', '1'), pkg('other', '1')],
       [pkg('moved', '2', elsewhere), pkg('other', '2'), pkg('new', '1', elsewhere)],
     );
-    expect(sides(reviewRoots({ ...c, named: ['moved', 'new'], builds: builds() }))).toEqual([
+    expect(sides(reviewRoots({ ...c, named: ['moved', 'new'], builds: builds() }).roots)).toEqual([
       'base pkgs.other',
       'head pkgs.other',
     ]);
@@ -64,7 +65,7 @@ describe('reviewRoots', () => {
 
   it('builds attributes named by commands and commit titles, changed or not, and ignores names it does not have', () => {
     const c = change([pkg('hello', '1'), pkg('cowsay', '1')], [pkg('hello', '1'), pkg('cowsay', '1')]);
-    const roots = reviewRoots({ ...c, named: ['hello', 'nosuch'], builds: builds() });
+    const roots = reviewRoots({ ...c, named: ['hello', 'nosuch'], builds: builds() }).roots;
     expect(sides(roots)).toEqual(['head pkgs.hello']);
   });
 
@@ -84,14 +85,14 @@ describe('reviewRoots', () => {
       },
       { [drv('after-cancelled-1')]: drv('cancelled-1'), [drv('after-failed-1')]: drv('failed-1') },
     );
-    const bases = reviewRoots({ ...c, named: [], builds: known }).filter((r) => r.side === 'base');
+    const bases = reviewRoots({ ...c, named: [], builds: known }).roots.filter((r) => r.side === 'base');
     expect(bases.map((r) => r.attr).sort()).toEqual(['pkgs.after-cancelled', 'pkgs.cancelled', 'pkgs.unbuildable']);
   });
 
   it('does not build a base whose build already ended with an outcome, whatever it was', () => {
     const c = change([pkg('a', '1'), pkg('b', '1'), pkg('c', '1')], [pkg('a', '2'), pkg('b', '2'), pkg('c', '2')]);
     const known = builds({ [drv('a-1')]: 'failed', [drv('b-1')]: 'succeeded', [drv('c-1')]: 'building' });
-    expect(sides(reviewRoots({ ...c, named: [], builds: known }))).toEqual([
+    expect(sides(reviewRoots({ ...c, named: [], builds: known }).roots)).toEqual([
       'base pkgs.c',
       'head pkgs.a',
       'head pkgs.b',
@@ -101,7 +102,7 @@ describe('reviewRoots', () => {
 
   it('builds only the base of an attribute that fails to evaluate on head', () => {
     const c = change([pkg('broken', '1')], [{ attr: 'broken', error: 'error: boom' }]);
-    expect(sides(reviewRoots({ ...c, named: ['broken'], builds: builds() }))).toEqual(['base pkgs.broken']);
+    expect(sides(reviewRoots({ ...c, named: ['broken'], builds: builds() }).roots)).toEqual(['base pkgs.broken']);
   });
 
   it('without a base (a push), builds every attribute of the head that its platforms allow', () => {
@@ -110,6 +111,165 @@ describe('reviewRoots', () => {
       pkg('b', '1', { skipped: 'unsupported-platform' }),
       { attr: 'c', error: 'error: boom' },
     ]);
-    expect(sides(reviewRoots({ head, diffs: undefined, named: [], builds: builds() }))).toEqual(['head pkgs.a']);
+    expect(sides(reviewRoots({ head, diffs: undefined, named: [], builds: builds() }).roots)).toEqual(['head pkgs.a']);
+  });
+});
+
+describe('reviewRoots under build limits', () => {
+  const NAMES = ['a', 'b', 'c', 'd', 'e'];
+  /** Five attributes, every one changed: five rebuilds on SYSTEM. */
+  const massChange = () =>
+    change(
+      NAMES.map((n) => pkg(n, '1')),
+      NAMES.map((n) => pkg(n, '2')),
+    );
+  const rules = (
+    jobs: Record<string, { maxRebuildCount?: number; skipBuildPaths?: string[] }>,
+    o: { server?: number; files?: string[] } = {},
+  ): BuildRules => ({
+    jobs: new Map(
+      Object.entries(jobs).map(([name, j]) => [
+        name,
+        { maxRebuildCount: j.maxRebuildCount, skipBuildPaths: j.skipBuildPaths },
+      ]),
+    ),
+    serverMaxRebuildCount: o.server ?? 0,
+    changedFiles: o.files,
+  });
+
+  it('builds nothing of a job whose rebuilds on a system exceed its max_rebuild_count, and says why', () => {
+    const plan = reviewRoots({
+      ...massChange(),
+      named: [],
+      builds: builds(),
+      rules: rules({ pkgs: { maxRebuildCount: 3 } }),
+    });
+    expect(plan.roots).toEqual([]);
+    expect(plan.limits).toEqual([
+      {
+        limit: { kind: 'max-rebuild-count', job: 'pkgs', system: SYSTEM, rebuilds: 5, limit: 3, from: 'job' },
+        built: [],
+      },
+    ]);
+  });
+
+  it('still builds the attributes named by commands and commit titles, on both sides, and lists them', () => {
+    const plan = reviewRoots({
+      ...massChange(),
+      named: ['a', 'nosuch'],
+      builds: builds(),
+      rules: rules({ pkgs: { maxRebuildCount: 3 } }),
+    });
+    expect(sides(plan.roots)).toEqual(['base pkgs.a', 'head pkgs.a']);
+    expect(plan.limits[0]!.built).toEqual([{ side: 'head', drvPath: drv('a-2'), attr: 'pkgs.a', system: SYSTEM }]);
+  });
+
+  it('builds as usual at the limit itself, without a limit, and for a push', () => {
+    for (const r of [rules({ pkgs: { maxRebuildCount: 5 } }), rules({ pkgs: { maxRebuildCount: 0 } }), rules({})]) {
+      const plan = reviewRoots({ ...massChange(), named: [], builds: builds(), rules: r });
+      expect(plan.limits).toEqual([]);
+      expect(plan.roots).toHaveLength(10);
+    }
+    const push = reviewRoots({
+      head: massChange().head,
+      diffs: undefined,
+      named: [],
+      builds: builds(),
+      rules: rules({ pkgs: { maxRebuildCount: 1 } }),
+    });
+    expect(push.limits).toEqual([]);
+    expect(push.roots).toHaveLength(5);
+  });
+
+  it("takes the smaller of the job's and the server's limit: a job may lower the server's, never lift it", () => {
+    const limitOf = (r: BuildRules) =>
+      reviewRoots({ ...massChange(), named: [], builds: builds(), rules: r }).limits.map((l) => l.limit);
+    expect(limitOf(rules({}, { server: 4 }))).toEqual([expect.objectContaining({ limit: 4, from: 'server' })]);
+    expect(limitOf(rules({ pkgs: { maxRebuildCount: 2 } }, { server: 4 }))).toEqual([
+      expect.objectContaining({ limit: 2, from: 'job' }),
+    ]);
+    expect(limitOf(rules({ pkgs: { maxRebuildCount: 0 } }, { server: 4 }))).toEqual([
+      expect.objectContaining({ limit: 4, from: 'server' }),
+    ]);
+    expect(limitOf(rules({ pkgs: { maxRebuildCount: 100 } }, { server: 4 }))).toEqual([
+      expect.objectContaining({ limit: 4, from: 'server' }),
+    ]);
+    expect(limitOf(rules({ pkgs: { maxRebuildCount: 100 } }, { server: 0 }))).toEqual([]);
+  });
+
+  it('holds back only the job and the system over the limit', () => {
+    const DARWIN = 'aarch64-darwin';
+    const onDarwin = (attr: string, version: string): EvalResult => pkg(attr, version, { system: DARWIN });
+    const graph = { inputsOf: () => [], systemOf: (d: string) => (d.includes('-mac') ? DARWIN : SYSTEM) };
+    const baseAttrs = [pkg('x', '1'), onDarwin('mac1', '1'), onDarwin('mac2', '1')];
+    const headAttrs = [pkg('x', '2'), onDarwin('mac1', '2'), onDarwin('mac2', '2')];
+    const other = [pkg('y', '1')];
+    const otherHead = [pkg('y', '2'), pkg('z', '1')];
+    const job = (name: string, attrs: EvalResult[]) => ({
+      name,
+      allowEvalFailures: false,
+      maxIncreasePercent: undefined,
+      seconds: 0,
+      attrs,
+    });
+    const head: CommitEvaluation = { commit: 'head', jobs: [job('pkgs', headAttrs), job('other', otherHead)] };
+    const diffs = [
+      { name: 'pkgs', ...diffEvaluations(baseAttrs, headAttrs, graph) },
+      { name: 'other', ...diffEvaluations(other, otherHead, graph) },
+    ];
+    // pkgs: 2 rebuilds on darwin, 1 on linux; other: 2 on linux, but other sets no limit.
+    const plan = reviewRoots({
+      head,
+      diffs,
+      named: [],
+      builds: builds(),
+      rules: rules({ pkgs: { maxRebuildCount: 1 } }),
+    });
+    expect(plan.limits.map((l) => l.limit)).toEqual([
+      { kind: 'max-rebuild-count', job: 'pkgs', system: DARWIN, rebuilds: 2, limit: 1, from: 'job' },
+    ]);
+    expect(sides(plan.roots)).toEqual(['base other.y', 'base pkgs.x', 'head other.y', 'head other.z', 'head pkgs.x']);
+  });
+
+  it('builds nothing of a job when every changed file matches its skip_build_paths, and names the globs', () => {
+    const r = rules(
+      { pkgs: { skipBuildPaths: ['doc/**', '*.md', 'unused/**'] } },
+      {
+        files: ['doc/manual/index.xml', 'README.md', 'pkgs/hello/NOTES.md'],
+      },
+    );
+    const plan = reviewRoots({ ...massChange(), named: [], builds: builds(), rules: r });
+    expect(plan.roots).toEqual([]);
+    expect(plan.limits.map((l) => l.limit)).toEqual([
+      {
+        kind: 'skip-build-paths',
+        job: 'pkgs',
+        files: 3,
+        globs: [
+          { glob: 'doc/**', files: 1 },
+          { glob: '*.md', files: 2 },
+        ],
+      },
+    ]);
+    // A named attribute is built even so.
+    expect(sides(reviewRoots({ ...massChange(), named: ['e'], builds: builds(), rules: r }).roots)).toEqual([
+      'base pkgs.e',
+      'head pkgs.e',
+    ]);
+  });
+
+  it('reports no limit for a job the change rebuilds nothing of, even when every file matches', () => {
+    const same = change([pkg('a', '1')], [pkg('a', '1')]);
+    const r = rules({ pkgs: { skipBuildPaths: ['*.md'] } }, { files: ['README.md'] });
+    expect(reviewRoots({ ...same, named: [], builds: builds(), rules: r })).toEqual({ roots: [], limits: [] });
+  });
+
+  it('builds as usual when one changed file matches no glob, when nothing changed, and without the list', () => {
+    const globs = { pkgs: { skipBuildPaths: ['doc/**', '*.md'] } };
+    for (const files of [['doc/index.md', 'pkgs/hello/default.nix'], [], undefined]) {
+      const plan = reviewRoots({ ...massChange(), named: [], builds: builds(), rules: rules(globs, { files }) });
+      expect(plan.limits).toEqual([]);
+      expect(plan.roots).toHaveLength(10);
+    }
   });
 });

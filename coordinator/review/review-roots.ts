@@ -1,6 +1,7 @@
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import type { BuildState } from '../scheduler/build-state.js';
+import { type AppliedLimit, type BuildRules, decideBuildLimits, holdsBack } from './build-limits.js';
 
 /** One derivation a review builds: the head or base side of an attribute (`<job>.<attr>`). */
 export interface ReviewRoot {
@@ -18,6 +19,14 @@ export interface RootsRequest {
   named: readonly string[];
   /** What the coordinator knows of a derivation's build (a BuildStore). */
   builds: BuildRecords;
+  /** The base's build rules (see build-limits.ts); undefined: none hold anything back. */
+  rules?: BuildRules;
+}
+
+/** What a review builds, and the limits that held builds back (each with what was built despite it). */
+export interface ReviewPlan {
+  roots: ReviewRoot[];
+  limits: AppliedLimit[];
 }
 
 export interface BuildRecords {
@@ -49,11 +58,17 @@ export function hasOutcome(builds: BuildRecords, drvPath: string): boolean {
  * - the base side of every changed attribute, unless the base's result is known already (`hasOutcome`): the
  *   comparison needs it, and a base result serves every later review of that base;
  * - never an attribute whose head is skipped, on either side: its `meta.platforms`, or the job's systems, exclude its
- *   system, so a build would only fail for a reason the change did not bring.
+ *   system, so a build would only fail for a reason the change did not bring;
+ * - of a job and system that a limit holds back (a mass rebuild, a change touching only `skip_build_paths`: see
+ *   build-limits.ts), only the attributes asked for by name, on either side.
  */
-export function reviewRoots(request: RootsRequest): ReviewRoot[] {
+export function reviewRoots(request: RootsRequest): ReviewPlan {
   const named = new Set(request.named);
   const roots: ReviewRoot[] = [];
+  const { diffs, rules } = request;
+  const decided = diffs && rules ? decideBuildLimits(diffs, rules) : [];
+  const limits = decided.map((limit) => ({ limit, built: [] as ReviewRoot[] }));
+  const held = (job: string, system: string): AppliedLimit[] => limits.filter((l) => holdsBack(l.limit, job, system));
   for (const job of request.head.jobs) {
     const diff = request.diffs?.find((d) => d.name === job.name);
     const diffOf = new Map((diff?.attrs ?? []).map((a) => [a.attr, a]));
@@ -62,13 +77,20 @@ export function reviewRoots(request: RootsRequest): ReviewRoot[] {
       if (!a.drvPath || a.skipped) continue;
       const change = diffOf.get(a.attr)?.change;
       if (request.diffs !== undefined && !named.has(a.attr) && change !== 'changed' && change !== 'added') continue;
-      roots.push({ side: 'head', drvPath: a.drvPath, attr: `${job.name}.${a.attr}`, system: a.system ?? 'unknown' });
+      const system = a.system ?? 'unknown';
+      const holding = held(job.name, system);
+      if (holding.length > 0 && !named.has(a.attr)) continue;
+      const root: ReviewRoot = { side: 'head', drvPath: a.drvPath, attr: `${job.name}.${a.attr}`, system };
+      roots.push(root);
+      for (const l of holding) l.built.push(root);
     }
     for (const d of diff?.attrs ?? []) {
       if (d.change !== 'changed' || !d.baseDrv || skipped.has(d.attr)) continue;
       if (hasOutcome(request.builds, d.baseDrv)) continue;
-      roots.push({ side: 'base', drvPath: d.baseDrv, attr: `${job.name}.${d.attr}`, system: d.system ?? 'unknown' });
+      const system = d.system ?? 'unknown';
+      if (!named.has(d.attr) && held(job.name, system).length > 0) continue;
+      roots.push({ side: 'base', drvPath: d.baseDrv, attr: `${job.name}.${d.attr}`, system });
     }
   }
-  return roots;
+  return { roots, limits };
 }

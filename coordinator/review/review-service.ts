@@ -7,6 +7,8 @@ import type { BuildStore } from '../scheduler/build-store.js';
 import type { CheckResult, Review } from './model.js';
 import { changesConfig, gatesFor } from './base-policy.js';
 import { type BuildFacts, buildReview } from './review-builder.js';
+import { type SizeHistory, branchPoints } from './size-history.js';
+import type { RunRoot } from '../github/run-store.js';
 import { turn } from '../../common/turn.js';
 
 export interface ReviewSources {
@@ -18,6 +20,8 @@ export interface ReviewSources {
   references(path: string): Promise<string[]>;
   /** The repository checks of a commit, as they stand. */
   checks?(repo: string, commit: string): CheckResult[];
+  /** Branches' sizes over time: recorded as runs end, the baseline of `size_check.base_branch`. */
+  sizes?: SizeHistory;
 }
 
 /**
@@ -79,11 +83,24 @@ export class ReviewService {
       build: (drv) => buildFacts(store, drv),
       logTail: (drv, lines) => logs.tail(logs.pathFor(drv, store.derivation(drv)?.attempts ?? 0), lines),
       references: (path) => this.sources.references(path),
+      branchSizes: (branch, job, attr) => this.sources.sizes?.newestOnBranch(repo, branch, job, attr),
     });
     if (changesConfig(baseEval, headEval)) review.configChanged = true;
     const checks = this.sources.checks?.(repo, headCommit) ?? [];
     if (checks.length > 0) review.checks = checks;
     return review;
+  }
+
+  /**
+   * Records the sizes a finished run built of a commit of its branch (see `branchPoints`): the history `size_check.
+   * base_branch` compares with and `/api/v1/sizes` serves.
+   */
+  async recordSizes(
+    run: Parameters<typeof branchPoints>[0],
+    roots: readonly RunRoot[],
+    evaluations: { head: CommitEvaluation; base: CommitEvaluation | undefined },
+  ): Promise<void> {
+    if (this.sources.sizes) await this.sources.sizes.record(branchPoints(run, roots, evaluations, this.sources.store));
   }
 
   /** The diff of each job both evaluations have; jobs never diffed before are diffed now and stored. */

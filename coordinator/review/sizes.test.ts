@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { compareSizes, formatBytes, formatBytesDelta } from './sizes.js';
+import { compareSizes, compareWithBranch, formatBytes, formatBytesDelta } from './sizes.js';
 
 const MiB = 1024 * 1024;
 
@@ -100,6 +100,43 @@ describe('compareSizes', () => {
 
   it('is empty when neither side has sizes', () => {
     expect(compareSizes(undefined, undefined, 10)).toEqual([]);
+  });
+});
+
+describe('compareWithBranch', () => {
+  const main = { commit: 'm', sizes: { out: { narSize: 100, closureSize: 1000 } } };
+  const prBase = { commit: 'b', sizes: { out: { narSize: 100, closureSize: 1100 } } };
+  const head = { out: { narSize: 100, closureSize: 1150 } };
+
+  it("measures head against the branch's newest build rather than the pull request's base, and names it", () => {
+    const [out] = compareWithBranch('main', main, prBase, head, 10);
+    expect(out).toMatchObject({
+      base: { closureSize: 1000 },
+      closureSizePercent: 15,
+      warning: true,
+      baseline: { kind: 'branch', branch: 'main', commit: 'm' },
+    });
+    // The same change against the pull request's own base grew 4.5%: no warning.
+    expect(compareSizes(prBase.sizes, head, 10)[0]).toMatchObject({ closureSizePercent: 4.5, warning: false });
+  });
+
+  it('measures an attribute the change adds against the branch', () => {
+    expect(compareWithBranch('main', main, undefined, head, 10)).toEqual([
+      expect.objectContaining({ closureSizeDelta: 150, baseline: { kind: 'branch', branch: 'main', commit: 'm' } }),
+    ]);
+  });
+
+  it("falls back to the pull request's base when the branch has no build of the attribute, and says so", () => {
+    const [out] = compareWithBranch('main', undefined, prBase, head, 10);
+    expect(out).toMatchObject({
+      base: { closureSize: 1100 },
+      warning: false,
+      baseline: { kind: 'pull-request-base', branch: 'main', commit: 'b' },
+    });
+  });
+
+  it('has nothing to compare for an added attribute the branch never built', () => {
+    expect(compareWithBranch('main', undefined, undefined, head, 10)).toEqual([]);
   });
 });
 

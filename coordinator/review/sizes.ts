@@ -1,4 +1,4 @@
-import type { OutputSizes } from './model.js';
+import type { OutputSizes, SizeBaseline } from './model.js';
 
 export interface Sizes {
   narSize: number;
@@ -43,6 +43,25 @@ export function compareSizes(
         maxIncreasePercent !== undefined && closureSizePercent !== null && closureSizePercent > maxIncreasePercent,
     };
   });
+}
+
+/**
+ * The sizes of an attribute whose job sets `size_check.base_branch`: head against `newest`, the branch's newest
+ * recorded build of the attribute, whether the change adds the attribute or changes it (a release branch measured
+ * against main). Without one, against the pull request's base (`prBase`; undefined for an attribute the change adds,
+ * which then has nothing to compare), as compareSizes would. Every row names its baseline.
+ */
+export function compareWithBranch(
+  branch: string,
+  newest: { commit: string; sizes: SizesByOutput } | undefined,
+  prBase: { commit: string; sizes: SizesByOutput | undefined } | undefined,
+  head: SizesByOutput | undefined,
+  maxIncreasePercent: number | undefined,
+): OutputSizes[] {
+  const against = newest ?? prBase;
+  if (!against) return [];
+  const baseline: SizeBaseline = { kind: newest ? 'branch' : 'pull-request-base', branch, commit: against.commit };
+  return compareSizes(against.sizes, head, maxIncreasePercent).map((s) => ({ ...s, baseline }));
 }
 
 function byOutputName(a: string, b: string): number {

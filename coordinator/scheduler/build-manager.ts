@@ -19,6 +19,8 @@ import type { LogStore } from '../logs/log-store.js';
 import { type HeldLease, LeaseTable } from '../agents/lease-table.js';
 import { type BuildState, FAILURE_STATES, SUCCESS_STATES, isTerminal } from './build-state.js';
 import type { AttemptState, BuildStore, DerivationRow, NewDerivation } from './build-store.js';
+import { BuildDurations, buildSeconds } from './build-durations.js';
+import { RunEtas } from './eta.js';
 import { type AgentCapabilities, Scheduler, agentMatchesLane, isUntrustedLane } from './scheduler.js';
 
 /** What the build pipeline needs from the binary cache. */
@@ -93,6 +95,12 @@ export class BuildManager extends EventEmitter {
   private flushScheduled = false;
   /** The binary caches a derivation's outputs go to from the agent that builds it (see CachePushService). */
   pushPlanner: (drvPath: string) => CachePush[] = () => [];
+  /** Build slots of the connected agents for a system (the coordinator sets it); 0: not known. */
+  slotsFor: (system: string) => number = () => 0;
+  /** How long builds of each package took: what ETAs are estimated from. */
+  readonly durations: BuildDurations;
+  /** ETAs of runs: the critical path of what they still need (eta.ts). */
+  readonly etas: RunEtas;
 
   constructor(
     private readonly store: BuildStore,
@@ -107,6 +115,21 @@ export class BuildManager extends EventEmitter {
     super();
     this.scheduler = new Scheduler(now);
     this.leases = new LeaseTable<Lease>(options.leaseTtlMs, logs, now);
+    this.durations = new BuildDurations(store.db, now);
+    this.etas = new RunEtas(
+      {
+        pending: (drvPath) => {
+          const v = this.scheduler.view(drvPath);
+          if (!v) return undefined;
+          const { system, fixedOutput } = v.spec;
+          return { system, fixedOutput, status: v.status, inputs: v.spec.pendingInputs };
+        },
+        runningSince: () => new Map(store.openAttempts().map((a) => [a.drv_path, a.started_at ?? a.assigned_at])),
+        slots: (system) => this.slotsFor(system),
+      },
+      this.durations,
+      now,
+    );
   }
 
   get pendingCount(): number {
@@ -429,6 +452,10 @@ export class BuildManager extends EventEmitter {
       this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
     } else if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
       for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
+      const seconds = buildSeconds(this.store.attempt(leaseId), f.finishedAtMs, now);
+      const row = this.store.derivation(lease.drvPath);
+      if (seconds !== undefined && row)
+        this.durations.record({ drvPath: row.drv_path, system: row.system, fixedOutput: row.is_fod === 1 }, seconds);
       this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
     } else if (outcomeDisposition(f.outcome) === 'retry') {
       this.retryOrFail(lease, error ?? 'infrastructure failure', now);

@@ -115,6 +115,12 @@ export class Scheduler {
     return this.nodes.get(drvPath)?.status;
   }
 
+  /** A scheduled derivation's spec and status, read only (for estimates such as a run's ETA). */
+  view(drvPath: string): { spec: Readonly<NodeSpec>; status: NodeStatus } | undefined {
+    const node = this.nodes.get(drvPath);
+    return node && { spec: node.spec, status: node.status };
+  }
+
   /**
    * Adds unfinished derivations. Specs may come in any order within one call, but every pending input must be
    * in this call or already known. Returns the derivations that became buildable.

@@ -3,6 +3,7 @@ import type { AttrReview, CheckResult, Review, SideResult } from '../../../coord
 import type { Memo } from '../api.js';
 import { type Child, h, link } from '../dom.js';
 import { buildHref, storeName } from '../format.js';
+import { packageChangesSection } from './review-changes.js';
 import { failureLog, logTail } from './review-logs.js';
 import { type SizeRow, sizeChanges, sizeTable } from './review-sizes.js';
 import { attrLink, table } from './review-table.js';
@@ -11,7 +12,8 @@ import { badge } from './widgets.js';
 /**
  * The review as a page, in the order a reviewer needs it (the markdown summary's, coordinator/review/markdown.ts):
  * the verdict; newly failing with each failing root and its log; evaluation errors; size changes with a chart;
- * dependency changes; newly succeeding; still failing; not built; added; removed. Every attribute links to its build.
+ * dependency changes; newly succeeding; still failing; not built; added; removed; package changes (versions, licenses,
+ * …). Every attribute links to its build.
  */
 
 // Failing roots whose log is read for the page (a root that broke its dependents has its tail in the review).
@@ -91,6 +93,7 @@ export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
         attrs.filter((a) => a.change === 'removed').map((a) => [name(a), a.system ?? '—', sideBadge(a.base)]),
       ),
     ]),
+    packageChangesSection(review, multiJob),
     notListed(review, attrs),
   );
 }

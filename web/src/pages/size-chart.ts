@@ -10,8 +10,12 @@ const BAR_HEIGHT = 7;
 const SPARK_WIDTH = 100;
 const SPARK_HEIGHT = 22;
 
-/** Two bars, base over head, on one scale (the larger of the two): how far the closure moved, at a glance. */
+/**
+ * Two bars, base over head, on one scale (the larger of the two): how far the closure moved, at a glance. The base is
+ * named by its baseline where the job's size_check.base_branch chose one (`main 1a2b3c4d5e`).
+ */
 export function sizeBars(s: OutputSizes): SVGElement {
+  const baseName = s.baseline?.kind === 'branch' ? `${s.baseline.branch} ${s.baseline.commit.slice(0, 10)}` : 'base';
   const base = s.base?.closureSize ?? 0;
   const head = s.head?.closureSize ?? 0;
   const max = Math.max(base, head, 1);
@@ -25,9 +29,9 @@ export function sizeBars(s: OutputSizes): SVGElement {
       height: BAR_HEIGHT * 2 + 3,
       viewBox: `0 0 ${BAR_WIDTH} ${BAR_HEIGHT * 2 + 3}`,
       role: 'img',
-      'aria-label': `closure ${bytes(base)} on base, ${bytes(head)} on head`,
+      'aria-label': `closure ${bytes(base)} on ${baseName}, ${bytes(head)} on head`,
     },
-    svg('title', null, `closure: base ${bytes(base)}, head ${bytes(head)}`),
+    svg('title', null, `closure: ${baseName} ${bytes(base)}, head ${bytes(head)}`),
     svg('rect', { class: 'bar-base', x: 0, y: 0, width: width(base), height: BAR_HEIGHT }),
     svg('rect', {
       class: `bar-head ${s.warning ? 'bar-warning' : grew ? 'bar-grew' : 'bar-shrank'}`,

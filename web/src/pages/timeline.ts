@@ -62,8 +62,16 @@ export function timelinePage(main: HTMLElement, id: number, signal: AbortSignal)
   }).then(load);
 }
 
-function runFacts(run: Run): HTMLElement {
+/** A building run's ETA (the API's `Run.eta`): the critical path of what is left, from earlier builds' durations. */
+interface RunEta {
+  seconds: number;
+  criticalPath: string[];
+  basis: { estimated: number; guessed: number };
+}
+
+function runFacts(run: Run & { eta?: RunEta | null }): HTMLElement {
   const what = run.kind === 'pull_request' ? `pull request #${run.prNumber ?? '?'}` : run.kind.replace('_', ' ');
+  const eta = run.eta;
   return h(
     'p',
     { class: 'run-facts' },
@@ -72,6 +80,15 @@ function runFacts(run: Run): HTMLElement {
     h('code', null, run.headSha.slice(0, 12)),
     run.baseSha && [' onto ', h('code', null, run.baseSha.slice(0, 12))],
     `, started ${ago(run.createdAt)}`,
+    eta && [
+      `; about ${duration(eta.seconds * 1000)} left`,
+      h(
+        'span',
+        { class: 'muted eta' },
+        ` (critical path: ${eta.criticalPath.map(storeName).join(' → ')}`,
+        eta.basis.guessed > 0 ? `; ${eta.basis.guessed} never built before, guessed)` : ')',
+      ),
+    ],
   );
 }
 

@@ -1,0 +1,232 @@
+import type { FetchOptions, FileAtCommit } from '../git/git-mirrors.js';
+import type { StoredJobDiff } from '../graph/diff-store.js';
+import { RepoConfigError } from '../repo-config/errors.js';
+import { compilePathGlob } from '../repo-config/path-globs.js';
+import { CONFIG_LOCATIONS, type JobBuildRules, buildRulesFromText } from '../repo-config/repo-config.js';
+
+/**
+ * How much of a change a review builds. Two rules hold builds back while the review still evaluates the change and
+ * counts its rebuilds:
+ *
+ * - **Mass rebuilds.** A job whose rebuild count on a system — the derivations of that system its head closure needs
+ *   and its base's did not — exceeds its `max_rebuild_count` builds nothing on that system. The limit is the smaller
+ *   of the job's own (`jobs.<name>.max_rebuild_count`) and the server's (`[rebuild] max_rebuild_count`), 0 or absent
+ *   meaning none: a repository may lower the operator's limit, never lift it. Counted per job and system because
+ *   builders are per system, and one system's mass rebuild (a darwin stdenv change) need not stop the others.
+ * - **Paths.** A job whose `skip_build_paths` globs match every file the change touches (a documentation-only
+ *   change) builds nothing. An empty change, or one touching any other file, builds as usual; one that rebuilds
+ *   nothing of the job is not reported as held back.
+ *
+ * Attributes named by `@eka-ci build` commands and OfBorg-style commit titles are built whatever the limits: someone
+ * asked for them. The rules are the base commit's, like every gate of a pull request (ARCHITECTURE.md §7); a push
+ * (no base) builds everything. `reviewRoots` applies them, and `limitReport` says what they held back.
+ */
+
+export interface BuildRules {
+  /** `jobs.<name>` of the base's configuration; a job only the head has is not here (the server's limit alone). */
+  jobs: ReadonlyMap<string, JobBuildRules>;
+  /** `[rebuild] max_rebuild_count`; 0: none. */
+  serverMaxRebuildCount: number;
+  /** The files the change touches; undefined when no job has `skip_build_paths` (nothing needs them). */
+  changedFiles: readonly string[] | undefined;
+}
+
+export type BuildLimit =
+  | {
+      kind: 'max-rebuild-count';
+      job: string;
+      system: string;
+      rebuilds: number;
+      limit: number;
+      /** Whose limit it is: the base's `jobs.<name>.max_rebuild_count`, or the server's `[rebuild]` one. */
+      from: 'job' | 'server';
+    }
+  | {
+      kind: 'skip-build-paths';
+      job: string;
+      /** How many files the change touches, all matched. */
+      files: number;
+      /** The globs that matched, each with how many of the files it matched first. */
+      globs: Array<{ glob: string; files: number }>;
+    };
+
+/** A limit with the attributes built despite it (named by a command or commit title): `job.attr` on `system`. */
+export interface AppliedLimit {
+  limit: BuildLimit;
+  built: Array<{ attr: string; system: string }>;
+}
+
+/** The limit that applies to a job: the smaller of its own and the server's (0 or undefined: none). */
+export function maxRebuildCountOf(
+  job: JobBuildRules | undefined,
+  server: number,
+): { limit: number; from: 'job' | 'server' } | undefined {
+  const own = job?.maxRebuildCount ?? 0;
+  if (own > 0 && (server === 0 || own <= server)) return { limit: own, from: 'job' };
+  return server > 0 ? { limit: server, from: 'server' } : undefined;
+}
+
+/** The limits a change's rebuild diff meets under `rules`, in job order. */
+export function decideBuildLimits(diffs: readonly StoredJobDiff[], rules: BuildRules): BuildLimit[] {
+  const limits: BuildLimit[] = [];
+  for (const diff of diffs) {
+    const job = rules.jobs.get(diff.name);
+    const max = maxRebuildCountOf(job, rules.serverMaxRebuildCount);
+    for (const [system, rebuilds] of Object.entries(diff.rebuildCountBySystem).sort(([a], [b]) => (a < b ? -1 : 1))) {
+      if (max && rebuilds > max.limit) {
+        limits.push({ kind: 'max-rebuild-count', job: diff.name, system, rebuilds, limit: max.limit, from: max.from });
+      }
+    }
+    // A change that rebuilds nothing of the job has nothing to hold back: its checks stay as they were.
+    const rebuilds = Object.values(diff.rebuildCountBySystem).reduce((a, b) => a + b, 0);
+    const matched = rebuilds > 0 ? allMatched(job?.skipBuildPaths ?? [], rules.changedFiles ?? []) : undefined;
+    if (matched)
+      limits.push({ kind: 'skip-build-paths', job: diff.name, files: rules.changedFiles!.length, globs: matched });
+  }
+  return limits;
+}
+
+/** Per glob, the files it matched first — when every file matched one; undefined otherwise (and for no files). */
+function allMatched(
+  globs: readonly string[],
+  files: readonly string[],
+): Array<{ glob: string; files: number }> | undefined {
+  if (globs.length === 0 || files.length === 0) return undefined;
+  const compiled = globs.map(compilePathGlob);
+  const counts = new Map<string, number>();
+  for (const file of files) {
+    const glob = compiled.find((g) => g.matches(file))?.glob;
+    if (glob === undefined) return undefined;
+    counts.set(glob, (counts.get(glob) ?? 0) + 1);
+  }
+  return globs.flatMap((glob) => (counts.has(glob) ? [{ glob, files: counts.get(glob)! }] : []));
+}
+
+/** Rebuilds per system over every job of a change. */
+export function rebuildsBySystem(diffs: readonly StoredJobDiff[]): Record<string, number> {
+  const sum: Record<string, number> = {};
+  for (const d of diffs) {
+    for (const [system, n] of Object.entries(d.rebuildCountBySystem)) sum[system] = (sum[system] ?? 0) + n;
+  }
+  return sum;
+}
+
+/** Whether a limit holds back the builds of `job` on `system`. */
+export function holdsBack(limit: BuildLimit, job: string, system: string): boolean {
+  return limit.job === job && (limit.kind === 'skip-build-paths' || limit.system === system);
+}
+
+/** What `readBuildRules` reads from: the coordinator's git mirrors. */
+export interface RulesSource {
+  fileAt(url: string, rev: string, path: string, options?: FetchOptions): Promise<FileAtCommit>;
+  changedFiles(url: string, base: string, head: string, options?: FetchOptions): Promise<string[]>;
+}
+
+/**
+ * The build rules of a change from `base` to `head`: each job's, from the base commit's configuration file (read
+ * from the mirror of `baseUrl`, no worktree), and the files the change touches when a job has `skip_build_paths`
+ * (from the mirror of `headUrl`, which for a fork borrows the base's objects: pass `headFetch.objectsFrom`).
+ */
+export async function readBuildRules(
+  git: RulesSource,
+  o: {
+    baseUrl: string;
+    headUrl: string;
+    base: string;
+    head: string;
+    serverMaxRebuildCount: number;
+    baseFetch?: FetchOptions;
+    headFetch?: FetchOptions;
+  },
+): Promise<BuildRules> {
+  let jobs = new Map<string, JobBuildRules>();
+  for (const location of CONFIG_LOCATIONS) {
+    const file = await git.fileAt(o.baseUrl, o.base, location, o.baseFetch);
+    if (file.kind === 'missing') continue;
+    const source = `${location} at the base ${o.base.slice(0, 12)}`;
+    if (file.kind === 'other') throw new RepoConfigError(source, [`is ${file.what}, not a file`]);
+    jobs = buildRulesFromText(file.text, source);
+    break;
+  }
+  const needFiles = [...jobs.values()].some((j) => (j.skipBuildPaths?.length ?? 0) > 0);
+  const changedFiles = needFiles ? await git.changedFiles(o.headUrl, o.base, o.head, o.headFetch) : undefined;
+  return { jobs, serverMaxRebuildCount: o.serverMaxRebuildCount, changedFiles };
+}
+
+/** What the limits held back, for a check run (title and markdown lines) and `ekaci review`'s output. */
+export interface LimitReport {
+  title: string;
+  lines: string[];
+}
+
+// Attributes listed by name in a report; the rest are counted.
+const MAX_LISTED_ATTRS = 20;
+
+const count = (n: number): string => n.toLocaleString('en-US');
+const plural = (n: number, one: string, many = `${one}s`): string => `${count(n)} ${n === 1 ? one : many}`;
+
+/**
+ * The report of the limits a review met: for one system's build check (`system`: only the limits on it), or for the
+ * whole change (the summary check, `ekaci review`), with the rebuild counts per system when given. Undefined when
+ * no limit held anything back there.
+ */
+export function limitReport(
+  applied: readonly AppliedLimit[],
+  o: { system?: string; rebuildCountBySystem?: Readonly<Record<string, number>> } = {},
+): LimitReport | undefined {
+  const here = applied.filter(
+    (a) => o.system === undefined || a.limit.kind === 'skip-build-paths' || a.limit.system === o.system,
+  );
+  const first = here[0];
+  if (first === undefined) return undefined;
+  const built = new Map<string, { attr: string; system: string }>();
+  for (const a of here) {
+    for (const b of a.built)
+      if (o.system === undefined || b.system === o.system) built.set(`${b.attr}\0${b.system}`, b);
+  }
+  const attrs = [...new Set([...built.values()].map((b) => b.attr))].sort();
+  const more = here.length > 1 ? ` (and ${plural(here.length - 1, 'more limit')})` : '';
+  const tail =
+    attrs.length > 0
+      ? `built only the ${plural(attrs.length, 'attribute')} named by commands/commit titles`
+      : 'built nothing';
+  const lines = [
+    '**Builds held back.** The change was evaluated and its rebuilds counted, but not built:',
+    '',
+    ...here.map((a) => `- ${describe(a.limit, 'line')}`),
+    '',
+    attrs.length > 0
+      ? `Built only the attributes named by commands or commit titles (${count(attrs.length)}): ` +
+        listed(attrs.map((a) => `\`${a}\``))
+      : 'Nothing was built. `@eka-ci build ATTR`, or a commit title such as `ATTR: 1.0 -> 2.0`, builds an attribute anyway.',
+  ];
+  const counts = Object.entries(o.rebuildCountBySystem ?? {}).sort(([a], [b]) => (a < b ? -1 : 1));
+  if (counts.length > 0)
+    lines.push('', `Rebuilds per system: ${counts.map(([s, n]) => `${s} ${count(n)}`).join(', ')}.`);
+  return { title: `${describe(first.limit, 'title')}${more}; ${tail}`, lines };
+}
+
+function listed(items: readonly string[]): string {
+  const shown = items.slice(0, MAX_LISTED_ATTRS).join(', ');
+  return items.length > MAX_LISTED_ATTRS ? `${shown} and ${count(items.length - MAX_LISTED_ATTRS)} more` : shown;
+}
+
+function describe(limit: BuildLimit, form: 'title' | 'line'): string {
+  if (limit.kind === 'max-rebuild-count') {
+    const what = `${count(limit.rebuilds)} rebuilds on ${limit.system} exceed max_rebuild_count ${count(limit.limit)}`;
+    if (form === 'title') return `Mass rebuild: ${what}`;
+    const whose =
+      limit.from === 'job'
+        ? `the base's jobs.${limit.job}.max_rebuild_count`
+        : "the server's [rebuild] max_rebuild_count";
+    return `job \`${limit.job}\`: ${what} (${whose})`;
+  }
+  const globs = limit.globs.map((g) =>
+    form === 'title' ? `${g.glob} matched ${count(g.files)}` : `\`${g.glob}\` (${count(g.files)})`,
+  );
+  if (form === 'title') {
+    return `Only files matching skip_build_paths changed: ${plural(limit.files, 'file')} (${globs.join(', ')})`;
+  }
+  const every = limit.files === 1 ? 'the one changed file matches' : `all ${count(limit.files)} changed files match`;
+  return `job \`${limit.job}\`: ${every} its skip_build_paths: ${globs.join(', ')}`;
+}
