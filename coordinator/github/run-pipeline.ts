@@ -11,7 +11,7 @@ import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
 import { newlyFailingDrvs } from '../review/classify.js';
-import { type BuildRules, limitReport, readBuildRules } from '../review/build-limits.js';
+import { type BuildRules, limitReport, readBuildRules, rebuildsBySystem } from '../review/build-limits.js';
 import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
@@ -205,7 +205,7 @@ export class RunPipeline {
     const diffs = base ? await this.deps.reviews.record(run.repo, base, head) : undefined;
     // Cancelled (a newer push, the pull request closed) while the diff was computed: it stays cancelled.
     if (!this.stillOpen(runId)) return;
-    const rebuildCountBySystem = diffs ? sumRebuilds(diffs) : {};
+    const rebuildCountBySystem = diffs ? rebuildsBySystem(diffs) : {};
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const { roots, limits } = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles), rules);
     runs.setRoots(runId, roots);
@@ -434,13 +434,4 @@ export function targetOf(run: Pick<RunRow, 'installation_id' | 'repo' | 'head_sh
 /** Systems the head evaluation has derivations for: each gets a build check, neutral when nothing was built. */
 function headSystems(head: CommitEvaluation): string[] {
   return [...new Set(head.jobs.flatMap((j) => j.attrs.flatMap((a) => (a.system && !a.skipped ? [a.system] : []))))];
-}
-
-/** Rebuilds per system over every job of a diff. */
-function sumRebuilds(diffs: readonly StoredJobDiff[]): Record<string, number> {
-  const sum: Record<string, number> = {};
-  for (const d of diffs) {
-    for (const [system, n] of Object.entries(d.rebuildCountBySystem)) sum[system] = (sum[system] ?? 0) + n;
-  }
-  return sum;
 }

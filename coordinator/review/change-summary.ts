@@ -118,12 +118,9 @@ export function changeSummary(jobs: readonly ChangeSummaryJob[]): ChangeSummary 
   }
 }
 
-/**
- * The same computation, yielding every STEP_ATTRS attributes so that a caller on the event loop can let it turn
- * (a nixpkgs review must not stall agents and webhooks while it compares 200,000 attributes).
- */
-export function* changeSummarySteps(jobs: readonly ChangeSummaryJob[]): Generator<void, ChangeSummary> {
-  const s: ChangeSummary = {
+/** A summary of no changes, to fill in. */
+export function emptyChangeSummary(): ChangeSummary {
+  return {
     versions: [],
     added: [],
     removed: [],
@@ -133,6 +130,14 @@ export function* changeSummarySteps(jobs: readonly ChangeSummaryJob[]): Generato
     broken: [],
     metaErrors: [],
   };
+}
+
+/**
+ * The same computation, yielding every STEP_ATTRS attributes so that a caller on the event loop can let it turn
+ * (a nixpkgs review must not stall agents and webhooks while it compares 200,000 attributes).
+ */
+export function* changeSummarySteps(jobs: readonly ChangeSummaryJob[]): Generator<void, ChangeSummary> {
+  const s = emptyChangeSummary();
   let n = 0;
   for (const job of jobs) {
     const base = new Map<string, EvaluatedAttr>();

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import type { ChangeSummary } from './change-summary.js';
+import { type ChangeSummary, emptyChangeSummary } from './change-summary.js';
 import { GITHUB_SUMMARY_MAX_CHARS, renderMarkdown } from './markdown.js';
 import type { AttrReview, BuildOutcomeName, Outcome, OutputSizes, Review } from './model.js';
 
@@ -253,16 +253,7 @@ describe('renderMarkdown', () => {
 
   describe('package changes', () => {
     const at = (attr: string) => ({ job: 'nixpkgs', attr, system: 'x86_64-linux' });
-    const noChanges = (): ChangeSummary => ({
-      versions: [],
-      added: [],
-      removed: [],
-      licenses: [],
-      maintainers: [],
-      platforms: [],
-      broken: [],
-      metaErrors: [],
-    });
+    const noChanges = emptyChangeSummary;
     const everyKind = (): ChangeSummary => ({
       versions: [
         { ...at('hello'), base: { pname: 'hello', version: '2.12' }, head: { pname: 'hello', version: '2.13' } },
