@@ -28,6 +28,7 @@ import {
 } from './eval-result.js';
 import { EvalWorker, type ReplReply } from './eval-worker.js';
 import { GcRoots } from './gc-roots.js';
+import { PathQueue } from './path-queue.js';
 import { evaluateWithNixEvalJobs, hasNixEvalJobs } from './nix-eval-jobs.js';
 
 export { DEFAULT_MAX_MEMORY_MIB, DEFAULT_WORKERS } from './eval-result.js';
@@ -138,7 +139,7 @@ class WorkerSlot {
 }
 
 class EvaluationRun {
-  private readonly queue: string[][] = [];
+  private readonly queue = new PathQueue();
   private busy = 0;
   private stopped = false;
   private waiters: (() => void)[] = [];
@@ -165,7 +166,7 @@ class EvaluationRun {
       throw new EvaluationError(`${this.o.file}${where}: ${listing.error}`);
     }
     const names = JSON.parse(listing.value) as string[] | null;
-    this.queue.push(...(names === null ? [[]] : names.map((n) => [n])));
+    this.queue.push(names === null ? [[]] : names.map((n) => [n]));
     const loops = [this.loop(first)];
     for (let i = 1; i < this.o.workers; i++) loops.push(this.loop(this.slot(undefined)));
     try {
@@ -197,23 +198,27 @@ class EvaluationRun {
   }
 
   private async loop(slot: WorkerSlot): Promise<void> {
+    // The group of paths this worker keeps to (see PathQueue).
+    let group: string | undefined;
     while (!this.stopped) {
-      if (this.queue.length === 0) {
+      if (this.queue.size === 0) {
         if (this.busy === 0) break;
         await new Promise<void>((resolve) => this.waiters.push(resolve));
         continue;
       }
       // Share out what is queued so no worker idles while another holds a full chunk.
-      const size = Math.min(MAX_CHUNK_SIZE, Math.ceil(this.queue.length / this.o.workers));
-      const chunk = this.queue.splice(0, size);
+      const size = Math.min(MAX_CHUNK_SIZE, Math.ceil(this.queue.size / this.o.workers));
+      const taken = this.queue.take(group, size)!;
+      group = taken.group;
       this.busy++;
       try {
-        await this.evalPaths(slot, chunk);
+        await this.evalPaths(slot, taken.paths);
       } finally {
         this.busy--;
         this.wakeAll();
       }
     }
+    if (group !== undefined) this.queue.leave(group);
     this.wakeAll();
   }
 
@@ -316,7 +321,7 @@ class EvaluationRun {
     if ('ignore' in item) return;
     if ('recurse' in item) {
       if (!Array.isArray(item.recurse)) return;
-      this.queue.push(...item.recurse.filter((n) => typeof n === 'string').map((n) => [...path, n]));
+      this.queue.push(item.recurse.filter((n) => typeof n === 'string').map((n) => [...path, n]));
       this.wakeAll();
       return;
     }
