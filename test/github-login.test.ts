@@ -1,6 +1,7 @@
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
+import { sseEvents } from '../common/sse.js';
 import { checkedFetch } from './support/api-contract.js';
 import { freePort } from './support/coordinator-harness.js';
 import { FakeGitHub, deliver, startGitHubCoordinator } from './support/github-app.js';
@@ -211,5 +212,44 @@ describe('logging in with GitHub', () => {
     );
     expect(await listed(eve)).not.toContain(REPO);
     expect((await pulls()).status).toBe(401);
+
+    // Live events of the repository's runs: the reader gets them; the other user only once it is public again.
+    const follow = async (cookie: string) => {
+      const controller = new AbortController();
+      const response = await fetch(`${base}/api/v1/events`, { headers: { cookie }, signal: controller.signal });
+      expect(response.status).toBe(200);
+      const runs: number[] = [];
+      void (async () => {
+        try {
+          for await (const e of sseEvents(response)) {
+            const data = JSON.parse(e.data) as { repo?: string };
+            if (e.event === 'run' && data.repo === REPO) runs.push(Number(e.id!.split(':')[1]));
+          }
+        } catch {
+          // aborted
+        }
+      })();
+      return { runs, stop: () => controller.abort() };
+    };
+    const [reader, other] = [await follow(mallory), await follow(eve)];
+    const alice = await logIn('alice');
+    const head = system.coordinator.github!.runs.runsOf({ repo: REPO })[0]!.head_sha;
+    const rerun = async () => {
+      const r = await checkedFetch(`${base}/api/v1/repos/${REPO}/commits/${head}/rebuild-failed`, {
+        method: 'POST',
+        headers: { cookie: alice, 'x-csrf-token': (await me(alice)).csrfToken! },
+      });
+      expect(r.status).toBe(202);
+    };
+    await rerun();
+    await expect.poll(() => reader.runs.length).toBeGreaterThan(0);
+    const lastPrivate = Math.max(...reader.runs);
+    system.coordinator.db.prepare('UPDATE github_repositories SET private = 0 WHERE full_name = ?').run(REPO);
+    await rerun();
+    await expect.poll(() => other.runs.length).toBeGreaterThan(0);
+    // Events reach each stream in order: had the private run's events been let through, they would be here first.
+    expect(Math.min(...other.runs)).toBeGreaterThan(lastPrivate);
+    reader.stop();
+    other.stop();
   });
 });

@@ -17,10 +17,31 @@ export function eventsRoute(ctx: RouterContext, bus: EventBus, access: AccessCon
   const principal = (ctx.state as RequestState).principal;
   const out = eventStream(ctx);
   let closed = false;
-  const send = (e: PublishedEvent): void => {
-    if (closed || !access.mayRead(principal, e.visibility)) return;
+  const write = (e: PublishedEvent): void => {
+    if (closed) return;
     out.write(`id: ${bus.idOf(e)}\nevent: ${e.event.type}\ndata: ${JSON.stringify(e.event)}\n\n`);
     if (out.writableLength > MAX_BACKLOG_BYTES) stop();
+  };
+  // A private repository's run and check events reach a logged-in user who may read the repository (asked once per
+  // repository and connection); they wait in order behind the answer, so the stream never reorders.
+  const readable = new Map<string, Promise<boolean>>();
+  let queue: Promise<void> = Promise.resolve();
+  const send = (e: PublishedEvent): void => {
+    if (closed) return;
+    const repo = 'repo' in e.event ? e.event.repo : undefined;
+    const mayRead = access.mayRead(principal, e.visibility);
+    if (mayRead && readable.size === 0) return write(e);
+    if (!mayRead && (principal.kind !== 'user' || repo === undefined)) return;
+    if (repo !== undefined && !mayRead && !readable.has(repo)) {
+      readable.set(
+        repo,
+        access.mayReadRepo(principal, repo, e.visibility).catch(() => false),
+      );
+    }
+    const allowed = mayRead ? Promise.resolve(true) : readable.get(repo!)!;
+    queue = queue.then(async () => {
+      if (await allowed) write(e);
+    });
   };
   let unsubscribe = (): void => {};
   function stop(): void {
