@@ -321,10 +321,24 @@ export class RunStore {
 
   /** A repository's pull requests in a state (`all`: both), each with its newest run of its current head. */
   pullRequests(repo: string, state: 'open' | 'closed' | 'all'): Array<PullRequestRow & { run: RunRow | undefined }> {
+    // Two statements for any number of pull requests (nixpkgs has thousands open), not one query per pull request.
     const prs = this.db
-      .prepare("SELECT * FROM github_pull_requests WHERE repo = ? AND (? = 'all' OR state = ?) ORDER BY number")
-      .all(repo, state, state) as PullRequestRow[];
-    return prs.map((p) => ({ ...p, run: this.latestPullRun(repo, p.number, p.head_sha) }));
+      .prepare(
+        `SELECT p.*, (SELECT r.id FROM github_runs r
+                       WHERE r.repo = p.repo AND r.head_sha = p.head_sha AND r.pr_number = p.number
+                         AND r.kind = 'pull_request' ORDER BY r.id DESC LIMIT 1) AS latest_run_id
+         FROM github_pull_requests p WHERE p.repo = ? AND (? = 'all' OR p.state = ?) ORDER BY p.number`,
+      )
+      .all(repo, state, state) as Array<PullRequestRow & { latest_run_id: number | null }>;
+    const ids = prs.flatMap((p) => (p.latest_run_id === null ? [] : [p.latest_run_id]));
+    const runs = new Map(
+      (
+        this.db
+          .prepare('SELECT * FROM github_runs WHERE id IN (SELECT value FROM json_each(?))')
+          .all(JSON.stringify(ids)) as RunRow[]
+      ).map((r) => [r.id, r]),
+    );
+    return prs.map(({ latest_run_id: id, ...p }) => ({ ...p, run: id === null ? undefined : runs.get(id) }));
   }
 
   /** The newest run of a pull request's head. */
