@@ -32,7 +32,6 @@ import { LogStore } from './logs/log-store.js';
 import { Health } from './health.js';
 import { createMetrics } from './metrics.js';
 import { BuildManager } from './scheduler/build-manager.js';
-import { connectedSlots } from './scheduler/eta.js';
 import { CheckManager, type CheckRow } from './checks/check-manager.js';
 import { checkSourcePath, checkSourceRouter } from './checks/source-route.js';
 import { BuildStore } from './scheduler/build-store.js';
@@ -164,7 +163,7 @@ export class Coordinator {
       logger.child({ component: 'caches' }),
     );
     this.manager.pushPlanner = (drvPath) => this.cachePushes.pushesFor(drvPath, this.publicUrl);
-    this.manager.slotsFor = (system) => connectedSlots(this.db, this.hub?.connectedCapabilities() ?? [], system);
+    this.manager.slotsFor = (system) => this.hub?.slotsFor(system) ?? 0;
     this.manager.on('pushed', (drvPath: string, results: CachePushResult[]) =>
       this.cachePushes.record(drvPath, results),
     );

@@ -165,6 +165,18 @@ export class AgentHub {
     return [...this.sessions.values()].flatMap((s) => (s.capabilities ? [s.capabilities] : []));
   }
 
+  /**
+   * Build slots for a system: the `max_jobs` each connected agent that builds it said in its Hello (a run's ETA divides
+   * the work left by them). Derivations of system `builtin` run on any agent.
+   */
+  slotsFor(system: string): number {
+    let slots = 0;
+    for (const s of this.sessions.values()) {
+      if (s.hello && (system === 'builtin' || s.hello.systems.includes(system))) slots += s.hello.maxJobs;
+    }
+    return slots;
+  }
+
   /** The connected agents as the API shows them: free slots and whether they drain (of their own accord). */
   connected(): Array<{ agentId: string; freeSlots: number; draining: boolean }> {
     return [...this.sessions.values()].map((s) => ({

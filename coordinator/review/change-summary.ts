@@ -7,6 +7,8 @@
  * same per attribute as a small one.
  */
 
+import { splitDrvName } from './closure-diff.js';
+
 /** The attribute a package change is about. */
 export interface PackageRef {
   job: string;
@@ -269,15 +271,11 @@ function drvName(drvPath: string | undefined): string | undefined {
   return base.slice(dash + 1, -'.drv'.length);
 }
 
-/** Nix's `builtins.parseDrvName`: the version starts after the first `-` that is not followed by a letter. */
+/** Nix's `builtins.parseDrvName` (`splitDrvName`), with no version as null. */
 export function parseDrvName(name: string | undefined): PackageVersion {
   if (name === undefined) return { pname: null, version: null };
-  for (let i = 0; i + 1 < name.length; i++) {
-    if (name[i] === '-' && !/[A-Za-z]/.test(name[i + 1]!)) {
-      return { pname: name.slice(0, i), version: name.slice(i + 1) };
-    }
-  }
-  return { pname: name, version: null };
+  const split = splitDrvName(name);
+  return { pname: split.name, version: split.version === '' ? null : split.version };
 }
 
 function licenses(m: EvaluatedMeta): string[] {

@@ -1,7 +1,5 @@
 import { storePathName } from '../../common/nix/store-path.js';
-import type { Db } from '../db/database.js';
 import type { DurationEstimate, EstimateSubject } from './build-durations.js';
-import type { AgentCapabilities } from './scheduler.js';
 
 /**
  * A run's ETA: how long what it still needs will take to build, from how long builds of the same packages took.
@@ -192,20 +190,6 @@ export class RunEtas {
     this.lastSweep = now;
     for (const [key, v] of this.cache) if (now - v.askedAt >= ETA_FORGET_MS) this.cache.delete(key);
   }
-}
-
-/**
- * Build slots for a system: the `max_jobs` of every connected agent that builds it (what an agent said in its
- * Hello, kept in the agents table). Derivations of system `builtin` run on any agent.
- */
-export function connectedSlots(db: Db, agents: readonly AgentCapabilities[], system: string): number {
-  const maxJobs = db.prepare('SELECT max_jobs FROM agents WHERE agent_id = ?').pluck();
-  let slots = 0;
-  for (const a of agents) {
-    if (system !== 'builtin' && !a.systems.includes(system)) continue;
-    slots += (maxJobs.get(a.agentId) as number | undefined) ?? 0;
-  }
-  return slots;
 }
 
 /** "about 14 min left" */
