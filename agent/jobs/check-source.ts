@@ -1,7 +1,8 @@
 import { spawn } from 'node:child_process';
 import { realpath } from 'node:fs/promises';
 import { isAbsolute, join, relative, sep } from 'node:path';
-import { Readable } from 'node:stream';
+import { once } from 'node:events';
+import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ReadableStream } from 'node:stream/web';
 import { lastLines } from '../../common/nix/cli.js';
@@ -36,9 +37,12 @@ export async function fetchSource(url: string, token: string, dir: string, signa
     tar.on('error', () => resolve(null));
     tar.on('close', (code) => resolve(code));
   });
+  // The whole body is read, whatever tar does: tar exits at the archive's end marker, before the padding after it
+  // (git archive fills whole records) has arrived, and writing on then would fail a good download. So a stream error
+  // here is the download's, and tar's exit code says whether the archive was whole.
   let streamError: unknown = null;
   try {
-    await pipeline(Readable.fromWeb(response.body as ReadableStream<Uint8Array>), tar.stdin);
+    await pipeline(Readable.fromWeb(response.body as ReadableStream<Uint8Array>), intoStdin(tar.stdin));
   } catch (err) {
     streamError = err;
   }
@@ -49,6 +53,36 @@ export async function fetchSource(url: string, token: string, dir: string, signa
     throw new Error(`cannot extract the source from ${url}: ${why}`);
   }
   if (streamError !== null) throw new Error(`cannot download the source from ${url}: ${causeOf(streamError)}`);
+}
+
+/** A sink that writes into a child's stdin while the child reads it and drops what comes after it stopped. */
+function intoStdin(stdin: Writable): Writable {
+  let open = true;
+  const closed = new Promise<void>((resolve) =>
+    stdin.once('close', () => {
+      open = false;
+      resolve();
+    }),
+  );
+  stdin.on('error', () => (open = false));
+  return new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      if (!open || stdin.write(chunk)) return done();
+      void Promise.race([once(stdin, 'drain'), closed]).then(
+        () => done(),
+        () => done(),
+      );
+    },
+    final(done) {
+      if (open) stdin.end();
+      done();
+    },
+    // A download that failed half-way: tar sees its input end, and says whether what came was a whole archive.
+    destroy(err, done) {
+      stdin.end();
+      done(err);
+    },
+  });
 }
 
 /**

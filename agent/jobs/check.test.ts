@@ -262,7 +262,8 @@ describe('a check in the sandbox', () => {
   });
 
   it('kills a command that ignores SIGTERM at its timeout, after the grace, leaving no process behind', async () => {
-    const c = check("echo started; trap '' TERM HUP; while :; do /bin/sleep 1; done", {
+    // `started` once the sleep runs (it inherits the ignored SIGTERM), so that all three are there to be counted.
+    const c = check("trap '' TERM HUP; /bin/sleep 1000 & echo started; wait", {
       assign: { timeoutSeconds: 1 },
       context: { timeoutGraceMs: 1000 },
     });
@@ -364,6 +365,16 @@ describe('a check in the sandbox', () => {
     expect(closed.error).toMatch(
       /cannot download the source from http:\/\/127\.0\.0\.1:\d+\/source\.tar: .*ECONNREFUSED/,
     );
+  });
+
+  it('takes an archive the body goes on after (tar stops at its end marker), and refuses one cut half-way', async () => {
+    const padded = await run('cat README.md', { check: { sourceUrl: source.url.replace('source.tar', 'padded.tar') } });
+    const cut = await run('true', { check: { sourceUrl: source.url.replace('source.tar', 'cut.tar') } });
+
+    expect(padded.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    expect(padded.log).toContain('the checked-out readme');
+    expect(cut.outcome).toBe(Outcome.OUTCOME_INFRA_ERROR);
+    expect(cut.error).toMatch(/cannot (extract|download) the source from http:\/\/127\.0\.0\.1:\d+\/cut\.tar: /);
   });
 
   it('fails as INFRA_ERROR on an agent whose sandbox does not start', async () => {
