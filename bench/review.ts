@@ -119,6 +119,7 @@ const peakRssKiB = maxOf(rounds.map((r) => r.ekaci.peakRssKiB));
 const treePeakRssKiB = maxOf(rounds.map((r) => r.ekaci.treePeakRssKiB));
 
 const mib = (kib: number | undefined): string => (kib === undefined ? 'n/a' : `${(kib / 1024).toFixed(0)} MiB`);
+const mibOf = (bytes: number): string => `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
 const { ekaci, baseline } = median;
 const rows: [string, string][] = [
   [
@@ -164,9 +165,10 @@ const rows: [string, string][] = [
   ],
   [
     'database per evaluated commit',
-    `${(median.ekaci.databaseBytes / 2 / 1024 / 1024).toFixed(1)} MiB (both commits, their diff: ${(median.ekaci.databaseBytes / 1024 / 1024).toFixed(1)} MiB)`,
+    `${mibOf(median.ekaci.commitBytes.head)} for the head, a further commit; ${mibOf(median.ekaci.commitBytes.before)} ` +
+      `for the first (compacted; the files: ${mibOf(median.ekaci.databaseBytes)})`,
   ],
-  ['largest tables', median.ekaci.tables.map((t) => `${t.name} ${(t.bytes / 1024 / 1024).toFixed(1)} MiB`).join(', ')],
+  ['largest tables', median.ekaci.tables.map((t) => `${t.name} ${mibOf(t.bytes)}`).join(', ')],
   ['largest in its tree', `${mib(treePeakRssKiB)} (ekaci or one of its nix processes, /usr/bin/time -v)`],
 ];
 const width = Math.max(...rows.map(([k]) => k.length));
@@ -204,6 +206,7 @@ const results = {
       loopDelayP99Ms: r.ekaci.loopDelayP99Ms ?? null,
       loopDelayMaxMs: r.ekaci.loopDelayMaxMs ?? null,
       databaseBytes: r.ekaci.databaseBytes,
+      commitBytes: r.ekaci.commitBytes,
       tables: r.ekaci.tables,
     },
   })),
@@ -211,7 +214,7 @@ const results = {
 mkdirSync(join(root, '.bench'), { recursive: true });
 writeFileSync(join(root, '.bench', 'review.json'), `${JSON.stringify(results, null, 2)}\n`);
 daemon?.stop();
-rmSync(dir, { recursive: true, force: true });
+if (!process.env.BENCH_KEEP) rmSync(dir, { recursive: true, force: true });
 
 interface Repo {
   dir: string;
@@ -391,6 +394,8 @@ interface EkaciRun {
   loopDelayMaxMs: number | undefined;
   /** The data directory's database files after the review of two commits. */
   databaseBytes: number;
+  /** What the head commit (evaluated second) added to the database, and its size before: see `commitBytes`. */
+  commitBytes: { head: number; before: number };
   /** The largest tables and indexes in it. */
   tables: Array<{ name: string; bytes: number }>;
 }
@@ -454,7 +459,8 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
   });
   const seconds = (performance.now() - t) / 1000;
   if (code !== 0) fail(`ekaci review exited ${code}:\n${stderr.slice(-4000)}`);
-  verifyReview(JSON.parse(readFileSync(jsonFile, 'utf8')) as Review);
+  const review = JSON.parse(readFileSync(jsonFile, 'utf8')) as Review;
+  verifyReview(review);
 
   const own = existsSync(rssFile)
     ? readFileSync(rssFile, 'utf8')
@@ -472,6 +478,7 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
     .prepare('SELECT name, SUM(pgsize) AS bytes FROM dbstat GROUP BY name ORDER BY bytes DESC LIMIT 6')
     .all() as Array<{ name: string; bytes: number }>;
   db.close();
+  const perCommit = commitBytes(join(dataDir, 'ekaci.sqlite'), review.head.rev, roundDir);
   const tree = withTime ? /Maximum resident set size \(kbytes\): (\d+)/.exec(readFileSync(timeFile, 'utf8')) : null;
   return {
     seconds,
@@ -481,9 +488,41 @@ async function measureEkaci(repo: Repo, roundDir: string): Promise<EkaciRun> {
     loopDelayP99Ms: own.length > 0 ? Math.max(...own.map((o) => o[1])) : undefined,
     loopDelayMaxMs: own.length > 0 ? Math.max(...own.map((o) => o[2])) : undefined,
     databaseBytes,
+    commitBytes: perCommit,
     tables,
     treePeakRssKiB: tree ? Number(tree[1]) : undefined,
   };
+}
+
+/**
+ * What one commit's evaluation adds to a database that holds the commit before it: the database compacted (VACUUM
+ * INTO a copy) with everything, less the same copy without that commit (its evaluation's rows, the values, names and
+ * lists only it used, its configuration and the rebuild diffs that end at it). The first commit of a repository
+ * stores every attribute; a further one, what it changed and a row per attribute.
+ */
+function commitBytes(database: string, sha: string, scratch: string): { head: number; before: number } {
+  const whole = join(scratch, `whole-${nonce()}.sqlite`);
+  const without = join(scratch, `without-${nonce()}.sqlite`);
+  const db = new Database(database, { readonly: true });
+  db.prepare('VACUUM INTO ?').run(whole);
+  db.close();
+  const copy = new Database(whole);
+  copy.exec(`
+    DELETE FROM evaluation_attrs WHERE evaluation_id IN (SELECT id FROM evaluations WHERE commit_sha = '${sha}');
+    DELETE FROM evaluations WHERE commit_sha = '${sha}';
+    DELETE FROM eval_values WHERE id NOT IN (SELECT value_id FROM evaluation_attrs);
+    DELETE FROM eval_lists WHERE id NOT IN (SELECT platforms_id FROM eval_values WHERE platforms_id IS NOT NULL);
+    DELETE FROM eval_attr_names WHERE id NOT IN (SELECT name_id FROM evaluation_attrs);
+    DELETE FROM commit_configs WHERE commit_sha = '${sha}';
+    DELETE FROM rebuild_diffs WHERE head_commit = '${sha}';
+  `);
+  copy.prepare('VACUUM INTO ?').run(without);
+  copy.close();
+  const before = statSync(without).size;
+  const head = statSync(whole).size - before;
+  rmSync(whole);
+  rmSync(without);
+  return { head, before };
 }
 
 /** The review must be that of the change made: exactly `changed` attributes, library 0 and its apps. */

@@ -5,7 +5,7 @@ import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-
 import { checkSpecs } from '../coordinator/checks/check-specs.js';
 import { failedChecks, isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
-import { type LimitReport, limitReport, readBuildRules, rebuildsBySystem } from '../coordinator/review/build-limits.js';
+import { type HeldBack, heldBackOf, readBuildRules, rebuildsBySystem } from '../coordinator/review/build-limits.js';
 import { reviewRoots } from '../coordinator/review/review-roots.js';
 import { attrsFromCommitTitles } from '../coordinator/github/ofborg-titles.js';
 import { EmbeddedSystem } from './embedded.js';
@@ -102,7 +102,7 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
   process.once('SIGINT', onSignal);
   try {
     const diffs = await reviews.record(c.repo, base, head);
-    let limited: LimitReport | undefined;
+    let heldBack: HeldBack | undefined;
     if (opts.build) {
       // OfBorg-style commit titles name attributes to build, as on GitHub (a local review has no comment commands).
       const titles = await c.mirrors.commitTitles(c.repo, base.commit, head.commit, MAX_COMMIT_TITLES);
@@ -120,8 +120,8 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
         builds: store,
         rules,
       });
-      limited = limitReport(limits, { rebuildCountBySystem: rebuildsBySystem(diffs) });
-      if (limited) progress.line(limited.title);
+      heldBack = heldBackOf(limits, rebuildsBySystem(diffs));
+      if (heldBack) progress.line(heldBack.title);
       const headRoots = roots.filter((r) => r.side === 'head');
       const baseRoots = roots.filter((r) => r.side === 'base');
       progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
@@ -150,8 +150,8 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
     }
     const review = await reviews.reviewOf(c.repo, base.commit, head.commit, opts.job);
     if (!review) throw new IllegalStateError('the evaluations just recorded are missing from the database');
-    const said = limited ? `${limited.title}\n\n${limited.lines.join('\n')}\n\n` : '';
-    const markdown = said + renderMarkdown(review);
+    if (heldBack) review.heldBack = heldBack;
+    const markdown = renderMarkdown(review);
     if (opts.markdown) writeFileSync(opts.markdown, markdown);
     if (opts.json) writeFileSync(opts.json, `${JSON.stringify(review, null, 2)}\n`);
     process.stdout.write(markdown);

@@ -4,6 +4,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
 import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
+import { checkedFetch } from './support/api-contract.js';
+import { launchBrowser, openPage, screenshot } from './support/browser.js';
 import { ekaci, git } from './support/cli.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -76,12 +78,12 @@ describe('builds held back by the base’s rules', () => {
     const builtOf = (sha: string) =>
       Object.fromEntries(attrs(sha).map((a) => [a.attr, store.derivation(a.drvPath!)?.state ?? 'never']));
     const localSystem = attrs(pr.head)[0]!.system!;
-    return { checks, head: builtOf(pr.head), base: builtOf(pr.base), localSystem };
+    return { checks, head: builtOf(pr.head), base: builtOf(pr.base), localSystem, pr };
   }
 
   it('builds nothing of a change over max_rebuild_count, and says so in neutral checks with the counts', async () => {
     // "common" is no attribute: the title names nothing to build.
-    const { checks, head, base, localSystem } = await run('acme/mass', 1, massChange(), 'common: 1 -> 2');
+    const { checks, head, base, localSystem, pr } = await run('acme/mass', 1, massChange(), 'common: 1 -> 2');
     const title = `Mass rebuild: 6 rebuilds on ${localSystem} exceed max_rebuild_count 3; built nothing`;
     expect(checks['eka-ci / evaluation']).toMatchObject({ conclusion: 'success' });
     const build = checks[`eka-ci / build (${localSystem})`]!;
@@ -97,6 +99,31 @@ describe('builds held back by the base’s rules', () => {
     expect(Object.values(head)).toEqual(PACKAGES.map(() => 'never'));
     expect(Object.values(base)).toEqual(PACKAGES.map(() => 'never'));
     expect(github.api.invalid).toEqual([]);
+    // The API's review of the pull request says it too, in JSON and in markdown, first.
+    const reviewUrl = `http://127.0.0.1:${system.coordinator.httpPort}/api/v1/reviews?repo=acme/mass&base=${pr.base}&head=${pr.head}`;
+    const review = (await checkedFetch(reviewUrl)).json<Review>();
+    expect(review.heldBack?.title).toBe(title);
+    expect(review.heldBack?.lines).toContain(`Rebuilds per system: ${localSystem} 6.`);
+    expect(review.heldBack?.limits).toEqual([
+      {
+        limit: { kind: 'max-rebuild-count', job: 'pkgs', system: localSystem, rebuilds: 6, limit: 3, from: 'job' },
+        built: [],
+      },
+    ]);
+    expect(
+      (await checkedFetch(`${reviewUrl}&format=markdown`)).text.startsWith(`${title}\n\n**Builds held back.**`),
+    ).toBe(true);
+    // And the review page the summary's Details link opens.
+    const browser = await launchBrowser();
+    try {
+      const errors: string[] = [];
+      const page = await openPage(browser, summary.detailsUrl!, errors);
+      await page.locator('.held-back strong', { hasText: title }).waitFor();
+      await screenshot(page, 'review-held-back.png');
+      expect(errors).toEqual([]);
+    } finally {
+      await browser.close();
+    }
   });
 
   it('still builds an attribute a commit title names, OfBorg-style, and only that one', async () => {
@@ -193,6 +220,12 @@ describe('ekaci review of a mass rebuild', () => {
     expect(r.code).toBe(0);
     const review = JSON.parse(readFileSync(json, 'utf8')) as Review;
     const localSystem = review.attrs[0]!.system!;
+    expect(review.heldBack?.limits).toEqual([
+      {
+        limit: { kind: 'max-rebuild-count', job: 'pkgs', system: localSystem, rebuilds: 6, limit: 3, from: 'server' },
+        built: [{ attr: 'pkgs.pkgA', system: localSystem }],
+      },
+    ]);
     const [first, , ...rest] = r.stdout.split('\n');
     expect(first).toBe(
       `Mass rebuild: 6 rebuilds on ${localSystem} exceed max_rebuild_count 3; ` +

@@ -101,6 +101,10 @@ async function click(page: Page, name: string): Promise<{ state: string; text: s
 const approvalRuns = (): string[] =>
   system.coordinator.github!.runs.runsOf({ repo: APPROVE_REPO, prNumber: 5 }).map((r) => r.state);
 
+// What the coordinator answers a command given by nobody in particular.
+const LOG_IN_FIRST = { state: 'error', text: 'commands are given as a GitHub user: log in with GitHub (401)' };
+
+/** What the audit log holds of one action. */
 const audited = (action: string) => system.coordinator.audit.recent().filter((a) => a.action === action);
 
 describe("a pull request's Approve and Merge buttons in the web UI", () => {
@@ -108,17 +112,13 @@ describe("a pull request's Approve and Merge buttons in the web UI", () => {
     const page = await open(`/repos/${APPROVE_REPO}/pulls/5`);
     await page.locator('a[data-action="login"]').waitFor();
     await page.locator('button[data-action="approve"]', { hasText: `Approve ${outside.head.slice(0, 7)}` }).waitFor();
-    const approve = await click(page, 'approve');
-    expect(approve).toEqual({ state: 'error', text: expect.stringMatching(/log in with GitHub \(401\)$/) });
+    expect(await click(page, 'approve')).toEqual(LOG_IN_FIRST);
     await screenshot(page, 'web-actions-anonymous.png');
     expect(approvalRuns()).toEqual(['awaiting-approval']);
 
     const merge = await open(`/repos/${MERGE_REPO}/pulls/6`);
     await merge.locator('a[data-action="login"]').waitFor();
-    expect(await click(merge, 'merge')).toEqual({
-      state: 'error',
-      text: expect.stringMatching(/log in with GitHub \(401\)$/),
-    });
+    expect(await click(merge, 'merge')).toEqual(LOG_IN_FIRST);
     expect(github.api.merges(MERGE_REPO)).toEqual([]);
     expect(system.coordinator.github!.runs.pullRequest(MERGE_REPO, 6)?.merge_method).toBeNull();
     expect([...audited('approve'), ...audited('merge-requested')]).toEqual([]);
@@ -128,8 +128,7 @@ describe("a pull request's Approve and Merge buttons in the web UI", () => {
     const page = await open(`/repos/${APPROVE_REPO}/pulls/5`);
     await page.locator('#run-state', { hasText: 'awaiting-approval' }).waitFor();
     await logIn(page, 'mallory');
-    const refused = await click(page, 'approve');
-    expect(refused).toEqual({
+    expect(await click(page, 'approve')).toEqual({
       state: 'error',
       text: '@mallory needs write access to this repository to run `approve`. (403)',
     });
@@ -156,7 +155,7 @@ describe("a pull request's Approve and Merge buttons in the web UI", () => {
     // The parked run is answered by the one the approval started.
     expect(approvalRuns()).toEqual(['cancelled', 'done']);
     const approvals = audited('approve');
-    expect(approvals.map((a) => [a.actor, JSON.parse(a.detail)])).toEqual([
+    expect(approvals.map((a) => [a.actor, JSON.parse(a.detail) as unknown])).toEqual([
       ['github:alice', { repo: APPROVE_REPO, pr: 5, head: outside.head }],
     ]);
     expect(github.api.invalid).toEqual([]);

@@ -450,6 +450,11 @@ export const MIGRATIONS: readonly Migration[] = [
     `);
     seedBuildDurations(db);
   },
+  `
+  -- What the base's build rules held back in a run (a mass rebuild, skip_build_paths): review/build-limits.ts's
+  -- HeldBack as JSON, for the review the API serves; NULL when they held nothing back.
+  ALTER TABLE github_runs ADD COLUMN held_back_json TEXT;
+  `,
 ];
 
 /**

@@ -11,7 +11,7 @@ import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
 import { newlyFailingDrvs } from '../review/classify.js';
-import { type BuildRules, limitReport, readBuildRules, rebuildsBySystem } from '../review/build-limits.js';
+import { type BuildRules, heldBackOf, limitReport, readBuildRules, rebuildsBySystem } from '../review/build-limits.js';
 import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
@@ -209,6 +209,7 @@ export class RunPipeline {
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const { roots, limits } = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles), rules);
     runs.setRoots(runId, roots);
+    runs.setHeldBack(runId, heldBackOf(limits, rebuildCountBySystem));
     this.deps.cachePushes?.planRun(run, roots, head, base);
     runs.setRunState(runId, 'building');
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();

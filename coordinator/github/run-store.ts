@@ -1,4 +1,5 @@
 import type { Db } from '../db/database.js';
+import type { HeldBack } from '../review/build-limits.js';
 
 /**
  * A run evaluates a commit (against a base, for pull requests and merge groups), builds what it needs and
@@ -38,6 +39,8 @@ export interface RunRow {
   summary_json: string | null;
   /** See NewRun.branch; null for runs recorded before branches were. */
   branch: string | null;
+  /** JSON of what the base's build rules held back (review/build-limits.ts HeldBack); null: nothing. */
+  held_back_json: string | null;
 }
 
 /** A run's counts, for lists of pull requests: rebuilds per system once diffed; the review's once built. */
@@ -397,6 +400,23 @@ export class RunStore {
     return this.db
       .prepare('SELECT * FROM github_runs WHERE repo = ? AND head_sha = ? ORDER BY id DESC LIMIT 1')
       .get(repo, headSha) as RunRow | undefined;
+  }
+
+  /** What the base's build rules held back in a run (undefined: nothing), for the review the API serves. */
+  setHeldBack(runId: number, heldBack: HeldBack | undefined): void {
+    this.db
+      .prepare('UPDATE github_runs SET held_back_json = ? WHERE id = ?')
+      .run(heldBack ? JSON.stringify(heldBack) : null, runId);
+  }
+
+  /** What the newest run of a pair of commits held back; undefined when it held nothing back (or no run did). */
+  heldBack(repo: string, baseSha: string, headSha: string): HeldBack | undefined {
+    const row = this.db
+      .prepare(
+        'SELECT held_back_json FROM github_runs WHERE repo = ? AND base_sha = ? AND head_sha = ? ORDER BY id DESC LIMIT 1',
+      )
+      .get(repo, baseSha, headSha) as { held_back_json: string | null } | undefined;
+    return row?.held_back_json ? (JSON.parse(row.held_back_json) as HeldBack) : undefined;
   }
 
   setRoots(runId: number, roots: readonly RunRoot[]): void {

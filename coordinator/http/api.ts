@@ -350,6 +350,9 @@ export function apiRouter(sources: ApiSources): Router {
     if (!review) {
       return notFound(ctx, `no review of ${base}..${head} in ${repo} was recorded`);
     }
+    // A pull request's run says what the base's build rules held back; the review's builds are those it made.
+    const heldBack = sources.runs.heldBack(repo, baseCommit, headCommit);
+    if (heldBack) review.heldBack = heldBack;
     if (format === 'markdown') {
       ctx.type = 'text/markdown; charset=utf-8';
       ctx.body = renderMarkdown(review);

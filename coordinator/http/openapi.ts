@@ -438,6 +438,58 @@ export const OPENAPI_DOCUMENT = {
           },
           summary: { type: 'object', additionalProperties: { type: 'integer' } },
           changes: { $ref: '#/components/schemas/ChangeSummary' },
+          heldBack: {
+            type: 'object',
+            description:
+              "What the base's build rules held back (a mass rebuild over max_rebuild_count, a change touching only " +
+              'skip_build_paths): the change was evaluated, only attributes named by commands and commit titles built.',
+            required: ['title', 'lines', 'limits'],
+            additionalProperties: false,
+            properties: {
+              title: { type: 'string' },
+              lines: { type: 'array', items: { type: 'string' }, description: 'The report as markdown lines.' },
+              limits: {
+                type: 'array',
+                items: {
+                  type: 'object',
+                  required: ['limit', 'built'],
+                  additionalProperties: false,
+                  properties: {
+                    limit: {
+                      type: 'object',
+                      required: ['kind', 'job'],
+                      properties: {
+                        kind: { enum: ['max-rebuild-count', 'skip-build-paths'] },
+                        job: { type: 'string' },
+                        system: { type: 'string' },
+                        rebuilds: { type: 'integer' },
+                        limit: { type: 'integer' },
+                        from: { enum: ['job', 'server'] },
+                        files: { type: 'integer' },
+                        globs: {
+                          type: 'array',
+                          items: {
+                            type: 'object',
+                            required: ['glob', 'files'],
+                            properties: { glob: { type: 'string' }, files: { type: 'integer' } },
+                          },
+                        },
+                      },
+                    },
+                    built: {
+                      type: 'array',
+                      description: 'Attributes built despite the limit (named by a command or commit title).',
+                      items: {
+                        type: 'object',
+                        required: ['attr', 'system'],
+                        properties: { attr: { type: 'string' }, system: { type: 'string' } },
+                      },
+                    },
+                  },
+                },
+              },
+            },
+          },
         },
       },
       ChangeSummary: (() => {

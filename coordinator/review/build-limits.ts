@@ -159,6 +159,25 @@ export interface LimitReport {
   lines: string[];
 }
 
+/** What a review's builds left out, as its JSON says it: the whole change's report and the limits behind it. */
+export interface HeldBack extends LimitReport {
+  limits: AppliedLimit[];
+}
+
+/** The review's `heldBack`: undefined when no limit held anything back. */
+export function heldBackOf(
+  applied: readonly AppliedLimit[],
+  rebuildCountBySystem: Readonly<Record<string, number>>,
+): HeldBack | undefined {
+  const report = limitReport(applied, { rebuildCountBySystem });
+  const limits = applied.map(({ limit, built }) => ({
+    limit,
+    // An attribute built on both sides is listed once, by name and system.
+    built: [...new Map(built.map(({ attr, system }) => [`${attr}\0${system}`, { attr, system }])).values()],
+  }));
+  return report && { ...report, limits };
+}
+
 // Attributes listed by name in a report; the rest are counted.
 const MAX_LISTED_ATTRS = 20;
 

@@ -52,6 +52,8 @@ interface RootCauseGroup {
 }
 
 interface Document {
+  /** What the base's build rules held back, first: the review below is of a change not (wholly) built. */
+  heldBack: string | null;
   verdict: string;
   revisions: string;
   /** In priority order; the first is "Newly failing", which the root causes belong to. */
@@ -92,7 +94,7 @@ export function renderMarkdown(review: Review, options: MarkdownOptions = {}): s
 }
 
 function render(doc: Document, plan: Plan, maxChars: number): string[] {
-  const blocks = [doc.verdict, doc.revisions];
+  const blocks = [...(doc.heldBack === null ? [] : [doc.heldBack]), doc.verdict, doc.revisions];
   doc.tables.forEach((table, i) => {
     const shown = plan.rows[i] ?? 0;
     blocks.push(...renderTable(table, shown));
@@ -251,6 +253,7 @@ function buildDocument(review: Review, detailsUrl: MarkdownOptions['detailsUrl']
   const counts = notListed.length > 0 ? `Not listed: ${notListed.join(', ')}.` : null;
 
   return {
+    heldBack: review.heldBack ? [review.heldBack.title, review.heldBack.lines.join('\n')].join('\n\n') : null,
     verdict,
     revisions:
       `Base ${codeSpan(review.base.rev.slice(0, 12))} → head ${codeSpan(review.head.rev.slice(0, 12))}` +

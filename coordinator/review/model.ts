@@ -5,6 +5,7 @@
  */
 
 import type { ChangeSummary } from './change-summary.js';
+import type { HeldBack } from './build-limits.js';
 
 export type Change = 'added' | 'removed' | 'changed' | 'unchanged';
 
@@ -95,6 +96,12 @@ export interface Review {
    * broken), over every attribute of both evaluations — a meta-only change leaves the drv alike. Absent when none.
    */
   changes?: ChangeSummary;
+  /**
+   * What the base's build rules held back (a mass rebuild over `max_rebuild_count`, a change touching only
+   * `skip_build_paths`): the change was evaluated, but only attributes named by commands and commit titles were
+   * built. Absent when nothing was held back, and in a review nobody built.
+   */
+  heldBack?: HeldBack;
 }
 
 /** A repository check on one system, as it stands. */

@@ -56,6 +56,18 @@ export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
         "This change edits eka-ci's configuration: it is judged by the base's rules until it is merged, and only " +
           'someone with write access may merge it.',
       ),
+    review.heldBack &&
+      h(
+        'div',
+        { class: 'problem held-back' },
+        h('strong', null, review.heldBack.title),
+        h(
+          'p',
+          null,
+          "By the base's build rules, the change was evaluated and its rebuilds counted but not built: only attributes " +
+            'named by `@eka-ci build` commands or commit titles were. What was not built is listed under "Not built".',
+        ),
+      ),
     section('newly-failing', 'Newly failing', newlyFailing.length, [
       resultsTable(newlyFailing, name),
       rootCauses(newlyFailing, o),
