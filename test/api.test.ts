@@ -219,6 +219,9 @@ describe('derivations and actions over HTTP', () => {
     expect(await listed()).toMatchObject({ freeSlots: 0, drained: { by: 'api:operator', reason: 'kernel update' } });
 
     const { drvPath, request } = await submit('echo > $out');
+    // A run's ETA counts no slot of a drained agent.
+    const system = coordinator!.store.derivation(drvPath)!.system;
+    expect(coordinator!.manager.slotsFor(system)).toBe(0);
     // It waits in its lane, served by the drained agent only.
     await expect
       .poll(async () => (await checkedFetch(api('/queues'), { headers: auth })).json<{ pending: number }>().pending)
@@ -226,6 +229,7 @@ describe('derivations and actions over HTTP', () => {
     const resumedAt = Date.now();
     const resume = await checkedFetch(api('/agents/logger/resume'), { method: 'POST', headers: admin });
     expect(resume.json()).toEqual({ id: 'logger', drained: false });
+    expect(coordinator!.manager.slotsFor(system)).toBeGreaterThan(0);
     expect((await coordinator!.manager.waitFor(request))[0]?.state).toBe('succeeded');
     // Nothing was assigned while it was drained.
     expect(coordinator!.store.attemptsOf(drvPath).map((a) => a.assigned_at >= resumedAt)).toEqual([true]);

@@ -166,13 +166,15 @@ export class AgentHub {
   }
 
   /**
-   * Build slots for a system: the `max_jobs` each connected agent that builds it said in its Hello (a run's ETA divides
+   * Build slots for a system: the `max_jobs` each connected, undrained agent that builds it said in its Hello (a run's ETA divides
    * the work left by them). Derivations of system `builtin` run on any agent.
    */
   slotsFor(system: string): number {
     let slots = 0;
     for (const s of this.sessions.values()) {
-      if (s.hello && (system === 'builtin' || s.hello.systems.includes(system))) slots += s.hello.maxJobs;
+      // A drained agent (by an operator, or of its own accord) takes no new work: its slots do not shorten an ETA.
+      if (!s.hello || s.draining || this.drained.has(s.agentId)) continue;
+      if (system === 'builtin' || s.hello.systems.includes(system)) slots += s.hello.maxJobs;
     }
     return slots;
   }
