@@ -166,8 +166,8 @@ export class AgentHub {
   }
 
   /**
-   * Build slots for a system: the `max_jobs` each connected, undrained agent that builds it said in its Hello (a run's ETA divides
-   * the work left by them). Derivations of system `builtin` run on any agent.
+   * Build slots for a system: the `max_jobs` each connected, undrained agent that builds it said in its Hello (a
+   * run's ETA divides the work left by them). Derivations of system `builtin` run on any agent.
    */
   slotsFor(system: string): number {
     let slots = 0;
