@@ -2,6 +2,7 @@ import type { FetchOptions, FileAtCommit } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { RepoConfigError } from '../repo-config/errors.js';
 import { compilePathGlob } from '../repo-config/path-globs.js';
+import { count, plural } from './numbers.js';
 import { CONFIG_LOCATIONS, type JobBuildRules, buildRulesFromText } from '../repo-config/repo-config.js';
 
 /**
@@ -180,9 +181,6 @@ export function heldBackOf(
 
 // Attributes listed by name in a report; the rest are counted.
 const MAX_LISTED_ATTRS = 20;
-
-const count = (n: number): string => n.toLocaleString('en-US');
-const plural = (n: number, one: string, many = `${one}s`): string => `${count(n)} ${n === 1 ? one : many}`;
 
 /**
  * The report of the limits a review met: for one system's build check (`system`: only the limits on it), or for the

@@ -1,6 +1,7 @@
 import { type PackageRef, groupChanges } from './change-summary.js';
 import { failedChecks, isBlockingEvalFailure, isNewEvalFailure } from './classify.js';
 import type { AttrReview, CheckResult, OutputSizes, Review, SideResult } from './model.js';
+import { count as fmt, plural } from './numbers.js';
 
 /**
  * The review as GitHub-flavoured markdown, for a check run's summary and `ekaci review`. Sections come in the
@@ -592,14 +593,6 @@ function longestRun(text: string, ch: string): number {
 
 function truncate(text: string, max: number): string {
   return text.length > max ? text.slice(0, max - 1) + '…' : text;
-}
-
-function plural(n: number, noun: string): string {
-  return `${fmt(n)} ${noun}${n === 1 ? '' : 's'}`;
-}
-
-function fmt(n: number): string {
-  return n.toLocaleString('en-US');
 }
 
 /** Numeric-aware, so `python3.9` sorts before `python3.10` as a reader expects. */
