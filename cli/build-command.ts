@@ -8,6 +8,8 @@ import { instantiate } from '../coordinator/eval/instantiate.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
 import { SUCCESS_STATES } from '../coordinator/scheduler/build-state.js';
 import { EmbeddedSystem } from './embedded.js';
+import { plural } from '../coordinator/review/numbers.js';
+import { Progress } from './progress.js';
 import { remoteBuild } from './remote-build.js';
 
 export interface BuildCommandOptions {
@@ -73,14 +75,20 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
     system.coordinator.manager.cancel(system.coordinator.manager.activeDerivations(), 'interrupted by the user');
   };
   process.once('SIGINT', onSignal);
+  // What is queued, running and done, with the ETA, on stderr as `ekaci review` shows it; `--json` keeps quiet.
+  const progress = opts.json ? undefined : new Progress(process.stderr);
   try {
     const requestId = await system.coordinator.manager.submit(
       roots.map((r) => ({ attr: r.attr, drvPath: r.drvPath })),
       `ekaci build ${file}`,
     );
+    progress?.line(`building ${plural(roots.length, 'attribute')}…`);
+    progress?.watch(system.coordinator.manager, system.coordinator.store);
     const results = await system.coordinator.manager.waitFor(requestId);
+    progress?.stop();
     return report(results, (Date.now() - started) / 1000);
   } finally {
+    progress?.stop();
     process.off('SIGINT', onSignal);
     await system.stop();
   }

@@ -77,6 +77,10 @@ describe('ekaci build', () => {
     expect(r.stdout).toMatch(/^succeeded +a +\/nix\/store\/.*-a-.*\.drv$/m);
     expect(r.stdout).toMatch(/^succeeded +b +/m);
     expect(r.stdout).toMatch(/2 succeeded \(2 attributes/);
+    // Its progress goes to stderr (no terminal: plain lines), ending with the counts.
+    const progress = r.stderr.trim().split('\n');
+    expect(progress[0]).toBe('building 2 attributes…');
+    expect(progress.at(-1)).toMatch(/^builds: 0 queued, 0 running, 2 done, 0 failed \(\d+:\d\d\)$/);
   });
 
   it.each([
