@@ -252,4 +252,35 @@ describe('logging in with GitHub', () => {
     reader.stop();
     other.stop();
   });
+
+  it('lets a user read the builds made for a private repository they may read, dependencies too, and their logs', async () => {
+    const { store, db } = system.coordinator;
+    const runs = system.coordinator.github!.runs;
+    const hello = runs
+      .runsOf({ repo: REPO })
+      .flatMap((r) => runs.roots(r.id))
+      .find((r) => r.attr === 'packages.hello' && r.side === 'head')!.drvPath;
+    const [dependency] = store.inputsOf(hello); // greeting
+    // What a private repository's run leaves: derivations only it asked for, private. Greeting is an attribute of
+    // its own too: without its roots, it is only what hello was built from.
+    for (const d of [hello, dependency!]) db.prepare('UPDATE derivations SET private = 1 WHERE drv_path = ?').run(d);
+    db.prepare('DELETE FROM github_run_roots WHERE drv_path = ?').run(dependency);
+    github.api.setPermission(REPO, 'eve', 'none');
+    const get = (path: string, cookie?: string) =>
+      checkedFetch(`${base}/api/v1${path}`, { headers: cookie ? { cookie } : {} });
+    const [mallory, eve] = [await logIn('mallory'), await logIn('eve')];
+    for (const d of [hello, dependency!]) {
+      const hash = d.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+      expect((await get(`/derivations/${hash}`, mallory)).status).toBe(200);
+      const log = await get(`/derivations/${hash}/log`, mallory);
+      expect(log.status).toBe(200);
+      expect((await get(`/derivations/${hash}/attempts/1/log`, mallory)).text).toBe(log.text);
+      const refused = await get(`/derivations/${hash}/log`, eve);
+      expect(refused.status).toBe(403);
+      expect(refused.json<{ error: { message: string } }>().error.message).toMatch(
+        /built for a private repository: .*log in with GitHub as a user who can read it/,
+      );
+      expect((await get(`/derivations/${hash}`)).status).toBe(401);
+    }
+  });
 });

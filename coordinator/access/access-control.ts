@@ -110,6 +110,16 @@ export class AccessControl {
   }
 
   /**
+   * Reading what was built for any of `repos` (a private derivation and its logs): `mayRead`, or `mayReadRepo` of
+   * one of them.
+   */
+  async mayReadAnyRepo(p: Principal, repos: readonly string[], visibility: Visibility): Promise<boolean> {
+    if (this.mayRead(p, visibility)) return true;
+    for (const repo of repos) if (await this.mayReadRepo(p, repo, visibility)) return true;
+    return false;
+  }
+
+  /**
    * Reading the binary cache: agents substitute from it, so their tokens read it; so do API tokens. Anonymous
    * callers read it like any other public data.
    */

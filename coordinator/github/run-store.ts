@@ -1,6 +1,10 @@
 import type { Db } from '../db/database.js';
 import type { HeldBack } from '../review/build-limits.js';
 
+// Dependents walked up from a derivation to find the runs it was built for: a nixpkgs core package has tens of
+// thousands; past this many, the repositories found so far answer.
+const MAX_DEPENDENTS_WALKED = 50_000;
+
 /**
  * A run evaluates a commit (against a base, for pull requests and merge groups), builds what it needs and
  * reports check runs on the commit.
@@ -314,6 +318,25 @@ export class RunStore {
             WHERE r.drv_path = ? ORDER BY g.repo`,
         )
         .all(drvPath) as Array<{ repo: string }>
+    ).map((r) => r.repo);
+  }
+
+  /**
+   * The repositories with runs that build this derivation, as a root or anywhere below one (a failed dependency's
+   * log belongs to the pull requests it broke): up its dependents to the runs' roots, at most
+   * MAX_DEPENDENTS_WALKED of them.
+   */
+  repositoriesBuilding(drvPath: string): string[] {
+    return (
+      this.db
+        .prepare(
+          `WITH RECURSIVE up(d) AS (
+             SELECT ? UNION SELECT i.drv_path FROM derivation_inputs i JOIN up ON i.input_drv = up.d LIMIT ?
+           )
+           SELECT DISTINCT g.repo FROM up JOIN github_run_roots r ON r.drv_path = up.d
+             JOIN github_runs g ON g.id = r.run_id ORDER BY g.repo`,
+        )
+        .all(drvPath, MAX_DEPENDENTS_WALKED) as Array<{ repo: string }>
     ).map((r) => r.repo);
   }
 

@@ -26,6 +26,7 @@ import {
   mayAct,
   mayActOn,
   mayRead,
+  mayReadBuiltFor,
   mayReadRepo,
   notFound,
   queryParam,
@@ -123,6 +124,8 @@ export function apiRouter(sources: ApiSources): Router {
   const router = new Router();
   const readable = (ctx: RouterContext, visibility: Visibility): boolean => mayRead(ctx, access, visibility);
   const drvVisibility = (drvPath: string): Visibility => (store.isPrivate(drvPath) ? 'private' : 'public');
+  const mayReadDrv = (ctx: RouterContext, drvPath: string): Promise<boolean> =>
+    mayReadBuiltFor(ctx, access, () => sources.runs.repositoriesBuilding(drvPath), drvVisibility(drvPath));
 
   // Every agent that ever said Hello, whether it is connected now, its free slots and what it runs. Operators'
   // information (host names, what builds where): with a credential only.
@@ -204,10 +207,10 @@ export function apiRouter(sources: ApiSources): Router {
   router.get('/openapi.json', (ctx) => {
     ctx.body = OPENAPI_DOCUMENT;
   });
-  router.get('/derivations/:hash', (ctx) => {
+  router.get('/derivations/:hash', async (ctx) => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
     if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
-    if (!readable(ctx, drvVisibility(drvPath))) return;
+    if (!(await mayReadDrv(ctx, drvPath))) return;
     ctx.body = {
       derivation: store.derivation(drvPath),
       outputs: store.outputsOf(drvPath),
@@ -262,10 +265,10 @@ export function apiRouter(sources: ApiSources): Router {
   });
   // A build's log: the current (latest) attempt's, or a given attempt's; `Range` reads part of it, `follow=1` (or
   // `Accept: text/event-stream`) follows it live as Server-Sent Events until the attempt ends.
-  const log = (ctx: RouterContext, pick: (attempts: AttemptRow[]) => AttemptRow | undefined): void => {
+  const log = async (ctx: RouterContext, pick: (attempts: AttemptRow[]) => AttemptRow | undefined): Promise<void> => {
     const drvPath = findDrv(store, ctx.params.hash ?? '');
     if (!drvPath) return notFound(ctx, `no derivation ${ctx.params.hash ?? ''}`);
-    if (!readable(ctx, drvVisibility(drvPath))) return;
+    if (!(await mayReadDrv(ctx, drvPath))) return;
     const attempt = pick(store.attemptsOf(drvPath));
     if (!attempt) return notFound(ctx, `${drvPath} has no such attempt (it has not been built, or not that often)`);
     const follow = ctx.query.follow === '1' || ctx.get('Accept').includes('text/event-stream');

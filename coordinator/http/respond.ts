@@ -39,6 +39,26 @@ export function mayRead(ctx: RouterContext, access: AccessControl, visibility: V
   return false;
 }
 
+/**
+ * False (after answering 401/403) when the caller may not read a derivation (its state, attempts, logs): a private
+ * one is read with an API token, or by a GitHub user who may read a repository it was built for (`repos`).
+ */
+export async function mayReadBuiltFor(
+  ctx: RouterContext,
+  access: AccessControl,
+  repos: () => readonly string[],
+  visibility: Visibility,
+): Promise<boolean> {
+  const principal = (ctx.state as RequestState).principal;
+  const candidates = visibility === 'private' && principal.kind === 'user' ? repos() : [];
+  if (await access.mayReadAnyRepo(principal, candidates, visibility)) return true;
+  denied(
+    ctx,
+    'this was built for a private repository: send an API token, or log in with GitHub as a user who can read it',
+  );
+  return false;
+}
+
 // Both ways in: an API token, or a GitHub login (the web UI), each as the configuration names them.
 /** False (after answering 401/403) when the caller may not read this repository's data (see `mayReadRepo`). */
 export async function mayReadRepo(
