@@ -2,9 +2,16 @@ import { join } from 'node:path';
 import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
-import { launchBrowser, openPage, screenshot } from './support/browser.js';
+import { closePages, launchBrowser, openPage, screenshot } from './support/browser.js';
 import { freePort } from './support/coordinator-harness.js';
-import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
+import {
+  FakeGitHub,
+  completedChecks,
+  deliver,
+  startGitHubCoordinator,
+  logInOnPage,
+  stopWebTest,
+} from './support/github-app.js';
 import { tempDir } from './support/nix-project.js';
 
 /**
@@ -26,7 +33,7 @@ let system: EmbeddedSystem;
 let outside: ReturnType<FakeGitHub['pullRequest']>;
 let green: ReturnType<FakeGitHub['pullRequest']>;
 let base: string;
-let pageErrors: string[] = [];
+const pageErrors: string[] = [];
 
 beforeAll(async () => {
   browser = await launchBrowser();
@@ -63,30 +70,15 @@ beforeAll(async () => {
   expect(Object.values(checks).map((c) => c.conclusion)).toEqual(['success', 'success', 'success', 'success']);
 }, 180_000);
 
-afterAll(async () => {
-  await browser?.close();
-  await system?.stop();
-  await github?.close();
-});
+afterAll(() => stopWebTest({ browser, system, github }));
 
-afterEach(async () => {
-  for (const context of browser.contexts()) await context.close();
-  expect(pageErrors).toEqual([]);
-  pageErrors = [];
-});
+afterEach(() => closePages(browser, pageErrors));
 
 function open(path: string): Promise<Page> {
   return openPage(browser, `${base}${path}`, pageErrors);
 }
 
-/** Clicks "Log in with GitHub" as `login` (signed in at the stand-in) and waits to be back, logged in. */
-async function logIn(page: Page, login: string): Promise<void> {
-  github.api.oauth.signedIn = login;
-  const back = new URL(page.url()).pathname;
-  await page.locator('a[data-action="login"]').click();
-  await page.waitForURL((url) => url.pathname === back && url.origin === base);
-  await page.locator('#who .who', { hasText: login }).waitFor();
-}
+const logIn = (page: Page, login: string): Promise<void> => logInOnPage(page, github, login, base);
 
 /** Clicks the action button `name` and returns what the coordinator answered beside it, once it has. */
 async function click(page: Page, name: string): Promise<{ state: string; text: string }> {

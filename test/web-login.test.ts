@@ -3,9 +3,16 @@ import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
-import { launchBrowser, openPage, screenshot } from './support/browser.js';
+import { closePages, launchBrowser, openPage, screenshot } from './support/browser.js';
 import { freePort } from './support/coordinator-harness.js';
-import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
+import {
+  FakeGitHub,
+  completedChecks,
+  deliver,
+  startGitHubCoordinator,
+  logInOnPage,
+  stopWebTest,
+} from './support/github-app.js';
 import { tempDir } from './support/nix-project.js';
 
 /**
@@ -22,7 +29,7 @@ let github: FakeGitHub;
 let system: EmbeddedSystem;
 let pr: ReturnType<FakeGitHub['pullRequest']>;
 let base: string;
-let pageErrors: string[] = [];
+const pageErrors: string[] = [];
 
 beforeAll(async () => {
   browser = await launchBrowser();
@@ -46,30 +53,15 @@ beforeAll(async () => {
   await completedChecks(github, REPO, pr.head, 3);
 }, 180_000);
 
-afterAll(async () => {
-  await browser?.close();
-  await system?.stop();
-  await github?.close();
-});
+afterAll(() => stopWebTest({ browser, system, github }));
 
-afterEach(async () => {
-  for (const context of browser.contexts()) await context.close();
-  expect(pageErrors).toEqual([]);
-  pageErrors = [];
-});
+afterEach(() => closePages(browser, pageErrors));
 
 function open(path: string): Promise<Page> {
   return openPage(browser, `${base}${path}`, pageErrors);
 }
 
-/** Clicks "Log in with GitHub" as `login` (signed in at the stand-in) and waits to be back, logged in. */
-async function logIn(page: Page, login: string): Promise<void> {
-  github.api.oauth.signedIn = login;
-  const back = new URL(page.url()).pathname;
-  await page.locator('a[data-action="login"]').click();
-  await page.waitForURL((url) => url.pathname === back && url.origin === base);
-  await page.locator('#who .who', { hasText: login }).waitFor();
-}
+const logIn = (page: Page, login: string): Promise<void> => logInOnPage(page, github, login, base);
 
 async function failedBuild(): Promise<{ drvPath: string; hash: string }> {
   const r = await fetch(`${base}/api/v1/reviews?repo=${encodeURIComponent(REPO)}&base=${pr.base}&head=${pr.head}`);

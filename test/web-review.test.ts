@@ -3,8 +3,8 @@ import type { Browser, Page } from 'playwright-core';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
 import type { Review } from '../coordinator/review/model.js';
-import { launchBrowser, openPage, screenshot } from './support/browser.js';
-import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator } from './support/github-app.js';
+import { closePages, launchBrowser, openPage, screenshot } from './support/browser.js';
+import { FakeGitHub, completedChecks, deliver, startGitHubCoordinator, stopWebTest } from './support/github-app.js';
 import type { StandInCheckRun } from './support/github-standin.js';
 import { tempDir } from './support/nix-project.js';
 
@@ -25,7 +25,7 @@ let system: EmbeddedSystem;
 let pr: ReturnType<FakeGitHub['pullRequest']>;
 let summary: StandInCheckRun;
 let review: Review;
-let pageErrors: string[] = [];
+const pageErrors: string[] = [];
 
 beforeAll(async () => {
   browser = await launchBrowser();
@@ -44,17 +44,9 @@ beforeAll(async () => {
   review = (await api(`/reviews?repo=${encodeURIComponent(REPO)}&base=${pr.base}&head=${pr.head}`)) as Review;
 }, 180_000);
 
-afterAll(async () => {
-  await browser?.close();
-  await system?.stop();
-  await github?.close();
-});
+afterAll(() => stopWebTest({ browser, system, github }));
 
-afterEach(async () => {
-  for (const context of browser.contexts()) await context.close();
-  expect(pageErrors).toEqual([]);
-  pageErrors = [];
-});
+afterEach(() => closePages(browser, pageErrors));
 
 const site = (path: string): string => `http://127.0.0.1:${system.coordinator.httpPort}${path}`;
 

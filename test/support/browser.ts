@@ -2,6 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type Browser, chromium, type Page } from 'playwright-core';
+import { expect } from 'vitest';
 import { buildWeb } from '../../web/build.js';
 
 /**
@@ -37,6 +38,12 @@ export async function openPage(browser: Browser, url: string, errors: string[], 
   });
   await page.goto(url);
   return page;
+}
+
+/** After a test: its pages closed, and nothing went wrong inside them (`errors` is emptied for the next test). */
+export async function closePages(browser: Browser, errors: string[]): Promise<void> {
+  for (const context of browser.contexts()) await context.close();
+  expect(errors.splice(0)).toEqual([]);
 }
 
 export const screenshot = (page: Page, name: string): Promise<Buffer> =>

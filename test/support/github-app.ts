@@ -2,6 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { EmbeddedSystem } from '../../cli/embedded.js';
+import type { Browser, Page } from 'playwright-core';
 import { silentLogger } from '../../common/logging.js';
 import { compileCoordinatorConfig } from '../../coordinator/config.js';
 import { type GitHttpServer, serveGitOverHttp } from '../../coordinator/git/test-support.js';
@@ -262,4 +263,27 @@ export async function completedChecks(github: FakeGitHub, repo: string, sha: str
     const seen = github.api.checkRuns(repo, sha).map((r) => `${r.name}: ${r.status} ${r.conclusion ?? ''}`);
     throw new Error(`${(err as Error).message}; the check runs were: ${seen.join('; ') || 'none'}`);
   }
+}
+
+/**
+ * Clicks the page's "Log in with GitHub" as `login` (the user signed in at the stand-in) and waits to be back on the
+ * same page of `origin`, logged in.
+ */
+export async function logInOnPage(page: Page, github: FakeGitHub, login: string, origin: string): Promise<void> {
+  github.api.oauth.signedIn = login;
+  const back = new URL(page.url()).pathname;
+  await page.locator('a[data-action="login"]').click();
+  await page.waitForURL((url) => url.pathname === back && url.origin === origin);
+  await page.locator('#who .who', { hasText: login }).waitFor();
+}
+
+/** Stops what a web UI test against the stand-in started, each part if it did start: browser, coordinator, GitHub. */
+export async function stopWebTest(parts: {
+  browser?: Browser;
+  system?: EmbeddedSystem;
+  github?: FakeGitHub;
+}): Promise<void> {
+  await parts.browser?.close();
+  await parts.system?.stop();
+  await parts.github?.close();
 }
