@@ -61,7 +61,7 @@ afterEach(async () => {
  * or as soon as a new connection was accepted, before the request went out).
  */
 const CUT_REQUEST =
-  /^Failed to load resource: net::ERR_(CONNECTION_RESET|SOCKET_NOT_CONNECTED) \(http:\/\/127\.0\.0\.1:\d+\/api\/v1\/[^ ]*, after a cut\)$/;
+  /^Failed to load resource: (net::ERR_(CONNECTION_RESET|SOCKET_NOT_CONNECTED)|the server responded with a status of 502 \(Bad Gateway\)) \(http:\/\/127\.0\.0\.1:\d+\/api\/v1\/[^ ]*, after a cut\)$/;
 
 async function start(): Promise<void> {
   ({ coordinator, agent } = await startWithAgent(TOKEN, AGENT));
@@ -301,6 +301,10 @@ describe('the live pages across a network break', () => {
     );
     expect(await log.textContent()).not.toContain('line 40 of 50');
 
+    // Then what a reverse proxy answers while the coordinator behind it restarts: the page tries again.
+    proxy!.answerBadGateway();
+    await eventually('a 502 answered to the page', () => (proxy!.badGatewayAnswers > 0 ? true : undefined));
+    await status.filter({ hasText: 'trying again' }).waitFor();
     proxy!.restore();
     const follows = (): ProxiedRequest[] => proxy!.requestsTo(`/api/v1/derivations/${hash}/attempts/1/log?follow=1`);
     const resumed = await eventually('the log followed again', () => follows()[1]);

@@ -50,8 +50,11 @@ export class CuttableProxy {
   private seq = 0;
   private nextConnection = 1;
   private cutOff = false;
+  private badGateway = false;
   /** Whether `cut` was called. */
   wasCut = false;
+  /** How many requests `answerBadGateway` answered. */
+  badGatewayAnswers = 0;
 
   private constructor(
     private readonly server: Server,
@@ -89,6 +92,16 @@ export class CuttableProxy {
 
   restore(): void {
     this.cutOff = false;
+    this.badGateway = false;
+  }
+
+  /**
+   * Answers every new connection's request with `502 Bad Gateway`, as a reverse proxy does while the coordinator
+   * behind it restarts, until `restore`.
+   */
+  answerBadGateway(): void {
+    this.cutOff = false;
+    this.badGateway = true;
   }
 
   async close(): Promise<void> {
@@ -165,6 +178,18 @@ export class CuttableProxy {
   private accept(client: Socket): void {
     if (this.cutOff) {
       client.resetAndDestroy();
+      return;
+    }
+    if (this.badGateway) {
+      client.once('data', () => {
+        this.badGatewayAnswers++;
+        const body = '<html><body>502 Bad Gateway</body></html>';
+        client.end(
+          `HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: ${body.length}\r\n` +
+            `connection: close\r\n\r\n${body}`,
+        );
+      });
+      client.on('error', () => client.destroy());
       return;
     }
     const upstream = createConnection({ host: '127.0.0.1', port: this.targetPort });

@@ -146,8 +146,14 @@ export class LogView {
         });
         if (!r.ok) {
           const error: ApiError = await errorOf(r);
-          this.setStatus('error', `Cannot follow the log: ${error.message}`);
-          return;
+          // A refusal stands; a server error (a proxy's 502 while the coordinator restarts) passes: try again.
+          if (r.status < 500) {
+            this.setStatus('error', `Cannot follow the log: ${error.message}`);
+            return;
+          }
+          this.setStatus('reconnecting', `Cannot follow the log (${error.message}): trying again…`);
+          await sleep(RECONNECT_MS, signal);
+          continue;
         }
         this.setStatus('live', 'Following live…');
         for await (const event of sseEvents(r)) {
