@@ -32,6 +32,9 @@ async function start(overrides: Record<string, unknown> = {}): Promise<Coordinat
   return coordinator;
 }
 
+// A little less than the test's own time-out (vitest.config.ts): enough to say where a hung client stood.
+const HANG_DIAGNOSIS_MS = 150_000;
+
 const api = (path: string): string => `http://127.0.0.1:${coordinator!.httpPort}/api/v1${path}`;
 
 async function submit(
@@ -279,6 +282,29 @@ describe('ekaci as a client of a running coordinator', () => {
   });
 });
 
+/**
+ * `run`, or — should it still be running when the test is about to time out (it once did, under a loaded CI machine,
+ * and nothing said where it stood) — an error saying what the coordinator had then: its queues, agents and every
+ * derivation's state.
+ */
+async function diagnosedHang<T>(run: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const stuck = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const read = async (path: string) => (await fetch(api(path), { headers: auth })).text();
+      void Promise.all([read('/queues'), read('/agents')]).then(([queues, agents]) => {
+        const states = coordinator!.store.db.prepare('SELECT drv_path, state, attempts, error FROM derivations').all();
+        reject(new Error(`still running: queues ${queues}\nagents ${agents}\nderivations ${JSON.stringify(states)}`));
+      }, reject);
+    }, HANG_DIAGNOSIS_MS);
+  });
+  try {
+    return await Promise.race([run, stuck]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 describe('ekaci build --coordinator', () => {
   it('builds what a client instantiated in its own store: the .drv closure uploaded, the results printed', async () => {
     await start();
@@ -294,10 +320,12 @@ describe('ekaci build --coordinator', () => {
     );
     // The client has a store of its own (another machine): nothing it instantiates is in the coordinator's.
     const client = (args: string[], token = TOKEN) =>
-      inFreshStore(tempDir(), { ...process.env, EKACI_TOKEN: token }, [
-        process.execPath,
-        ...['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), 'build', file, ...args, '--coordinator', url],
-      ]);
+      diagnosedHang(
+        inFreshStore(tempDir(), { ...process.env, EKACI_TOKEN: token }, [
+          process.execPath,
+          ...['--import', 'tsx', join(ROOT, 'cli', 'ekaci.ts'), 'build', file, ...args, '--coordinator', url],
+        ]),
+      );
     const built = await client(['-A', 'ok', '-A', 'bad']);
     expect(built.stderr).toMatch(/submitted request \d+/);
     expect(built.stderr).toMatch(/\[\d\/2\] ok: succeeded/);
