@@ -209,7 +209,9 @@ export class RunPipeline {
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const { roots, limits } = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles), rules);
     runs.setRoots(runId, roots);
-    runs.setHeldBack(runId, heldBackOf(limits, rebuildCountBySystem));
+    // The whole change's report of the limits: stored for the API's review, and the summary check's when done.
+    const heldBack = heldBackOf(limits, rebuildCountBySystem);
+    runs.setHeldBack(runId, heldBack);
     this.deps.cachePushes?.planRun(run, roots, head, base);
     runs.setRunState(runId, 'building');
     const systems = [...new Set(roots.filter((r) => r.side === 'head').map((r) => r.system))].sort();
@@ -280,12 +282,7 @@ export class RunPipeline {
       reporter.set(
         target,
         withCacheLines(
-          summaryCheck(
-            review,
-            details,
-            links ? (d) => links.derivation(d) : undefined,
-            limitReport(limits, { rebuildCountBySystem }),
-          ),
+          summaryCheck(review, details, links ? (d) => links.derivation(d) : undefined, heldBack),
           this.cacheLines(runId),
         ),
       );
