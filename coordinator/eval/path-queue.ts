@@ -3,8 +3,8 @@
  * `haskellPackages`, a top-level package), so that each worker keeps to a group of its own. Packages of one set share
  * most of their dependencies, and every worker is a Nix process of its own that evaluates whatever dependency it meets
  * again: two workers taking turns at the same set evaluated its shared closure twice (measured on a nixpkgs-shaped
- * set: 40 % more evaluator time with two workers than with one). A worker whose group runs out takes the largest
- * group nobody works on, and only when there is none a share of the largest one another worker is on, so that no
+ * set: 40 % more evaluator time with two workers than with one). A worker whose group runs out takes the first
+ * group nobody works on, and only when there is none a share of the first one another worker is on, so that no
  * worker idles while work is queued.
  *
  * Paths are taken in the order they were queued within a group, groups in the order they first appeared.
