@@ -65,7 +65,9 @@ export function reviewView(review: Review, o: ReviewOptions): HTMLElement {
           'p',
           null,
           "By the base's build rules, the change was evaluated and its rebuilds counted but not built: only attributes " +
-            'named by `@eka-ci build` commands or commit titles were. What was not built is listed under "Not built".',
+            'named by ',
+          h('code', null, '@eka-ci build'),
+          ' commands or commit titles were. What was not built is listed under "Not built".',
         ),
       ),
     section('newly-failing', 'Newly failing', newlyFailing.length, [
