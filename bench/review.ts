@@ -507,14 +507,18 @@ function commitBytes(database: string, sha: string, scratch: string): { head: nu
   db.prepare('VACUUM INTO ?').run(whole);
   db.close();
   const copy = new Database(whole);
+  // The commit's own rows, then what only they used.
+  for (const statement of [
+    'DELETE FROM evaluation_attrs WHERE evaluation_id IN (SELECT id FROM evaluations WHERE commit_sha = ?)',
+    'DELETE FROM evaluations WHERE commit_sha = ?',
+    'DELETE FROM commit_configs WHERE commit_sha = ?',
+    'DELETE FROM rebuild_diffs WHERE head_commit = ?',
+  ])
+    copy.prepare(statement).run(sha);
   copy.exec(`
-    DELETE FROM evaluation_attrs WHERE evaluation_id IN (SELECT id FROM evaluations WHERE commit_sha = '${sha}');
-    DELETE FROM evaluations WHERE commit_sha = '${sha}';
     DELETE FROM eval_values WHERE id NOT IN (SELECT value_id FROM evaluation_attrs);
     DELETE FROM eval_lists WHERE id NOT IN (SELECT platforms_id FROM eval_values WHERE platforms_id IS NOT NULL);
     DELETE FROM eval_attr_names WHERE id NOT IN (SELECT name_id FROM evaluation_attrs);
-    DELETE FROM commit_configs WHERE commit_sha = '${sha}';
-    DELETE FROM rebuild_diffs WHERE head_commit = '${sha}';
   `);
   copy.prepare('VACUUM INTO ?').run(without);
   copy.close();
