@@ -48,7 +48,9 @@ export async function openContext(opts: CommonOptions, defaults: Record<string, 
   const dataDir = opts.dataDir ? resolve(opts.dataDir) : config.dataDir;
   const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
   const name = isUrl ? opts.repo : repo;
-  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }));
+  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }), {
+    evalStoreDir: join(dataDir, 'eval-store'),
+  });
   return {
     repo: name,
     dataDir,

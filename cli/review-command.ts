@@ -1,5 +1,5 @@
 import { existsSync, writeFileSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
 import { checkSpecs } from '../coordinator/checks/check-specs.js';
@@ -141,8 +141,12 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
       if (specs.length > 0) progress.line(`running ${specs.length} checks…`);
       try {
         const requests = [];
-        if (headRoots.length > 0) requests.push(await manager.submit(headRoots, `ekaci review head ${head.commit}`));
-        if (baseRoots.length > 0) requests.push(await manager.submit(baseRoots, `ekaci review base ${base.commit}`));
+        // The .drv files built stay in the Nix store with the commits' evaluations, as the evaluation rooted them.
+        const rooted = (commit: string) => ({ gcRootsDir: join(c.dataDir, 'gcroots', commit) });
+        if (headRoots.length > 0)
+          requests.push(await manager.submit(headRoots, `ekaci review head ${head.commit}`, rooted(head.commit)));
+        if (baseRoots.length > 0)
+          requests.push(await manager.submit(baseRoots, `ekaci review base ${base.commit}`, rooted(base.commit)));
         await Promise.all([...requests.map((r) => manager.waitFor(r)), checks.waitFor(checkIds)]);
       } finally {
         progress.stop();

@@ -121,6 +121,8 @@ export class Coordinator {
       pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
         this.requireCache().pushFromLocalStore(paths, o),
       sizes: (paths: readonly string[]) => this.requireCache().sizes(paths),
+      importDerivations: (drvPaths: readonly string[], gcRootsDir?: string) =>
+        this.evalEnvironment.importDerivations(drvPaths, gcRootsDir),
     };
     this.manager = new BuildManager(
       this.store,
@@ -299,7 +301,9 @@ export class Coordinator {
     await resolveGitHubAppCredentials(this.options.githubApps);
     await resolveOAuthSecrets(this.options.oauth);
     // Before anything listens: a coordinator that cannot confine repository code must not accept any.
-    this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }));
+    this.evalEnv = await EvalEnvironment.open(this.options.evaluation, this.logger.child({ component: 'eval' }), {
+      evalStoreDir: join(this.options.dataDir, 'eval-store'),
+    });
     const configured = this.options.cache.secretKey;
     const key = configured
       ? signingKeyFromSecret(configured, 'cache.secret_key')

@@ -44,6 +44,8 @@ import {
 const HANDSHAKE_TIMEOUT_MS = 60_000;
 // close() waits this long for the daemon to exit after its stdin closed before it kills it.
 const CLOSE_TIMEOUT_MS = 10_000;
+// addToStore's frame size: Nix's own client sends its content in frames of this size.
+const ADD_FRAME_BYTES = 32 * 1024;
 
 // Nix 2.8 starts its build hook once per wopBuildPaths. The default hook, build-remote, is a whole Nix process
 // (≈18 ms, 2/3 of a trivial build) that only answers "decline-permanently" when no remote builders are configured.
@@ -301,6 +303,53 @@ export class NixDaemonConnection {
   /** wopQueryPathInfo; undefined when the path is not valid in the store. */
   queryPathInfo(path: string): Promise<PathInfo | undefined> {
     return this.run('queryPathInfo', () => this.pathInfo(path));
+  }
+
+  /**
+   * wopAddToStore: adds content the daemon names itself, from the content and `method` (`text:sha256` with `content`
+   * the file's bytes; `fixed:r:sha256` with `content` a NAR; `fixed:<algo>` with the flat file's bytes): the store
+   * path the daemon made it. The daemon computes the path, so content that is not what its caller thought cannot
+   * take another path's name. References are allowed for the text method only. The content is sent as it comes,
+   * waiting while the daemon reads: a source tree of any size passes through bounded memory.
+   */
+  addToStore(name: string, method: string, references: readonly string[], content: Iterable<Buffer>): Promise<string> {
+    return this.run('addToStore', async () => {
+      this.send(new WireWriter().u64(Op.AddToStore).string(name).string(method).strings(references).u64(false).bytes());
+      // The content follows as frames (a length, then that many bytes, unpadded), ended by an empty frame.
+      let pending: Buffer[] = [];
+      let pendingBytes = 0;
+      const flush = async (): Promise<void> => {
+        if (pendingBytes === 0) return;
+        const frame = Buffer.concat([new WireWriter().u64(pendingBytes).bytes(), ...pending]);
+        pending = [];
+        pendingBytes = 0;
+        if (!this.transport.write(frame)) await this.transport.drained();
+      };
+      for (const chunk of content) {
+        for (let at = 0; at < chunk.length;) {
+          const piece = chunk.subarray(at, at + ADD_FRAME_BYTES - pendingBytes);
+          pending.push(piece);
+          pendingBytes += piece.length;
+          at += piece.length;
+          if (pendingBytes === ADD_FRAME_BYTES) await flush();
+        }
+      }
+      await flush();
+      this.send(new WireWriter().u64(0).bytes());
+      const failure = await readStderr(this.reader);
+      if (failure) throw this.reported(failureText(failure));
+      const path = await this.reader.string();
+      // The rest of the path's info (deriver, NAR hash, references, registration time, size, ultimate, sigs, CA).
+      await this.reader.string();
+      await this.reader.string();
+      await this.reader.strings();
+      await this.reader.u64();
+      await this.reader.u64();
+      await this.reader.u64();
+      await this.reader.strings();
+      await this.reader.string();
+      return path;
+    });
   }
 
   /** wopQueryValidPaths: the subset of `paths` that is valid, after substituting the rest if `substitute`. */

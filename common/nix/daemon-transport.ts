@@ -1,4 +1,5 @@
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { NixCommandError } from '../errors.js';
@@ -22,7 +23,10 @@ export interface DaemonTransport {
   onData(listener: (chunk: Buffer) => void): void;
   pause(): void;
   resume(): void;
-  write(bytes: Buffer): void;
+  /** Queues bytes for the daemon; false when they went over the buffer's limit (wait for `drained`). */
+  write(bytes: Buffer): boolean;
+  /** Resolves once queued bytes have gone out (or the transport closed). */
+  drained(): Promise<void>;
   /** No more requests: the daemon finishes and goes. */
   end(): void;
   /** Asks what runs to stop (SIGTERM to every group; a socket cannot ask, only close). */
@@ -90,8 +94,12 @@ export class StdioTransport implements DaemonTransport {
     this.child.stdout.resume();
   }
 
-  write(bytes: Buffer): void {
-    this.child.stdin.write(bytes);
+  write(bytes: Buffer): boolean {
+    return this.child.stdin.write(bytes);
+  }
+
+  drained(): Promise<void> {
+    return whenDrained(this.child.stdin, this.closed);
   }
 
   end(): void {
@@ -172,8 +180,12 @@ export class SocketTransport implements DaemonTransport {
     this.socket.resume();
   }
 
-  write(bytes: Buffer): void {
-    this.socket.write(bytes);
+  write(bytes: Buffer): boolean {
+    return this.socket.write(bytes);
+  }
+
+  drained(): Promise<void> {
+    return whenDrained(this.socket, this.closed);
   }
 
   end(): void {
@@ -192,4 +204,15 @@ export class SocketTransport implements DaemonTransport {
   stderrText(): string {
     return '';
   }
+}
+
+/** Resolves when `stream` has written what it queued, or when the transport closed (its writes are then void). */
+function whenDrained(stream: Writable, closed: Promise<unknown>): Promise<void> {
+  if (!stream.writableNeedDrain) return Promise.resolve();
+  // A stream that fails instead closes the transport, which `closed` reports.
+  const drain = once(stream, 'drain').then(
+    () => undefined,
+    () => undefined,
+  );
+  return Promise.race([drain, closed.then(() => undefined)]);
 }

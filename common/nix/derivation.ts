@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { DerivationParseError } from '../errors.js';
 import { nixBase32 } from './narinfo.js';
-import { STORE_DIR, isDrvPath } from './store-path.js';
+import { STORE_DIR, isDrvPath, storePathName } from './store-path.js';
 import { turn } from '../turn.js';
 
 /** One output of a derivation. `hashAlgo`/`hash` are empty for input-addressed outputs, as in the .drv file. */
@@ -358,11 +358,60 @@ export async function loadDerivationClosure(
     const end = Math.min(queue.length, head + CLOSURE_READ_BATCH);
     for (; head < end; head++) {
       const p = queue[head] as string;
-      const d = parseDerivation(readFileSync(p, 'utf8'), p);
+      const d = readStoreDerivation(p);
       loaded.set(p, d);
       for (const input in d.inputDrvs) enqueue(input);
     }
     if (head < queue.length) await turn();
   }
   return loaded;
+}
+
+/**
+ * Stores besides the Nix store that `.drv` files are read from, by their root directory (`<root>/nix/store/…`): the
+ * coordinator's evaluation store (coordinator/eval/eval-store.ts), which sandboxed evaluators write directly. What
+ * they wrote is not trusted: a `.drv` read from one is checked against its path.
+ */
+const derivationStores = new Set<string>();
+
+/** Adds an evaluation store to those `readStoreDerivation` reads from; answers the function that removes it. */
+export function addDerivationStore(root: string): () => void {
+  derivationStores.add(root);
+  return () => derivationStores.delete(root);
+}
+
+/** Whether a store file exists in the Nix store or an evaluation store (see `addDerivationStore`). */
+export function storeFileExists(storePath: string): boolean {
+  if (existsSync(storePath)) return true;
+  for (const root of derivationStores) if (existsSync(root + storePath)) return true;
+  return false;
+}
+
+/**
+ * Reads and parses a `.drv` file from the Nix store or, when it is not there, from an evaluation store (see
+ * `addDerivationStore`), where its text must hash to its path. Throws the store's ENOENT when it is in neither.
+ */
+export function readStoreDerivation(drvPath: string): Derivation {
+  let missing: unknown;
+  try {
+    return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    missing = e;
+  }
+  for (const root of derivationStores) {
+    let text: string;
+    try {
+      text = readFileSync(root + drvPath, 'utf8');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      throw e;
+    }
+    const d = parseDerivation(text, drvPath);
+    if (derivationStorePath(text, d, storePathName(drvPath)) !== drvPath) {
+      throw new DerivationParseError(`${drvPath} in the evaluation store ${root}: its text does not match its path`);
+    }
+    return d;
+  }
+  throw missing;
 }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { closeSync, createReadStream, lstatSync, openSync, readSync, readdirSync, readlinkSync } from 'node:fs';
+import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { CacheError } from '../errors.js';
 import { nixBase32 } from './narinfo.js';
@@ -113,3 +114,70 @@ function singleFileContents(nar: Buffer): Buffer {
   if (!r.atEnd) throw new CacheError('not a single-file NAR (trailing data)');
   return contents;
 }
+
+// Files are read in pieces of this size: a large one is never whole in memory.
+const NAR_READ_BYTES = 1024 * 1024;
+
+/** The NAR serialisation of `path` in one buffer (see `narChunks`). */
+export function dumpPath(path: string): Buffer {
+  return Buffer.concat([...narChunks(path)]);
+}
+
+/**
+ * The NAR serialisation of a file, symlink or directory tree, as Nix's `dumpPath` makes it (directory entries in
+ * byte order, `executable` from the owner's execute bit), in pieces as it is read: the sources an evaluation adds
+ * to the store (a builder script, a patch, a project's own tree).
+ */
+export function* narChunks(path: string): Generator<Buffer> {
+  const str = (value: string | Buffer): Buffer[] => {
+    const data = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
+    return [u64(data.length), data, Buffer.alloc(pad(data.length))];
+  };
+  function* node(p: string): Generator<Buffer> {
+    const st = lstatSync(p);
+    yield* [...str('('), ...str('type')];
+    if (st.isSymbolicLink()) {
+      yield* [...str('symlink'), ...str('target'), ...str(readlinkSync(p, { encoding: 'buffer' }))];
+    } else if (st.isFile()) {
+      yield* str('regular');
+      if (st.mode & 0o100) yield* [...str('executable'), ...str('')];
+      yield* str('contents');
+      yield u64(st.size);
+      const fd = openSync(p, 'r');
+      try {
+        let done = 0;
+        while (done < st.size) {
+          const piece = Buffer.alloc(Math.min(NAR_READ_BYTES, st.size - done));
+          const n = readSync(fd, piece, 0, piece.length, done);
+          if (n === 0) throw new CacheError(`${p} shrank while it was archived`);
+          done += n;
+          yield piece.subarray(0, n);
+        }
+      } finally {
+        closeSync(fd);
+      }
+      yield Buffer.alloc(pad(st.size));
+    } else if (st.isDirectory()) {
+      yield* str('directory');
+      const names = readdirSync(p, { encoding: 'buffer' }).sort((a, b) => Buffer.compare(a, b));
+      for (const name of names) {
+        yield* [...str('entry'), ...str('('), ...str('name'), ...str(name), ...str('node')];
+        yield* node(join(p, name.toString('utf8')));
+        yield* str(')');
+      }
+    } else {
+      throw new CacheError(`${p}: not a file, symlink or directory, so it cannot be archived`);
+    }
+    yield* str(')');
+  }
+  yield* str('nix-archive-1');
+  yield* node(path);
+}
+
+function u64(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt(n));
+  return b;
+}
+
+const pad = (n: number): number => (8 - (n % 8)) % 8;

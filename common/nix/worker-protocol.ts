@@ -34,6 +34,7 @@ export const protocolMinor = (v: number): number => v % 256;
 export const showProtocol = (v: number): string => `${protocolMajor(v)}.${protocolMinor(v)}`;
 
 export const Op = {
+  AddToStore: 7,
   BuildPaths: 9,
   BuildDerivation: 36,
   AddIndirectRoot: 12,

@@ -1,9 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { readFileSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import type { Logger } from '../../common/logging.js';
-import { parseDerivation } from '../../common/nix/derivation.js';
+import { readStoreDerivation } from '../../common/nix/derivation.js';
 import {
   type Assign,
   type Finished,
@@ -319,8 +317,7 @@ export class CheckManager extends EventEmitter {
 
   private assignmentOf(row: CheckRow, lease: CheckLease, attempt: number): Assign {
     // The shell's inputs, as its .drv names them (the shell itself is not in the build graph: it is not built).
-    const inputs =
-      row.shell_drv === null ? {} : parseDerivation(readFileSync(row.shell_drv, 'utf8'), row.shell_drv).inputDrvs;
+    const inputs = row.shell_drv === null ? {} : readStoreDerivation(row.shell_drv).inputDrvs;
     return {
       leaseId: lease.leaseId,
       drvPath: row.shell_drv ?? '',
@@ -498,7 +495,8 @@ export class CheckManager extends EventEmitter {
     this.waitingShells.add(row.id);
     const shell = row.shell_drv;
     void (async () => {
-      const inputs = Object.keys(parseDerivation(await readFile(shell, 'utf8'), shell).inputDrvs);
+      const inputs = Object.keys(readStoreDerivation(shell).inputDrvs);
+      await this.cache.importDerivations?.([shell]);
       await this.cache.pushFromLocalStore([shell], { derivation: true });
       if (inputs.length > 0) {
         const requestId = await this.builds.submit(

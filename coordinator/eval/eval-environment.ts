@@ -4,10 +4,12 @@ import { delimiter, dirname, join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL } from '../../common/nix/cli.js';
-import { daemonAnswers } from '../../common/nix/daemon-client.js';
+import { NixDaemonConnection, daemonAnswers } from '../../common/nix/daemon-client.js';
 import { type SandboxedCommand, sandboxAvailable, sandboxCommand } from '../../common/sandbox/sandbox.js';
 import { SYSTEM_PATHS } from '../../common/sandbox/spec.js';
 import type { EvalPolicy, EvaluationOptions } from './eval-options.js';
+import { EvalStore, type ImportReport } from './eval-store.js';
+import { GcRoots } from './gc-roots.js';
 import { PrivateNixDaemon } from './private-daemon.js';
 
 /** The programs that evaluate repository code. */
@@ -40,6 +42,11 @@ export interface NixLauncher {
   readonly attrTimeoutMs: number;
   /** Resident memory per evaluator process above which it is restarted, in MiB. */
   readonly maxMemoryMiB: number;
+  /**
+   * Whether its evaluations write the evaluation store rather than the Nix store: there is then nothing to root
+   * while evaluating (the Nix store gets its roots when a build imports the paths; see `importDerivations`).
+   */
+  readonly evalStore?: boolean;
 }
 
 // Inside the sandbox the store's socket always has this path, whichever daemon serves it outside.
@@ -59,8 +66,12 @@ const HARD_MEMORY_FACTOR = 2;
  *   secret, agent tokens) passes;
  * - evaluates with `restrict-eval` (only the checkout and the store are readable; `getEnv` answers ""),
  *   `allowed-uris` from the policy, import-from-derivation off unless allowed, and a memory limit;
- * - writes `.drv` files through a nix-daemon: the host's on a multi-user host, else one of the coordinator's own
- *   (`PrivateNixDaemon`), since a read-only store cannot be written directly.
+ * - writes `.drv` files into the evaluation store (`EvalStore`, under the data directory) when it has one and the
+ *   repository may not import from derivations: directly, the way a single-user Nix writes its store, and several
+ *   times faster than through a daemon. They reach the Nix store when a build needs them (`importDerivations`).
+ * - otherwise writes `.drv` files through a nix-daemon: the host's on a multi-user host, else one of the
+ *   coordinator's own (`PrivateNixDaemon`), since a read-only store cannot be written directly. Import from
+ *   derivations needs this: the daemon builds what the evaluation imports.
  *
  * Lifecycle: `open` → `close`. `prepare()` (before each evaluation) restarts a private daemon that died.
  */
@@ -73,13 +84,22 @@ export class EvalEnvironment {
     readonly options: EvaluationOptions,
     private readonly logger: Logger,
     private readonly store: { kind: 'system' } | { kind: 'private' } | { kind: 'direct' },
+    private readonly evalStore: EvalStore | undefined,
   ) {
     // Evaluation without a sandbox still gets a home of its own rather than the coordinator's.
     this.homeDir = mkdtempSync(join(tmpdir(), 'ekaci-eval-home-'));
     this.binDirs = [...new Set(['nix', 'git', 'nix-eval-jobs'].flatMap((p) => programDir(p) ?? []))];
   }
 
-  static async open(options: EvaluationOptions, logger: Logger): Promise<EvalEnvironment> {
+  /**
+   * `evalStoreDir`: where the evaluation store lives (the coordinator's and `ekaci review`'s `<data dir>/eval-store`);
+   * without it, or with `store` set to a daemon, or without the sandbox, every evaluation writes through the daemon.
+   */
+  static async open(
+    options: EvaluationOptions,
+    logger: Logger,
+    place: { evalStoreDir?: string } = {},
+  ): Promise<EvalEnvironment> {
     if (options.sandbox) await sandboxAvailable();
     else logger.warn('evaluation sandbox is off ([evaluation] sandbox = false): only evaluate code you trust');
     let store: { kind: 'system' } | { kind: 'private' } | { kind: 'direct' };
@@ -87,8 +107,12 @@ export class EvalEnvironment {
     else if (options.store === 'daemon') store = { kind: 'system' };
     else if (options.store === 'private-daemon') store = { kind: 'private' };
     else store = (await systemDaemonAnswers()) ? { kind: 'system' } : { kind: 'private' };
+    const evalStore =
+      options.sandbox && options.store === 'auto' && place.evalStoreDir !== undefined
+        ? EvalStore.open(place.evalStoreDir)
+        : undefined;
     // A private daemon starts with the first evaluation (`prepare`), not here: many commands never evaluate.
-    return new EvalEnvironment(options, logger, store);
+    return new EvalEnvironment(options, logger, store, evalStore);
   }
 
   /** Makes sure the store is reachable (restarts a private daemon that died). */
@@ -98,7 +122,37 @@ export class EvalEnvironment {
     this.daemon = await PrivateNixDaemon.start(this.logger);
   }
 
+  /**
+   * Puts the `.drv` closures of `drvPaths` that only the evaluation store holds into the Nix store (see
+   * `EvalStore.importDerivations`): before they are built or pushed to a cache. Nothing to do without an evaluation
+   * store. With `gcRootsDir` (a commit's, see GcRoots), each of `drvPaths` is rooted there: in the Nix store it lives
+   * as long as the commit's evaluation, as it would had it been evaluated into the Nix store.
+   */
+  async importDerivations(drvPaths: readonly string[], gcRootsDir?: string): Promise<ImportReport> {
+    if (!this.evalStore || drvPaths.length === 0) return { added: 0, present: 0 };
+    const started = Date.now();
+    // Through the host's daemon, or one of the coordinator's own on the store it owns: either checks what it adds.
+    const daemon =
+      this.store.kind === 'system'
+        ? await NixDaemonConnection.connect(SYSTEM_SOCKET)
+        : await NixDaemonConnection.open({ nixOptions: { store: 'local', substituters: '' } });
+    try {
+      const report = await this.evalStore.importDerivations(drvPaths, daemon);
+      if (gcRootsDir !== undefined) {
+        const roots = new GcRoots(gcRootsDir);
+        for (const p of drvPaths) if (this.evalStore.holds(p)) roots.add(p);
+      }
+      if (report.added > 0) {
+        this.logger.debug({ ...report, ms: Date.now() - started }, 'imported paths from the evaluation store');
+      }
+      return report;
+    } finally {
+      await daemon.close();
+    }
+  }
+
   close(): void {
+    this.evalStore?.close();
     this.daemon?.stop();
     this.daemon = undefined;
     rmSync(this.homeDir, { recursive: true, force: true });
@@ -115,6 +169,7 @@ export class EvalEnvironment {
         ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
+      evalStore: this.evalStore !== undefined && !scope.policy.allowImportFromDerivation,
     };
   }
 
@@ -154,15 +209,21 @@ export class EvalEnvironment {
         env: { PATH: path, HOME: this.homeDir, TMPDIR: tmpdir(), LANG: 'C.UTF-8', ...passThroughNixEnv() },
       };
     }
+    const direct = this.evalStore !== undefined && !policy.allowImportFromDerivation ? this.evalStore : undefined;
     const socket = this.store.kind === 'system' ? SYSTEM_SOCKET : this.daemon?.socketPath;
-    if (socket === undefined) throw new EvaluationError('the evaluation store is not open (prepare() first)');
-    return sandboxCommand('/bin/sh', limited(['--store', `unix://${SANDBOX_SOCKET}`]), {
+    if (direct === undefined && socket === undefined) {
+      throw new EvaluationError('the evaluation store is not open (prepare() first)');
+    }
+    const storeArgs = direct ? ['--store', direct.uri] : ['--store', `unix://${SANDBOX_SOCKET}`];
+    return sandboxCommand('/bin/sh', limited(storeArgs), {
       mounts: [
-        { source: socket, target: SANDBOX_SOCKET },
+        ...(direct ? [] : [{ source: socket!, target: SANDBOX_SOCKET }]),
         ...scope.roots.map((r) => ({ source: r })),
         ...(scope.gitDirs ?? []).map((r) => ({ source: r })),
         ...writable.map((r) => ({ source: r, writable: true })),
         ...this.binDirs.filter((d) => !underSystemPath(d)).map((d) => ({ source: d, optional: true })),
+        // Last: a root above it (a data directory evaluated as a checkout) must not cover it read-only.
+        ...(direct ? [{ source: direct.root, writable: true }] : []),
       ],
       network: policy.allowedUris.length > 0,
       env: {
@@ -174,6 +235,8 @@ export class EvalEnvironment {
         NIX_CONF_DIR: '/etc/nix',
         LANG: 'C.UTF-8',
         TERM: 'dumb',
+        // A local store names per-user directories after the user; the sandbox has no passwd entry to look it up.
+        USER: 'ekaci',
       },
       cwd: scope.roots[0] ?? '/tmp',
     });

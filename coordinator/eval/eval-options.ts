@@ -33,7 +33,11 @@ export const evaluationSchema = z
     attr_timeout_seconds: z.number().int().min(1).default(DEFAULT_ATTR_TIMEOUT_S),
     /** Turning the sandbox off is for hosts that cannot run one and evaluate only trusted code. */
     sandbox: z.boolean().default(true),
-    /** Where evaluators write `.drv` files: the host's nix-daemon, or one the coordinator starts for its own store. */
+    /**
+     * Where evaluators write `.drv` files: `auto`, the evaluation store under the data directory (through a daemon
+     * where a repository may import from derivations); or always the host's nix-daemon, or one the coordinator starts
+     * for its own store.
+     */
     store: z.enum(['auto', 'daemon', 'private-daemon']).default('auto'),
     allow_import_from_derivation: z.boolean().default(false),
     repositories: z.array(rule).default([]),

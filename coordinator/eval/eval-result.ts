@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { storeFileExists } from '../../common/nix/derivation.js';
 import { availableParallelism } from 'node:os';
 import { isDrvPath, isStorePath } from '../../common/nix/store-path.js';
 import type { NixLauncher } from './eval-environment.js';
@@ -81,7 +81,7 @@ const MAX_SYSTEM_LENGTH = 64;
  */
 export function derivationProblem(
   item: { drvPath: unknown; system: unknown; outputs: unknown },
-  exists: (path: string) => boolean = existsSync,
+  exists: (path: string) => boolean = storeFileExists,
 ): string | undefined {
   if (typeof item.drvPath !== 'string' || !isDrvPath(item.drvPath)) {
     return `drvPath ${JSON.stringify(item.drvPath)} is not a .drv store path`;

@@ -288,7 +288,7 @@ class EvaluationRun {
    * temporary roots); the run does not end before this is done.
    */
   private async root(slot: WorkerSlot, derived: readonly Derived[]): Promise<void> {
-    if (derived.length === 0 || this.stopped) return;
+    if (derived.length === 0 || this.stopped || this.o.launcher.evalStore) return;
     const { reply } = await this.ask(
       slot,
       rootsRequest,

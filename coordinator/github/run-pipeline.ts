@@ -246,10 +246,13 @@ export class RunPipeline {
         const list = roots.filter((r) => r.side === side).map((r) => ({ attr: r.attr, drvPath: r.drvPath }));
         const source = `github ${run.repo} ${run.kind}${run.pr_number ? ` #${run.pr_number}` : ''} ${side}`;
         // The base is the repository's own code; only a head can be someone else's.
+        const commit = side === 'head' ? run.head_sha : run.base_sha;
         const options = {
           rebuildFailed: run.rebuild_failed === 1,
           untrusted: side === 'head' && run.untrusted === 1,
           private: isPrivate,
+          // The .drv files it builds stay in the Nix store as long as the commit's evaluation is kept.
+          ...(commit ? { gcRootsDir: join(this.deps.dataDir, 'gcroots', commit) } : {}),
         };
         if (list.length > 0) requests.push(await this.deps.manager.submit(list, source, options));
       }

@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { storeFileExists } from '../../common/nix/derivation.js';
 import Router, { type RouterContext } from '@koa/router';
 import { z } from 'zod';
 import { isDrvPath } from '../../common/nix/store-path.js';
@@ -292,8 +292,9 @@ export function apiRouter(sources: ApiSources): Router {
     }
     const roots = parsed.data.roots ?? parsed.data.drvs!.map((d) => ({ attr: d, drvPath: d }));
     const drvs = [...new Set(roots.map((r) => r.drvPath))];
-    // Not in the coordinator's store: uploaded to its cache (`ekaci build --coordinator`) and imported from there.
-    const absent = drvs.filter((d) => !existsSync(d));
+    // Neither in the coordinator's store nor in its evaluation store: uploaded to its cache (`ekaci build
+    // --coordinator`) and imported from there.
+    const absent = drvs.filter((d) => !storeFileExists(d));
     const inCache = absent.length > 0 ? await sources.cachedPaths(absent) : new Set<string>();
     const missing = absent.filter((d) => !inCache.has(d));
     if (missing.length > 0) {

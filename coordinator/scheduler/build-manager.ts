@@ -31,6 +31,11 @@ export interface OutputCache {
   pushFromLocalStore(paths: string[], options?: { derivation?: boolean }): Promise<void>;
   /** NAR and closure sizes of paths the cache holds (with their closures). */
   sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>>;
+  /**
+   * Puts `.drv` closures that only the evaluation store holds into the Nix store (see EvalStore): before they are
+   * pushed or built. Absent where evaluations write the Nix store.
+   */
+  importDerivations?(drvPaths: readonly string[], gcRootsDir?: string): Promise<unknown>;
 }
 
 export interface BuildManagerOptions {
@@ -229,7 +234,7 @@ export class BuildManager extends EventEmitter {
   async submit(
     roots: ReadonlyArray<{ attr: string; drvPath: string }>,
     source: string,
-    options: { rebuildFailed?: boolean; untrusted?: boolean; private?: boolean } = {},
+    options: { rebuildFailed?: boolean; untrusted?: boolean; private?: boolean; gcRootsDir?: string } = {},
   ): Promise<number> {
     const origin = { untrusted: options.untrusted ?? false, private: options.private ?? false };
     const rootPaths = [...new Set(roots.map((r) => r.drvPath))];
@@ -253,7 +258,11 @@ export class BuildManager extends EventEmitter {
     const settledOutputs = fresh.filter((d) => settled.has(d.drvPath)).flatMap((d) => Object.values(d.outputs));
     const sizes = settledOutputs.length > 0 ? await this.cache.sizes(settledOutputs) : new Map<string, never>();
     if (toBuild.length > 0) {
-      // Agents with their own stores fetch the .drv closure from the cache.
+      // Agents with their own stores fetch the .drv closure from the cache; it may be only in the evaluation store.
+      await this.cache.importDerivations?.(
+        toBuild.map((d) => d.drvPath),
+        options.gcRootsDir,
+      );
       await this.cache.pushFromLocalStore(
         toBuild.map((d) => d.drvPath),
         { derivation: true },
