@@ -380,25 +380,19 @@ export function addDerivationStore(root: string): () => void {
   return () => derivationStores.delete(root);
 }
 
-/** Whether a store file exists in the Nix store or an evaluation store (see `addDerivationStore`). */
+/** Whether a store file exists in an evaluation store (see `addDerivationStore`) or the Nix store. */
 export function storeFileExists(storePath: string): boolean {
-  if (existsSync(storePath)) return true;
   for (const root of derivationStores) if (existsSync(root + storePath)) return true;
-  return false;
+  return existsSync(storePath);
 }
 
 /**
- * Reads and parses a `.drv` file from the Nix store or, when it is not there, from an evaluation store (see
- * `addDerivationStore`), where its text must hash to its path. Throws the store's ENOENT when it is in neither.
+ * Reads and parses a `.drv` file from an evaluation store (see `addDerivationStore`), where its text must hash to
+ * its path, or else from the Nix store. Evaluation stores first: they hold what evaluations made, while the Nix store
+ * has only what was built, and a failed look-up in it costs as much as the check. Throws ENOENT when it is in
+ * neither.
  */
 export function readStoreDerivation(drvPath: string): Derivation {
-  let missing: unknown;
-  try {
-    return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-    missing = e;
-  }
   for (const root of derivationStores) {
     let text: string;
     try {
@@ -413,5 +407,5 @@ export function readStoreDerivation(drvPath: string): Derivation {
     }
     return d;
   }
-  throw missing;
+  return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
 }

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { type ClosureSource, type EvaluatedAttr, diffEvaluations } from './rebuild-diff.js';
+import fc from 'fast-check';
+import { type ClosureSource, type EvaluatedAttr, blastRadii, diffEvaluations } from './rebuild-diff.js';
 
 const drv = (name: string): string => `/nix/store/${name.padEnd(32, '0').slice(0, 32)}-${name}.drv`;
 
@@ -43,5 +44,53 @@ describe('diffEvaluations of attributes that failed to evaluate', () => {
     const d = diffEvaluations([{ attr: 'a', error: 'old' }], [{ attr: 'a', error: 'new' }], graph).attrs[0];
     expect(d).toMatchObject({ change: 'changed', baseDrv: null, headDrv: null, blastRadius: 0 });
     expect(d?.evalError).toEqual({ base: 'old', head: 'new' });
+  });
+});
+
+describe('blastRadii', () => {
+  /** What a search from one target finds: every derivation that depends on it, directly or not. */
+  function searched(target: string, dependents: ReadonlyMap<string, readonly string[]>): number {
+    const seen = new Set([target]);
+    const stack = [target];
+    while (stack.length > 0) {
+      for (const next of dependents.get(stack.pop()!) ?? []) {
+        if (!seen.has(next)) {
+          seen.add(next);
+          stack.push(next);
+        }
+      }
+    }
+    return seen.size - 1;
+  }
+
+  it('gives every target of a random DAG the radius a search from it finds, whatever the block size of the pass', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 120 }),
+        fc.array(fc.tuple(fc.nat(), fc.nat()), { maxLength: 400 }),
+        fc.array(fc.nat(), { minLength: 1, maxLength: 300 }),
+        (n, edgeSeeds, targetSeeds) => {
+          // Node i may depend only on nodes before it: acyclic by construction.
+          const node = (i: number): string => `n${i}`;
+          const inputs = new Map<string, string[]>([...Array(n).keys()].map((i) => [node(i), []]));
+          for (const [a, b] of edgeSeeds) {
+            const to = a % n;
+            if (to === 0) continue;
+            inputs.get(node(to))!.push(node(b % to));
+          }
+          const g: ClosureSource = { inputsOf: (d) => inputs.get(d) ?? [], systemOf: () => 'x86_64-linux' };
+          const dependents = new Map<string, string[]>();
+          for (const [d, list] of inputs)
+            for (const i of new Set(list)) dependents.set(i, [...(dependents.get(i) ?? []), d]);
+          const targets = [...new Set(targetSeeds.map((t) => node(t % n)))];
+          // In one block, and in blocks of 32 targets (and of one word's worth plus one).
+          for (const block of [undefined, 32, 33]) {
+            const radii = blastRadii(targets, dependents, g, block);
+            for (const t of targets) expect(radii.get(t), `${t} in blocks of ${block}`).toBe(searched(t, dependents));
+          }
+        },
+      ),
+      { numRuns: 200 },
+    );
   });
 });
