@@ -1,7 +1,9 @@
+import { LRUCache } from 'lru-cache';
+import { readStoreDerivation } from '../../common/nix/derivation.js';
+import { turn } from '../../common/turn.js';
 import type { EvalResult } from '../eval/eval-result.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { StoredJobDiff } from './diff-store.js';
-import { readClosure } from './ingest.js';
 import { type ClosureSource, diffEvaluations } from './rebuild-diff.js';
 
 /** The rebuild diff of two evaluations of a repository, job by job. */
@@ -18,10 +20,45 @@ export async function diffCommits(base: CommitEvaluation, head: CommitEvaluation
   });
 }
 
-/** Inputs and systems of every derivation the evaluations reached, read from the `.drv` files in-process. */
+/** What a diff needs of a derivation. */
+interface DiffNode {
+  inputs: readonly string[];
+  system: string;
+}
+
+// Derivations whose `.drv` files earlier diffs of this process read (≈300 bytes each): a `.drv` never changes, so
+// the diff of a new commit reads only the files of the derivations it changed, not the whole package set again.
+const READ_NODES_CAPACITY = 300_000;
+const readNodes = new LRUCache<string, DiffNode>({ max: READ_NODES_CAPACITY });
+
+// `.drv` files read synchronously between turns of the event loop (see CLOSURE_READ_BATCH of derivation.ts).
+const READ_BATCH = 500;
+
+/**
+ * Inputs and systems of every derivation the evaluations reached: from what earlier diffs read, else read from the
+ * `.drv` files in-process (an evaluation store's checked against their paths; see `readStoreDerivation`).
+ */
 async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
-  const roots = [...new Set(attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])))];
-  const nodes = new Map((await readClosure(roots, () => false)).map((n) => [n.drvPath, n]));
+  const nodes = new Map<string, DiffNode>();
+  const queue = [...new Set(attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])))];
+  const queued = new Set(queue);
+  let reads = 0;
+  for (let head = 0; head < queue.length; head++) {
+    const drvPath = queue[head]!;
+    let node = readNodes.get(drvPath);
+    if (!node) {
+      const d = readStoreDerivation(drvPath);
+      node = { inputs: Object.keys(d.inputDrvs), system: d.system };
+      readNodes.set(drvPath, node);
+      if (++reads % READ_BATCH === 0) await turn();
+    }
+    nodes.set(drvPath, node);
+    for (const input of node.inputs) {
+      if (queued.has(input)) continue;
+      queued.add(input);
+      queue.push(input);
+    }
+  }
   return {
     inputsOf: (drv) => nodes.get(drv)?.inputs ?? [],
     systemOf: (drv) => nodes.get(drv)?.system ?? 'unknown',
