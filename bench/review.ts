@@ -17,8 +17,9 @@
  * commit and the ekaci process's event-loop delay p99.
  *
  * A second baseline (BENCH_DAEMON_BASELINE=0 leaves it out) instantiates a third repository of the same shape through
- * a nix-daemon: what any user but root pays on a multi-user host, and how ekaci's sandboxed evaluator reaches the
- * store (read-only; `.drv` files written through a daemon).
+ * a nix-daemon: what any user but root pays on a multi-user host, and how ekaci's sandboxed evaluator wrote its `.drv`
+ * files before it had an evaluation store of its own (and still does for a repository that imports from
+ * derivations).
  *
  * Measures dist/ (what bin/ekaci.js runs): build first; a warning says when a source file is newer.
  */
@@ -85,8 +86,7 @@ run('node', [ekaciBin, '--help']);
  * swing widely (2× to 5× at the defaults, on 2 CPUs shared with other work).
  */
 // A third repository per round, instantiated through a nix-daemon: what a bare nix-instantiate costs any user but
-// root on a multi-user host, and the store access ekaci's sandboxed evaluator has (its store is read-only; .drv
-// files are written through a daemon).
+// root on a multi-user host (ekaci's evaluator writes its own evaluation store directly instead).
 const daemon = process.env.BENCH_DAEMON_BASELINE === '0' ? undefined : await PrivateNixDaemon.start(silentLogger());
 const rounds: Round[] = [];
 for (let i = 0; i < roundCount; i++) {
@@ -243,8 +243,7 @@ interface Round {
 
 /**
  * One worktree per commit (timed apart), then a bare nix-instantiate of every attribute on each; with `store`, through
- * that nix-daemon socket, as any user but root instantiates on a multi-user host (and as ekaci's sandboxed evaluator
- * writes its `.drv` files).
+ * that nix-daemon socket, as any user but root instantiates on a multi-user host.
  */
 function measureBaseline(repo: Repo, roundDir: string, store?: string): BaselineRun {
   const how = store ? 'through a nix-daemon' : 'direct store';
