@@ -43,10 +43,11 @@ export interface NixLauncher {
   /** Resident memory per evaluator process above which it is restarted, in MiB. */
   readonly maxMemoryMiB: number;
   /**
-   * Whether its evaluations write the evaluation store rather than the Nix store: there is then nothing to root
-   * while evaluating (the Nix store gets its roots when a build imports the paths; see `importDerivations`).
+   * The state directory of the store its evaluations write, where their GC roots are registered: the evaluation
+   * store's (the Nix store gets roots when a build imports the paths; see `importDerivations`). Absent: the Nix
+   * store's own.
    */
-  readonly evalStore?: boolean;
+  readonly gcStateDir?: string;
 }
 
 // Inside the sandbox the store's socket always has this path, whichever daemon serves it outside.
@@ -151,6 +152,20 @@ export class EvalEnvironment {
     }
   }
 
+  /**
+   * Deletes from the evaluation store what no kept evaluation roots (see `releaseCommitRoots`): what is being
+   * evaluated is safe, as Nix keeps what a running evaluator made. One collection at a time; nothing to do without
+   * an evaluation store.
+   */
+  collectEvalStore(): Promise<void> {
+    if (!this.evalStore) return Promise.resolve();
+    const store = this.evalStore;
+    this.collecting ??= store.collect().finally(() => (this.collecting = undefined));
+    return this.collecting;
+  }
+
+  private collecting: Promise<void> | undefined;
+
   close(): void {
     this.evalStore?.close();
     this.daemon?.stop();
@@ -169,7 +184,7 @@ export class EvalEnvironment {
         ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
-      evalStore: this.evalStore !== undefined && !scope.policy.allowImportFromDerivation,
+      ...(this.evalStore && !scope.policy.allowImportFromDerivation ? { gcStateDir: this.evalStore.stateDir } : {}),
     };
   }
 

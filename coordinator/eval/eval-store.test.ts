@@ -7,6 +7,7 @@ import { loadDerivationClosure } from '../../common/nix/derivation.js';
 import { dumpPath } from '../../common/nix/nar.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
 import { EvalEnvironment } from './eval-environment.js';
+import { releaseCommitRoots } from './gc-roots.js';
 import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from './eval-options.js';
 import { evaluateBuiltIn } from './evaluator.js';
 
@@ -20,7 +21,11 @@ afterAll(() => env.close());
 const valid = (p: string): boolean => spawnSync('nix-store', [...NIX, '--check-validity', p]).status === 0;
 
 /** Evaluates `expr` (a set of derivations) in a checkout of its own holding `files`; answers drv paths by attribute. */
-async function evaluate(expr: string, files: Record<string, string> = {}): Promise<Map<string, string>> {
+async function evaluate(
+  expr: string,
+  files: Record<string, string> = {},
+  gcRootsDir?: string,
+): Promise<Map<string, string>> {
   const checkout = tempDir('ekaci-eval-store-checkout-');
   for (const [name, text] of Object.entries(files)) {
     mkdirSync(join(checkout, name, '..'), { recursive: true });
@@ -32,7 +37,7 @@ async function evaluate(expr: string, files: Record<string, string> = {}): Promi
   const results = evaluateBuiltIn({
     file: join(checkout, 'default.nix'),
     attrPath: [],
-    gcRootsDir: join(checkout, '.roots'),
+    gcRootsDir: gcRootsDir ?? join(checkout, '.roots'),
     workers: 1,
     launcher,
   });
@@ -131,5 +136,27 @@ describe('the evaluation store', () => {
     await expect(env.importDerivations([b])).rejects.toThrow(/does not match its content/);
     expect(valid(script)).toBe(false);
     expect(valid(b)).toBe(false);
+  });
+
+  it("is collected: what a kept commit's evaluation made stays, what only a released commit had goes", async () => {
+    const tag = nonce();
+    const rootsDir = join(dir, 'gcroots');
+    const drvOf = (name: string) =>
+      `{ ${name} = derivation { name = "${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; }; }`;
+    const kept = (await evaluate(drvOf('kept'), {}, join(rootsDir, `kept-${tag}`))).get('kept')!;
+    const released = (await evaluate(drvOf('released'), {}, join(rootsDir, `released-${tag}`))).get('released')!;
+    // Written into the store by something that roots nothing: what the collector takes when it runs.
+    const stray = execFileSync(
+      'nix-instantiate',
+      [...NIX, '--store', `local?root=${storeDir}`, '--expr', drvOf('stray'), '-A', 'stray'],
+      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
+    ).trim();
+    const held = (p: string) => existsSync(join(storeDir, p));
+    expect([kept, released, stray].map(held)).toEqual([true, true, true]);
+    await env.collectEvalStore();
+    expect([kept, released, stray].map(held)).toEqual([true, true, false]);
+    await releaseCommitRoots(rootsDir, [`released-${tag}`]);
+    await env.collectEvalStore();
+    expect([kept, released].map(held)).toEqual([true, false]);
   });
 });

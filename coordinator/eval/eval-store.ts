@@ -1,6 +1,7 @@
 import { existsSync, lstatSync, mkdirSync, readFileSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { EvaluationError } from '../../common/errors.js';
+import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
 import { type Derivation, addDerivationStore, readStoreDerivation } from '../../common/nix/derivation.js';
 import { narChunks } from '../../common/nix/nar.js';
@@ -28,8 +29,9 @@ export interface ImportReport {
  * the Nix store is handed to the daemon as content, the daemon computes its path, and a path that comes out
  * different is refused. The daemon's store never holds what the evaluation store merely claims.
  *
- * Lifecycle: `open` (registers the store with `readStoreDerivation`) → `close`. Never collected: what it holds is
- * small next to the Nix store and the evaluations' own rows, and re-evaluating writes it again.
+ * Lifecycle: `open` (registers the store with `readStoreDerivation`) → `close`. Evaluations root what they write in
+ * the store's own state directory, under their commit's roots (see GcRoots); `collect` deletes what the commits no
+ * longer kept left behind.
  */
 export class EvalStore {
   private readonly unregister: () => void;
@@ -41,6 +43,20 @@ export class EvalStore {
   static open(root: string): EvalStore {
     mkdirSync(root, { recursive: true });
     return new EvalStore(root);
+  }
+
+  /** Its state directory (its database, its GC roots). */
+  get stateDir(): string {
+    return `${this.root}/nix/var/nix`;
+  }
+
+  /**
+   * Runs Nix's collector on the store: what no GC root (see GcRoots with `stateDir`) nor running evaluator holds is
+   * deleted. Throws EvaluationError with Nix's message when it fails.
+   */
+  async collect(): Promise<void> {
+    const r = await runNix('nix-store', ['--store', this.uri, ...NO_SUBSTITUTERS, '--gc']);
+    if (r.code !== 0) throw new EvaluationError(`collecting the evaluation store: ${lastLines(r.stderr, 3)}`);
   }
 
   /** The store's Nix URI, for `--store`. */

@@ -153,7 +153,7 @@ class EvaluationRun {
     private readonly o: CompiledEvaluatorOptions,
     private readonly emit: (r: EvalResult) => void,
   ) {
-    this.roots = new GcRoots(o.gcRootsDir);
+    this.roots = new GcRoots(o.gcRootsDir, o.launcher.gcStateDir);
     this.setup = (nonce) => setupLines(o.file, o.attrPath, nonce, this.requestDir);
   }
 
@@ -288,7 +288,7 @@ class EvaluationRun {
    * temporary roots); the run does not end before this is done.
    */
   private async root(slot: WorkerSlot, derived: readonly Derived[]): Promise<void> {
-    if (derived.length === 0 || this.stopped || this.o.launcher.evalStore) return;
+    if (derived.length === 0 || this.stopped) return;
     const { reply } = await this.ask(
       slot,
       rootsRequest,

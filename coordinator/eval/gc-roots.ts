@@ -16,7 +16,11 @@ function nixStateDir(): string {
 export class GcRoots {
   private ready = false;
 
-  constructor(readonly dir: string) {}
+  /** `stateDir`: the state directory of the store the roots are for (the evaluation store's, or Nix's own). */
+  constructor(
+    readonly dir: string,
+    private readonly stateDir = nixStateDir(),
+  ) {}
 
   /**
    * Synchronous on purpose: an evaluation adds one root per derivation (100,000 for nixpkgs), and two `symlink`
@@ -27,19 +31,22 @@ export class GcRoots {
     if (!this.ready) {
       // A fresh store has no gcroots/auto until something first registers an indirect root.
       mkdirSync(this.dir, { recursive: true });
-      mkdirSync(join(nixStateDir(), 'gcroots', 'auto'), { recursive: true });
+      mkdirSync(join(this.stateDir, 'gcroots', 'auto'), { recursive: true });
       this.ready = true;
     }
     const link = resolve(join(this.dir, basename(drvPath)));
     replaceSymlink(drvPath, link);
-    replaceSymlink(link, autoRoot(link));
+    replaceSymlink(link, autoRoot(link, this.stateDir));
   }
 }
 
-/** Where the collector finds the indirect root `link`. */
-function autoRoot(link: string): string {
+/**
+ * Where the collector finds the indirect root `link`. A registration in another store's state directory (the
+ * evaluation store's) is dropped by that store's collector once `link` is gone.
+ */
+function autoRoot(link: string, stateDir = nixStateDir()): string {
   const id = createHash('sha256').update(link).digest('hex').slice(0, 32);
-  return join(nixStateDir(), 'gcroots', 'auto', `ekaci-${id}`);
+  return join(stateDir, 'gcroots', 'auto', `ekaci-${id}`);
 }
 
 /**

@@ -130,6 +130,13 @@ export class RunPipeline {
     const released = deleted.filter((c) => !evaluations.isEvaluated(c));
     await releaseCommitRoots(join(this.deps.dataDir, 'gcroots'), released);
     this.deps.logger.info({ repo: run.repo, commits: deleted.length }, 'deleted evaluations no longer kept');
+    // The evaluation store has nothing else to free its space: what those commits alone made goes now.
+    if (released.length > 0) {
+      await this.deps
+        .evalEnvironment()
+        .collectEvalStore()
+        .catch((e: unknown) => this.deps.logger.warn({ err: e }, 'could not collect the evaluation store'));
+    }
   }
 
   /** Resolves when every run started so far has finished (tests, graceful stop). */
