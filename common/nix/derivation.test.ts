@@ -5,14 +5,17 @@ import { join } from 'node:path';
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { DerivationParseError } from '../errors.js';
 import { runNixChecked, NO_SUBSTITUTERS } from './cli.js';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import {
   type Derivation,
+  addDerivationStore,
   isFixedOutput,
   loadDerivationClosure,
   outputPaths,
   parseDerivation,
   preferLocalBuild,
   requiredSystemFeatures,
+  storeFileExists,
 } from './derivation.js';
 import { isStorePath, storePathName } from './store-path.js';
 
@@ -300,5 +303,22 @@ describe('loadDerivationClosure', () => {
   it('rejects with the missing file named when a derivation is not in the store', async () => {
     const missing = `/nix/store/${'0'.repeat(32)}-ekaci-drv-test-missing.drv`;
     await expect(loadDerivationClosure([missing])).rejects.toMatchObject({ code: 'ENOENT', path: missing });
+  });
+});
+
+describe('addDerivationStore', () => {
+  it('keeps a store added by two owners until both removed it', () => {
+    const root = mkdtempSync(join(tmpdir(), 'ekaci-drv-store-'));
+    const path = `/nix/store/${'a'.repeat(32)}-only-here.drv`;
+    mkdirSync(join(root, 'nix', 'store'), { recursive: true });
+    writeFileSync(join(root, path), 'Derive([],[],[],"x","/bin/sh",[],[])');
+    const first = addDerivationStore(root);
+    const second = addDerivationStore(root);
+    expect(storeFileExists(path)).toBe(true);
+    first();
+    first(); // a second call of the same remover changes nothing
+    expect(storeFileExists(path)).toBe(true);
+    second();
+    expect(storeFileExists(path)).toBe(false);
   });
 });

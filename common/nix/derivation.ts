@@ -372,17 +372,27 @@ export async function loadDerivationClosure(
  * coordinator's evaluation store (coordinator/eval/eval-store.ts), which sandboxed evaluators write directly. What
  * they wrote is not trusted: a `.drv` read from one is checked against its path.
  */
-const derivationStores = new Set<string>();
+const derivationStores = new Map<string, number>();
 
-/** Adds an evaluation store to those `readStoreDerivation` reads from; answers the function that removes it. */
+/**
+ * Adds an evaluation store to those `readStoreDerivation` reads from; answers the function that removes it. Counted:
+ * two owners of one store (`ekaci review` and its embedded coordinator) each add and remove it.
+ */
 export function addDerivationStore(root: string): () => void {
-  derivationStores.add(root);
-  return () => derivationStores.delete(root);
+  derivationStores.set(root, (derivationStores.get(root) ?? 0) + 1);
+  let removed = false;
+  return () => {
+    if (removed) return;
+    removed = true;
+    const left = (derivationStores.get(root) ?? 1) - 1;
+    if (left > 0) derivationStores.set(root, left);
+    else derivationStores.delete(root);
+  };
 }
 
 /** Whether a store file exists in an evaluation store (see `addDerivationStore`) or the Nix store. */
 export function storeFileExists(storePath: string): boolean {
-  for (const root of derivationStores) if (existsSync(root + storePath)) return true;
+  for (const root of derivationStores.keys()) if (existsSync(root + storePath)) return true;
   return existsSync(storePath);
 }
 
@@ -393,7 +403,7 @@ export function storeFileExists(storePath: string): boolean {
  * neither.
  */
 export function readStoreDerivation(drvPath: string): Derivation {
-  for (const root of derivationStores) {
+  for (const root of derivationStores.keys()) {
     let text: string;
     try {
       text = readFileSync(root + drvPath, 'utf8');
