@@ -1,5 +1,6 @@
-import type { ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { type ChildProcess, execFileSync, spawnSync } from 'node:child_process';
+import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawnAgentProcess } from '../cli/embedded.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
@@ -8,7 +9,8 @@ import { instantiate } from '../coordinator/eval/instantiate.js';
 import { killGroup } from './support/cli.js';
 import { startCoordinator } from './support/coordinator-harness.js';
 import { testEvalEnvironment } from './support/eval-environment.js';
-import { AGENT_USER, type MultiUserHost, startMultiUserHost } from './support/multi-user-nix.js';
+import { DEFAULT_SANDBOX_PATHS } from '../agent/options.js';
+import { AGENT_USER, type MultiUserHost, ensureUser, startMultiUserHost } from './support/multi-user-nix.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 
 /**
@@ -18,6 +20,7 @@ import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
  */
 
 const isRoot = process.getuid?.() === 0;
+const REPO = join(import.meta.dirname, '..');
 
 let coordinator: Coordinator | undefined;
 const hosts: MultiUserHost[] = [];
@@ -157,6 +160,96 @@ describe('an agent as an unprivileged user of a sandboxed multi-user nix-daemon'
 
       expect(r.x?.state, r.x?.error ?? '').toBe('succeeded');
       expect(r.x?.agent).toBe('trusted');
+    },
+  );
+});
+
+describe('the coordinator as an unprivileged user of a sandboxed multi-user nix-daemon', () => {
+  it.skipIf(!isRoot)(
+    'evaluates into its evaluation store, and imports what it builds through the daemon, which owns and builds it',
+    () => {
+      const { uid, gid } = ensureUser(AGENT_USER);
+      const dir = tempDir('ekaci-eval-store-multi-user-');
+      const [nix, conf, work] = ['nix', 'etc-nix', 'work'].map((d) => join(dir, d)) as [string, string, string];
+      for (const d of [nix, conf, join(work, 'checkout')]) mkdirSync(d, { recursive: true });
+      chmodSync(dir, 0o755);
+      const tag = nonce();
+      writeFileSync(join(work, 'checkout', 'builder.sh'), `# ${tag}\nread x < "$dep"; echo "$x built" > "$out"\n`);
+      writeFileSync(
+        join(work, 'checkout', 'default.nix'),
+        `rec {
+          dep = derivation { name = "dep-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${tag} > $out" ]; };
+          app = derivation { name = "app-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ ./builder.sh ]; inherit dep; };
+        }`,
+      );
+      execFileSync('chown', ['-R', `${uid}:${gid}`, work]);
+      writeFileSync(
+        join(conf, 'nix.conf'),
+        [
+          'sandbox = true',
+          'build-users-group = nixbld',
+          'substituters =',
+          `sandbox-paths = ${DEFAULT_SANDBOX_PATHS.join(' ')}`,
+        ].join('\n'),
+      );
+      // What the coordinator does, from the built modules (the user runs plain JavaScript).
+      const dist = (p: string) => JSON.stringify(join(REPO, 'dist', p));
+      writeFileSync(
+        join(work, 'inside.mjs'),
+        `import { execFileSync, spawnSync } from 'node:child_process';
+import { readFileSync, statSync } from 'node:fs';
+import { EvalEnvironment } from ${dist('coordinator/eval/eval-environment.js')};
+import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from ${dist('coordinator/eval/eval-options.js')};
+import { evaluateBuiltIn } from ${dist('coordinator/eval/evaluator.js')};
+import { silentLogger } from ${dist('common/logging.js')};
+const work = ${JSON.stringify(work)};
+const env = await EvalEnvironment.open(DEFAULT_EVALUATION_OPTIONS, silentLogger(), { evalStoreDir: work + '/eval-store' });
+await env.prepare();
+const launcher = env.launcher({ roots: [work + '/checkout'], policy: NO_EXTRA_POLICY });
+const drvs = {};
+for await (const r of evaluateBuiltIn({ file: work + '/checkout/default.nix', attrPath: [], gcRootsDir: work + '/roots', workers: 1, launcher })) drvs[r.attr] = r.drvPath ?? r.error;
+const validBefore = spawnSync('nix-store', ['--check-validity', drvs.app]).status === 0;
+const report = await env.importDerivations([drvs.app], work + '/gcroots');
+const out = execFileSync('nix-store', ['--realise', drvs.app], { encoding: 'utf8' }).trim();
+console.log(JSON.stringify({ drvs, validBefore, report, owner: statSync(drvs.app).uid, built: readFileSync(out, 'utf8') }));
+env.close();
+`,
+      );
+      const script = `set -e
+mount --bind "$1" /nix
+mkdir -p /nix/store /nix/var/nix/daemon-socket
+chgrp nixbld /nix/store
+chmod 1775 /nix/store
+nix-daemon 2>/dev/null &
+trap 'kill $!' EXIT
+for i in $(seq 1 200); do [ -S /nix/var/nix/daemon-socket/socket ] && break; sleep 0.05; done
+setpriv --reuid=${uid} --regid=${gid} --init-groups --reset-env -- env PATH="$PATH" HOME="$2" NIX_CONF_DIR="$3" NIX_REMOTE=daemon node "$2/inside.mjs"
+for f in /nix/var/nix/gcroots/auto/*; do echo "root $(readlink "$f")"; done`;
+      const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', nix, work, conf], {
+        cwd: REPO,
+        encoding: 'utf8',
+        timeout: 180_000,
+        env: { ...process.env, NIX_CONF_DIR: conf },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      const lines = r.stdout.trim().split('\n');
+      const out = JSON.parse(lines.find((l) => l.startsWith('{'))!) as {
+        drvs: Record<string, string>;
+        validBefore: boolean;
+        report: { added: number; present: number };
+        owner: number;
+        built: string;
+      };
+      expect(Object.keys(out.drvs).sort()).toEqual(['app', 'dep']);
+      // Evaluated into the evaluation store only: the daemon's store had none of it.
+      expect(out.validBefore).toBe(false);
+      // Imported through the daemon: both .drv files and the builder script, now root's, as the daemon stores them.
+      expect(out.report).toEqual({ added: 3, present: 0 });
+      expect(out.owner).toBe(0);
+      // Rooted with its commit through the daemon: the user may not write the store's gcroots itself.
+      expect(lines).toContain(`root ${join(work, 'gcroots', out.drvs.app!.slice('/nix/store/'.length))}`);
+      // And built by the daemon, in its sandbox.
+      expect(out.built).toBe(`${tag} built\n`);
     },
   );
 });

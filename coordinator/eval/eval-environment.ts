@@ -9,7 +9,7 @@ import { type SandboxedCommand, sandboxAvailable, sandboxCommand } from '../../c
 import { SYSTEM_PATHS } from '../../common/sandbox/spec.js';
 import type { EvalPolicy, EvaluationOptions } from './eval-options.js';
 import { EvalStore, type ImportReport } from './eval-store.js';
-import { GcRoots } from './gc-roots.js';
+import { GcRoots, type RootRegistrar, directRegistrar } from './gc-roots.js';
 import { PrivateNixDaemon } from './private-daemon.js';
 
 /** The programs that evaluate repository code. */
@@ -43,11 +43,11 @@ export interface NixLauncher {
   /** Resident memory per evaluator process above which it is restarted, in MiB. */
   readonly maxMemoryMiB: number;
   /**
-   * The state directory of the store its evaluations write, where their GC roots are registered: the evaluation
-   * store's (the Nix store gets roots when a build imports the paths; see `importDerivations`). Absent: the Nix
-   * store's own.
+   * How the GC roots of what its evaluations write are registered with their store (see RootRegistrar): in the
+   * evaluation store's state directory (the Nix store gets roots when a build imports the paths; see
+   * `importDerivations`), or through the host's daemon. Absent: directly in the Nix store's state directory.
    */
-  readonly gcStateDir?: string;
+  readonly registerRoot?: RootRegistrar;
 }
 
 // Inside the sandbox the store's socket always has this path, whichever daemon serves it outside.
@@ -140,8 +140,9 @@ export class EvalEnvironment {
     try {
       const report = await this.evalStore.importDerivations(drvPaths, daemon);
       if (gcRootsDir !== undefined) {
-        const roots = new GcRoots(gcRootsDir);
-        for (const p of drvPaths) if (this.evalStore.holds(p)) roots.add(p);
+        // Through the daemon: on a multi-user host only it may write the store's gcroots.
+        const roots = new GcRoots(gcRootsDir, (link) => daemon.addIndirectRoot(link));
+        for (const p of drvPaths) if (this.evalStore.holds(p)) await roots.add(p);
       }
       if (report.added > 0) {
         this.logger.debug({ ...report, ms: Date.now() - started }, 'imported paths from the evaluation store');
@@ -166,7 +167,31 @@ export class EvalEnvironment {
 
   private collecting: Promise<void> | undefined;
 
+  // The host daemon's connection for GC roots of evaluations through it, opened at the first; one call at a time.
+  private rootsConnection: Promise<NixDaemonConnection> | undefined;
+  private rootsQueue: Promise<void> = Promise.resolve();
+
+  /** Registers an indirect root with the host's daemon: its gcroots are root's on a multi-user host. */
+  private readonly registerThroughDaemon = (link: string): Promise<void> => {
+    const done = this.rootsQueue.then(async () => {
+      this.rootsConnection ??= NixDaemonConnection.connect(SYSTEM_SOCKET);
+      try {
+        await (await this.rootsConnection).addIndirectRoot(link);
+      } catch (e) {
+        // A connection that broke is opened again by the next root.
+        const gone = this.rootsConnection;
+        this.rootsConnection = undefined;
+        void gone.then((c) => c.kill()).catch(() => undefined);
+        throw e;
+      }
+    });
+    this.rootsQueue = done.catch(() => undefined);
+    return done;
+  };
+
   close(): void {
+    void this.rootsConnection?.then((c) => c.close()).catch(() => undefined);
+    this.rootsConnection = undefined;
     this.evalStore?.close();
     this.daemon?.stop();
     this.daemon = undefined;
@@ -184,7 +209,11 @@ export class EvalEnvironment {
         ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
-      ...(this.evalStore && !scope.policy.allowImportFromDerivation ? { gcStateDir: this.evalStore.stateDir } : {}),
+      ...(this.evalStore && !scope.policy.allowImportFromDerivation
+        ? { registerRoot: directRegistrar(this.evalStore.stateDir) }
+        : this.store.kind === 'system'
+          ? { registerRoot: this.registerThroughDaemon }
+          : {}),
     };
   }
 

@@ -51,7 +51,7 @@ export class EvalStore {
   }
 
   /**
-   * Runs Nix's collector on the store: what no GC root (see GcRoots with `stateDir`) nor running evaluator holds is
+   * Runs Nix's collector on the store: what no GC root (`directRegistrar(stateDir)`) nor running evaluator holds is
    * deleted. Throws EvaluationError with Nix's message when it fails.
    */
   async collect(): Promise<void> {

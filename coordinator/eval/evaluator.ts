@@ -153,7 +153,7 @@ class EvaluationRun {
     private readonly o: CompiledEvaluatorOptions,
     private readonly emit: (r: EvalResult) => void,
   ) {
-    this.roots = new GcRoots(o.gcRootsDir, o.launcher.gcStateDir);
+    this.roots = new GcRoots(o.gcRootsDir, o.launcher.registerRoot);
     this.setup = (nonce) => setupLines(o.file, o.attrPath, nonce, this.requestDir);
   }
 
@@ -295,8 +295,8 @@ class EvaluationRun {
       derived.map((d) => d.path),
     );
     const rootFile = reply.ok ? parseJson(reply.value) : undefined;
-    if (typeof rootFile === 'string' && isStorePath(rootFile) && !isDrvPath(rootFile)) this.roots.add(rootFile);
-    else for (const d of derived) this.roots.add(d.drvPath);
+    if (typeof rootFile === 'string' && isStorePath(rootFile) && !isDrvPath(rootFile)) await this.roots.add(rootFile);
+    else for (const d of derived) await this.roots.add(d.drvPath);
   }
 
   private async handle(

@@ -77,9 +77,9 @@ describe('releasing the GC roots of a commit', () => {
     try {
       const rootsDir = join(dir, 'gcroots');
       const [gone, kept] = ['a'.repeat(40), 'b'.repeat(40)];
-      new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'1'.repeat(32)}-one.drv`);
-      new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'2'.repeat(32)}-two.drv`);
-      new GcRoots(join(rootsDir, kept)).add(`/nix/store/${'3'.repeat(32)}-three.drv`);
+      await new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'1'.repeat(32)}-one.drv`);
+      await new GcRoots(join(rootsDir, gone)).add(`/nix/store/${'2'.repeat(32)}-two.drv`);
+      await new GcRoots(join(rootsDir, kept)).add(`/nix/store/${'3'.repeat(32)}-three.drv`);
       const auto = join(dir, 'state', 'gcroots', 'auto');
       expect(readdirSync(auto)).toHaveLength(3);
 

@@ -9,34 +9,50 @@ function nixStateDir(): string {
 }
 
 /**
+ * Registers an indirect root: makes the collector of a store follow `link` (a symlink of ours to a store path).
+ * Directly, by a symlink in the store's `gcroots/auto` (`directRegistrar`), where the coordinator may write the
+ * store's state directory (its evaluation store, a store it owns); else through the store's nix-daemon
+ * (wopAddIndirectRoot), as an unprivileged user of a multi-user host must.
+ */
+export type RootRegistrar = (link: string) => void | Promise<void>;
+
+/** Registration by a symlink in `<stateDir>/gcroots/auto` (Nix's own state directory by default). */
+export function directRegistrar(stateDir = nixStateDir()): RootRegistrar {
+  let ready = false;
+  return (link) => {
+    // A fresh store has no gcroots/auto until something first registers an indirect root.
+    if (!ready) mkdirSync(join(stateDir, 'gcroots', 'auto'), { recursive: true });
+    ready = true;
+    replaceSymlink(link, autoRoot(link, stateDir));
+  };
+}
+
+/**
  * Keeps `.drv` files alive as indirect GC roots, the way `nix-store --add-root --indirect` does: a symlink
- * `dir/<drv name>` → the `.drv`, registered by a symlink in `gcroots/auto` pointing at it. Deleting the file in
+ * `dir/<drv name>` → the `.drv`, registered with the store's collector (see RootRegistrar). Deleting the file in
  * `dir` releases the root. No Nix process runs per root (`nix-store -r --add-root` would build the derivation).
  */
 export class GcRoots {
   private ready = false;
 
-  /** `stateDir`: the state directory of the store the roots are for (the evaluation store's, or Nix's own). */
   constructor(
     readonly dir: string,
-    private readonly stateDir = nixStateDir(),
+    private readonly register: RootRegistrar = directRegistrar(),
   ) {}
 
   /**
-   * Synchronous on purpose: an evaluation adds one root per derivation (100,000 for nixpkgs), and two `symlink`
+   * Synchronous where the registration is: an evaluation adds a root per chunk of attributes, and two `symlink`
    * system calls cost a few microseconds where the promise API's round trip through the thread pool cost ten times
    * that in the event loop, in the way of the evaluator's next request.
    */
-  add(drvPath: string): void {
+  add(storePath: string): void | Promise<void> {
     if (!this.ready) {
-      // A fresh store has no gcroots/auto until something first registers an indirect root.
       mkdirSync(this.dir, { recursive: true });
-      mkdirSync(join(this.stateDir, 'gcroots', 'auto'), { recursive: true });
       this.ready = true;
     }
-    const link = resolve(join(this.dir, basename(drvPath)));
-    replaceSymlink(drvPath, link);
-    replaceSymlink(link, autoRoot(link, this.stateDir));
+    const link = resolve(join(this.dir, basename(storePath)));
+    replaceSymlink(storePath, link);
+    return this.register(link);
   }
 }
 
@@ -58,7 +74,9 @@ export async function releaseCommitRoots(rootsDir: string, commits: readonly str
   for (const commit of commits) {
     const dir = resolve(join(rootsDir, commit));
     const links = await readdir(dir).catch(() => [] as string[]);
-    for (const name of links) await rm(autoRoot(join(dir, name)), { force: true });
+    // A multi-user host's gcroots/auto is root's: there the registrations stay, dangling, until the collector drops
+    // them, as it drops any whose link is gone.
+    for (const name of links) await rm(autoRoot(join(dir, name)), { force: true }).catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
 }
