@@ -130,7 +130,8 @@ export class EvalEnvironment {
    * as long as the commit's evaluation, as it would had it been evaluated into the Nix store.
    */
   async importDerivations(drvPaths: readonly string[], gcRootsDir?: string): Promise<ImportReport> {
-    if (!this.evalStore || drvPaths.length === 0) return { added: 0, present: 0 };
+    // Derivations evaluated elsewhere (uploaded, built before) need no daemon connection.
+    if (!this.evalStore || !drvPaths.some((p) => this.evalStore!.holds(p))) return { added: 0, present: 0 };
     const started = Date.now();
     // Through the host's daemon, or one of the coordinator's own on the store it owns: either checks what it adds.
     const daemon =
