@@ -335,9 +335,7 @@ export class NixDaemonConnection {
         }
       }
       await flush();
-      this.send(new WireWriter().u64(0).bytes());
-      const failure = await readStderr(this.reader);
-      if (failure) throw this.reported(failureText(failure));
+      await this.exchange(new WireWriter().u64(0).bytes());
       const path = await this.reader.string();
       // The rest of the path's info (deriver, NAR hash, references, registration time, size, ultimate, sigs, CA).
       await this.reader.string();

@@ -331,7 +331,7 @@ function makeStorePath(type: string, sha256Hex: string, name: string): string {
  * several times faster than one promise per file through the thread pool (100k drvs: about 1 s against 7 s);
  * batching keeps the coordinator's heartbeats and streams served while a large closure loads.
  */
-const CLOSURE_READ_BATCH = 500;
+export const CLOSURE_READ_BATCH = 500;
 
 /**
  * Reads the `.drv` closure of `roots` from the local store, breadth first over `inputDrvs`. A path for which

@@ -118,11 +118,6 @@ function singleFileContents(nar: Buffer): Buffer {
 // Files are read in pieces of this size: a large one is never whole in memory.
 const NAR_READ_BYTES = 1024 * 1024;
 
-/** The NAR serialisation of `path` in one buffer (see `narChunks`). */
-export function dumpPath(path: string): Buffer {
-  return Buffer.concat([...narChunks(path)]);
-}
-
 /**
  * The NAR serialisation of a file, symlink or directory tree, as Nix's `dumpPath` makes it (directory entries in
  * byte order, `executable` from the owner's execute bit), in pieces as it is read: the sources an evaluation adds

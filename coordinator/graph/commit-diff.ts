@@ -1,5 +1,5 @@
 import { LRUCache } from 'lru-cache';
-import { readStoreDerivation } from '../../common/nix/derivation.js';
+import { CLOSURE_READ_BATCH, readStoreDerivation } from '../../common/nix/derivation.js';
 import { turn } from '../../common/turn.js';
 import type { EvalResult } from '../eval/eval-result.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
@@ -31,9 +31,6 @@ interface DiffNode {
 const READ_NODES_CAPACITY = 300_000;
 const readNodes = new LRUCache<string, DiffNode>({ max: READ_NODES_CAPACITY });
 
-// `.drv` files read synchronously between turns of the event loop (see CLOSURE_READ_BATCH of derivation.ts).
-const READ_BATCH = 500;
-
 /**
  * Inputs and systems of every derivation the evaluations reached: from what earlier diffs read, else read from the
  * `.drv` files in-process (an evaluation store's checked against their paths; see `readStoreDerivation`).
@@ -50,7 +47,7 @@ async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
       const d = readStoreDerivation(drvPath);
       node = { inputs: Object.keys(d.inputDrvs), system: d.system };
       readNodes.set(drvPath, node);
-      if (++reads % READ_BATCH === 0) await turn();
+      if (++reads % CLOSURE_READ_BATCH === 0) await turn();
     }
     nodes.set(drvPath, node);
     for (const input of node.inputs) {

@@ -259,14 +259,9 @@ export class BuildManager extends EventEmitter {
     const sizes = settledOutputs.length > 0 ? await this.cache.sizes(settledOutputs) : new Map<string, never>();
     if (toBuild.length > 0) {
       // Agents with their own stores fetch the .drv closure from the cache; it may be only in the evaluation store.
-      await this.cache.importDerivations?.(
-        toBuild.map((d) => d.drvPath),
-        options.gcRootsDir,
-      );
-      await this.cache.pushFromLocalStore(
-        toBuild.map((d) => d.drvPath),
-        { derivation: true },
-      );
+      const drvPaths = toBuild.map((d) => d.drvPath);
+      await this.cache.importDerivations?.(drvPaths, options.gcRootsDir);
+      await this.cache.pushFromLocalStore(drvPaths, { derivation: true });
     }
 
     const now = this.now();
