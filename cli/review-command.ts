@@ -5,7 +5,13 @@ import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-
 import { checkSpecs } from '../coordinator/checks/check-specs.js';
 import { failedChecks, isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
-import { type HeldBack, heldBackOf, readBuildRules, rebuildsBySystem } from '../coordinator/review/build-limits.js';
+import {
+  type HeldBack,
+  heldBackOf,
+  limitChecks,
+  readBuildRules,
+  rebuildsBySystem,
+} from '../coordinator/review/build-limits.js';
 import { reviewRoots } from '../coordinator/review/review-roots.js';
 import { attrsFromCommitTitles } from '../coordinator/github/ofborg-titles.js';
 import { EmbeddedSystem } from './embedded.js';
@@ -120,15 +126,20 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
         builds: store,
         rules,
       });
-      heldBack = heldBackOf(limits, rebuildsBySystem(diffs));
+      // The repository's checks run on the embedded agent too, beside the builds, under the same policy as on GitHub
+      // (the base's check must allow the network as well); the user's own code is trusted. Those whose shells would
+      // build what the limits hold back do not.
+      const { run: specs, held } = limitChecks(
+        checkSpecs(head, base, { networkPermitted: true, timeoutSeconds: config.checks.timeoutSeconds }),
+        base,
+        limits,
+      );
+      heldBack = heldBackOf(limits, rebuildsBySystem(diffs), held);
       if (heldBack) progress.line(heldBack.title);
       const headRoots = roots.filter((r) => r.side === 'head');
       const baseRoots = roots.filter((r) => r.side === 'base');
       progress.line(`building ${headRoots.length} head and ${baseRoots.length} base attributes…`);
       progress.watch(manager, store);
-      // The repository's checks run on the embedded agent too, beside the builds, under the same policy as on GitHub
-      // (the base's check must allow the network as well); the user's own code is trusted.
-      const specs = checkSpecs(head, base, { networkPermitted: true, timeoutSeconds: config.checks.timeoutSeconds });
       const checkIds = checks.request({
         repo: c.repo,
         commit: head.commit,

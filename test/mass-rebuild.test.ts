@@ -17,7 +17,10 @@ import { tempDir } from './support/nix-project.js';
 
 const PACKAGES = ['pkgA', 'pkgB', 'pkgC', 'pkgD', 'pkgE'];
 
-/** Five packages on one shared, unexported input: bumping it changes all five attributes, six derivations. */
+/**
+ * Five packages on one shared, unexported input: bumping it changes all five attributes, six derivations. A check's
+ * shell (`shells.dev`, no attribute of the job) needs it too.
+ */
 function massSet(common: string): string {
   return `let
   inherit (import ./lib.nix) mk;
@@ -25,6 +28,7 @@ function massSet(common: string): string {
   pkg = name: mk { inherit name; version = "1"; script = "echo \${name} $deps > $out"; deps = [ common ]; };
 in {
 ${PACKAGES.map((p) => `  ${p} = pkg "${p}";`).join('\n')}
+  shells.dev = mk { name = "dev-shell"; version = "1"; script = "echo > $out"; deps = [ common ]; };
 }
 `;
 }
@@ -44,7 +48,8 @@ function snapshots(base: Record<string, string>, head: Record<string, string>): 
   return dir;
 }
 
-const config = (job: object): string => JSON.stringify({ jobs: { pkgs: { file: 'default.nix', ...job } } });
+const config = (job: object, checks?: object): string =>
+  JSON.stringify({ jobs: { pkgs: { file: 'default.nix', ...job } }, ...(checks ? { checks } : {}) });
 
 describe('builds held back by the base’s rules', () => {
   let github: FakeGitHub;
@@ -60,19 +65,19 @@ describe('builds held back by the base’s rules', () => {
     await github?.close();
   });
 
-  const massChange = (): string => {
-    const cfg = config({ max_rebuild_count: 3 });
+  const massChange = (checks?: object): string => {
+    const cfg = config({ max_rebuild_count: 3 }, checks);
     return snapshots(
       { '.eka-ci/config.json': cfg, 'default.nix': massSet('1') },
       { '.eka-ci/config.json': cfg, 'default.nix': massSet('2') },
     );
   };
 
-  /** Opens the pull request, waits for its three checks, and returns them with each attribute's drvs and builds. */
-  async function run(repoName: string, number: number, snapshotDir: string, commitMessage: string) {
+  /** Opens the pull request, waits for its check runs, and returns them with each attribute's drvs and builds. */
+  async function run(repoName: string, number: number, snapshotDir: string, commitMessage: string, checkRuns = 3) {
     const pr = github.pullRequest(repoName, snapshotDir, { number, commitMessage });
     expect((await deliver(system, 'pull_request', pr.payload('opened'))).status).toBe(202);
-    const checks = await completedChecks(github, repoName, pr.head, 3);
+    const checks = await completedChecks(github, repoName, pr.head, checkRuns);
     const { evaluations, store } = system.coordinator;
     const attrs = (sha: string) => evaluations.load(repoName, sha)!.jobs[0]!.attrs;
     const builtOf = (sha: string) =>
@@ -82,8 +87,11 @@ describe('builds held back by the base’s rules', () => {
   }
 
   it('builds nothing of a change over max_rebuild_count, and says so in neutral checks with the counts', async () => {
-    // "common" is no attribute: the title names nothing to build.
-    const { checks, head, base, localSystem, pr } = await run('acme/mass', 1, massChange(), 'common: 1 -> 2');
+    // "common" is no attribute: the title names nothing to build. Of the repository's checks, the one whose shell
+    // needs the bumped input is held back too; the one without a shell runs.
+    const repoChecks = { dev: { command: 'true', shell: 'shells.dev' }, plain: { command: 'echo plain ran' } };
+    const change = massChange(repoChecks);
+    const { checks, head, base, localSystem, pr } = await run('acme/mass', 1, change, 'common: 1 -> 2', 4);
     const title = `Mass rebuild: 6 rebuilds on ${localSystem} exceed max_rebuild_count 3; built nothing`;
     expect(checks['eka-ci / evaluation']).toMatchObject({ conclusion: 'success' });
     const build = checks[`eka-ci / build (${localSystem})`]!;
@@ -98,6 +106,17 @@ describe('builds held back by the base’s rules', () => {
     expect(summary.output.summary).toMatch(/Not built/);
     expect(Object.values(head)).toEqual(PACKAGES.map(() => 'never'));
     expect(Object.values(base)).toEqual(PACKAGES.map(() => 'never'));
+    expect(checks['eka-ci / checks']).toMatchObject({
+      conclusion: 'neutral',
+      output: { title: '1 check passed, 1 held back' },
+    });
+    expect(checks['eka-ci / checks']!.output.summary).toContain(`\`dev\` on ${localSystem}`);
+    const { checks: checkJobs, evaluations, store } = system.coordinator;
+    expect(checkJobs.checksOf('acme/mass', pr.head).map((c) => [c.name, c.state])).toEqual([['plain', 'succeeded']]);
+    // Its shell, and the bumped input under it, never reached the builders.
+    const shell = evaluations.load('acme/mass', pr.head)!.checks![0]!.systems[0]!.shellDrv!;
+    expect(shell).toMatch(/-dev-shell-1\.drv$/);
+    expect(store.derivation(shell)).toBeUndefined();
     expect(github.api.invalid).toEqual([]);
     // The API's review of the pull request says it too, in JSON and in markdown, first.
     const reviewUrl = `http://127.0.0.1:${system.coordinator.httpPort}/api/v1/reviews?repo=acme/mass&base=${pr.base}&head=${pr.head}`;
@@ -110,6 +129,7 @@ describe('builds held back by the base’s rules', () => {
         built: [],
       },
     ]);
+    expect(review.heldBack?.checks).toEqual([{ name: 'dev', system: localSystem }]);
     expect(
       (await checkedFetch(`${reviewUrl}&format=markdown`)).text.startsWith(`${title}\n\n**Builds held back.**`),
     ).toBe(true);

@@ -1,5 +1,5 @@
 import type { JobEvaluation } from '../eval/repo-evaluation.js';
-import type { LimitReport } from '../review/build-limits.js';
+import type { HeldCheck, LimitReport } from '../review/build-limits.js';
 import { evalFailureBlocks, isNewlyFailing } from '../review/classify.js';
 import { renderChecks, renderMarkdown } from '../review/markdown.js';
 import type { CheckResult, Review } from '../review/model.js';
@@ -203,25 +203,39 @@ export function summaryCheck(
 /**
  * `eka-ci / checks`: the repository's checks (`checks.<name>`), each with its state, exit code, time and the end of
  * its output. In progress until every one ended; then failure when any did not pass (timed_out when all that did not
- * pass timed out, cancelled when they were cancelled), with "Rebuild failed" to run the failed ones again.
+ * pass timed out, cancelled when they were cancelled), with "Rebuild failed" to run the failed ones again. Checks a
+ * mass rebuild held back (`held`) are listed first; with them, checks that all passed conclude neutral.
  */
-export function checksCheck(checks: readonly CheckResult[], detailsUrl: string | undefined): CheckRunSpec {
+export function checksCheck(
+  checks: readonly CheckResult[],
+  detailsUrl: string | undefined,
+  held: readonly HeldCheck[] = [],
+): CheckRunSpec {
   const extra = detailsUrl ? { detailsUrl } : {};
-  const summary = renderChecks(checks).slice(1).join('\n\n');
+  const heldLine =
+    held.length > 0
+      ? [
+          `**Held back** (their shells would build what the change's limits hold back): ` +
+            held.map((c) => `\`${c.name}\` on ${c.system}`).join(', '),
+        ]
+      : [];
+  const summary = [...heldLine, ...renderChecks(checks).slice(1)].join('\n\n');
+  const heldTitle = held.length > 0 ? `, ${held.length} held back` : '';
   const done = checks.filter((c) => CHECK_TERMINAL_STATES.has(c.state));
   if (done.length < checks.length) {
     const failed = done.filter((c) => c.state !== 'succeeded').length;
     return inProgress(
       CHECKS_CHECK,
-      `${done.length} of ${checks.length} done, ${failed} not passing`,
+      `${done.length} of ${checks.length} done, ${failed} not passing${heldTitle}`,
       summary,
       detailsUrl,
     );
   }
   const bad = checks.filter((c) => c.state !== 'succeeded');
   if (bad.length === 0) {
-    const title = `${checks.length} check${checks.length === 1 ? '' : 's'} passed`;
-    return completed(CHECKS_CHECK, 'success', title, summary, extra);
+    const title = `${checks.length} check${checks.length === 1 ? '' : 's'} passed${heldTitle}`;
+    // What was held back did not pass: neutral, as the build checks of a mass rebuild are.
+    return completed(CHECKS_CHECK, held.length > 0 ? 'neutral' : 'success', title, summary, extra);
   }
   let conclusion: CheckConclusion = 'failure';
   if (bad.every((c) => c.state === 'timed-out')) conclusion = 'timed_out';
@@ -230,7 +244,7 @@ export function checksCheck(checks: readonly CheckResult[], detailsUrl: string |
   return completed(
     CHECKS_CHECK,
     conclusion,
-    `${bad.length} of ${checks.length} not passing: ${names}`.slice(0, 255),
+    `${bad.length} of ${checks.length} not passing: ${names}${heldTitle}`.slice(0, 255),
     summary,
     {
       ...extra,

@@ -11,13 +11,20 @@ import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
 import { newlyFailingDrvs } from '../review/classify.js';
-import { type BuildRules, heldBackOf, limitReport, readBuildRules, rebuildsBySystem } from '../review/build-limits.js';
+import {
+  type BuildRules,
+  heldBackOf,
+  limitChecks,
+  limitReport,
+  readBuildRules,
+  rebuildsBySystem,
+} from '../review/build-limits.js';
 import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
 import { type RunEta, etaShort, etaText } from '../scheduler/eta.js';
-import type { CheckManager } from '../checks/check-manager.js';
+import type { CheckManager, CheckSpec } from '../checks/check-manager.js';
 import { type CachePushService, pushSummaryLines } from '../caches/push-service.js';
 import { checkSpecs } from '../checks/check-specs.js';
 import {
@@ -158,7 +165,9 @@ export class RunPipeline {
     const only = [...mine].filter((d) => !others.has(d));
     if (only.length > 0) manager.cancel(only, reason);
     const target = targetOf(run);
-    const hasChecks = this.deps.checks.checksOf(run.repo, run.head_sha).length > 0;
+    const hasChecks =
+      this.deps.checks.checksOf(run.repo, run.head_sha).length > 0 ||
+      (run.base_sha !== null && (runs.heldBack(run.repo, run.base_sha, run.head_sha)?.checks?.length ?? 0) > 0);
     // A commit's checks are shared by its runs: they stop only when no other open run of the commit waits for them.
     const shared = runs
       .runsOf({ repo: run.repo, headSha: run.head_sha })
@@ -216,8 +225,10 @@ export class RunPipeline {
     if (diffs) runs.setSummary(runId, { rebuildCountBySystem });
     const { roots, limits } = this.rootsOf(run, head, diffs, attrsFromCommitTitles(titles), rules);
     runs.setRoots(runId, roots);
+    // Checks whose shells would build what the limits hold back do not run either.
+    const checkPlan = limitChecks(this.checkSpecsOf(run, head, base), base, limits);
     // The whole change's report of the limits: stored for the API's review, and the summary check's when done.
-    const heldBack = heldBackOf(limits, rebuildCountBySystem);
+    const heldBack = heldBackOf(limits, rebuildCountBySystem, checkPlan.held);
     runs.setHeldBack(runId, heldBack);
     this.deps.cachePushes?.planRun(run, roots, head, base);
     runs.setRunState(runId, 'building');
@@ -231,10 +242,10 @@ export class RunPipeline {
       reporter.set(target, withEta(building, eta));
     };
     drawProgress();
-    const checkIds = this.requestChecks(run, head, base);
+    const checkIds = this.requestChecks(run, checkPlan.run);
     const drawChecks = (): void => {
-      if (checkIds.length > 0)
-        reporter.set(target, checksCheck(this.deps.checks.resultsOf(run.repo, run.head_sha), details));
+      if (checkIds.length > 0 || checkPlan.held.length > 0)
+        reporter.set(target, checksCheck(this.deps.checks.resultsOf(run.repo, run.head_sha), details, checkPlan.held));
     };
     drawChecks();
 
@@ -317,24 +328,27 @@ export class RunPipeline {
   }
 
   /**
-   * Asks for the head's repository checks. What a check may do comes from the base: a pull request's check gets the
-   * network only when the base's check of that name allows it too, and an untrusted pull request's never, unless the
-   * server allows it for the repository.
+   * The head's repository checks, as the run may ask for them. What a check may do comes from the base: a pull
+   * request's check gets the network only when the base's check of that name allows it too, and an untrusted pull
+   * request's never, unless the server allows it for the repository.
    */
-  private requestChecks(run: RunRow, head: CommitEvaluation, base: CommitEvaluation | undefined): number[] {
+  private checkSpecsOf(run: RunRow, head: CommitEvaluation, base: CommitEvaluation | undefined): CheckSpec[] {
     const { checkPolicy } = this.deps;
-    const untrusted = run.untrusted === 1;
-    const specs = checkSpecs(head, base, {
-      networkPermitted: !untrusted || checkPolicy.untrustedNetworkRepos.includes(run.repo),
+    return checkSpecs(head, base, {
+      networkPermitted: run.untrusted !== 1 || checkPolicy.untrustedNetworkRepos.includes(run.repo),
       timeoutSeconds: checkPolicy.timeoutSeconds,
     });
+  }
+
+  /** Asks for the checks the run runs; answers their ids. */
+  private requestChecks(run: RunRow, specs: readonly CheckSpec[]): number[] {
     if (specs.length === 0) return [];
     return this.deps.checks.request({
       repo: run.repo,
       commit: run.head_sha,
       cloneUrl: run.head_clone_url,
       checks: specs,
-      untrusted,
+      untrusted: run.untrusted === 1,
       private: this.deps.runs.repository(run.repo)?.private !== 0,
       rerunFailed: run.rebuild_failed === 1,
     });

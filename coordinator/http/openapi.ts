@@ -488,6 +488,16 @@ export const OPENAPI_DOCUMENT = {
                   },
                 },
               },
+              checks: {
+                type: 'array',
+                description: 'Repository checks not run: their shells would build what the limits hold back.',
+                items: {
+                  type: 'object',
+                  required: ['name', 'system'],
+                  additionalProperties: false,
+                  properties: { name: { type: 'string' }, system: { type: 'string' } },
+                },
+              },
             },
           },
         },

@@ -5,7 +5,15 @@ import { silentLogger } from '../../common/logging.js';
 import { GitMirrors } from '../git/git-mirrors.js';
 import { TempDirs, TestRepo, testGitEnv } from '../git/test-support.js';
 import { RepoConfigError } from '../repo-config/errors.js';
-import { type AppliedLimit, type BuildLimit, limitReport, readBuildRules } from './build-limits.js';
+import type { CheckSpec } from '../checks/check-manager.js';
+import {
+  type AppliedLimit,
+  type BuildLimit,
+  heldBackOf,
+  limitChecks,
+  limitReport,
+  readBuildRules,
+} from './build-limits.js';
 
 const temp = new TempDirs();
 afterAll(() => temp.removeAll());
@@ -74,6 +82,74 @@ describe('limitReport', () => {
       '- job `pkgs`: all 3 changed files match its skip_build_paths: `doc/**` (2), `*.md` (1)',
     );
     expect(limitReport([])).toBeUndefined();
+  });
+});
+
+describe('limitChecks', () => {
+  const spec = (name: string, system: string, shellDrv?: string): CheckSpec => ({
+    name,
+    system,
+    command: 'true',
+    allowNetwork: false,
+    roBind: [],
+    timeoutSeconds: 60,
+    shellDrv,
+    error: undefined,
+  });
+  const base = {
+    checks: [
+      {
+        name: 'lint',
+        command: 'true',
+        allowNetwork: false,
+        roBind: [],
+        timeoutSeconds: undefined,
+        systems: [
+          { system: 'x86_64-linux', shellDrv: '/nix/store/aaaa-lint-shell.drv' },
+          { system: 'aarch64-linux', shellDrv: '/nix/store/bbbb-lint-shell.drv' },
+        ],
+      },
+    ],
+  };
+  const specs = [
+    spec('lint', 'x86_64-linux', '/nix/store/cccc-lint-shell.drv'), // a new shell on the held-back system
+    spec('lint', 'aarch64-linux', '/nix/store/dddd-lint-shell.drv'), // a new shell on a system building as usual
+    spec('tests', 'x86_64-linux', '/nix/store/eeee-tests-shell.drv'), // a check the base does not have
+    spec('format', 'x86_64-linux'), // no shell: nothing to build
+  ];
+
+  it("holds back a check on a held-back system whose shell is not the base's, and runs the rest", () => {
+    const applied: AppliedLimit[] = [{ limit: mass('x86_64-linux', 10, 3), built: [] }];
+    const { run, held } = limitChecks(specs, base, applied);
+    expect(held).toEqual([
+      { name: 'lint', system: 'x86_64-linux' },
+      { name: 'tests', system: 'x86_64-linux' },
+    ]);
+    expect(run.map((s) => `${s.name} ${s.system}`)).toEqual(['lint aarch64-linux', 'format x86_64-linux']);
+    const report = heldBackOf(applied, { 'x86_64-linux': 10 }, held)!;
+    expect(report.checks).toEqual(held);
+    expect(report.lines).toContain(
+      'Checks not run, their shells would build what is held back: `lint` on x86_64-linux, `tests` on x86_64-linux.',
+    );
+  });
+
+  it("runs a check whose shell is the base's, and every check when nothing is held back", () => {
+    const same = [spec('lint', 'x86_64-linux', '/nix/store/aaaa-lint-shell.drv')];
+    expect(limitChecks(same, base, [{ limit: mass('x86_64-linux', 10, 3), built: [] }]).held).toEqual([]);
+    expect(limitChecks(specs, base, []).run).toEqual(specs);
+    expect(heldBackOf([{ limit: mass('x86_64-linux', 10, 3), built: [] }], {})!.checks).toBeUndefined();
+  });
+
+  it('holds back new shells on every system when only skip_build_paths files changed', () => {
+    const paths: AppliedLimit = {
+      limit: { kind: 'skip-build-paths', job: 'pkgs', files: 1, globs: [{ glob: 'doc/**', files: 1 }] },
+      built: [],
+    };
+    expect(limitChecks(specs, base, [paths]).held.map((c) => c.system)).toEqual([
+      'x86_64-linux',
+      'aarch64-linux',
+      'x86_64-linux',
+    ]);
   });
 });
 

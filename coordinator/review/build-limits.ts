@@ -1,3 +1,5 @@
+import type { CheckSpec } from '../checks/check-manager.js';
+import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { FetchOptions, FileAtCommit } from '../git/git-mirrors.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { RepoConfigError } from '../repo-config/errors.js';
@@ -117,6 +119,37 @@ export function holdsBack(limit: BuildLimit, job: string, system: string): boole
   return limit.job === job && (limit.kind === 'skip-build-paths' || limit.system === system);
 }
 
+/** A repository check a limit kept from running: `name` on `system`. */
+export interface HeldCheck {
+  name: string;
+  system: string;
+}
+
+/**
+ * The checks a change may run under its limits. Running a check builds its shell first; on a system a limit holds
+ * back (a mass rebuild there, or a change touching only `skip_build_paths`), a check whose shell is not the base's
+ * — which the base's own runs built — would build what the limit holds back, so it does not run and is reported as
+ * held back. A check without a shell, or with the base's, builds nothing new and runs as usual.
+ */
+export function limitChecks(
+  specs: readonly CheckSpec[],
+  base: Pick<CommitEvaluation, 'checks'> | undefined,
+  applied: readonly AppliedLimit[],
+): { run: CheckSpec[]; held: HeldCheck[] } {
+  const heldSystem = (system: string): boolean =>
+    applied.some(({ limit }) => limit.kind === 'skip-build-paths' || limit.system === system);
+  const baseShell = (name: string, system: string): string | undefined =>
+    base?.checks?.find((p) => p.name === name)?.systems.find((s) => s.system === system)?.shellDrv;
+  const run: CheckSpec[] = [];
+  const held: HeldCheck[] = [];
+  for (const spec of specs) {
+    const builds = spec.shellDrv !== undefined && spec.shellDrv !== baseShell(spec.name, spec.system);
+    if (builds && heldSystem(spec.system)) held.push({ name: spec.name, system: spec.system });
+    else run.push(spec);
+  }
+  return { run, held };
+}
+
 /** What `readBuildRules` reads from: the coordinator's git mirrors. */
 export interface RulesSource {
   fileAt(url: string, rev: string, path: string, options?: FetchOptions): Promise<FileAtCommit>;
@@ -163,20 +196,23 @@ export interface LimitReport {
 /** What a review's builds left out, as its JSON says it: the whole change's report and the limits behind it. */
 export interface HeldBack extends LimitReport {
   limits: AppliedLimit[];
+  /** The repository checks not run because their shells would build what the limits hold back; absent when none. */
+  checks?: HeldCheck[];
 }
 
 /** The review's `heldBack`: undefined when no limit held anything back. */
 export function heldBackOf(
   applied: readonly AppliedLimit[],
   rebuildCountBySystem: Readonly<Record<string, number>>,
+  checks: readonly HeldCheck[] = [],
 ): HeldBack | undefined {
-  const report = limitReport(applied, { rebuildCountBySystem });
+  const report = limitReport(applied, { rebuildCountBySystem, checks });
   const limits = applied.map(({ limit, built }) => ({
     limit,
     // An attribute built on both sides is listed once, by name and system.
     built: [...new Map(built.map(({ attr, system }) => [`${attr}\0${system}`, { attr, system }])).values()],
   }));
-  return report && { ...report, limits };
+  return report && { ...report, limits, ...(checks.length > 0 ? { checks: [...checks] } : {}) };
 }
 
 // Attributes listed by name in a report; the rest are counted.
@@ -189,7 +225,12 @@ const MAX_LISTED_ATTRS = 20;
  */
 export function limitReport(
   applied: readonly AppliedLimit[],
-  o: { system?: string; rebuildCountBySystem?: Readonly<Record<string, number>> } = {},
+  o: {
+    system?: string;
+    rebuildCountBySystem?: Readonly<Record<string, number>>;
+    /** Checks held back, listed for the whole change (not in one system's build check). */
+    checks?: readonly HeldCheck[];
+  } = {},
 ): LimitReport | undefined {
   const here = applied.filter(
     (a) => o.system === undefined || a.limit.kind === 'skip-build-paths' || a.limit.system === o.system,
@@ -217,6 +258,10 @@ export function limitReport(
         listed(attrs.map((a) => `\`${a}\``))
       : 'Nothing was built. `@eka-ci build ATTR`, or a commit title such as `ATTR: 1.0 -> 2.0`, builds an attribute anyway.',
   ];
+  if ((o.checks?.length ?? 0) > 0) {
+    const checks = o.checks!.map((c) => `\`${c.name}\` on ${c.system}`);
+    lines.push('', `Checks not run, their shells would build what is held back: ${listed(checks)}.`);
+  }
   const counts = Object.entries(o.rebuildCountBySystem ?? {}).sort(([a], [b]) => (a < b ? -1 : 1));
   if (counts.length > 0)
     lines.push('', `Rebuilds per system: ${counts.map(([s, n]) => `${s} ${count(n)}`).join(', ')}.`);
