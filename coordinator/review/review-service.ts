@@ -104,7 +104,8 @@ export class ReviewService {
     roots: readonly RunRoot[],
     evaluations: { head: CommitEvaluation; base: CommitEvaluation | undefined },
   ): Promise<void> {
-    if (this.sources.sizes) await this.sources.sizes.record(branchPoints(run, roots, evaluations, this.sources.store));
+    if (this.sources.sizes)
+      await this.sources.sizes.record(await branchPoints(run, roots, evaluations, this.sources.store));
   }
 
   /** The diff of each job both evaluations have; jobs never diffed before are diffed now and stored. */

@@ -192,23 +192,72 @@ describe('branchPoints', () => {
   ];
   const run = { repo: 'acme/pkgs', branch: 'main', head_sha: 'h', base_sha: 'b' };
 
-  it("takes a push's head: each output of each root that succeeded", () => {
+  it("takes a push's head: each output of each root that succeeded", async () => {
     const { db } = open();
-    const points = branchPoints({ ...run, kind: 'push', base_sha: null }, roots, { head, base: undefined }, builds(db));
+    const points = await branchPoints(
+      { ...run, kind: 'push', base_sha: null },
+      roots,
+      { head, base: undefined },
+      builds(db),
+    );
     expect(points.map((p) => [p.branch, p.commit, p.job, p.attr, p.output, p.narSize, p.closureSize])).toEqual([
       ['main', 'h', 'pkgs', 'a', 'dev', 5, 40],
       ['main', 'h', 'pkgs', 'a', 'out', 10, 30],
     ]);
   });
 
-  it("takes a pull request's base roots that succeeded with known sizes, never its head", () => {
+  it("takes a pull request's base roots that succeeded with known sizes, never its head", async () => {
     const { db } = open();
-    const points = branchPoints({ ...run, kind: 'pull_request' }, roots, { head, base }, builds(db));
+    const points = await branchPoints({ ...run, kind: 'pull_request' }, roots, { head, base }, builds(db));
     expect(points.map((p) => [p.commit, p.attr, p.output, p.narSize])).toEqual([['b', 'a', 'out', 7]]);
   });
 
-  it('takes nothing from a run without a branch', () => {
+  it('reads the builds of a push of thousands of roots in slices, every succeeded one once', async () => {
     const { db } = open();
-    expect(branchPoints({ ...run, kind: 'push', branch: null }, roots, { head, base }, builds(db))).toEqual([]);
+    const store = new BuildStore(db);
+    const n = 4_500; // more than two slices
+    const name = (i: number): string => `p${String(i).padStart(5, '0')}`;
+    store.insertDerivations(
+      Array.from({ length: n }, (_, i) => ({
+        drvPath: drv(name(i)),
+        system: 'x86_64-linux',
+        requiredFeatures: [],
+        fixedOutput: false,
+        preferLocal: false,
+        inputs: [],
+        outputs: { out: `/nix/store/${name(i)}-out` },
+      })),
+      1,
+    );
+    for (let i = 0; i < n; i++) {
+      // Every third failed; the rest were substituted with their sizes.
+      if (i % 3 === 0)
+        for (const s of ['buildable', 'building', 'failed'] as const) store.setState(drv(name(i)), s, 1, 1);
+      else {
+        store.setState(drv(name(i)), 'substituted', 0, 1);
+        store.recordOutput(drv(name(i)), 'out', `/nix/store/${name(i)}-out`, i, 2 * i);
+      }
+    }
+    const attrs = Object.fromEntries(Array.from({ length: n }, (_, i) => [name(i), name(i)]));
+    const head = evaluation('h', attrs);
+    const roots = Array.from({ length: n }, (_, i): RunRoot => ({
+      side: 'head',
+      drvPath: drv(name(i)),
+      attr: `pkgs.${name(i)}`,
+      system: 'x86_64-linux',
+    }));
+    const points = await branchPoints(
+      { ...run, kind: 'push', base_sha: null },
+      roots,
+      { head, base: undefined },
+      store,
+    );
+    const expected = Array.from({ length: n }, (_, i) => i).filter((i) => i % 3 !== 0);
+    expect(points.map((p) => [p.attr, p.narSize, p.closureSize])).toEqual(expected.map((i) => [name(i), i, 2 * i]));
+  });
+
+  it('takes nothing from a run without a branch', async () => {
+    const { db } = open();
+    expect(await branchPoints({ ...run, kind: 'push', branch: null }, roots, { head, base }, builds(db))).toEqual([]);
   });
 });

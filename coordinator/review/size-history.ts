@@ -57,7 +57,9 @@ interface Row {
 
 // Points written per transaction: a push to a nixpkgs branch has some 150,000 (attributes × outputs); between slices
 // the event loop serves agents and webhooks.
-const RECORD_SLICE = 2_000;
+const RECORD_SLICE = 500;
+// Roots whose builds are read between two turns of the event loop.
+const POINTS_SLICE = 2_000;
 
 /**
  * Output sizes of a repository's branches over time, per job, attribute and output: what `size_check.base_branch`
@@ -189,35 +191,44 @@ export class SizeHistory {
 
 /** What the points of a run are read from: a BuildStore. */
 export interface BuildSizes {
-  derivation(drvPath: string): { state: BuildState } | undefined;
-  outputsOf(drvPath: string): Array<{ name: string; nar_size: number | null; closure_size: number | null }>;
+  /** The states of those derivations that have a build row. */
+  stateNames(drvPaths: readonly string[]): Map<string, BuildState>;
+  /** The outputs of those derivations that have some. */
+  outputsOfMany(
+    drvPaths: readonly string[],
+  ): Map<string, Array<{ name: string; nar_size: number | null; closure_size: number | null }>>;
 }
 
 /**
  * The points a finished run learnt of its branch: a push builds a commit of the branch (its head); the base of a pull
  * request or merge group is a commit of the branch it goes to, whose changed attributes were built for the review (the
  * head is not on the branch, yet). Each root of that side that succeeded gives a point per output with known sizes.
+ * The builds are read in batches, with a turn of the event loop between them: a push to a branch of nixpkgs' size has
+ * 100,000 roots, and reading them one query each held the loop 3 s (bench/sizes).
  */
-export function branchPoints(
+export async function branchPoints(
   run: Pick<RunRow, 'repo' | 'kind' | 'branch' | 'head_sha' | 'base_sha'>,
   roots: readonly RunRoot[],
   evaluations: { head: CommitEvaluation; base: CommitEvaluation | undefined },
   builds: BuildSizes,
-): SizePoint[] {
+): Promise<SizePoint[]> {
   if (run.branch === null) return [];
   const side = run.kind === 'push' ? 'head' : 'base';
   const evaluation = side === 'head' ? evaluations.head : evaluations.base;
   if (!evaluation) return [];
-  const succeeded = (drv: string): boolean => {
-    const state = builds.derivation(drv)?.state;
-    return state !== undefined && SUCCESS_STATES.has(state);
-  };
-  const built = new Set(roots.filter((r) => r.side === side && succeeded(r.drvPath)).map((r) => r.drvPath));
+  const drvs = [...new Set(roots.filter((r) => r.side === side).map((r) => r.drvPath))];
+  const outputs = new Map<string, Array<{ name: string; nar_size: number | null; closure_size: number | null }>>();
+  for (let i = 0; i < drvs.length; i += POINTS_SLICE) {
+    if (i > 0) await turn();
+    const states = builds.stateNames(drvs.slice(i, i + POINTS_SLICE));
+    const built = [...states].flatMap(([drv, state]) => (SUCCESS_STATES.has(state) ? [drv] : []));
+    for (const [drv, list] of builds.outputsOfMany(built)) outputs.set(drv, list);
+  }
   const points: SizePoint[] = [];
   for (const job of evaluation.jobs) {
     for (const a of job.attrs) {
-      if (!a.drvPath || !built.has(a.drvPath)) continue;
-      for (const o of builds.outputsOf(a.drvPath)) {
+      if (!a.drvPath) continue;
+      for (const o of outputs.get(a.drvPath) ?? []) {
         if (o.nar_size === null || o.closure_size === null) continue;
         points.push({
           repo: run.repo,

@@ -192,6 +192,39 @@ export class BuildStore {
     return this.s.outputsOf.all(drvPath) as OutputRow[];
   }
 
+  /** The states alone of the given derivations that exist, in batches (a row's other columns are not read). */
+  stateNames(drvPaths: readonly string[]): Map<string, BuildState> {
+    const out = new Map<string, BuildState>();
+    for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
+      const batch = drvPaths.slice(i, i + IN_BATCH);
+      const rows = this.db
+        .prepare(`SELECT drv_path, state FROM derivations WHERE drv_path IN (${batch.map(() => '?').join(',')})`)
+        .raw()
+        .all(...batch) as Array<[string, BuildState]>;
+      for (const [drv, state] of rows) out.set(drv, state);
+    }
+    return out;
+  }
+
+  /** The outputs of many derivations, in batches; a derivation with none known is absent. */
+  outputsOfMany(drvPaths: readonly string[]): Map<string, OutputRow[]> {
+    const out = new Map<string, OutputRow[]>();
+    for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
+      const batch = drvPaths.slice(i, i + IN_BATCH);
+      const rows = this.db
+        .prepare(
+          `SELECT * FROM derivation_outputs WHERE drv_path IN (${batch.map(() => '?').join(',')}) ORDER BY drv_path, name`,
+        )
+        .all(...batch) as OutputRow[];
+      for (const r of rows) {
+        const list = out.get(r.drv_path);
+        if (list) list.push(r);
+        else out.set(r.drv_path, [r]);
+      }
+    }
+    return out;
+  }
+
   /**
    * Moves a derivation to `state` if the life of a derivation allows it from the state it is in (build-state.ts),
    * and records the event; returns false, changing nothing, when it does not (or the derivation is unknown). The one
