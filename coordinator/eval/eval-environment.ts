@@ -116,9 +116,13 @@ export class EvalEnvironment {
     return new EvalEnvironment(options, logger, store, evalStore);
   }
 
-  /** Makes sure the store is reachable (restarts a private daemon that died). */
-  async prepare(): Promise<void> {
+  /**
+   * Makes sure the store an evaluation under `policy` writes is reachable: starts the private daemon (again, when it
+   * died) unless the evaluation store takes it all. Without a policy, as for any evaluation.
+   */
+  async prepare(policy?: Pick<EvalPolicy, 'allowImportFromDerivation'>): Promise<void> {
     if (this.store.kind !== 'private' || this.daemon?.alive) return;
+    if (policy && this.writesEvalStore(policy)) return;
     this.daemon?.stop();
     this.daemon = await PrivateNixDaemon.start(this.logger);
   }
@@ -190,6 +194,21 @@ export class EvalEnvironment {
     return done;
   };
 
+  /** Whether a private daemon of this environment is running (the first evaluation that needs one starts it). */
+  get privateDaemonRunning(): boolean {
+    return this.daemon?.alive === true;
+  }
+
+  /** Where evaluations write when no evaluation store takes them: `private` when the host has no daemon. */
+  get daemonKind(): 'system' | 'private' | 'direct' {
+    return this.store.kind;
+  }
+
+  /** Whether an evaluation under `policy` writes the evaluation store (not through any daemon). */
+  private writesEvalStore(policy: Pick<EvalPolicy, 'allowImportFromDerivation'>): boolean {
+    return this.evalStore !== undefined && !policy.allowImportFromDerivation;
+  }
+
   close(): void {
     void this.rootsConnection?.then((c) => c.close()).catch(() => undefined);
     this.rootsConnection = undefined;
@@ -210,7 +229,7 @@ export class EvalEnvironment {
         ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
-      ...(this.evalStore && !scope.policy.allowImportFromDerivation
+      ...(this.evalStore && this.writesEvalStore(scope.policy)
         ? { registerRoot: directRegistrar(this.evalStore.stateDir) }
         : this.store.kind === 'system'
           ? { registerRoot: this.registerThroughDaemon }
@@ -254,7 +273,7 @@ export class EvalEnvironment {
         env: { PATH: path, HOME: this.homeDir, TMPDIR: tmpdir(), LANG: 'C.UTF-8', ...passThroughNixEnv() },
       };
     }
-    const direct = this.evalStore !== undefined && !policy.allowImportFromDerivation ? this.evalStore : undefined;
+    const direct = this.writesEvalStore(policy) ? this.evalStore : undefined;
     const socket = this.store.kind === 'system' ? SYSTEM_SOCKET : this.daemon?.socketPath;
     if (direct === undefined && socket === undefined) {
       throw new EvaluationError('the evaluation store is not open (prepare() first)');

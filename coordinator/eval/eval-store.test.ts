@@ -15,7 +15,7 @@ const NIX = ['--option', 'substituters', ''];
 const dir = tempDir('ekaci-eval-store-');
 const storeDir = join(dir, 'eval-store');
 const env = await EvalEnvironment.open(DEFAULT_EVALUATION_OPTIONS, silentLogger(), { evalStoreDir: storeDir });
-await env.prepare();
+await env.prepare(NO_EXTRA_POLICY);
 afterAll(() => env.close());
 
 const valid = (p: string): boolean => spawnSync('nix-store', [...NIX, '--check-validity', p]).status === 0;
@@ -158,5 +158,14 @@ describe('the evaluation store', () => {
     await releaseCommitRoots(rootsDir, [`released-${tag}`]);
     await env.collectEvalStore();
     expect([kept, released].map(held)).toEqual([true, false]);
+  });
+
+  it('starts no private daemon for the evaluations it takes, and one for an evaluation that may import', async (ctx) => {
+    // With a daemon on the host, nothing of the coordinator's own would start either way.
+    if (env.daemonKind !== 'private') ctx.skip();
+    // Every evaluation above wrote the evaluation store: none needed a daemon.
+    expect(env.privateDaemonRunning).toBe(false);
+    await env.prepare({ allowImportFromDerivation: true });
+    expect(env.privateDaemonRunning).toBe(true);
   });
 });

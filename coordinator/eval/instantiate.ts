@@ -33,7 +33,7 @@ export async function instantiate(
   if (!statSync(path).isFile() && !existsSync(resolve(path, 'default.nix'))) {
     throw new EvaluationError(`${file}: not a Nix file (and no default.nix inside)`);
   }
-  await environment.prepare();
+  await environment.prepare(policy);
   const launcher = environment.launcher({ roots: projectRoots(path), policy });
   const names = attrs.length > 0 ? attrs : await topLevelNames(launcher, path);
   if (names.length === 0) throw new EvaluationError(`${file}: has no attributes to build`);

@@ -55,7 +55,7 @@ export async function evaluateCommit(options: {
   /** Where checks that list no systems run; default this machine's system. */
   defaultSystem?: string;
 }): Promise<CommitEvaluation> {
-  await options.environment.prepare();
+  await options.environment.prepare(options.policy);
   const checkout = await options.mirrors.checkout(options.repo, options.rev, options.fetch);
   try {
     const config = await loadRepoConfig(checkout.dir);
