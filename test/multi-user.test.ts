@@ -182,6 +182,16 @@ describe('the coordinator as an unprivileged user of a sandboxed multi-user nix-
           app = derivation { name = "app-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ ./builder.sh ]; inherit dep; };
         }`,
       );
+      // A repository allowed to import from derivations evaluates through the daemon, which builds what it imports.
+      writeFileSync(
+        join(work, 'checkout', 'tools.nix'),
+        `let
+          gen = derivation { name = "gen-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo '{ x = 7; }' > $out" ]; };
+          v = import gen;
+        in {
+          tool = derivation { name = "tool-${tag}-\${toString v.x}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
+        }`,
+      );
       execFileSync('chown', ['-R', `${uid}:${gid}`, work]);
       writeFileSync(
         join(conf, 'nix.conf'),
@@ -197,7 +207,7 @@ describe('the coordinator as an unprivileged user of a sandboxed multi-user nix-
       writeFileSync(
         join(work, 'inside.mjs'),
         `import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { EvalEnvironment } from ${dist('coordinator/eval/eval-environment.js')};
 import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from ${dist('coordinator/eval/eval-options.js')};
 import { evaluateBuiltIn } from ${dist('coordinator/eval/evaluator.js')};
@@ -211,7 +221,13 @@ for await (const r of evaluateBuiltIn({ file: work + '/checkout/default.nix', at
 const validBefore = spawnSync('nix-store', ['--check-validity', drvs.app]).status === 0;
 const report = await env.importDerivations([drvs.app], work + '/gcroots');
 const out = execFileSync('nix-store', ['--realise', drvs.app], { encoding: 'utf8' }).trim();
-console.log(JSON.stringify({ drvs, validBefore, report, owner: statSync(drvs.app).uid, built: readFileSync(out, 'utf8') }));
+const ifdPolicy = { ...NO_EXTRA_POLICY, allowImportFromDerivation: true };
+await env.prepare(ifdPolicy);
+const ifd = {};
+const ifdLauncher = env.launcher({ roots: [work + '/checkout'], policy: ifdPolicy });
+for await (const r of evaluateBuiltIn({ file: work + '/checkout/tools.nix', attrPath: [], gcRootsDir: work + '/roots-ifd', workers: 1, launcher: ifdLauncher })) ifd[r.attr] = r.drvPath ?? r.error;
+writeFileSync(work + '/ifd-drvs', Object.values(ifd).join('\\n'));
+console.log(JSON.stringify({ drvs, validBefore, report, owner: statSync(drvs.app).uid, built: readFileSync(out, 'utf8'), ifd }));
 env.close();
 `,
       );
@@ -224,7 +240,10 @@ nix-daemon 2>/dev/null &
 trap 'kill $!' EXIT
 for i in $(seq 1 200); do [ -S /nix/var/nix/daemon-socket/socket ] && break; sleep 0.05; done
 setpriv --reuid=${uid} --regid=${gid} --init-groups --reset-env -- env PATH="$PATH" HOME="$2" NIX_CONF_DIR="$3" NIX_REMOTE=daemon node "$2/inside.mjs"
-for f in /nix/var/nix/gcroots/auto/*; do echo "root $(readlink "$f")"; done`;
+for f in /nix/var/nix/gcroots/auto/*; do echo "root $(readlink "$f")"; done
+# The collector keeps what the evaluation through the daemon rooted.
+nix-store --gc >/dev/null 2>&1
+for p in $(cat "$2/ifd-drvs"); do nix-store --check-validity "$p" && echo "kept $p"; done`;
       const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', nix, work, conf], {
         cwd: REPO,
         encoding: 'utf8',
@@ -239,6 +258,7 @@ for f in /nix/var/nix/gcroots/auto/*; do echo "root $(readlink "$f")"; done`;
         report: { added: number; present: number };
         owner: number;
         built: string;
+        ifd: Record<string, string>;
       };
       expect(Object.keys(out.drvs).sort()).toEqual(['app', 'dep']);
       // Evaluated into the evaluation store only: the daemon's store had none of it.
@@ -250,6 +270,10 @@ for f in /nix/var/nix/gcroots/auto/*; do echo "root $(readlink "$f")"; done`;
       expect(lines).toContain(`root ${join(work, 'gcroots', out.drvs.app!.slice('/nix/store/'.length))}`);
       // And built by the daemon, in its sandbox.
       expect(out.built).toBe(`${tag} built\n`);
+      // Evaluated through the daemon, which built what it imported, and rooted through it: the collector keeps it.
+      expect(out.ifd.tool).toMatch(new RegExp(`-tool-${tag}-7\\.drv$`));
+      expect(lines.some((l) => l.startsWith(`root ${join(work, 'roots-ifd')}/`))).toBe(true);
+      expect(lines).toContain(`kept ${out.ifd.tool}`);
     },
   );
 });
