@@ -331,7 +331,31 @@ function makeStorePath(type: string, sha256Hex: string, name: string): string {
  * several times faster than one promise per file through the thread pool (100k drvs: about 1 s against 7 s);
  * batching keeps the coordinator's heartbeats and streams served while a large closure loads.
  */
-export const CLOSURE_READ_BATCH = 500;
+const CLOSURE_READ_BATCH = 500;
+
+/**
+ * Walks the `.drv` closure of `roots` breadth first, each path once. `visit` answers a path's input derivations, or
+ * undefined to leave it out (neither it nor its inputs through it), and whether it read a file for that: after every
+ * CLOSURE_READ_BATCH reads the walk gives the event loop a turn (what a caller knew already costs no turn).
+ */
+export async function walkDerivations(
+  roots: Iterable<string>,
+  visit: (drvPath: string) => { inputs: Iterable<string>; read: boolean } | undefined,
+): Promise<void> {
+  const queue = [...new Set(roots)];
+  const queued = new Set(queue);
+  let reads = 0;
+  for (let head = 0; head < queue.length; head++) {
+    const step = visit(queue[head]!);
+    if (step === undefined) continue;
+    for (const input of step.inputs) {
+      if (queued.has(input)) continue;
+      queued.add(input);
+      queue.push(input);
+    }
+    if (step.read && ++reads % CLOSURE_READ_BATCH === 0) await turn();
+  }
+}
 
 /**
  * Reads the `.drv` closure of `roots` from the local store, breadth first over `inputDrvs`. A path for which
@@ -342,28 +366,16 @@ export async function loadDerivationClosure(
   roots: string[],
   skip: (drvPath: string) => boolean = () => false,
 ): Promise<Map<string, Derivation>> {
-  const loaded = new Map<string, Derivation>();
-  const seen = new Set<string>();
-  const queue: string[] = [];
-  const enqueue = (p: string): void => {
-    if (seen.has(p)) return;
-    seen.add(p);
-    if (!skip(p)) queue.push(p);
-  };
   for (const root of roots) {
     if (!isDrvPath(root)) throw new RangeError(`not a derivation path: ${JSON.stringify(root)}`);
-    enqueue(root);
   }
-  for (let head = 0; head < queue.length;) {
-    const end = Math.min(queue.length, head + CLOSURE_READ_BATCH);
-    for (; head < end; head++) {
-      const p = queue[head] as string;
-      const d = readStoreDerivation(p);
-      loaded.set(p, d);
-      for (const input in d.inputDrvs) enqueue(input);
-    }
-    if (head < queue.length) await turn();
-  }
+  const loaded = new Map<string, Derivation>();
+  await walkDerivations(roots, (p) => {
+    if (skip(p)) return undefined;
+    const d = readStoreDerivation(p);
+    loaded.set(p, d);
+    return { inputs: Object.keys(d.inputDrvs), read: true };
+  });
   return loaded;
 }
 

@@ -1,6 +1,5 @@
 import { LRUCache } from 'lru-cache';
-import { CLOSURE_READ_BATCH, readStoreDerivation } from '../../common/nix/derivation.js';
-import { turn } from '../../common/turn.js';
+import { readStoreDerivation, walkDerivations } from '../../common/nix/derivation.js';
 import type { EvalResult } from '../eval/eval-result.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { StoredJobDiff } from './diff-store.js';
@@ -37,25 +36,20 @@ const readNodes = new LRUCache<string, DiffNode>({ max: READ_NODES_CAPACITY });
  */
 async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
   const nodes = new Map<string, DiffNode>();
-  const queue = [...new Set(attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])))];
-  const queued = new Set(queue);
-  let reads = 0;
-  for (let head = 0; head < queue.length; head++) {
-    const drvPath = queue[head]!;
-    let node = readNodes.get(drvPath);
-    if (!node) {
-      const d = readStoreDerivation(drvPath);
-      node = { inputs: Object.keys(d.inputDrvs), system: d.system };
-      readNodes.set(drvPath, node);
-      if (++reads % CLOSURE_READ_BATCH === 0) await turn();
-    }
-    nodes.set(drvPath, node);
-    for (const input of node.inputs) {
-      if (queued.has(input)) continue;
-      queued.add(input);
-      queue.push(input);
-    }
-  }
+  await walkDerivations(
+    attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])),
+    (drvPath) => {
+      let node = readNodes.get(drvPath);
+      const read = node === undefined;
+      if (!node) {
+        const d = readStoreDerivation(drvPath);
+        node = { inputs: Object.keys(d.inputDrvs), system: d.system };
+        readNodes.set(drvPath, node);
+      }
+      nodes.set(drvPath, node);
+      return { inputs: node.inputs, read };
+    },
+  );
   return {
     inputsOf: (drv) => nodes.get(drv)?.inputs ?? [],
     systemOf: (drv) => nodes.get(drv)?.system ?? 'unknown',
