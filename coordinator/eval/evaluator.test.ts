@@ -205,6 +205,10 @@ describe('built-in evaluator', () => {
     }
     expect(results.get('badMaintainers')?.metaErrors?.maintainers).toContain('no maintainers here');
     expect(results.get('badMaintainers')?.meta?.license).toBe('MIT');
+    // The handles made from the maintainers fail with them, recorded with the same message.
+    expect(results.get('badMaintainers')?.metaErrors?.githubMaintainers).toBe(
+      results.get('badMaintainers')?.metaErrors?.maintainers,
+    );
     expect(results.get('abortingLicense')?.metaErrors?.license).toContain('license aborts');
     expect(results.get('abortingLicense')?.meta?.broken).toBe(false);
     expect(results.get('badMeta')?.metaErrors?.maintainers).toContain('meta itself throws');

@@ -11,32 +11,53 @@ const OPTIONS = fileURLToPath(new URL('./eval-options.ts', import.meta.url));
 const LOGGING = fileURLToPath(new URL('../../common/logging.ts', import.meta.url));
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 
-describe('GC roots of evaluated derivations', () => {
-  it('keep the .drv files through nix-store --gc runs during and after evaluation, which collect an unrooted one (private mount-namespace store)', () => {
-    const dir = tempDir('ekaci-gcroots-');
-    const tag = nonce();
-    const emptyNix = join(dir, 'nix');
-    mkdirSync(emptyNix);
-    const drv = (name: string) =>
-      `derivation { name = "${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }`;
-    const file = join(dir, 'jobs.nix');
-    writeFileSync(file, `{ a = ${drv('a')}; b = ${drv('b')}; c = ${drv('c')}; }`);
-    const script = join(dir, 'inside.mts');
-    // Runs inside the namespace, where /nix is an empty directory: the shared store is never collected.
-    writeFileSync(
-      script,
-      `import { execFileSync } from 'node:child_process';
+/** What a run in `collectedRun` saw. */
+interface CollectedRun {
+  rooted: string[];
+  control: string;
+  before: boolean[];
+  after: boolean[];
+  controlAfter: boolean;
+  workersStarted: number;
+}
+
+/**
+ * Evaluates `attrs` (a Nix set body; `drv name` makes a derivation) in a private mount namespace whose /nix is an
+ * empty directory, so that the shared store is never collected: `nix-store --gc` runs once during the evaluation and
+ * once after it, beside an unrooted control derivation. With `killFirstWorkerAfterMs`, the first worker is killed
+ * that long after it starts.
+ */
+function collectedRun(
+  attrs: (drv: (name: string, extra?: string) => string) => string,
+  o: { workers: number; killFirstWorkerAfterMs?: number },
+): CollectedRun {
+  const dir = tempDir('ekaci-gcroots-');
+  const tag = nonce();
+  const emptyNix = join(dir, 'nix');
+  mkdirSync(emptyNix);
+  const drv = (name: string, extra = '') =>
+    `derivation { name = "${name}-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; ${extra} }`;
+  const file = join(dir, 'jobs.nix');
+  writeFileSync(file, `{ ${attrs(drv)} }`);
+  const script = join(dir, 'inside.mts');
+  writeFileSync(
+    script,
+    `import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { evaluateBuiltIn } from ${JSON.stringify(EVALUATOR)};
+import { evaluateBuiltIn, onWorkerStartedForTests } from ${JSON.stringify(EVALUATOR)};
 import { EvalEnvironment } from ${JSON.stringify(ENVIRONMENT)};
 import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from ${JSON.stringify(OPTIONS)};
 import { silentLogger } from ${JSON.stringify(LOGGING)};
 const nix = ['--option', 'substituters', ''];
 const rooted = [];
+let workersStarted = 0;
+onWorkerStartedForTests((w) => {
+  if (++workersStarted === 1 && ${o.killFirstWorkerAfterMs ?? -1} >= 0) setTimeout(() => w.kill(), ${o.killFirstWorkerAfterMs ?? 0});
+});
 const env = await EvalEnvironment.open(DEFAULT_EVALUATION_OPTIONS, silentLogger());
 await env.prepare();
 const launcher = env.launcher({ roots: [${JSON.stringify(dir)}], policy: NO_EXTRA_POLICY });
-for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: 2, launcher })) {
+for await (const r of evaluateBuiltIn({ file: ${JSON.stringify(file)}, attrPath: [], gcRootsDir: ${JSON.stringify(join(dir, 'roots'))}, workers: ${o.workers}, launcher })) {
   // A collection while the evaluation is still running must neither break it nor take what it rooted.
   if (rooted.length === 0) execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
   rooted.push(r.drvPath);
@@ -45,30 +66,46 @@ const control = execFileSync('nix-instantiate', [...nix, '--expr', ${JSON.string
 const before = [...rooted, control].map((p) => existsSync(p));
 execFileSync('nix-store', [...nix, '--gc'], { stdio: 'ignore' });
 env.close();
-console.log(JSON.stringify({ rooted, control, before, after: rooted.map((p) => existsSync(p)), controlAfter: existsSync(control) }));
+console.log(JSON.stringify({ rooted, control, before, after: rooted.map((p) => existsSync(p)), controlAfter: existsSync(control), workersStarted }));
 `,
-    );
-    const r = spawnSync(
-      'unshare',
-      ['-m', 'sh', '-c', `mount --bind "$1" /nix && exec node --import tsx "$2"`, 'sh', emptyNix, script],
-      { cwd: REPO, encoding: 'utf8', timeout: 120_000 },
-    );
-    expect(r.status, r.stderr).toBe(0);
-    const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as {
-      rooted: string[];
-      control: string;
-      before: boolean[];
-      after: boolean[];
-      controlAfter: boolean;
-    };
+  );
+  const r = spawnSync(
+    'unshare',
+    ['-m', 'sh', '-c', `mount --bind "$1" /nix && exec node --import tsx "$2"`, 'sh', emptyNix, script],
+    { cwd: REPO, encoding: 'utf8', timeout: 120_000 },
+  );
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout.trim().split('\n').pop()!) as CollectedRun;
+}
+
+describe('GC roots of evaluated derivations', () => {
+  it('keep the .drv files through nix-store --gc runs during and after evaluation, which collect an unrooted one (private mount-namespace store)', () => {
+    const out = collectedRun((drv) => `a = ${drv('a')}; b = ${drv('b')}; c = ${drv('c')};`, { workers: 2 });
     expect(out.rooted).toHaveLength(3);
     expect(out.before).toEqual([true, true, true, true]);
     expect(out.after).toEqual([true, true, true]);
     expect(out.controlAfter, 'an unrooted .drv is collected, so the collector did run').toBe(false);
   });
-});
 
-describe('releasing the GC roots of a commit', () => {
+  it('keep what a worker killed mid-run made before its derivations were rooted', () => {
+    // One chunk of cheap attributes answers at once; the next chunk's cost a few milliseconds each, so the kill lands
+    // in it, after the first chunk's derivations were made and before their batch was rooted.
+    const out = collectedRun(
+      (drv) =>
+        [
+          ...Array.from({ length: 64 }, (_, i) => `a${i} = ${drv(`a${i}`)};`),
+          ...Array.from(
+            { length: 40 },
+            (_, i) => `b${i} = ${drv(`b${i}`, `w = builtins.length (builtins.genList (x: x * ${i}) 200000);`)};`,
+          ),
+        ].join(' '),
+      { workers: 1, killFirstWorkerAfterMs: 150 },
+    );
+    expect(out.workersStarted).toBeGreaterThanOrEqual(2);
+    expect(out.rooted).toHaveLength(104);
+    expect(out.after.every(Boolean), 'every evaluated .drv survives the collector').toBe(true);
+    expect(out.controlAfter).toBe(false);
+  });
   it('removes its links and their registrations in gcroots/auto, and leaves other commits rooted', async () => {
     const { GcRoots, releaseCommitRoots } = await import('./gc-roots.js');
     const dir = tempDir('ekaci-gcroots-release-');
