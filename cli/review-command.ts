@@ -2,6 +2,7 @@ import { existsSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { IllegalStateError, UsageError } from '../common/errors.js';
 import { type CommitEvaluation, evaluateCommit } from '../coordinator/eval/repo-evaluation.js';
+import { readAheadClosure } from '../coordinator/graph/commit-diff.js';
 import { checkSpecs } from '../coordinator/checks/check-specs.js';
 import { failedChecks, isNewlyFailing } from '../coordinator/review/classify.js';
 import { renderMarkdown } from '../coordinator/review/markdown.js';
@@ -87,7 +88,10 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
     return e;
   };
   const base = await evaluate(opts.base, 'base');
+  // The base's .drv files are read while the head evaluates, in the evaluator's own processes.
+  const readAhead = readAheadClosure(base);
   const head = await evaluate(opts.head, 'head');
+  await readAhead;
 
   config.dataDir = c.dataDir;
   config.web = { ...config.web, address: '127.0.0.1', port: 0 };

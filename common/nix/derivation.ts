@@ -336,11 +336,12 @@ const CLOSURE_READ_BATCH = 500;
 /**
  * Walks the `.drv` closure of `roots` breadth first, each path once. `visit` answers a path's input derivations, or
  * undefined to leave it out (neither it nor its inputs through it), and whether it read a file for that: after every
- * CLOSURE_READ_BATCH reads the walk gives the event loop a turn (what a caller knew already costs no turn).
+ * `readsPerTurn` reads the walk gives the event loop a turn (what a caller knew already costs no turn).
  */
 export async function walkDerivations(
   roots: Iterable<string>,
   visit: (drvPath: string) => { inputs: Iterable<string>; read: boolean } | undefined,
+  readsPerTurn = CLOSURE_READ_BATCH,
 ): Promise<void> {
   const queue = [...new Set(roots)];
   const queued = new Set(queue);
@@ -353,7 +354,7 @@ export async function walkDerivations(
       queued.add(input);
       queue.push(input);
     }
-    if (step.read && ++reads % CLOSURE_READ_BATCH === 0) await turn();
+    if (step.read && ++reads % readsPerTurn === 0) await turn();
   }
 }
 

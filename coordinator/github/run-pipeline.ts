@@ -8,6 +8,7 @@ import type { EvaluationStore } from '../eval/evaluation-store.js';
 import { releaseCommitRoots } from '../eval/gc-roots.js';
 import { type CommitEvaluation, evaluateCommit } from '../eval/repo-evaluation.js';
 import type { FetchOptions, GitAuth, GitMirrors } from '../git/git-mirrors.js';
+import { readAheadClosure } from '../graph/commit-diff.js';
 import type { StoredJobDiff } from '../graph/diff-store.js';
 import { withBaseGates } from '../review/base-policy.js';
 import { newlyFailingDrvs } from '../review/classify.js';
@@ -205,10 +206,13 @@ export class RunPipeline {
       const base = run.base_sha
         ? await this.evaluation(run.repo, run.base_clone_url, run.base_sha, { auth })
         : undefined;
+      // The base's .drv files are read for the diff while the head evaluates, in the evaluator's own processes.
+      const readAhead = base ? readAheadClosure(base) : undefined;
       const head = await this.evaluation(run.repo, run.head_clone_url, run.head_sha, {
         auth,
         ...(fork ? { objectsFrom: run.base_clone_url } : {}),
       });
+      await readAhead;
       // What the base lets the change build (max_rebuild_count, skip_build_paths), read while the mirrors are warm.
       const rules = base ? await this.buildRules(run, { auth }, fork) : undefined;
       return { head, base, titles, rules };

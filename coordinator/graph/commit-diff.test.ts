@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { addDerivationStore } from '../../common/nix/derivation.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
-import { diffCommits } from './commit-diff.js';
+import { diffCommits, readAheadClosure } from './commit-diff.js';
 
 // A store of its own, as the coordinator's evaluation store is: the diff reads .drv files from it.
 const root = tempDir('ekaci-commit-diff-');
@@ -55,5 +55,26 @@ describe('diffCommits', () => {
     chmodSync(join(root, v4.lib!), 0o644);
     writeFileSync(join(root, v4.lib!), 'Derive(garbled)');
     await expect(diffCommits(commit('c', v3), commit('d', v4))).rejects.toThrow(/lib-/);
+  });
+
+  it("reads a base's closure ahead, so that the diff reads only the head's; an unreadable file is left to the diff", async () => {
+    const tag = nonce();
+    const [base, head] = [instantiate(tag, '1'), instantiate(tag, '2')];
+    await readAheadClosure(commit('a', base));
+    for (const p of Object.values(base)) {
+      chmodSync(join(root, p), 0o644);
+      writeFileSync(join(root, p), 'Derive(garbled)');
+    }
+    const diff = await diffCommits(commit('a', base), commit('b', head));
+    expect(diff[0]!.attrs.map((a) => [a.attr, a.change])).toEqual([
+      ['app', 'changed'],
+      ['lib', 'changed'],
+    ]);
+    // Read ahead, a garbled file is no error; the diff that needs it says so.
+    const next = instantiate(tag, '3');
+    chmodSync(join(root, next.lib!), 0o644);
+    writeFileSync(join(root, next.lib!), 'Derive(garbled)');
+    await expect(readAheadClosure(commit('c', next))).resolves.toBeUndefined();
+    await expect(diffCommits(commit('b', head), commit('c', next))).rejects.toThrow(/lib-/);
   });
 });

@@ -30,11 +30,31 @@ interface DiffNode {
 const READ_NODES_CAPACITY = 300_000;
 const readNodes = new LRUCache<string, DiffNode>({ max: READ_NODES_CAPACITY });
 
+// Reads between turns of the event loop while a closure is read ahead (`readAheadClosure`): the evaluator that runs
+// meanwhile waits for the event loop after each of its requests, which take a few milliseconds.
+const READ_AHEAD_PER_TURN = 50;
+
+/**
+ * Reads the `.drv` closure of an evaluation into what diffs remember (see `closureOf`), a few files at a time:
+ * called with a pull request's base while its head evaluates, the diff then reads only what the head changed. An
+ * unreadable `.drv` is left for the diff to report.
+ */
+export async function readAheadClosure(evaluation: CommitEvaluation): Promise<void> {
+  try {
+    await closureOf(
+      evaluation.jobs.flatMap((j) => j.attrs),
+      READ_AHEAD_PER_TURN,
+    );
+  } catch {
+    // The diff reads it again, and says what is wrong with it.
+  }
+}
+
 /**
  * Inputs and systems of every derivation the evaluations reached: from what earlier diffs read, else read from the
  * `.drv` files in-process (an evaluation store's checked against their paths; see `readStoreDerivation`).
  */
-async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
+async function closureOf(attrs: readonly EvalResult[], readsPerTurn?: number): Promise<ClosureSource> {
   const nodes = new Map<string, DiffNode>();
   await walkDerivations(
     attrs.flatMap((a) => (a.drvPath ? [a.drvPath] : [])),
@@ -49,6 +69,7 @@ async function closureOf(attrs: readonly EvalResult[]): Promise<ClosureSource> {
       nodes.set(drvPath, node);
       return { inputs: node.inputs, read };
     },
+    readsPerTurn,
   );
   return {
     inputsOf: (drv) => nodes.get(drv)?.inputs ?? [],
