@@ -312,24 +312,48 @@ export class EvaluationStore {
     return found?.id ?? Number(this.s.insertName.run(name).lastInsertRowid);
   }
 
-  /** The id of a stored value (its digest is that of the whole value; a platforms list is stored apart). */
+  /**
+   * The id of a stored value. A `meta.platforms` list is stored apart (`eval_lists`), and a value's digest is that of
+   * its JSON without the list, followed by the list's digest: a list array is serialised and hashed once however many
+   * values share it (the evaluator and `load` give equal lists one array), where hashing each value's whole JSON,
+   * mostly its list, was most of storing a nixpkgs-sized evaluation. A value with a list stored before this digest is
+   * stored again once, and `retain` drops the old row when no evaluation uses it.
+   */
   private valueId(value: AttrValue): number {
-    const digest = digestOf(JSON.stringify(value));
-    const found = this.s.valueId.get(digest) as { id: number } | undefined;
-    if (found) return found.id;
     const platforms = value.meta?.platforms;
     if (platforms === undefined) {
-      return Number(this.s.insertValue.run(digest, JSON.stringify(value), null).lastInsertRowid);
+      const json = JSON.stringify(value);
+      const digest = digestOf(json);
+      const found = this.s.valueId.get(digest) as { id: number } | undefined;
+      return found?.id ?? Number(this.s.insertValue.run(digest, json, null).lastInsertRowid);
     }
     const { platforms: _apart, ...meta } = value.meta!;
-    const listJson = JSON.stringify(platforms);
-    const listDigest = digestOf(listJson);
-    const list = this.s.listId.get(listDigest) as { id: number } | undefined;
-    const listId = list?.id ?? Number(this.s.insertList.run(listDigest, listJson).lastInsertRowid);
-    return Number(this.s.insertValue.run(digest, JSON.stringify({ ...value, meta }), listId).lastInsertRowid);
+    const json = JSON.stringify({ ...value, meta });
+    const list = this.listOf(platforms);
+    const digest = digestOf(json, list.digest);
+    const found = this.s.valueId.get(digest) as { id: number } | undefined;
+    if (found) return found.id;
+    const stored = this.s.listId.get(list.digest) as { id: number } | undefined;
+    const listId = stored?.id ?? Number(this.s.insertList.run(list.digest, list.json).lastInsertRowid);
+    return Number(this.s.insertValue.run(digest, json, listId).lastInsertRowid);
   }
+
+  /** A platforms list's JSON and digest, made once per array. */
+  private listOf(platforms: readonly string[]): { json: string; digest: Buffer } {
+    let list = this.lists.get(platforms);
+    if (!list) {
+      const json = JSON.stringify(platforms);
+      list = { json, digest: digestOf(json) };
+      this.lists.set(platforms, list);
+    }
+    return list;
+  }
+
+  private readonly lists = new WeakMap<readonly string[], { json: string; digest: Buffer }>();
 }
 
-function digestOf(json: string): Buffer {
-  return createHash('sha256').update(json).digest().subarray(0, 16);
+function digestOf(json: string, then?: Buffer): Buffer {
+  const hash = createHash('sha256').update(json);
+  if (then) hash.update(then);
+  return hash.digest().subarray(0, 16);
 }

@@ -131,6 +131,21 @@ describe('built-in evaluator', () => {
     expect(results.get('bare')?.meta).toEqual({});
   });
 
+  it('gives attributes with equal meta.platforms one list, and unequal ones their own', async () => {
+    const linux = '[ "x86_64-linux" "aarch64-linux" builtins.currentSystem ]';
+    const { file, dir } = nixFile(`{
+      ${['a', 'b', 'c'].map((n) => `${n} = mk "${n}" // { meta.platforms = ${linux}; };`).join('\n      ')}
+      d = mk "d" // { meta.platforms = [ "x86_64-linux" builtins.currentSystem ]; };
+    }`);
+    const results = await run(file, dir, { workers: 2 });
+    const list = (a: string) => results.get(a)!.meta!.platforms!;
+    expect(list('a')).toEqual(['x86_64-linux', 'aarch64-linux', results.get('a')!.system]);
+    expect(list('b')).toBe(list('a'));
+    expect(list('c')).toBe(list('a'));
+    expect(list('d')).not.toBe(list('a'));
+    expect(list('d')).toEqual(['x86_64-linux', results.get('d')!.system]);
+  });
+
   it('skips a derivation whose meta.platforms excludes its system, still giving its drvPath', async () => {
     const { file, dir } = nixFile(`{
       elsewhere = mk "elsewhere" // { meta.platforms = [ "mips64-plan9" ]; };

@@ -179,6 +179,11 @@ class EvaluationRun {
   private readonly slots: WorkerSlot[] = [];
   private readonly roots: GcRoots;
   private readonly setup: (nonce: string) => string[];
+  /**
+   * One array per distinct `meta.platforms`: a package set shares a few lists (Nixpkgs' `lib.platforms.*`) among
+   * most of its attributes, and a copy per attribute (40 strings each) was most of what 100,000 results kept alive.
+   */
+  private readonly platformLists = new Interned();
   /** Where requests' arguments are written for the workers to read (see `chunkRequest`). */
   private readonly requestDir = mkdtempSync(join(tmpdir(), 'ekaci-eval-requests-'));
 
@@ -418,7 +423,9 @@ class EvaluationRun {
       if (alone.ok) values[field] = parseJson(alone.value);
       else errors[field === 'unsupported' ? 'platforms' : field] = alone.error || 'failed without a message';
     }
-    return { meta: cleanMeta(values), errors, unsupported: values.unsupported === true };
+    const meta = cleanMeta(values);
+    if (meta.platforms) meta.platforms = this.platformLists.intern(meta.platforms);
+    return { meta, errors, unsupported: values.unsupported === true };
   }
 }
 
@@ -427,6 +434,23 @@ const DERIVED_META_FIELDS: Partial<Record<keyof MetaReply, keyof MetaReply>> = {
   githubMaintainers: 'maintainers',
   unsupported: 'platforms',
 };
+
+// Distinct lists `Interned` keeps at most: past it, lists are no longer shared (a package set with that many
+// distinct platform lists is not sharing them anyway).
+const MAX_INTERNED_LISTS = 10_000;
+
+/** Equal lists of strings as one array (see `EvaluationRun.platformLists`). */
+class Interned {
+  private readonly lists = new Map<string, readonly string[]>();
+
+  intern(list: string[]): string[] {
+    const key = list.join('\0');
+    const known = this.lists.get(key);
+    if (known !== undefined && known.length === list.length) return known as string[];
+    if (this.lists.size < MAX_INTERNED_LISTS) this.lists.set(key, list);
+    return list;
+  }
+}
 
 /** An attribute that answered with a derivation: rooted with the rest of its chunk (see `root`). */
 interface Derived {
