@@ -167,7 +167,7 @@ async function review(c: RepoContext, opts: ReviewOptions): Promise<number> {
         progress.stop();
       }
     }
-    const review = await reviews.reviewOf(c.repo, base.commit, head.commit, opts.job);
+    const review = await reviews.reviewOf(c.repo, base.commit, head.commit, opts.job, { evaluations: { base, head } });
     if (!review) throw new IllegalStateError('the evaluations just recorded are missing from the database');
     if (heldBack) review.heldBack = heldBack;
     const markdown = renderMarkdown(review);

@@ -291,7 +291,9 @@ export class RunPipeline {
     drawChecks();
     // The branch's commit that was built (a push's head, a pull request's base) joins the branch's size history.
     await this.deps.reviews.recordSizes(run, roots, { head, base });
-    const review = base ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit) : undefined;
+    const review = base
+      ? await this.deps.reviews.reviewOf(run.repo, base.commit, head.commit, undefined, { evaluations: { base, head } })
+      : undefined;
     const newly = newlyFailingDrvs(review);
     const allSystems = [...new Set([...systems, ...headSystems(head)])].sort();
     for (const system of allSystems) {
