@@ -1,22 +1,27 @@
 import { LRUCache } from 'lru-cache';
 import { readStoreDerivation, walkDerivations } from '../../common/nix/derivation.js';
+import { runStepsTurning } from '../../common/turn.js';
 import type { EvalResult } from '../eval/eval-result.js';
 import type { CommitEvaluation } from '../eval/repo-evaluation.js';
 import type { StoredJobDiff } from './diff-store.js';
-import { type ClosureSource, diffEvaluations } from './rebuild-diff.js';
+import { type ClosureSource, diffSteps } from './rebuild-diff.js';
 
 /** The rebuild diff of two evaluations of a repository, job by job. */
 export async function diffCommits(base: CommitEvaluation, head: CommitEvaluation): Promise<StoredJobDiff[]> {
   const graph = await closureOf([...base.jobs, ...head.jobs].flatMap((j) => j.attrs));
   const names = [...new Set([...base.jobs, ...head.jobs].map((j) => j.name))];
-  return names.map((name) => {
-    const d = diffEvaluations(
-      base.jobs.find((j) => j.name === name)?.attrs ?? [],
-      head.jobs.find((j) => j.name === name)?.attrs ?? [],
-      graph,
+  const diffs: StoredJobDiff[] = [];
+  for (const name of names) {
+    const d = await runStepsTurning(
+      diffSteps(
+        base.jobs.find((j) => j.name === name)?.attrs ?? [],
+        head.jobs.find((j) => j.name === name)?.attrs ?? [],
+        graph,
+      ),
     );
-    return { name, attrs: d.attrs, rebuildCountBySystem: d.rebuildCountBySystem };
-  });
+    diffs.push({ name, attrs: d.attrs, rebuildCountBySystem: d.rebuildCountBySystem });
+  }
+  return diffs;
 }
 
 /** What a diff needs of a derivation. */

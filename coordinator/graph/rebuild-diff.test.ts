@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { type ClosureSource, type EvaluatedAttr, blastRadii, diffEvaluations } from './rebuild-diff.js';
+import { type ClosureSource, type EvaluatedAttr, blastRadii, diffEvaluations, diffSteps } from './rebuild-diff.js';
 
 const drv = (name: string): string => `/nix/store/${name.padEnd(32, '0').slice(0, 32)}-${name}.drv`;
 
@@ -92,5 +92,26 @@ describe('blastRadii', () => {
       ),
       { numRuns: 200 },
     );
+  });
+});
+
+describe('diffSteps', () => {
+  it('pauses between its passes and every few thousand attributes, with the same result as a diff in one go', () => {
+    const n = 12_000;
+    const side = (v: string): EvaluatedAttr[] =>
+      Array.from({ length: n }, (_, i) => ({
+        attr: `p${i}`,
+        drvPath: drv(`${i % 100 === 0 ? v : 'v1'}p${i}-app`),
+        system: 'x86_64-linux',
+      }));
+    const [base, head] = [side('v1'), side('v2')];
+    const steps = diffSteps(base, head, graph);
+    let pauses = 0;
+    let step = steps.next();
+    for (; !step.done; step = steps.next()) pauses++;
+    // Five passes, and a pause in each 5,000 attributes of the last-but-one.
+    expect(pauses).toBeGreaterThanOrEqual(5 + Math.floor(n / 5_000));
+    expect(step.value).toEqual(diffEvaluations(base, head, graph));
+    expect(step.value.attrs.filter((a) => a.change === 'changed')).toHaveLength(n / 100);
   });
 });

@@ -5,6 +5,8 @@
  * base did not have (what a merge would rebuild).
  */
 
+import { runSteps } from '../../common/turn.js';
+
 export type Change = 'added' | 'removed' | 'changed' | 'unchanged';
 
 export interface EvaluatedAttr {
@@ -42,14 +44,31 @@ export function diffEvaluations(
   head: readonly EvaluatedAttr[],
   graph: ClosureSource,
 ): RebuildDiff {
+  return runSteps(diffSteps(base, head, graph));
+}
+
+// Attributes diffed between two yields of `diffSteps`.
+const STEP_ATTRS = 5_000;
+
+/**
+ * The same computation, yielding between its passes and every STEP_ATTRS attributes, so that a caller on the event
+ * loop lets it turn (`runStepsTurning`): at nixpkgs' size the whole held the loop for more than a second.
+ */
+export function* diffSteps(
+  base: readonly EvaluatedAttr[],
+  head: readonly EvaluatedAttr[],
+  graph: ClosureSource,
+): Generator<void, RebuildDiff> {
   const baseByAttr = new Map(base.map((a) => [a.attr, a]));
   const headByAttr = new Map(head.map((a) => [a.attr, a]));
   const baseClosure = closure(
     base.flatMap((a) => (a.drvPath ? [a.drvPath] : [])),
     graph,
   );
+  yield;
   const headRoots = head.flatMap((a) => (a.drvPath ? [a.drvPath] : []));
   const headClosure = closure(headRoots, graph);
+  yield;
   const names = [...new Set([...baseByAttr.keys(), ...headByAttr.keys()])].sort();
   const changeOf = (b: EvaluatedAttr | undefined, h: EvaluatedAttr | undefined): Change =>
     !b ? 'added' : !h ? 'removed' : sameEvaluation(b, h) ? 'unchanged' : 'changed';
@@ -60,10 +79,13 @@ export function diffEvaluations(
     const change = changeOf(baseByAttr.get(name), h);
     if (h?.drvPath && (change === 'changed' || change === 'added')) targets.add(h.drvPath);
   }
+  yield;
   const radius = blastRadii([...targets], reverseEdges(headClosure, graph), graph);
+  yield;
 
   const attrs: AttrDiff[] = [];
   for (const name of names) {
+    if (attrs.length % STEP_ATTRS === STEP_ATTRS - 1) yield;
     const b = baseByAttr.get(name);
     const h = headByAttr.get(name);
     const baseDrv = b?.drvPath ?? null;
@@ -84,6 +106,7 @@ export function diffEvaluations(
     });
   }
 
+  yield;
   const rebuildCountBySystem: Record<string, number> = {};
   for (const drv of headClosure) {
     if (baseClosure.has(drv)) continue;

@@ -8,6 +8,7 @@
  */
 
 import { splitDrvName } from './closure-diff.js';
+import { runSteps } from '../../common/turn.js';
 
 /** The attribute a package change is about. */
 export interface PackageRef {
@@ -113,11 +114,7 @@ const COMPARED_FIELDS: readonly ComparedField[] = ['pname', 'version', 'license'
 
 /** The change summary of both sides' evaluations, job by job. */
 export function changeSummary(jobs: readonly ChangeSummaryJob[]): ChangeSummary {
-  const steps = changeSummarySteps(jobs);
-  for (;;) {
-    const step = steps.next();
-    if (step.done) return step.value;
-  }
+  return runSteps(changeSummarySteps(jobs));
 }
 
 /** A summary of no changes, to fill in. */

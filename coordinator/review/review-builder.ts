@@ -6,7 +6,7 @@ import { changeSummarySteps, isEmptySummary } from './change-summary.js';
 import { diffClosures, runtimeClosure } from './closure-diff.js';
 import type { AttrReview, BuildOutcomeName, OutputSizes, Review, SideResult } from './model.js';
 import { type SizesByOutput, compareSizes, compareWithBranch } from './sizes.js';
-import { turn } from '../../common/turn.js';
+import { runStepsTurning, turn } from '../../common/turn.js';
 
 /** What the builder needs to know about one derivation's build, from the coordinator's database. */
 export interface BuildFacts {
@@ -93,10 +93,8 @@ export async function buildReview(inputs: ReviewInputs): Promise<Review> {
     summary: summarise(attrs),
   };
   // Over every attribute of both sides, not the diff's: a meta-only change (a license) leaves the drv alike.
-  const steps = changeSummarySteps(inputs.jobs);
-  let step = steps.next();
-  for (; !step.done; step = steps.next()) await turn();
-  if (!isEmptySummary(step.value)) result.changes = step.value;
+  const changes = await runStepsTurning(changeSummarySteps(inputs.jobs));
+  if (!isEmptySummary(changes)) result.changes = changes;
   return result;
 }
 
