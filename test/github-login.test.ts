@@ -84,6 +84,25 @@ describe('logging in with GitHub', () => {
     return `ekaci_session=${session.value}`;
   }
 
+  /** Follows /api/v1/events as `cookie`'s user: the ids of the events `pick` takes, as they come. */
+  async function follow(cookie: string, pick: (type: string, data: { repo?: string; drvPath?: string }) => boolean) {
+    const controller = new AbortController();
+    const response = await fetch(`${base}/api/v1/events`, { headers: { cookie }, signal: controller.signal });
+    expect(response.status).toBe(200);
+    const ids: number[] = [];
+    void (async () => {
+      try {
+        for await (const e of sseEvents(response)) {
+          if (pick(e.event ?? 'message', JSON.parse(e.data) as { repo?: string }))
+            ids.push(Number(e.id!.split(':')[1]));
+        }
+      } catch {
+        // aborted
+      }
+    })();
+    return { ids, stop: () => controller.abort() };
+  }
+
   const me = async (cookie?: string) =>
     (await checkedFetch(`${base}/api/v1/me`, { headers: cookie ? { cookie } : {} })).json<{
       kind: string;
@@ -214,24 +233,8 @@ describe('logging in with GitHub', () => {
     expect((await pulls()).status).toBe(401);
 
     // Live events of the repository's runs: the reader gets them; the other user only once it is public again.
-    const follow = async (cookie: string) => {
-      const controller = new AbortController();
-      const response = await fetch(`${base}/api/v1/events`, { headers: { cookie }, signal: controller.signal });
-      expect(response.status).toBe(200);
-      const runs: number[] = [];
-      void (async () => {
-        try {
-          for await (const e of sseEvents(response)) {
-            const data = JSON.parse(e.data) as { repo?: string };
-            if (e.event === 'run' && data.repo === REPO) runs.push(Number(e.id!.split(':')[1]));
-          }
-        } catch {
-          // aborted
-        }
-      })();
-      return { runs, stop: () => controller.abort() };
-    };
-    const [reader, other] = [await follow(mallory), await follow(eve)];
+    const runEvent = (type: string, data: { repo?: string }) => type === 'run' && data.repo === REPO;
+    const [reader, other] = [await follow(mallory, runEvent), await follow(eve, runEvent)];
     const alice = await logIn('alice');
     const head = system.coordinator.github!.runs.runsOf({ repo: REPO })[0]!.head_sha;
     const rerun = async () => {
@@ -242,13 +245,13 @@ describe('logging in with GitHub', () => {
       expect(r.status).toBe(202);
     };
     await rerun();
-    await expect.poll(() => reader.runs.length).toBeGreaterThan(0);
-    const lastPrivate = Math.max(...reader.runs);
+    await expect.poll(() => reader.ids.length).toBeGreaterThan(0);
+    const lastPrivate = Math.max(...reader.ids);
     system.coordinator.db.prepare('UPDATE github_repositories SET private = 0 WHERE full_name = ?').run(REPO);
     await rerun();
-    await expect.poll(() => other.runs.length).toBeGreaterThan(0);
+    await expect.poll(() => other.ids.length).toBeGreaterThan(0);
     // Events reach each stream in order: had the private run's events been let through, they would be here first.
-    expect(Math.min(...other.runs)).toBeGreaterThan(lastPrivate);
+    expect(Math.min(...other.ids)).toBeGreaterThan(lastPrivate);
     reader.stop();
     other.stop();
   });
@@ -282,5 +285,32 @@ describe('logging in with GitHub', () => {
       );
       expect((await get(`/derivations/${hash}`)).status).toBe(401);
     }
+
+    // Its live events too: the reader gets the private build's; the other user only once it is public.
+    const helloEvent = (type: string, data: { drvPath?: string }) => type === 'build' && data.drvPath === hello;
+    const [reader, other] = [await follow(mallory, helloEvent), await follow(eve, helloEvent)];
+    const alice = await logIn('alice');
+    const hash = hello.slice('/nix/store/'.length, '/nix/store/'.length + 32);
+    // A failed build, built again: each time, its events go from queued to its end.
+    const rebuildHello = async () => {
+      db.prepare("UPDATE derivations SET state = 'failed' WHERE drv_path = ?").run(hello);
+      const r = await checkedFetch(`${base}/api/v1/derivations/${hash}/rebuild`, {
+        method: 'POST',
+        headers: { cookie: alice, 'x-csrf-token': (await me(alice)).csrfToken! },
+      });
+      expect(r.status).toBe(202);
+      // Its outputs are valid already: it ends substituted, with events on the way.
+      await expect.poll(() => store.derivation(hello)?.state).toMatch(/^(succeeded|substituted)$/);
+    };
+    await rebuildHello();
+    await expect.poll(() => reader.ids.length).toBeGreaterThan(0);
+    const lastPrivate = Math.max(...reader.ids);
+    db.prepare('UPDATE derivations SET private = 0 WHERE drv_path = ?').run(hello);
+    await rebuildHello();
+    await expect.poll(() => other.ids.length).toBeGreaterThan(0);
+    // In order on each stream: had the private build's events been let through, they would be here first.
+    expect(Math.min(...other.ids)).toBeGreaterThan(lastPrivate);
+    reader.stop();
+    other.stop();
   });
 });

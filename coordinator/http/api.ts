@@ -1,5 +1,6 @@
 import { storeFileExists } from '../../common/nix/derivation.js';
 import Router, { type RouterContext } from '@koa/router';
+import { LRUCache } from 'lru-cache';
 import { z } from 'zod';
 import { isDrvPath } from '../../common/nix/store-path.js';
 import type { AccessControl, Visibility } from '../access/access-control.js';
@@ -183,7 +184,15 @@ export function apiRouter(sources: ApiSources): Router {
     }
     ctx.body = { id: ctx.params.id, drained: false };
   });
-  router.get('/events', (ctx) => eventsRoute(ctx, sources.events, access));
+  // The repositories a private build's events are for (see eventsRoute): asked of the database once a minute at most
+  // per derivation, whatever the number of readers following, since one build sends several events.
+  const buildRepos = new LRUCache<string, readonly string[]>({ max: 20_000, ttl: 60_000 });
+  const reposOfBuild = (drvPath: string): readonly string[] => {
+    let repos = buildRepos.get(drvPath);
+    if (!repos) buildRepos.set(drvPath, (repos = sources.runs.repositoriesBuilding(drvPath)));
+    return repos;
+  };
+  router.get('/events', (ctx) => eventsRoute(ctx, sources.events, access, reposOfBuild));
   // Who the caller is, as the pages need it: what to show, and the CSRF token a login session sends with changes.
   router.get('/me', (ctx) => {
     const p = (ctx.state as RequestState).principal;
