@@ -383,11 +383,7 @@ export class BuildManager extends EventEmitter {
           timeoutSeconds: this.options.maxDurationSeconds,
           outputNames: this.store.outputsOf(drvPath).map((o) => o.name),
           maxLogBytes: this.options.maxLogBytes,
-          inputOutputs: this.store
-            .inputsOf(drvPath)
-            .flatMap((input) =>
-              this.store.outputsOf(input).map((o) => ({ drvPath: input, name: o.name, path: o.path })),
-            ),
+          inputOutputs: this.store.inputOutputsOf(drvPath),
           check: undefined,
           pushes: this.pushPlanner(drvPath),
         });

@@ -83,6 +83,10 @@ export class BuildStore {
       activeDrvs: db.prepare("SELECT * FROM derivations WHERE state IN ('queued', 'buildable', 'building')"),
       inputsOf: db.prepare('SELECT input_drv FROM derivation_inputs WHERE drv_path = ?'),
       outputsOf: db.prepare('SELECT * FROM derivation_outputs WHERE drv_path = ? ORDER BY name'),
+      inputOutputsOf: db.prepare(
+        `SELECT o.drv_path, o.name, o.path FROM derivation_inputs i JOIN derivation_outputs o ON o.drv_path = i.input_drv
+          WHERE i.drv_path = ? ORDER BY i.input_drv, o.name`,
+      ),
       event: db.prepare(
         'INSERT INTO events (drv_path, attempt, state, agent_id, detail, at) VALUES (?, ?, ?, ?, ?, ?)',
       ),
@@ -204,6 +208,18 @@ export class BuildStore {
       for (const [drv, state] of rows) out.set(drv, state);
     }
     return out;
+  }
+
+  /**
+   * The outputs of a derivation's inputs, input by input: one query, where a query per input cost a job with a
+   * thousand inputs (nixpkgs has them) a thousand at each assignment.
+   */
+  inputOutputsOf(drvPath: string): Array<{ drvPath: string; name: string; path: string }> {
+    return (this.s.inputOutputsOf.raw().all(drvPath) as Array<[string, string, string]>).map(([d, name, path]) => ({
+      drvPath: d,
+      name,
+      path,
+    }));
   }
 
   /** The outputs of many derivations, in batches; a derivation with none known is absent. */

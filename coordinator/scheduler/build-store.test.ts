@@ -1,0 +1,46 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { openDatabase } from '../db/database.js';
+import { BuildStore } from './build-store.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'ekaci-build-store-'));
+const db = openDatabase(join(dir, 'ekaci.sqlite'));
+afterAll(() => {
+  db.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const drv = (name: string): string => `/nix/store/${name.padEnd(32, 'x').slice(0, 32)}-${name}.drv`;
+const node = (name: string, inputs: string[], outputs: string[]) => ({
+  drvPath: drv(name),
+  system: 'x86_64-linux',
+  requiredFeatures: [],
+  fixedOutput: false,
+  preferLocal: false,
+  inputs: inputs.map(drv),
+  outputs: Object.fromEntries(outputs.map((o) => [o, `/nix/store/${name.padEnd(32, 'o').slice(0, 32)}-${name}-${o}`])),
+});
+
+describe('BuildStore.inputOutputsOf', () => {
+  it('gives every output of every input in one query, input by input and output by output, as an Assign lists them', () => {
+    const store = new BuildStore(db);
+    store.insertDerivations(
+      [
+        node('zlib', [], ['out', 'dev']),
+        node('openssl', [], ['out', 'lib', 'bin']),
+        node('curl', ['openssl', 'zlib'], ['out']),
+        node('leaf', [], ['out']),
+      ],
+      1,
+    );
+    const perInput = store
+      .inputsOf(drv('curl'))
+      .sort()
+      .flatMap((input) => store.outputsOf(input).map((o) => ({ drvPath: input, name: o.name, path: o.path })));
+    expect(store.inputOutputsOf(drv('curl'))).toEqual(perInput);
+    expect(perInput).toHaveLength(5);
+    expect(store.inputOutputsOf(drv('leaf'))).toEqual([]);
+  });
+});
