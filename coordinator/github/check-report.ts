@@ -1,5 +1,5 @@
 import type { JobEvaluation } from '../eval/repo-evaluation.js';
-import type { HeldCheck, LimitReport } from '../review/build-limits.js';
+import { type HeldCheck, type LimitReport, heldCheckName } from '../review/build-limits.js';
 import { evalFailureBlocks, isNewlyFailing } from '../review/classify.js';
 import { renderChecks, renderMarkdown } from '../review/markdown.js';
 import type { CheckResult, Review } from '../review/model.js';
@@ -216,7 +216,7 @@ export function checksCheck(
     held.length > 0
       ? [
           `**Held back** (their shells would build what the change's limits hold back): ` +
-            held.map((c) => `\`${c.name}\` on ${c.system}`).join(', '),
+            held.map(heldCheckName).join(', '),
         ]
       : [];
   const summary = [...heldLine, ...renderChecks(checks).slice(1)].join('\n\n');

@@ -116,13 +116,23 @@ export function rebuildsBySystem(diffs: readonly StoredJobDiff[]): Record<string
 
 /** Whether a limit holds back the builds of `job` on `system`. */
 export function holdsBack(limit: BuildLimit, job: string, system: string): boolean {
-  return limit.job === job && (limit.kind === 'skip-build-paths' || limit.system === system);
+  return limit.job === job && appliesOn(limit, system);
+}
+
+/** Whether a limit holds back builds on `system` (of its job): a path rule holds back every system. */
+function appliesOn(limit: BuildLimit, system: string): boolean {
+  return limit.kind === 'skip-build-paths' || limit.system === system;
 }
 
 /** A repository check a limit kept from running: `name` on `system`. */
 export interface HeldCheck {
   name: string;
   system: string;
+}
+
+/** A held-back check as reports name it (markdown). */
+export function heldCheckName(c: HeldCheck): string {
+  return `\`${c.name}\` on ${c.system}`;
 }
 
 /**
@@ -136,8 +146,7 @@ export function limitChecks(
   base: Pick<CommitEvaluation, 'checks'> | undefined,
   applied: readonly AppliedLimit[],
 ): { run: CheckSpec[]; held: HeldCheck[] } {
-  const heldSystem = (system: string): boolean =>
-    applied.some(({ limit }) => limit.kind === 'skip-build-paths' || limit.system === system);
+  const heldSystem = (system: string): boolean => applied.some(({ limit }) => appliesOn(limit, system));
   const baseShell = (name: string, system: string): string | undefined =>
     base?.checks?.find((p) => p.name === name)?.systems.find((s) => s.system === system)?.shellDrv;
   const run: CheckSpec[] = [];
@@ -232,9 +241,7 @@ export function limitReport(
     checks?: readonly HeldCheck[];
   } = {},
 ): LimitReport | undefined {
-  const here = applied.filter(
-    (a) => o.system === undefined || a.limit.kind === 'skip-build-paths' || a.limit.system === o.system,
-  );
+  const here = applied.filter((a) => o.system === undefined || appliesOn(a.limit, o.system));
   const first = here[0];
   if (first === undefined) return undefined;
   const built = new Map<string, { attr: string; system: string }>();
@@ -259,7 +266,7 @@ export function limitReport(
       : 'Nothing was built. `@eka-ci build ATTR`, or a commit title such as `ATTR: 1.0 -> 2.0`, builds an attribute anyway.',
   ];
   if ((o.checks?.length ?? 0) > 0) {
-    const checks = o.checks!.map((c) => `\`${c.name}\` on ${c.system}`);
+    const checks = o.checks!.map(heldCheckName);
     lines.push('', `Checks not run, their shells would build what is held back: ${listed(checks)}.`);
   }
   const counts = Object.entries(o.rebuildCountBySystem ?? {}).sort(([a], [b]) => (a < b ? -1 : 1));
