@@ -84,7 +84,8 @@ export class BuildStore {
       inputsOf: db.prepare('SELECT input_drv FROM derivation_inputs WHERE drv_path = ?'),
       outputsOf: db.prepare('SELECT * FROM derivation_outputs WHERE drv_path = ? ORDER BY name'),
       inputOutputsOf: db.prepare(
-        `SELECT o.drv_path, o.name, o.path FROM derivation_inputs i JOIN derivation_outputs o ON o.drv_path = i.input_drv
+        `SELECT o.drv_path AS drvPath, o.name, o.path
+           FROM derivation_inputs i JOIN derivation_outputs o ON o.drv_path = i.input_drv
           WHERE i.drv_path = ? ORDER BY i.input_drv, o.name`,
       ),
       event: db.prepare(
@@ -167,17 +168,24 @@ export class BuildStore {
     return row.p === 1;
   }
 
-  /** States of the given derivations that exist, in batches. */
-  states(drvPaths: readonly string[]): Map<string, DerivationRow> {
-    const out = new Map<string, DerivationRow>();
+  /**
+   * The rows of `query` (whose `IN (?)` takes the derivations) for all of `drvPaths`, asked IN_BATCH at a time: one
+   * statement per batch rather than one per derivation, within SQLite's limit on bound parameters.
+   */
+  private selectIn<T>(query: string, drvPaths: readonly string[]): T[] {
+    const rows: T[] = [];
     for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
       const batch = drvPaths.slice(i, i + IN_BATCH);
-      const rows = this.db
-        .prepare(`SELECT * FROM derivations WHERE drv_path IN (${batch.map(() => '?').join(',')})`)
-        .all(...batch) as DerivationRow[];
-      for (const r of rows) out.set(r.drv_path, r);
+      const sql = query.replace('IN (?)', `IN (${batch.map(() => '?').join(',')})`);
+      for (const r of this.db.prepare(sql).all(...batch) as T[]) rows.push(r);
     }
-    return out;
+    return rows;
+  }
+
+  /** States of the given derivations that exist, in batches. */
+  states(drvPaths: readonly string[]): Map<string, DerivationRow> {
+    const rows = this.selectIn<DerivationRow>('SELECT * FROM derivations WHERE drv_path IN (?)', drvPaths);
+    return new Map(rows.map((r) => [r.drv_path, r]));
   }
 
   derivation(drvPath: string): DerivationRow | undefined {
@@ -198,16 +206,11 @@ export class BuildStore {
 
   /** The states alone of the given derivations that exist, in batches (a row's other columns are not read). */
   stateNames(drvPaths: readonly string[]): Map<string, BuildState> {
-    const out = new Map<string, BuildState>();
-    for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
-      const batch = drvPaths.slice(i, i + IN_BATCH);
-      const rows = this.db
-        .prepare(`SELECT drv_path, state FROM derivations WHERE drv_path IN (${batch.map(() => '?').join(',')})`)
-        .raw()
-        .all(...batch) as Array<[string, BuildState]>;
-      for (const [drv, state] of rows) out.set(drv, state);
-    }
-    return out;
+    const rows = this.selectIn<{ drv_path: string; state: BuildState }>(
+      'SELECT drv_path, state FROM derivations WHERE drv_path IN (?)',
+      drvPaths,
+    );
+    return new Map(rows.map((r) => [r.drv_path, r.state]));
   }
 
   /**
@@ -215,28 +218,20 @@ export class BuildStore {
    * thousand inputs (nixpkgs has them) a thousand at each assignment.
    */
   inputOutputsOf(drvPath: string): Array<{ drvPath: string; name: string; path: string }> {
-    return (this.s.inputOutputsOf.raw().all(drvPath) as Array<[string, string, string]>).map(([d, name, path]) => ({
-      drvPath: d,
-      name,
-      path,
-    }));
+    return this.s.inputOutputsOf.all(drvPath) as Array<{ drvPath: string; name: string; path: string }>;
   }
 
   /** The outputs of many derivations, in batches; a derivation with none known is absent. */
   outputsOfMany(drvPaths: readonly string[]): Map<string, OutputRow[]> {
     const out = new Map<string, OutputRow[]>();
-    for (let i = 0; i < drvPaths.length; i += IN_BATCH) {
-      const batch = drvPaths.slice(i, i + IN_BATCH);
-      const rows = this.db
-        .prepare(
-          `SELECT * FROM derivation_outputs WHERE drv_path IN (${batch.map(() => '?').join(',')}) ORDER BY drv_path, name`,
-        )
-        .all(...batch) as OutputRow[];
-      for (const r of rows) {
-        const list = out.get(r.drv_path);
-        if (list) list.push(r);
-        else out.set(r.drv_path, [r]);
-      }
+    const rows = this.selectIn<OutputRow>(
+      'SELECT * FROM derivation_outputs WHERE drv_path IN (?) ORDER BY drv_path, name',
+      drvPaths,
+    );
+    for (const r of rows) {
+      const list = out.get(r.drv_path);
+      if (list) list.push(r);
+      else out.set(r.drv_path, [r]);
     }
     return out;
   }
