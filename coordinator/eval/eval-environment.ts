@@ -122,7 +122,7 @@ export class EvalEnvironment {
    */
   async prepare(policy?: Pick<EvalPolicy, 'allowImportFromDerivation'>): Promise<void> {
     if (this.store.kind !== 'private' || this.daemon?.alive) return;
-    if (policy && this.writesEvalStore(policy)) return;
+    if (policy && this.evalStoreFor(policy)) return;
     this.daemon?.stop();
     this.daemon = await PrivateNixDaemon.start(this.logger);
   }
@@ -204,9 +204,9 @@ export class EvalEnvironment {
     return this.store.kind;
   }
 
-  /** Whether an evaluation under `policy` writes the evaluation store (not through any daemon). */
-  private writesEvalStore(policy: Pick<EvalPolicy, 'allowImportFromDerivation'>): boolean {
-    return this.evalStore !== undefined && !policy.allowImportFromDerivation;
+  /** The evaluation store an evaluation under `policy` writes directly; undefined when it writes through a daemon. */
+  private evalStoreFor(policy: Pick<EvalPolicy, 'allowImportFromDerivation'>): EvalStore | undefined {
+    return policy.allowImportFromDerivation ? undefined : this.evalStore;
   }
 
   close(): void {
@@ -219,6 +219,7 @@ export class EvalEnvironment {
   }
 
   launcher(scope: EvalScope): NixLauncher {
+    const direct = this.evalStoreFor(scope.policy);
     return {
       command: (program, args, extra = {}) =>
         this.command(
@@ -229,8 +230,8 @@ export class EvalEnvironment {
         ),
       attrTimeoutMs: this.options.attrTimeoutSeconds * 1000,
       maxMemoryMiB: this.options.maxMemoryMiB,
-      ...(this.evalStore && this.writesEvalStore(scope.policy)
-        ? { registerRoot: directRegistrar(this.evalStore.stateDir) }
+      ...(direct
+        ? { registerRoot: directRegistrar(direct.stateDir) }
         : this.store.kind === 'system'
           ? { registerRoot: this.registerThroughDaemon }
           : {}),
@@ -273,7 +274,7 @@ export class EvalEnvironment {
         env: { PATH: path, HOME: this.homeDir, TMPDIR: tmpdir(), LANG: 'C.UTF-8', ...passThroughNixEnv() },
       };
     }
-    const direct = this.writesEvalStore(policy) ? this.evalStore : undefined;
+    const direct = this.evalStoreFor(policy);
     const socket = this.store.kind === 'system' ? SYSTEM_SOCKET : this.daemon?.socketPath;
     if (direct === undefined && socket === undefined) {
       throw new EvaluationError('the evaluation store is not open (prepare() first)');

@@ -117,12 +117,17 @@ class WorkerSlot {
     return this.worker?.alive === true;
   }
 
-  /** Starts a new worker in place of a dead one (what the old one made gets rooted one by one: `onLost`). */
-  async restart(): Promise<void> {
-    if (this.alive) return;
+  /** Hands what a dead worker made and did not root to `onLost`, which roots it one by one. */
+  async rootLost(): Promise<void> {
     const lost = this.unrooted;
     this.unrooted = [];
     if (lost.length > 0) await this.onLost(lost);
+  }
+
+  /** Starts a new worker in place of a dead one, after rooting what the old one made (`rootLost`). */
+  private async restart(): Promise<void> {
+    if (this.alive) return;
+    await this.rootLost();
     this.worker = await EvalWorker.start(this.setup, this.launcher, [this.requestDir]);
     this.onStart(this.worker);
   }
@@ -333,10 +338,7 @@ class EvaluationRun {
     const derived = slot.unrooted;
     if (derived.length === 0 || this.stopped) return;
     // A new worker would evaluate them all again to name them: rooted one by one instead.
-    if (!slot.alive) {
-      slot.unrooted = [];
-      return this.rootEach(derived);
-    }
+    if (!slot.alive) return slot.rootLost();
     const { reply } = await this.ask(
       slot,
       rootsRequest,
@@ -444,9 +446,9 @@ class Interned {
   private readonly lists = new Map<string, readonly string[]>();
 
   intern(list: string[]): string[] {
-    const key = list.join('\0');
+    const key = JSON.stringify(list);
     const known = this.lists.get(key);
-    if (known !== undefined && known.length === list.length) return known as string[];
+    if (known !== undefined) return known as string[];
     if (this.lists.size < MAX_INTERNED_LISTS) this.lists.set(key, list);
     return list;
   }
