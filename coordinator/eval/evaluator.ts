@@ -414,16 +414,18 @@ class EvaluationRun {
         values[field] = v;
         continue;
       }
+      // `unsupported` is computed from `platforms`, and its failure is told as theirs.
+      const key = field === 'unsupported' ? 'platforms' : field;
       // A field made from one that failed (`githubMaintainers` of `maintainers`, `unsupported` of `platforms`) is not
       // asked again: it fails with that one (save in contrived cases), and a request per field costs 0.7 ms.
       const from = DERIVED_META_FIELDS[field];
       if (from !== undefined && errors[from] !== undefined) {
-        if (field !== 'unsupported') errors[field] = errors[from];
+        errors[key] ??= errors[from];
         continue;
       }
       const { reply: alone } = await this.ask(slot, (n) => metaFieldRequest(n, field), path);
       if (alone.ok) values[field] = parseJson(alone.value);
-      else errors[field === 'unsupported' ? 'platforms' : field] = alone.error || 'failed without a message';
+      else errors[key] = alone.error || 'failed without a message';
     }
     const meta = cleanMeta(values);
     if (meta.platforms) meta.platforms = this.platformLists.intern(meta.platforms);
