@@ -339,7 +339,7 @@ export class Coordinator {
           lease: (id) => this.manager.openLease(id),
           visibility: (path) => (this.store.isPrivate(path) ? 'private' : 'public'),
           checkUpload: (lease, storePath, url, compression) =>
-            checkFixedOutput(lease.drvPath, storePath, this.requireCache().dir, url, compression),
+            checkFixedOutput(lease, storePath, this.requireCache().dir, url, compression),
           checkContentAddressed: (info) => checkContentAddressed(info, this.requireCache().dir),
         }),
         api: apiRouter({

@@ -1,8 +1,15 @@
 import { status } from '@grpc/grpc-js';
-import { existsSync, readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
+import { nixBase32, serializeNarInfo } from '../common/nix/narinfo.js';
+import { storePathHash } from '../common/nix/store-path.js';
 import { Outcome } from '../common/proto/ekaci/agent/v1/agent.js';
+import { narInfoName } from '../coordinator/cache/cache-layout.js';
+import { LEASE_HEADER } from '../coordinator/cache/http-routes.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import { RawAgent, startCoordinator } from './support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
@@ -121,7 +128,8 @@ describe('what an agent may report', () => {
   async function leased(body: string) {
     coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 30 });
     const { drv, out } = await drvOf(body);
-    const holder = raw(coordinator.tokens.create('holder', 'test'));
+    const holderToken = coordinator.tokens.create('holder', 'test');
+    const holder = raw(holderToken);
     holder.hello();
     await holder.next('welcome');
     const impostor = raw(coordinator.tokens.create('impostor', 'test'));
@@ -130,7 +138,7 @@ describe('what an agent may report', () => {
     const request = await coordinator.manager.submit([{ attr: 'x', drvPath: drv }], 'test');
     holder.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
     const lease = await holder.next('assign');
-    return { holder, impostor, lease, drv, out, request };
+    return { holder, holderToken, impostor, lease, drv, out, request };
   }
 
   it('ignores results and logs sent for a lease another agent holds', async () => {
@@ -169,6 +177,45 @@ describe('what an agent may report', () => {
     await impostor.next('ack', (x) => x.messageIds.includes(2));
     expect(coordinator!.store.attempt(again.leaseId)?.error).toContain('was not uploaded to the cache');
     expect(coordinator!.store.derivation(drv)?.state).not.toBe('succeeded');
+  });
+
+  it('refuses an upload under a fixed-output derivation’s path whose content is not the declared one', async () => {
+    const content = `fixed-${nonce()}`;
+    const sha = createHash('sha256').update(content).digest('hex');
+    const { holderToken, lease, out } = await leased(
+      `{ x = mk "fetched" { outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "${sha}";
+           script = "printf '%s' '${content}' > $out"; }; }`,
+    );
+    const upload = async (body: string): Promise<Response> => {
+      const file = join(tempDir(), 'x');
+      writeFileSync(file, body);
+      const nar = execFileSync('nix-store', ['--dump', file]);
+      const hash = nixBase32(createHash('sha256').update(nar).digest());
+      const headers = { Authorization: `Bearer ${holderToken}`, [LEASE_HEADER]: lease.leaseId };
+      const put = (path: string, data: Buffer) =>
+        fetch(`${coordinator!.cacheUrl}/${path}`, { method: 'PUT', headers, body: new Uint8Array(data) });
+      expect((await put(`nar/${hash}.nar`, nar)).status).toBe(204);
+      const info = {
+        storePath: out,
+        url: `nar/${hash}.nar`,
+        compression: 'none',
+        narHash: `sha256:${hash}`,
+        narSize: nar.length,
+        references: [],
+        sigs: [],
+      };
+      return put(narInfoName(storePathHash(out)), Buffer.from(serializeNarInfo(info)));
+    };
+
+    // The lease holder may publish this path, but only with the content the derivation's hash names.
+    const forged = await upload('not what was declared');
+    expect(await forged.text()).toContain(`does not have the sha256 hash`);
+    expect(forged.status).toBe(400);
+    const stored = await fetch(`${coordinator!.cacheUrl}/${narInfoName(storePathHash(out))}`, {
+      headers: { Authorization: `Bearer ${holderToken}` },
+    });
+    expect(stored.status).toBe(404);
+    expect((await upload(content)).status).toBe(204);
   });
 });
 

@@ -92,18 +92,31 @@ describe('the coordinator under faults', () => {
     const a = raw();
     a.hello();
     await a.next('welcome');
-    const drvs = await Promise.all(['left', 'right'].map((n) => instantiate(`mk "grouped-${n}" {}`)));
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      'rec { left = mk "left" {}; right = mk "right" {}; top = mk "top" { deps = [ left ]; }; }',
+    );
+    const args = [...NO_SUBSTITUTERS, file, '-A', 'left', '-A', 'right', '-A', 'top'];
+    const [left, right, top] = (await runNixChecked('nix-instantiate', args)).trim().split('\n') as [
+      string,
+      string,
+      string,
+    ];
     await coordinator.manager.submit(
-      drvs.map((drvPath, i) => ({ attr: `a${i}`, drvPath })),
+      [left, right, top].map((drvPath, i) => ({ attr: `a${i}`, drvPath })),
       'test',
     );
     a.send({ $case: 'credit', value: { freeSlots: 2, draining: false } });
-    const bad = await a.next('assign');
-    const good = await a.next('assign', (x) => x.leaseId !== bad.leaseId);
+    const assigned = [await a.next('assign')];
+    assigned.push(await a.next('assign', (x) => x.leaseId !== assigned[0]!.leaseId));
+    const bad = assigned.find((x) => x.drvPath === left)!;
+    const good = assigned.find((x) => x.drvPath === right)!;
     coordinator.store.db.exec(
-      // After the attempt's row was written: what that result wrote before the failure must go with it.
+      // After the attempt's row and the derivation's failure were written: what that result wrote before the
+      // failure must go with it, and its state change must not be told.
       `CREATE TRIGGER refuse BEFORE UPDATE OF state ON derivations
-       WHEN NEW.drv_path = '${bad.drvPath}' AND NEW.state = 'failed'
+       WHEN NEW.drv_path = '${top}' AND NEW.state = 'dependency-failed'
        BEGIN SELECT RAISE(ABORT, 'injected: disk I/O error'); END`,
     );
     const result = {
@@ -114,6 +127,8 @@ describe('the coordinator under faults', () => {
       pushes: [],
       logBytes: 0,
     };
+    const told: string[] = [];
+    coordinator.manager.on('state', (drvPath: string, to: string) => told.push(`${drvPath} ${to}`));
     // Both reach the manager before the event loop turns, so they are written in the same transaction.
     const settled = await Promise.allSettled([
       coordinator.manager.finished('raw-agent', bad.leaseId, result),
@@ -126,9 +141,12 @@ describe('the coordinator under faults', () => {
     expect(state(bad.drvPath)).toBe('building');
     expect(coordinator.store.attempt(bad.leaseId)?.state).toBe('assigned');
     expect(coordinator.manager.openLease(bad.leaseId)?.drvPath).toBe(bad.drvPath);
+    // Only what was committed is told, once.
+    expect(told).toEqual([`${good.drvPath} failed`]);
     coordinator.store.db.exec('DROP TRIGGER refuse');
     await coordinator.manager.finished('raw-agent', bad.leaseId, result);
     expect(state(bad.drvPath)).toBe('failed');
+    expect(told).toEqual([`${good.drvPath} failed`, `${bad.drvPath} failed`, `${top} dependency-failed`]);
   });
 
   it('keeps a cancel across a coordinator restart and tells the agent when it comes back', async () => {

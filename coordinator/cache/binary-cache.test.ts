@@ -101,8 +101,12 @@ describe('BinaryCache', () => {
     const name = `nar/${nixBase32(createHash('sha256').update('real').digest())}.nar`;
 
     await expect(cache.writeNar(name, Readable.from([Buffer.from('forged')]))).rejects.toThrow(/hashes to/);
+    // Declaring its size, it is taken in memory: the same check.
+    await expect(cache.writeNar(name, Readable.from([Buffer.from('forged')]), 6)).rejects.toThrow(/hashes to/);
 
     expect(await readdir(join(cache.dir, 'nar'))).toEqual([]);
+    await cache.writeNar(name, Readable.from([Buffer.from('real')]), 4);
+    expect(await readdir(join(cache.dir, 'nar'))).toEqual([name.slice('nar/'.length)]);
   });
 
   it('refuses an uploaded narinfo whose NAR was not uploaded or whose references are missing', async () => {

@@ -12,15 +12,17 @@ const ALGORITHMS = new Set(['md5', 'sha1', 'sha256', 'sha512']);
  * Checks an uploaded output of a fixed-output derivation against the hash the derivation declares: the NAR's hash
  * for recursive (`r:`) hashing, the single file's contents for flat hashing. An agent holding the lease of a fetcher
  * could otherwise publish any content under the fetcher's output path. Other derivations' outputs are not
- * content-addressed and pass.
+ * content-addressed and pass without their `.drv` being read (a lease knows what its derivation is).
  */
 export async function checkFixedOutput(
-  drvPath: string,
+  lease: { drvPath: string; fixedOutput: boolean },
   storePath: string,
   cacheDir: string,
   narUrl: string,
   compression: string,
 ): Promise<void> {
+  if (!lease.fixedOutput) return;
+  const drvPath = lease.drvPath;
   const drv: Derivation = parseDerivation(await readFile(drvPath, 'utf8'), drvPath);
   const out = drv.outputs.out;
   if (!isFixedOutput(drv) || out === undefined || out.path !== storePath) return;

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
 import { NO_SUBSTITUTERS, runNixChecked } from '../../common/nix/cli.js';
+import { isFixedOutput, parseDerivation } from '../../common/nix/derivation.js';
 import { AccessControl } from '../access/access-control.js';
 import { TokenStore } from '../access/token-store.js';
 import { AuditLog } from '../audit-log.js';
@@ -51,7 +52,7 @@ function routerOptions(publicReads = true, extra: Partial<CacheRouterOptions> = 
     lease: (id) => leases.get(id),
     visibility: (p) => ([...privatePaths].some((x) => x.startsWith(p) || p.startsWith(x)) ? 'private' : 'public'),
     checkUpload: (lease, storePath, url, compression) =>
-      checkFixedOutput(lease.drvPath, storePath, cache.dir, url, compression),
+      checkFixedOutput(lease, storePath, cache.dir, url, compression),
     checkContentAddressed: (info) => checkContentAddressed(info, cache.dir),
     ...extra,
   };
@@ -72,7 +73,8 @@ afterAll(async () => {
 async function lease(drv: string, agentId = 'agent-a'): Promise<string> {
   const outs = (await runNixChecked('nix-store', ['--query', '--outputs', drv], { env })).split('\n').filter(Boolean);
   const id = `lease-${Math.random().toString(36).slice(2)}`;
-  leases.set(id, { agentId, drvPath: drv, outputPaths: outs });
+  const fixedOutput = isFixedOutput(parseDerivation(await readFile(drv, 'utf8'), drv));
+  leases.set(id, { agentId, drvPath: drv, outputPaths: outs, fixedOutput });
   return id;
 }
 
@@ -203,7 +205,7 @@ describe('binary cache over HTTP', () => {
     const other = await buildTrivial(work, env);
     const theirs = await lease(built.drv, 'agent-b');
     const mine = await lease(other.drv);
-    leases.set('closed', { agentId: 'agent-a', drvPath: built.drv, outputPaths: [built.out] });
+    leases.set('closed', { agentId: 'agent-a', drvPath: built.drv, outputPaths: [built.out], fixedOutput: false });
     leases.delete('closed');
 
     const impostor = await upload(built.out, theirs);

@@ -57,6 +57,8 @@ export interface UploadLease {
   drvPath: string;
   /** The derivation's output paths: the only store paths the lease may publish. */
   outputPaths: readonly string[];
+  /** A fixed-output derivation's lease: `checkUpload` checks its output against the hash the derivation declares. */
+  fixedOutput: boolean;
 }
 
 export interface CacheRouterOptions {
@@ -165,7 +167,7 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
     }
     const body = limit.wrap(ctx.req);
     try {
-      if (kind === 'nar') await cache.writeNar(path, body);
+      if (kind === 'nar') await cache.writeNar(path, body, declaredLength(ctx.get('Content-Length')));
       else if (kind === 'log') await cache.writeLog(path, body);
       else {
         await cache.writeNarInfo(path, await readText(body), async (info) => {
@@ -255,4 +257,10 @@ async function readText(body: AsyncIterable<Buffer>): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const chunk of body) chunks.push(chunk);
   return Buffer.concat(chunks).toString('utf8');
+}
+
+/** The body size a request declares, when it declares one that makes sense. */
+function declaredLength(header: string): number | undefined {
+  const n = header === '' ? NaN : Number(header);
+  return Number.isSafeInteger(n) && n >= 0 ? n : undefined;
 }

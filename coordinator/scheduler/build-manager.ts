@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { timeOrderedId } from '../../common/time-ordered-id.js';
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../../common/logging.js';
 import { NixCommandError } from '../../common/errors.js';
@@ -51,6 +51,10 @@ export interface BuildManagerOptions {
 interface Lease extends HeldLease {
   drvPath: string;
   attempt: number;
+  /** The derivation's outputs, by name: what an Assign names and the only paths the lease may publish. */
+  outputs: ReadonlyMap<string, string>;
+  /** A fixed-output derivation: its uploaded output is checked against the hash it declares. */
+  fixedOutput: boolean;
   /** Why the lease was cancelled (recorded on its attempt before the agent is told), if it was. */
   cancelled?: string;
   /** The log reached `maxLogBytes`: the build is stopped and fails. */
@@ -98,6 +102,9 @@ export class BuildManager extends EventEmitter {
   /** Agents' reports waiting for the next group commit (`writeSoon`). */
   private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
   private flushScheduled = false;
+  /** How many `write`s are running, one inside another; and the state changes they made, told when they commit. */
+  private writeDepth = 0;
+  private stateChanges: Array<{ drvPath: string; state: BuildState; attempt: number; agentId: string | null }> = [];
   /** The binary caches a derivation's outputs go to from the agent that builds it (see CachePushService). */
   pushPlanner: (drvPath: string) => CachePush[] = () => [];
   /** Build slots of the connected agents for a system (the coordinator sets it); 0: not known. */
@@ -197,6 +204,8 @@ export class BuildManager extends EventEmitter {
         agentId: a.agent_id,
         expiresAt: expiry(a.lease_id),
         logPath: a.log_path,
+        outputs: this.outputMap(a.drv_path),
+        fixedOutput: activeSet.get(a.drv_path)?.is_fod === 1,
         ...(a.cancel_reason !== null ? { cancelled: a.cancel_reason } : {}),
         ...(a.log_truncated === 1 ? { overLimit: true } : {}),
       });
@@ -365,12 +374,14 @@ export class BuildManager extends EventEmitter {
         const row = this.store.derivation(drvPath)!;
         const attempt = row.attempts + 1;
         const lease: Lease = {
-          leaseId: randomUUID(),
+          leaseId: timeOrderedId(now),
           drvPath,
           attempt,
           agentId: agent.agentId,
           expiresAt: now + this.options.leaseTtlMs,
           logPath: this.logs.pathFor(drvPath, attempt),
+          outputs: this.outputMap(drvPath),
+          fixedOutput: row.is_fod === 1,
         };
         this.store.insertAttempt({ ...lease, now });
         this.transition(drvPath, 'building', attempt, now, { agentId: agent.agentId });
@@ -381,7 +392,7 @@ export class BuildManager extends EventEmitter {
           attempt,
           maxSilentSeconds: this.options.noOutputTimeoutSeconds,
           timeoutSeconds: this.options.maxDurationSeconds,
-          outputNames: this.store.outputsOf(drvPath).map((o) => o.name),
+          outputNames: [...lease.outputs.keys()],
           maxLogBytes: this.options.maxLogBytes,
           inputOutputs: this.store.inputOutputsOf(drvPath),
           check: undefined,
@@ -493,22 +504,43 @@ export class BuildManager extends EventEmitter {
     this.flushScheduled = false;
     const queued = this.queuedWrites;
     this.queuedWrites = [];
+    let failed: ReadonlyMap<number, Error>;
+    try {
+      // Reports rarely fail, so they first run together without savepoints (a savepoint per report cost as much as
+      // the report); a failure rolls them all back, and `write` reloads memory.
+      this.write(() => {
+        for (const q of queued) q.fn();
+      });
+      failed = new Map();
+    } catch {
+      failed = this.flushEach(queued);
+    }
+    queued.forEach((q, i) => q.settle(failed.get(i)));
+    this.emit('work');
+    this.announceSettled();
+  }
+
+  /**
+   * The reports of a group commit that failed, again, each in a savepoint of its own: the failing one is rolled back
+   * and told why, the others are committed. Returns the errors by report; all of them fail if the commit does.
+   */
+  private flushEach(queued: ReadonlyArray<{ fn: () => void }>): ReadonlyMap<number, Error> {
     const failed = new Map<number, Error>();
     try {
       this.write(() => {
         queued.forEach((q, i) => {
-          const announced = this.settledNow.length;
+          const [settled, changed] = [this.settledNow.length, this.stateChanges.length];
           try {
             this.store.transaction(q.fn);
           } catch (err) {
-            this.settledNow.length = announced;
+            this.settledNow.length = settled;
+            this.stateChanges.length = changed;
             failed.set(i, asError(err));
           }
         });
       });
     } catch (err) {
-      for (const q of queued) q.settle(asError(err));
-      return;
+      return new Map(queued.map((_, i) => [i, asError(err)]));
     }
     if (failed.size > 0) {
       // What the failed reports did to memory was not rolled back with their savepoints.
@@ -520,9 +552,7 @@ export class BuildManager extends EventEmitter {
       }
       this.settledNow = committed;
     }
-    queued.forEach((q, i) => q.settle(failed.get(i)));
-    this.emit('work');
-    this.announceSettled();
+    return failed;
   }
 
   /** The open leases, oldest first: what runs where. */
@@ -542,20 +572,30 @@ export class BuildManager extends EventEmitter {
   }
 
   /** An open lease: who holds it, its derivation and the output paths it may publish; undefined if not open. */
-  openLease(leaseId: string): { agentId: string; drvPath: string; outputPaths: string[] } | undefined {
+  openLease(
+    leaseId: string,
+  ): { agentId: string; drvPath: string; outputPaths: string[]; fixedOutput: boolean } | undefined {
     const lease = this.leases.get(leaseId);
     if (!lease) return undefined;
-    const outputPaths = this.store.outputsOf(lease.drvPath).map((o) => o.path);
-    return { agentId: lease.agentId, drvPath: lease.drvPath, outputPaths };
+    return {
+      agentId: lease.agentId,
+      drvPath: lease.drvPath,
+      outputPaths: [...lease.outputs.values()],
+      fixedOutput: lease.fixedOutput,
+    };
+  }
+
+  private outputMap(drvPath: string): ReadonlyMap<string, string> {
+    return new Map(this.store.outputsOf(drvPath).map((o) => [o.name, o.path]));
   }
 
   /** Why a reported success cannot be believed, or undefined when its outputs check out. */
   private async outputProblem(lease: Lease, f: Finished): Promise<string | undefined> {
-    const declared = new Map(this.store.outputsOf(lease.drvPath).map((o) => [o.name, o.path]));
+    const declared = lease.outputs;
     const reported = new Map(f.outputs.map((o) => [o.name, o.path]));
     const same = declared.size === reported.size && [...declared].every(([name, path]) => reported.get(name) === path);
     if (!same) {
-      const list = (m: Map<string, string>): string => [...m].map(([n, p]) => `${n}=${p}`).join(', ') || 'none';
+      const list = (m: ReadonlyMap<string, string>): string => [...m].map(([n, p]) => `${n}=${p}`).join(', ') || 'none';
       return `reported outputs (${list(reported)}) are not the outputs of ${lease.drvPath} (${list(declared)})`;
     }
     for (const path of declared.values()) {
@@ -865,9 +905,14 @@ export class BuildManager extends EventEmitter {
    * database: memory is reloaded from the database before the error goes on to the caller.
    */
   private write<T>(fn: () => T): T {
+    const unannounced = this.stateChanges.length;
+    this.writeDepth++;
+    let result: T;
     try {
-      return this.store.transaction(fn);
+      result = this.store.transaction(fn);
     } catch (err) {
+      this.writeDepth--;
+      this.stateChanges.length = unannounced;
       this.settledNow = [];
       try {
         this.resync();
@@ -876,6 +921,16 @@ export class BuildManager extends EventEmitter {
       }
       throw err;
     }
+    this.writeDepth--;
+    if (this.writeDepth === 0) this.announceStates();
+    return result;
+  }
+
+  /** Emits `state` for the transitions of a write, once it committed: a rolled-back change is never told. */
+  private announceStates(): void {
+    const changes = this.stateChanges;
+    this.stateChanges = [];
+    for (const c of changes) this.emit('state', c.drvPath, c.state, c.attempt, c.agentId);
   }
 
   /** The one way the build pipeline changes a derivation's state: an illegal move is logged and counted, not made. */
@@ -887,7 +942,9 @@ export class BuildManager extends EventEmitter {
     extra: { rootCause?: string; error?: string; agentId?: string; detail?: string } = {},
   ): boolean {
     if (this.store.setState(drvPath, state, attempt, now, extra)) {
-      this.emit('state', drvPath, state, attempt, extra.agentId ?? null);
+      const change = { drvPath, state, attempt, agentId: extra.agentId ?? null };
+      if (this.writeDepth > 0) this.stateChanges.push(change);
+      else this.emit('state', change.drvPath, change.state, change.attempt, change.agentId);
       return true;
     }
     const from = this.store.derivation(drvPath)?.state ?? 'unknown';
