@@ -31,7 +31,7 @@ import { STORE_DIR, isStorePath, storePathHash } from '../../common/nix/store-pa
 import { canVerifyCompression, narHashOfFile } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
-import { signFingerprint, signingKeyFromSecret } from './signing-key.js';
+import { signFingerprintOffLoop, signingKeyFromSecret } from './signing-key.js';
 
 /**
  * Compression of NARs pushed from the coordinator's store. Measured here (2 cores, Nix 2.8, `nix copy` to
@@ -263,7 +263,7 @@ export class BinaryCache {
         `references of ${info.storePath} are not in the cache (upload them first): ${absent.join(' ')}`,
       );
     }
-    const signed: NarInfo = { ...info, sigs: [signFingerprint(this.secretKey, fingerprint(info))] };
+    const signed: NarInfo = { ...info, sigs: [await signFingerprintOffLoop(this.secretKey, fingerprint(info))] };
     const tmp = join(this.dir, `${TEMP_PREFIX}${randomUUID()}`);
     await writeFile(tmp, serializeNarInfo(signed), { flag: 'wx' });
     try {

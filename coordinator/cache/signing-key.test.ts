@@ -4,7 +4,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CacheError } from '../../common/errors.js';
 import { NO_SUBSTITUTERS, runNix, runNixChecked } from '../../common/nix/cli.js';
 import { fingerprint, parseNarInfo } from '../../common/nix/narinfo.js';
-import { generateSigningKey, loadOrCreateSigningKey, signFingerprint, signingKeyFromSecret } from './signing-key.js';
+import {
+  generateSigningKey,
+  loadOrCreateSigningKey,
+  signFingerprint,
+  signFingerprintOffLoop,
+  signingKeyFromSecret,
+} from './signing-key.js';
 import { NIX, TempDirs, buildTrivial, nixEnv, type Built } from './test-support.js';
 
 const temp = new TempDirs();
@@ -77,9 +83,12 @@ describe('signing keys', () => {
     const info = parseNarInfo(await readFile(join(cacheDir, `${hash}.narinfo`), 'utf8'));
     expect(info.references).toHaveLength(2);
 
-    const ours = signFingerprint((await readFile(sec, 'utf8')).trim(), fingerprint(info));
+    const secret = (await readFile(sec, 'utf8')).trim();
+    const ours = signFingerprint(secret, fingerprint(info));
+    const offLoop = await signFingerprintOffLoop(secret, fingerprint(info));
 
     expect(info.sigs).toEqual([ours]);
+    expect(offLoop).toBe(ours);
   });
 
   it('creates the key file with mode 0600 on first start and returns the same key afterwards', async () => {
