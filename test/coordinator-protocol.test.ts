@@ -184,6 +184,33 @@ describe('the coordinator side of the agent protocol', () => {
     expect(coordinator.manager.isSettled(request)).toBe(false);
   });
 
+  it('hands out more leases than one dispatch round holds in rounds after it, taking turns between agents', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 60 });
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      'builtins.listToAttrs (map (i: { name = "d${toString i}"; value = mk "d${toString i}" {}; }) (builtins.genList (i: i) 150))',
+    );
+    const drvPaths = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file])).trim().split('\n');
+    expect(drvPaths).toHaveLength(150);
+    const fleet = [raw(coordinator.localAgentToken('left')), raw(coordinator.localAgentToken('right'))];
+    for (const a of fleet) {
+      a.hello({ maxJobs: 100 });
+      await a.next('welcome');
+    }
+    await coordinator.manager.submit(
+      drvPaths.map((drvPath, i) => ({ attr: `d${i}`, drvPath })),
+      'test',
+    );
+    // 200 free slots and 150 buildable derivations: more than one round hands out, and no credit comes after.
+    for (const a of fleet) a.send({ $case: 'credit', value: { freeSlots: 100, draining: false } });
+    const assigns = (a: RawAgent) => a.received.filter((m) => m.msg?.$case === 'assign').length;
+    // Taking turns, each gets half; an agent left waiting would fail this by the test's timeout.
+    await Promise.all(fleet.map((a) => a.next('assign', () => assigns(a) === 75)));
+    expect(building(coordinator)).toBe(150);
+    expect(fleet.map(assigns)).toEqual([75, 75]);
+  });
+
   it('stores log chunks by offset, skipping bytes it already has, and keeps a lease across a reconnect', async () => {
     const { a, lease } = await leaseOneBuild();
     const chunk = (offset: number, text: string): void =>

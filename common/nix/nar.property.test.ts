@@ -6,7 +6,8 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mutateBytes, mutations, resolvesOrFailsWith } from '../../test/support/fuzz.js';
 import { CacheError } from '../errors.js';
-import { flatFileHashOfNar } from './nar.js';
+import { flatFileHashOfNar, narHashOfFile } from './nar.js';
+import { nixBase32 } from './narinfo.js';
 
 const RUNS = 100;
 let dir: string;
@@ -51,6 +52,19 @@ describe('flatFileHashOfNar on any upload', () => {
       }),
       { numRuns: RUNS },
     );
+  });
+
+  it('hashes a NAR read at once (small) and one read as a stream (large) alike', async () => {
+    for (const size of [10, 256 * 1024 - 200, 256 * 1024 + 1, 3 * 1024 * 1024]) {
+      const c = Buffer.alloc(size, size % 251);
+      writeFileSync(file, singleFileNar(c, false));
+      expect(await flatFileHashOfNar(file, 'none', 'sha256')).toBe(createHash('sha256').update(c).digest('hex'));
+      const nar = singleFileNar(c, false);
+      expect(await narHashOfFile(file, 'none')).toEqual({
+        narHash: `sha256:${nixBase32(createHash('sha256').update(nar).digest())}`,
+        narSize: nar.length,
+      });
+    }
   });
 
   it('hashes a damaged NAR or refuses it with CacheError, never another exception', async () => {

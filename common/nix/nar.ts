@@ -1,8 +1,18 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, createReadStream, lstatSync, openSync, readSync, readdirSync, readlinkSync } from 'node:fs';
+import {
+  closeSync,
+  createReadStream,
+  lstatSync,
+  openSync,
+  readFileSync,
+  readSync,
+  readdirSync,
+  readlinkSync,
+  statSync,
+} from 'node:fs';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { CacheError } from '../errors.js';
 import { nixBase32 } from './narinfo.js';
 
@@ -30,11 +40,20 @@ export function canVerifyCompression(compression: string): boolean {
   return compression in DECOMPRESSORS;
 }
 
+/**
+ * An uncompressed NAR up to this size is read in one synchronous call: a file stream takes four turns of the event
+ * loop (open, read, end, close), which under load kept fixed-output uploads waiting for seconds (bench/fleet).
+ */
+const SMALL_NAR_BYTES = 256 * 1024;
+
 /** The uncompressed NAR inside `file`, as a stream. */
 function narStream(file: string, compression: string): { stream: Readable; done: Promise<void> } {
   if (!canVerifyCompression(compression)) throw new CacheError(`compression "${compression}" is not supported`);
   const command = DECOMPRESSORS[compression];
-  if (command === undefined) return { stream: createReadStream(file), done: Promise.resolve() };
+  if (command === undefined) {
+    const small = statSync(file).size <= SMALL_NAR_BYTES;
+    return { stream: small ? Readable.from([readFileSync(file)]) : createReadStream(file), done: Promise.resolve() };
+  }
   const child = spawn(command[0]!, [...command.slice(1), file], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-2000)));

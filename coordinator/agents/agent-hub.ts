@@ -33,6 +33,13 @@ export interface AgentHubOptions {
   onAgent?: (e: { id: string; connected: boolean; drained: boolean }) => void;
 }
 
+/**
+ * At most this many leases are handed out per dispatch round, one transaction each: a thousand free slots and a
+ * layer of work that just became buildable took one round of ≈200 ms, holding every agent's result and every other
+ * slot's Assign behind it (bench/fleet); rounds of 100 hand out the first leases at once and let the rest follow.
+ */
+const DISPATCH_ROUND_MAX = 100;
+
 // Heartbeats come four times per lease TTL, so a lease survives three lost heartbeats.
 const HEARTBEATS_PER_TTL = 4;
 // An agent may have this many log bytes unacknowledged: enough to keep a fast build's log flowing over a
@@ -53,6 +60,7 @@ export class AgentHub {
   /** Every open stream, welcomed or still waiting for its Hello (a revoked token ends both). */
   private readonly streams = new Set<AgentSession>();
   private dispatchScheduled = false;
+  private dispatchCursor = 0;
   private timers: NodeJS.Timeout[] = [];
   private readonly handlers: SessionHandlers;
   private readonly seen: Statement;
@@ -400,12 +408,18 @@ export class AgentHub {
     // One transaction for the whole round (a commit per lease was most of dispatch's cost); nothing is sent
     // before it committed.
     const outgoing = new Map<AgentSession, Assign[]>();
+    let given = 0;
     this.manager.batch(() => {
-      const free = new Map([...this.sessions.values()].map((s) => [s, this.freeSlotsOf(s)]));
+      // Each round starts where the last one stopped, so that with more agents than a round serves none waits.
+      const sessions = [...this.sessions.values()];
+      const start = sessions.length === 0 ? 0 : this.dispatchCursor % sessions.length;
+      const order = [...sessions.slice(start), ...sessions.slice(0, start)];
+      const free = new Map(order.map((s) => [s, this.freeSlotsOf(s)]));
       let progress = true;
-      while (progress) {
+      while (progress && given < DISPATCH_ROUND_MAX) {
         progress = false;
         for (const [s, slots] of free) {
+          if (given >= DISPATCH_ROUND_MAX) break;
           if (!s.capabilities || slots === 0) continue;
           // A check first: checks are short and what a pull request's author waits for.
           const checks = this.checks?.assign(s.capabilities, 1) ?? [];
@@ -413,10 +427,14 @@ export class AgentHub {
           if (assigns.length === 0) continue;
           free.set(s, slots - assigns.length);
           outgoing.set(s, [...(outgoing.get(s) ?? []), ...assigns]);
+          given += assigns.length;
           progress = true;
         }
       }
     });
+    this.dispatchCursor += given;
     for (const [s, assigns] of outgoing) s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
+    // A full round may have left free slots and work: the next one comes after what arrived meanwhile.
+    if (given >= DISPATCH_ROUND_MAX) this.scheduleDispatch();
   }
 }

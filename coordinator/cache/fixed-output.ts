@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CacheError } from '../../common/errors.js';
 import { type Derivation, isFixedOutput, parseDerivation } from '../../common/nix/derivation.js';
@@ -23,7 +23,8 @@ export async function checkFixedOutput(
 ): Promise<void> {
   if (!lease.fixedOutput) return;
   const drvPath = lease.drvPath;
-  const drv: Derivation = parseDerivation(await readFile(drvPath, 'utf8'), drvPath);
+  // A .drv is small and in the local store: read at once, not over turns of a busy event loop.
+  const drv: Derivation = parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
   const out = drv.outputs.out;
   if (!isFixedOutput(drv) || out === undefined || out.path !== storePath) return;
   const recursive = out.hashAlgo.startsWith('r:');
