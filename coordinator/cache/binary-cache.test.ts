@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -94,6 +95,32 @@ describe('BinaryCache', () => {
     await cache.pushFromLocalStore([]);
 
     expect((await readdir(cache.dir)).filter((n) => n.endsWith('.narinfo'))).toEqual([]);
+  });
+
+  it('sums the closures of many paths with turns of the event loop between its reads', async () => {
+    const cache = await newCache();
+    const hashOf = (i: number) => nixBase32(createHash('sha256').update(`p${i}`).digest());
+    const paths = Array.from({ length: 1200 }, (_, i) => `/nix/store/${hashOf(i).slice(0, 32)}-p${i}`);
+    paths.forEach((storePath, i) => {
+      const info = {
+        storePath,
+        url: `nar/${hashOf(i)}.nar`,
+        compression: 'none',
+        narHash: `sha256:${hashOf(i)}`,
+        narSize: 8 + i,
+        references: i === 0 ? [] : [paths[0]!],
+        sigs: [],
+      };
+      writeFileSync(join(cache.dir, `${storePath.slice(11, 43)}.narinfo`), serializeNarInfo(info));
+    });
+    let turned = false;
+    setImmediate(() => (turned = true));
+
+    const sizes = await cache.sizes(paths);
+
+    expect(turned).toBe(true);
+    expect(sizes.size).toBe(1200);
+    expect(sizes.get(paths[10]!)).toEqual({ narSize: 18, closureSize: 18 + 8 });
   });
 
   it('refuses an uploaded NAR whose content does not hash to its name, leaving no file behind', async () => {

@@ -25,6 +25,7 @@ import type { Readable } from 'node:stream';
 import { buffer } from 'node:stream/consumers';
 import { pipeline } from 'node:stream/promises';
 import { CacheError } from '../../common/errors.js';
+import { turn } from '../../common/turn.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isStorePath, storePathHash } from '../../common/nix/store-path.js';
@@ -62,6 +63,9 @@ const READDIR_THRESHOLD = 256;
  * exception (≈140 µs on ext4 here): it stays on libuv's threads.
  */
 const SMALL_FILE_BYTES = 256 * 1024;
+
+/** How many narinfos a long walk reads (≈20 µs each) between turns of the event loop. */
+const READS_PER_TURN = 500;
 
 /** Temporary files share the target's directory, so the final rename is atomic, and a prefix no reader matches. */
 const TEMP_PREFIX = '.upload-';
@@ -132,7 +136,11 @@ export class BinaryCache {
   async sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>> {
     const infos = new Map<string, NarInfo | undefined>();
     const info = async (p: string): Promise<NarInfo | undefined> => {
-      if (!infos.has(p)) infos.set(p, await this.narInfo(p));
+      if (!infos.has(p)) {
+        // Reads are synchronous (see SMALL_FILE_BYTES): the closure of a big request turns the loop now and then.
+        if (infos.size % READS_PER_TURN === READS_PER_TURN - 1) await turn();
+        infos.set(p, await this.narInfo(p));
+      }
       return infos.get(p);
     };
     const out = new Map<string, { narSize: number; closureSize: number }>();

@@ -2,6 +2,7 @@ import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
+import { turn } from '../../common/turn.js';
 import { CacheError } from '../../common/errors.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { type NarInfo, parseNarInfo } from '../../common/nix/narinfo.js';
@@ -36,7 +37,9 @@ export async function pushFromBuiltIn(
       await runNixChecked('nix', [...NIX_EXPERIMENTAL, 'copy', ...from, '--to', to, ...NO_SUBSTITUTERS, ...batch]);
     }
     const trusted = new Map<string, NarInfo>();
-    for (const path of missing) {
+    for (const [i, path] of missing.entries()) {
+      // The built-in cache reads narinfos synchronously: a long list turns the event loop now and then.
+      if (i % 500 === 499) await turn();
       const info = await builtIn.narInfo(path);
       if (!info) throw new CacheError(`${path} left the built-in cache while it was pushed`);
       trusted.set(path, info);
