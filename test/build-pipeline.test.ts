@@ -7,6 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../agent/agent.js';
 import { spawnAgentProcess } from '../cli/embedded.js';
 import { sleep } from '../common/backoff.js';
+import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
 import { silentLogger } from '../common/logging.js';
 import type { Coordinator } from '../coordinator/coordinator.js';
 import { NO_EXTRA_POLICY } from '../coordinator/eval/eval-options.js';
@@ -176,6 +177,41 @@ describe('building derivations on agents', () => {
     expect(r.report?.state).toBe('dependency-failed');
     expect(r.report?.rootCause).toBe(r.gpu?.drvPath);
     expect(r.fine?.state).toBe('succeeded');
+  });
+
+  it('makes the thousands of dependents of one success buildable a slice per write, all of them in the end', async () => {
+    coordinator = await startCoordinator(tempDir(), { unbuildable_grace_seconds: 3600 });
+    await localAgent('local');
+    // 1,100 dependents of one root; they need a feature no agent here has, so they stay buildable.
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      `let root = mk "root" {}; in { inherit root; } // builtins.listToAttrs (builtins.genList (i: {
+         name = "d\${toString i}"; value = mk "d\${toString i}" { deps = [ root ]; requiredSystemFeatures = [ "cuda" ]; };
+       }) 1100)`,
+    );
+    const all = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file])).trim().split('\n');
+    const root = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', 'root'])).trim();
+    expect(all).toHaveLength(1101);
+    const buildable = () =>
+      (
+        coordinator!.store.db
+          .prepare("SELECT COUNT(*) AS n FROM derivations WHERE state = 'buildable' AND drv_path != ?")
+          .get(root) as { n: number }
+      ).n;
+    let atRootSuccess: number | undefined;
+    coordinator.manager.on('state', (drvPath: string, state: string) => {
+      // Told right after the root's write committed, before the next slice's.
+      if (drvPath === root && state === 'succeeded') atRootSuccess = buildable();
+    });
+    await coordinator.manager.submit(
+      all.map((drvPath, i) => ({ attr: `a${i}`, drvPath })),
+      'test',
+    );
+
+    await expect.poll(buildable).toBe(1100);
+    expect(atRootSuccess).toBe(1000);
+    expect(coordinator.manager.queues([]).lanes[0]).toMatchObject({ features: ['cuda'], buildable: 1100 });
   });
 
   it('fails dependents of a failed build with the root cause, without retrying the failure', async () => {

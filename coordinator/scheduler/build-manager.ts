@@ -84,6 +84,9 @@ export interface BuildResult {
   outputs: Array<{ name: string; path: string; narSize: number | null; closureSize: number | null }>;
 }
 
+/** How many ready dependents one write records as buildable (`releaseSome`): ≈10 ms of the event loop. */
+const RELEASE_SLICE = 1_000;
+
 /**
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
  * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
@@ -102,6 +105,10 @@ export class BuildManager extends EventEmitter {
   /** Agents' reports waiting for the next group commit (`writeSoon`). */
   private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
   private flushScheduled = false;
+  /** Dependents that successes made ready, to be recorded buildable a slice at a time (`releaseSome`). */
+  private releasing: string[] = [];
+  private released = 0;
+  private releaseScheduled = false;
   /** How many `write`s are running, one inside another; and the state changes they made, told when they commit. */
   private writeDepth = 0;
   private stateChanges: Array<{ drvPath: string; state: BuildState; attempt: number; agentId: string | null }> = [];
@@ -171,6 +178,9 @@ export class BuildManager extends EventEmitter {
     this.leases.clear();
     this.leaseOf.clear();
     this.settledNow = [];
+    // Loading makes every ready derivation buildable, in the database too.
+    this.releasing = [];
+    this.released = 0;
     this.load((leaseId) => expiry.get(leaseId) ?? fallback);
     this.logger.warn(
       { derivations: this.scheduler.size, leases: this.leases.size },
@@ -975,7 +985,8 @@ export class BuildManager extends EventEmitter {
     if (!this.transition(drvPath, state, attempt, now, extra)) return;
     this.settledNow.push(drvPath);
     if (SUCCESS_STATES.has(state)) {
-      for (const ready of this.scheduler.succeeded(drvPath)) this.transition(ready, 'buildable', 0, now);
+      for (const ready of this.scheduler.succeeded(drvPath, true)) this.releasing.push(ready);
+      this.releaseSome(now);
       return;
     }
     for (const dependent of this.scheduler.failed(drvPath)) {
@@ -983,6 +994,33 @@ export class BuildManager extends EventEmitter {
       this.transition(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
       this.settledNow.push(dependent);
     }
+  }
+
+  /**
+   * Records up to `RELEASE_SLICE` of the dependents that successes made ready as buildable, and makes them so; the
+   * rest follow in the next group commits. One write for the tens of thousands of dependents of a bootstrap
+   * derivation held the event loop for most of a second (bench/fleet at 100k). Until recorded, a ready derivation
+   * is `queued` in the database, which recovery reads as buildable.
+   */
+  private releaseSome(now: number): void {
+    const end = Math.min(this.releasing.length, this.released + RELEASE_SLICE);
+    for (; this.released < end; this.released++) {
+      const drvPath = this.releasing[this.released]!;
+      if (!this.scheduler.isHeld(drvPath)) continue; // cancelled meanwhile
+      this.transition(drvPath, 'buildable', 0, now);
+      this.scheduler.release(drvPath);
+    }
+    if (this.released < this.releasing.length) {
+      if (this.releaseScheduled) return;
+      this.releaseScheduled = true;
+      this.writeSoon(() => {
+        this.releaseScheduled = false;
+        this.releaseSome(this.now());
+      }).catch((err: unknown) => this.health.fault('release', err));
+      return;
+    }
+    this.releasing = [];
+    this.released = 0;
   }
 
   /** Derivations whose outputs are all in the cache already, or valid in the local store (then pushed). */

@@ -206,8 +206,12 @@ export class Scheduler {
     return chosen.spec.drvPath;
   }
 
-  /** A build succeeded: returns the dependents that became buildable. */
-  succeeded(drvPath: string): string[] {
+  /**
+   * A build succeeded: returns the dependents that have no input left to wait for, made buildable — or, with `hold`,
+   * left queued until the caller `release`s each (a derivation with tens of thousands of dependents frees them in
+   * slices).
+   */
+  succeeded(drvPath: string, hold = false): string[] {
     const node = this.require(drvPath);
     this.remove(node);
     const ready: string[] = [];
@@ -216,11 +220,24 @@ export class Scheduler {
       if (!dep) continue;
       dep.waitingOn -= 1;
       if (dep.waitingOn === 0) {
-        this.enqueue(dep);
+        if (!hold) this.enqueue(dep);
         ready.push(d);
       }
     }
     return ready;
+  }
+
+  /** Whether a derivation waits for nothing but its `release` (see `succeeded`). */
+  isHeld(drvPath: string): boolean {
+    const node = this.nodes.get(drvPath);
+    return node !== undefined && node.status === 'queued' && node.waitingOn === 0;
+  }
+
+  /** Makes a held derivation buildable; false if it is not held (gone, cancelled, or buildable already). */
+  release(drvPath: string): boolean {
+    if (!this.isHeld(drvPath)) return false;
+    this.enqueue(this.nodes.get(drvPath)!);
+    return true;
   }
 
   /** A derivation ended without outputs: removes it and every transitive dependent, which are returned. */
