@@ -65,7 +65,7 @@ const READDIR_THRESHOLD = 256;
 const SMALL_FILE_BYTES = 256 * 1024;
 
 /** How many narinfos a long walk reads (≈20 µs each) between turns of the event loop. */
-const READS_PER_TURN = 500;
+export const NARINFO_READS_PER_TURN = 500;
 
 /** Temporary files share the target's directory, so the final rename is atomic, and a prefix no reader matches. */
 const TEMP_PREFIX = '.upload-';
@@ -92,7 +92,7 @@ export class BinaryCache {
     this.publicKey = signingKeyFromSecret(options.secretKey, 'binary cache secret key').publicKey;
     this.logger = options.logger;
     for (const sub of ['nar', 'log']) mkdirSync(join(this.dir, sub), { recursive: true });
-    const tmp = join(this.dir, `${TEMP_PREFIX}${randomUUID()}`);
+    const tmp = this.tempFor('nix-cache-info');
     writeFileSync(tmp, NIX_CACHE_INFO);
     renameSync(tmp, join(this.dir, 'nix-cache-info'));
   }
@@ -138,7 +138,7 @@ export class BinaryCache {
     const info = async (p: string): Promise<NarInfo | undefined> => {
       if (!infos.has(p)) {
         // Reads are synchronous (see SMALL_FILE_BYTES): the closure of a big request turns the loop now and then.
-        if (infos.size % READS_PER_TURN === READS_PER_TURN - 1) await turn();
+        if (infos.size % NARINFO_READS_PER_TURN === NARINFO_READS_PER_TURN - 1) await turn();
         infos.set(p, await this.narInfo(p));
       }
       return infos.get(p);
@@ -224,7 +224,7 @@ export class BinaryCache {
       const data = await buffer(body);
       const actual = nixBase32(createHash('sha256').update(data).digest());
       if (actual !== claimed) throw notItsName(actual);
-      const tmp = join(this.dir, dirname(relativePath), `${TEMP_PREFIX}${randomUUID()}`);
+      const tmp = this.tempFor(relativePath);
       try {
         await writeFile(tmp, data, { flag: 'wx' });
         renameSync(tmp, join(this.dir, relativePath));
@@ -272,7 +272,7 @@ export class BinaryCache {
       );
     }
     const signed: NarInfo = { ...info, sigs: [await signFingerprintOffLoop(this.secretKey, fingerprint(info))] };
-    const tmp = join(this.dir, `${TEMP_PREFIX}${randomUUID()}`);
+    const tmp = this.tempFor(relativePath);
     await writeFile(tmp, serializeNarInfo(signed), { flag: 'wx' });
     try {
       // link() refuses to replace an existing file, which makes "first narinfo wins" race-free.
@@ -316,8 +316,13 @@ export class BinaryCache {
     }
   }
 
+  /** A fresh temporary file's path in the directory of `relativePath`, for an atomic rename or link into place. */
+  private tempFor(relativePath: string): string {
+    return join(this.dir, dirname(relativePath), `${TEMP_PREFIX}${randomUUID()}`);
+  }
+
   private async writeTemp(relativePath: string, body: Readable, onChunk?: (chunk: Buffer) => void): Promise<string> {
-    const tmp = join(this.dir, dirname(relativePath), `${TEMP_PREFIX}${randomUUID()}`);
+    const tmp = this.tempFor(relativePath);
     try {
       await pipeline(
         body,

@@ -161,13 +161,14 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
       return;
     }
     const limit = new ByteLimit(limits[kind]);
-    if (Number(ctx.get('Content-Length') || 0) > limit.max) {
+    const declared = declaredLength(ctx.get('Content-Length'));
+    if ((declared ?? 0) > limit.max) {
       reject(ctx, 413, `${kind} uploads are limited to ${limit.max} bytes`);
       return;
     }
     const body = limit.wrap(ctx.req);
     try {
-      if (kind === 'nar') await cache.writeNar(path, body, declaredLength(ctx.get('Content-Length')));
+      if (kind === 'nar') await cache.writeNar(path, body, declared);
       else if (kind === 'log') await cache.writeLog(path, body);
       else {
         await cache.writeNarInfo(path, await readText(body), async (info) => {

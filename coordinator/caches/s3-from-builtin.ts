@@ -7,7 +7,7 @@ import { CacheError } from '../../common/errors.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { type NarInfo, parseNarInfo } from '../../common/nix/narinfo.js';
 import { storePathHash } from '../../common/nix/store-path.js';
-import type { BinaryCache } from '../cache/binary-cache.js';
+import { type BinaryCache, NARINFO_READS_PER_TURN } from '../cache/binary-cache.js';
 import type { S3BinaryCache } from './s3-cache.js';
 import { leaseClosure } from './s3-push-routes.js';
 
@@ -39,7 +39,7 @@ export async function pushFromBuiltIn(
     const trusted = new Map<string, NarInfo>();
     for (const [i, path] of missing.entries()) {
       // The built-in cache reads narinfos synchronously: a long list turns the event loop now and then.
-      if (i % 500 === 499) await turn();
+      if (i % NARINFO_READS_PER_TURN === NARINFO_READS_PER_TURN - 1) await turn();
       const info = await builtIn.narInfo(path);
       if (!info) throw new CacheError(`${path} left the built-in cache while it was pushed`);
       trusted.set(path, info);
