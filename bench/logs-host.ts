@@ -27,25 +27,37 @@ export function fileHash(path: string, offset: number): Promise<{ sha256: string
 }
 
 /**
- * Builds a derivation with `nix-build -Q` (its log is not shown) and `--option NAME VALUE` for each of `options`;
- * resolves with its output path. Killed at `deadline` (ms since 1970).
+ * Builds a derivation with `nix-build` and `--option NAME VALUE` for each of `options`; resolves with its output
+ * path. With `showLog` false it runs `-Q` (the log is not shown: Nix only writes its own copy); with `showLog` true
+ * Nix prints the log line by line, as every Nix client that shows a build does, and this process reads it from a
+ * pipe and drops it. Killed at `deadline` (ms since 1970).
  */
-export function nixBuild(drvPath: string, options: Record<string, string>, deadline: number): Promise<string> {
+export function nixBuild(
+  drvPath: string,
+  options: Record<string, string>,
+  showLog: boolean,
+  deadline: number,
+): Promise<string> {
   const optionArgs = Object.entries(options).flatMap(([k, v]) => ['--option', k, v]);
+  const quiet = showLog ? [] : ['-Q'];
   return new Promise((resolve, reject) => {
-    const child = spawn('nix-build', ['-Q', '--no-out-link', '--option', 'substituters', '', ...optionArgs, drvPath], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      'nix-build',
+      [...quiet, '--no-out-link', '--option', 'substituters', '', ...optionArgs, drvPath],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
     let out = '';
-    let err = '';
+    let errTail = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (errTail = (errTail + d.toString()).slice(-2000)));
     const timer = setTimeout(() => child.kill('SIGTERM'), Math.max(0, deadline - Date.now()));
     child.on('error', reject);
     child.on('close', (code) => {
       clearTimeout(timer);
       if (code === 0) resolve(out.trim().split('\n').at(-1)!);
-      else reject(new Error(`nix-build failed (${code}): ${err.slice(-2000)}`));
+      else reject(new Error(`nix-build failed (${code}): ${errTail}`));
     });
   });
 }

@@ -24,6 +24,8 @@ export interface RunRecord {
   pipe: { result: SpawnedResult; account: BuilderAccount };
   builder: BuilderAccount;
   nixAlone: { account: BuilderAccount; wallS: number } | null;
+  /** The same builder under `nix-build` showing its log (read from a pipe): Nix's own ceiling for a shown log. */
+  nixShown: { account: BuilderAccount; wallS: number } | null;
   stored: { sha256: string; bytes: number; fromStart: { sha256: string; bytes: number } | null };
   /** When the coordinator stored the log's bytes: [time (ms), bytes stored] per append. */
   storedAt: Array<[number, number]>;
@@ -56,7 +58,12 @@ export interface Figures {
   };
   cat: { mbPerS: number[]; firstByteMs: number[]; cpuPercent: number };
   pipe: { mbPerS: number; firstByteMs: number; flood: Stats; quiet: Stats };
-  builder: { inRunMbPerS: number; pipeMbPerS: number; nixAlone: { mbPerS: number; wallS: number } | null };
+  builder: {
+    inRunMbPerS: number;
+    pipeMbPerS: number;
+    nixAlone: { mbPerS: number; wallS: number } | null;
+    nixShown: { mbPerS: number; wallS: number } | null;
+  };
   coordinator: {
     eventLoopDelayMs: { p50: number; p99: number; max: number };
     rssMiB: { peak: number; before: number };
@@ -97,6 +104,14 @@ const rounded = (s: Stats): Stats => ({
 });
 const latency = (marks: Mark[]): Stats => rounded(summarise(marks.map(([printed, seen]) => seen - printed)));
 const rate = (bytes: number, fromMs: number, toMs: number): number => round(bytes / MB / ((toMs - fromMs) / 1000));
+/** How fast a builder printed under a plain `nix-build`, by its own clock, and the build's wall time. */
+const nixRate = (
+  bytes: number,
+  run: { account: BuilderAccount; wallS: number },
+): { mbPerS: number; wallS: number } => ({
+  mbPerS: rate(bytes, run.account.startedAt, run.account.endedAt),
+  wallS: round(run.wallS),
+});
 const ascending = (xs: number[]): number[] => [...xs].sort((a, b) => a - b);
 
 export function figures(r: RunRecord): Figures {
@@ -165,10 +180,8 @@ export function figures(r: RunRecord): Figures {
     builder: {
       inRunMbPerS: rate(r.flood, r.builder.startedAt, r.builder.endedAt),
       pipeMbPerS: rate(r.flood, r.pipe.account.startedAt, r.pipe.account.endedAt),
-      nixAlone: r.nixAlone && {
-        mbPerS: rate(r.flood, r.nixAlone.account.startedAt, r.nixAlone.account.endedAt),
-        wallS: round(r.nixAlone.wallS),
-      },
+      nixAlone: r.nixAlone && nixRate(r.flood, r.nixAlone),
+      nixShown: r.nixShown && nixRate(r.flood, r.nixShown),
     },
     coordinator: {
       eventLoopDelayMs: r.coordinator.loop,
@@ -279,8 +292,15 @@ export function table(f: Figures, followers: number): string[] {
       'builder prints',
       `${num(f.builder.inRunMbPerS)} MB/s`,
       `${num(f.builder.pipeMbPerS)} MB/s (pipe)` +
-        (f.builder.nixAlone ? `, ${num(f.builder.nixAlone.mbPerS)} MB/s (nix-build)` : ''),
+        (f.builder.nixAlone ? `, ${num(f.builder.nixAlone.mbPerS)} MB/s (nix-build -Q)` : ''),
       ratio(f.builder.inRunMbPerS, f.builder.nixAlone?.mbPerS ?? NaN),
+      '',
+    ],
+    [
+      '  against Nix showing the log',
+      '',
+      f.builder.nixShown ? `${num(f.builder.nixShown.mbPerS)} MB/s (nix-build, log read)` : 'not run',
+      ratio(f.builder.inRunMbPerS, f.builder.nixShown?.mbPerS ?? NaN),
       '',
     ],
     [

@@ -25,8 +25,11 @@
  *   starting `cat`);
  * - `pipe`: the builder's script run by `/bin/sh` outside Nix, read through a pipe: what the builder itself can
  *   print, and how soon a line is seen with nothing in between (latency);
- * - `nix-build`: the same derivation (another name) built by `nix-build -Q` outside eka-ci: how fast Nix alone
- *   takes the builder's output on this host, a floor nothing downstream of it can beat.
+ * - `nix-build -Q`: the same derivation (another name) built outside eka-ci with its log not shown: how fast Nix
+ *   takes the builder's output into its own copy of the log;
+ * - `nix-build`, log read: the same again with the log shown, read from a pipe and dropped. Nix (2.8) hands a shown
+ *   log on one line at a time, and the builder can print no faster than that: this is the ceiling for any client of
+ *   Nix that shows a build's log live, eka-ci's agent among them.
  *
  *   npm run bench:logs [-- --mb 200 --followers 10 --mark-kib 512 --trickle 40 --client lean|ekaci
  *                          --nix-option NAME=VALUE … --skip-nix-baseline --profile --timeout 900]
@@ -256,13 +259,16 @@ async function run(): Promise<RunRecord> {
   const nixFile = writeBuilderNix(nixDir, randomBytes(6).toString('hex'), {
     live: { shape, gate },
     alone: { shape: { ...shape, trickle: 0 }, gate: '' },
+    shown: { shape: { ...shape, trickle: 0 }, gate: '' },
   });
-  const inst = spawnSync('nix-instantiate', ['--option', 'substituters', '', nixFile, '-A', 'live', '-A', 'alone'], {
-    encoding: 'utf8',
-  });
+  const inst = spawnSync(
+    'nix-instantiate',
+    ['--option', 'substituters', '', nixFile, '-A', 'live', '-A', 'alone', '-A', 'shown'],
+    { encoding: 'utf8' },
+  );
   if (inst.status !== 0) throw new Error(`nix-instantiate failed: ${inst.stderr.slice(-2000)}`);
-  const [liveDrv, aloneDrv] = inst.stdout.trim().split('\n') as [string, string];
-  built.push(liveDrv, aloneDrv);
+  const [liveDrv, aloneDrv, shownDrv] = inst.stdout.trim().split('\n') as [string, string, string];
+  built.push(liveDrv, aloneDrv, shownDrv);
 
   followers = new Child('the followers', fileURLToPath(new URL('./logs-followers.ts', import.meta.url)));
   const { clockSkewMs } = await followers.next('ready', deadline);
@@ -377,13 +383,18 @@ async function run(): Promise<RunRecord> {
   followers.send({ type: 'cat', file: logPath, count: options.followers });
   const cat = await followers.next('catted', deadline);
 
-  // --- Baseline: Nix alone. ---
+  // --- Baselines: Nix alone, its log not shown (-Q) and shown (read line by line, as any Nix client shows it). ---
   let nixAlone: RunRecord['nixAlone'] = null;
+  let nixShown: RunRecord['nixShown'] = null;
   if (options.nixBaseline) {
     progress('baseline: nix-build -Q of the same builder…');
-    const t = now();
-    const out = await nixBuild(aloneDrv, options.nixOptions, deadline);
+    let t = now();
+    let out = await nixBuild(aloneDrv, options.nixOptions, false, deadline);
     nixAlone = { account: parseBuilderOutput(readFileSync(out, 'utf8')), wallS: (now() - t) / 1000 };
+    progress('baseline: nix-build of the same builder, its log read from a pipe…');
+    t = now();
+    out = await nixBuild(shownDrv, options.nixOptions, true, deadline);
+    nixShown = { account: parseBuilderOutput(readFileSync(out, 'utf8')), wallS: (now() - t) / 1000 };
   }
 
   const loopMs = (ns: number): number => Math.round(ns / 1e5) / 10;
@@ -395,6 +406,7 @@ async function run(): Promise<RunRecord> {
     pipe,
     builder,
     nixAlone,
+    nixShown,
     stored: {
       ...(await fileHash(logPath, 0)),
       fromStart: startOffset < 0 ? null : await fileHash(logPath, startOffset),

@@ -229,7 +229,7 @@ export class Build implements Job {
    */
   private async realise(conn: NixDaemonConnection): Promise<BuildOutcome> {
     const a = this.assign;
-    const onLog = (line: string): void | Promise<void> => this.logLine(line);
+    const onLog = { bytes: (lines: Buffer): void | Promise<void> => this.logLines(lines) };
     const basic = await this.basicDerivation(conn);
     if (this.cancelReason !== null) throw new Error('cancelled while reading the .drv');
     await this.noteOutputsAlreadyValid(conn, basic);
@@ -263,9 +263,11 @@ export class Build implements Job {
     if (derivation === null) return;
     const outputs = Object.values(outputPaths(derivation));
     if (outputs.length === 0 || (await conn.queryValidPaths(outputs)).size < outputs.length) return;
-    await this.logLine(
-      `eka-ci: nothing to build: the outputs of ${a.drvPath} are valid in this builder's store already ` +
-        '(an earlier attempt here built them); they are checked and uploaded as they are',
+    await this.logLines(
+      Buffer.from(
+        `eka-ci: nothing to build: the outputs of ${a.drvPath} are valid in this builder's store already ` +
+          '(an earlier attempt here built them); they are checked and uploaded as they are\n',
+      ),
     );
   }
 
@@ -297,10 +299,9 @@ export class Build implements Job {
   }
 
   /** A promise while the spool is behind: the daemon connection reads no further until it settles. */
-  private logLine(line: string): void | Promise<void> {
-    const chunk = Buffer.from(`${line}\n`);
-    this.keepTail(chunk);
-    if (!this.log.append(chunk)) return this.log.writable();
+  private logLines(lines: Buffer): void | Promise<void> {
+    this.keepTail(lines);
+    if (!this.log.append(lines)) return this.log.writable();
   }
 
   private keepTail(chunk: Buffer): void {

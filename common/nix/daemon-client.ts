@@ -84,6 +84,14 @@ export interface BuildOptions {
   verbosity?: number;
 }
 
+/**
+ * Where a build's output goes. A function gets it line by line as text: the builder's output, Nix's messages and its
+ * "building …" and "copying …" activity. An object's `bytes` gets the same as bytes, whole lines each ending in
+ * `\n`, the builder's output as many lines at once as arrived together: what a consumer of long logs uses. A
+ * promise returned by either holds the connection's reading until it settles.
+ */
+export type BuildLogListener = ((line: string) => unknown) | { bytes: (lines: Buffer) => unknown };
+
 export type BuildOutcome = { ok: true } | { ok: false; status: number; message: string };
 
 export interface PathInfo {
@@ -234,7 +242,7 @@ export class NixDaemonConnection {
    * the daemon's messages go to `onLog` as they arrive; it must not throw (that would end the connection). While a
    * promise it returned is pending, nothing more is read from the daemon, which then stops the build's output.
    */
-  buildPaths(paths: string[], onLog?: (line: string) => unknown): Promise<BuildOutcome> {
+  buildPaths(paths: string[], onLog?: BuildLogListener): Promise<BuildOutcome> {
     return this.run('buildPaths', async () => {
       const { messages, handlers } = buildLogHandlers(onLog);
       this.send(new WireWriter().u64(Op.BuildPaths).strings(paths).u64(BUILD_MODE_NORMAL).bytes());
@@ -254,7 +262,7 @@ export class NixDaemonConnection {
    * inputs itself, but never a `.drv`. Logs as for buildPaths. A daemon allows it only to trusted users (for an
    * input-addressed derivation): it refuses others with a reported NixCommandError that names the privilege.
    */
-  buildDerivation(drvPath: string, drv: Derivation, onLog?: (line: string) => unknown): Promise<BuildOutcome> {
+  buildDerivation(drvPath: string, drv: Derivation, onLog?: BuildLogListener): Promise<BuildOutcome> {
     return this.run('buildDerivation', async () => {
       const { messages, handlers } = buildLogHandlers(onLog);
       const w = new WireWriter().u64(Op.BuildDerivation).string(drvPath);
@@ -606,15 +614,17 @@ export async function daemonAnswers(socketPath: string): Promise<boolean> {
   return true;
 }
 
-/** How a build's stderr is read: log lines and activity go to `onLog`, messages too, and are kept for its outcome. */
-function buildLogHandlers(onLog?: (line: string) => unknown): { messages: string[]; handlers: StderrHandlers } {
+/** How a build's stderr is read: log lines and activity go to the listener, messages too, and are kept for its outcome. */
+function buildLogHandlers(listener?: BuildLogListener): { messages: string[]; handlers: StderrHandlers } {
   const messages: string[] = [];
+  const text = typeof listener === 'object' ? (line: string) => listener.bytes(Buffer.from(`${line}\n`)) : listener;
   const handlers: StderrHandlers = {
-    onBuildLogLine: onLog,
-    onActivity: onLog,
-    onMessage: (text) => {
-      messages.push(text);
-      return onLog?.(text);
+    onBuildLogLine: typeof listener === 'function' ? listener : undefined,
+    onBuildLog: typeof listener === 'object' ? (lines) => listener.bytes(lines) : undefined,
+    onActivity: text,
+    onMessage: (message) => {
+      messages.push(message);
+      return text?.(message);
     },
   };
   return { messages, handlers };

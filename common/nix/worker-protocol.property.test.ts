@@ -41,6 +41,8 @@ function feed(bytes: Buffer, sizes: readonly number[]): { reader: WireReader; eo
 }
 
 const chunkSizes = fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1, maxLength: 4 });
+// Reads of a pipe's size: many whole frames in one, and frames cut at their ends.
+const readSizes = fc.array(fc.integer({ min: 1, max: 8192 }), { minLength: 1, maxLength: 4 });
 const text = fc.oneof(fc.string({ maxLength: 20 }), fc.constantFrom('\u001b[31mred\u001b[0m', 'line\n', ''));
 const u64 = fc.oneof(fc.nat({ max: 1000 }), fc.maxSafeNat());
 const u64Bytes = (n: bigint): Buffer => {
@@ -136,6 +138,13 @@ describe('readStderr', () => {
     }),
     fc.record({ kind: fc.constant('write' as const), data: text }),
   );
+  // What a building daemon sends most: one line of the builder's output.
+  const logLine: fc.Arbitrary<Message> = fc.record({
+    kind: fc.constant('result' as const),
+    id: u64,
+    type: fc.constant(RES_BUILD_LOG_LINE),
+    fields: text.map((str) => [{ str }]),
+  });
   const end: fc.Arbitrary<End> = fc.oneof(
     fc.constant({ kind: 'last' as const }),
     fc.record({
@@ -146,7 +155,12 @@ describe('readStderr', () => {
       traces: fc.array(text, { maxLength: 3 }),
     }),
   );
-  const stream = fc.tuple(fc.array(message, { maxLength: 6 }), end);
+  const stream = fc.tuple(fc.array(fc.oneof(message, logLine), { maxLength: 6 }), end);
+  // A chatty build: mostly log lines, in runs, with now and then something else.
+  const chatty = fc.tuple(
+    fc.array(fc.oneof({ arbitrary: logLine, weight: 6 }, { arbitrary: message, weight: 1 }), { maxLength: 40 }),
+    end,
+  );
 
   function writeFields(w: WireWriter, fs: readonly Field[]): void {
     w.u64(fs.length);
@@ -226,6 +240,45 @@ describe('readStderr', () => {
         expect(result).toEqual(expected);
         expect(events).toEqual(expectedEvents(messages));
         // The stream ends exactly where the daemon's reply begins.
+        expect(await reader.u64()).toBe(42);
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("hands a builder's lines as bytes, whole lines in batches, in their place among the other messages", async () => {
+    // Consecutive log events are joined: how the lines were batched depends on the reads, what they say must not.
+    const joinLogs = (events: readonly (string | Buffer)[]): string[] => {
+      const joined: string[] = [];
+      let run: Buffer[] | null = null;
+      for (const e of events) {
+        if (typeof e !== 'string') (run ??= []).push(e);
+        else {
+          if (run) joined.push(`log:${Buffer.concat(run).toString('utf8')}`);
+          run = null;
+          joined.push(e);
+        }
+      }
+      if (run) joined.push(`log:${Buffer.concat(run).toString('utf8')}`);
+      return joined;
+    };
+    await fc.assert(
+      fc.asyncProperty(chatty, fc.oneof(chunkSizes, readSizes), async ([messages, e], sizes) => {
+        const { reader } = feed(Buffer.concat([serialize(messages, e), u64Bytes(42n)]), sizes);
+        const events: (string | Buffer)[] = [];
+        await readStderr(reader, {
+          onMessage: (t) => events.push(`message:${t}`),
+          onActivity: (t) => events.push(`activity:${t}`),
+          onBuildLog: (lines) => {
+            expect(lines.at(-1)).toBe(0x0a);
+            events.push(lines);
+          },
+          onBuildLogLine: () => expect.unreachable('lines go to onBuildLog when it is given'),
+        });
+        const expected = expectedEvents(messages).map((x) =>
+          x.startsWith('log:') ? Buffer.from(`${x.slice(4)}\n`) : x,
+        );
+        expect(joinLogs(events)).toEqual(joinLogs(expected));
         expect(await reader.u64()).toBe(42);
       }),
       { numRuns: RUNS },

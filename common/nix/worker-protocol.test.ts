@@ -146,6 +146,22 @@ describe('readStderr', () => {
     });
   });
 
+  it('hands lines as bytes with invalid UTF-8 replaced, as the text of the line would have it', async () => {
+    const frame = (line: Buffer): Buffer => {
+      const head = new WireWriter().u64(Stderr.Result).u64(7).u64(101).u64(1).u64(1).u64(line.length).bytes();
+      return Buffer.concat([head, line, Buffer.alloc((8 - (line.length % 8)) % 8)]);
+    };
+    const bytes = Buffer.concat([
+      frame(Buffer.from([0x66, 0xff, 0x67, 0x20, 0xc3, 0xa9])),
+      frame(Buffer.from('next')),
+      new WireWriter().u64(Stderr.Last).bytes(),
+    ]);
+    const got: Buffer[] = [];
+    expect(await readStderr(feed(bytes, [bytes.length]), { onBuildLog: (lines) => got.push(lines) })).toBeUndefined();
+    expect(Buffer.concat(got).equals(Buffer.from('f\uFFFDg \u00e9\nnext\n'))).toBe(true);
+    expect(got).toHaveLength(1);
+  });
+
   it('reads no further while a handler holds it with a promise, and goes on once the promise settles', async () => {
     const result = (line: string) => new WireWriter().u64(Stderr.Result).u64(7).u64(101).u64(1).u64(1).string(line);
     const bytes = Buffer.concat([

@@ -16,6 +16,7 @@
  * This file is over 300 lines because the NAR framing belongs with the wire: the daemon sends the NAR after
  * STDERR_LAST with no length, so only parsing it tells where the next reply starts.
  */
+import { isUtf8 } from 'node:buffer';
 import { NixCommandError } from '../errors.js';
 
 export const WORKER_MAGIC_1 = 0x6e697863;
@@ -104,6 +105,33 @@ const READ_LOW_WATER_BYTES = 1024 * 1024;
 const padding = (n: number): number => (8 - (n % 8)) % 8;
 // STDERR_RESULT of a log line up to its text: code, activity id, type, field count, field type, length.
 const LOG_LINE_HEADER_BYTES = 48;
+const NEWLINE = 0x0a;
+/** A batch of log lines (takeLogLines) stops at the first line that reaches this many bytes. */
+export const LOG_BATCH_BYTES = 64 * 1024;
+// A rest of the first buffered chunk this small that holds no whole log line is joined with the next chunk.
+const JOIN_BELOW_BYTES = 4096;
+
+/**
+ * The length of the line when `b` holds, from `at`, a whole STDERR_RESULT of one build log line (code, activity id
+ * 0, type resBuildLogLine, one field, a string); -1 otherwise.
+ */
+function logLineFrame(b: Buffer, at: number): number {
+  if (b.length - at < LOG_LINE_HEADER_BYTES) return -1;
+  // u64 little-endian fields: code, activity id, result type, field count, field type, string length.
+  if (b.readUInt32LE(at) !== Stderr.Result || b.readUInt32LE(at + 4) !== 0) return -1;
+  if (b.readUInt32LE(at + 16) !== RES_BUILD_LOG_LINE || b.readUInt32LE(at + 20) !== 0) return -1;
+  if (
+    b.readUInt32LE(at + 24) !== 1 ||
+    b.readUInt32LE(at + 28) !== 0 ||
+    b.readUInt32LE(at + 32) !== 1 ||
+    b.readUInt32LE(at + 36) !== 0
+  ) {
+    return -1;
+  }
+  const length = b.readUInt32LE(at + 40);
+  if (b.readUInt32LE(at + 44) !== 0) return -1;
+  return b.length - at < LOG_LINE_HEADER_BYTES + length + padding(length) ? -1 : length;
+}
 
 function protocolViolation(what: string): NixCommandError {
   return new NixCommandError(`nix-daemon broke the worker protocol: ${what}`, null, '');
@@ -208,20 +236,51 @@ export class WireReader {
    */
   takeLogLine(): string | undefined {
     const b = this.chunks[0];
-    if (b === undefined || b.length < LOG_LINE_HEADER_BYTES) return undefined;
-    // u64 little-endian fields: code, activity id, result type, field count, field type, string length.
-    if (b.readUInt32LE(0) !== Stderr.Result || b.readUInt32LE(4) !== 0) return undefined;
-    if (b.readUInt32LE(16) !== RES_BUILD_LOG_LINE || b.readUInt32LE(20) !== 0) return undefined;
-    if (b.readUInt32LE(24) !== 1 || b.readUInt32LE(28) !== 0 || b.readUInt32LE(32) !== 1 || b.readUInt32LE(36) !== 0) {
-      return undefined;
-    }
-    const length = b.readUInt32LE(40);
-    if (b.readUInt32LE(44) !== 0) return undefined;
-    const total = LOG_LINE_HEADER_BYTES + length + padding(length);
-    if (b.length < total) return undefined;
+    if (b === undefined) return undefined;
+    const length = logLineFrame(b, 0);
+    if (length < 0) return undefined;
     const line = b.toString('utf8', LOG_LINE_HEADER_BYTES, LOG_LINE_HEADER_BYTES + length);
-    this.take(total);
+    this.take(LOG_LINE_HEADER_BYTES + length + padding(length));
     return line;
+  }
+
+  /**
+   * Every whole build-log-line STDERR_RESULT at the head of the buffer, as one buffer of their lines, each ending in
+   * `\n`, up to the line that reaches LOG_BATCH_BYTES: a builder's output in one piece per read from the daemon, not
+   * in a call per line. Invalid UTF-8 is replaced, as a string of the line would have it. Undefined, having taken
+   * nothing, when no such frame is whole at the head.
+   */
+  takeLogLines(): Buffer | undefined {
+    let b = this.chunks[0];
+    if (b === undefined) return undefined;
+    // A frame cut by the boundary of what one read from the daemon returned: join the small rest with the next read.
+    const second = this.chunks[1];
+    if (second !== undefined && b.length < JOIN_BELOW_BYTES && logLineFrame(b, 0) < 0) {
+      b = Buffer.concat([b, second]);
+      this.chunks.splice(0, 2, b);
+    }
+    const starts: number[] = [];
+    const lengths: number[] = [];
+    let at = 0;
+    let bytes = 0;
+    while (bytes < LOG_BATCH_BYTES) {
+      const length = logLineFrame(b, at);
+      if (length < 0) break;
+      starts.push(at + LOG_LINE_HEADER_BYTES);
+      lengths.push(length);
+      bytes += length + 1;
+      at += LOG_LINE_HEADER_BYTES + length + padding(length);
+    }
+    if (at === 0) return undefined;
+    const lines = Buffer.allocUnsafe(bytes);
+    let to = 0;
+    for (let i = 0; i < starts.length; i++) {
+      const from = starts[i] as number;
+      to += b.copy(lines, to, from, from + (lengths[i] as number));
+      lines[to++] = NEWLINE;
+    }
+    this.take(at);
+    return isUtf8(lines) ? lines : Buffer.from(lines.toString('utf8'));
   }
 
   /** Exactly `n` bytes. */
@@ -292,6 +351,11 @@ export interface StderrHandlers {
   onMessage?: (text: string) => unknown;
   /** STDERR_RESULT of type resBuildLogLine: one line of a builder's output, without its newline. */
   onBuildLogLine?: (line: string) => unknown;
+  /**
+   * The same lines as bytes, each ending in `\n`, as many in one call as arrived together; when given, it is called
+   * instead of `onBuildLogLine`. What a consumer of long logs uses.
+   */
+  onBuildLog?: (lines: Buffer) => unknown;
   /** STDERR_START_ACTIVITY at info level or above: "building '…'", "copying path '…' from '…'". */
   onActivity?: (text: string) => unknown;
 }
@@ -309,11 +373,20 @@ export async function readStderr(
   handlers: StderrHandlers = {},
 ): Promise<DaemonErrorInfo | undefined> {
   for (;;) {
-    const line = reader.takeLogLine();
-    if (line !== undefined) {
-      const hold = handlers.onBuildLogLine?.(line);
-      if (hold instanceof Promise) await hold;
-      continue;
+    if (handlers.onBuildLog) {
+      const lines = reader.takeLogLines();
+      if (lines !== undefined) {
+        const hold = handlers.onBuildLog(lines);
+        if (hold instanceof Promise) await hold;
+        continue;
+      }
+    } else {
+      const line = reader.takeLogLine();
+      if (line !== undefined) {
+        const hold = handlers.onBuildLogLine?.(line);
+        if (hold instanceof Promise) await hold;
+        continue;
+      }
     }
     const code = await reader.u64();
     switch (code) {
@@ -347,8 +420,10 @@ export async function readStderr(
         const type = await reader.u64();
         const fields = await readFields(reader);
         const line = fields[0];
-        const hold =
-          type === RES_BUILD_LOG_LINE && typeof line === 'string' ? handlers.onBuildLogLine?.(line) : undefined;
+        let hold: unknown;
+        if (type === RES_BUILD_LOG_LINE && typeof line === 'string') {
+          hold = handlers.onBuildLog ? handlers.onBuildLog(Buffer.from(`${line}\n`)) : handlers.onBuildLogLine?.(line);
+        }
         if (hold instanceof Promise) await hold;
         break;
       }
