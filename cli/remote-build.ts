@@ -1,11 +1,8 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../common/nix/cli.js';
 import { sseEvents } from '../common/sse.js';
 import type { BuildResult } from '../coordinator/scheduler/build-manager.js';
 import { TERMINAL_STATES } from '../coordinator/scheduler/build-state.js';
 import { type ClientOptions, CoordinatorClient, asCommand, drvHash, errorOf } from './coordinator-client.js';
+import { uploadDerivationClosure } from './drv-upload.js';
 
 export interface RemoteBuild extends ClientOptions {
   private?: boolean;
@@ -15,9 +12,9 @@ export interface RemoteBuild extends ClientOptions {
 const POLL_MS = 5_000;
 
 /**
- * `ekaci build FILE -A ATTR --coordinator URL`: what was instantiated here is built there. The `.drv` closure goes to
- * the coordinator's binary cache with `nix copy --derivation` (the API token as the netrc password; only
- * content-addressed paths are accepted, so nothing the client sends can pose as a build output), the roots are
+ * `ekaci build FILE -A ATTR --coordinator URL`: what was instantiated here is built there. What the coordinator's
+ * binary cache lacks of the `.drv` closure goes there (cli/drv-upload.ts; only content-addressed paths are accepted,
+ * so nothing the client sends can pose as a build output), the roots are
  * submitted, and progress is followed live from `/api/v1/events` until every root has settled. Prints what the
  * embedded mode prints: `report` prints the results and gives the exit status.
  */
@@ -43,28 +40,16 @@ export function remoteBuild(
   });
 }
 
-/** `nix copy --derivation --to URL/cache`, authenticated by a netrc file only this process can read. */
+/** The `.drv` closure of the roots to the coordinator's cache, once the token has been seen to be accepted there. */
 async function upload(client: CoordinatorClient, drvs: readonly string[]): Promise<void> {
-  // Asked first, so that a refused token is the coordinator's message, not Nix's "does not appear to be a cache".
+  // Asked first, so that a refused token is the coordinator's message, not a failed upload's.
   const probe = await fetch(`${client.base}/cache/nix-cache-info`, { headers: client.headers });
   if (!probe.ok) throw await errorOf(probe);
-  const token = client.headers.authorization?.slice('Bearer '.length);
-  const dir = await mkdtemp(join(tmpdir(), 'ekaci-upload-'));
-  try {
-    const netrc = join(dir, 'netrc');
-    const host = new URL(client.base).hostname;
-    await writeFile(netrc, token ? `machine ${host} login ekaci password ${token}\n` : '', { mode: 0o600 });
-    const args = [
-      ...NIX_EXPERIMENTAL,
-      ...['copy', '--derivation', '--to', `${client.base}/cache`],
-      ...['--option', 'netrc-file', netrc, ...NO_SUBSTITUTERS],
-      // What the coordinator's cache holds is asked each time, not remembered from an earlier run.
-      ...['--option', 'narinfo-cache-negative-ttl', '0', '--option', 'narinfo-cache-positive-ttl', '0'],
-    ];
-    for (const batch of argBatches([...drvs])) await runNixChecked('nix', [...args, ...batch]);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  const sent = await uploadDerivationClosure(client, drvs);
+  process.stderr.write(
+    `uploaded ${sent.derivations} derivations and ${sent.sources} sources ` +
+      `(${sent.present} paths found in the coordinator's cache with their closures)\n`,
+  );
 }
 
 /** Waits for the request to settle, printing each root as it does (stderr); an interrupt cancels what is left. */

@@ -13,7 +13,8 @@
  *
  * An API token that may submit builds may upload content-addressed paths only — `.drv` files and sources, whose store
  * paths prove their content (see content-addressed.ts) — with no lease: `ekaci build --coordinator` uploads the
- * closure of what it asks to build this way, with `nix copy --derivation --to`.
+ * closure of what it asks to build this way (cli/drv-upload.ts: `.drv` files as `nix copy` would send them, sources
+ * by `nix copy`).
  */
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';

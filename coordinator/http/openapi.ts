@@ -1172,8 +1172,8 @@ export const OPENAPI_DOCUMENT = {
                 type: 'object',
                 description:
                   'Either `drvs` or `roots` (the same, each with the name results show). A .drv that is not in the ' +
-                  "coordinator's store is taken from its binary cache, where `nix copy --derivation --to` with an API " +
-                  'token puts it (`ekaci build --coordinator`).',
+                  "coordinator's store is taken from its binary cache, where an upload with an API token puts it " +
+                  '(`ekaci build --coordinator`, or `nix copy --derivation --to`).',
                 oneOf: [{ required: ['drvs'] }, { required: ['roots'] }],
                 additionalProperties: false,
                 properties: {
