@@ -40,7 +40,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Review } from '../coordinator/review/model.js';
 import Database from 'better-sqlite3';
-import { envInt } from './bench-env.js';
+import { envInt, staleDist } from './bench-env.js';
 import { silentLogger } from '../common/logging.js';
 import { PrivateNixDaemon } from '../coordinator/eval/private-daemon.js';
 
@@ -67,7 +67,7 @@ const badPerGroup = Math.ceil((changed * badPercent) / 100);
 const badAttrs = shape === 'nixpkgs' ? libraries * badPerGroup : 0;
 
 // bin/ekaci.js runs dist/, not the sources: a stale build would be measured without anyone noticing.
-const distStale = staleDist();
+const distStale = staleDist(root, fail);
 if (distStale) process.stderr.write(`warning: dist/ is older than ${distStale}; run npm run build first\n`);
 
 // Untimed warm-up: the first nix, git and node start-ups read their binaries from disk.
@@ -556,29 +556,6 @@ function verifyReview(r: Review): void {
     fail(`the review is not that of the change (${[...counts].map(([c, n]) => `${c}: ${n}`).join(', ')}):
   ${problems.join('\n  ')}`);
   }
-}
-
-/** The newest source file newer than dist/cli/ekaci.js, if any. */
-function staleDist(): string | undefined {
-  const built = join(root, 'dist', 'cli', 'ekaci.js');
-  if (!existsSync(built)) fail('dist/ is missing: run npm run build first');
-  const builtAt = statSync(built).mtimeMs;
-  const sources = run('git', [
-    '-C',
-    root,
-    'ls-files',
-    '--cached',
-    '--others',
-    '--exclude-standard',
-    '--',
-    'cli',
-    'coordinator',
-    'common',
-    'agent',
-  ])
-    .stdout.split('\n')
-    .filter((f) => f.endsWith('.ts') && !f.endsWith('.test.ts') && existsSync(join(root, f)));
-  return sources.find((f) => statSync(join(root, f)).mtimeMs > builtAt);
 }
 
 function run(cmd: string, args: string[]): SpawnSyncReturns<string> {
