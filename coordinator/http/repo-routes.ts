@@ -1,7 +1,7 @@
 import type Router from '@koa/router';
 import type { RouterContext } from '@koa/router';
 import type { PullRequestRow, RunRow, RunSummary } from '../github/run-store.js';
-import { runTimeline } from '../github/run-timeline.js';
+import { TimelineCache } from '../github/run-timeline.js';
 import type { RunEta } from '../scheduler/eta.js';
 import { z } from 'zod';
 import {
@@ -30,6 +30,7 @@ type PullSort = (typeof PULL_SORTS)[number];
  */
 export function addRepoRoutes(router: Router, sources: ApiSources): void {
   const { access, runs, evaluations, store } = sources;
+  const timelines = new TimelineCache(store);
   const repoOf = (ctx: RouterContext): string => `${ctx.params.owner ?? ''}/${ctx.params.repo ?? ''}`;
   // A building run's ETA (coordinator/scheduler/eta.ts), shared with its check runs' progress.
   const etaOf = (r: RunRow): RunEta | null =>
@@ -212,7 +213,7 @@ export function addRepoRoutes(router: Router, sources: ApiSources): void {
     const run = id === undefined ? undefined : runs.run(id);
     if (!run) return notFound(ctx, `no run ${ctx.params.id ?? ''}`);
     if (!(await mayReadRepo(ctx, access, run.repo, sources.repoVisibility(run.repo)))) return;
-    ctx.body = { run: runOf(run), ...runTimeline(store, run, runs.roots(run.id)) };
+    ctx.body = { run: runOf(run), ...(await timelines.timeline(run, () => runs.roots(run.id))) };
   });
 
   // An attribute's output sizes in each evaluated commit, oldest first (the chart of a review page).
