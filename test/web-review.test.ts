@@ -281,6 +281,9 @@ describe('the timeline of a run', () => {
     expect(await bars.count()).toBe(timeline.builds.length);
     expect(await page.locator('svg.timeline-chart rect.bar.critical').count()).toBeGreaterThan(0);
     expect(await page.locator('.critical-path li').count()).toBe(timeline.criticalPath.length);
+    // A bar's tooltip is written when the pointer reaches it.
+    expect(await page.locator('svg.timeline-chart a.bar-link title').count()).toBe(0);
+    await bars.first().hover();
     const title = await page.locator('svg.timeline-chart a.bar-link title').first().textContent();
     expect(title).toMatch(/attempt \d+\): \w+/);
     expect(title).toMatch(/\/nix\/store\/.+\.drv/);

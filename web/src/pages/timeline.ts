@@ -22,6 +22,8 @@ const ROW_HEIGHT = 18;
 const ROW_GAP = 4;
 const AXIS_HEIGHT = 22;
 const TICKS = 6;
+// In the drawing's user units (CHART_WIDTH is 850).
+const MIN_WAIT_WIDTH = 0.5;
 
 export function timelinePage(main: HTMLElement, id: number, signal: AbortSignal): void {
   document.title = `Run ${id} · eka-ci`;
@@ -95,8 +97,14 @@ function runFacts(run: Run & { eta?: RunEta | null }): HTMLElement {
 function timelineView(t: Timeline): Child[] {
   if (t.builds.length === 0) return [h('p', { class: 'muted' }, 'Nothing of this run has been built (yet).')];
   const now = Date.now();
-  const start = Math.min(...t.builds.map((b) => b.assignedAt));
-  const end = Math.max(...t.builds.map((b) => b.finishedAt ?? now), start + 1000);
+  // Not Math.min(...): a spread of over some 120,000 values overflows the stack, and a timeline may hold 250,000.
+  let start = Infinity;
+  let end = -Infinity;
+  for (const b of t.builds) {
+    start = Math.min(start, b.assignedAt);
+    end = Math.max(end, b.finishedAt ?? now);
+  }
+  end = Math.max(end, start + 1000);
   const byDrv = new Map(t.builds.map((b) => [b.drvPath, b]));
   const critical = t.criticalPath.flatMap((d) => byDrv.get(d) ?? []);
   const criticalTime = critical.reduce((n, b) => n + (b.finishedAt ?? now) - (b.startedAt ?? b.assignedAt), 0);
@@ -173,7 +181,7 @@ function chart(builds: readonly TimelineBuild[], start: number, end: number, now
       row++;
     }
   }
-  return svg(
+  const drawn = svg(
     'svg',
     {
       class: 'timeline-chart',
@@ -184,33 +192,42 @@ function chart(builds: readonly TimelineBuild[], start: number, end: number, now
     },
     parts,
   );
+  // A bar's tooltip is written when the pointer first reaches it: a nixpkgs run draws some 30,000 bars, and their
+  // texts made up most of the drawing's cost.
+  const byDrv = new Map(builds.map((b) => [`${b.drvPath}#${b.attempt}`, b]));
+  drawn.addEventListener('pointerover', (e) => {
+    const link = (e.target as Element).closest('a.bar-link');
+    const b = link && byDrv.get(link.getAttribute('data-build') ?? '');
+    if (link && b && !link.querySelector('title')) link.prepend(svg('title', null, barTitle(b)));
+  });
+  return drawn;
 }
 
-function bar(b: TimelineBuild, x: (t: number) => number, y: number, now: number): SVGElement {
+function barTitle(b: TimelineBuild): string {
   const started = b.startedAt ?? undefined;
-  const finished = b.finishedAt ?? now;
-  const from = x(started ?? b.assignedAt);
-  const title = [
+  return [
     `${b.attr ?? storeName(b.drvPath)} (attempt ${b.attempt}): ${b.state}${b.critical ? ', on the critical path' : ''}`,
     b.drvPath,
     `agent ${b.agentId}`,
     `assigned ${clock(b.assignedAt)}`,
     `started ${clock(started)}`,
     `finished ${b.finishedAt === null ? '— (still running)' : clock(b.finishedAt)}`,
-    started !== undefined ? `took ${duration(finished - started)}` : 'not started',
+    started !== undefined ? `took ${duration((b.finishedAt ?? Date.now()) - started)}` : 'not started',
   ].join('\n');
+}
+
+function bar(b: TimelineBuild, x: (t: number) => number, y: number, now: number): SVGElement {
+  const started = b.startedAt ?? undefined;
+  const finished = b.finishedAt ?? now;
+  const from = x(started ?? b.assignedAt);
+  const wait = from - x(b.assignedAt);
   return svg(
     'a',
-    { href: buildHref(b.drvPath), class: 'bar-link' },
-    svg('title', null, title),
+    { href: buildHref(b.drvPath), class: 'bar-link', 'data-build': `${b.drvPath}#${b.attempt}` },
+    // A wait too short to see is not drawn.
     started !== undefined &&
-      svg('rect', {
-        class: 'wait',
-        x: x(b.assignedAt),
-        y: y + ROW_HEIGHT / 3,
-        width: Math.max(0, from - x(b.assignedAt)),
-        height: ROW_HEIGHT / 3,
-      }),
+      wait >= MIN_WAIT_WIDTH &&
+      svg('rect', { class: 'wait', x: x(b.assignedAt), y: y + ROW_HEIGHT / 3, width: wait, height: ROW_HEIGHT / 3 }),
     svg('rect', {
       class: `bar state-${b.state}${b.critical ? ' critical' : ''}`,
       'data-drv': b.drvPath,
