@@ -2,12 +2,11 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { silentLogger } from '../common/logging.js';
 import { runNixChecked } from '../common/nix/cli.js';
 import { parseNarInfo } from '../common/nix/narinfo.js';
 import { storePathHash } from '../common/nix/store-path.js';
-import { compileCoordinatorConfig } from '../coordinator/config.js';
-import { Coordinator } from '../coordinator/coordinator.js';
+import type { Coordinator } from '../coordinator/coordinator.js';
+import { startCoordinator } from '../test/support/coordinator-harness.js';
 import { nonce, tempDir, writeNixFile } from '../test/support/nix-project.js';
 import { CoordinatorClient } from './coordinator-client.js';
 import { uploadDerivationClosure } from './drv-upload.js';
@@ -18,19 +17,10 @@ describe("uploading a .drv closure to a coordinator's cache", () => {
   const token = `ekaci_drv-upload-${randomBytes(16).toString('hex')}`;
 
   beforeAll(async () => {
-    coordinator = new Coordinator(
-      compileCoordinatorConfig(
-        {
-          data_dir: join(tempDir('ekaci-drv-upload-'), 'data'),
-          web: { port: 0, public: false },
-          grpc: { port: 0 },
-          api_tokens: [{ name: 'client', token }],
-        },
-        'test',
-      ),
-      silentLogger(),
-    );
-    await coordinator.start();
+    coordinator = await startCoordinator(join(tempDir('ekaci-drv-upload-'), 'data'), {
+      web: { port: 0, public: false },
+      api_tokens: [{ name: 'client', token }],
+    });
     client = new CoordinatorClient({ coordinator: `http://127.0.0.1:${coordinator.httpPort}`, token });
   });
   afterAll(() => coordinator.stopNow());

@@ -1,12 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { Agent } from '../agent/agent.js';
-import { silentLogger } from '../common/logging.js';
-import { compileCoordinatorConfig } from '../coordinator/config.js';
-import { Coordinator } from '../coordinator/coordinator.js';
 import { ekaci, startCli } from './support/cli.js';
 import { PULL_REQUEST_CLOSURE, writeClosure } from './support/closure-fixture.js';
+import { startWithAgent } from './support/coordinator-harness.js';
 import { nonce, tempDir } from './support/nix-project.js';
 
 /**
@@ -35,29 +32,7 @@ describe('ekaci build --coordinator of that closure, for two pull requests in a 
   it('uploads the whole .drv closure for the first, and for the second only the derivation it changed', async () => {
     const dir = tempDir('ekaci-closure-remote-');
     const token = `ekaci_closure-${randomBytes(16).toString('hex')}`;
-    const coordinator = new Coordinator(
-      compileCoordinatorConfig(
-        {
-          data_dir: join(dir, 'data'),
-          web: { port: 0, public: false },
-          grpc: { port: 0 },
-          api_tokens: [{ name: 'client', token }],
-        },
-        'test',
-      ),
-      silentLogger(),
-    );
-    await coordinator.start();
-    const agent = new Agent({
-      coordinator: coordinator.grpcTarget,
-      token: coordinator.localAgentToken('builder'),
-      agentId: 'builder',
-      maxJobs: 2,
-      store: 'local',
-      spoolDir: join(dir, 'spool'),
-      logger: silentLogger(),
-    });
-    await agent.start();
+    const { coordinator, agent } = await startWithAgent(token, 'builder');
     const url = `http://127.0.0.1:${coordinator.httpPort}`;
     const build = async (tag: string) => {
       const file = await writeClosure(dir, PULL_REQUEST_CLOSURE, tag, `${tag}.nix`);

@@ -4,13 +4,14 @@ import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { openDatabase } from '../db/database.js';
 import { BuildStore } from '../scheduler/build-store.js';
-import type { RunRow } from './run-store.js';
+import type { RunRoot, RunRow } from './run-store.js';
 import { TimelineCache, runTimeline } from './run-timeline.js';
 
 // More leaves than the walk asks about in one query: the closure is found across several.
 const LEAVES = 4_500;
 const RUN = { id: 1, created_at: 1_000 } as RunRow;
 const drv = (name: string): string => `/nix/store/${'a'.repeat(32)}-${name}.drv`;
+const ROOTS: RunRoot[] = [{ side: 'head', drvPath: drv('root'), attr: 'top', system: 'x86_64-linux' }];
 
 describe('a run timeline', () => {
   let store: BuildStore;
@@ -53,7 +54,7 @@ describe('a run timeline', () => {
   });
 
   it('walks the whole closure, keeps the attempts made for the run, and finds the chain that took longest', async () => {
-    const timeline = await runTimeline(store, RUN, [{ drvPath: drv('root'), attr: 'top' }]);
+    const timeline = await runTimeline(store, RUN, ROOTS);
     expect(timeline.closure).toBe(LEAVES + 4);
     expect(timeline.truncated).toBe(false);
     expect(timeline.builds).toHaveLength(LEAVES + 5);
@@ -72,7 +73,7 @@ describe('a run timeline', () => {
   it('is reused for ten times what it took to compute, and shared by requests that come while it is computed', async () => {
     let now = 0;
     const cache = new TimelineCache(store, () => now);
-    const roots = () => [{ drvPath: drv('root'), attr: 'top' }];
+    const roots = () => ROOTS;
     const first = cache.timeline(RUN, roots);
     expect(cache.timeline(RUN, roots)).toBe(first);
     now = 50; // it took 50 ms
