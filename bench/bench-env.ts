@@ -42,3 +42,22 @@ export function staleDist(root: string, fail: (message: string) => never): strin
     .filter((f) => f.endsWith('.ts') && !f.endsWith('.test.ts') && existsSync(join(root, f)))
     .find((f) => statSync(join(root, f)).mtimeMs > builtAt);
 }
+
+let realtimeAnchor = Date.now() - performance.now();
+
+/**
+ * Milliseconds since 1970 on the realtime clock — the builder's `date +%s%N`, and every other process's — with the
+ * resolution of `performance.now()`. `performance.timeOrigin + performance.now()` is the realtime clock only at the
+ * process's start: it then runs on the monotonic clock, which this machine's realtime clock moves against (5 ms a
+ * second, measured), so that a line's latency drifted by seconds over a long run, and two processes started a
+ * minute apart disagreed by a quarter of a second. This follows `Date.now()`, and steps below its millisecond with
+ * `performance.now()`.
+ */
+export function realtime(): number {
+  const monotonic = performance.now();
+  const real = Date.now();
+  const t = realtimeAnchor + monotonic;
+  if (t >= real && t < real + 1) return t;
+  realtimeAnchor = real - monotonic;
+  return real;
+}

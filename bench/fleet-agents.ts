@@ -14,8 +14,7 @@
  * agent/nix/cache-upload.ts does (`X-Ekaci-Lease`, the token as Basic password, uncompressed NAR), and reports
  * Finished with those outputs. Nothing of Nix runs.
  *
- * Measured here, on this process's clock (`performance.timeOrigin + performance.now()`, comparable across processes
- * on one host): when each Assign arrived, when each Finished went out and when its Ack came back, and for every
+ * Measured here, on the realtime clock (`realtime()` of bench-env.ts, comparable across processes on one host): when each Assign arrived, when each Finished went out and when its Ack came back, and for every
  * slot that became free (a Credit sent) when the next Assign for this agent arrived.
  */
 import { createHash } from 'node:crypto';
@@ -28,6 +27,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { nixBase32, serializeNarInfo } from '../common/nix/narinfo.js';
 // The one thing a third-party agent cannot learn from agent.proto: the version it describes.
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import { realtime } from './bench-env.js';
 
 export interface FleetStart {
   type: 'start';
@@ -159,7 +159,7 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
 // Heartbeats come every interval ± 20 %, so a hundred agents started together do not beat together.
 const HEARTBEAT_JITTER = 0.2;
 
-const now = (): number => performance.timeOrigin + performance.now();
+const now = realtime;
 
 // --- What the fleet records. ---
 

@@ -30,6 +30,7 @@ import {
   summariseProfile,
 } from './fleet-stats.js';
 import { NODE_NAME, nixpkgsDag, writeNixpkgsDag } from './nixpkgs-dag.js';
+import { realtime } from './bench-env.js';
 
 export interface RunOptions {
   size: number;
@@ -89,7 +90,7 @@ const LEAK_SWEEP_MS = 5_000;
 const POLL_MS = 50;
 // V8's default sampling interval; finer costs the coordinator noticeably at this load.
 const PROFILE_INTERVAL_US = 1_000;
-const now = (): number => performance.timeOrigin + performance.now();
+const now = realtime;
 const progress = (message: string): boolean => process.stderr.write(`bench/fleet [${size}]: ${message}\n`);
 const round = (v: number, digits = 1): number => Math.round(v * 10 ** digits) / 10 ** digits;
 const mib = (bytes: number): number => Math.round(bytes / 2 ** 20);

@@ -9,15 +9,15 @@
  *   latency: what the same bytes cost with nothing between the builder and the reader).
  *
  * Every reader runs bench/logs-reader.ts on the text it gets. Times are the realtime clock in milliseconds
- * (`performance.timeOrigin + performance.now()`), comparable with the builder's `date +%s%N`: `ready` reports how
- * far the two clocks were seen apart.
+ * (`realtime()` of bench-env.ts), comparable with the builder's `date +%s%N`: `ready` reports how far the two clocks
+ * were seen apart.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { request } from 'node:http';
-import { performance } from 'node:perf_hooks';
 import { sseEvents } from '../common/sse.js';
 import { nsToMs } from './logs-builder.js';
 import { LogReader, type ReadResult } from './logs-reader.js';
+import { realtime } from './bench-env.js';
 
 export type FollowerCommand =
   | { type: 'follow'; url: string; token: string; count: number; client: 'lean' | 'ekaci' }
@@ -49,7 +49,7 @@ export type FollowerReport =
   | { type: 'piped'; result: SpawnedResult; cpuMs: number }
   | { type: 'failed'; error: string };
 
-const now = (): number => performance.timeOrigin + performance.now();
+const now = realtime;
 // With a callback, a message the bench can no longer take (it has gone) is dropped instead of ending this process.
 const send = (m: FollowerReport): void => void process.send?.(m, undefined, {}, () => undefined);
 const cpuMs = (since: NodeJS.CpuUsage): number => {

@@ -49,7 +49,7 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
-import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../common/logging.js';
@@ -78,6 +78,7 @@ import {
   figures,
   table,
 } from './logs-report.js';
+import { realtime } from './bench-env.js';
 
 // The coordinator's cap on a log (build_max_log_bytes, also Nix's max-build-log-size) is raised to this many times
 // the log, so that the bench measures streaming and never the limit.
@@ -137,7 +138,7 @@ const root = fileURLToPath(new URL('..', import.meta.url));
 const benchDir = join(root, '.bench');
 mkdirSync(benchDir, { recursive: true });
 const progress = (message: string): boolean => process.stderr.write(`bench/logs: ${message}\n`);
-const now = (): number => performance.timeOrigin + performance.now();
+const now = realtime;
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 const deadline = Date.now() + options.timeoutS * 1000;
 const shape = logShape(options.mb * MB, options.markKiB * 1024, options.trickle);
