@@ -167,14 +167,12 @@ async function nixCopy(client: CoordinatorClient, paths: readonly string[]): Pro
 /** `f` of every item, CONCURRENCY at a time; the answers in the items' order. */
 async function inParallel<T, R>(items: readonly T[], f: (item: T) => Promise<R>): Promise<R[]> {
   const results = new Array<R>(items.length);
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const i = next++;
+  await drain(
+    items.map((_, i) => i),
+    async (i) => {
       results[i] = await f(items[i]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(CONCURRENCY, items.length) }, worker));
+    },
+  );
   return results;
 }
 
@@ -182,7 +180,7 @@ async function inParallel<T, R>(items: readonly T[], f: (item: T) => Promise<R>)
  * Runs `f` on every item of `queue`, CONCURRENCY at a time, including the items `f` itself adds to the queue while
  * it runs; the first failure rejects once the calls in flight are over.
  */
-async function drain(queue: string[], f: (item: string) => Promise<void>): Promise<void> {
+async function drain<T>(queue: T[], f: (item: T) => Promise<void>): Promise<void> {
   let running = 0;
   let head = 0;
   let failure: Error | undefined;
