@@ -5,7 +5,7 @@ import { hostname } from 'node:os';
 import { credentials as grpcCredentials, type ChannelCredentials } from '@grpc/grpc-js';
 import { Backoff } from '../common/backoff.js';
 import { ConfigError, EkaciError, IllegalStateError } from '../common/errors.js';
-import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import { ONE_REQUEST_UPLOADS_SINCE, PROTOCOL_VERSION } from '../common/protocol-version.js';
 import { SandboxCgroups } from '../common/sandbox/cgroup.js';
 import { sandboxAvailable } from '../common/sandbox/sandbox.js';
 import type { CoordinatorMessage, Hello, Outcome, Welcome } from '../common/proto/ekaci/agent/v1/agent.js';
@@ -391,6 +391,7 @@ export class Agent extends EventEmitter<AgentEvents> {
         cache: () => ({
           cacheUrl: this.lastWelcome?.cacheUrl ?? '',
           cachePublicKey: this.lastWelcome?.cachePublicKey ?? '',
+          oneRequestUploads: (this.lastWelcome?.protocolVersion?.minor ?? 0) >= ONE_REQUEST_UPLOADS_SINCE.minor,
           systemFeatures: this.capabilities
             ? [...this.capabilities.features, ...this.capabilities.mandatoryFeatures]
             : [],

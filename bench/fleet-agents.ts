@@ -10,9 +10,9 @@
  *
  * A build is no build: the agent reads the `.drv` (a real agent would have copied it from the cache), makes each
  * output a single small file — for a fixed-output source, the string its builder would write, so the declared hash
- * holds — serialises it as a NAR, uploads NAR and narinfo to the coordinator's cache over HTTP exactly as
- * agent/nix/cache-upload.ts does (`X-Ekaci-Lease`, the token as Basic password, uncompressed NAR), and reports
- * Finished with those outputs. Nothing of Nix runs.
+ * holds — serialises it as a NAR, uploads narinfo and NAR in one request to the coordinator's cache over HTTP
+ * exactly as agent/nix/cache-upload.ts does (`X-Ekaci-Lease`, `X-Ekaci-Narinfo-Bytes`, the token as Basic password,
+ * uncompressed NAR), and reports Finished with those outputs. Nothing of Nix runs.
  *
  * Measured here, on the realtime clock (`realtime()` of bench-env.ts, comparable across processes on one host): when each Assign arrived, when each Finished went out and when its Ack came back, and for every
  * slot that became free (a Credit sent) when the next Assign for this agent arrived.
@@ -372,17 +372,19 @@ class ProtocolAgent {
         deriver: a.drvPath,
         sigs: [],
       });
-      const headers = {
-        authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}`,
-        'x-ekaci-lease': a.leaseId,
-      };
-      await put(this.http, `${this.cacheUrl}/${url}`, { ...headers, 'content-type': 'application/x-nix-nar' }, nar);
+      // Narinfo and NAR in one request, as a coordinator of protocol 1.6 takes them (agent.proto, "Uploads").
+      const info = Buffer.from(narinfo);
       const hashPart = out.path.slice('/nix/store/'.length, '/nix/store/'.length + 32);
       await put(
         this.http,
         `${this.cacheUrl}/${hashPart}.narinfo`,
-        { ...headers, 'content-type': 'text/x-nix-narinfo' },
-        Buffer.from(narinfo),
+        {
+          authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}`,
+          'x-ekaci-lease': a.leaseId,
+          'x-ekaci-narinfo-bytes': String(info.length),
+          'content-type': 'application/x-ekaci-narinfo-nar',
+        },
+        Buffer.concat([info, nar]),
       );
       built.push({ name, path: out.path, narSize: nar.length, closureSize: nar.length });
     }

@@ -26,6 +26,8 @@ export interface BuildContext {
   /** The coordinator's cache: substituter for inputs and `.drv`s, destination for outputs; '' for none. */
   cacheUrl: string;
   cachePublicKey: string;
+  /** The coordinator takes a path's narinfo and NAR in one request (protocol 1.6). */
+  oneRequestUploads?: boolean;
   netrcPath: string;
   /** Connections to the agent's store (one per running build). */
   pool: StorePool;
@@ -190,7 +192,10 @@ export class Build implements Job {
     }
     try {
       if (c.cacheUrl !== '')
-        await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId, () => this.cancelReason !== null);
+        await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId, {
+          stopped: () => this.cancelReason !== null,
+          oneRequest: c.oneRequestUploads ?? false,
+        });
       const outputs: BuiltOutput[] = [];
       for (const [name, path] of Object.entries(paths)) {
         outputs.push({ name, path, ...(await c.uploader.sizes(conn, path)) });

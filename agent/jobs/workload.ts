@@ -72,7 +72,7 @@ export interface WorkloadHost {
   /** A build slot became free: advertise credit again. */
   slotsFreed(): void;
   /** Cache settings from the latest Welcome. */
-  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey'>;
+  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey' | 'oneRequestUploads'>;
 }
 
 export interface WorkloadOptions {

@@ -1,7 +1,7 @@
 import { access, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
@@ -14,6 +14,16 @@ import { storePathHash } from '../../common/nix/store-path.js';
 
 /** The header naming the lease an upload belongs to (the coordinator's cache checks it). */
 const LEASE_HEADER = 'x-ekaci-lease';
+/** On a narinfo upload: the body is this many bytes of narinfo, then the NAR (protocol 1.6). */
+const NARINFO_BYTES_HEADER = 'x-ekaci-narinfo-bytes';
+const ONE_REQUEST_TYPE = 'application/x-ekaci-narinfo-nar';
+
+/**
+ * NARs up to this size are held in memory while they are uploaded, larger ones in a spool file. Nearly every output
+ * is far smaller; a spool file cost a build a directory made and removed (≈10 ms here, bench/dispatch), and memory
+ * stays bounded by the build slots times this.
+ */
+const IN_MEMORY_NAR_BYTES = 4 * 1024 * 1024;
 
 // How often that wait looks whether the build was cancelled meanwhile.
 const STOP_CHECK_MS = 100;
@@ -29,6 +39,21 @@ const PATH_INFO_MEMORY = 200_000;
  * arrival. An agent may publish only the outputs of the leases it holds: every other path an output refers to
  * came from the cache (the build's inputs), and one that is missing there fails the upload with its name.
  */
+export interface UploadOptions {
+  /** Whether the build was cancelled: an upload waiting for the coordinator gives up then. */
+  stopped?: () => boolean;
+  /** Send each path's narinfo and NAR in one request (a coordinator of protocol 1.6 or later). */
+  oneRequest?: boolean;
+}
+
+interface UploadJob {
+  target: string;
+  outputs: ReadonlySet<string>;
+  leaseId: string;
+  stopped: () => boolean;
+  oneRequest: boolean;
+}
+
 export class CacheUploader {
   private readonly infos = new LRUCache<string, PathInfo>({ max: PATH_INFO_MEMORY });
   private readonly uploaded = new LRUCache<string, true>({ max: PATH_INFO_MEMORY });
@@ -79,22 +104,27 @@ export class CacheUploader {
     cacheUrl: string,
     paths: readonly string[],
     leaseId: string,
-    stopped: () => boolean = () => false,
+    options: UploadOptions = {},
   ): Promise<void> {
     const target = cacheUrl.replace(/\/+$/, '');
     const outputs = new Set(paths);
-    for (const path of paths) await this.uploadOutput(conn, target, path, new Set(), outputs, leaseId, stopped);
+    const job: UploadJob = {
+      target,
+      outputs,
+      leaseId,
+      stopped: options.stopped ?? (() => false),
+      oneRequest: options.oneRequest ?? false,
+    };
+    for (const path of paths) await this.uploadOutput(conn, job, path, new Set());
   }
 
   private async uploadOutput(
     conn: NixDaemonConnection,
-    target: string,
+    job: UploadJob,
     path: string,
     visiting: Set<string>,
-    outputs: ReadonlySet<string>,
-    leaseId: string,
-    stopped: () => boolean,
   ): Promise<void> {
+    const { target, outputs, stopped } = job;
     const key = `${target} ${path}`;
     if (this.uploaded.has(key) || visiting.has(path)) return;
     visiting.add(path);
@@ -102,7 +132,7 @@ export class CacheUploader {
     for (const r of info.references) {
       if (r === path || this.uploaded.has(`${target} ${r}`)) continue;
       // Outputs of this lease go first (one output may refer to another); anything else must be there already.
-      if (outputs.has(r)) await this.uploadOutput(conn, target, r, visiting, outputs, leaseId, stopped);
+      if (outputs.has(r)) await this.uploadOutput(conn, job, r, visiting);
       else if (await this.whenReachable(target, stopped, () => this.cacheHas(target, r)))
         this.uploaded.set(`${target} ${r}`, true);
       else
@@ -110,7 +140,7 @@ export class CacheUploader {
           `${path} refers to ${r}, which is not in ${target} (an input should have come from there)`,
         );
     }
-    await this.put(conn, target, path, info, leaseId, stopped);
+    await this.put(conn, job, path, info);
     this.uploaded.set(key, true);
   }
 
@@ -150,29 +180,26 @@ export class CacheUploader {
     return r.ok;
   }
 
-  private async put(
-    conn: NixDaemonConnection,
-    target: string,
-    path: string,
-    info: PathInfo,
-    leaseId: string,
-    stopped: () => boolean,
-  ): Promise<void> {
+  private async put(conn: NixDaemonConnection, job: UploadJob, path: string, info: PathInfo): Promise<void> {
+    const { target, leaseId, stopped } = job;
     const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
     const narFile = `nar/${narHash.slice('sha256:'.length)}.nar`;
-    const narinfo = serializeNarInfo({
-      storePath: path,
-      url: narFile,
-      compression: 'none',
-      fileHash: narHash,
-      fileSize: info.narSize,
-      narHash,
-      narSize: info.narSize,
-      references: info.references,
-      deriver: info.deriver === '' ? undefined : info.deriver,
-      sigs: [],
-      ca: info.ca === '' ? undefined : info.ca,
-    });
+    const narinfo = Buffer.from(
+      serializeNarInfo({
+        storePath: path,
+        url: narFile,
+        compression: 'none',
+        fileHash: narHash,
+        fileSize: info.narSize,
+        narHash,
+        narSize: info.narSize,
+        references: info.references,
+        deriver: info.deriver === '' ? undefined : info.deriver,
+        sigs: [],
+        ca: info.ca === '' ? undefined : info.ca,
+      }),
+    );
+    const narinfoUrl = `${target}/${storePathHash(path)}.narinfo`;
     if (target.startsWith('file://')) {
       const dir = fileURLToPath(target);
       // Not `recursive`: Node 20's recursive mkdir loops forever under /proc. One level of parent is enough.
@@ -183,32 +210,40 @@ export class CacheUploader {
       await rename(tmp, join(dir, `${storePathHash(path)}.narinfo`));
       return;
     }
-    // The NAR is spooled to disk first and uploaded from there: a request that fails (the coordinator restarting,
-    // killed mid-upload) is sent again whole, which a NAR streamed out of the daemon connection could not be.
-    const dir = await mkdtemp(join(this.spoolDir, 'upload-'));
-    const file = join(dir, 'nar');
-    let nar: Response;
+    // The NAR is held whole before it is sent — in memory when small, else spooled to disk — so that a request that
+    // fails (the coordinator restarting, killed mid-upload) can be sent again, which a NAR streamed out of the
+    // daemon connection could not be.
+    const nar = await this.holdNar(conn, path, info.narSize);
     try {
-      await pipeline(Readable.from(conn.narFromPath(path)), createWriteStream(file));
-      nar = await this.whenReachable(target, stopped, () =>
-        fetch(`${target}/${narFile}`, {
-          method: 'PUT',
-          headers: {
-            ...this.auth(leaseId),
-            'content-type': 'application/x-nix-nar',
-            'content-length': String(info.narSize),
-          },
-          body: Readable.toWeb(createReadStream(file)) as ReadableStream,
-          duplex: 'half',
-        } as RequestInit),
-      );
+      const send = (url: string, headers: Record<string, string>, parts: readonly NarPart[]): Promise<Response> =>
+        this.whenReachable(target, stopped, () =>
+          fetch(url, {
+            method: 'PUT',
+            headers: {
+              ...this.auth(leaseId),
+              ...headers,
+              'content-length': String(parts.reduce((n, p) => n + p.bytes, 0)),
+            },
+            body: bodyOf(parts),
+            duplex: 'half',
+          } as RequestInit),
+        );
+      if (job.oneRequest) {
+        const r = await send(
+          narinfoUrl,
+          { 'content-type': ONE_REQUEST_TYPE, [NARINFO_BYTES_HEADER]: String(narinfo.length) },
+          [{ bytes: narinfo.length, data: narinfo }, nar],
+        );
+        if (!r.ok) throw new CacheError(`uploading ${path} to ${target}: HTTP ${r.status} ${await r.text()}`);
+        return;
+      }
+      const r = await send(`${target}/${narFile}`, { 'content-type': 'application/x-nix-nar' }, [nar]);
+      if (!r.ok) throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${r.status} ${await r.text()}`);
     } finally {
-      await rm(dir, { recursive: true, force: true });
+      if (nar.file !== undefined) await rm(dirname(nar.file), { recursive: true, force: true });
     }
-    if (!nar.ok)
-      throw new CacheError(`uploading the NAR of ${path} to ${target}: HTTP ${nar.status} ${await nar.text()}`);
     const meta = await this.whenReachable(target, stopped, () =>
-      fetch(`${target}/${storePathHash(path)}.narinfo`, {
+      fetch(narinfoUrl, {
         method: 'PUT',
         headers: { ...this.auth(leaseId), 'content-type': 'text/x-nix-narinfo' },
         body: narinfo,
@@ -219,6 +254,25 @@ export class CacheUploader {
     }
   }
 
+  /** A path's NAR out of the daemon: in memory up to IN_MEMORY_NAR_BYTES, else in a spool file. */
+  private async holdNar(conn: NixDaemonConnection, path: string, narSize: number): Promise<NarPart> {
+    if (narSize <= IN_MEMORY_NAR_BYTES) {
+      const chunks: Uint8Array[] = [];
+      for await (const chunk of conn.narFromPath(path)) chunks.push(chunk);
+      const data = Buffer.concat(chunks);
+      return { bytes: data.length, data };
+    }
+    const dir = await mkdtemp(join(this.spoolDir, 'upload-'));
+    const file = join(dir, 'nar');
+    try {
+      await pipeline(Readable.from(conn.narFromPath(path)), createWriteStream(file));
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+    return { bytes: narSize, file };
+  }
+
   private auth(leaseId?: string): Record<string, string> {
     const headers: Record<string, string> = {
       authorization: `Basic ${Buffer.from(`ekaci:${this.token}`).toString('base64')}`,
@@ -226,6 +280,25 @@ export class CacheUploader {
     if (leaseId !== undefined) headers[LEASE_HEADER] = leaseId;
     return headers;
   }
+}
+
+/** Part of a request body: bytes in memory, or a spooled file of `bytes` bytes. */
+type NarPart = { bytes: number; data: Buffer; file?: undefined } | { bytes: number; file: string; data?: undefined };
+
+/** A request body made of parts, read afresh each time it is sent (a retry sends it again whole). */
+function bodyOf(parts: readonly NarPart[]): Buffer | ReadableStream {
+  const inMemory = parts.flatMap((p) => (p.data === undefined ? [] : [p.data]));
+  if (inMemory.length === parts.length) return Buffer.concat(inMemory);
+  return Readable.toWeb(
+    Readable.from(
+      (async function* () {
+        for (const p of parts) {
+          if (p.data !== undefined) yield p.data;
+          else yield* createReadStream(p.file) as AsyncIterable<Buffer>;
+        }
+      })(),
+    ),
+  ) as ReadableStream;
 }
 
 function ignoreExisting(err: NodeJS.ErrnoException): void {

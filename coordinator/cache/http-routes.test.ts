@@ -14,7 +14,13 @@ import { openDatabase } from '../db/database.js';
 import { BinaryCache } from './binary-cache.js';
 import { checkFixedOutput } from './fixed-output.js';
 import { checkContentAddressed } from './content-addressed.js';
-import { type CacheRouterOptions, type UploadLease, LEASE_HEADER, cacheRouter } from './http-routes.js';
+import {
+  type CacheRouterOptions,
+  type UploadLease,
+  LEASE_HEADER,
+  NARINFO_BYTES_HEADER,
+  cacheRouter,
+} from './http-routes.js';
 import { fingerprint, nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
 import { TempDirs, buildTrivial, inFreshStore, nixEnv, serveUnderCache, type TestServer } from './test-support.js';
@@ -87,15 +93,21 @@ interface Upload {
   narinfo: RawResponse;
 }
 
+/** How an agent sends a path: NAR then narinfo, or both in one request (protocol 1.6). */
+type UploadForm = 'two requests' | 'one request';
+const FORMS: UploadForm[] = ['two requests', 'one request'];
+
 /**
  * What an eka-ci agent sends for one path (agent/nix/cache-upload.ts): its NAR, then its narinfo, both naming the
- * lease. `tamper` changes the narinfo before it is sent.
+ * lease, or the two in one request. `tamper` changes the narinfo before it is sent. In one request, `nar` and
+ * `narinfo` are the same answer.
  */
 async function upload(
   path: string,
   leaseId: string | undefined,
   token = TOKEN,
   tamper: (info: Parameters<typeof serializeNarInfo>[0]) => void = () => {},
+  form: UploadForm = 'two requests',
 ): Promise<Upload> {
   const nar = execFileSync('nix-store', ['--dump', path], { env, maxBuffer: 64 * 1024 ** 2 });
   const hash = `sha256:${nixBase32(createHash('sha256').update(nar).digest())}`;
@@ -115,8 +127,14 @@ async function upload(
   tamper(info);
   const headers: Record<string, string> = { Authorization: `Bearer ${token}` };
   if (leaseId !== undefined) headers[LEASE_HEADER] = leaseId;
+  const text = Buffer.from(serializeNarInfo(info));
+  if (form === 'one request') {
+    headers[NARINFO_BYTES_HEADER] = String(text.length);
+    const r = await raw('PUT', `/cache/${narInfoName(path)}`, headers, Buffer.concat([text, nar]));
+    return { nar: r, narinfo: r };
+  }
   const narResponse = await raw('PUT', `/cache/${url}`, headers, nar);
-  const narinfo = await raw('PUT', `/cache/${narInfoName(path)}`, headers, Buffer.from(serializeNarInfo(info)));
+  const narinfo = await raw('PUT', `/cache/${narInfoName(path)}`, headers, text);
   return { nar: narResponse, narinfo };
 }
 
@@ -149,161 +167,247 @@ function raw(
 }
 
 describe('binary cache over HTTP', () => {
-  it('stores the outputs of a lease its agent holds, under the coordinator signature only', async () => {
-    const built = await buildTrivial(work, env, 1);
-    await cache.pushFromLocalStore(built.deps);
-    const id = await lease(built.drv);
+  describe.each(FORMS)('uploads in %s', (form) => {
+    it('stores the outputs of a lease its agent holds, under the coordinator signature only', async () => {
+      const built = await buildTrivial(work, env, 1);
+      await cache.pushFromLocalStore(built.deps);
+      const id = await lease(built.drv);
 
-    const r = await upload(built.out, id);
+      const r = await upload(built.out, id, TOKEN, undefined, form);
 
-    expect(r.nar.status).toBe(204);
-    expect(r.narinfo.status).toBe(204);
-    const info = await cache.narInfo(built.out);
-    expect(info?.sigs).toEqual([signFingerprint(coordinatorKey.secretKey, fingerprint(info!))]);
-  });
-
-  it('lets a separate store substitute uploaded paths over HTTP, trusting only the coordinator key', async () => {
-    const built = await buildTrivial(work, env, 2);
-    await cache.pushFromLocalStore(built.deps);
-    expect((await upload(built.out, await lease(built.drv))).narinfo.status).toBe(204);
-
-    const r = await inFreshStore(await temp.make(), env, [
-      'nix-store',
-      '-r',
-      built.out,
-      ...['--option', 'substituters', server.url, '--option', 'trusted-public-keys', cache.publicKey],
-    ]);
-
-    expect(r.stderr).not.toMatch(/error|not signed/);
-    expect(r.stdout.trim()).toBe(built.out);
-    const untrusting = await inFreshStore(await temp.make(), env, [
-      'nix-store',
-      '-r',
-      built.out,
-      ...['--option', 'substituters', server.url, '--option', 'trusted-public-keys', generateSigningKey('x').publicKey],
-    ]);
-    expect(untrusting.code).not.toBe(0);
-  });
-
-  it('answers 401 to uploads without a token or with a wrong one, and writes nothing', async () => {
-    const built = await buildTrivial(work, env);
-    const narsBefore = await readdir(join(cache.dir, 'nar'));
-    const id = await lease(built.drv);
-
-    const anonymous = await raw('PUT', `/cache/log/${built.drv.slice('/nix/store/'.length)}`, {}, Buffer.from('x'));
-    const wrong = await upload(built.out, id, 'not-the-token-at-all');
-
-    expect(anonymous.status).toBe(401);
-    expect(anonymous.headers['www-authenticate']).toMatch(/^Basic /);
-    expect([wrong.nar.status, wrong.narinfo.status]).toEqual([401, 401]);
-    expect(await cache.hasPaths([built.out])).toEqual(new Set());
-    expect(await readdir(join(cache.dir, 'nar'))).toEqual(narsBefore);
-  });
-
-  it('refuses with 403 an upload for a lease the token does not hold, for no lease, or for a path the lease does not build', async () => {
-    const built = await buildTrivial(work, env);
-    const other = await buildTrivial(work, env);
-    const theirs = await lease(built.drv, 'agent-b');
-    const mine = await lease(other.drv);
-    leases.set('closed', { agentId: 'agent-a', drvPath: built.drv, outputPaths: [built.out], fixedOutput: false });
-    leases.delete('closed');
-
-    const impostor = await upload(built.out, theirs);
-    const noLease = await upload(built.out, undefined);
-    const closedLease = await upload(built.out, 'closed');
-    const wrongPath = await upload(built.out, mine);
-    const wrongLog = await raw(
-      'PUT',
-      `/cache/log/${built.drv.slice('/nix/store/'.length)}`,
-      { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: mine },
-      Buffer.from('forged log'),
-    );
-
-    for (const r of [impostor, noLease, closedLease]) expect([r.nar.status, r.narinfo.status]).toEqual([403, 403]);
-    expect(wrongPath.narinfo.status).toBe(403);
-    expect(wrongPath.narinfo.body).toContain(`has no output ${built.out}`);
-    expect(wrongLog.status).toBe(403);
-    expect(await cache.hasPaths([built.out])).toEqual(new Set());
-    expect((await raw('GET', `/cache/log/${built.drv.slice('/nix/store/'.length)}`)).status).toBe(404);
-  });
-
-  it('refuses a narinfo whose NarHash or NarSize does not match the uploaded NAR, compressed or not', async () => {
-    const built = await buildTrivial(work, env);
-    const id = await lease(built.drv);
-    const forged = await upload(built.out, id, TOKEN, (info) => {
-      info.narSize += 1;
-      info.fileSize = info.narSize - 1;
+      expect(r.nar.status).toBe(204);
+      expect(r.narinfo.status).toBe(204);
+      const info = await cache.narInfo(built.out);
+      expect(info?.sigs).toEqual([signFingerprint(coordinatorKey.secretKey, fingerprint(info!))]);
     });
-    expect(forged.narinfo.status).toBe(400);
-    expect(forged.narinfo.body).toMatch(/do not match/);
 
-    // An xz NAR: the coordinator decompresses it to check what the narinfo claims.
-    const nar = execFileSync('nix-store', ['--dump', built.out], { env });
-    const xz = execFileSync('xz', ['-c'], { input: nar });
-    const fileHash = `sha256:${nixBase32(createHash('sha256').update(xz).digest())}`;
-    const narHash = `sha256:${nixBase32(createHash('sha256').update(nar).digest())}`;
-    const url = `nar/${fileHash.slice('sha256:'.length)}.nar.xz`;
-    const headers = { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: id };
-    expect((await raw('PUT', `/cache/${url}`, headers, xz)).status).toBe(204);
-    const info = {
-      storePath: built.out,
-      url,
-      compression: 'xz',
-      fileHash,
-      fileSize: xz.length,
-      narHash,
-      narSize: nar.length,
-      references: [],
-      sigs: [],
-    };
-    const lying = { ...info, narHash: `sha256:${nixBase32(createHash('sha256').update('other').digest())}` };
-    const refused = await raw('PUT', `/cache/${narInfoName(built.out)}`, headers, Buffer.from(serializeNarInfo(lying)));
-    expect(refused.status).toBe(400);
-    expect(await cache.hasPaths([built.out])).toEqual(new Set());
-    const accepted = await raw('PUT', `/cache/${narInfoName(built.out)}`, headers, Buffer.from(serializeNarInfo(info)));
-    expect(accepted.status).toBe(204);
-    expect((await cache.narInfo(built.out))?.narHash).toBe(narHash);
-  });
+    it('lets a separate store substitute uploaded paths over HTTP, trusting only the coordinator key', async () => {
+      const built = await buildTrivial(work, env, 2);
+      await cache.pushFromLocalStore(built.deps);
+      expect((await upload(built.out, await lease(built.drv), TOKEN, undefined, form)).narinfo.status).toBe(204);
 
-  it('checks the output of a fixed-output derivation against the hash it declares', async () => {
-    const content = `fixed ${Math.random()}\n`;
-    const sha = createHash('sha256').update(content).digest('hex');
-    const file = join(work, `fod-${sha.slice(0, 8)}.nix`);
-    await writeFile(
-      file,
-      `derivation { name = "ekaci-fod-${sha.slice(0, 8)}"; system = builtins.currentSystem; builder = "/bin/sh";
+      const r = await inFreshStore(await temp.make(), env, [
+        'nix-store',
+        '-r',
+        built.out,
+        ...['--option', 'substituters', server.url, '--option', 'trusted-public-keys', cache.publicKey],
+      ]);
+
+      expect(r.stderr).not.toMatch(/error|not signed/);
+      expect(r.stdout.trim()).toBe(built.out);
+      const untrusting = await inFreshStore(await temp.make(), env, [
+        'nix-store',
+        '-r',
+        built.out,
+        ...[
+          '--option',
+          'substituters',
+          server.url,
+          '--option',
+          'trusted-public-keys',
+          generateSigningKey('x').publicKey,
+        ],
+      ]);
+      expect(untrusting.code).not.toBe(0);
+    });
+
+    it('answers 401 to uploads without a token or with a wrong one, and writes nothing', async () => {
+      const built = await buildTrivial(work, env);
+      const narsBefore = await readdir(join(cache.dir, 'nar'));
+      const id = await lease(built.drv);
+
+      const anonymous = await raw('PUT', `/cache/log/${built.drv.slice('/nix/store/'.length)}`, {}, Buffer.from('x'));
+      const wrong = await upload(built.out, id, 'not-the-token-at-all', undefined, form);
+
+      expect(anonymous.status).toBe(401);
+      expect(anonymous.headers['www-authenticate']).toMatch(/^Basic /);
+      expect([wrong.nar.status, wrong.narinfo.status]).toEqual([401, 401]);
+      expect(await cache.hasPaths([built.out])).toEqual(new Set());
+      expect(await readdir(join(cache.dir, 'nar'))).toEqual(narsBefore);
+    });
+
+    it('refuses with 403 an upload for a lease the token does not hold, for no lease, or for a path the lease does not build', async () => {
+      const built = await buildTrivial(work, env);
+      const other = await buildTrivial(work, env);
+      const narsBefore = await readdir(join(cache.dir, 'nar'));
+      const theirs = await lease(built.drv, 'agent-b');
+      const mine = await lease(other.drv);
+      leases.set('closed', { agentId: 'agent-a', drvPath: built.drv, outputPaths: [built.out], fixedOutput: false });
+      leases.delete('closed');
+
+      const impostor = await upload(built.out, theirs, TOKEN, undefined, form);
+      const noLease = await upload(built.out, undefined, TOKEN, undefined, form);
+      const closedLease = await upload(built.out, 'closed', TOKEN, undefined, form);
+      const wrongPath = await upload(built.out, mine, TOKEN, undefined, form);
+      const wrongLog = await raw(
+        'PUT',
+        `/cache/log/${built.drv.slice('/nix/store/'.length)}`,
+        { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: mine },
+        Buffer.from('forged log'),
+      );
+
+      for (const r of [impostor, noLease, closedLease]) expect([r.nar.status, r.narinfo.status]).toEqual([403, 403]);
+      expect(wrongPath.narinfo.status).toBe(403);
+      expect(wrongPath.narinfo.body).toContain(`has no output ${built.out}`);
+      // In one request, who may publish the path is asked before its NAR is stored.
+      if (form === 'one request') expect(await readdir(join(cache.dir, 'nar'))).toEqual(narsBefore);
+      expect(wrongLog.status).toBe(403);
+      expect(await cache.hasPaths([built.out])).toEqual(new Set());
+      expect((await raw('GET', `/cache/log/${built.drv.slice('/nix/store/'.length)}`)).status).toBe(404);
+    });
+
+    it('refuses a narinfo whose NarHash or NarSize does not match the uploaded NAR, compressed or not', async () => {
+      const built = await buildTrivial(work, env);
+      const id = await lease(built.drv);
+      const forged = await upload(
+        built.out,
+        id,
+        TOKEN,
+        (info) => {
+          info.narSize += 1;
+          info.fileSize = info.narSize - 1;
+        },
+        form,
+      );
+      expect(forged.narinfo.status).toBe(400);
+      expect(forged.narinfo.body).toMatch(/do not match/);
+
+      // An xz NAR: the coordinator decompresses it to check what the narinfo claims.
+      const nar = execFileSync('nix-store', ['--dump', built.out], { env });
+      const xz = execFileSync('xz', ['-c'], { input: nar });
+      const fileHash = `sha256:${nixBase32(createHash('sha256').update(xz).digest())}`;
+      const narHash = `sha256:${nixBase32(createHash('sha256').update(nar).digest())}`;
+      const url = `nar/${fileHash.slice('sha256:'.length)}.nar.xz`;
+      const headers = { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: id };
+      expect((await raw('PUT', `/cache/${url}`, headers, xz)).status).toBe(204);
+      const info = {
+        storePath: built.out,
+        url,
+        compression: 'xz',
+        fileHash,
+        fileSize: xz.length,
+        narHash,
+        narSize: nar.length,
+        references: [],
+        sigs: [],
+      };
+      const lying = { ...info, narHash: `sha256:${nixBase32(createHash('sha256').update('other').digest())}` };
+      const refused = await raw(
+        'PUT',
+        `/cache/${narInfoName(built.out)}`,
+        headers,
+        Buffer.from(serializeNarInfo(lying)),
+      );
+      expect(refused.status).toBe(400);
+      expect(await cache.hasPaths([built.out])).toEqual(new Set());
+      const accepted = await raw(
+        'PUT',
+        `/cache/${narInfoName(built.out)}`,
+        headers,
+        Buffer.from(serializeNarInfo(info)),
+      );
+      expect(accepted.status).toBe(204);
+      expect((await cache.narInfo(built.out))?.narHash).toBe(narHash);
+    });
+
+    it('checks the output of a fixed-output derivation against the hash it declares', async () => {
+      const content = `fixed ${Math.random()}\n`;
+      const sha = createHash('sha256').update(content).digest('hex');
+      const file = join(work, `fod-${sha.slice(0, 8)}.nix`);
+      await writeFile(
+        file,
+        `derivation { name = "ekaci-fod-${sha.slice(0, 8)}"; system = builtins.currentSystem; builder = "/bin/sh";
         args = [ "-c" "printf '%s' '${content.trimEnd()}\n' > $out" ];
         outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "${sha}"; }`,
-    );
-    const drv = (await runNixChecked('nix-instantiate', [file, ...NO_SUBSTITUTERS], { env })).trim();
-    const out = (await runNixChecked('nix-store', ['-r', drv, ...NO_SUBSTITUTERS], { env })).trim();
-    // A different file under the fetcher's output path: what an agent holding the lease could try to publish.
-    const impostorFile = join(await temp.make(), 'x');
-    await writeFile(impostorFile, 'not what was declared\n');
-    const impostorNar = execFileSync('nix-store', ['--dump', impostorFile]);
-    const hash = `sha256:${nixBase32(createHash('sha256').update(impostorNar).digest())}`;
-    const id = await lease(drv);
-    const headers = { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: id };
-    const url = `nar/${hash.slice('sha256:'.length)}.nar`;
-    expect((await raw('PUT', `/cache/${url}`, headers, impostorNar)).status).toBe(204);
-    const forged = serializeNarInfo({
-      storePath: out,
-      url,
-      compression: 'none',
-      fileHash: hash,
-      fileSize: impostorNar.length,
-      narHash: hash,
-      narSize: impostorNar.length,
-      references: [],
-      sigs: [],
+      );
+      const drv = (await runNixChecked('nix-instantiate', [file, ...NO_SUBSTITUTERS], { env })).trim();
+      const out = (await runNixChecked('nix-store', ['-r', drv, ...NO_SUBSTITUTERS], { env })).trim();
+      // A different file under the fetcher's output path: what an agent holding the lease could try to publish.
+      const impostorFile = join(await temp.make(), 'x');
+      await writeFile(impostorFile, 'not what was declared\n');
+      const impostorNar = execFileSync('nix-store', ['--dump', impostorFile]);
+      const hash = `sha256:${nixBase32(createHash('sha256').update(impostorNar).digest())}`;
+      const id = await lease(drv);
+      const headers = { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: id };
+      const url = `nar/${hash.slice('sha256:'.length)}.nar`;
+      expect((await raw('PUT', `/cache/${url}`, headers, impostorNar)).status).toBe(204);
+      const forged = serializeNarInfo({
+        storePath: out,
+        url,
+        compression: 'none',
+        fileHash: hash,
+        fileSize: impostorNar.length,
+        narHash: hash,
+        narSize: impostorNar.length,
+        references: [],
+        sigs: [],
+      });
+
+      const refused = await raw('PUT', `/cache/${narInfoName(out)}`, headers, Buffer.from(forged));
+      const genuine = await upload(out, id, TOKEN, undefined, form);
+
+      expect(refused.status).toBe(400);
+      expect(refused.body).toContain('does not have the sha256 hash');
+      expect(genuine.narinfo.status).toBe(204);
     });
+  });
 
-    const refused = await raw('PUT', `/cache/${narInfoName(out)}`, headers, Buffer.from(forged));
-    const genuine = await upload(out, id);
+  it('takes narinfo and NAR in one request only when the parts add up, and stores nothing otherwise', async () => {
+    const built = await buildTrivial(work, env);
+    const id = await lease(built.drv);
+    const nar = execFileSync('nix-store', ['--dump', built.out], { env });
+    const hash = `sha256:${nixBase32(createHash('sha256').update(nar).digest())}`;
+    const text = Buffer.from(
+      serializeNarInfo({
+        storePath: built.out,
+        url: `nar/${hash.slice('sha256:'.length)}.nar`,
+        compression: 'none',
+        fileHash: hash,
+        fileSize: nar.length,
+        narHash: hash,
+        narSize: nar.length,
+        references: [],
+        sigs: [],
+      }),
+    );
+    const auth = { Authorization: `Bearer ${TOKEN}`, [LEASE_HEADER]: id };
+    const name = `/cache/${narInfoName(built.out)}`;
+    const send = (bytes: string, body: Buffer, extra: Record<string, string> = {}, url = server.url) =>
+      raw('PUT', name, { ...auth, [NARINFO_BYTES_HEADER]: bytes, ...extra }, body, url);
+    const narsBefore = await readdir(join(cache.dir, 'nar'));
 
-    expect(refused.status).toBe(400);
-    expect(refused.body).toContain('does not have the sha256 hash');
-    expect(genuine.narinfo.status).toBe(204);
+    const beyond = await send(String(text.length + nar.length + 1), Buffer.concat([text, nar]));
+    const notANumber = await send('many', Buffer.concat([text, nar]));
+    const cutShort = await send(String(text.length), text.subarray(0, 10), { 'Transfer-Encoding': 'chunked' });
+    const wrongNar = await send(String(text.length), Buffer.concat([text, Buffer.from('not the NAR')]));
+    const misSplit = await send(String(text.length - 5), Buffer.concat([text, nar]));
+    const small = await serveUnderCache(cacheRouter(cache, routerOptions(true, { limits: { nar: 10, narinfo: 64 } })));
+    let overLimits: RawResponse[];
+    try {
+      overLimits = [
+        await send(String(text.length), Buffer.concat([text, nar]), {}, small.url),
+        await send(String(text.length), Buffer.concat([text, nar]), { 'Transfer-Encoding': 'chunked' }, small.url),
+      ];
+    } finally {
+      await small.close();
+    }
+
+    expect([beyond.status, notANumber.status]).toEqual([400, 400]);
+    expect(beyond.body).toContain(NARINFO_BYTES_HEADER);
+    expect(cutShort.status).toBe(400);
+    expect(cutShort.body).toMatch(/ended after 10 bytes/);
+    expect(wrongNar.status).toBe(400);
+    expect(wrongNar.body).toMatch(/content hashes to/);
+    expect(misSplit.status).toBe(400);
+    expect(overLimits.map((r) => r.status)).toEqual([413, 413]);
+    expect(await cache.hasPaths([built.out])).toEqual(new Set());
+    expect(await readdir(join(cache.dir, 'nar'))).toEqual(narsBefore);
+
+    const whole = await send(String(text.length), Buffer.concat([text, nar]));
+    expect(whole.status).toBe(204);
+    const stored = (await cache.narInfo(built.out))!;
+    expect(stored.sigs).toEqual([signFingerprint(coordinatorKey.secretKey, fingerprint(stored))]);
+    expect(await readFile(join(cache.dir, stored.url))).toEqual(nar);
   });
 
   it('serves narinfo as text/x-nix-narinfo and answers HEAD on a NAR with its length and no body', async () => {

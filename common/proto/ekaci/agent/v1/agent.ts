@@ -66,6 +66,15 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  * the declared hash); otherwise the attempt counts as an infrastructure failure of that agent and is retried
  * elsewhere.
  *
+ * ## Uploads
+ *
+ * Outputs go to `Welcome.cache_url` over HTTP as `nix copy --to` would send them: a PUT of `nar/<hash>.nar` (an
+ * uncompressed NAR, named by its SHA-256) and then a PUT of `<store path hash>.narinfo`, each with the agent token as
+ * HTTP Basic password and the lease in `X-Ekaci-Lease`. Since 1.6 the coordinator also takes both in one request: a
+ * PUT of `<store path hash>.narinfo` with `Content-Type: application/x-ekaci-narinfo-nar` and
+ * `X-Ekaci-Narinfo-Bytes: N`, whose body is the N bytes of the narinfo followed by the NAR its `URL` names. An agent
+ * uses it only with a coordinator whose Welcome says 1.6 or later.
+ *
  * ## Reliable results
  *
  * `JobEvent` messages change state (accepted, started, finished). Each carries a `message_id` unique per
