@@ -12,6 +12,8 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import { createServer as createHttpServer, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
@@ -202,6 +204,51 @@ describe('Agent', () => {
     expect(maxConcurrency(trace)).toBe(1);
     for (let i = 0; i < 3; i++) {
       expect(finishedOf(c.eventsOf(`over-${i}`, 'finished')[0] as JobEvent).outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+    }
+  });
+
+  it('gives a build slot to the next build while the last one uploads, with at most max-jobs uploads at once', async () => {
+    // A cache that holds every upload until the test answers it, and has nothing to read.
+    const held: ServerResponse[] = [];
+    const cache = createHttpServer((req, res) => {
+      req.resume();
+      if (req.method !== 'PUT') {
+        if (req.url === '/cache/nix-cache-info') res.writeHead(200).end('StoreDir: /nix/store\n');
+        else res.writeHead(404).end();
+        return;
+      }
+      req.on('end', () => held.push(res));
+    });
+    await new Promise<void>((resolve) => cache.listen(0, '127.0.0.1', resolve));
+    const answer = (i: number) => held[i]!.writeHead(204).end();
+    try {
+      const { port } = cache.address() as AddressInfo;
+      const c = await coordinator({ welcome: { cacheUrl: `http://127.0.0.1:${port}/cache` } });
+      const a = agent(c, { maxJobs: 1 });
+      await a.start();
+      const s = await c.stream(0);
+      const drvs = await Promise.all([1, 2, 3].map((n) => shellDerivation(`echo ${n} > $out`)));
+      drvs.forEach((drv, i) => s.send(assign(`up-${i}`, drv)));
+
+      // up-0 uploads and its slot builds up-1; up-1's upload then keeps its slot, one upload being under way.
+      await expect.poll(() => held.length, { timeout: 60_000 }).toBe(2);
+      answer(0);
+      await s.waitFor(is.event('up-0', 'finished'));
+      answer(1);
+      await expect.poll(() => held.length, { timeout: 60_000 }).toBe(3);
+      answer(2);
+      await Promise.all(drvs.map((_, i) => s.waitFor(is.event(`up-${i}`, 'finished'))));
+
+      // One stream, so the events are in the order the agent sent them.
+      const order = c.events.map((e) => `${e.leaseId} ${e.event?.$case}`);
+      expect(order.indexOf('up-1 started')).toBeLessThan(order.indexOf('up-0 finished'));
+      expect(order.indexOf('up-2 started')).toBeGreaterThan(order.indexOf('up-0 finished'));
+      for (let i = 0; i < 3; i++) {
+        expect(finishedOf(c.eventsOf(`up-${i}`, 'finished')[0] as JobEvent).outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+      }
+    } finally {
+      cache.closeAllConnections();
+      await new Promise((resolve) => cache.close(resolve));
     }
   });
 

@@ -36,6 +36,8 @@ export interface BuildContext {
   spool: LogSpool;
   /** The agent's token: for the coordinator's presigning routes of s3 cache pushes. */
   token: string;
+  /** Called once the builder succeeded and only the outputs' upload is left: the build slot may go to the next. */
+  builderEnded?: () => void;
 }
 
 /** A build's result never carries an exit code: Nix's verdict is in `error`. */
@@ -179,6 +181,7 @@ export class Build implements Job {
       return this.finish(outcome, built.message);
     }
     this.transition('uploading');
+    c.builderEnded?.();
     let paths: Record<string, string>;
     try {
       paths = outputPaths(this.derivation ?? parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath));

@@ -24,7 +24,8 @@ import type { Job, JobResult } from './job.js';
  *
  *   queued → building          a slot is free
  *   queued → awaiting-logs     cancelled before it started
- *   building → awaiting-logs   the build (and upload) ended, whatever the outcome
+ *   building → awaiting-logs   the build and its upload ended, whatever the outcome (the slot may have gone to
+ *                              the next build once the builder ended)
  *   awaiting-logs → reporting  every log byte is acknowledged: Finished goes out
  *   reporting → settled        the coordinator acknowledged Finished; spool and GC roots are removed
  *   any but settled → dropped  the coordinator gave the lease up (lease decision, missed renewal) or stopNow()
@@ -103,14 +104,18 @@ interface WorkloadEvents {
 /**
  * The leases this agent holds and the jobs running for them: a `Build` for an `Assign` of a derivation, a `Check`
  * for one with `check` set ("build" below means either). At most `maxJobs` run at once; an `Assign` beyond that (a
- * coordinator that raced a Credit) waits in a local queue instead of being refused.
+ * coordinator that raced a Credit) waits in a local queue instead of being refused. A build whose builder ended
+ * gives its slot back while its outputs upload, with at most `maxJobs` such uploads at once.
  */
 export class Workload extends EventEmitter<WorkloadEvents> {
   private readonly leases = new Map<string, Lease>();
   private readonly queue: Lease[] = [];
   private readonly builds = new Set<Promise<void>>();
   private readonly cleanups = new Set<Promise<void>>();
+  /** Jobs holding a build slot. */
   private running = 0;
+  /** Builds whose builder ended and whose outputs are still uploading: they gave their slot back (`builderEnded`). */
+  private uploading = 0;
   private halted = false;
   private paused = false;
   private idleWaiters: (() => void)[] = [];
@@ -270,8 +275,20 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     const { host, outbox, spool, logger } = this.options;
     lease.transition('building');
     this.running++;
+    let released = false;
     const context = {
       ...host.cache(),
+      // The builder is done and only the upload is left: the slot goes to the next build while it runs, as long as
+      // no more than `maxJobs` uploads run at once. A build and an upload barely compete (CPU against network), and
+      // the slot no longer idles through every upload (bench/dispatch).
+      builderEnded: () => {
+        if (released || this.uploading >= this.options.maxJobs) return;
+        released = true;
+        this.running--;
+        this.uploading++;
+        this.startQueued();
+        host.slotsFreed();
+      },
       netrcPath: spool.netrcPath,
       pool: this.options.pool,
       uploader: this.options.uploader,
@@ -288,8 +305,10 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     host.sendEvent(outbox.add(lease.id, { $case: 'started', value: { startedAtMs: Date.now() } }));
     this.emit('started', lease.id);
     const done = job.run().then((result) => {
-      this.running--;
+      if (released) this.uploading--;
+      else this.running--;
       this.buildEnded(lease, result);
+      if (released) return;
       this.startQueued();
       host.slotsFreed();
     });
@@ -348,11 +367,11 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   }
 
   private idle(): boolean {
-    return this.leases.size === 0 && this.running === 0;
+    return this.leases.size === 0 && this.running === 0 && this.uploading === 0;
   }
 
   private buildsEnded(): boolean {
-    return this.running === 0 && this.queue.length === 0;
+    return this.running === 0 && this.uploading === 0 && this.queue.length === 0;
   }
 
   private checkIdle(): void {

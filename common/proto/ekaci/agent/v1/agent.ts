@@ -49,6 +49,10 @@ export const protobufFileName = "ekaci/agent/v1/agent.proto";
  * Credit's free slots minus the assignments not yet `Accepted` (still in flight towards the agent), and
  * subtracts one per `Assign` it sends. Since the stream is ordered, this is exact.
  *
+ * A slot is the agent's to count: eka-ci's agent gives a build's slot to the next one once its builder ended and
+ * only the upload of its outputs is left (with at most `max_jobs` uploads at once), so it may hold up to twice
+ * `max_jobs` leases.
+ *
  * ## Leases
  *
  * Every build or check handed to an agent is a lease (`Assign`) with a TTL. Each `Heartbeat` lists the leases the
