@@ -238,9 +238,13 @@ export class Build implements Job {
   private async realise(conn: NixDaemonConnection): Promise<BuildOutcome> {
     const a = this.assign;
     const onLog = { bytes: (lines: Buffer): void | Promise<void> => this.logLines(lines) };
-    const basic = await this.basicDerivation(conn);
+    // A .drv in the store already (an agent sharing the coordinator's store, an earlier attempt here) is built by
+    // path; it is read once, for its outputs.
+    const drvValid = (await conn.queryValidPaths([a.drvPath])).has(a.drvPath);
+    const basic = drvValid ? null : await this.basicDerivation();
     if (this.cancelReason !== null) throw new Error('cancelled while reading the .drv');
-    await this.noteOutputsAlreadyValid(conn, basic);
+    if (drvValid) this.derivation = parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath);
+    await this.noteOutputsAlreadyValid(conn, basic ?? this.derivation);
     if (basic !== null) {
       try {
         return await conn.buildDerivation(a.drvPath, basic, onLog);
@@ -262,12 +266,8 @@ export class Build implements Job {
    * Nix builds nothing, and logs nothing, when the outputs are valid in the store already (an earlier attempt on this
    * host built them, and their upload failed): the attempt's log says so instead of being empty.
    */
-  private async noteOutputsAlreadyValid(conn: NixDaemonConnection, basic: Derivation | null): Promise<void> {
+  private async noteOutputsAlreadyValid(conn: NixDaemonConnection, derivation: Derivation | null): Promise<void> {
     const a = this.assign;
-    let derivation = basic;
-    if (derivation === null && (await conn.queryValidPaths([a.drvPath])).has(a.drvPath)) {
-      derivation = parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath);
-    }
     if (derivation === null) return;
     const outputs = Object.values(outputPaths(derivation));
     if (outputs.length === 0 || (await conn.queryValidPaths(outputs)).size < outputs.length) return;
@@ -279,12 +279,14 @@ export class Build implements Job {
     );
   }
 
-  /** The derivation with its input derivations resolved to their outputs, or null to build the `.drv` by path. */
-  private async basicDerivation(conn: NixDaemonConnection): Promise<Derivation | null> {
+  /**
+   * For a `.drv` not in the store: the derivation with its input derivations resolved to their outputs, or null to
+   * build the `.drv` by path.
+   */
+  private async basicDerivation(): Promise<Derivation | null> {
     const a = this.assign;
     const c = this.context;
     if (c.cacheUrl === '' || c.pool.basicDerivationsRefused) return null;
-    if ((await conn.queryValidPaths([a.drvPath])).has(a.drvPath)) return null;
     let d: Derivation;
     try {
       d = await readCachedDerivation(c.cacheUrl, c.netrcPath, a.drvPath);

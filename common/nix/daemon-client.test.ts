@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { nonce, tempDir, writeNixFile } from '../../test/support/nix-project.js';
 import { IllegalStateError, NixCommandError } from '../errors.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, runNix, runNixChecked } from './cli.js';
@@ -198,6 +198,23 @@ describe('NixDaemonConnection', () => {
     expect(result).toMatchObject({ ok: false, status: 101 });
     if (!result.ok) expect(result.message).toMatch(/timed out after 1 seconds/);
     expect(lines).toContain('tick');
+  });
+
+  it('sends the same options once per connection, a change again, and builds under the last ones sent', async () => {
+    const c = await open();
+    // Every request goes out in one write to the daemon's end of the connection.
+    const requests = vi.spyOn((c as unknown as { transport: { write(b: Buffer): boolean } }).transport, 'write');
+
+    await c.setOptions({ buildTimeout: 1 });
+    await c.setOptions({ buildTimeout: 1 });
+    await c.setOptions({ buildTimeout: 2 });
+    await c.setOptions({ buildTimeout: 1 });
+    await c.setOptions({ buildTimeout: 1 });
+
+    expect(requests).toHaveBeenCalledTimes(3);
+    const result = await c.buildPaths([`${drv.chatty}!*`]);
+    expect(result).toMatchObject({ ok: false, status: 101 });
+    if (!result.ok) expect(result.message).toMatch(/timed out after 1 seconds/);
   });
 
   it('resolves a build of a path that is not in the store as ok:false with status 1', async () => {

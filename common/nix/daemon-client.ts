@@ -136,6 +136,8 @@ export class NixDaemonConnection {
   private readonly reportedErrors = new WeakSet<Error>();
   /** Messages the daemon sent with setOptions: a daemon ignores restricted settings of an untrusted user. */
   private ignoredSettings: string[] = [];
+  /** The last wopSetOptions request the daemon accepted on this connection. */
+  private optionsSet: Buffer | undefined;
   private protocolVersion = 0;
   private closedBy: Error | undefined;
   private nixVersionText = '';
@@ -207,7 +209,11 @@ export class NixDaemonConnection {
     return this.nixVersionText;
   }
 
-  /** wopSetOptions. Every field is sent, so one left out returns to its default rather than keeping an old value. */
+  /**
+   * wopSetOptions. Every field is sent, so one left out returns to its default rather than keeping an old value. The
+   * daemon keeps them for the connection: the same options as last time are not sent again (a round trip per build
+   * of a pooled connection).
+   */
   setOptions(o: BuildOptions = {}): Promise<void> {
     return this.run('setOptions', async () => {
       const overrides = { timeout: String(o.buildTimeout ?? 0), ...o.overrides };
@@ -227,13 +233,17 @@ export class NixDaemonConnection {
         .u64(o.useSubstitutes ?? true)
         .u64(Object.keys(overrides).length);
       for (const [name, value] of Object.entries(overrides)) w.string(name).string(value);
+      const request = w.bytes();
+      if (this.optionsSet?.equals(request)) return;
+      this.optionsSet = undefined;
       const messages: string[] = [];
-      this.send(w.bytes());
+      this.send(request);
       const failure = await readStderr(this.reader, { onMessage: (text) => messages.push(text) });
       if (failure) throw this.reported(failureText(failure));
       this.ignoredSettings = messages.filter((m) =>
         /ignoring (the client-specified setting|untrusted substituter)/.test(m),
       );
+      this.optionsSet = request;
     });
   }
 
