@@ -1,6 +1,6 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -131,8 +131,11 @@ describe('per-lease GC roots', () => {
       expect(inNamespace(pid, ['test', '-e', out]).status).toBe(0);
 
       // Acknowledged: the lease settles, its root goes, and the next collection takes the output.
+      const rootsOf = (leaseId: string) =>
+        readdirSync(join(dir, 'spool', 'gcroots')).filter((n) => n.startsWith(`${leaseId}~`));
+      expect(rootsOf('rooted')).toEqual(['rooted~out']);
       s.send({ $case: 'ack', value: { messageIds: [finished.messageId] } });
-      await expect.poll(() => existsSync(join(dir, 'spool', 'gcroots', 'rooted')), { timeout: 30_000 }).toBe(false);
+      await expect.poll(() => rootsOf('rooted'), { timeout: 30_000 }).toEqual([]);
       collectGarbage(pid);
       expect(inNamespace(pid, ['test', '-e', out]).status).not.toBe(0);
     },

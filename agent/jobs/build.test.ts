@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -139,8 +139,8 @@ describe('Build', () => {
     }
     spool.removeGcRoots('rooted');
     // The daemon's record now points nowhere: the collector drops it and is free to take the outputs.
-    for (const output of result.outputs)
-      expect(existsSync(join(spool.dir, 'gcroots', 'rooted', output.name))).toBe(false);
+    for (const output of result.outputs) expect(existsSync(spool.gcRoot('rooted', output.name))).toBe(false);
+    expect(readdirSync(join(spool.dir, 'gcroots'))).toEqual([]);
   });
 
   it('does not leave the daemon of a failed upload running', async () => {
