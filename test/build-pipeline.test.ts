@@ -214,6 +214,50 @@ describe('building derivations on agents', () => {
     expect(coordinator.manager.queues([]).lanes[0]).toMatchObject({ features: ['cuda'], buildable: 1100 });
   });
 
+  it('fails the thousands of dependents of one failure a slice per write, and a restart between slices fails the rest', async () => {
+    coordinator = await startCoordinator(tempDir(), { unbuildable_grace_seconds: 3600 });
+    await localAgent('local');
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      `let root = mk "root" { script = "exit 3"; }; in { inherit root; } // builtins.listToAttrs (builtins.genList (i: {
+         name = "d\${toString i}"; value = mk "d\${toString i}" { deps = [ root ]; };
+       }) 1100)`,
+    );
+    const all = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file])).trim().split('\n');
+    const root = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file, '-A', 'root'])).trim();
+    const count = (c: Coordinator, states: string) =>
+      (
+        c.store.db
+          .prepare(`SELECT COUNT(*) AS n FROM derivations WHERE state IN (${states}) AND drv_path != ?`)
+          .get(root) as { n: number }
+      ).n;
+    const dataDir = tempDir();
+    let atRootFailure: number | undefined;
+    coordinator.manager.on('state', (drvPath: string, state: string) => {
+      if (drvPath !== root || state !== 'failed') return;
+      // Told right after the failure's write committed, before the next slice's: the database a coordinator killed
+      // now would restart on.
+      atRootFailure = count(coordinator!, "'dependency-failed'");
+      coordinator!.store.db.prepare('VACUUM INTO ?').run(join(dataDir, 'ekaci.sqlite'));
+    });
+
+    const results = await coordinator.manager.waitFor(
+      await coordinator.manager.submit(
+        all.map((drvPath, i) => ({ attr: `a${i}`, drvPath })),
+        'test',
+      ),
+    );
+
+    expect(results.filter((r) => r.state === 'dependency-failed' && r.rootCause === root)).toHaveLength(1100);
+    expect(atRootFailure).toBe(1000);
+    await coordinator.stopNow();
+    coordinator = await startCoordinator(dataDir, { unbuildable_grace_seconds: 3600 });
+    expect(count(coordinator, "'dependency-failed'")).toBe(1100);
+    expect(count(coordinator, "'queued', 'buildable', 'building'")).toBe(0);
+    expect(coordinator.manager.pendingCount).toBe(0);
+  });
+
   it('fails dependents of a failed build with the root cause, without retrying the failure', async () => {
     coordinator = await startCoordinator(tempDir());
     await localAgent('local');

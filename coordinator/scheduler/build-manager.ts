@@ -84,8 +84,11 @@ export interface BuildResult {
   outputs: Array<{ name: string; path: string; narSize: number | null; closureSize: number | null }>;
 }
 
-/** How many ready dependents one write records as buildable (`releaseSome`): ≈10 ms of the event loop. */
-const RELEASE_SLICE = 1_000;
+/**
+ * How many dependents one write records as buildable or dependency-failed (`recordSome`): ≈10–40 ms of the event
+ * loop.
+ */
+const FOLLOW_UP_SLICE = 1_000;
 
 /**
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
@@ -105,10 +108,15 @@ export class BuildManager extends EventEmitter {
   /** Agents' reports waiting for the next group commit (`writeSoon`). */
   private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
   private flushScheduled = false;
-  /** Dependents that successes made ready, to be recorded buildable a slice at a time (`releaseSome`). */
-  private releasing: string[] = [];
-  private released = 0;
-  private releaseScheduled = false;
+  /**
+   * Dependents whose state a settled derivation decided, to be recorded a slice at a time (`recordSome`): made ready
+   * by a success (no root cause), or dependency-failed by a failure (its root cause).
+   */
+  private following: Array<{ drvPath: string; rootCause?: string }> = [];
+  private followed = 0;
+  private followUpScheduled = false;
+  /** Dependents a failure took out of the scheduler that are not yet recorded dependency-failed: their root cause. */
+  private readonly doomed = new Map<string, string>();
   /** How many `write`s are running, one inside another; and the state changes they made, told when they commit. */
   private writeDepth = 0;
   private stateChanges: Array<{ drvPath: string; state: BuildState; attempt: number; agentId: string | null }> = [];
@@ -178,9 +186,11 @@ export class BuildManager extends EventEmitter {
     this.leases.clear();
     this.leaseOf.clear();
     this.settledNow = [];
-    // Loading makes every ready derivation buildable, in the database too.
-    this.releasing = [];
-    this.released = 0;
+    // Loading makes every ready derivation buildable and every one with a failed input dependency-failed, in the
+    // database too.
+    this.following = [];
+    this.followed = 0;
+    this.doomed.clear();
     this.load((leaseId) => expiry.get(leaseId) ?? fallback);
     this.logger.warn(
       { derivations: this.scheduler.size, leases: this.leases.size },
@@ -193,16 +203,32 @@ export class BuildManager extends EventEmitter {
   private load(expiry: (leaseId: string) => number): number {
     const active = this.store.activeDerivations();
     const activeSet = new Map(active.map((d) => [d.drv_path, d]));
+    const inputs = new Map(active.map((d) => [d.drv_path, this.store.inputsOf(d.drv_path)]));
     const specs = active.map((d) => ({
       drvPath: d.drv_path,
       system: d.system,
       requiredFeatures: JSON.parse(d.required_features) as string[],
       fixedOutput: d.is_fod === 1,
-      pendingInputs: this.store.inputsOf(d.drv_path).filter((i) => activeSet.has(i)),
+      pendingInputs: inputs.get(d.drv_path)!.filter((i) => activeSet.has(i)),
       priority: 0,
       untrusted: d.untrusted === 1,
     }));
     const ready = new Set(this.scheduler.add(specs));
+    // An input that failed, where the failure's dependents were not all recorded before a crash (`recordSome`): the
+    // derivation and what depends on it fail now, not build.
+    const finishedInputs = this.store.states([
+      ...new Set([...inputs.values()].flat().filter((i) => !activeSet.has(i))),
+    ]);
+    const failedInput = new Map<string, string>();
+    for (const [drvPath, ins] of inputs) {
+      for (const i of ins) {
+        const row = finishedInputs.get(i);
+        if (row && FAILURE_STATES.has(row.state)) {
+          failedInput.set(drvPath, row.root_cause ?? i);
+          break;
+        }
+      }
+    }
     for (const a of this.store.openAttempts()) {
       if (!this.scheduler.has(a.drv_path)) continue;
       this.scheduler.markBuilding(a.drv_path);
@@ -223,7 +249,18 @@ export class BuildManager extends EventEmitter {
     const now = this.now();
     try {
       this.store.transaction(() => {
+        for (const [drvPath, rootCause] of failedInput) {
+          const status = this.scheduler.status(drvPath);
+          if (status === undefined || status === 'building') continue;
+          for (const doomed of [drvPath, ...this.scheduler.failed(drvPath)]) {
+            ready.delete(doomed);
+            const row = activeSet.get(doomed)!;
+            this.transition(doomed, 'dependency-failed', row.attempts, now, { rootCause });
+            this.settledNow.push(doomed);
+          }
+        }
         for (const d of active) {
+          if (!this.scheduler.has(d.drv_path)) continue; // dependency-failed above
           if (d.state === 'building' && !this.leaseOf.has(d.drv_path)) {
             // Recorded as building without an open attempt: the attempt was lost in the crash; build it again.
             this.scheduler.retry(d.drv_path, d.agent_id ?? '');
@@ -236,8 +273,10 @@ export class BuildManager extends EventEmitter {
       });
     } catch (err) {
       // Memory is right; the database catches up on the next load (a full disk pauses work until then).
+      this.settledNow = [];
       this.health.fault('recover', err);
     }
+    this.announceSettled();
     return active.length;
   }
 
@@ -310,7 +349,7 @@ export class BuildManager extends EventEmitter {
         const pending: string[] = [];
         let rootCause: string | undefined;
         for (const input of d.inputs) {
-          const cause = depFailed.get(input);
+          const cause = depFailed.get(input) ?? this.doomed.get(input);
           if (cause) rootCause ??= cause;
           else if (freshSet.has(input) && !taken.has(input)) {
             if (!settled.has(input)) pending.push(input);
@@ -985,42 +1024,50 @@ export class BuildManager extends EventEmitter {
     if (!this.transition(drvPath, state, attempt, now, extra)) return;
     this.settledNow.push(drvPath);
     if (SUCCESS_STATES.has(state)) {
-      for (const ready of this.scheduler.succeeded(drvPath, true)) this.releasing.push(ready);
-      this.releaseSome(now);
-      return;
+      for (const ready of this.scheduler.succeeded(drvPath, true)) this.following.push({ drvPath: ready });
+    } else {
+      for (const dependent of this.scheduler.failed(drvPath)) {
+        this.following.push({ drvPath: dependent, rootCause: drvPath });
+        this.doomed.set(dependent, drvPath);
+      }
     }
-    for (const dependent of this.scheduler.failed(drvPath)) {
-      const row = this.store.derivation(dependent)!;
-      this.transition(dependent, 'dependency-failed', row.attempts, now, { rootCause: drvPath });
-      this.settledNow.push(dependent);
-    }
+    this.recordSome(now);
   }
 
   /**
-   * Records up to `RELEASE_SLICE` of the dependents that successes made ready as buildable, and makes them so; the
-   * rest follow in the next group commits. One write for the tens of thousands of dependents of a bootstrap
-   * derivation held the event loop for most of a second (bench/fleet at 100k). Until recorded, a ready derivation
-   * is `queued` in the database, which recovery reads as buildable.
+   * Records up to `FOLLOW_UP_SLICE` of the dependents that settled derivations decided — made ready by a success
+   * (buildable), or taken out by a failure (dependency-failed) — and the rest in the next group commits. One write
+   * for the tens of thousands of dependents of a bootstrap derivation held the event loop for most of a second
+   * (bench/fleet at 100k), and a failed one for seconds. Until recorded, a dependent is `queued` in the database:
+   * recovery reads it as buildable, or as dependency-failed when an input failed (`load`).
    */
-  private releaseSome(now: number): void {
-    const end = Math.min(this.releasing.length, this.released + RELEASE_SLICE);
-    for (; this.released < end; this.released++) {
-      const drvPath = this.releasing[this.released]!;
-      if (!this.scheduler.isHeld(drvPath)) continue; // cancelled meanwhile
-      this.transition(drvPath, 'buildable', 0, now);
-      this.scheduler.release(drvPath);
+  private recordSome(now: number): void {
+    const end = Math.min(this.following.length, this.followed + FOLLOW_UP_SLICE);
+    for (; this.followed < end; this.followed++) {
+      const { drvPath, rootCause } = this.following[this.followed]!;
+      if (rootCause === undefined) {
+        if (!this.scheduler.isHeld(drvPath)) continue; // cancelled meanwhile
+        this.transition(drvPath, 'buildable', 0, now);
+        this.scheduler.release(drvPath);
+        continue;
+      }
+      if (!this.doomed.delete(drvPath)) continue;
+      const row = this.store.derivation(drvPath);
+      if (!row || isTerminal(row.state)) continue;
+      this.transition(drvPath, 'dependency-failed', row.attempts, now, { rootCause });
+      this.settledNow.push(drvPath);
     }
-    if (this.released < this.releasing.length) {
-      if (this.releaseScheduled) return;
-      this.releaseScheduled = true;
+    if (this.followed < this.following.length) {
+      if (this.followUpScheduled) return;
+      this.followUpScheduled = true;
       this.writeSoon(() => {
-        this.releaseScheduled = false;
-        this.releaseSome(this.now());
-      }).catch((err: unknown) => this.health.fault('release', err));
+        this.followUpScheduled = false;
+        this.recordSome(this.now());
+      }).catch((err: unknown) => this.health.fault('follow-up', err));
       return;
     }
-    this.releasing = [];
-    this.released = 0;
+    this.following = [];
+    this.followed = 0;
   }
 
   /** Derivations whose outputs are all in the cache already, or valid in the local store (then pushed). */
