@@ -98,7 +98,8 @@ export class LogStore {
     const file = this.open.get(logPath);
     if (file) return file.size;
     try {
-      return statSync(logPath).size;
+      // No log at all is common (a build that printed nothing): asked without an exception thrown and caught.
+      return statSync(logPath, { throwIfNoEntry: false })?.size ?? 0;
     } catch {
       return 0;
     }
