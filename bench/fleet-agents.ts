@@ -443,15 +443,16 @@ function singleFileNar(contents: Buffer): Buffer {
 
 /**
  * One PUT on a keep-alive connection. A request on a reused connection that the server closed for idling meanwhile
- * fails with ECONNRESET before anything was sent: it is tried again once, on a new connection (what Node's
- * documentation advises, and what undici does for the real agent's fetch).
+ * fails with ECONNRESET: it is tried again (what Node's documentation advises, and what undici does for the real
+ * agent's fetch). The pool may hand out another connection closed the same way — after a quiet stretch of the DAG
+ * all of an agent's may be — so it is tried as long as it met a reused one, up to once per pooled connection.
  */
 function put(
   agent: http.Agent,
   url: string,
   headers: Record<string, string>,
   body: Buffer,
-  retry = true,
+  retries = (agent.maxSockets === Infinity ? 16 : agent.maxSockets) + 1,
 ): Promise<void> {
   return new Promise((resolve, reject) => {
     const req = http.request(
@@ -472,8 +473,8 @@ function put(
       },
     );
     req.on('error', (err: NodeJS.ErrnoException) => {
-      if (retry && req.reusedSocket && err.code === 'ECONNRESET')
-        put(agent, url, headers, body, false).then(resolve, reject);
+      if (retries > 0 && req.reusedSocket && err.code === 'ECONNRESET')
+        put(agent, url, headers, body, retries - 1).then(resolve, reject);
       else reject(err);
     });
     req.end(body);
