@@ -135,10 +135,19 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
   return app;
 }
 
+/**
+ * Connections waiting to be accepted. Node's default (511) overflowed thousands of times a run when a hundred agents
+ * opened their upload connections together (bench/fleet: the kernel's TcpExtListenOverflows); the kernel caps it at
+ * net.core.somaxconn.
+ */
+const LISTEN_BACKLOG = 4096;
+
 export function listen(app: Koa, address: string, port: number): Promise<{ server: Server; port: number }> {
   return new Promise((resolve, reject) => {
     const server = createServer(app.callback());
     server.once('error', reject);
-    server.listen(port, address, () => resolve({ server, port: (server.address() as AddressInfo).port }));
+    server.listen({ port, host: address, backlog: LISTEN_BACKLOG }, () =>
+      resolve({ server, port: (server.address() as AddressInfo).port }),
+    );
   });
 }
