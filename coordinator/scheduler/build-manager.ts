@@ -203,32 +203,19 @@ export class BuildManager extends EventEmitter {
   private load(expiry: (leaseId: string) => number): number {
     const active = this.store.activeDerivations();
     const activeSet = new Map(active.map((d) => [d.drv_path, d]));
-    const inputs = new Map(active.map((d) => [d.drv_path, this.store.inputsOf(d.drv_path)]));
     const specs = active.map((d) => ({
       drvPath: d.drv_path,
       system: d.system,
       requiredFeatures: JSON.parse(d.required_features) as string[],
       fixedOutput: d.is_fod === 1,
-      pendingInputs: inputs.get(d.drv_path)!.filter((i) => activeSet.has(i)),
+      pendingInputs: this.store.inputsOf(d.drv_path).filter((i) => activeSet.has(i)),
       priority: 0,
       untrusted: d.untrusted === 1,
     }));
     const ready = new Set(this.scheduler.add(specs));
     // An input that failed, where the failure's dependents were not all recorded before a crash (`recordSome`): the
     // derivation and what depends on it fail now, not build.
-    const finishedInputs = this.store.states([
-      ...new Set([...inputs.values()].flat().filter((i) => !activeSet.has(i))),
-    ]);
-    const failedInput = new Map<string, string>();
-    for (const [drvPath, ins] of inputs) {
-      for (const i of ins) {
-        const row = finishedInputs.get(i);
-        if (row && FAILURE_STATES.has(row.state)) {
-          failedInput.set(drvPath, row.root_cause ?? i);
-          break;
-        }
-      }
-    }
+    const failedInput = this.store.unfinishedWithFailedInput(FAILURE_STATES);
     for (const a of this.store.openAttempts()) {
       if (!this.scheduler.has(a.drv_path)) continue;
       this.scheduler.markBuilding(a.drv_path);

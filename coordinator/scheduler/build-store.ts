@@ -202,6 +202,27 @@ export class BuildStore {
     return this.s.activeDrvs.all() as DerivationRow[];
   }
 
+  /**
+   * Unfinished derivations with an input in one of `failureStates`, each once, with that input's root cause (or the
+   * input itself): what a crash between the slices of a failure's dependents left queued (BuildManager `load`).
+   */
+  unfinishedWithFailedInput(failureStates: Iterable<BuildState>): Map<string, string> {
+    const states = [...failureStates];
+    const rows = this.db
+      .prepare(
+        `SELECT i.drv_path AS drvPath, COALESCE(f.root_cause, f.drv_path) AS rootCause
+           FROM derivations d
+           JOIN derivation_inputs i ON i.drv_path = d.drv_path
+           JOIN derivations f ON f.drv_path = i.input_drv
+          WHERE d.state IN ('queued', 'buildable', 'building')
+            AND f.state IN (${states.map(() => '?').join(', ')})`,
+      )
+      .all(...states) as Array<{ drvPath: string; rootCause: string }>;
+    const out = new Map<string, string>();
+    for (const r of rows) if (!out.has(r.drvPath)) out.set(r.drvPath, r.rootCause);
+    return out;
+  }
+
   inputsOf(drvPath: string): string[] {
     return (this.s.inputsOf.all(drvPath) as Array<{ input_drv: string }>).map((r) => r.input_drv);
   }
