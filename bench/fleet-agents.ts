@@ -14,8 +14,9 @@
  * exactly as agent/nix/cache-upload.ts does (`X-Ekaci-Lease`, `X-Ekaci-Narinfo-Bytes`, the token as Basic password,
  * uncompressed NAR), and reports Finished with those outputs. Nothing of Nix runs.
  *
- * Measured here, on the realtime clock (`realtime()` of bench-env.ts, comparable across processes on one host): when each Assign arrived, when each Finished went out and when its Ack came back, and for every
- * slot that became free (a Credit sent) when the next Assign for this agent arrived.
+ * Measured here, on the realtime clock (`realtime()` of bench-env.ts, comparable across processes on one host):
+ * when each Assign arrived, when each Finished went out and when its Ack came back, and for every slot that became
+ * free (a Credit sent) when the next Assign for this agent arrived.
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';

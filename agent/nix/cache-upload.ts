@@ -3,6 +3,7 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
+import { buffer } from 'node:stream/consumers';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { LRUCache } from 'lru-cache';
@@ -32,13 +33,6 @@ const STOP_CHECK_MS = 100;
 // them makes closure sizes and uploads cost one query per new path. 200k entries is some tens of MiB.
 const PATH_INFO_MEMORY = 200_000;
 
-/**
- * Uploads a lease's outputs from the agent's store to the coordinator's binary cache — streamed out of the Nix
- * daemon connection the build already holds, with no `nix copy` process — and measures closures. Uploads are
- * uncompressed NARs naming their lease (`X-Ekaci-Lease`); the coordinator checks them and signs the narinfo on
- * arrival. An agent may publish only the outputs of the leases it holds: every other path an output refers to
- * came from the cache (the build's inputs), and one that is missing there fails the upload with its name.
- */
 export interface UploadOptions {
   /** Whether the build was cancelled: an upload waiting for the coordinator gives up then. */
   stopped?: () => boolean;
@@ -54,6 +48,13 @@ interface UploadJob {
   oneRequest: boolean;
 }
 
+/**
+ * Uploads a lease's outputs from the agent's store to the coordinator's binary cache — streamed out of the Nix
+ * daemon connection the build already holds, with no `nix copy` process — and measures closures. Uploads are
+ * uncompressed NARs naming their lease (`X-Ekaci-Lease`); the coordinator checks them and signs the narinfo on
+ * arrival. An agent may publish only the outputs of the leases it holds: every other path an output refers to
+ * came from the cache (the build's inputs), and one that is missing there fails the upload with its name.
+ */
 export class CacheUploader {
   private readonly infos = new LRUCache<string, PathInfo>({ max: PATH_INFO_MEMORY });
   private readonly uploaded = new LRUCache<string, true>({ max: PATH_INFO_MEMORY });
@@ -257,9 +258,7 @@ export class CacheUploader {
   /** A path's NAR out of the daemon: in memory up to IN_MEMORY_NAR_BYTES, else in a spool file. */
   private async holdNar(conn: NixDaemonConnection, path: string, narSize: number): Promise<NarPart> {
     if (narSize <= IN_MEMORY_NAR_BYTES) {
-      const chunks: Uint8Array[] = [];
-      for await (const chunk of conn.narFromPath(path)) chunks.push(chunk);
-      const data = Buffer.concat(chunks);
+      const data = await buffer(conn.narFromPath(path));
       return { bytes: data.length, data };
     }
     const dir = await mkdtemp(join(this.spoolDir, 'upload-'));

@@ -203,12 +203,15 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
       }
       narinfoBytes = n;
     }
-    const tooLarge =
-      combined === ''
-        ? (declared ?? 0) > limit.max
-        : narinfoBytes > limit.max || (declared ?? 0) - narinfoBytes > narLimit.max;
-    if (tooLarge) {
-      reject(ctx, 413, tooLargeMessage(narinfoBytes > limit.max || combined === '' ? kind : 'nar', limits));
+    // The part whose announced size is over its limit, if any: the narinfo of a one-request upload, or its NAR.
+    const over =
+      narinfoBytes > limit.max || (combined === '' && (declared ?? 0) > limit.max)
+        ? kind
+        : combined !== '' && (declared ?? 0) - narinfoBytes > narLimit.max
+          ? 'nar'
+          : undefined;
+    if (over !== undefined) {
+      reject(ctx, 413, tooLargeMessage(over, limits));
       return;
     }
     try {
