@@ -10,4 +10,9 @@ describe('timeOrderedId', () => {
     expect(new Set(ids).size).toBe(ids.length);
     expect(timeOrderedId(1_700_000_000_000).slice(0, 13)).toBe('018bcfe5-6800');
   });
+
+  it('draws fresh random bits for every id, also past the pool it draws them from', () => {
+    const ids = Array.from({ length: 1_000 }, () => timeOrderedId(1_700_000_000_000));
+    expect(new Set(ids.map((id) => id.slice(14))).size).toBe(ids.length);
+  });
 });

@@ -184,6 +184,67 @@ describe('the coordinator side of the agent protocol', () => {
     expect(coordinator.manager.isSettled(request)).toBe(false);
   });
 
+  it('commits a result and the lease that takes its slot together, in one transaction', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 60 });
+    const drvs = await instantiateAll('{ d1 = mk "d1" {}; d2 = mk "d2" {}; }');
+    const a = raw(coordinator.localAgentToken('raw-agent'));
+    a.hello({ maxJobs: 1 });
+    await a.next('welcome');
+    await coordinator.manager.submit(
+      Object.entries(drvs).map(([attr, drvPath]) => ({ attr, drvPath })),
+      'test',
+    );
+    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const first = await a.next('assign');
+
+    // What each top-level transaction of the build store did, from here on.
+    const store = coordinator.store;
+    const transactions: string[][] = [];
+    let current: string[] | undefined;
+    const transaction = store.transaction.bind(store);
+    store.transaction = <T>(fn: () => T): T => {
+      if (current) return transaction(fn);
+      current = [];
+      transactions.push(current);
+      try {
+        return transaction(fn);
+      } finally {
+        current = undefined;
+      }
+    };
+    for (const method of ['finishAttempt', 'insertAttempt'] as const) {
+      const original = store[method].bind(store) as (...args: unknown[]) => void;
+      store[method] = (...args: unknown[]) => {
+        current?.push(method);
+        original(...args);
+      };
+    }
+
+    a.send({
+      $case: 'jobEvent',
+      value: {
+        messageId: 1,
+        leaseId: first.leaseId,
+        event: {
+          $case: 'finished',
+          value: {
+            outcome: Outcome.OUTCOME_FAILED,
+            error: 'exit 1',
+            outputs: [],
+            finishedAtMs: 0,
+            pushes: [],
+            logBytes: 0,
+          },
+        },
+      },
+    });
+    a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const next = await a.next('assign', (x) => x.leaseId !== first.leaseId);
+    expect(next.drvPath).not.toBe(first.drvPath);
+    // The dispatch round runs last in the reports' group commit: one commit where there were two.
+    expect(transactions.filter((t) => t.length > 0)).toEqual([['finishAttempt', 'insertAttempt']]);
+  });
+
   it('hands out more leases than one dispatch round holds in rounds after it, taking turns between agents', async () => {
     coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 60 });
     const file = writeNixFile(

@@ -40,6 +40,12 @@ export interface AgentHubOptions {
  */
 const DISPATCH_ROUND_MAX = 100;
 
+/** A dispatch round's leases, by the agent they go to; sent once the round committed. */
+interface DispatchRound {
+  outgoing: Map<AgentSession, Assign[]>;
+  given: number;
+}
+
 // Heartbeats come four times per lease TTL, so a lease survives three lost heartbeats.
 const HEARTBEATS_PER_TTL = 4;
 // An agent may have this many log bytes unacknowledged: enough to keep a fast build's log flowing over a
@@ -380,13 +386,20 @@ export class AgentHub {
     this.logger.info({ agentId: session.agentId }, 'agent disconnected');
   }
 
+  /** A dispatch round runs last in the next group commit of agents' reports (`BuildManager.batch`). */
   private scheduleDispatch(): void {
     if (this.dispatchScheduled) return;
     this.dispatchScheduled = true;
-    setImmediate(() => {
-      this.dispatchScheduled = false;
-      this.survive('dispatch', () => this.dispatch());
-    });
+    let round: DispatchRound = { outgoing: new Map(), given: 0 };
+    this.manager
+      .batch(() => {
+        this.dispatchScheduled = false;
+        round = this.dispatch();
+      })
+      .then(
+        () => this.send(round),
+        (err: unknown) => this.health.fault('dispatch', err),
+      );
   }
 
   /** Runs work a timer started: an error in it is logged and counted, and the coordinator goes on. */
@@ -398,43 +411,47 @@ export class AgentHub {
     }
   }
 
-  /** Gives buildable work to agents with free slots, one build per agent per round so work spreads evenly. */
-  private dispatch(): void {
+  /**
+   * Gives buildable work to agents with free slots, one build per agent per round so work spreads evenly. Runs in
+   * the round's transaction; nothing is sent before it committed (`send`).
+   */
+  private dispatch(): DispatchRound {
     const othersCanTake = (self: string) => (lane: string, excluded: ReadonlySet<string>) =>
       [...this.sessions.values()].some(
         (s) =>
           s.agentId !== self && s.capabilities && !excluded.has(s.agentId) && agentMatchesLane(s.capabilities, lane),
       );
-    // One transaction for the whole round (a commit per lease was most of dispatch's cost); nothing is sent
-    // before it committed.
     const outgoing = new Map<AgentSession, Assign[]>();
     let given = 0;
-    this.manager.batch(() => {
-      // Each round starts where the last one stopped, so that with more agents than a round serves none waits.
-      const sessions = [...this.sessions.values()];
-      const start = sessions.length === 0 ? 0 : this.dispatchCursor % sessions.length;
-      const order = [...sessions.slice(start), ...sessions.slice(0, start)];
-      const free = new Map(order.map((s) => [s, this.freeSlotsOf(s)]));
-      let progress = true;
-      while (progress && given < DISPATCH_ROUND_MAX) {
-        progress = false;
-        for (const [s, slots] of free) {
-          if (given >= DISPATCH_ROUND_MAX) break;
-          if (!s.capabilities || slots === 0) continue;
-          // A check first: checks are short and what a pull request's author waits for.
-          const checks = this.checks?.assign(s.capabilities, 1) ?? [];
-          const assigns = checks.length > 0 ? checks : this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
-          if (assigns.length === 0) continue;
-          free.set(s, slots - assigns.length);
-          outgoing.set(s, [...(outgoing.get(s) ?? []), ...assigns]);
-          given += assigns.length;
-          progress = true;
-        }
+    // Each round starts where the last one stopped, so that with more agents than a round serves none waits.
+    const sessions = [...this.sessions.values()];
+    const start = sessions.length === 0 ? 0 : this.dispatchCursor % sessions.length;
+    const order = [...sessions.slice(start), ...sessions.slice(0, start)];
+    const free = new Map(order.map((s) => [s, this.freeSlotsOf(s)]));
+    let progress = true;
+    while (progress && given < DISPATCH_ROUND_MAX) {
+      progress = false;
+      for (const [s, slots] of free) {
+        if (given >= DISPATCH_ROUND_MAX) break;
+        if (!s.capabilities || slots === 0) continue;
+        // A check first: checks are short and what a pull request's author waits for.
+        const checks = this.checks?.assign(s.capabilities, 1) ?? [];
+        const assigns = checks.length > 0 ? checks : this.manager.assign(s.capabilities, 1, othersCanTake(s.agentId));
+        if (assigns.length === 0) continue;
+        free.set(s, slots - assigns.length);
+        outgoing.set(s, [...(outgoing.get(s) ?? []), ...assigns]);
+        given += assigns.length;
+        progress = true;
       }
-    });
-    this.dispatchCursor += given;
-    for (const [s, assigns] of outgoing) s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
+    }
+    return { outgoing, given };
+  }
+
+  /** Sends a committed round's leases. */
+  private send(round: DispatchRound): void {
+    this.dispatchCursor += round.given;
+    for (const [s, assigns] of round.outgoing) s.assign(assigns.map((value) => ({ $case: 'assign' as const, value })));
     // A full round may have left free slots and work: the next one comes after what arrived meanwhile.
-    if (given >= DISPATCH_ROUND_MAX) this.scheduleDispatch();
+    if (round.given >= DISPATCH_ROUND_MAX) this.scheduleDispatch();
   }
 }

@@ -90,6 +90,12 @@ export interface BuildResult {
  */
 const FOLLOW_UP_SLICE = 1_000;
 
+/** A write waiting for the next group commit, and how its caller learns the outcome. */
+interface QueuedWrite {
+  fn: () => void;
+  settle: (err?: Error) => void;
+}
+
 /**
  * The build pipeline: takes derivations in, persists every transition, feeds the scheduler, hands out leases
  * and turns agents' results into states. Events: `work` (something became buildable), `cancel-lease`
@@ -105,8 +111,9 @@ export class BuildManager extends EventEmitter {
   private settledNow: string[] = [];
   /** Who waits for which derivation to settle (`waitFor`). */
   private readonly waiters = new Map<string, Set<() => void>>();
-  /** Agents' reports waiting for the next group commit (`writeSoon`). */
-  private queuedWrites: Array<{ fn: () => void; settle: (err?: Error) => void }> = [];
+  /** Agents' reports waiting for the next group commit (`writeSoon`), and the writes that run after them (`batch`). */
+  private queuedWrites: QueuedWrite[] = [];
+  private queuedLast: QueuedWrite[] = [];
   private flushScheduled = false;
   /**
    * Dependents whose state a settled derivation decided, to be recorded a slice at a time (`recordSome`): made ready
@@ -117,8 +124,8 @@ export class BuildManager extends EventEmitter {
   private followUpScheduled = false;
   /** Dependents a failure took out of the scheduler that are not yet recorded dependency-failed: their root cause. */
   private readonly doomed = new Map<string, string>();
-  /** How many `write`s are running, one inside another; and the state changes they made, told when they commit. */
-  private writeDepth = 0;
+  /** Whether a `write` is running; and the state changes it made, told when it commits. */
+  private writing = false;
   private stateChanges: Array<{ drvPath: string; state: BuildState; attempt: number; agentId: string | null }> = [];
   /** The binary caches a derivation's outputs go to from the agent that builds it (see CachePushService). */
   pushPlanner: (drvPath: string) => CachePush[] = () => [];
@@ -439,9 +446,14 @@ export class BuildManager extends EventEmitter {
     return out;
   }
 
-  /** Runs `fn` (calls of `assign`) in one transaction: all of it is committed, or memory is reloaded. */
-  batch(fn: () => void): void {
-    this.write(fn);
+  /**
+   * Runs `fn` (a dispatch round: calls of `assign`) in the next group commit, after the reports that arrived with it,
+   * so that it sees what they freed and made buildable and shares their commit (a commit of its own was a fifth of a
+   * busy coordinator's time). Resolves once committed; rejects if `fn` failed (what it did is rolled back and memory
+   * reloaded) or the commit did.
+   */
+  batch(fn: () => void): Promise<void> {
+    return this.writeSoon(fn, true);
   }
 
   /** Records that an agent took a lease; committed with the next group of reports (`writeSoon`). */
@@ -524,9 +536,9 @@ export class BuildManager extends EventEmitter {
    * once the transaction committed — an agent's result is acknowledged only then — and rejects if `fn` failed
    * (its savepoint is rolled back and memory reloaded) or the commit did.
    */
-  private writeSoon(fn: () => void): Promise<void> {
+  private writeSoon(fn: () => void, last = false): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.queuedWrites.push({
+      (last ? this.queuedLast : this.queuedWrites).push({
         fn,
         settle: (err) => (err === undefined ? resolve() : reject(err)),
       });
@@ -538,8 +550,10 @@ export class BuildManager extends EventEmitter {
 
   private flushWrites(): void {
     this.flushScheduled = false;
-    const queued = this.queuedWrites;
+    const reports = this.queuedWrites.length;
+    const queued = [...this.queuedWrites, ...this.queuedLast];
     this.queuedWrites = [];
+    this.queuedLast = [];
     let failed: ReadonlyMap<number, Error>;
     try {
       // Reports rarely fail, so they first run together without savepoints (a savepoint per report cost as much as
@@ -552,7 +566,8 @@ export class BuildManager extends EventEmitter {
       failed = this.flushEach(queued);
     }
     queued.forEach((q, i) => q.settle(failed.get(i)));
-    this.emit('work');
+    // A dispatch round that ran last in this commit already saw what the reports changed.
+    if (reports > 0 && reports === queued.length) this.emit('work');
     this.announceSettled();
   }
 
@@ -560,7 +575,7 @@ export class BuildManager extends EventEmitter {
    * The reports of a group commit that failed, again, each in a savepoint of its own: the failing one is rolled back
    * and told why, the others are committed. Returns the errors by report; all of them fail if the commit does.
    */
-  private flushEach(queued: ReadonlyArray<{ fn: () => void }>): ReadonlyMap<number, Error> {
+  private flushEach(queued: readonly QueuedWrite[]): ReadonlyMap<number, Error> {
     const failed = new Map<number, Error>();
     try {
       this.write(() => {
@@ -938,16 +953,19 @@ export class BuildManager extends EventEmitter {
 
   /**
    * A write transaction. When it fails, what it did to memory (the scheduler, leases) may be ahead of the
-   * database: memory is reloaded from the database before the error goes on to the caller.
+   * database: memory is reloaded from the database before the error goes on to the caller. A write inside another
+   * is part of it, without a savepoint of its own (one per lease cost as much as the lease): its error is the outer
+   * one's to handle.
    */
   private write<T>(fn: () => T): T {
+    if (this.writing) return fn();
     const unannounced = this.stateChanges.length;
-    this.writeDepth++;
+    this.writing = true;
     let result: T;
     try {
       result = this.store.transaction(fn);
     } catch (err) {
-      this.writeDepth--;
+      this.writing = false;
       this.stateChanges.length = unannounced;
       this.settledNow = [];
       try {
@@ -957,8 +975,8 @@ export class BuildManager extends EventEmitter {
       }
       throw err;
     }
-    this.writeDepth--;
-    if (this.writeDepth === 0) this.announceStates();
+    this.writing = false;
+    this.announceStates();
     return result;
   }
 
@@ -979,7 +997,7 @@ export class BuildManager extends EventEmitter {
   ): boolean {
     if (this.store.setState(drvPath, state, attempt, now, extra)) {
       const change = { drvPath, state, attempt, agentId: extra.agentId ?? null };
-      if (this.writeDepth > 0) this.stateChanges.push(change);
+      if (this.writing) this.stateChanges.push(change);
       else this.emit('state', change.drvPath, change.state, change.attempt, change.agentId);
       return true;
     }
