@@ -25,6 +25,7 @@ import { EvalEnvironment } from './eval/eval-environment.js';
 import { EvaluationStore } from './eval/evaluation-store.js';
 import { type CoordinatorOptions, resolveGitHubAppCredentials, resolveOAuthSecrets } from './config.js';
 import { type Db, openDatabase } from './db/database.js';
+import { Checkpointer } from './db/checkpointer.js';
 import { apiRouter } from './http/api.js';
 import { createHttpApp, listen, routeList } from './http/server.js';
 import { defaultWebDir, webRouter } from './http/web-routes.js';
@@ -61,6 +62,8 @@ export class Coordinator {
   readonly logs: LogStore;
   /** Faults survived, and whether new work is paused for a full disk. */
   readonly health: Health;
+  /** Checkpoints the database's WAL off the event loop. */
+  private readonly checkpointer: Checkpointer;
   readonly audit: AuditLog;
   /** Agent tokens: an agent's identity. */
   readonly tokens: TokenStore;
@@ -100,6 +103,7 @@ export class Coordinator {
     this.store = new BuildStore(this.db);
     this.logs = new LogStore(join(options.dataDir, 'logs'));
     this.health = new Health(options.dataDir, logger.child({ component: 'health' }));
+    this.checkpointer = new Checkpointer(this.db, (err) => this.health.fault('WAL checkpoint', err));
     this.audit = new AuditLog(this.db);
     this.tokens = new TokenStore(this.db, this.audit, options.agentTokens, 'agent');
     this.apiTokens = new TokenStore(this.db, this.audit, options.apiTokens, 'api');
@@ -493,6 +497,7 @@ export class Coordinator {
     this.logs.closeAll();
     this.health.stop();
     this.evalEnv?.close();
+    await this.checkpointer.stop();
     this.db.close();
     this.state = 'stopped';
   }

@@ -44,3 +44,18 @@ describe('BuildStore.inputOutputsOf', () => {
     expect(store.inputOutputsOf(drv('leaf'))).toEqual([]);
   });
 });
+
+describe('BuildStore.recordOutput', () => {
+  it('records sizes, and the path only of an output whose path was not known before its build', () => {
+    const store = new BuildStore(db);
+    const floating = { ...node('floating', [], []), outputs: { out: '' } };
+    store.insertDerivations([node('fixed-path', [], ['out']), floating], 1);
+    const known = store.outputsOf(drv('fixed-path'))[0]!.path;
+    store.recordOutput(drv('fixed-path'), 'out', known, 10, 30);
+    store.recordOutput(drv('floating'), 'out', '/nix/store/built-floating-out', 7, 7);
+    expect(store.outputsOf(drv('fixed-path'))).toMatchObject([{ name: 'out', path: known, nar_size: 10 }]);
+    expect(store.outputsOf(drv('floating'))).toMatchObject([
+      { name: 'out', path: '/nix/store/built-floating-out', nar_size: 7, closure_size: 7 },
+    ]);
+  });
+});

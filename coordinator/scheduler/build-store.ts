@@ -82,8 +82,11 @@ export class BuildStore {
       insertInput: db.prepare('INSERT OR IGNORE INTO derivation_inputs (drv_path, input_drv) VALUES (?, ?)'),
       insertOutput: db.prepare('INSERT OR IGNORE INTO derivation_outputs (drv_path, name, path) VALUES (?, ?, ?)'),
       setOutputSizes: db.prepare(
-        'UPDATE derivation_outputs SET nar_size = ?, closure_size = ?, path = ? WHERE drv_path = ? AND name = ?',
+        'UPDATE derivation_outputs SET nar_size = ?, closure_size = ? WHERE drv_path = ? AND name = ?',
       ),
+      // Apart, so that an output whose path was known (all but content-addressed ones) keeps its entry in the
+      // index by path, which is keyed at random: rewriting it cost a page written per build.
+      setOutputPath: db.prepare('UPDATE derivation_outputs SET path = ? WHERE drv_path = ? AND name = ? AND path <> ?'),
       setAttempts: db.prepare('UPDATE derivations SET attempts = ?, agent_id = ?, updated_at = ? WHERE drv_path = ?'),
       getDrv: db.prepare('SELECT * FROM derivations WHERE drv_path = ?'),
       activeDrvs: db.prepare("SELECT * FROM derivations WHERE state IN ('queued', 'buildable', 'building')"),
@@ -291,7 +294,8 @@ export class BuildStore {
   }
 
   recordOutput(drvPath: string, name: string, path: string, narSize: number, closureSize: number): void {
-    this.s.setOutputSizes.run(narSize, closureSize, path, drvPath, name);
+    this.s.setOutputSizes.run(narSize, closureSize, drvPath, name);
+    this.s.setOutputPath.run(path, drvPath, name, path);
   }
 
   insertAttempt(a: {
