@@ -29,7 +29,8 @@ function parseKeyValueLines(text: string, fail: (problem: string) => never): Map
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i]!;
     if (line.trim() === '' || line.trim().startsWith('#')) continue;
-    const match = /^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
+    // `s`: a value may hold U+2028 and U+2029, which `.` would not match (JavaScript counts them as line ends).
+    const match = /^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/s.exec(line);
     if (!match) return fail(`line ${i + 1} is not KEY=VALUE`);
     const [, key, rest] = match as unknown as [string, string, string];
     const quote = rest[0];
@@ -45,7 +46,7 @@ function parseKeyValueLines(text: string, fail: (problem: string) => never): Map
       quoted += `\n${lines[i]}`;
     }
     const close = closingQuote(quoted, quote);
-    if (!/^\s*(#.*)?$/.test(quoted.slice(close + 1))) return fail(`line ${i + 1}: text after the quoted ${key}`);
+    if (!/^\s*(#.*)?$/s.test(quoted.slice(close + 1))) return fail(`line ${i + 1}: text after the quoted ${key}`);
     values.set(key, quote === '"' ? unescape(quoted.slice(0, close)) : quoted.slice(0, close));
   }
   return values;
@@ -60,5 +61,5 @@ function closingQuote(text: string, quote: string): number {
 }
 
 function unescape(raw: string): string {
-  return raw.replace(/\\(.)/g, (_, c: string) => (c === 'n' ? '\n' : c === 'r' ? '\r' : c === 't' ? '\t' : c));
+  return raw.replace(/\\(.)/gs, (_, c: string) => (c === 'n' ? '\n' : c === 'r' ? '\r' : c === 't' ? '\t' : c));
 }

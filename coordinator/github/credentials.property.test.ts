@@ -30,6 +30,17 @@ describe('parseCredentialFile on any file', () => {
     );
   });
 
+  it('reads values holding U+2028 and U+2029, which JavaScript counts as line ends (found by the property above)', () => {
+    const text = ['A="x\u2028y"', "B='\u2029'", 'C=" \u2028 # z" # comment \u2029'].join('\n');
+    expect(parseCredentialFile(text)).toEqual(
+      new Map([
+        ['A', 'x\u2028y'],
+        ['B', '\u2029'],
+        ['C', ' \u2028 # z'],
+      ]),
+    );
+  });
+
   it('reads a damaged file or refuses it with GitHubCredentialsError, without quoting its content', () => {
     const tokens = ['"', "'", '\\', '=', '\n', '#', 'export ', '{', '}'];
     fc.assert(
