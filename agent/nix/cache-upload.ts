@@ -3,13 +3,13 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
-import { buffer } from 'node:stream/consumers';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { LRUCache } from 'lru-cache';
 import { Backoff, sleep } from '../../common/backoff.js';
 import { CacheError } from '../../common/errors.js';
 import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-client.js';
+import { readAll } from '../../common/read-all.js';
 import { nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { storePathHash } from '../../common/nix/store-path.js';
 
@@ -258,7 +258,7 @@ export class CacheUploader {
   /** A path's NAR out of the daemon: in memory up to IN_MEMORY_NAR_BYTES, else in a spool file. */
   private async holdNar(conn: NixDaemonConnection, path: string, narSize: number): Promise<NarPart> {
     if (narSize <= IN_MEMORY_NAR_BYTES) {
-      const data = await buffer(conn.narFromPath(path));
+      const data = await readAll(conn.narFromPath(path));
       return { bytes: data.length, data };
     }
     const dir = await mkdtemp(join(this.spoolDir, 'upload-'));

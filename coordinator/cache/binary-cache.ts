@@ -23,10 +23,10 @@ import {
 import { readdir, rename, unlink } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
-import { buffer } from 'node:stream/consumers';
 import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { CacheError } from '../../common/errors.js';
+import { readAll } from '../../common/read-all.js';
 import { turn } from '../../common/turn.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
@@ -230,7 +230,7 @@ export class BinaryCache {
     const notItsName = (actual: string) =>
       new CacheError(`${relativePath}: content hashes to sha256:${actual}, not to the hash in its name`);
     if (bytes !== undefined && bytes <= SMALL_FILE_BYTES) {
-      const data = await buffer(body);
+      const data = await readAll(body);
       const actual = nixBase32(createHash('sha256').update(data).digest());
       if (actual !== claimed) throw notItsName(actual);
       const tmp = this.tempFor(relativePath);

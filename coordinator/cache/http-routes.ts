@@ -27,6 +27,7 @@ import { Readable } from 'node:stream';
 import Router, { type RouterContext } from '@koa/router';
 import { CacheError } from '../../common/errors.js';
 import { STORE_DIR } from '../../common/nix/store-path.js';
+import { readAll } from '../../common/read-all.js';
 import type { AccessControl, Principal, Visibility } from '../access/access-control.js';
 import { type NarInfo, parseNarInfo } from '../../common/nix/narinfo.js';
 import type { BinaryCache } from './binary-cache.js';
@@ -331,9 +332,7 @@ async function splitBody(body: AsyncIterable<Buffer>, bytes: number): Promise<{ 
 }
 
 async function readText(body: AsyncIterable<Buffer>): Promise<string> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of body) chunks.push(chunk);
-  return Buffer.concat(chunks).toString('utf8');
+  return (await readAll(body)).toString('utf8');
 }
 
 /** The body size a request declares, when it declares one that makes sense. */
