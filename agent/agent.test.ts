@@ -20,7 +20,7 @@ import { execFileSync } from 'node:child_process';
 import { ServerCredentials, status } from '@grpc/grpc-js';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AuthError } from '../common/errors.js';
-import { silentLogger } from '../common/logging.js';
+import { createLogger, silentLogger } from '../common/logging.js';
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
 import { Outcome, type Assign, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
 import { Agent } from './agent.js';
@@ -383,6 +383,25 @@ describe('Agent', () => {
       .poll(() => s.received.filter(is.heartbeat).at(-1)?.msg?.value, { timeout: 2000 })
       .toEqual({ leaseIds: [] });
     expect(c.eventsOf('orphan', 'finished')).toEqual([]);
+  });
+
+  it('reconnects within a heartbeat interval while it holds a lease, however long its backoff has grown', async () => {
+    const c = await coordinator({ welcome: { heartbeatIntervalMs: 100 } });
+    const lines: string[] = [];
+    const logger = createLogger('agent', 'warn', { write: (line: string) => void lines.push(line) });
+    // Left to itself, this backoff would wait 30 to 60 s: past the lease TTL a restarted coordinator allows.
+    const a = agent(c, { backoffBaseMs: 60_000, backoffCapMs: 60_000, logger });
+    await a.start();
+    const first = await c.stream(0);
+    first.send(assign('held', await shellDerivation('/bin/sleep 60')));
+    await first.waitFor(is.event('held', 'started'));
+    first.fail(status.UNAVAILABLE, 'the coordinator restarts');
+    const second = await c.stream(1);
+    const hello = await second.waitFor((m) => m.msg?.$case === 'hello');
+    expect(hello.msg?.$case === 'hello' && hello.msg.value.runningLeases.map((l) => l.leaseId)).toEqual(['held']);
+    const retries = lines.map((l) => JSON.parse(l) as { retryInMs?: number }).filter((l) => l.retryInMs !== undefined);
+    expect(retries).toHaveLength(1);
+    expect(retries[0]!.retryInMs).toBeLessThanOrEqual(100);
   });
 
   it('drops a lease the coordinator does not keep after a reconnect', async () => {

@@ -74,6 +74,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   private workload: Workload | null = null;
   private session: Session | null = null;
   private readonly heartbeat: HeartbeatLoop;
+  /** The last coordinator's heartbeat interval, a quarter of its lease TTL (0 before the first Welcome). */
+  private heartbeatIntervalMs = 0;
   private readonly pool: StorePool;
   private readonly uploader: CacheUploader;
   private capabilities: NixCapabilities | null = null;
@@ -177,7 +179,14 @@ export class Agent extends EventEmitter<AgentEvents> {
       address: this.options.coordinator,
       credentials,
       token: this.options.token,
-      backoff: new Backoff(this.options.backoffBaseMs, this.options.backoffCapMs),
+      // While it holds leases, the agent tries again at least once per heartbeat interval: a restarted coordinator
+      // gives agents one lease TTL to claim their leases back, and a delay from the far end of the backoff (up to
+      // half a minute) outlasted it, so that builds done here were built again elsewhere.
+      backoff: new Backoff(this.options.backoffBaseMs, this.options.backoffCapMs, Math.random, () =>
+        this.heartbeatIntervalMs > 0 && (this.workload?.heldLeaseIds().length ?? 0) > 0
+          ? this.heartbeatIntervalMs
+          : undefined,
+      ),
       logger: this.options.logger.child({ component: 'session' }),
       handler: this.sessionHandler(),
     });
@@ -325,7 +334,8 @@ export class Agent extends EventEmitter<AgentEvents> {
       this.welcoming = false;
     }
     this.shipper.attach(this.session as Session, welcome.logWindowBytes);
-    this.heartbeat.start(welcome.heartbeatIntervalMs || DEFAULT_HEARTBEAT_INTERVAL_MS);
+    this.heartbeatIntervalMs = welcome.heartbeatIntervalMs || DEFAULT_HEARTBEAT_INTERVAL_MS;
+    this.heartbeat.start(this.heartbeatIntervalMs);
     this.welcomed.resolve();
     this.emit('welcome', welcome);
   }

@@ -5,16 +5,21 @@
 export class Backoff {
   private attempt = 0;
 
+  /** `limit`, when it gives a number, caps the delays below `capMs` for as long as it does. */
   constructor(
     private readonly baseMs: number,
     private readonly capMs: number,
     private readonly random: () => number = Math.random,
+    private readonly limit: () => number | undefined = () => undefined,
   ) {}
 
   next(): number {
-    const ceiling = Math.min(this.capMs, this.baseMs * 2 ** this.attempt);
+    const cap = Math.min(this.capMs, this.limit() ?? Infinity);
+    const ceiling = Math.min(cap, this.baseMs * 2 ** this.attempt);
     this.attempt = Math.min(this.attempt + 1, 30);
-    return Math.round(this.baseMs / 2 + (ceiling - this.baseMs / 2) * this.random());
+    // [base/2, ceiling] as documented; below base, a limit keeps half its range for jitter.
+    const floor = Math.min(this.baseMs, ceiling) / 2;
+    return Math.round(floor + (ceiling - floor) * this.random());
   }
 
   reset(): void {
