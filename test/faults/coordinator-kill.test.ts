@@ -121,11 +121,9 @@ function touch(dir: string, file: string): void {
 }
 
 describe.runIf(canInjectFaults())('coordinator killed with kill -9 during a build', () => {
-  // Bug (issue 11): fails in nearly every run from the bug that "keeps the log and the one result of a build whose
-  // upload meets a coordinator restart" pins down deterministically: each kill meets a few uploads, which end as
-  // infrastructure errors; a retry on the same agent finds the output built, runs no builder, and succeeds with an
-  // empty log ("log bytes lost" > 0 in the figures). Three kills make a run that meets no upload unlikely. Remove
-  // `.fails` once uploads survive a coordinator restart.
+  // Each kill meets builds in flight, uploads and results; the agents must claim their leases back within the TTL
+  // the restarted coordinator gives them (they reconnect at least once per heartbeat interval while holding some),
+  // or a build done on one is built again, on an agent that finds its output there and logs nothing.
   it('builds every derivation once with its whole log through three kills, and the agents ride them out', async () => {
     fleet = new Fleet({ agents: ['fault-a', 'fault-b'], leaseTtlSeconds: 10 });
     const run = await buildThroughKills(fleet, 60, 12, 3);
