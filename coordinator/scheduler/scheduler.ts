@@ -47,8 +47,11 @@ interface Node {
   criticalPath: number;
   seq: number;
   readySince: number;
-  readonly excludedAgents: Set<string>;
+  /** Agents that lost an attempt of it; made at the first (rare), not for each of 100k nodes. */
+  excludedAgents?: Set<string>;
 }
+
+const NO_AGENTS: ReadonlySet<string> = new Set();
 
 // How far down a lane the scheduler looks for work that an agent is not excluded from before giving up on the
 // lane; exclusions are rare (only after an infrastructure failure), so a short scan suffices.
@@ -138,18 +141,21 @@ export class Scheduler {
         criticalPath: 1,
         seq: 0,
         readySince: 0,
-        excludedAgents: new Set(),
       };
       this.nodes.set(spec.drvPath, node);
       if (spec.untrusted) this.untrusted++;
       added.push(node);
     }
     for (const node of added) {
-      for (const input of node.spec.pendingInputs) {
+      // The inputs are kept as their nodes' own strings: read from the database, each edge had a copy of its own,
+      // a third of a big graph's memory.
+      const inputs = node.spec.pendingInputs.map((input) => {
         const inputNode = this.nodes.get(input);
         if (!inputNode) throw new IllegalStateError(`${node.spec.drvPath}: pending input ${input} is not scheduled`);
         inputNode.dependents.push(node.spec.drvPath);
-      }
+        return inputNode.spec.drvPath;
+      });
+      node.spec = { ...node.spec, pendingInputs: inputs };
     }
     this.updateCriticalPaths(added);
     const ready: string[] = [];
@@ -260,7 +266,7 @@ export class Scheduler {
   retry(drvPath: string, agentId: string): void {
     const node = this.require(drvPath);
     if (node.status !== 'building') throw new IllegalStateError(`${drvPath} is ${node.status}, not building`);
-    node.excludedAgents.add(agentId);
+    (node.excludedAgents ??= new Set()).add(agentId);
     this.enqueue(node);
   }
 
@@ -292,7 +298,7 @@ export class Scheduler {
     othersCanTake: (lane: string, excluded: ReadonlySet<string>) => boolean,
   ): Node | undefined {
     const head = heap.peek();
-    if (head && !head.excludedAgents.has(agent.agentId)) return head;
+    if (head && !head.excludedAgents?.has(agent.agentId)) return head;
     // Beyond the head the heap is only partly ordered: the next items in priority order are popped (O(log n) each,
     // never more than the scan depth) and pushed back.
     const scanned: Node[] = [];
@@ -301,7 +307,8 @@ export class Scheduler {
       const node = heap.pop();
       if (!node) break;
       scanned.push(node);
-      if (!node.excludedAgents.has(agent.agentId) || !othersCanTake(node.lane, node.excludedAgents)) {
+      const excluded = node.excludedAgents ?? NO_AGENTS;
+      if (!excluded.has(agent.agentId) || !othersCanTake(node.lane, excluded)) {
         found = node;
         break;
       }
