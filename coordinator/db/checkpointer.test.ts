@@ -18,7 +18,7 @@ describe('Checkpointer', () => {
     db.exec('CREATE TABLE blobs (b BLOB NOT NULL)');
     const errors: Error[] = [];
     const checkpointer = new Checkpointer(db, (err) => errors.push(err));
-    expect(db.pragma('wal_autocheckpoint', { simple: true })).toBe(4096);
+    expect(db.pragma('wal_autocheckpoint', { simple: true })).toBe(16_384);
     const before = statSync(file).size;
     // About 1,300 pages of WAL: below the writer's own threshold, so only the thread copies them.
     const insert = db.prepare('INSERT INTO blobs (b) VALUES (?)');
