@@ -245,6 +245,67 @@ describe('the coordinator side of the agent protocol', () => {
     expect(transactions.filter((t) => t.length > 0)).toEqual([['finishAttempt', 'insertAttempt']]);
   });
 
+  it('records no more dependents in one group commit than one slice, however many of its reports settled', async () => {
+    coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 60 });
+    // Two roots with 600 dependents each, failing in the same group commit: 1,200 dependents to record.
+    const file = writeNixFile(
+      tempDir(),
+      nonce(),
+      `let a = mk "root-a" {}; b = mk "root-b" {}; in { inherit a b; } // builtins.listToAttrs (builtins.genList (i: {
+         name = "x\${toString i}"; value = mk "x\${toString i}" { deps = [ (if i < 600 then a else b) ]; };
+       }) 1200)`,
+    );
+    const all = (await runNixChecked('nix-instantiate', [...NO_SUBSTITUTERS, file])).trim().split('\n');
+    expect(all).toHaveLength(1202);
+    const a = raw(coordinator.localAgentToken('raw-agent'));
+    a.hello({ maxJobs: 2 });
+    await a.next('welcome');
+    const request = await coordinator.manager.submit(
+      all.map((drvPath, i) => ({ attr: `d${i}`, drvPath })),
+      'test',
+    );
+    a.send({ $case: 'credit', value: { freeSlots: 2, draining: false } });
+    const first = await a.next('assign');
+    const second = await a.next('assign', (x) => x.leaseId !== first.leaseId);
+    const failedDependents = () =>
+      (
+        coordinator!.store.db
+          .prepare("SELECT COUNT(*) AS n FROM derivations WHERE state = 'dependency-failed'")
+          .get() as {
+          n: number;
+        }
+      ).n;
+    const roots = new Set([first.drvPath, second.drvPath]);
+    const atCommit: number[] = [];
+    coordinator.manager.on('state', (drvPath: string, state: string) => {
+      // Told right after the commit that recorded both failures, before the next slice's.
+      if (roots.has(drvPath) && state === 'failed') atCommit.push(failedDependents());
+    });
+    for (const [messageId, lease] of [first, second].entries()) {
+      a.send({
+        $case: 'jobEvent',
+        value: {
+          messageId: messageId + 1,
+          leaseId: lease.leaseId,
+          event: {
+            $case: 'finished',
+            value: {
+              outcome: Outcome.OUTCOME_FAILED,
+              error: 'exit 1',
+              outputs: [],
+              finishedAtMs: 0,
+              pushes: [],
+              logBytes: 0,
+            },
+          },
+        },
+      });
+    }
+    const results = await coordinator.manager.waitFor(request);
+    expect(results.filter((r) => r.state === 'dependency-failed')).toHaveLength(1200);
+    expect(atCommit).toEqual([1000, 1000]);
+  });
+
   it('hands out more leases than one dispatch round holds in rounds after it, taking turns between agents', async () => {
     coordinator = await startCoordinator(tempDir(), { lease_ttl_seconds: 60 });
     const file = writeNixFile(

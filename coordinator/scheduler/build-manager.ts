@@ -85,8 +85,8 @@ export interface BuildResult {
 }
 
 /**
- * How many dependents one write records as buildable or dependency-failed (`recordSome`): ≈10–40 ms of the event
- * loop.
+ * How many dependents one write records as buildable or dependency-failed (`recordSome`), however many of its
+ * reports settled derivations: ≈10–80 ms of the event loop.
  */
 const FOLLOW_UP_SLICE = 1_000;
 
@@ -122,6 +122,8 @@ export class BuildManager extends EventEmitter {
   private following: Array<{ drvPath: string; rootCause?: string }> = [];
   private followed = 0;
   private followUpScheduled = false;
+  /** How many more dependents the running write may record (`recordSome`). */
+  private followBudget = FOLLOW_UP_SLICE;
   /** Dependents a failure took out of the scheduler that are not yet recorded dependency-failed: their root cause. */
   private readonly doomed = new Map<string, string>();
   /** Whether a `write` is running; and the state changes it made, told when it commits. */
@@ -961,6 +963,7 @@ export class BuildManager extends EventEmitter {
     if (this.writing) return fn();
     const unannounced = this.stateChanges.length;
     this.writing = true;
+    this.followBudget = FOLLOW_UP_SLICE;
     let result: T;
     try {
       result = this.store.transaction(fn);
@@ -1047,7 +1050,10 @@ export class BuildManager extends EventEmitter {
    * recovery reads it as buildable, or as dependency-failed when an input failed (`load`).
    */
   private recordSome(now: number): void {
-    const end = Math.min(this.following.length, this.followed + FOLLOW_UP_SLICE);
+    // A budget per write, not per call: each report of a group commit that settles a derivation calls this, and with
+    // a long queue of dependents every one of them took a slice (group commits of up to 400 ms at 100k).
+    const end = Math.min(this.following.length, this.followed + Math.max(0, this.followBudget));
+    this.followBudget -= end - this.followed;
     for (; this.followed < end; this.followed++) {
       const { drvPath, rootCause } = this.following[this.followed]!;
       if (rootCause === undefined) {
