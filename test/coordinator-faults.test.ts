@@ -44,20 +44,6 @@ async function leased(dir: string, overrides: Record<string, unknown> = {}): Pro
   return { a, lease: await a.next('assign') };
 }
 
-function finished(a: RawAgent, messageId: number, leaseId: string, outcome: Outcome, error = ''): void {
-  a.send({
-    $case: 'jobEvent',
-    value: {
-      messageId,
-      leaseId,
-      event: {
-        $case: 'finished',
-        value: { outcome, error, outputs: [], finishedAtMs: Date.now(), logBytes: 0, pushes: [] },
-      },
-    },
-  });
-}
-
 const state = (drvPath: string): string | undefined => coordinator!.store.derivation(drvPath)?.state;
 
 describe('the coordinator under faults', () => {
@@ -68,7 +54,7 @@ describe('the coordinator under faults', () => {
       `CREATE TRIGGER refuse BEFORE UPDATE OF state ON attempts WHEN NEW.state = 'failed'
        BEGIN SELECT RAISE(ABORT, 'injected: disk I/O error'); END`,
     );
-    finished(a, 7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
+    a.finished(7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
     // The stream ends, so that the agent reconnects and sends what was not acknowledged again at once.
     expect(await a.ended()).toMatchObject({ details: expect.stringMatching(/EKACI_ERR_UNAVAILABLE/) as unknown });
     expect(await coordinator!.health.count('job event finished', 'error')).toBe(1);
@@ -81,7 +67,7 @@ describe('the coordinator under faults', () => {
     again.hello({ runningLeases: [{ leaseId: lease.leaseId, logBytes: 0 }] });
     expect((await again.next('welcome')).leaseDecisions[0]?.keep).toBe(true);
     coordinator!.store.db.exec('DROP TRIGGER refuse');
-    finished(again, 7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
+    again.finished(7, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
     await again.next('ack', (x) => x.messageIds.includes(7));
     expect(state(lease.drvPath)).toBe('failed');
     expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('failed');
@@ -188,7 +174,7 @@ describe('the coordinator under faults', () => {
     expect(cancel.reason).toMatch(/build_max_log_bytes \(100/);
     // The dropped bytes are acknowledged, so that the agent does not send them again and again.
     await a.next('logAck', (x) => x.storedBytes === 120);
-    finished(a, 1, lease.leaseId, Outcome.OUTCOME_CANCELLED, 'cancelled');
+    a.finished(1, lease.leaseId, Outcome.OUTCOME_CANCELLED, 'cancelled');
     await a.next('ack', (x) => x.messageIds.includes(1));
     expect(coordinator!.store.derivation(lease.drvPath)?.state).toBe('failed');
     expect(coordinator!.store.derivation(lease.drvPath)?.error).toMatch(/exceeded build_max_log_bytes/);
@@ -200,7 +186,7 @@ describe('the coordinator under faults', () => {
     const { a, lease } = await leased(tempDir());
     a.send({ $case: 'logChunk', value: { leaseId: lease.leaseId, offset: 0, data: Buffer.from('first half, ') } });
     await a.next('logAck', (x) => x.storedBytes === 12);
-    finished(a, 1, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
+    a.finished(1, lease.leaseId, Outcome.OUTCOME_FAILED, 'builder exited 1');
     await a.next('ack', (x) => x.messageIds.includes(1));
     expect(coordinator!.logs.openCount).toBe(0);
     // After a reconnect an agent sends what it still has in any order: the rest of the log comes after the result.

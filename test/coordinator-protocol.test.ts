@@ -220,24 +220,7 @@ describe('the coordinator side of the agent protocol', () => {
       };
     }
 
-    a.send({
-      $case: 'jobEvent',
-      value: {
-        messageId: 1,
-        leaseId: first.leaseId,
-        event: {
-          $case: 'finished',
-          value: {
-            outcome: Outcome.OUTCOME_FAILED,
-            error: 'exit 1',
-            outputs: [],
-            finishedAtMs: 0,
-            pushes: [],
-            logBytes: 0,
-          },
-        },
-      },
-    });
+    a.finished(1, first.leaseId, Outcome.OUTCOME_FAILED, 'exit 1');
     a.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
     const next = await a.next('assign', (x) => x.leaseId !== first.leaseId);
     expect(next.drvPath).not.toBe(first.drvPath);
@@ -281,26 +264,8 @@ describe('the coordinator side of the agent protocol', () => {
       // Told right after the commit that recorded both failures, before the next slice's.
       if (roots.has(drvPath) && state === 'failed') atCommit.push(failedDependents());
     });
-    for (const [messageId, lease] of [first, second].entries()) {
-      a.send({
-        $case: 'jobEvent',
-        value: {
-          messageId: messageId + 1,
-          leaseId: lease.leaseId,
-          event: {
-            $case: 'finished',
-            value: {
-              outcome: Outcome.OUTCOME_FAILED,
-              error: 'exit 1',
-              outputs: [],
-              finishedAtMs: 0,
-              pushes: [],
-              logBytes: 0,
-            },
-          },
-        },
-      });
-    }
+    for (const [i, lease] of [first, second].entries())
+      a.finished(i + 1, lease.leaseId, Outcome.OUTCOME_FAILED, 'exit 1');
     const results = await coordinator.manager.waitFor(request);
     expect(results.filter((r) => r.state === 'dependency-failed')).toHaveLength(1200);
     expect(atCommit).toEqual([1000, 1000]);

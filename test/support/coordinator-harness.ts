@@ -8,6 +8,7 @@ import {
   AgentServiceClient,
   type CoordinatorMessage,
   type Hello,
+  type Outcome,
 } from '../../common/proto/ekaci/agent/v1/agent.js';
 import { PROTOCOL_VERSION } from '../../common/protocol-version.js';
 import { compileCoordinatorConfig } from '../../coordinator/config.js';
@@ -69,6 +70,21 @@ export class RawAgent {
 
   send(msg: AgentMessage['msg']): void {
     this.call.write({ msg });
+  }
+
+  /** Reports a lease's build as ended with `outcome`, with no outputs. */
+  finished(messageId: number, leaseId: string, outcome: Outcome, error = ''): void {
+    this.send({
+      $case: 'jobEvent',
+      value: {
+        messageId,
+        leaseId,
+        event: {
+          $case: 'finished',
+          value: { outcome, error, outputs: [], finishedAtMs: Date.now(), logBytes: 0, pushes: [] },
+        },
+      },
+    });
   }
 
   hello(overrides: Partial<Hello> = {}): void {
