@@ -319,7 +319,7 @@ export class Coordinator {
     });
     this.cachePushes.attachBuiltIn(this.cache, join(this.options.dataDir, 'tmp', 'cache-pushes'), (drvPath) => {
       const attempt = this.store.derivation(drvPath)?.attempts ?? 0;
-      const path = attempt > 0 ? this.logs.pathFor(drvPath, attempt) : undefined;
+      const path = attempt > 0 ? this.store.logPathOf(drvPath, attempt) : undefined;
       return path !== undefined && existsSync(path) ? this.logs.read(path) : undefined;
     });
     const metrics = createMetrics({

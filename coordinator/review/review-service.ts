@@ -91,7 +91,10 @@ export class ReviewService {
         head: head.jobs.find((j) => j.name === d.name)?.attrs ?? [],
       })),
       build: (drv) => buildFacts(store, rows.get(drv)),
-      logTail: (drv, lines) => logs.tail(logs.pathFor(drv, store.derivation(drv)?.attempts ?? 0), lines),
+      logTail: (drv, lines) => {
+        const path = store.logPathOf(drv, store.derivation(drv)?.attempts ?? 0);
+        return path === undefined ? '' : logs.tail(path, lines);
+      },
       references: (path) => this.sources.references(path),
       branchSizes: (branch, job, attr) => this.sources.sizes?.newestOnBranch(repo, branch, job, attr),
     });

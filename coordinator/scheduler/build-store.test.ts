@@ -59,3 +59,16 @@ describe('BuildStore.recordOutput', () => {
     ]);
   });
 });
+
+describe('BuildStore.logPathOf', () => {
+  it("gives where an attempt's log was stored, and nothing for an attempt that was not made", () => {
+    const store = new BuildStore(db);
+    store.insertDerivations([node('logged', [], ['out'])], 1);
+    const at = { drvPath: drv('logged'), agentId: 'a', now: 1, expiresAt: 2 };
+    store.insertAttempt({ ...at, leaseId: 'lease-logged-1', attempt: 1, logPath: '/data/logs/old-layout/1.log' });
+    store.insertAttempt({ ...at, leaseId: 'lease-logged-2', attempt: 2, logPath: '/data/logs/lo/logged.2.log' });
+    expect(store.logPathOf(drv('logged'), 1)).toBe('/data/logs/old-layout/1.log');
+    expect(store.logPathOf(drv('logged'), 2)).toBe('/data/logs/lo/logged.2.log');
+    expect(store.logPathOf(drv('logged'), 3)).toBeUndefined();
+  });
+});

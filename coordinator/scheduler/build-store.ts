@@ -113,6 +113,7 @@ export class BuildStore {
       cancelAttempt: db.prepare('UPDATE attempts SET cancel_reason = ? WHERE lease_id = ? AND cancel_reason IS NULL'),
       logTruncated: db.prepare('UPDATE attempts SET log_truncated = 1 WHERE lease_id = ?'),
       attemptsOf: db.prepare('SELECT * FROM attempts WHERE drv_path = ? ORDER BY attempt'),
+      logPathOf: db.prepare('SELECT log_path FROM attempts WHERE drv_path = ? AND attempt = ?'),
       insertRequest: db.prepare('INSERT INTO requests (created_at, source) VALUES (?, ?)'),
       insertRoot: db.prepare('INSERT OR REPLACE INTO request_roots (request_id, attr, drv_path) VALUES (?, ?, ?)'),
       rootsOf: db.prepare('SELECT attr, drv_path FROM request_roots WHERE request_id = ? ORDER BY rowid'),
@@ -321,6 +322,11 @@ export class BuildStore {
 
   attemptsOf(drvPath: string): AttemptRow[] {
     return this.s.attemptsOf.all(drvPath) as AttemptRow[];
+  }
+
+  /** Where an attempt's log is stored (LogStore.pathFor at the time it was made); undefined for no such attempt. */
+  logPathOf(drvPath: string, attempt: number): string | undefined {
+    return (this.s.logPathOf.get(drvPath, attempt) as { log_path: string } | undefined)?.log_path;
   }
 
   acceptAttempt(leaseId: string): void {

@@ -182,7 +182,8 @@ export class CoordinatorProcess {
   /** The stored log of one attempt, as the coordinator has it now ('' before the first byte). */
   log(drvPath: string, attempt: number): string {
     try {
-      return readFileSync(this.dataPath('logs', basename(drvPath), `${attempt}.log`), 'utf8');
+      const name = basename(drvPath);
+      return readFileSync(this.dataPath('logs', name.slice(0, 2), `${name}.${attempt}.log`), 'utf8');
     } catch {
       return '';
     }
