@@ -1,7 +1,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { basename, join } from 'node:path';
+import { join } from 'node:path';
 import { sleep } from '../common/backoff.js';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -237,12 +237,14 @@ token = "${token}"
   });
 });
 
+/** The first attempt's log of the `chatty` derivation (`logs/<first two characters>/<drv name>.1.log`). */
 function findLog(logDir: string): string | undefined {
   if (!existsSync(logDir)) return undefined;
-  const entries = readdirSync(logDir).filter((e) => e.includes('-chatty-'));
-  if (entries.length === 0) return undefined;
-  const file = join(logDir, basename(entries[0]!), '1.log');
-  return existsSync(file) ? file : undefined;
+  for (const shard of readdirSync(logDir)) {
+    const file = readdirSync(join(logDir, shard)).find((f) => f.includes('-chatty-') && f.endsWith('.drv.1.log'));
+    if (file) return join(logDir, shard, file);
+  }
+  return undefined;
 }
 
 function freePort(): Promise<number> {
