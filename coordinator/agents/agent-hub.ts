@@ -34,7 +34,7 @@ export interface AgentHubOptions {
 }
 
 /**
- * At most this many leases are handed out per dispatch round, one transaction each: a thousand free slots and a
+ * At most this many leases are handed out per dispatch round, one group commit each: a thousand free slots and a
  * layer of work that just became buildable took one round of ≈200 ms, holding every agent's result and every other
  * slot's Assign behind it (bench/fleet); rounds of 100 hand out the first leases at once and let the rest follow.
  */

@@ -5,9 +5,11 @@ import { basename, dirname, join } from 'node:path';
  * Build logs, one file per derivation and attempt (`logs/<first two characters>/<drv name>.<attempt>.log`), so a
  * retry never overwrites the log of the attempt before it. The directories are shared by many derivations: one
  * directory per derivation (the layout before) cost a `mkdir` per build, 0.6 ms of the event loop on a slow disk.
- * A log is found through its attempt's `log_path`, which keeps logs of the earlier layout readable. Chunks arrive addressed by byte offset: bytes the store already
- * has are skipped, so a chunk sent twice (after a reconnect) is harmless. The file's length is the truth about
- * what is stored — it survives a coordinator crash, and the agent resumes from it.
+ * A log is found through its attempt's `log_path`, which keeps logs of the earlier layout readable.
+ *
+ * Chunks arrive addressed by byte offset: bytes the store already has are skipped, so a chunk sent twice (after a
+ * reconnect) is harmless. The file's length is the truth about what is stored — it survives a coordinator crash,
+ * and the agent resumes from it.
  *
  * Files of running attempts stay open; `close()` ends that, and only `append()` opens a file again.
  *
