@@ -432,3 +432,34 @@ export function readStoreDerivation(drvPath: string): Derivation {
   }
   return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
 }
+
+/**
+ * `paths` ordered so that each comes after those of its inputs (`inputsOf`) that are among them; iterative (chains of
+ * derivations run deep). `inputsOf` answers undefined for a path not among them.
+ */
+export function inputsFirst(paths: Iterable<string>, inputsOf: (p: string) => readonly string[] | undefined): string[] {
+  const order: string[] = [];
+  const done = new Set<string>();
+  for (const start of paths) {
+    if (done.has(start)) continue;
+    done.add(start);
+    const stack: Array<{ path: string; inputs: readonly string[]; next: number }> = [
+      { path: start, inputs: inputsOf(start) ?? [], next: 0 },
+    ];
+    while (stack.length > 0) {
+      const top = stack[stack.length - 1]!;
+      const input = top.inputs[top.next++];
+      if (input === undefined) {
+        stack.pop();
+        order.push(top.path);
+        continue;
+      }
+      if (done.has(input)) continue;
+      const inputs = inputsOf(input);
+      if (inputs === undefined) continue;
+      done.add(input);
+      stack.push({ path: input, inputs, next: 0 });
+    }
+  }
+  return order;
+}

@@ -143,10 +143,7 @@ const NAR_READ_BYTES = 1024 * 1024;
  * to the store (a builder script, a patch, a project's own tree).
  */
 export function* narChunks(path: string): Generator<Buffer> {
-  const str = (value: string | Buffer): Buffer[] => {
-    const data = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
-    return [u64(data.length), data, Buffer.alloc(pad(data.length))];
-  };
+  const str = narString;
   function* node(p: string): Generator<Buffer> {
     const st = lstatSync(p);
     yield* [...str('('), ...str('type')];
@@ -186,6 +183,21 @@ export function* narChunks(path: string): Generator<Buffer> {
   }
   yield* str('nix-archive-1');
   yield* node(path);
+}
+
+/** The NAR of a regular, non-executable file with this content: how a `.drv` is archived. */
+export function regularFileNar(content: Buffer): Buffer {
+  return Buffer.concat([
+    ...['nix-archive-1', '(', 'type', 'regular', 'contents'].flatMap(narString),
+    ...narString(content),
+    ...narString(')'),
+  ]);
+}
+
+/** A string of the NAR format: its length, its bytes, zeros to a multiple of eight. */
+function narString(value: string | Buffer): Buffer[] {
+  const data = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
+  return [u64(data.length), data, Buffer.alloc(pad(data.length))];
 }
 
 function u64(n: number): Buffer {

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -7,9 +7,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
 import { runNixChecked } from '../../common/nix/cli.js';
 import { BinaryCache, NIX_CACHE_INFO, PUSH_COMPRESSION } from './binary-cache.js';
-import { fingerprint, nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
+import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
-import { TempDirs, buildTrivial, inFreshStore, nixEnv, type Built } from './test-support.js';
+import { NIX, TempDirs, buildTrivial, inFreshStore, nixEnv, type Built } from './test-support.js';
 
 const temp = new TempDirs();
 const key = generateSigningKey('coordinator-test-1');
@@ -87,6 +87,37 @@ describe('BinaryCache', () => {
     expect(r.stderr).not.toMatch(/error/);
     expect(r.stdout.trim()).toBe(fresh.out);
     expect((await stat(join(empty, 'store', fresh.out.slice('/nix/store/'.length)))).isFile()).toBe(true);
+  });
+
+  it('writes .drv closures with the narinfos nix copy --derivation writes, sources included', async () => {
+    const nonce = randomUUID().slice(0, 8);
+    const dir = await temp.make();
+    writeFileSync(join(dir, `builder-${nonce}.sh`), `echo built ${nonce} > $out\n`);
+    const file = join(dir, 'with-source.nix');
+    writeFileSync(
+      file,
+      `let dep = derivation { name = "dep-${nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+         args = [ "-c" "echo ${nonce} > $out" ]; };
+       in derivation { name = "top-${nonce}"; system = builtins.currentSystem; builder = "/bin/sh";
+         args = [ ./builder-${nonce}.sh ]; inherit dep; }`,
+    );
+    const drv = (await runNixChecked('nix-instantiate', [file], { env })).trim();
+    const ours = await newCache();
+    const theirs = await temp.make();
+
+    await ours.pushFromLocalStore([drv], { derivation: true });
+    await runNixChecked('nix', [...NIX, 'copy', '--derivation', '--to', `file://${theirs}`, drv], { env });
+
+    const expected = (await readdir(theirs)).filter((n) => n.endsWith('.narinfo'));
+    expect(expected).toHaveLength(3); // the two .drv files and the builder script
+    expect((await readdir(ours.dir)).filter((n) => n.endsWith('.narinfo')).sort()).toEqual(expected.sort());
+    for (const name of expected) {
+      const want = parseNarInfo(await readFile(join(theirs, name), 'utf8'));
+      const got = (await ours.narInfo(want.storePath))!;
+      expect(got).toMatchObject({ narHash: want.narHash, narSize: want.narSize, references: want.references });
+      expect(got.ca).toBe(want.ca);
+      expect(got.sigs).toEqual([signFingerprint(key.secretKey, fingerprint(got))]);
+    }
   });
 
   it('does nothing when asked to push no paths', async () => {

@@ -3,7 +3,7 @@ import Database from 'better-sqlite3';
 import { EvaluationError } from '../../common/errors.js';
 import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
-import { type Derivation, addDerivationStore, readStoreDerivation } from '../../common/nix/derivation.js';
+import { type Derivation, addDerivationStore, inputsFirst, readStoreDerivation } from '../../common/nix/derivation.js';
 import { narChunks } from '../../common/nix/nar.js';
 import { isDrvPath, storePathName } from '../../common/nix/store-path.js';
 
@@ -114,7 +114,7 @@ export class EvalStore {
     if (missing.size === 0 && sources.size === 0) return { added: 0, present };
     const infos = this.sourceInfos([...sources]);
     for (const p of orderSources(sources, infos)) await this.importSource(p, infos.get(p)!, daemon);
-    for (const p of inputsFirst(missing)) {
+    for (const p of inputsFirst(missing.keys(), (q) => inputDrvsOf(missing.get(q)))) {
       const d = missing.get(p)!;
       const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])];
       await this.add(p, 'text:sha256', references, [readFileSync(this.root + p)], daemon);
@@ -208,28 +208,6 @@ function orderSources(sources: ReadonlySet<string>, infos: ReadonlyMap<string, {
   return order;
 }
 
-/** The derivations of `drvs` with every input that is among them before it; iterative (chains run deep). */
-function inputsFirst(drvs: ReadonlyMap<string, Derivation>): string[] {
-  const order: string[] = [];
-  const done = new Set<string>();
-  for (const start of drvs.keys()) {
-    if (done.has(start)) continue;
-    done.add(start);
-    const stack: Array<{ path: string; inputs: string[]; next: number }> = [
-      { path: start, inputs: Object.keys(drvs.get(start)!.inputDrvs), next: 0 },
-    ];
-    while (stack.length > 0) {
-      const top = stack[stack.length - 1]!;
-      const input = top.inputs[top.next++];
-      if (input === undefined) {
-        stack.pop();
-        order.push(top.path);
-        continue;
-      }
-      if (done.has(input) || !drvs.has(input)) continue;
-      done.add(input);
-      stack.push({ path: input, inputs: Object.keys(drvs.get(input)!.inputDrvs), next: 0 });
-    }
-  }
-  return order;
+function inputDrvsOf(d: Derivation | undefined): string[] | undefined {
+  return d === undefined ? undefined : Object.keys(d.inputDrvs);
 }
