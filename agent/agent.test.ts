@@ -12,6 +12,7 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import { randomUUID } from 'node:crypto';
 import { createServer as createHttpServer, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -20,6 +21,7 @@ import { execFileSync } from 'node:child_process';
 import { ServerCredentials, status } from '@grpc/grpc-js';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AuthError } from '../common/errors.js';
+import { runNixChecked } from '../common/nix/cli.js';
 import { createLogger, silentLogger } from '../common/logging.js';
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
 import { Outcome, type Assign, type JobEvent } from '../common/proto/ekaci/agent/v1/agent.js';
@@ -147,6 +149,32 @@ describe('Agent', () => {
     expect(readFileSync(join(dir, 'spool', 'netrc'), 'utf8')).toBe(
       'machine 127.0.0.1 login ekaci password test-token\n',
     );
+  });
+
+  it('leaves outputs in a store it shares with the coordinator, and uploads them from a store of its own', async () => {
+    // A path only this machine's store holds stands for the coordinator's marker; an agent here shares that store.
+    writeFileSync(join(dir, 'marker'), `marker ${randomUUID()}\n`);
+    const marker = (await runNixChecked('nix-store', ['--add', join(dir, 'marker')])).trim();
+    const elsewhere = `/nix/store/${'0'.repeat(32)}-ekaci-store-marker`;
+    for (const [storeMarker, shared] of [
+      [marker, true],
+      [elsewhere, false],
+    ] as const) {
+      const c = await coordinator({ welcome: { storeMarker } });
+      const a = agent(c);
+      await a.start();
+      const s = await c.stream(0);
+      const drv = await shellDerivation(`echo ${randomUUID()} > $out`);
+      s.send(assign('lease-1', drv));
+      await s.waitFor(is.event('lease-1', 'finished'));
+      const finished = finishedOf(c.eventsOf('lease-1', 'finished')[0] as JobEvent);
+      expect(finished.outcome).toBe(Outcome.OUTCOME_SUCCEEDED);
+      expect(finished.outputsInCoordinatorStore).toBe(shared);
+      expect(finished.outputs[0]?.narSize).toBeGreaterThan(0);
+      const hash = finished.outputs[0]?.path.slice(11, 43) ?? '';
+      expect(existsSync(join(cacheDir, `${hash}.narinfo`))).toBe(!shared);
+      await a.stopNow();
+    }
   });
 
   it('advertises only free slots: a coordinator that assigns by its credits never makes a build wait', async () => {

@@ -86,6 +86,8 @@ export class Agent extends EventEmitter<AgentEvents> {
   /** Where checks get their memory and process limits, measured at start-up. */
   private checkCgroups: SandboxCgroups | null = null;
   private lastWelcome: Welcome | null = null;
+  /** The coordinator's store marker last checked, and whether this agent's store holds it. */
+  private sharedStore = { marker: '', shared: false };
   private warmedCacheUrl = '';
   private warmUp: Promise<void> = Promise.resolve();
   // While a Welcome is applied, events are re-sent from the outbox in one ordered pass, not one by one.
@@ -325,6 +327,7 @@ export class Agent extends EventEmitter<AgentEvents> {
         (err: unknown) => this.fail(err instanceof EkaciError ? err : new ConfigError(String(err))),
       );
     }
+    if (welcome.storeMarker !== this.sharedStore.marker) this.checkSharedStore(welcome.storeMarker);
     this.welcoming = true;
     try {
       workload.applyDecisions(welcome.leaseDecisions);
@@ -338,6 +341,33 @@ export class Agent extends EventEmitter<AgentEvents> {
     this.heartbeat.start(this.heartbeatIntervalMs);
     this.welcomed.resolve();
     this.emit('welcome', welcome);
+  }
+
+  /**
+   * Whether this agent's store holds the coordinator's marker, i.e. is the coordinator's store: then outputs stay in
+   * it and are not uploaded. Builds wait for the answer (one query); on an error they upload as usual.
+   */
+  private checkSharedStore(marker: string): void {
+    const check = { marker, shared: false };
+    this.sharedStore = check;
+    if (marker === '') return;
+    const workload = this.workload as Workload;
+    workload.pause();
+    void (async () => {
+      const conn = await this.pool.acquire();
+      try {
+        check.shared = (await conn.queryValidPaths([marker])).has(marker);
+      } finally {
+        this.pool.release(conn);
+      }
+      if (check.shared) {
+        this.options.logger.info("this agent shares the coordinator's Nix store: outputs stay there, not uploaded");
+      }
+    })()
+      .catch((err: unknown) =>
+        this.options.logger.warn({ err }, "cannot tell whether this agent shares the coordinator's Nix store"),
+      )
+      .finally(() => workload.resume());
   }
 
   private onMessage(message: CoordinatorMessage): void {
@@ -402,6 +432,7 @@ export class Agent extends EventEmitter<AgentEvents> {
           cacheUrl: this.lastWelcome?.cacheUrl ?? '',
           cachePublicKey: this.lastWelcome?.cachePublicKey ?? '',
           oneRequestUploads: (this.lastWelcome?.protocolVersion?.minor ?? 0) >= ONE_REQUEST_UPLOADS_SINCE.minor,
+          coordinatorStore: this.sharedStore.shared,
           systemFeatures: this.capabilities
             ? [...this.capabilities.features, ...this.capabilities.mandatoryFeatures]
             : [],

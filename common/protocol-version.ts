@@ -4,7 +4,7 @@ import type { ProtocolVersion } from './proto/ekaci/agent/v1/agent.js';
  * The version of proto/ekaci/agent/v1/agent.proto. Bump `minor` for additions an older peer may ignore and
  * `major` for anything else; the coordinator refuses an agent with a different major version.
  */
-export const PROTOCOL_VERSION: ProtocolVersion = { major: 1, minor: 6 };
+export const PROTOCOL_VERSION: ProtocolVersion = { major: 1, minor: 7 };
 
 /**
  * Since 1.6 the coordinator's cache takes a path's narinfo and NAR in one request (`X-Ekaci-Narinfo-Bytes`, see

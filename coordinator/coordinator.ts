@@ -6,7 +6,7 @@ import { Server, ServerCredentials } from '@grpc/grpc-js';
 import type { Server as HttpServer } from 'node:http';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { IllegalStateError } from '../common/errors.js';
+import { CacheError, IllegalStateError } from '../common/errors.js';
 import { serverChannelOptions } from '../common/grpc-options.js';
 import type { Logger } from '../common/logging.js';
 import { AgentServiceService } from '../common/proto/ekaci/agent/v1/agent.js';
@@ -15,6 +15,7 @@ import { AccessControl } from './access/access-control.js';
 import { TokenStore } from './access/token-store.js';
 import { AuditLog } from './audit-log.js';
 import { BinaryCache } from './cache/binary-cache.js';
+import { StorePublisher } from './cache/store-publisher.js';
 import { checkFixedOutput } from './cache/fixed-output.js';
 import { checkContentAddressed } from './cache/content-addressed.js';
 import { cacheRouter } from './cache/http-routes.js';
@@ -87,6 +88,8 @@ export class Coordinator {
   readonly events: EventBus;
   private hub: AgentHub | undefined;
   private cache: BinaryCache | undefined;
+  /** The coordinator's Nix store as a source for the cache, when it can reach one. */
+  private storePublisher: StorePublisher | undefined;
   private evalEnv: EvalEnvironment | undefined;
   /** Every HTTP route served, once started (tests check that each one follows the access rules). */
   routes: Array<{ method: string; path: string }> = [];
@@ -125,6 +128,10 @@ export class Coordinator {
       pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
         this.requireCache().pushFromLocalStore(paths, o),
       sizes: (paths: readonly string[]) => this.requireCache().sizes(paths),
+      publishFromStore: (paths: readonly string[]) =>
+        this.storePublisher
+          ? this.storePublisher.publish(paths)
+          : Promise.reject(new CacheError('the coordinator has no Nix store to copy from')),
       importDerivations: (drvPaths: readonly string[], gcRootsDir?: string) =>
         this.evalEnvironment.importDerivations(drvPaths, gcRootsDir),
     };
@@ -317,6 +324,7 @@ export class Coordinator {
       secretKey: key.secretKey,
       logger: this.logger.child({ component: 'cache' }),
     });
+    this.storePublisher = await StorePublisher.open(this.cache, this.logger.child({ component: 'cache' }));
     this.cachePushes.attachBuiltIn(this.cache, join(this.options.dataDir, 'tmp', 'cache-pushes'), (drvPath) => {
       const attempt = this.store.derivation(drvPath)?.attempts ?? 0;
       const path = attempt > 0 ? this.store.logPathOf(drvPath, attempt) : undefined;
@@ -430,6 +438,7 @@ export class Coordinator {
         leaseTtlMs: this.options.leaseTtlMs,
         cacheUrl: this.cacheUrl,
         cachePublicKey: this.cache.publicKey,
+        storeMarker: this.storePublisher?.marker ?? '',
         cancelGraceSeconds: CANCEL_GRACE_SECONDS,
         helloTimeoutMs: this.options.helloTimeoutMs,
         allowUnsandboxedUntrustedBuilds: this.options.security.allowUnsandboxedUntrustedBuilds,
@@ -497,6 +506,7 @@ export class Coordinator {
     this.logs.closeAll();
     this.health.stop();
     this.evalEnv?.close();
+    await this.storePublisher?.close();
     await this.checkpointer.stop();
     this.db.close();
     this.state = 'stopped';

@@ -1,11 +1,11 @@
 import { status } from '@grpc/grpc-js';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, createPublicKey, verify } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NO_SUBSTITUTERS, runNixChecked } from '../common/nix/cli.js';
-import { nixBase32, serializeNarInfo } from '../common/nix/narinfo.js';
+import { type NarInfo, fingerprint, nixBase32, parseNarInfo, serializeNarInfo } from '../common/nix/narinfo.js';
 import { storePathHash } from '../common/nix/store-path.js';
 import { Outcome } from '../common/proto/ekaci/agent/v1/agent.js';
 import { narInfoName } from '../coordinator/cache/cache-layout.js';
@@ -41,11 +41,24 @@ async function drvOf(body: string): Promise<{ drv: string; out: string }> {
   return { drv, out };
 }
 
+/** Whether a narinfo carries a valid signature of the key `name:base64`. */
+function signedBy(publicKey: string, info: NarInfo): boolean {
+  const [name, key] = publicKey.split(':') as [string, string];
+  const spki = Buffer.concat([Buffer.from('302a300506032b6570032100', 'hex'), Buffer.from(key, 'base64')]);
+  const k = createPublicKey({ key: spki, format: 'der', type: 'spki' });
+  return info.sigs.some(
+    (s) =>
+      s.startsWith(`${name}:`) &&
+      verify(null, Buffer.from(fingerprint(info)), k, Buffer.from(s.slice(name.length + 1), 'base64')),
+  );
+}
+
 function finished(
   messageId: number,
   leaseId: string,
   outcome: Outcome,
   outputs: Array<{ name: string; path: string }>,
+  outputsInCoordinatorStore = false,
 ) {
   return {
     $case: 'jobEvent' as const,
@@ -60,6 +73,7 @@ function finished(
           outputs: outputs.map((o) => ({ ...o, narSize: 1, closureSize: 1 })),
           finishedAtMs: Date.now(),
           pushes: [],
+          outputsInCoordinatorStore,
           logBytes: 0,
         },
       },
@@ -177,6 +191,33 @@ describe('what an agent may report', () => {
     await impostor.next('ack', (x) => x.messageIds.includes(2));
     expect(coordinator!.store.attempt(again.leaseId)?.error).toContain('was not uploaded to the cache');
     expect(coordinator!.store.derivation(drv)?.state).not.toBe('succeeded');
+  });
+
+  it('copies outputs left in its own store into the cache, and refuses outputs that store does not hold', async () => {
+    const { holder, impostor, lease, drv, out } = await leased('{ x = mk "x" {}; }');
+
+    // Nothing built it: the coordinator's store does not hold the output the agent says it left there.
+    holder.send(finished(1, lease.leaseId, Outcome.OUTCOME_SUCCEEDED, [{ name: 'out', path: out }], true));
+    await holder.next('ack', (x) => x.messageIds.includes(1));
+    expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('infra-error');
+    expect(coordinator!.store.attempt(lease.leaseId)?.error).toContain(
+      `${out} is not valid in the coordinator's Nix store`,
+    );
+    expect((await fetch(`${coordinator!.cacheUrl}/${narInfoName(storePathHash(out))}`)).status).toBe(404);
+
+    // Built in the store the coordinator uses (this machine's): the retry's result stands, copied from there, signed.
+    await runNixChecked('nix-store', ['--realise', drv, ...NO_SUBSTITUTERS]);
+    impostor.send({ $case: 'credit', value: { freeSlots: 1, draining: false } });
+    const again = await impostor.next('assign');
+    impostor.send(finished(2, again.leaseId, Outcome.OUTCOME_SUCCEEDED, [{ name: 'out', path: out }], true));
+    await impostor.next('ack', (x) => x.messageIds.includes(2));
+    expect(coordinator!.store.derivation(drv)?.state).toBe('succeeded');
+    const narinfo = await fetch(`${coordinator!.cacheUrl}/${narInfoName(storePathHash(out))}`);
+    expect(narinfo.status).toBe(200);
+    const info = parseNarInfo(await narinfo.text());
+    expect(signedBy(coordinator!.cachePublicKey, info)).toBe(true);
+    const narSize = Number((await runNixChecked('nix-store', ['--query', '--size', out])).trim());
+    expect(info.narSize).toBe(narSize);
   });
 
   it('refuses an upload under a fixed-output derivation’s path whose content is not the declared one', async () => {

@@ -102,7 +102,14 @@ function eventOf(
   if (e === 'started') return { $case: 'started' as const, value: { startedAtMs: Date.now() } };
   return {
     $case: 'finished' as const,
-    value: { error: '', outputs: [], pushes: [], finishedAtMs: Date.now(), ...e.finished },
+    value: {
+      error: '',
+      outputs: [],
+      pushes: [],
+      outputsInCoordinatorStore: false,
+      finishedAtMs: Date.now(),
+      ...e.finished,
+    },
   };
 }
 

@@ -111,6 +111,7 @@ describe('the coordinator under faults', () => {
       outputs: [],
       finishedAtMs: 0,
       pushes: [],
+      outputsInCoordinatorStore: false,
       logBytes: 0,
     };
     const told: string[] = [];

@@ -1,11 +1,11 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DEFAULT_SANDBOX_PATHS } from '../agent/options.js';
 import { generateSigningKey } from '../coordinator/cache/signing-key.js';
 import { killGroup } from './support/cli.js';
+import { freePort } from './support/ports.js';
 import { AGENT_USER, ensureUser } from './support/multi-user-nix.js';
 import { nonce, tempDir, writeNixFile } from './support/nix-project.js';
 import {
@@ -41,16 +41,6 @@ afterEach(() => {
   if (host) killGroup(host);
   host = undefined;
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-    s.once('error', reject);
-  });
-}
 
 function groupName(user: string): string {
   return execFileSync('id', ['-gn', user], { encoding: 'utf8' }).trim();

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { readFile, rm, symlink } from 'node:fs/promises';
 import { IllegalStateError, NixCommandError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
@@ -28,6 +29,11 @@ export interface BuildContext {
   cachePublicKey: string;
   /** The coordinator takes a path's narinfo and NAR in one request (protocol 1.6). */
   oneRequestUploads?: boolean;
+  /**
+   * The agent's store is the coordinator's (`Welcome.store_marker` is valid in it): outputs stay there, and the
+   * coordinator copies them into its cache, instead of their being uploaded (protocol 1.7).
+   */
+  coordinatorStore?: boolean;
   netrcPath: string;
   /** Connections to the agent's store (one per running build). */
   pool: StorePool;
@@ -194,7 +200,10 @@ export class Build implements Job {
       );
     }
     try {
-      if (c.cacheUrl !== '')
+      // Pushes to the operator's caches are checked against the outputs' closures in the coordinator's cache, which
+      // must hold them before Finished: those builds upload as any agent does.
+      const inCoordinatorStore = c.coordinatorStore === true && a.pushes.length === 0;
+      if (c.cacheUrl !== '' && !inCoordinatorStore)
         await c.uploader.upload(conn, c.cacheUrl, Object.values(paths), a.leaseId, {
           stopped: () => this.cancelReason !== null,
           oneRequest: c.oneRequestUploads ?? false,
@@ -206,7 +215,11 @@ export class Build implements Job {
       if (this.cancelReason !== null) return this.finishCancelled();
       const pushes = await this.pushToCaches(conn, Object.values(paths));
       if (this.cancelReason !== null) return this.finishCancelled();
-      return { ...this.finish(Outcome.OUTCOME_SUCCEEDED, '', outputs), ...(pushes.length > 0 ? { pushes } : {}) };
+      return {
+        ...this.finish(Outcome.OUTCOME_SUCCEEDED, '', outputs),
+        ...(pushes.length > 0 ? { pushes } : {}),
+        ...(inCoordinatorStore ? { outputsInCoordinatorStore: true } : {}),
+      };
     } catch (err) {
       if (this.cancelReason !== null) return this.finishCancelled();
       return this.finish(Outcome.OUTCOME_INFRA_ERROR, `upload to ${c.cacheUrl} failed: ${message(err)}`);
@@ -239,12 +252,19 @@ export class Build implements Job {
     const a = this.assign;
     const onLog = { bytes: (lines: Buffer): void | Promise<void> => this.logLines(lines) };
     // A .drv in the store already (an agent sharing the coordinator's store, an earlier attempt here) is built by
-    // path; it is read once, for its outputs.
-    const drvValid = (await conn.queryValidPaths([a.drvPath])).has(a.drvPath);
+    // path; it is read once, for its outputs, and one query asks whether it and its outputs are valid.
+    const local = storeDerivation(a.drvPath);
+    const valid = await conn.queryValidPaths([a.drvPath, ...(local === null ? [] : Object.values(outputPaths(local)))]);
+    const drvValid = local !== null && valid.has(a.drvPath);
     const basic = drvValid ? null : await this.basicDerivation();
     if (this.cancelReason !== null) throw new Error('cancelled while reading the .drv');
-    if (drvValid) this.derivation = parseDerivation(await readFile(a.drvPath, 'utf8'), a.drvPath);
-    await this.noteOutputsAlreadyValid(conn, basic ?? this.derivation);
+    if (drvValid) this.derivation = local;
+    const derivation = basic ?? this.derivation;
+    if (derivation !== null) {
+      const outputs = Object.values(outputPaths(derivation));
+      const known = drvValid ? valid : await conn.queryValidPaths(outputs);
+      if (outputs.length > 0 && outputs.every((o) => known.has(o))) await this.noteOutputsAlreadyValid();
+    }
     if (basic !== null) {
       try {
         return await conn.buildDerivation(a.drvPath, basic, onLog);
@@ -266,14 +286,10 @@ export class Build implements Job {
    * Nix builds nothing, and logs nothing, when the outputs are valid in the store already (an earlier attempt on this
    * host built them, and their upload failed): the attempt's log says so instead of being empty.
    */
-  private async noteOutputsAlreadyValid(conn: NixDaemonConnection, derivation: Derivation | null): Promise<void> {
-    const a = this.assign;
-    if (derivation === null) return;
-    const outputs = Object.values(outputPaths(derivation));
-    if (outputs.length === 0 || (await conn.queryValidPaths(outputs)).size < outputs.length) return;
+  private async noteOutputsAlreadyValid(): Promise<void> {
     await this.logLines(
       Buffer.from(
-        `eka-ci: nothing to build: the outputs of ${a.drvPath} are valid in this builder's store already ` +
+        `eka-ci: nothing to build: the outputs of ${this.assign.drvPath} are valid in this builder's store already ` +
           '(an earlier attempt here built them); they are checked and uploaded as they are\n',
       ),
     );
@@ -356,6 +372,19 @@ export class Build implements Job {
       throw new IllegalStateError(`build of lease ${this.assign.leaseId}: illegal transition ${this.state} → ${to}`);
     }
     this.state = to;
+  }
+}
+
+/**
+ * The `.drv` as the agent's store holds it, or null when it has none (or one it cannot read). Read synchronously:
+ * it is a few hundred bytes, and a read through the thread pool waited on the event loop three times (bench/dispatch).
+ * Whether the store holds it validly is the daemon's to say.
+ */
+function storeDerivation(drvPath: string): Derivation | null {
+  try {
+    return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
+  } catch {
+    return null;
   }
 }
 

@@ -13,6 +13,8 @@ export interface JobResult {
   exitCode?: number;
   /** How the lease's pushes to the operator's caches went (`Assign.pushes`). */
   pushes?: CachePushResult[];
+  /** The outputs stayed in the coordinator's store, which this agent shares, instead of being uploaded. */
+  outputsInCoordinatorStore?: boolean;
 }
 
 /**

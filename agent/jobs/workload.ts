@@ -73,7 +73,7 @@ export interface WorkloadHost {
   /** A build slot became free: advertise credit again. */
   slotsFreed(): void;
   /** Cache settings from the latest Welcome. */
-  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey' | 'oneRequestUploads'>;
+  cache(): Pick<BuildContext, 'cacheUrl' | 'cachePublicKey' | 'oneRequestUploads' | 'coordinatorStore'>;
 }
 
 export interface WorkloadOptions {
@@ -117,7 +117,8 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   /** Builds whose builder ended and whose outputs are still uploading: they gave their slot back (`builderEnded`). */
   private uploading = 0;
   private halted = false;
-  private paused = false;
+  /** Holders of `pause` not yet resumed. */
+  private pauses = 0;
   private idleWaiters: (() => void)[] = [];
   private buildsEndedWaiters: (() => void)[] = [];
 
@@ -129,13 +130,13 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     });
   }
 
-  /** Holds queued builds back (they stay accepted and keep their slots) until `resume`. */
+  /** Holds queued builds back (they stay accepted and keep their slots) until each `pause` had its `resume`. */
   pause(): void {
-    this.paused = true;
+    this.pauses++;
   }
 
   resume(): void {
-    this.paused = false;
+    this.pauses = Math.max(0, this.pauses - 1);
     this.startQueued();
   }
 
@@ -264,7 +265,7 @@ export class Workload extends EventEmitter<WorkloadEvents> {
   }
 
   private startQueued(): void {
-    while (!this.halted && !this.paused && this.running < this.options.maxJobs) {
+    while (!this.halted && this.pauses === 0 && this.running < this.options.maxJobs) {
       const lease = this.queue.shift();
       if (lease === undefined) return;
       this.startBuild(lease);
@@ -338,7 +339,12 @@ export class Workload extends EventEmitter<WorkloadEvents> {
     }
     if (lease.state !== 'awaiting-logs' || lease.result === null) return;
     const r = lease.result;
-    const finished = { ...r, pushes: r.pushes ?? [], logBytes: lease.log.size };
+    const finished = {
+      ...r,
+      pushes: r.pushes ?? [],
+      outputsInCoordinatorStore: r.outputsInCoordinatorStore ?? false,
+      logBytes: lease.log.size,
+    };
     lease.finished = outbox.add(lease.id, { $case: 'finished', value: finished });
     lease.transition('reporting');
     host.sendEvent(lease.finished);

@@ -10,7 +10,7 @@ import { Backoff, sleep } from '../../common/backoff.js';
 import { CacheError } from '../../common/errors.js';
 import type { NixDaemonConnection, PathInfo } from '../../common/nix/daemon-client.js';
 import { readAll } from '../../common/read-all.js';
-import { nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
+import { serializeNarInfo, uncompressedNarInfo } from '../../common/nix/narinfo.js';
 import { storePathHash } from '../../common/nix/store-path.js';
 
 /** The header naming the lease an upload belongs to (the coordinator's cache checks it). */
@@ -183,23 +183,9 @@ export class CacheUploader {
 
   private async put(conn: NixDaemonConnection, job: UploadJob, path: string, info: PathInfo): Promise<void> {
     const { target, leaseId, stopped } = job;
-    const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
-    const narFile = `nar/${narHash.slice('sha256:'.length)}.nar`;
-    const narinfo = Buffer.from(
-      serializeNarInfo({
-        storePath: path,
-        url: narFile,
-        compression: 'none',
-        fileHash: narHash,
-        fileSize: info.narSize,
-        narHash,
-        narSize: info.narSize,
-        references: info.references,
-        deriver: info.deriver === '' ? undefined : info.deriver,
-        sigs: [],
-        ca: info.ca === '' ? undefined : info.ca,
-      }),
-    );
+    const described = uncompressedNarInfo(path, info);
+    const narFile = described.url;
+    const narinfo = Buffer.from(serializeNarInfo(described));
     const narinfoUrl = `${target}/${storePathHash(path)}.narinfo`;
     if (target.startsWith('file://')) {
       const dir = fileURLToPath(target);

@@ -1,12 +1,11 @@
 import { userInfo } from 'node:os';
 import { ConfigError } from '../../common/errors.js';
 import { runNix } from '../../common/nix/cli.js';
-import { daemonAnswers } from '../../common/nix/daemon-client.js';
+import { HOST_DAEMON_SOCKET, daemonAnswers } from '../../common/nix/daemon-client.js';
 import { LVL_DEBUG } from '../../common/nix/worker-protocol.js';
 import type { StoreAccess, StorePool } from './store-pool.js';
 
-/** Where the host's nix-daemon listens on every multi-user install. */
-export const HOST_DAEMON_SOCKET = '/nix/var/nix/daemon-socket/socket';
+export { HOST_DAEMON_SOCKET };
 
 /**
  * How this agent reaches its store. `auto`: `NIX_REMOTE=daemon` (or `unix://PATH`), or a daemon answering on the

@@ -183,6 +183,7 @@ export class ScriptedCoordinator {
       logWindowBytes: 1024 * 1024,
       cacheUrl: '',
       cachePublicKey: '',
+      storeMarker: '',
       leaseDecisions: hello.runningLeases.map((l) => ({
         leaseId: l.leaseId,
         keep: true,

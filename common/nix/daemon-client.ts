@@ -608,6 +608,9 @@ function failureText(failure: DaemonErrorInfo): string {
   return [failure.message, ...failure.traces].join('\n');
 }
 
+/** Where the host's nix-daemon listens on every multi-user install. */
+export const HOST_DAEMON_SOCKET = '/nix/var/nix/daemon-socket/socket';
+
 /**
  * Whether a nix-daemon answers on `socketPath`: a whole handshake, then a clean close (a daemon logs a connection
  * dropped mid-handshake as an error, which would alarm whoever reads the host's logs).

@@ -90,6 +90,30 @@ export function serializeNarInfo(info: NarInfo): string {
   return lines.join('\n') + '\n';
 }
 
+/**
+ * The unsigned narinfo of a store path stored as an uncompressed NAR (`nar/<NarHash>.nar`), from what its store says
+ * of it: the daemon's path info, whose `narHash` is lowercase hex.
+ */
+export function uncompressedNarInfo(
+  storePath: string,
+  info: { narHash: string; narSize: number; references: readonly string[]; deriver: string; ca: string },
+): NarInfo {
+  const narHash = `sha256:${nixBase32(Buffer.from(info.narHash, 'hex'))}`;
+  return {
+    storePath,
+    url: `nar/${narHash.slice('sha256:'.length)}.nar`,
+    compression: 'none',
+    fileHash: narHash,
+    fileSize: info.narSize,
+    narHash,
+    narSize: info.narSize,
+    references: [...info.references].sort(),
+    deriver: info.deriver === '' ? undefined : info.deriver,
+    sigs: [],
+    ca: info.ca === '' ? undefined : info.ca,
+  };
+}
+
 /** What a binary-cache signature signs (`ValidPathInfo::fingerprint`); references are full paths, sorted. */
 export function fingerprint(info: Pick<NarInfo, 'storePath' | 'narHash' | 'narSize' | 'references'>): string {
   const refs = [...info.references].sort().join(',');

@@ -24,6 +24,8 @@ export interface AgentHubOptions {
   leaseTtlMs: number;
   cacheUrl: string;
   cachePublicKey: string;
+  /** `Welcome.store_marker`: a path only the coordinator's store holds, or '' (see StorePublisher). */
+  storeMarker: string;
   cancelGraceSeconds: number;
   /** A stream that sends no Hello within this time is closed. */
   helloTimeoutMs: number;
@@ -338,6 +340,7 @@ export class AgentHub {
           logWindowBytes: LOG_WINDOW_BYTES,
           cacheUrl: this.options.cacheUrl,
           cachePublicKey: this.options.cachePublicKey,
+          storeMarker: this.options.storeMarker,
           leaseDecisions,
         },
       },

@@ -4,7 +4,7 @@ import { delimiter, dirname, join } from 'node:path';
 import { EvaluationError } from '../../common/errors.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL } from '../../common/nix/cli.js';
-import { NixDaemonConnection, daemonAnswers } from '../../common/nix/daemon-client.js';
+import { HOST_DAEMON_SOCKET, NixDaemonConnection, daemonAnswers } from '../../common/nix/daemon-client.js';
 import { type SandboxedCommand, sandboxAvailable, sandboxCommand } from '../../common/sandbox/sandbox.js';
 import { SYSTEM_PATHS } from '../../common/sandbox/spec.js';
 import type { EvalPolicy, EvaluationOptions } from './eval-options.js';
@@ -52,7 +52,6 @@ export interface NixLauncher {
 
 // Inside the sandbox the store's socket always has this path, whichever daemon serves it outside.
 const SANDBOX_SOCKET = '/run/ekaci/nix-daemon.socket';
-const SYSTEM_SOCKET = '/nix/var/nix/daemon-socket/socket';
 // The hard memory limit (RLIMIT_DATA) sits this far above the soft one the evaluator checks between requests: the
 // soft limit restarts a worker that grew, the hard one stops an attribute that would take the machine's memory.
 const HARD_MEMORY_FACTOR = 2;
@@ -140,7 +139,7 @@ export class EvalEnvironment {
     // Through the host's daemon, or one of the coordinator's own on the store it owns: either checks what it adds.
     const daemon =
       this.store.kind === 'system'
-        ? await NixDaemonConnection.connect(SYSTEM_SOCKET)
+        ? await NixDaemonConnection.connect(HOST_DAEMON_SOCKET)
         : await NixDaemonConnection.open({ nixOptions: { store: 'local', substituters: '' } });
     try {
       const report = await this.evalStore.importDerivations(drvPaths, daemon);
@@ -179,7 +178,7 @@ export class EvalEnvironment {
   /** Registers an indirect root with the host's daemon: its gcroots are root's on a multi-user host. */
   private readonly registerThroughDaemon = (link: string): Promise<void> => {
     const done = this.rootsQueue.then(async () => {
-      this.rootsConnection ??= NixDaemonConnection.connect(SYSTEM_SOCKET);
+      this.rootsConnection ??= NixDaemonConnection.connect(HOST_DAEMON_SOCKET);
       try {
         await (await this.rootsConnection).addIndirectRoot(link);
       } catch (e) {
@@ -275,7 +274,7 @@ export class EvalEnvironment {
       };
     }
     const direct = this.evalStoreFor(policy);
-    const socket = this.store.kind === 'system' ? SYSTEM_SOCKET : this.daemon?.socketPath;
+    const socket = this.store.kind === 'system' ? HOST_DAEMON_SOCKET : this.daemon?.socketPath;
     if (direct === undefined && socket === undefined) {
       throw new EvaluationError('the evaluation store is not open (prepare() first)');
     }
@@ -341,5 +340,5 @@ function programDir(program: string): string | undefined {
 /** Whether the host runs a nix-daemon this process can reach (a multi-user install). */
 function systemDaemonAnswers(): Promise<boolean> {
   if (process.env.NIX_REMOTE === 'local') return Promise.resolve(false);
-  return daemonAnswers(SYSTEM_SOCKET);
+  return daemonAnswers(HOST_DAEMON_SOCKET);
 }

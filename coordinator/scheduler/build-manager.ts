@@ -36,6 +36,11 @@ export interface OutputCache {
    * pushed or built. Absent where evaluations write the Nix store.
    */
   importDerivations?(drvPaths: readonly string[], gcRootsDir?: string): Promise<unknown>;
+  /**
+   * Copies outputs an agent left in the coordinator's own store (`Finished.outputs_in_coordinator_store`) into the
+   * cache; rejects naming a path that store does not hold as valid. Absent where the coordinator has no store.
+   */
+  publishFromStore?(paths: readonly string[]): Promise<void>;
 }
 
 export interface BuildManagerOptions {
@@ -650,6 +655,13 @@ export class BuildManager extends EventEmitter {
     if (!same) {
       const list = (m: ReadonlyMap<string, string>): string => [...m].map(([n, p]) => `${n}=${p}`).join(', ') || 'none';
       return `reported outputs (${list(reported)}) are not the outputs of ${lease.drvPath} (${list(declared)})`;
+    }
+    if (f.outputsInCoordinatorStore && this.cache.publishFromStore) {
+      try {
+        await this.cache.publishFromStore([...declared.values()]);
+      } catch (err) {
+        return `its outputs were to be in the coordinator's store, but: ${asError(err).message}`;
+      }
     }
     for (const path of declared.values()) {
       if ((await this.cache.narInfo(path)) === undefined) return `output ${path} was not uploaded to the cache`;

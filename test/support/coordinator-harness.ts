@@ -1,4 +1,3 @@
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { credentials, Metadata } from '@grpc/grpc-js';
 import { clientChannelOptions } from '../../common/grpc-options.js';
@@ -81,7 +80,15 @@ export class RawAgent {
         leaseId,
         event: {
           $case: 'finished',
-          value: { outcome, error, outputs: [], finishedAtMs: Date.now(), logBytes: 0, pushes: [] },
+          value: {
+            outcome,
+            error,
+            outputs: [],
+            finishedAtMs: Date.now(),
+            logBytes: 0,
+            pushes: [],
+            outputsInCoordinatorStore: false,
+          },
         },
       },
     });
@@ -140,14 +147,7 @@ export class RawAgent {
   }
 }
 
-/** A loopback port free right now: for a coordinator whose address must be known before it starts (OAuth). */
-export async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
+export { freePort } from './ports.js';
 
 /**
  * A coordinator that is not public, with one API token (`reader`), and one real agent with one slot named `agentId`:

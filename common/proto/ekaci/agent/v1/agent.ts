@@ -249,6 +249,13 @@ export interface Welcome {
   cacheUrl: string;
   cachePublicKey: string;
   leaseDecisions: LeaseDecision[];
+  /**
+   * Since 1.7: a store path valid only in the coordinator's own Nix store (a text file with random content, added at
+   * its start), or '' when the coordinator has no store it can publish from. An agent whose store holds this path
+   * shares that store (the embedded agent; an agent on the coordinator's host using its nix-daemon): it then leaves
+   * its outputs where they are and sets `Finished.outputs_in_coordinator_store`, instead of uploading them.
+   */
+  storeMarker: string;
 }
 
 export interface LeaseDecision {
@@ -408,6 +415,12 @@ export interface Finished {
     | undefined;
   /** Since 1.5: how each of `Assign.pushes` went. */
   pushes: CachePushResult[];
+  /**
+   * Since 1.7: the outputs were not uploaded: they are valid in the coordinator's store (see `Welcome.store_marker`),
+   * and the coordinator copies them into its cache from there. Outputs that are not valid there refuse the result,
+   * as outputs missing from the cache do.
+   */
+  outputsInCoordinatorStore: boolean;
 }
 
 export interface CachePushResult {
@@ -1379,6 +1392,7 @@ function createBaseWelcome(): Welcome {
     cacheUrl: "",
     cachePublicKey: "",
     leaseDecisions: [],
+    storeMarker: "",
   };
 }
 
@@ -1404,6 +1418,9 @@ export const Welcome: MessageFns<Welcome> = {
     }
     for (const v of message.leaseDecisions) {
       LeaseDecision.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.storeMarker !== "") {
+      writer.uint32(66).string(message.storeMarker);
     }
     return writer;
   },
@@ -1477,6 +1494,14 @@ export const Welcome: MessageFns<Welcome> = {
             message.leaseDecisions.push(LeaseDecision.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.storeMarker = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1526,6 +1551,11 @@ export const Welcome: MessageFns<Welcome> = {
         : globalThis.Array.isArray(object?.lease_decisions)
         ? object.lease_decisions.map((e: any) => LeaseDecision.fromJSON(e))
         : [],
+      storeMarker: isSet(object.storeMarker)
+        ? globalThis.String(object.storeMarker)
+        : isSet(object.store_marker)
+        ? globalThis.String(object.store_marker)
+        : "",
     };
   },
 
@@ -1552,6 +1582,9 @@ export const Welcome: MessageFns<Welcome> = {
     if (message.leaseDecisions?.length) {
       obj.leaseDecisions = message.leaseDecisions.map((e) => LeaseDecision.toJSON(e));
     }
+    if (message.storeMarker !== "") {
+      obj.storeMarker = message.storeMarker;
+    }
     return obj;
   },
 
@@ -1569,6 +1602,7 @@ export const Welcome: MessageFns<Welcome> = {
     message.cacheUrl = object.cacheUrl ?? "";
     message.cachePublicKey = object.cachePublicKey ?? "";
     message.leaseDecisions = object.leaseDecisions?.map((e) => LeaseDecision.fromPartial(e)) || [];
+    message.storeMarker = object.storeMarker ?? "";
     return message;
   },
 };
@@ -3147,7 +3181,16 @@ export const Started: MessageFns<Started> = {
 };
 
 function createBaseFinished(): Finished {
-  return { outcome: 0, error: "", outputs: [], finishedAtMs: 0, logBytes: 0, exitCode: undefined, pushes: [] };
+  return {
+    outcome: 0,
+    error: "",
+    outputs: [],
+    finishedAtMs: 0,
+    logBytes: 0,
+    exitCode: undefined,
+    pushes: [],
+    outputsInCoordinatorStore: false,
+  };
 }
 
 export const Finished: MessageFns<Finished> = {
@@ -3172,6 +3215,9 @@ export const Finished: MessageFns<Finished> = {
     }
     for (const v of message.pushes) {
       CachePushResult.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.outputsInCoordinatorStore !== false) {
+      writer.uint32(64).bool(message.outputsInCoordinatorStore);
     }
     return writer;
   },
@@ -3245,6 +3291,14 @@ export const Finished: MessageFns<Finished> = {
             message.pushes.push(CachePushResult.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.outputsInCoordinatorStore = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3280,6 +3334,11 @@ export const Finished: MessageFns<Finished> = {
       pushes: globalThis.Array.isArray(object?.pushes)
         ? object.pushes.map((e: any) => CachePushResult.fromJSON(e))
         : [],
+      outputsInCoordinatorStore: isSet(object.outputsInCoordinatorStore)
+        ? globalThis.Boolean(object.outputsInCoordinatorStore)
+        : isSet(object.outputs_in_coordinator_store)
+        ? globalThis.Boolean(object.outputs_in_coordinator_store)
+        : false,
     };
   },
 
@@ -3306,6 +3365,9 @@ export const Finished: MessageFns<Finished> = {
     if (message.pushes?.length) {
       obj.pushes = message.pushes.map((e) => CachePushResult.toJSON(e));
     }
+    if (message.outputsInCoordinatorStore !== false) {
+      obj.outputsInCoordinatorStore = message.outputsInCoordinatorStore;
+    }
     return obj;
   },
 
@@ -3321,6 +3383,7 @@ export const Finished: MessageFns<Finished> = {
     message.logBytes = object.logBytes ?? 0;
     message.exitCode = object.exitCode ?? undefined;
     message.pushes = object.pushes?.map((e) => CachePushResult.fromPartial(e)) || [];
+    message.outputsInCoordinatorStore = object.outputsInCoordinatorStore ?? false;
     return message;
   },
 };
