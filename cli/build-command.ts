@@ -1,5 +1,5 @@
 import { UsageError } from '../common/errors.js';
-import { createLogger, silentLogger } from '../common/logging.js';
+import { type Logger, createLogger, silentLogger } from '../common/logging.js';
 import { loadCoordinatorConfig } from '../coordinator/config.js';
 import { join, resolve } from 'node:path';
 import { EvalEnvironment } from '../coordinator/eval/eval-environment.js';
@@ -47,34 +47,35 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
     config.grpc = { ...config.grpc, address: '127.0.0.1', port: 0 };
   }
   const logger = opts.verbose ? createLogger('ekaci') : silentLogger();
-  // Evaluated into the data directory's evaluation store, then the roots' .drv closures put into the Nix store: a
-  // derivation evaluated before costs no round trip to a nix-daemon (a closure of 30,000 derivations: 1.6 s, not 7).
-  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }), {
-    evalStoreDir: join(config.dataDir, 'eval-store'),
-  });
+  // The embedded system starts while the file is evaluated: neither waits for the other (≈0.2 s of bench/dispatch).
+  const system = opts.coordinator
+    ? undefined
+    : new EmbeddedSystem({ coordinator: config, agents, maxJobs: maxJobs ?? config.localAgent.maxJobs, logger });
+  const starting = system?.start();
+  // Its failure is awaited below, after the evaluation's; it is handled from now on, not an unhandled rejection.
+  starting?.catch(() => undefined);
   let roots;
   try {
-    roots = await instantiate(file, opts.attr, environment, policyFor(config.evaluation, resolve(file)));
-    await environment.importDerivations(roots.map((r) => r.drvPath));
-  } finally {
-    environment.close();
+    roots = await evaluate(file, opts.attr, config, logger);
+  } catch (err) {
+    await starting?.catch(() => undefined);
+    await system?.stop();
+    throw err;
   }
   // The same lines and exit status wherever it was built.
   const report = (results: BuildResult[], seconds: number): number => {
     process.stdout.write(opts.json ? `${JSON.stringify(toJson(results), null, 2)}\n` : renderText(results, seconds));
     return results.every((r) => SUCCESS_STATES.has(r.state)) ? 0 : 1;
   };
-  if (opts.coordinator) {
-    return remoteBuild(roots, { coordinator: opts.coordinator, token: opts.token, private: opts.private }, report);
+  if (opts.coordinator || system === undefined) {
+    return remoteBuild(
+      roots,
+      { coordinator: opts.coordinator ?? '', token: opts.token, private: opts.private },
+      report,
+    );
   }
-  const system = new EmbeddedSystem({
-    coordinator: config,
-    agents,
-    maxJobs: maxJobs ?? config.localAgent.maxJobs,
-    logger,
-  });
   const started = Date.now();
-  await system.start();
+  await starting;
   const onSignal = (): void => {
     process.stderr.write('interrupted: cancelling builds…\n');
     system.coordinator.manager.cancel(system.coordinator.manager.activeDerivations(), 'interrupted by the user');
@@ -96,6 +97,28 @@ export async function buildCommand(file: string, opts: BuildCommandOptions): Pro
     progress?.stop();
     process.off('SIGINT', onSignal);
     await system.stop();
+  }
+}
+
+/**
+ * Evaluated into the data directory's evaluation store, then the roots' .drv closures put into the Nix store: a
+ * derivation evaluated before costs no round trip to a nix-daemon (a closure of 30,000 derivations: 1.6 s, not 7).
+ */
+async function evaluate(
+  file: string,
+  attrs: string[],
+  config: ReturnType<typeof loadCoordinatorConfig>,
+  logger: Logger,
+): Promise<Awaited<ReturnType<typeof instantiate>>> {
+  const environment = await EvalEnvironment.open(config.evaluation, logger.child({ component: 'eval' }), {
+    evalStoreDir: join(config.dataDir, 'eval-store'),
+  });
+  try {
+    const roots = await instantiate(file, attrs, environment, policyFor(config.evaluation, resolve(file)));
+    await environment.importDerivations(roots.map((r) => r.drvPath));
+    return roots;
+  } finally {
+    environment.close();
   }
 }
 

@@ -69,6 +69,15 @@ describe('ekaci build', () => {
     expect(json.builds[0]).toMatchObject({ attempts: 1, agent: 'local-1' });
   });
 
+  it('ends with the evaluation error when the file does not evaluate, the system started meanwhile stopped', async () => {
+    const dir = tempDir();
+    const file = writeNixFile(dir, nonce(), `rec { a = mk "a" { }; b = throw "no b here"; }`);
+    const r = await ekaci(['build', file, '-A', 'b', '--data-dir', join(dir, 'data')]).done;
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toContain('no b here');
+    expect(r.stdout).toBe('');
+  });
+
   it('exits 0 and prints one line per attribute when everything succeeds', async () => {
     const dir = tempDir();
     const file = writeNixFile(dir, nonce(), `rec { a = mk "a" { }; b = mk "b" { deps = [ a ]; }; }`);
