@@ -292,6 +292,22 @@ describe('loadDerivationClosure', () => {
     expect(Object.keys(closure.get(drv.wide)?.inputDrvs ?? {})).toHaveLength(WIDE_LEAVES);
   });
 
+  it('keeps what `keep` makes of each derivation, and walks the inputs of the whole derivation', async () => {
+    const seen: string[] = [];
+    const closure = await loadDerivationClosure(
+      [drv.top],
+      () => false,
+      (d, path) => {
+        seen.push(path);
+        return { system: d.system, inputs: Object.keys(d.inputDrvs).length };
+      },
+    );
+    expect(seen.sort()).toEqual([drv.bottom, drv.left, drv.right, drv.top].sort());
+    const system = (await parsed('top')).system;
+    expect(closure.get(drv.top)).toEqual({ system, inputs: 3 });
+    expect(closure.get(drv.bottom)).toEqual({ system, inputs: 0 });
+  });
+
   it('returns an empty map for no roots', async () => {
     expect((await loadDerivationClosure([])).size).toBe(0);
   });

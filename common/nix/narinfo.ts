@@ -120,18 +120,25 @@ export function fingerprint(info: Pick<NarInfo, 'storePath' | 'narHash' | 'narSi
   return `1;${info.storePath};${normaliseSha256(info.narHash, 'NarHash')};${info.narSize};${refs}`;
 }
 
-/** Nix's base32 (`printHash32`): little-endian bit order over the whole digest, most significant digit first. */
+/** The base32 alphabet as character codes, for `nixBase32`. */
+const NIX_BASE32_CODES = Buffer.from(NIX_BASE32_ALPHABET, 'latin1');
+
+/**
+ * Nix's base32 (`printHash32`): little-endian bit order over the whole digest, most significant digit first. The
+ * digits are written into a buffer and decoded once: a string grown a character at a time is a chain of one
+ * object per character (≈1.3 KiB for a SHA-256), which a narinfo kept in memory would carry along.
+ */
 export function nixBase32(bytes: Uint8Array): string {
   const len = Math.ceil((bytes.length * 8) / 5);
-  let out = '';
+  const out = Buffer.allocUnsafe(len);
   for (let n = len - 1; n >= 0; n--) {
     const b = n * 5;
     const i = Math.floor(b / 8);
     const j = b % 8;
     const c = ((bytes[i] ?? 0) >> j) | ((bytes[i + 1] ?? 0) << (8 - j));
-    out += NIX_BASE32_ALPHABET[c & 0x1f] ?? '';
+    out[len - 1 - n] = NIX_BASE32_CODES[c & 0x1f]!;
   }
-  return out;
+  return out.toString('latin1');
 }
 
 /** The bytes of a Nix base32 string (`parseHash32`), `bytes` long; throws on a character outside the alphabet. */

@@ -1,4 +1,5 @@
 import {
+  detached,
   isFixedOutput,
   loadDerivationClosure,
   outputPaths,
@@ -12,19 +13,20 @@ import type { NewDerivation } from '../scheduler/build-store.js';
  * knows. Returns them inputs-first (every derivation after all of its inputs that are in the result).
  */
 export async function readClosure(roots: string[], known: (drvPath: string) => boolean): Promise<NewDerivation[]> {
-  const closure = await loadDerivationClosure(roots, known);
-  const nodes = new Map<string, NewDerivation>();
-  for (const [drvPath, d] of closure) {
-    nodes.set(drvPath, {
+  const nodes = await loadDerivationClosure(roots, known, (d, drvPath): NewDerivation => {
+    // Kept for the whole build: copies, not slices of the .drv texts (see `detached`).
+    const outputs = outputPaths(d);
+    for (const name of Object.keys(outputs)) outputs[name] = detached(outputs[name]!);
+    return {
       drvPath,
-      system: d.system,
-      requiredFeatures: requiredSystemFeatures(d),
+      system: detached(d.system),
+      requiredFeatures: requiredSystemFeatures(d).map(detached),
       fixedOutput: isFixedOutput(d),
       preferLocal: preferLocalBuild(d),
       inputs: Object.keys(d.inputDrvs),
-      outputs: outputPaths(d),
-    });
-  }
+      outputs,
+    };
+  });
   return topologicalOrder(nodes);
 }
 
