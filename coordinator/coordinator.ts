@@ -125,7 +125,7 @@ export class Coordinator {
     const lazyCache = {
       hasPaths: (paths: string[]) => this.requireCache().hasPaths(paths),
       narInfo: (path: string) => this.requireCache().narInfo(path),
-      pushFromLocalStore: (paths: string[], o?: { derivation?: boolean }) =>
+      pushFromLocalStore: (paths: string[], o?: { derivation?: boolean; storeReady?: Promise<unknown> }) =>
         this.requireCache().pushFromLocalStore(paths, o),
       sizes: (paths: readonly string[]) => this.requireCache().sizes(paths),
       publishFromStore: (paths: readonly string[]) =>

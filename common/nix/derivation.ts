@@ -438,21 +438,29 @@ export function storeFileExists(storePath: string): boolean {
  * neither.
  */
 export function readStoreDerivation(drvPath: string): Derivation {
-  for (const root of derivationStores.keys()) {
-    let text: string;
-    try {
-      text = readFileSync(root + drvPath, 'utf8');
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
-      throw e;
-    }
-    const d = parseDerivation(text, drvPath);
-    if (derivationStorePath(text, d, storePathName(drvPath)) !== drvPath) {
-      throw new DerivationParseError(`${drvPath} in the evaluation store ${root}: its text does not match its path`);
-    }
-    return d;
+  const { text, evaluationStore } = readDerivationText(drvPath);
+  const d = parseDerivation(text, drvPath);
+  if (evaluationStore !== undefined && derivationStorePath(text, d, storePathName(drvPath)) !== drvPath) {
+    throw new DerivationParseError(
+      `${drvPath} in the evaluation store ${evaluationStore}: its text does not match its path`,
+    );
   }
-  return parseDerivation(readFileSync(drvPath, 'utf8'), drvPath);
+  return d;
+}
+
+/**
+ * The text of a `.drv` file, from the first evaluation store that holds it (named in the answer) or else from the
+ * Nix store; not checked against its path. Throws ENOENT when it is in neither.
+ */
+export function readDerivationText(drvPath: string): { text: string; evaluationStore?: string } {
+  for (const root of derivationStores.keys()) {
+    try {
+      return { text: readFileSync(root + drvPath, 'utf8'), evaluationStore: root };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+  }
+  return { text: readFileSync(drvPath, 'utf8') };
 }
 
 /**

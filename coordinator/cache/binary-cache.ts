@@ -31,7 +31,7 @@ import { turn } from '../../common/turn.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isDrvPath, isStorePath, storePathHash, storePathName } from '../../common/nix/store-path.js';
-import { derivationStorePath, inputsFirst, parseDerivation } from '../../common/nix/derivation.js';
+import { derivationStorePath, inputsFirst, parseDerivation, readDerivationText } from '../../common/nix/derivation.js';
 import { canVerifyCompression, narHashOfFile, regularFileNar } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
@@ -185,14 +185,19 @@ export class BinaryCache {
   /**
    * Copies `paths` and their closures from the coordinator's Nix store into the cache, signed, in one `nix copy`.
    * With `derivation`, `.drv` paths are copied as files (with their input `.drv`s and sources) rather than
-   * resolved to their outputs — what an agent needs before it can build them.
+   * resolved to their outputs — what an agent needs before it can build them. `storeReady`, with `derivation`: the
+   * paths are still being put into the Nix store (imported from the evaluation store) until it resolves; `.drv` files
+   * are read from the evaluation store meanwhile, and sources are copied once it has resolved.
    */
-  async pushFromLocalStore(paths: string[], options: { derivation?: boolean } = {}): Promise<void> {
+  async pushFromLocalStore(
+    paths: string[],
+    options: { derivation?: boolean; storeReady?: Promise<unknown> } = {},
+  ): Promise<void> {
     // `nix copy` with no paths would copy the installable `.`, i.e. whatever the working directory holds.
     if (paths.length === 0) return;
     const started = Date.now();
     if (options.derivation) {
-      const { written, sources } = await this.pushDerivations(paths);
+      const { written, sources } = await this.pushDerivations(paths, options.storeReady);
       this.logger.debug({ derivations: written, sources, ms: Date.now() - started }, 'wrote .drv files into the cache');
       return;
     }
@@ -212,15 +217,18 @@ export class BinaryCache {
   }
 
   /**
-   * Writes `.drv` files and the `.drv`s and sources they need, from the Nix store, into the cache: what the cache
-   * lacks of their closures. Each `.drv` is read, checked against its path (its text must hash to it) and stored as an
+   * Writes `.drv` files and the `.drv`s and sources they need, from an evaluation store or the Nix store, into the
+   * cache: what the cache lacks of their closures. Each `.drv` is read, checked against its path (its text must hash to it) and stored as an
    * uncompressed NAR; then the signed narinfos (`CA: text:sha256:…`) go in by depth, inputs before the `.drv`s naming
    * them, so the cache never lists a path without its closure; sources go through `nix copy` before them. A `.drv` is
    * a few KiB and agents read them one at a time, so it is not compressed. Measured here: 100,000 `.drv`s of a
    * layered DAG in 22 s, where `nix copy --derivation` in command-line batches took 112 s (each batch walks its
    * closure in the cache again); at 1,000–10,000 both take ≈0.3 ms per `.drv`.
    */
-  private async pushDerivations(drvPaths: readonly string[]): Promise<{ written: number; sources: number }> {
+  private async pushDerivations(
+    drvPaths: readonly string[],
+    storeReady?: Promise<unknown>,
+  ): Promise<{ written: number; sources: number }> {
     const missing = new Map<string, DerivationNar>();
     const sources: string[] = [];
     const writes = new Set<Promise<void>>();
@@ -243,7 +251,7 @@ export class BinaryCache {
           sources.push(p);
           continue;
         }
-        const text = readFileSync(p, 'utf8');
+        const { text } = readDerivationText(p);
         const derivation = parseDerivation(text, p);
         if (derivationStorePath(text, derivation, storePathName(p)) !== p) {
           throw new CacheError(`${p} in the Nix store does not hash to its path: not pushed to the cache`);
@@ -273,6 +281,7 @@ export class BinaryCache {
     }
     await Promise.all(writes);
     if (failure !== undefined) throw failure.error;
+    await storeReady;
     await this.pushFromLocalStore(sources);
     for (const level of byDepth(missing)) {
       for (let i = 0; i < level.length; i += PARALLEL_WRITES) {

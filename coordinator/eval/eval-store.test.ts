@@ -1,11 +1,13 @@
 import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { silentLogger } from '../../common/logging.js';
 import { loadDerivationClosure } from '../../common/nix/derivation.js';
 import { narChunks } from '../../common/nix/nar.js';
 import { nonce, tempDir } from '../../test/support/nix-project.js';
+import { BinaryCache } from '../cache/binary-cache.js';
+import { generateSigningKey } from '../cache/signing-key.js';
 import { EvalEnvironment } from './eval-environment.js';
 import { releaseCommitRoots } from './gc-roots.js';
 import { DEFAULT_EVALUATION_OPTIONS, NO_EXTRA_POLICY } from './eval-options.js';
@@ -98,6 +100,47 @@ describe('the evaluation store', () => {
     expect(readFileSync(out, 'utf8')).toBe(`hello ${tag}\n`);
     // A second import finds everything there.
     expect(await env.importDerivations([app])).toEqual({ added: 0, present: 1 });
+  });
+
+  it('gives the binary cache its .drv files while the Nix store imports them, checked; sources once imported', async () => {
+    const tag = nonce();
+    const drvs = await evaluate(
+      `let dep = derivation { name = "dep-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ ./dep.sh ]; };
+       in { app = derivation { name = "app-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; inherit dep;
+              args = [ "-c" "cat $dep > $out" ]; }; }`,
+      { 'dep.sh': `# ${tag}\necho dep > "$out"\n` },
+    );
+    const app = drvs.get('app')!;
+    const cache = new BinaryCache({
+      dir: tempDir('ekaci-eval-store-cache-'),
+      secretKey: generateSigningKey('eval-store-test-1').secretKey,
+      logger: silentLogger(),
+    });
+    const nars = (): string[] => readdirSync(join(cache.dir, 'nar'));
+    const storeReady = (async () => {
+      // Both .drv files reach the cache from the evaluation store: the Nix store has neither yet.
+      await vi.waitFor(() => expect(nars()).toHaveLength(2), { timeout: 60_000 });
+      expect(valid(app)).toBe(false);
+      await env.importDerivations([app]);
+    })();
+    await cache.pushFromLocalStore([app], { derivation: true, storeReady });
+    const closure = await loadDerivationClosure([app]);
+    const dep = [...closure.keys()].find((p) => p !== app)!;
+    const script = closure.get(dep)!.inputSrcs[0]!;
+    for (const p of [app, dep, script]) expect(await cache.narInfo(p), p).toBeDefined();
+    expect((await cache.narInfo(app))!.references).toEqual([dep]);
+
+    // A .drv changed in the evaluation store after Nix wrote it never reaches the cache.
+    const other = (
+      await evaluate(
+        `{ x = derivation { name = "x-${tag}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo x > $out" ]; }; }`,
+      )
+    ).get('x')!;
+    const file = join(storeDir, other);
+    chmodSync(file, 0o644);
+    writeFileSync(file, readFileSync(file, 'utf8').replace('echo x', 'echo y'));
+    await expect(cache.pushFromLocalStore([other], { derivation: true })).rejects.toThrow(/does not hash to its path/);
+    expect(await cache.narInfo(other)).toBeUndefined();
   });
 
   it('has the NAR of a directory tree byte for byte as Nix makes it', () => {

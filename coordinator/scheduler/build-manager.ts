@@ -28,7 +28,8 @@ export interface OutputCache {
   hasPaths(storePaths: string[]): Set<string> | Promise<Set<string>>;
   /** The narinfo the cache holds for a path (its NAR checked on arrival), or undefined. */
   narInfo(storePath: string): Promise<{ narHash: string; narSize: number } | undefined>;
-  pushFromLocalStore(paths: string[], options?: { derivation?: boolean }): Promise<void>;
+  /** `storeReady`: see BinaryCache.pushFromLocalStore. */
+  pushFromLocalStore(paths: string[], options?: { derivation?: boolean; storeReady?: Promise<unknown> }): Promise<void>;
   /** NAR and closure sizes of paths the cache holds (with their closures). */
   sizes(storePaths: readonly string[]): Promise<Map<string, { narSize: number; closureSize: number }>>;
   /**
@@ -319,8 +320,13 @@ export class BuildManager extends EventEmitter {
     if (toBuild.length > 0) {
       // Agents with their own stores fetch the .drv closure from the cache; it may be only in the evaluation store.
       const drvPaths = toBuild.map((d) => d.drvPath);
-      await this.cache.importDerivations?.(drvPaths, options.gcRootsDir);
-      await this.cache.pushFromLocalStore(drvPaths, { derivation: true });
+      // The cache takes the .drv files from the evaluation store while the Nix store imports them (a second or two
+      // of bench/dispatch's 1,000 derivations apiece); sources go to the cache once the import is done.
+      const imported = this.cache.importDerivations?.(drvPaths, options.gcRootsDir) ?? Promise.resolve();
+      await Promise.all([
+        imported,
+        this.cache.pushFromLocalStore(drvPaths, { derivation: true, storeReady: imported }),
+      ]);
     }
 
     const now = this.now();
