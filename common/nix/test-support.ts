@@ -84,3 +84,21 @@ export function inFreshStore(emptyDir: string, env: NodeJS.ProcessEnv, command: 
     env: ownEnv,
   });
 }
+
+/**
+ * `nix-store --realise path` in an empty store (see `inFreshStore`) that substitutes from `cache` alone — a binary
+ * cache's URL or directory — trusting only `publicKey`.
+ */
+export function realiseFromCache(
+  emptyDir: string,
+  env: NodeJS.ProcessEnv,
+  path: string,
+  cache: { url: string; publicKey: string },
+): Promise<NixResult> {
+  return inFreshStore(emptyDir, env, [
+    'nix-store',
+    '--realise',
+    path,
+    ...['--option', 'substituters', cache.url, '--option', 'trusted-public-keys', cache.publicKey],
+  ]);
+}

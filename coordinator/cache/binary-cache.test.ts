@@ -9,7 +9,7 @@ import { runNixChecked } from '../../common/nix/cli.js';
 import { BinaryCache, NIX_CACHE_INFO, PUSH_COMPRESSION } from './binary-cache.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
-import { NIX, TempDirs, buildTrivial, inFreshStore, nixEnv, type Built } from './test-support.js';
+import { NIX, TempDirs, buildTrivial, nixEnv, realiseFromCache, type Built } from './test-support.js';
 
 const temp = new TempDirs();
 const key = generateSigningKey('coordinator-test-1');
@@ -73,17 +73,7 @@ describe('BinaryCache', () => {
 
     expect(await cache.hasPaths([fresh.drv, fresh.out])).toEqual(new Set([fresh.drv]));
     const empty = await temp.make();
-    const r = await inFreshStore(empty, env, [
-      'nix-store',
-      '-r',
-      fresh.drv,
-      '--option',
-      'substituters',
-      `file://${cache.dir}`,
-      '--option',
-      'trusted-public-keys',
-      cache.publicKey,
-    ]);
+    const r = await realiseFromCache(empty, env, fresh.drv, { url: `file://${cache.dir}`, publicKey: cache.publicKey });
     expect(r.stderr).not.toMatch(/error/);
     expect(r.stdout.trim()).toBe(fresh.out);
     expect((await stat(join(empty, 'store', fresh.out.slice('/nix/store/'.length)))).isFile()).toBe(true);

@@ -23,7 +23,15 @@ import {
 } from './http-routes.js';
 import { fingerprint, nixBase32, serializeNarInfo } from '../../common/nix/narinfo.js';
 import { generateSigningKey, signFingerprint } from './signing-key.js';
-import { TempDirs, buildTrivial, inFreshStore, nixEnv, serveUnderCache, type TestServer } from './test-support.js';
+import {
+  TempDirs,
+  buildTrivial,
+  inFreshStore,
+  nixEnv,
+  realiseFromCache,
+  serveUnderCache,
+  type TestServer,
+} from './test-support.js';
 
 const TOKEN = 'agent-token-0123456789';
 const OTHER_TOKEN = 'other-agent-token-987654321';
@@ -186,28 +194,17 @@ describe('binary cache over HTTP', () => {
       await cache.pushFromLocalStore(built.deps);
       expect((await upload(built.out, await lease(built.drv), TOKEN, undefined, form)).narinfo.status).toBe(204);
 
-      const r = await inFreshStore(await temp.make(), env, [
-        'nix-store',
-        '-r',
-        built.out,
-        ...['--option', 'substituters', server.url, '--option', 'trusted-public-keys', cache.publicKey],
-      ]);
+      const r = await realiseFromCache(await temp.make(), env, built.out, {
+        url: server.url,
+        publicKey: cache.publicKey,
+      });
 
       expect(r.stderr).not.toMatch(/error|not signed/);
       expect(r.stdout.trim()).toBe(built.out);
-      const untrusting = await inFreshStore(await temp.make(), env, [
-        'nix-store',
-        '-r',
-        built.out,
-        ...[
-          '--option',
-          'substituters',
-          server.url,
-          '--option',
-          'trusted-public-keys',
-          generateSigningKey('x').publicKey,
-        ],
-      ]);
+      const untrusting = await realiseFromCache(await temp.make(), env, built.out, {
+        url: server.url,
+        publicKey: generateSigningKey('x').publicKey,
+      });
       expect(untrusting.code).not.toBe(0);
     });
 

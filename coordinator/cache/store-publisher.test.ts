@@ -6,7 +6,7 @@ import { runNixChecked } from '../../common/nix/cli.js';
 import { BinaryCache } from './binary-cache.js';
 import { generateSigningKey } from './signing-key.js';
 import { StorePublisher } from './store-publisher.js';
-import { TempDirs, buildTrivial, inFreshStore, nixEnv } from './test-support.js';
+import { TempDirs, buildTrivial, nixEnv, realiseFromCache } from './test-support.js';
 
 const temp = new TempDirs();
 const key = generateSigningKey('publisher-test-1');
@@ -33,17 +33,10 @@ describe('StorePublisher', () => {
       // The output and the dependencies it refers to, each signed: a store that has nothing substitutes it.
       expect(await cache.hasPaths([built.out, ...built.deps])).toEqual(new Set([built.out, ...built.deps]));
       const empty = await temp.make();
-      const r = await inFreshStore(empty, env, [
-        'nix-store',
-        '--realise',
-        built.out,
-        '--option',
-        'substituters',
-        `file://${cache.dir}`,
-        '--option',
-        'trusted-public-keys',
-        cache.publicKey,
-      ]);
+      const r = await realiseFromCache(empty, env, built.out, {
+        url: `file://${cache.dir}`,
+        publicKey: cache.publicKey,
+      });
       expect(r.stderr).not.toMatch(/error/);
       expect(r.stdout.trim()).toBe(built.out);
     } finally {

@@ -6,7 +6,15 @@ import type { AddressInfo } from 'node:net';
 import Router from '@koa/router';
 import Koa from 'koa';
 
-export { NIX, TempDirs, buildTrivial, inFreshStore, nixEnv, type Built } from '../../common/nix/test-support.js';
+export {
+  NIX,
+  TempDirs,
+  buildTrivial,
+  inFreshStore,
+  nixEnv,
+  realiseFromCache,
+  type Built,
+} from '../../common/nix/test-support.js';
 
 export interface TestServer {
   /** `http://127.0.0.1:PORT/cache` */
