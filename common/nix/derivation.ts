@@ -303,8 +303,12 @@ export function outputPaths(d: Derivation): Record<string, string> {
  * was fetched under, it proves the text is that derivation, whoever served it.
  */
 export function derivationStorePath(text: string, d: Derivation, name: string): string {
-  const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])];
-  return textStorePath(createHash('sha256').update(text, 'utf8').digest('hex'), references, name);
+  return textStorePath(createHash('sha256').update(text, 'utf8').digest('hex'), derivationReferences(d), name);
+}
+
+/** What a `.drv` file refers to as a store path: its input derivations and sources, sorted, each once. */
+export function derivationReferences(d: Derivation): string[] {
+  return [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])].sort();
 }
 
 /** The store path of a text file (`builtins.toFile`, a `.drv`) with this SHA-256 (hex) and these references. */
@@ -365,6 +369,33 @@ export async function walkDerivations(
       queue.push(input);
     }
     if (step.read && ++reads % readsPerTurn === 0) await turn();
+  }
+}
+
+/**
+ * Walks the closure of `roots` breadth first, a level at a time, over the references `visit` answers for each path,
+ * each path once. `held` answers, once per level, which of its paths the destination has already: those are neither
+ * visited nor descended into (a store that holds a path holds its closure).
+ */
+export async function walkMissing(
+  roots: Iterable<string>,
+  held: (level: readonly string[]) => Promise<ReadonlySet<string>>,
+  visit: (path: string) => Iterable<string> | Promise<Iterable<string>>,
+): Promise<void> {
+  let level = [...new Set(roots)];
+  const seen = new Set(level);
+  while (level.length > 0) {
+    const present = await held(level);
+    const next: string[] = [];
+    for (const p of level) {
+      if (present.has(p)) continue;
+      for (const r of await visit(p)) {
+        if (seen.has(r)) continue;
+        seen.add(r);
+        next.push(r);
+      }
+    }
+    level = next;
   }
 }
 

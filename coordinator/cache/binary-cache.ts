@@ -31,7 +31,14 @@ import { turn } from '../../common/turn.js';
 import type { Logger } from '../../common/logging.js';
 import { NIX_EXPERIMENTAL, NO_SUBSTITUTERS, argBatches, runNixChecked } from '../../common/nix/cli.js';
 import { STORE_DIR, isDrvPath, isStorePath, storePathHash, storePathName } from '../../common/nix/store-path.js';
-import { derivationStorePath, inputsFirst, parseDerivation, readDerivationText } from '../../common/nix/derivation.js';
+import {
+  derivationReferences,
+  inputsFirst,
+  parseDerivation,
+  readDerivationText,
+  textStorePath,
+  walkMissing,
+} from '../../common/nix/derivation.js';
 import { canVerifyCompression, narHashOfFile, regularFileNar } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
@@ -235,50 +242,44 @@ export class BinaryCache {
     let failure: { error: unknown } | undefined;
     // The cache's listing is read once for a large closure, not once per level of it (see READDIR_THRESHOLD).
     let listing: Set<string> | undefined;
-    let frontier = [...new Set(drvPaths)];
-    const seen = new Set(frontier);
-    while (frontier.length > 0 && failure === undefined) {
-      if (listing === undefined && frontier.length >= READDIR_THRESHOLD) listing = new Set(await readdir(this.dir));
+    const held = async (level: readonly string[]): Promise<ReadonlySet<string>> => {
+      if (listing === undefined && level.length >= READDIR_THRESHOLD) listing = new Set(await readdir(this.dir));
       const names = listing;
-      const held =
-        names === undefined
-          ? await this.hasPaths(frontier)
-          : new Set(frontier.filter((p) => names.has(narInfoName(storePathHash(p)))));
-      const next: string[] = [];
-      for (const p of frontier) {
-        if (held.has(p)) continue;
-        if (!isDrvPath(p)) {
-          sources.push(p);
-          continue;
-        }
-        const { text } = readDerivationText(p);
-        const derivation = parseDerivation(text, p);
-        if (derivationStorePath(text, derivation, storePathName(p)) !== p) {
-          throw new CacheError(`${p} in the Nix store does not hash to its path: not pushed to the cache`);
-        }
-        const nar = regularFileNar(Buffer.from(text, 'utf8'));
-        const m: DerivationNar = {
-          narHash: nixBase32(createHash('sha256').update(nar).digest()),
-          narSize: nar.length,
-          ca: `text:sha256:${nixBase32(createHash('sha256').update(text, 'utf8').digest())}`,
-          inputDrvs: Object.keys(derivation.inputDrvs),
-          references: [...new Set([...Object.keys(derivation.inputDrvs), ...derivation.inputSrcs])].sort(),
-        };
-        missing.set(p, m);
-        // At most PARALLEL_WRITES NARs are being written at once; the first that fails fails the push.
-        const write = this.writeUncompressedNar(`nar/${m.narHash}.nar`, nar)
-          .catch((error: unknown) => void (failure ??= { error }))
-          .finally(() => writes.delete(write));
-        writes.add(write);
-        if (writes.size >= PARALLEL_WRITES) await Promise.race(writes);
-        for (const input of m.references) {
-          if (seen.has(input)) continue;
-          seen.add(input);
-          next.push(input);
-        }
+      return names === undefined
+        ? this.hasPaths([...level])
+        : new Set(level.filter((p) => names.has(narInfoName(storePathHash(p)))));
+    };
+    await walkMissing(drvPaths, held, async (p) => {
+      // After a failed write the walk runs out without reading anything more.
+      if (failure !== undefined) return [];
+      if (!isDrvPath(p)) {
+        sources.push(p);
+        return [];
       }
-      frontier = next;
-    }
+      const { text, evaluationStore } = readDerivationText(p);
+      const derivation = parseDerivation(text, p);
+      const references = derivationReferences(derivation);
+      const textHash = createHash('sha256').update(text, 'utf8').digest();
+      if (textStorePath(textHash.toString('hex'), references, storePathName(p)) !== p) {
+        const where = evaluationStore === undefined ? 'the Nix store' : `the evaluation store ${evaluationStore}`;
+        throw new CacheError(`${p} in ${where} does not hash to its path: not pushed to the cache`);
+      }
+      const nar = regularFileNar(Buffer.from(text, 'utf8'));
+      const m: DerivationNar = {
+        narHash: nixBase32(createHash('sha256').update(nar).digest()),
+        narSize: nar.length,
+        ca: `text:sha256:${nixBase32(textHash)}`,
+        references,
+      };
+      missing.set(p, m);
+      // At most PARALLEL_WRITES NARs are being written at once; the first that fails fails the push.
+      const write = this.writeUncompressedNar(`nar/${m.narHash}.nar`, nar)
+        .catch((error: unknown) => void (failure ??= { error }))
+        .finally(() => writes.delete(write));
+      writes.add(write);
+      if (writes.size >= PARALLEL_WRITES) await Promise.race(writes);
+      return references;
+    });
     await Promise.all(writes);
     if (failure !== undefined) throw failure.error;
     await storeReady;
@@ -479,17 +480,17 @@ interface DerivationNar {
   narHash: string;
   narSize: number;
   ca: string;
-  inputDrvs: string[];
+  /** Its input derivations and sources, sorted. */
   references: string[];
 }
 
-/** The derivations grouped so that every input among them is in an earlier group. */
+/** The derivations grouped so that every one they refer to among them is in an earlier group. */
 function byDepth(drvs: ReadonlyMap<string, DerivationNar>): string[][] {
   const depth = new Map<string, number>();
   const levels: string[][] = [];
-  for (const p of inputsFirst(drvs.keys(), (q) => drvs.get(q)?.inputDrvs)) {
+  for (const p of inputsFirst(drvs.keys(), (q) => drvs.get(q)?.references)) {
     let d = 0;
-    for (const input of drvs.get(p)!.inputDrvs) d = Math.max(d, (depth.get(input) ?? -1) + 1);
+    for (const input of drvs.get(p)!.references) d = Math.max(d, (depth.get(input) ?? -1) + 1);
     depth.set(p, d);
     (levels[d] ??= []).push(p);
   }

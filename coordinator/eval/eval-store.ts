@@ -3,7 +3,14 @@ import Database from 'better-sqlite3';
 import { EvaluationError } from '../../common/errors.js';
 import { NO_SUBSTITUTERS, lastLines, runNix } from '../../common/nix/cli.js';
 import type { NixDaemonConnection } from '../../common/nix/daemon-client.js';
-import { type Derivation, addDerivationStore, inputsFirst, readStoreDerivation } from '../../common/nix/derivation.js';
+import {
+  type Derivation,
+  addDerivationStore,
+  derivationReferences,
+  inputsFirst,
+  readStoreDerivation,
+  walkMissing,
+} from '../../common/nix/derivation.js';
 import { narChunks } from '../../common/nix/nar.js';
 import { isDrvPath, storePathName } from '../../common/nix/store-path.js';
 
@@ -89,35 +96,28 @@ export class EvalStore {
     const missing = new Map<string, Derivation>();
     const sources = new Set<string>();
     let present = 0;
-    let frontier = [...new Set(drvPaths)].filter((p) => this.holds(p));
-    const seen = new Set(frontier);
-    while (frontier.length > 0) {
-      const valid = await validPaths(daemon, frontier);
-      present += valid.size;
-      const next: string[] = [];
-      for (const p of frontier) {
-        if (valid.has(p)) continue;
+    await walkMissing(
+      drvPaths.filter((p) => this.holds(p)),
+      async (level) => {
+        const valid = await validPaths(daemon, level);
+        present += valid.size;
+        return valid;
+      },
+      (p) => {
         if (!isDrvPath(p)) {
           sources.add(p);
-          continue;
+          return [];
         }
         const d = readStoreDerivation(p);
         missing.set(p, d);
-        for (const input of [...Object.keys(d.inputDrvs), ...d.inputSrcs]) {
-          if (seen.has(input) || !this.holds(input)) continue;
-          seen.add(input);
-          next.push(input);
-        }
-      }
-      frontier = next;
-    }
+        return derivationReferences(d).filter((r) => this.holds(r));
+      },
+    );
     if (missing.size === 0 && sources.size === 0) return { added: 0, present };
     const infos = this.sourceInfos([...sources]);
     for (const p of orderSources(sources, infos)) await this.importSource(p, infos.get(p)!, daemon);
     for (const p of inputsFirst(missing.keys(), (q) => inputDrvsOf(missing.get(q)))) {
-      const d = missing.get(p)!;
-      const references = [...new Set([...Object.keys(d.inputDrvs), ...d.inputSrcs])];
-      await this.add(p, 'text:sha256', references, [readFileSync(this.root + p)], daemon);
+      await this.add(p, 'text:sha256', derivationReferences(missing.get(p)!), [readFileSync(this.root + p)], daemon);
     }
     return { added: missing.size + sources.size, present };
   }
