@@ -340,4 +340,41 @@ describe('the coordinator side of the agent protocol', () => {
     expect(retry.attempt).toBe(2);
     expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('lost');
   });
+
+  it('measures a build by the agent’s clock, from the Started it reported to its Finished', async () => {
+    const { a, lease } = await leaseOneBuild();
+    // Built in the store the coordinator uses, so that the result needs no upload.
+    const out = (await runNixChecked('nix-store', ['--realise', lease.drvPath, ...NO_SUBSTITUTERS])).trim();
+    // The agent's clock runs an hour behind the coordinator's; by it, the build took 7 s.
+    const startedAt = Date.now() - 3_600_000;
+    a.send({
+      $case: 'jobEvent',
+      value: { messageId: 1, leaseId: lease.leaseId, event: { $case: 'started', value: { startedAtMs: startedAt } } },
+    });
+    a.send({
+      $case: 'jobEvent',
+      value: {
+        messageId: 2,
+        leaseId: lease.leaseId,
+        event: {
+          $case: 'finished',
+          value: {
+            outcome: Outcome.OUTCOME_SUCCEEDED,
+            error: '',
+            outputs: [{ name: 'out', path: out, narSize: 1, closureSize: 1 }],
+            finishedAtMs: startedAt + 7_000,
+            logBytes: 0,
+            pushes: [],
+            outputsInCoordinatorStore: true,
+          },
+        },
+      },
+    });
+    await a.next('ack', (x) => x.messageIds.includes(2));
+    expect(coordinator!.store.derivation(lease.drvPath)?.state).toBe('succeeded');
+    expect(coordinator!.store.attempt(lease.leaseId)).toMatchObject({ state: 'succeeded', started_at: startedAt });
+    expect(coordinator!.store.db.prepare('SELECT mean_seconds FROM build_durations').all()).toEqual([
+      { mean_seconds: 7 },
+    ]);
+  });
 });

@@ -21,6 +21,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { readdir, rename, unlink } from 'node:fs/promises';
+import { LRUCache } from 'lru-cache';
 import { dirname, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -87,6 +88,12 @@ export const NARINFO_READS_PER_TURN = 500;
 /** How many files `pushDerivations` creates at once, on libuv's threads. */
 const PARALLEL_WRITES = 32;
 
+/**
+ * How many narinfos the cache keeps in memory after storing them: about as many as a busy fleet uploads before it
+ * reports the builds they belong to (a result is checked against them moments later).
+ */
+const RECENT_NARINFOS = 4_096;
+
 /** Temporary files share the target's directory, so the final rename is atomic, and a prefix no reader matches. */
 const TEMP_PREFIX = '.upload-';
 
@@ -103,6 +110,8 @@ export class BinaryCache {
   readonly publicKey: string;
   private readonly secretKey: string;
   private readonly logger: Logger;
+  /** Narinfos stored lately, by store path. A stored narinfo never changes: the first one for a path stays. */
+  private readonly recent = new LRUCache<string, NarInfo>({ max: RECENT_NARINFOS });
 
   constructor(options: BinaryCacheOptions) {
     this.dir = resolve(options.dir);
@@ -137,6 +146,8 @@ export class BinaryCache {
   }
 
   private readNarInfo(storePath: string): NarInfo | undefined {
+    const recent = this.recent.get(storePath);
+    if (recent) return recent;
     if (!isStorePath(storePath)) return undefined;
     let text: string;
     try {
@@ -383,8 +394,12 @@ export class BinaryCache {
    * and stores it; returns it as signed. The first narinfo stored for a path stays: substituters may already have
    * fetched it, and a binary cache entry must not change under them.
    */
-  async writeNarInfo(relativePath: string, text: string, check?: (info: NarInfo) => Promise<void>): Promise<NarInfo> {
-    const info = parseNarInfo(text);
+  async writeNarInfo(
+    relativePath: string,
+    narInfo: string | NarInfo,
+    check?: (info: NarInfo) => Promise<void>,
+  ): Promise<NarInfo> {
+    const info = typeof narInfo === 'string' ? parseNarInfo(narInfo) : narInfo;
     if (relativePath !== narInfoName(storePathHash(info.storePath))) {
       throw new CacheError(`${relativePath} does not match its StorePath ${info.storePath}`);
     }
@@ -410,6 +425,7 @@ export class BinaryCache {
     try {
       // link() refuses to replace an existing file, which makes "first narinfo wins" race-free.
       linkSync(tmp, join(this.dir, relativePath));
+      this.recent.set(info.storePath, info);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       this.logger.debug({ storePath: info.storePath }, 'narinfo already in the cache; keeping the first one');

@@ -221,8 +221,7 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
       else if (combined === '') await cache.writeNarInfo(path, await readText(limit.wrap(ctx.req)), check);
       else {
         const { head, rest } = await splitBody(ctx.req, narinfoBytes);
-        const text = head.toString('utf8');
-        const info = parseNarInfo(text);
+        const info = parseNarInfo(head.toString('utf8'));
         mayPublish(info);
         if (classifyCachePath(info.url) !== 'nar') {
           throw new CacheError(`URL ${info.url} of ${info.storePath} is not a NAR in this cache`);
@@ -232,7 +231,7 @@ export function cacheRouter(cache: BinaryCache, options: CacheRouterOptions): Ro
           narLimit.wrap(rest),
           declared === undefined ? undefined : declared - narinfoBytes,
         );
-        await cache.writeNarInfo(path, text, check);
+        await cache.writeNarInfo(path, info, check);
       }
     } catch (err) {
       if (limit.exceeded || narLimit.exceeded) reject(ctx, 413, tooLargeMessage(limit.exceeded ? kind : 'nar', limits));

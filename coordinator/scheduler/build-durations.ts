@@ -48,14 +48,13 @@ export function pnameOf(drvPath: string): string {
 
 /** A build's duration in seconds from its attempt: the agent's own start and finish when it reported both. */
 export function buildSeconds(
-  attempt: { assigned_at: number; started_at: number | null } | undefined,
+  attempt: { assignedAt: number; startedAt: number | null },
   finishedAtMs: number,
   now: number,
 ): number | undefined {
-  if (!attempt) return undefined;
-  const start = attempt.started_at ?? attempt.assigned_at;
+  const start = attempt.startedAt ?? attempt.assignedAt;
   // Start and finish by the same (agent's) clock when both are there; the coordinator's otherwise.
-  const end = attempt.started_at !== null && finishedAtMs >= attempt.started_at ? finishedAtMs : now;
+  const end = attempt.startedAt !== null && finishedAtMs >= attempt.startedAt ? finishedAtMs : now;
   return end >= start ? (end - start) / 1000 : undefined;
 }
 

@@ -61,6 +61,10 @@ interface Lease extends HeldLease {
   outputs: ReadonlyMap<string, string>;
   /** A fixed-output derivation: its uploaded output is checked against the hash it declares. */
   fixedOutput: boolean;
+  /** The derivation's system, and when the attempt was assigned and started: what its duration is recorded by. */
+  system: string;
+  assignedAt: number;
+  startedAt: number | null;
   /** Why the lease was cancelled (recorded on its attempt before the agent is told), if it was. */
   cancelled?: string;
   /** The log reached `maxLogBytes`: the build is stopped and fails. */
@@ -243,7 +247,10 @@ export class BuildManager extends EventEmitter {
         expiresAt: expiry(a.lease_id),
         logPath: a.log_path,
         outputs: this.outputMap(a.drv_path),
-        fixedOutput: activeSet.get(a.drv_path)?.is_fod === 1,
+        fixedOutput: activeSet.get(a.drv_path)!.is_fod === 1,
+        system: activeSet.get(a.drv_path)!.system,
+        assignedAt: a.assigned_at,
+        startedAt: a.started_at,
         ...(a.cancel_reason !== null ? { cancelled: a.cancel_reason } : {}),
         ...(a.log_truncated === 1 ? { overLimit: true } : {}),
       });
@@ -438,6 +445,9 @@ export class BuildManager extends EventEmitter {
           logPath: this.logs.pathFor(drvPath, attempt),
           outputs: this.outputMap(drvPath),
           fixedOutput: row.is_fod === 1,
+          system: row.system,
+          assignedAt: now,
+          startedAt: null,
         };
         this.store.insertAttempt({ ...lease, now });
         this.transition(drvPath, 'building', attempt, now, { agentId: agent.agentId });
@@ -479,7 +489,10 @@ export class BuildManager extends EventEmitter {
   /** Records when an agent started a lease's build; committed with the next group of reports. */
   started(agentId: string, leaseId: string, at: number): Promise<void> {
     return this.writeSoon(() => {
-      if (this.ownLease(agentId, leaseId)) this.store.startAttempt(leaseId, at || this.now());
+      const lease = this.ownLease(agentId, leaseId);
+      if (!lease) return;
+      lease.startedAt = at || this.now();
+      this.store.startAttempt(leaseId, lease.startedAt);
     });
   }
 
@@ -517,17 +530,18 @@ export class BuildManager extends EventEmitter {
     }
     const attemptState = ATTEMPT_STATE[f.outcome] ?? 'infra-error';
     const error = f.error || null;
-    this.store.finishAttempt(leaseId, attemptState, error, now);
-    this.store.setLogBytes(leaseId, this.logs.storedBytes(lease.logPath));
+    this.store.finishAttempt(leaseId, attemptState, error, now, this.logs.storedBytes(lease.logPath));
     if (lease.cancelled !== undefined && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
       // Whatever stopped it, a cancelled build is never retried.
       this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
     } else if (f.outcome === Outcome.OUTCOME_SUCCEEDED) {
       for (const o of f.outputs) this.store.recordOutput(lease.drvPath, o.name, o.path, o.narSize, o.closureSize);
-      const seconds = buildSeconds(this.store.attempt(leaseId), f.finishedAtMs, now);
-      const row = this.store.derivation(lease.drvPath);
-      if (seconds !== undefined && row)
-        this.durations.record({ drvPath: row.drv_path, system: row.system, fixedOutput: row.is_fod === 1 }, seconds);
+      const seconds = buildSeconds(lease, f.finishedAtMs, now);
+      if (seconds !== undefined)
+        this.durations.record(
+          { drvPath: lease.drvPath, system: lease.system, fixedOutput: lease.fixedOutput },
+          seconds,
+        );
       this.settle(lease.drvPath, 'succeeded', lease.attempt, now, { agentId });
     } else if (outcomeDisposition(f.outcome) === 'retry') {
       this.retryOrFail(lease, error ?? 'infrastructure failure', now);
@@ -937,8 +951,7 @@ export class BuildManager extends EventEmitter {
     const now = this.now();
     this.logger.warn({ leaseId: lease.leaseId, drvPath: lease.drvPath, agentId: lease.agentId }, reason);
     this.write(() => {
-      this.store.finishAttempt(lease.leaseId, 'lost', reason, now);
-      this.store.setLogBytes(lease.leaseId, this.logs.storedBytes(lease.logPath));
+      this.store.finishAttempt(lease.leaseId, 'lost', reason, now, this.logs.storedBytes(lease.logPath));
       this.retryOrFail(lease, reason, now);
     });
     this.untrack(lease);
@@ -951,8 +964,7 @@ export class BuildManager extends EventEmitter {
   private end(lease: Lease, state: 'cancelled' | 'failed', reason: string): void {
     const now = this.now();
     this.write(() => {
-      this.store.finishAttempt(lease.leaseId, state, reason, now);
-      this.store.setLogBytes(lease.leaseId, this.logs.storedBytes(lease.logPath));
+      this.store.finishAttempt(lease.leaseId, state, reason, now, this.logs.storedBytes(lease.logPath));
       this.settle(lease.drvPath, state, lease.attempt, now, { agentId: lease.agentId, error: reason });
     });
     this.untrack(lease);

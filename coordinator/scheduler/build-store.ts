@@ -106,7 +106,9 @@ export class BuildStore {
       ),
       getAttempt: db.prepare('SELECT * FROM attempts WHERE lease_id = ?'),
       openAttempts: db.prepare("SELECT * FROM attempts WHERE state IN ('assigned', 'accepted', 'started')"),
-      setAttemptState: db.prepare('UPDATE attempts SET state = ?, error = ?, finished_at = ? WHERE lease_id = ?'),
+      setAttemptState: db.prepare(
+        'UPDATE attempts SET state = ?, error = ?, finished_at = ?, log_bytes = ? WHERE lease_id = ?',
+      ),
       startAttempt: db.prepare("UPDATE attempts SET state = 'started', started_at = ? WHERE lease_id = ?"),
       acceptAttempt: db.prepare("UPDATE attempts SET state = 'accepted' WHERE lease_id = ? AND state = 'assigned'"),
       setLogBytes: db.prepare('UPDATE attempts SET log_bytes = ? WHERE lease_id = ?'),
@@ -337,8 +339,9 @@ export class BuildStore {
     this.s.startAttempt.run(at, leaseId);
   }
 
-  finishAttempt(leaseId: string, state: AttemptState, error: string | null, at: number): void {
-    this.s.setAttemptState.run(state, error, at, leaseId);
+  /** Closes an attempt, with the bytes of its log stored by then. */
+  finishAttempt(leaseId: string, state: AttemptState, error: string | null, at: number, logBytes: number): void {
+    this.s.setAttemptState.run(state, error, at, logBytes, leaseId);
   }
 
   setLogBytes(leaseId: string, bytes: number): void {

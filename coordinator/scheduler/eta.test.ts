@@ -148,9 +148,10 @@ describe('BuildDurations', () => {
   });
 
   it('measures a build by the agent’s clock when it reported start and finish, by ours otherwise', () => {
-    expect(buildSeconds({ assigned_at: 0, started_at: 5_000 }, 9_000, 99_000)).toBe(4);
-    expect(buildSeconds({ assigned_at: 1_000, started_at: null }, 0, 4_000)).toBe(3);
-    expect(buildSeconds(undefined, 0, 4_000)).toBeUndefined();
+    expect(buildSeconds({ assignedAt: 0, startedAt: 5_000 }, 9_000, 99_000)).toBe(4);
+    expect(buildSeconds({ assignedAt: 1_000, startedAt: null }, 0, 4_000)).toBe(3);
+    // A finish the agent's clock puts before its start is measured by ours.
+    expect(buildSeconds({ assignedAt: 1_000, startedAt: 5_000 }, 2_000, 8_000)).toBe(3);
   });
 });
 
