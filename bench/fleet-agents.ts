@@ -28,6 +28,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { nixBase32, serializeNarInfo } from '../common/nix/narinfo.js';
 // The one thing a third-party agent cannot learn from agent.proto: the version it describes.
 import { PROTOCOL_VERSION } from '../common/protocol-version.js';
+import { seededRandom } from '../common/prng.js';
 import { realtime } from './bench-env.js';
 
 export interface FleetStart {
@@ -36,8 +37,12 @@ export interface FleetStart {
   tokens: string[];
   slots: number;
   system: string;
-  /** Each build holds its slot this long before uploading (0: an immediate result). */
+  /**
+   * Each build holds its slot about this long before uploading (0: an immediate result): between half and one and
+   * a half times as long, drawn from `seed`, so that builds that started together do not all end together.
+   */
   buildMs: number;
+  seed: number;
 }
 
 export interface FleetStop {
@@ -195,6 +200,7 @@ class ProtocolAgent {
   private readonly unacked = new Map<number, { leaseId: string; record: LeaseRecord | null }>();
   private heartbeat: NodeJS.Timeout | null = null;
   private draining = false;
+  private readonly random: () => number;
 
   constructor(
     private readonly index: number,
@@ -202,6 +208,7 @@ class ProtocolAgent {
     private readonly options: FleetStart,
   ) {
     this.client = new grpc.Client(options.target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.random = seededRandom(options.seed * 1_000 + index);
     // Keep-alive connections to the cache, at most one per slot (one upload each at a time).
     this.http = new http.Agent({ keepAlive: true, maxSockets: options.slots });
   }
@@ -324,7 +331,10 @@ class ProtocolAgent {
   }
 
   private async build(a: Assign, record: LeaseRecord): Promise<void> {
-    if (this.options.buildMs > 0) await new Promise((resolve) => setTimeout(resolve, this.options.buildMs));
+    if (this.options.buildMs > 0) {
+      const ms = this.options.buildMs * (0.5 + this.random());
+      await new Promise((resolve) => setTimeout(resolve, ms));
+    }
     let outputs: BuiltOutput[] = [];
     let error = '';
     try {

@@ -208,6 +208,7 @@ const startMessage: FleetStart = {
   slots: options.slots,
   system,
   buildMs: options.buildMs,
+  seed: options.seed,
 };
 agentsProcess.send(startMessage);
 progress(`${options.agents} agents × ${options.slots} slots connecting; dispatching (timeout ${options.timeoutS} s)…`);

@@ -19,8 +19,9 @@
  *
  * Every Assign answered at once means each slot is free again a few milliseconds later, so all slots are nearly
  * always waiting: by Little's law a slot then waits about slots ÷ rate (1,000 ÷ 1,000/s = 1 s) whatever the
- * dispatch latency. `--build-ms` holds each slot that long per build, so that the slot waits can be measured at an
- * offered load (slots ÷ build time) below what the coordinator sustains.
+ * dispatch latency. `--build-ms` holds each slot about that long per build (between half and one and a half times as
+ * long, seeded, as real builds differ), so that the slot waits can be measured at an offered load (slots ÷ build
+ * time) below what the coordinator sustains.
  *
  *   npm run bench:fleet [-- --sizes 20000,100000 --agents 100 --slots 10 --build-ms 0 --timeout 900 --profile]
  *   npm run bench:fleet -- --sizes 2000            (quick, for development)
@@ -172,7 +173,7 @@ const line = (cells: string[]): string =>
     .trimEnd();
 console.log(
   `bench/fleet: ${base.agents} protocol agents × ${base.slots} slots, ` +
-    `${base.buildMs === 0 ? 'immediate results' : `${base.buildMs} ms per build`}, ${availableParallelism()} CPUs`,
+    `${base.buildMs === 0 ? 'immediate results' : `${base.buildMs} ms per build (±50 %)`}, ${availableParallelism()} CPUs`,
 );
 console.log(line(header));
 for (const cells of table) console.log(line(cells));
