@@ -141,7 +141,9 @@ describe('the coordinator side of the agent protocol', () => {
       },
     });
     const ack = await a.next('ack', (x) => x.messageIds.includes(2));
-    expect(ack.messageIds).toEqual([2]);
+    // Each event acknowledged once, in the order it arrived (events committed together share one Ack).
+    const acked = a.received.flatMap((m) => (m.msg?.$case === 'ack' ? m.msg.value.messageIds : []));
+    expect(acked).toEqual([1, 2]);
     // Committed before the acknowledgement: the state is visible the moment the agent learns of the ack.
     expect(coordinator.store.derivation(first.drvPath)?.state).toBe('failed');
 
@@ -184,6 +186,23 @@ describe('the coordinator side of the agent protocol', () => {
     expect(building(coordinator)).toBe(2);
     expect(a.received.filter((m) => m.msg?.$case === 'assign')).toHaveLength(3);
     expect(coordinator.manager.isSettled(request)).toBe(false);
+  });
+
+  it('acknowledges the job events one group commit recorded in one Ack, each once and in order', async () => {
+    const { a, lease } = await leaseOneBuild();
+    // Sent together, as an agent that reconnects sends what it kept: they arrive and are committed in few groups.
+    const ids = Array.from({ length: 200 }, (_, i) => i + 1);
+    for (const messageId of ids) {
+      a.send({
+        $case: 'jobEvent',
+        value: { messageId, leaseId: lease.leaseId, event: { $case: 'accepted', value: {} } },
+      });
+    }
+    await a.next('ack', (x) => x.messageIds.includes(200));
+    const acks = a.received.flatMap((m) => (m.msg?.$case === 'ack' ? [m.msg.value.messageIds] : []));
+    expect(acks.flat()).toEqual(ids);
+    expect(acks.length).toBeLessThan(ids.length);
+    expect(coordinator!.store.attempt(lease.leaseId)?.state).toBe('accepted');
   });
 
   it('commits a result and the lease that takes its slot together, in one transaction', async () => {

@@ -49,6 +49,8 @@ export class AgentSession {
   private free = 0;
   private readonly unaccepted = new Set<string>();
   private readonly outbox: CoordinatorMessage[] = [];
+  /** Job events whose acknowledgement is due, not yet sent (`ack`). */
+  private acks: number[] = [];
   private writable = true;
   private events: Promise<void> = Promise.resolve();
   private readonly helloTimer: NodeJS.Timeout;
@@ -109,6 +111,21 @@ export class AgentSession {
       this.free -= 1;
       this.send({ msg: m });
     }
+  }
+
+  /**
+   * Acknowledges a job event. The events a group commit settled together are acknowledged in one `Ack`, in the
+   * order they arrived: the acknowledgements of one commit become due in one run of the microtask queue, and the
+   * `Ack` goes out after it.
+   */
+  private ack(messageId: number): void {
+    this.acks.push(messageId);
+    if (this.acks.length > 1) return;
+    process.nextTick(() => {
+      const messageIds = this.acks;
+      this.acks = [];
+      this.send({ msg: { $case: 'ack', value: { messageIds } } });
+    });
   }
 
   /** Ends the stream with a status (refusal, revoked token, replaced by a newer stream). */
@@ -200,7 +217,7 @@ export class AgentSession {
         this.events = this.events
           .then(() => handled)
           .then(
-            () => this.send({ msg: { $case: 'ack', value: { messageIds: [event.messageId] } } }),
+            () => this.ack(event.messageId),
             (err: unknown) =>
               this.failed(`job event ${event.event?.$case ?? 'empty'}`, err, {
                 leaseId: event.leaseId,
