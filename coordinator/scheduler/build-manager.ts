@@ -237,6 +237,7 @@ export class BuildManager extends EventEmitter {
     const failedInput = this.store.unfinishedWithFailedInput(FAILURE_STATES);
     for (const a of this.store.openAttempts()) {
       if (!this.scheduler.has(a.drv_path)) continue;
+      const row = activeSet.get(a.drv_path)!;
       this.scheduler.markBuilding(a.drv_path);
       ready.delete(a.drv_path);
       this.track({
@@ -247,8 +248,8 @@ export class BuildManager extends EventEmitter {
         expiresAt: expiry(a.lease_id),
         logPath: a.log_path,
         outputs: this.outputMap(a.drv_path),
-        fixedOutput: activeSet.get(a.drv_path)!.is_fod === 1,
-        system: activeSet.get(a.drv_path)!.system,
+        fixedOutput: row.is_fod === 1,
+        system: row.system,
         assignedAt: a.assigned_at,
         startedAt: a.started_at,
         ...(a.cancel_reason !== null ? { cancelled: a.cancel_reason } : {}),
@@ -530,7 +531,7 @@ export class BuildManager extends EventEmitter {
     }
     const attemptState = ATTEMPT_STATE[f.outcome] ?? 'infra-error';
     const error = f.error || null;
-    this.store.finishAttempt(leaseId, attemptState, error, now, this.logs.storedBytes(lease.logPath));
+    this.closeAttempt(lease, attemptState, error, now);
     if (lease.cancelled !== undefined && f.outcome !== Outcome.OUTCOME_SUCCEEDED) {
       // Whatever stopped it, a cancelled build is never retried.
       this.settle(lease.drvPath, 'cancelled', lease.attempt, now, { agentId, error: lease.cancelled });
@@ -951,7 +952,7 @@ export class BuildManager extends EventEmitter {
     const now = this.now();
     this.logger.warn({ leaseId: lease.leaseId, drvPath: lease.drvPath, agentId: lease.agentId }, reason);
     this.write(() => {
-      this.store.finishAttempt(lease.leaseId, 'lost', reason, now, this.logs.storedBytes(lease.logPath));
+      this.closeAttempt(lease, 'lost', reason, now);
       this.retryOrFail(lease, reason, now);
     });
     this.untrack(lease);
@@ -964,12 +965,17 @@ export class BuildManager extends EventEmitter {
   private end(lease: Lease, state: 'cancelled' | 'failed', reason: string): void {
     const now = this.now();
     this.write(() => {
-      this.store.finishAttempt(lease.leaseId, state, reason, now, this.logs.storedBytes(lease.logPath));
+      this.closeAttempt(lease, state, reason, now);
       this.settle(lease.drvPath, state, lease.attempt, now, { agentId: lease.agentId, error: reason });
     });
     this.untrack(lease);
     this.emit('work');
     this.announceSettled();
+  }
+
+  /** Records how a lease's attempt ended, with the bytes of its log stored by then. */
+  private closeAttempt(lease: Lease, state: AttemptState, error: string | null, now: number): void {
+    this.store.finishAttempt(lease.leaseId, state, error, now, this.logs.storedBytes(lease.logPath));
   }
 
   private track(lease: Lease): void {
