@@ -7,25 +7,12 @@
  * agents are not trusted to sign.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import {
-  createWriteStream,
-  existsSync,
-  linkSync,
-  mkdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  unlinkSync,
-  writeFile as writeFileWithCallback,
-  writeFileSync,
-} from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { readdir, rename, unlink } from 'node:fs/promises';
 import { LRUCache } from 'lru-cache';
 import { dirname, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { promisify } from 'node:util';
 import { CacheError } from '../../common/errors.js';
 import { readAll } from '../../common/read-all.js';
 import { turn } from '../../common/turn.js';
@@ -43,7 +30,8 @@ import {
 import { canVerifyCompression, narHashOfFile, regularFileNar } from '../../common/nix/nar.js';
 import { classifyCachePath, narInfoName, narNameHash } from './cache-layout.js';
 import { fingerprint, nixBase32, parseNarInfo, serializeNarInfo, type NarInfo } from '../../common/nix/narinfo.js';
-import { signFingerprintOffLoop, signingKeyFromSecret } from './signing-key.js';
+import { FileWriter, SIGNATURE_SLOT } from './file-writer.js';
+import { parsedKey, signingKeyFromSecret } from './signing-key.js';
 
 /**
  * Compression of NARs pushed from the coordinator's store. Measured here (2 cores, Nix 2.8, `nix copy` to
@@ -69,18 +57,10 @@ const READDIR_THRESHOLD = 256;
 /**
  * NARs up to this size are taken in memory, without a stream. Around the writes of uploads, the cache's file calls
  * are synchronous: it lives in the coordinator's data directory, on a local disk beside the SQLite database whose
- * writes are synchronous too. There a stat, read, link, rename or unlink takes 10–25 µs, while its promise costs the
- * event loop two to four times that, for every output of every build (bench/fleet). Creating a file is the
- * exception (≈140 µs on ext4 here): it stays on libuv's threads.
+ * writes are synchronous too. There a stat or read takes 10–25 µs, while its promise costs the event loop two to four
+ * times that, for every output of every build (bench/fleet). Files are created on a thread of their own (FileWriter).
  */
 const SMALL_FILE_BYTES = 256 * 1024;
-
-/**
- * Creates a file through the callback API: `fs/promises`' writeFile opens a FileHandle and awaits its open, each
- * write and its close, which cost the event loop 90–110 µs per small file here against 40 µs (bench/fleet writes two
- * per build).
- */
-const writeFile = promisify(writeFileWithCallback);
 
 /** How many narinfos a long walk reads (≈20 µs each) between turns of the event loop. */
 export const NARINFO_READS_PER_TURN = 500;
@@ -112,12 +92,15 @@ export class BinaryCache {
   private readonly logger: Logger;
   /** Narinfos stored lately, by store path. A stored narinfo never changes: the first one for a path stays. */
   private readonly recent = new LRUCache<string, NarInfo>({ max: RECENT_NARINFOS });
+  /** Creates the files of uploads and pushes, off the event loop. */
+  private readonly files: FileWriter;
 
   constructor(options: BinaryCacheOptions) {
     this.dir = resolve(options.dir);
     // The directory becomes part of a store URI, where these characters would start a query or fragment.
     if (/[?&#%]/.test(this.dir)) throw new CacheError(`cache directory ${this.dir} must not contain ? & # or %`);
     this.secretKey = options.secretKey;
+    this.files = new FileWriter(parsedKey(options.secretKey));
     this.publicKey = signingKeyFromSecret(options.secretKey, 'binary cache secret key').publicKey;
     this.logger = options.logger;
     for (const sub of ['nar', 'log']) mkdirSync(join(this.dir, sub), { recursive: true });
@@ -309,15 +292,8 @@ export class BinaryCache {
   }
 
   /** Writes a file through a temporary one renamed into place: a reader sees all of it or nothing. */
-  private async placeFile(relativePath: string, data: Buffer): Promise<void> {
-    const tmp = this.tempFor(relativePath);
-    try {
-      await writeFile(tmp, data, { flag: 'wx' });
-      renameSync(tmp, join(this.dir, relativePath));
-    } catch (err) {
-      rmSync(tmp, { force: true });
-      throw err;
-    }
+  private placeFile(relativePath: string, data: Buffer): Promise<void> {
+    return this.files.place(this.tempFor(relativePath), join(this.dir, relativePath), data);
   }
 
   /** The signed narinfo of a `.drv` whose NAR is stored; the first narinfo of a path stays. */
@@ -334,8 +310,7 @@ export class BinaryCache {
       sigs: [],
       ca: m.ca,
     };
-    info.sigs = [await signFingerprintOffLoop(this.secretKey, fingerprint(info))];
-    await this.storeNarInfo(narInfoName(storePathHash(drvPath)), info);
+    await this.storeSigned(narInfoName(storePathHash(drvPath)), info);
   }
 
   /**
@@ -361,15 +336,9 @@ export class BinaryCache {
    * lets a small NAR be taken in memory; a larger or unknown one streams to disk.
    */
   async writeNar(relativePath: string, body: Readable, bytes?: number): Promise<void> {
-    const claimed = narNameHash(relativePath);
-    if (claimed === undefined) throw new CacheError(`${relativePath} is not a NAR file name`);
-    const notItsName = (actual: string) =>
-      new CacheError(`${relativePath}: content hashes to sha256:${actual}, not to the hash in its name`);
-    if (bytes !== undefined && bytes <= SMALL_FILE_BYTES) {
-      const data = await readAll(body);
-      const actual = nixBase32(createHash('sha256').update(data).digest());
-      if (actual !== claimed) throw notItsName(actual);
-      await this.placeFile(relativePath, data);
+    const claimed = claimedNarHash(relativePath);
+    if (narFitsInMemory(bytes)) {
+      await this.writeNarBytes(relativePath, await readAll(body));
       return;
     }
     const hash = createHash('sha256');
@@ -377,9 +346,17 @@ export class BinaryCache {
     const actual = nixBase32(hash.digest());
     if (actual !== claimed) {
       await unlink(tmp);
-      throw notItsName(actual);
+      throw notItsName(relativePath, actual);
     }
     await rename(tmp, join(this.dir, relativePath));
+  }
+
+  /** `writeNar` of a NAR already in memory (see `narFitsInMemory`). */
+  async writeNarBytes(relativePath: string, data: Buffer): Promise<void> {
+    const claimed = claimedNarHash(relativePath);
+    const actual = nixBase32(createHash('sha256').update(data).digest());
+    if (actual !== claimed) throw notItsName(relativePath, actual);
+    await this.placeFile(relativePath, data);
   }
 
   /** Stores an uploaded build log (`log/<drv name>`); a newer log of the same derivation replaces the old one. */
@@ -413,25 +390,24 @@ export class BinaryCache {
         `references of ${info.storePath} are not in the cache (upload them first): ${absent.join(' ')}`,
       );
     }
-    const signed: NarInfo = { ...info, sigs: [await signFingerprintOffLoop(this.secretKey, fingerprint(info))] };
-    await this.storeNarInfo(relativePath, signed);
-    return signed;
+    return this.storeSigned(relativePath, info);
   }
 
-  /** Stores a signed narinfo unless the cache has one for its path already. */
-  private async storeNarInfo(relativePath: string, info: NarInfo): Promise<void> {
-    const tmp = this.tempFor(relativePath);
-    await writeFile(tmp, serializeNarInfo(info), { flag: 'wx' });
-    try {
-      // link() refuses to replace an existing file, which makes "first narinfo wins" race-free.
-      linkSync(tmp, join(this.dir, relativePath));
-      this.recent.set(info.storePath, info);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      this.logger.debug({ storePath: info.storePath }, 'narinfo already in the cache; keeping the first one');
-    } finally {
-      unlinkSync(tmp);
-    }
+  /**
+   * Signs `info` with the coordinator's key (its own signatures replaced) and stores it unless the cache has a narinfo
+   * for its path already (linked into place, which never replaces a file: "first narinfo wins" is race-free).
+   */
+  private async storeSigned(relativePath: string, info: NarInfo): Promise<NarInfo> {
+    const { stored, sig } = await this.files.storeSignedOnce(
+      this.tempFor(relativePath),
+      join(this.dir, relativePath),
+      serializeNarInfo({ ...info, sigs: [SIGNATURE_SLOT] }),
+      fingerprint(info),
+    );
+    const signed: NarInfo = { ...info, sigs: [sig] };
+    if (stored) this.recent.set(info.storePath, signed);
+    else this.logger.debug({ storePath: info.storePath }, 'narinfo already in the cache; keeping the first one');
+    return signed;
   }
 
   private async checkNar(info: NarInfo): Promise<void> {
@@ -488,6 +464,22 @@ export class BinaryCache {
     }
     return tmp;
   }
+}
+
+/** Whether a NAR of `bytes` (the size an upload declares) is taken in memory rather than streamed to disk. */
+export function narFitsInMemory(bytes: number | undefined): bytes is number {
+  return bytes !== undefined && bytes <= SMALL_FILE_BYTES;
+}
+
+/** The hash a NAR's file name claims for its content. */
+function claimedNarHash(relativePath: string): string {
+  const claimed = narNameHash(relativePath);
+  if (claimed === undefined) throw new CacheError(`${relativePath} is not a NAR file name`);
+  return claimed;
+}
+
+function notItsName(relativePath: string, actual: string): CacheError {
+  return new CacheError(`${relativePath}: content hashes to sha256:${actual}, not to the hash in its name`);
 }
 
 /** What the narinfo of a `.drv` says, kept while the closure is written (not its text: closures run to 100,000). */

@@ -8,9 +8,10 @@ import {
   generateSigningKey,
   loadOrCreateSigningKey,
   signFingerprint,
-  signFingerprintOffLoop,
+  parsedKey,
   signingKeyFromSecret,
 } from './signing-key.js';
+import { FileWriter, SIGNATURE_SLOT } from './file-writer.js';
 import { NIX, TempDirs, buildTrivial, nixEnv, type Built } from './test-support.js';
 
 const temp = new TempDirs();
@@ -85,10 +86,18 @@ describe('signing keys', () => {
 
     const secret = (await readFile(sec, 'utf8')).trim();
     const ours = signFingerprint(secret, fingerprint(info));
-    const offLoop = await signFingerprintOffLoop(secret, fingerprint(info));
+    // As the cache signs an upload: on its file thread, into the narinfo it stores.
+    const stored = join(dir, 'byte.narinfo');
+    const inThread = await new FileWriter(parsedKey(secret)).storeSignedOnce(
+      join(dir, '.upload-byte'),
+      stored,
+      `Sig: ${SIGNATURE_SLOT}\n`,
+      fingerprint(info),
+    );
 
     expect(info.sigs).toEqual([ours]);
-    expect(offLoop).toBe(ours);
+    expect(inThread).toEqual({ stored: true, sig: ours });
+    expect(await readFile(stored, 'utf8')).toBe(`Sig: ${ours}\n`);
   });
 
   it('creates the key file with mode 0600 on first start and returns the same key afterwards', async () => {

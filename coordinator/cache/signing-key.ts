@@ -84,20 +84,10 @@ export function signFingerprint(secretKey: string, fingerprint: string): string 
 }
 
 /**
- * `signFingerprint` on libuv's threads: a coordinator signs every output its agents upload, and a signature costs the
- * event loop ≈45 µs (bench/fleet).
+ * The name and private key of a secret key, for signing elsewhere (the cache's file thread). Building the KeyObject
+ * costs more than signing; a coordinator signs every upload with the same key.
  */
-export function signFingerprintOffLoop(secretKey: string, fingerprint: string): Promise<string> {
-  const { name, privateKey } = parsedKey(secretKey);
-  return new Promise((resolve, reject) =>
-    sign(null, Buffer.from(fingerprint, 'utf8'), privateKey, (err, signature) =>
-      err ? reject(err) : resolve(`${name}:${signature.toString('base64')}`),
-    ),
-  );
-}
-
-/** Building the KeyObject costs more than signing; a coordinator signs every upload with the same key. */
-function parsedKey(secretKey: string): ReturnType<typeof parseSecretKey> {
+export function parsedKey(secretKey: string): ReturnType<typeof parseSecretKey> {
   let parsed = parsedKeys.get(secretKey);
   if (!parsed) {
     parsed = parseSecretKey(secretKey, 'secret key');
