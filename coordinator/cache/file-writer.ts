@@ -21,7 +21,7 @@ parentPort.on('message', (m) => {
     let data = m.data;
     if (m.fingerprint !== undefined) {
       sig = signer.name + ':' + crypto.sign(null, Buffer.from(m.fingerprint, 'utf8'), signer.privateKey).toString('base64');
-      data = data.replace(slot, sig);
+      data = data.replace(slot, () => sig);
     }
     fs.writeFileSync(m.tmp, data, { flag: 'wx' });
     let stored = true;
