@@ -8,6 +8,7 @@ export default defineConfig({
       'agent/**/*.test.ts',
       'cli/**/*.test.ts',
       'test/**/*.test.ts',
+      'bench/**/*.test.ts',
     ],
     // Integration tests start real Nix builds, gRPC servers and child processes; a generous
     // per-test budget only guards against a hang, it is not a performance assertion.

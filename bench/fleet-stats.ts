@@ -42,18 +42,23 @@ export function assignmentRates(assignedAt: readonly number[]): { sustained: num
 }
 
 export interface SlotWaits {
-  /** Waits of slots that, when they freed, had at least as much buildable work as there were slots waiting. */
+  /**
+   * Waits of slots that, when they freed, had at least as much buildable work as there were slots waiting; each
+   * counted for the part of it during which that still held (see `slotWaits`).
+   */
   coordinatorBound: Stats;
-  /** Every wait, those the DAG imposed (nothing buildable) included. */
+  /** Every wait, whole, those the DAG imposed (nothing buildable) included. */
   all: Stats;
   /** Per second of the dispatch phase: buildable derivations and free slots waiting at its start. */
   perSecond: Array<{ buildable: number; waiting: number }>;
 }
 
 /**
- * Time from a slot freeing to its next Assign, counting only the waits the coordinator is to blame for: at the
- * moment the slot freed, the coordinator held at least as many buildable derivations as there were free slots
- * waiting (this one included), so every waiting slot could have been given work.
+ * Time from a slot freeing to its next Assign, counting only what the coordinator is to blame for. A wait counts if,
+ * when the slot freed, the coordinator held at least as many buildable derivations as there were free slots waiting
+ * (this one included), so that every waiting slot could have been given work; and it counts for the time during
+ * which that held. A slot that freed as the last wide layer was being handed out, and then waited through the thin
+ * top of the DAG for work that did not exist yet, is the coordinator's only until the buildable work ran out.
  *
  * "Buildable" is reconstructed from the agents' clocks: a derivation is buildable from the Ack of the last of its
  * inputs' results (the coordinator acknowledges a result after committing it and queueing what it unblocked) until
@@ -75,7 +80,9 @@ export function slotWaits(
     const last = list.at(-1);
     return last && last[5] === 1 && last[4] >= 0 ? last[4] : Infinity;
   });
-  // [time, Δbuildable, Δwaiting, query]: at equal times changes come before queries.
+  // [time, Δbuildable, Δwaiting, query]: at equal times changes come before queries. A query is a slot freeing
+  // (its index), a slot's Assign (-3 - index), or the start of a second (SECOND).
+  const SECOND = -2;
   const events: Array<[number, number, number, number]> = [];
   const interval = (a: number, b: number): void => {
     if (a >= b) return;
@@ -90,28 +97,36 @@ export function slotWaits(
     }
     if (list.length === 0 || list.at(-1)![5] !== 1) interval(readyAt, end);
   });
+  const assignedAt = (s: SlotRecord): number => (s[2] >= 0 ? s[2] : end);
   slots.forEach((s, k) => {
-    const assigned = s[2] >= 0 ? s[2] : end;
-    events.push([s[1], 0, 1, -1], [assigned, 0, -1, -1], [s[1], 0, 0, k]);
+    events.push([s[1], 0, 1, -1], [assignedAt(s), 0, -1, -1], [s[1], 0, 0, k], [assignedAt(s), 0, 0, -3 - k]);
   });
   const seconds = Math.max(0, Math.ceil((end - from) / 1000));
-  for (let s = 0; s < seconds; s++) events.push([from + s * 1000, 0, 0, -2 - s]);
+  for (let s = 0; s < seconds; s++) events.push([from + s * 1000, 0, 0, SECOND]);
   events.sort((a, b) => a[0] - b[0] || Number(a[3] !== -1) - Number(b[3] !== -1));
 
-  const counted: number[] = [];
   const all: number[] = [];
   const perSecond: SlotWaits['perSecond'] = [];
+  // How long, up to now, every waiting slot could have had work: a slot's counted wait is its growth over the wait.
+  let bound = 0;
+  const boundAtFree = new Map<number, number>();
+  const counted: number[] = [];
   let buildable = 0;
   let waiting = 0;
-  for (const [, db, dw, q] of events) {
+  let at = -Infinity;
+  for (const [time, db, dw, q] of events) {
+    if (waiting > 0 && buildable >= waiting && time > at) bound += time - at;
+    at = time;
     buildable += db;
     waiting += dw;
     if (q >= 0) {
       const s = slots[q]!;
-      const wait = (s[2] >= 0 ? s[2] : end) - s[1];
-      all.push(wait);
-      if (buildable >= waiting) counted.push(wait);
-    } else if (q <= -2) perSecond.push({ buildable, waiting });
+      all.push(assignedAt(s) - s[1]);
+      if (buildable >= waiting) boundAtFree.set(q, bound);
+    } else if (q <= -3) {
+      const since = boundAtFree.get(-3 - q);
+      if (since !== undefined) counted.push(bound - since);
+    } else if (q === SECOND) perSecond.push({ buildable, waiting });
   }
   return { coordinatorBound: summarise(counted), all: summarise(all), perSecond };
 }

@@ -13,7 +13,8 @@
  * - assignments per second, sustained: over the middle 80 % of the assignments (the bootstrap chain at the start
  *   and the thin top at the end hand out one derivation at a time whatever the coordinator does);
  * - p99 time from a slot freeing (the Credit after a Finished) to its next Assign, at the agents, counting only
- *   waits the coordinator is to blame for: when the slot freed there was buildable work for every waiting slot;
+ *   waits the coordinator is to blame for: when the slot freed there was buildable work for every waiting slot, and
+ *   for as long as there still was (a slot that then waits through a thin part of the DAG waits for the DAG);
  * - p99 event-loop delay of the coordinator's process while dispatching;
  * - the coordinator process's peak RSS (the closure ingest of the submit included).
  *
