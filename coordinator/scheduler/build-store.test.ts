@@ -2,7 +2,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import Database from 'better-sqlite3';
 import { openDatabase } from '../db/database.js';
+import { MIGRATIONS } from '../db/migrations.js';
 import { BuildStore } from './build-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ekaci-build-store-'));
@@ -70,5 +72,62 @@ describe('BuildStore.logPathOf', () => {
     expect(store.logPathOf(drv('logged'), 1)).toBe('/data/logs/old-layout/1.log');
     expect(store.logPathOf(drv('logged'), 2)).toBe('/data/logs/lo/logged.2.log');
     expect(store.logPathOf(drv('logged'), 3)).toBeUndefined();
+  });
+});
+
+describe('BuildStore: the unfinished derivations', () => {
+  it('are those queued, buildable or building, through every step of a build, a failure and a retry', () => {
+    const store = new BuildStore(db);
+    store.insertDerivations([node('life-a', [], ['out']), node('life-b', [], ['out'])], 1);
+    const unfinished = (): string[] =>
+      store
+        .activeDerivations()
+        .map((r) => r.drv_path)
+        .filter((p) => p.includes('-life-'))
+        .sort();
+    const both = [drv('life-a'), drv('life-b')];
+
+    expect(unfinished()).toEqual(both);
+    expect(store.setState(drv('life-a'), 'buildable', 1, 2)).toBe(true);
+    expect(store.setState(drv('life-a'), 'building', 1, 3)).toBe(true);
+    expect(unfinished()).toEqual(both);
+    expect(store.setState(drv('life-a'), 'failed', 1, 4)).toBe(true);
+    expect(unfinished()).toEqual([drv('life-b')]);
+    expect(store.setState(drv('life-a'), 'queued', 1, 5)).toBe(true);
+    expect(unfinished()).toEqual(both);
+    expect(store.setState(drv('life-b'), 'substituted', 0, 6)).toBe(true);
+    expect(unfinished()).toEqual([drv('life-a')]);
+    // Read through the index of unfinished derivations, not a scan of every derivation ever built.
+    const plan = db.prepare('EXPLAIN QUERY PLAN SELECT * FROM derivations WHERE active = 1').all() as Array<{
+      detail: string;
+    }>;
+    expect(plan.map((p) => p.detail).join('\n')).toContain('derivations_unfinished');
+  });
+
+  it('are found in a database made before they were marked (the migration marks them from their state)', () => {
+    const file = join(dir, 'before-unfinished.sqlite');
+    const old = new Database(file);
+    old.exec('CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)');
+    MIGRATIONS.slice(0, -1).forEach((m, i) => {
+      if (typeof m === 'string') old.exec(m);
+      else m(old);
+      old.prepare('INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)').run(i + 1);
+    });
+    const states = ['queued', 'buildable', 'building', 'succeeded', 'failed', 'cancelled'];
+    const insert = old.prepare(
+      `INSERT INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state, created_at, updated_at)
+       VALUES (?, 'x86_64-linux', '[]', 0, 0, ?, 0, 0)`,
+    );
+    for (const s of states) insert.run(drv(`old-${s}`), s);
+    old.close();
+
+    const migrated = openDatabase(file);
+    const found = new BuildStore(migrated)
+      .activeDerivations()
+      .map((r) => r.state)
+      .sort();
+    migrated.close();
+
+    expect(found).toEqual(['buildable', 'building', 'queued']);
   });
 });

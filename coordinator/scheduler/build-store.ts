@@ -1,6 +1,6 @@
 import type { Statement } from 'better-sqlite3';
 import type { Db } from '../db/database.js';
-import { type BuildState, statesBefore } from './build-state.js';
+import { type BuildState, isTerminal, statesBefore } from './build-state.js';
 
 /** The rows the build pipeline reads and writes; every statement is prepared once. */
 
@@ -76,8 +76,8 @@ export class BuildStore {
     this.inTransaction = db.transaction((fn: () => unknown) => fn());
     this.s = {
       insertDrv: db.prepare(
-        `INSERT OR IGNORE INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state,
-           attempts, created_at, updated_at, untrusted, private) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)`,
+        `INSERT OR IGNORE INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state, active,
+           attempts, created_at, updated_at, untrusted, private) VALUES (?, ?, ?, ?, ?, 'queued', 1, 0, ?, ?, ?, ?)`,
       ),
       insertInput: db.prepare('INSERT OR IGNORE INTO derivation_inputs (drv_path, input_drv) VALUES (?, ?)'),
       insertOutput: db.prepare('INSERT OR IGNORE INTO derivation_outputs (drv_path, name, path) VALUES (?, ?, ?)'),
@@ -89,7 +89,7 @@ export class BuildStore {
       setOutputPath: db.prepare('UPDATE derivation_outputs SET path = ? WHERE drv_path = ? AND name = ? AND path <> ?'),
       setAttempts: db.prepare('UPDATE derivations SET attempts = ?, agent_id = ?, updated_at = ? WHERE drv_path = ?'),
       getDrv: db.prepare('SELECT * FROM derivations WHERE drv_path = ?'),
-      activeDrvs: db.prepare("SELECT * FROM derivations WHERE state IN ('queued', 'buildable', 'building')"),
+      activeDrvs: db.prepare('SELECT * FROM derivations WHERE active = 1'),
       inputsOf: db.prepare('SELECT input_drv FROM derivation_inputs WHERE drv_path = ?'),
       outputsOf: db.prepare('SELECT * FROM derivation_outputs WHERE drv_path = ? ORDER BY name'),
       inputOutputsOf: db.prepare(
@@ -220,7 +220,7 @@ export class BuildStore {
            FROM derivations d
            JOIN derivation_inputs i ON i.drv_path = d.drv_path
            JOIN derivations f ON f.drv_path = i.input_drv
-          WHERE d.state IN ('queued', 'buildable', 'building')
+          WHERE d.active = 1
             AND f.state IN (${states.map(() => '?').join(', ')})`,
       )
       .all(...states) as Array<{ drvPath: string; rootCause: string }>;
@@ -286,8 +286,12 @@ export class BuildStore {
       const from = statesBefore(state)
         .map((s) => `'${s}'`)
         .join(', ');
+      // `active` is written only by a move into or out of the unfinished states, so that the steps of a build leave
+      // the index of unfinished derivations alone (migrations.ts).
+      const enters = !isTerminal(state) && statesBefore(state).some(isTerminal);
+      const active = isTerminal(state) ? ', active = 0' : enters ? ', active = 1' : '';
       move = this.db.prepare(
-        `UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ? WHERE drv_path = ? AND state IN (${from || 'NULL'})`,
+        `UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ?${active} WHERE drv_path = ? AND state IN (${from || 'NULL'})`,
       );
       this.moveTo.set(state, move);
     }
