@@ -211,6 +211,8 @@ export class BuildStore {
   /**
    * Unfinished derivations with an input in one of `failureStates`, each once, with that input's root cause (or the
    * input itself): what a crash between the slices of a failure's dependents left queued (BuildManager `load`).
+   * CROSS JOIN keeps the unfinished derivations (their index) the outer loop: left to itself, SQLite scanned every
+   * input edge ever recorded.
    */
   unfinishedWithFailedInput(failureStates: Iterable<BuildState>): Map<string, string> {
     const states = [...failureStates];
@@ -218,7 +220,7 @@ export class BuildStore {
       .prepare(
         `SELECT i.drv_path AS drvPath, COALESCE(f.root_cause, f.drv_path) AS rootCause
            FROM derivations d
-           JOIN derivation_inputs i ON i.drv_path = d.drv_path
+           CROSS JOIN derivation_inputs i ON i.drv_path = d.drv_path
            JOIN derivations f ON f.drv_path = i.input_drv
           WHERE d.active = 1
             AND f.state IN (${states.map(() => '?').join(', ')})`,
