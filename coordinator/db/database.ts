@@ -26,13 +26,14 @@ export function openDatabase(file: string): Db {
   return db;
 }
 
-function migrate(db: Db): void {
+/** Brings the schema up to date, or (a test making a database as an older release left it) up to version `upTo`. */
+export function migrate(db: Db, upTo = MIGRATIONS.length): void {
   db.exec('CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)');
   const row = db.prepare('SELECT MAX(version) AS v FROM schema_migrations').get() as { v: number | null };
   const current = row.v ?? 0;
   MIGRATIONS.forEach((migration, index) => {
     const version = index + 1;
-    if (version <= current) return;
+    if (version <= current || version > upTo) return;
     db.transaction(() => {
       if (typeof migration === 'string') db.exec(migration);
       else migration(db);

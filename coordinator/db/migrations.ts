@@ -459,7 +459,7 @@ export const MIGRATIONS: readonly Migration[] = [
   -- Whether a derivation is unfinished (queued, buildable or building), set only when it enters or leaves that set
   -- (BuildStore.setState), and the index of unfinished derivations keyed on it. An index keyed on the state had an
   -- entry moved by every step of a build (queued, buildable, building): on random keys, two pages written per step,
-  -- two thirds of the cost of a state change. SQLite leaves a partial index alone when an UPDATE changes neither its
+  -- about two fifths of the cost of such a step. SQLite leaves a partial index alone when an UPDATE changes neither its
   -- key nor a column of its WHERE.
   ALTER TABLE derivations ADD COLUMN active INTEGER NOT NULL DEFAULT 0;
   UPDATE derivations SET active = 1 WHERE state IN ('queued', 'buildable', 'building');

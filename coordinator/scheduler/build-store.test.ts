@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import Database from 'better-sqlite3';
-import { openDatabase } from '../db/database.js';
+import { migrate, openDatabase } from '../db/database.js';
 import { MIGRATIONS } from '../db/migrations.js';
 import { BuildStore } from './build-store.js';
 
@@ -107,12 +107,7 @@ describe('BuildStore: the unfinished derivations', () => {
   it('are found in a database made before they were marked (the migration marks them from their state)', () => {
     const file = join(dir, 'before-unfinished.sqlite');
     const old = new Database(file);
-    old.exec('CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)');
-    MIGRATIONS.slice(0, -1).forEach((m, i) => {
-      if (typeof m === 'string') old.exec(m);
-      else m(old);
-      old.prepare('INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)').run(i + 1);
-    });
+    migrate(old, MIGRATIONS.length - 1);
     const states = ['queued', 'buildable', 'building', 'succeeded', 'failed', 'cancelled'];
     const insert = old.prepare(
       `INSERT INTO derivations (drv_path, system, required_features, is_fod, prefer_local, state, created_at, updated_at)

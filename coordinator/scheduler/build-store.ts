@@ -285,12 +285,11 @@ export class BuildStore {
   ): boolean {
     let move = this.moveTo.get(state);
     if (!move) {
-      const from = statesBefore(state)
-        .map((s) => `'${s}'`)
-        .join(', ');
+      const before = statesBefore(state);
+      const from = before.map((s) => `'${s}'`).join(', ');
       // `active` is written only by a move into or out of the unfinished states, so that the steps of a build leave
       // the index of unfinished derivations alone (migrations.ts).
-      const enters = !isTerminal(state) && statesBefore(state).some(isTerminal);
+      const enters = !isTerminal(state) && before.some(isTerminal);
       const active = isTerminal(state) ? ', active = 0' : enters ? ', active = 1' : '';
       move = this.db.prepare(
         `UPDATE derivations SET state = ?, root_cause = ?, error = ?, updated_at = ?${active} WHERE drv_path = ? AND state IN (${from || 'NULL'})`,
