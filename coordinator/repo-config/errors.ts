@@ -16,6 +16,18 @@ export class RepoConfigError extends EkaciError {
     readonly problems: readonly string[],
     options?: { cause?: unknown },
   ) {
-    super('EKACI_ERR_REPO_CONFIG', problems.map((p) => `${source}: ${p}`).join('\n'), options);
+    super('EKACI_ERR_REPO_CONFIG', problems.map((p) => `${source}: ${oneLine(p)}`).join('\n'), options);
   }
+}
+
+/**
+ * A problem quotes what the file says (a bind path, a shell attribute), and a pull request controls that text: a
+ * newline in it would start a line of its own, which could pass for another problem. Control characters and line
+ * separators are shown as JSON escapes, so each problem stays one line.
+ */
+function oneLine(problem: string): string {
+  return problem.replace(/[\u0000-\u001f\u007f\u2028\u2029]/g, (c) => {
+    const short = ({ '\n': '\\n', '\r': '\\r', '\t': '\\t' } as Record<string, string>)[c];
+    return short ?? `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`;
+  });
 }

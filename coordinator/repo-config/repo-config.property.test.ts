@@ -202,6 +202,20 @@ describe('repository configuration from any .eka-ci/config.json', () => {
         examples: [
           [{}, [{ kind: 'insert', at: 0, junk: `${'['.repeat(100_000)}` }]],
           [{}, [{ kind: 'insert', at: 0, junk: `{"jobs":${'{"a":'.repeat(100_000)}1${'}'.repeat(100_000)}}` }]],
+          // Found by a run: a backslash put before the `n` of a bind path made it `default.<newline>ix`, and the
+          // problem quoting it broke onto a second line without the file's name.
+          [
+            { checks: { a: { command: 'true', ro_bind: ['default.nix'] } } },
+            [
+              {
+                kind: 'insert',
+                at: JSON.stringify({ checks: { a: { command: 'true', ro_bind: ['default.nix'] } } }, null, 2).indexOf(
+                  'nix"',
+                ),
+                junk: '\\',
+              },
+            ],
+          ],
         ],
       },
     );

@@ -330,4 +330,21 @@ describe('schema errors name the field and the file', () => {
       '.eka-ci/config.json: x: unknown field',
     ]);
   });
+
+  it('keeps a problem quoting a path with a newline or a control character on one line, escaping them', async () => {
+    const dir = await makeTree({
+      '.eka-ci/config.json': json({
+        checks: { lint: { command: 'true', ro_bind: ['default.\nix', 'a\u001b[2Jb\u2028c'], shell: 'x\r\ty' } },
+      }),
+      'default.nix': '{}',
+    });
+    expect((await loadError(dir)).message.split('\n')).toEqual([
+      '.eka-ci/config.json: check lint: ro_bind path default.\\nix does not exist in the repository ' +
+        '(paths are relative to the repository root)',
+      '.eka-ci/config.json: check lint: ro_bind path a\\u001b[2Jb\\u2028c does not exist in the repository ' +
+        '(paths are relative to the repository root)',
+      '.eka-ci/config.json: check lint: shell x\\r\\ty needs the job whose file or flake it is in: name it with ' +
+        '"job" (jobs: none)',
+    ]);
+  });
 });
