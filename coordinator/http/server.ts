@@ -139,6 +139,11 @@ export function createHttpApp(routes: HttpRoutes, logger: Logger): Koa {
  * Connections waiting to be accepted. Node's default (511) overflowed thousands of times a run when a hundred agents
  * opened their upload connections together (bench/fleet: the kernel's TcpExtListenOverflows); the kernel caps it at
  * net.core.somaxconn.
+ *
+ * The queue does fill: Node 20's libuv accepts one connection per turn of the event loop. With the loop busy (turns
+ * of 50–100 ms) a burst of 1,000 new connections is accepted at 10–20 a second, and their first requests wait
+ * seconds (bench/fleet, the first wide layer: Assign → Finished p99 of 5–10 s). Kept connections (agents upload over
+ * keep-alive) pay this once; a connection in the queue waits, it is not refused.
  */
 const LISTEN_BACKLOG = 4096;
 
