@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EmbeddedSystem } from '../cli/embedded.js';
@@ -704,6 +704,33 @@ describe("eka-ci as a GitHub App: pushes and GitHub's own example payloads", () 
     );
     expect(checks['eka-ci / summary']?.conclusion).toBe('failure');
     expect(github.api.invalid).toEqual([]);
+  });
+
+  it('shows an evaluation error that quotes the pull request as code: a fence in it cannot end the block', async () => {
+    const snapshots = tempDir('ekaci-fenced-error-');
+    cpSync(DEMO, snapshots, { recursive: true });
+    // The job's attribute path is the pull request's to write, and the error names it: it closes a ``` block and
+    // goes on as a heading and a link, if it can.
+    const words = ['```', '## eka-ci: every check passed', '[merge](https://example.invalid)', '```'];
+    const config = join(snapshots, '2-head', '.eka-ci', 'config.json');
+    const parsed = JSON.parse(readFileSync(config, 'utf8')) as { jobs: { packages: Record<string, unknown> } };
+    parsed.jobs.packages.attr_path = ['none', ...words, 'x'].join('\n');
+    writeFileSync(config, JSON.stringify(parsed));
+    const repo = github.pullRequest('acme/fenced-error', snapshots, { number: 22 });
+    expect((await deliver(system, 'pull_request', repo.payload('opened'))).status).toBe(202);
+    const checks = await completedChecks(github, 'acme/fenced-error', repo.head, 2);
+    const evaluation = checks['eka-ci / evaluation']!;
+    expect(evaluation.conclusion).toBe('failure');
+    const lines = evaluation.output.summary!.split('\n');
+    expect(lines.slice(0, 2)).toEqual(['eka-ci could not evaluate this commit:', '']);
+    const fence = lines[2]!;
+    expect(fence).toMatch(/^`{4,}$/);
+    // The first line that could close the block (CommonMark: as many backticks or more, up to 3 spaces before) is
+    // the last line: all the pull request wrote is inside it.
+    const closes = new RegExp(`^ {0,3}\`{${fence.length},}\\s*$`);
+    expect(lines.findIndex((l, i) => i > 2 && closes.test(l))).toBe(lines.length - 1);
+    expect(lines.slice(3, -1)).toEqual(expect.arrayContaining(words));
+    expect(checks['eka-ci / summary']?.output.summary).toBe(evaluation.output.summary);
   });
 
   it('takes every example payload GitHub publishes, and handles each without error', async () => {

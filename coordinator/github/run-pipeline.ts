@@ -21,6 +21,7 @@ import {
   rebuildsBySystem,
 } from '../review/build-limits.js';
 import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
+import { codeBlock } from '../review/markdown.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
@@ -436,7 +437,8 @@ export class RunPipeline {
     if (!run || !OPEN_RUN_STATES.has(run.state)) return;
     this.deps.runs.setRunState(runId, 'failed', err.message);
     const target = targetOf(run);
-    const message = `eka-ci could not evaluate this commit:\n\n\`\`\`\n${err.message.slice(0, 10_000)}\n\`\`\``;
+    // The error may quote the pull request (the attribute path its config names): shown as code, never as markdown.
+    const message = `eka-ci could not evaluate this commit:\n\n${codeBlock(err.message.slice(0, 10_000))}`;
     this.deps.reporter.set(target, completed(EVALUATION_CHECK, 'failure', 'Evaluation failed', message));
     this.deps.reporter.set(target, completed(SUMMARY_CHECK, 'failure', 'Evaluation failed', message));
   }

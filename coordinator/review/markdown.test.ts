@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { type ChangeSummary, emptyChangeSummary } from './change-summary.js';
-import { GITHUB_SUMMARY_MAX_CHARS, renderMarkdown } from './markdown.js';
+import { GITHUB_SUMMARY_MAX_CHARS, codeBlock, renderMarkdown } from './markdown.js';
 import type { AttrReview, BuildOutcomeName, Outcome, OutputSizes, Review } from './model.js';
 
 const ok = (build: BuildOutcomeName) => ({ drv: '/nix/store/aaa-x.drv', eval: 'ok' as const, build });
@@ -127,6 +127,12 @@ describe('renderMarkdown', () => {
     const md = renderMarkdown(r);
 
     expect(md).toContain('\n\n``````\nsee ```nix\nfoo\n```\nand ````` five\n``````\n\n</details>');
+  });
+
+  it('makes a code block no line of its text can close, without colour codes or control characters', () => {
+    expect(codeBlock('error: x')).toBe('```\nerror: x\n```');
+    expect(codeBlock('a\n```\n## heading\n  ````\nb')).toBe('`````\na\n```\n## heading\n  ````\nb\n`````');
+    expect(codeBlock('\u001b[31merror:\u001b[0m bad\u0007\r\nnext')).toBe('```\nerror: bad\nnext\n```');
   });
 
   it('escapes a pipe in an evaluation error and shows the final error message, not the trace', () => {

@@ -477,11 +477,19 @@ function logDetails(drv: string, logTail: string): string {
   const lines = stripControl(logTail).split('\n');
   while (lines.length > 0 && lines[lines.length - 1]?.trim() === '') lines.pop();
   const tail = lines.slice(-LOG_EXCERPT_LINES).map((l) => truncate(l, MAX_LOG_LINE_CHARS));
-  const body = tail.join('\n');
-  // A fence longer than any backtick run in the log cannot be closed by the log itself.
-  const fence = '`'.repeat(Math.max(3, longestRun(body, '`') + 1));
   const summary = `Last ${plural(tail.length, 'log line')} of <code>${escapeHtml(drv)}</code>`;
-  return `<details><summary>${summary}</summary>\n\n${fence}\n${body}\n${fence}\n\n</details>`;
+  return `<details><summary>${summary}</summary>\n\n${codeBlock(tail.join('\n'))}\n\n</details>`;
+}
+
+/**
+ * Text shown as it is, in a fenced code block: a log, or an error quoting what a pull request wrote (the attribute
+ * path its config names may hold a newline and a fence). The fence is longer than any run of backticks in the text,
+ * so no line of it can close the block and go on as markdown. Colour codes and control characters are dropped.
+ */
+export function codeBlock(text: string): string {
+  const body = stripControl(text);
+  const fence = '`'.repeat(Math.max(3, longestRun(body, '`') + 1));
+  return `${fence}\n${body}\n${fence}`;
 }
 
 /** Nix prints the trace first and the actual error last; the cell shows from the last `error:` on. */
