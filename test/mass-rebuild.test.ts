@@ -97,11 +97,11 @@ describe('builds held back by the base’s rules', () => {
     const build = checks[`eka-ci / build (${localSystem})`]!;
     expect(build).toMatchObject({ conclusion: 'neutral', output: { title } });
     expect(build.output.summary).toContain(
-      `- job \`pkgs\`: 6 rebuilds on ${localSystem} exceed max_rebuild_count 3 (the base's jobs.pkgs.max_rebuild_count)`,
+      `- job \`pkgs\`: 6 rebuilds on \`${localSystem}\` exceed max_rebuild_count 3 (the base's jobs.pkgs.max_rebuild_count)`,
     );
     const summary = checks['eka-ci / summary']!;
     expect(summary).toMatchObject({ conclusion: 'neutral', output: { title } });
-    expect(summary.output.summary).toContain(`Rebuilds per system: ${localSystem} 6.`);
+    expect(summary.output.summary).toContain(`Rebuilds per system: \`${localSystem}\` 6.`);
     // The review is still there, every changed attribute in it, not built.
     expect(summary.output.summary).toMatch(/Not built/);
     expect(Object.values(head)).toEqual(PACKAGES.map(() => 'never'));
@@ -110,7 +110,7 @@ describe('builds held back by the base’s rules', () => {
       conclusion: 'neutral',
       output: { title: '1 check passed, 1 held back' },
     });
-    expect(checks['eka-ci / checks']!.output.summary).toContain(`\`dev\` on ${localSystem}`);
+    expect(checks['eka-ci / checks']!.output.summary).toContain(`\`dev\` on \`${localSystem}\``);
     const { checks: checkJobs, evaluations, store } = system.coordinator;
     expect(checkJobs.checksOf('acme/mass', pr.head).map((c) => [c.name, c.state])).toEqual([['plain', 'succeeded']]);
     // Its shell, and the bumped input under it, never reached the builders.
@@ -122,7 +122,7 @@ describe('builds held back by the base’s rules', () => {
     const reviewUrl = `http://127.0.0.1:${system.coordinator.httpPort}/api/v1/reviews?repo=acme/mass&base=${pr.base}&head=${pr.head}`;
     const review = (await checkedFetch(reviewUrl)).json<Review>();
     expect(review.heldBack?.title).toBe(title);
-    expect(review.heldBack?.lines).toContain(`Rebuilds per system: ${localSystem} 6.`);
+    expect(review.heldBack?.lines).toContain(`Rebuilds per system: \`${localSystem}\` 6.`);
     expect(review.heldBack?.limits).toEqual([
       {
         limit: { kind: 'max-rebuild-count', job: 'pkgs', system: localSystem, rebuilds: 6, limit: 3, from: 'job' },
@@ -252,7 +252,7 @@ describe('ekaci review of a mass rebuild', () => {
         'built only the 1 attribute named by commands/commit titles',
     );
     expect(rest).toContain(
-      `- job \`pkgs\`: 6 rebuilds on ${localSystem} exceed max_rebuild_count 3 (the server's [rebuild] max_rebuild_count)`,
+      `- job \`pkgs\`: 6 rebuilds on \`${localSystem}\` exceed max_rebuild_count 3 (the server's [rebuild] max_rebuild_count)`,
     );
     expect(readFileSync(md, 'utf8')).toBe(r.stdout);
     const by = Object.fromEntries(review.attrs.map((a) => [a.attr, a]));

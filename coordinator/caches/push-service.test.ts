@@ -280,6 +280,20 @@ describe('which builds push where', () => {
     s.stop();
   });
 
+  it('reports an attribute whose name holds backticks and newlines on its own line, as code', () => {
+    const attr = 'pkgs.`a`\n## all pushed\n[x](https://example.invalid)';
+    const push = { attr, drvPath: `/nix/store/${'a'.repeat(32)}-a.drv`, cacheId: 'bucket', attempts: 3, paths: 1 };
+    const lines = pushSummaryLines([
+      { ...push, state: 'refused', message: 'cache "bucket" refuses `a`\n# and this' },
+      { ...push, state: 'failed', message: 'nix copy failed: <b>no</b>' },
+    ]);
+    expect(lines).toEqual([
+      '- cache `bucket`: 0 pushed, 1 failed, 1 refused',
+      '  - ``pkgs.`a` ## all pushed [x](https://example.invalid)`` refused: cache "bucket" refuses \\`a\\`',
+      '  - ``pkgs.`a` ## all pushed [x](https://example.invalid)`` failed after 3 attempts: nix copy failed: \\<b\\>no\\</b\\>',
+    ]);
+  });
+
   it('finds the job of an attribute when one job name is a prefix of another', async () => {
     const s = await service();
     const runs = new RunStore(db);

@@ -13,6 +13,7 @@ import { S3BinaryCache } from './s3-cache.js';
 import { pushByCommand, withRetries } from '../../common/nix/store-push.js';
 import { pushFromBuiltIn } from './s3-from-builtin.js';
 import { type S3PushGrant, leaseClosure } from './s3-push-routes.js';
+import { codeSpan, escapeText } from '../review/markdown.js';
 
 // Credentials are re-read this often in the background (each source decides whether anything changed: a file's
 // stat, a lease's expiry), so that an assignment, which cannot wait, carries values at most this old.
@@ -354,11 +355,14 @@ export function pushSummaryLines(pushes: readonly RunPush[]): string[] {
       ...(count('refused') ? [`${count('refused')} refused`] : []),
       ...(count('pending') ? [`${count('pending')} not pushed`] : []),
     ];
-    lines.push(`- cache \`${cacheId}\`: ${parts.join(', ')}`);
+    lines.push(`- cache ${codeSpan(cacheId)}: ${parts.join(', ')}`);
+    // Attribute names are the repository's to choose (backticks, newlines): quoted so they stay on their line.
     for (const p of list) {
-      if (p.state === 'refused') lines.push(`  - \`${p.attr}\` refused: ${p.message}`);
+      if (p.state === 'refused')
+        lines.push(`  - ${codeSpan(p.attr)} refused: ${escapeText(firstLine(p.message ?? ''))}`);
       if (p.state === 'failed') {
-        lines.push(`  - \`${p.attr}\` failed after ${p.attempts} attempts: ${firstLine(p.message ?? 'unknown error')}`);
+        const why = escapeText(firstLine(p.message ?? 'unknown error'));
+        lines.push(`  - ${codeSpan(p.attr)} failed after ${p.attempts} attempts: ${why}`);
       }
     }
   }

@@ -49,6 +49,11 @@ describe('buildCheck', () => {
     expect(c.actions).toHaveLength(1);
   });
 
+  it('quotes attribute names, which the pull request writes', () => {
+    const c = buildCheck('s', [root('x`\n# y', 'failed', true)], undefined);
+    expect(c.summary.split('\n').at(-1)).toBe('- ``x` # y``: failed');
+  });
+
   it('is cancelled when builds were cancelled, and neutral (not a success) when no agent could build some', () => {
     expect(buildCheck('s', [root('a', 'cancelled')], undefined).conclusion).toBe('cancelled');
     const c = buildCheck('s', [root('a', 'unbuildable'), root('b', 'succeeded')], undefined);
@@ -75,6 +80,17 @@ describe('evaluationCheck', () => {
     expect(c.title).toBe('1 new evaluation error, 2 in all');
     expect(c.summary.indexOf('**new** `pkgs.new`')).toBeLessThan(c.summary.indexOf('`pkgs.old`'));
     expect(evaluationCheck([job('pkgs', ['new'], true)], base, undefined).conclusion).toBe('success');
+  });
+
+  it('quotes an attribute name and an error the pull request wrote, so neither renders as markdown', () => {
+    const head: JobEvaluation = {
+      ...job('pkgs', []),
+      attrs: [{ attr: 'a`b\n## ok', error: 'error: [approve](https://example.invalid) **now**\nat default.nix:1' }],
+    };
+    const c = evaluationCheck([head], undefined, undefined);
+    expect(c.summary.split('\n').slice(1)).toEqual([
+      '- **new** ``pkgs.a`b ## ok``: error: \\[approve\\](https://example.invalid) \\*\\*now\\*\\*',
+    ]);
   });
 
   it('without a base (a push), counts every error as new', () => {

@@ -6,6 +6,7 @@ import type { CheckResult, Review } from '../review/model.js';
 import type { BuildState } from '../scheduler/build-state.js';
 import type { CheckConclusion, CheckRunSpec } from './check-runs.js';
 import { CHECK_TERMINAL_STATES } from '../checks/check-manager.js';
+import { codeSpan, escapeText } from '../review/markdown.js';
 
 /**
  * What each of a commit's few aggregated check runs says: `eka-ci / evaluation`, one `eka-ci / build (<system>)`
@@ -83,7 +84,10 @@ export function evaluationCheck(
   ];
   for (const e of [...errors].sort((a, b) => Number(b.isNew) - Number(a.isNew)).slice(0, MAX_LISTED_ERRORS)) {
     const first = e.error.split('\n')[0] ?? '';
-    lines.push(`- ${e.isNew ? '**new** ' : ''}\`${e.job.name}.${e.attr}\`: ${first.slice(0, 300)}`);
+    // The attribute's name and its error are the pull request's to write: quoted, never markdown.
+    lines.push(
+      `- ${e.isNew ? '**new** ' : ''}${codeSpan(`${e.job.name}.${e.attr}`)}: ${escapeText(first.slice(0, 300))}`,
+    );
   }
   if (errors.length > MAX_LISTED_ERRORS) lines.push(`- … and ${errors.length - MAX_LISTED_ERRORS} more`);
   return completed(EVALUATION_CHECK, blocking.length > 0 ? 'failure' : 'success', title, lines.join('\n'), {
@@ -132,7 +136,7 @@ export function buildCheck(
   const list = (rs: readonly RootResult[]): string =>
     rs
       .slice(0, MAX_LISTED_ERRORS)
-      .map((r) => `- \`${r.attr}\`: ${r.state}`)
+      .map((r) => `- ${codeSpan(r.attr)}: ${r.state}`)
       .join('\n') + (rs.length > MAX_LISTED_ERRORS ? `\n- … and ${rs.length - MAX_LISTED_ERRORS} more` : '');
   const listed = [...failing, ...roots.filter((r) => r.state === 'unbuildable')];
   const summary = [countLine, ...(listed.length > 0 ? ['', list(listed)] : [])].join('\n');

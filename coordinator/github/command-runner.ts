@@ -14,6 +14,7 @@ import { KeyedRateLimiter } from '../../common/keyed-rate-limiter.js';
 import type { PullRequestPayload } from './payloads.js';
 import type { RunStore } from './run-store.js';
 import { RepoApi, WRITE_PERMISSIONS } from './repo-api.js';
+import { codeSpan } from '../review/markdown.js';
 
 export type PullRequestRef = Pick<PullRequestPayload, 'number' | 'head' | 'base' | 'user' | 'author_association'>;
 
@@ -195,7 +196,7 @@ export class CommandRunner {
       const head = this.deps.evaluations.load(repo, pr.head.sha);
       const known = new Set(head?.jobs.flatMap((j) => j.attrs.map((a) => a.attr)) ?? []);
       const unknown = head ? command.attrs.filter((a) => !known.has(a)) : [];
-      if (unknown.length > 0) return `no attribute ${unknown.map((a) => `\`${a}\``).join(', ')} in this pull request.`;
+      if (unknown.length > 0) return `no attribute ${unknown.map(codeSpan).join(', ')} in this pull request.`;
     }
     return undefined;
   }

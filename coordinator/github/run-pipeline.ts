@@ -21,7 +21,7 @@ import {
   rebuildsBySystem,
 } from '../review/build-limits.js';
 import { type ReviewPlan, reviewRoots } from '../review/review-roots.js';
-import { codeBlock } from '../review/markdown.js';
+import { codeBlock, codeSpan } from '../review/markdown.js';
 import type { ReviewService } from '../review/review-service.js';
 import type { BuildManager } from '../scheduler/build-manager.js';
 import type { BuildStore } from '../scheduler/build-store.js';
@@ -323,7 +323,9 @@ export class RunPipeline {
             SUMMARY_CHECK,
             failed.length > 0 ? 'failure' : 'success',
             `${roots.length - failed.length} of ${roots.length} built`,
-            failed.length > 0 ? failed.map((r) => `- \`${r.attr}\`: ${this.state(r)}`).join('\n') : 'Everything built.',
+            failed.length > 0
+              ? failed.map((r) => `- ${codeSpan(r.attr)}: ${this.state(r)}`).join('\n')
+              : 'Everything built.',
           ),
           this.cacheLines(runId),
         ),

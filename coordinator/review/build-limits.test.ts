@@ -44,12 +44,12 @@ describe('limitReport', () => {
         'named by commands/commit titles',
     );
     expect(report.lines).toContain(
-      "- job `pkgs`: 12,345 rebuilds on x86_64-linux exceed max_rebuild_count 5,000 (the base's jobs.pkgs.max_rebuild_count)",
+      "- job `pkgs`: 12,345 rebuilds on `x86_64-linux` exceed max_rebuild_count 5,000 (the base's jobs.pkgs.max_rebuild_count)",
     );
     expect(report.lines).toContain(
       'Built only the attributes named by commands or commit titles (2): `pkgs.curl`, `pkgs.openssl`',
     );
-    expect(report.lines).toContain('Rebuilds per system: aarch64-linux 900, x86_64-linux 12,345.');
+    expect(report.lines).toContain('Rebuilds per system: `aarch64-linux` 900, `x86_64-linux` 12,345.');
   });
 
   it("reports a system's own limits to its build check, and a path rule to every system", () => {
@@ -129,7 +129,7 @@ describe('limitChecks', () => {
     const report = heldBackOf(applied, { 'x86_64-linux': 10 }, held)!;
     expect(report.checks).toEqual(held);
     expect(report.lines).toContain(
-      'Checks not run, their shells would build what is held back: `lint` on x86_64-linux, `tests` on x86_64-linux.',
+      'Checks not run, their shells would build what is held back: `lint` on `x86_64-linux`, `tests` on `x86_64-linux`.',
     );
   });
 

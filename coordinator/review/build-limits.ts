@@ -6,6 +6,7 @@ import { RepoConfigError } from '../repo-config/errors.js';
 import { compilePathGlob } from '../repo-config/path-globs.js';
 import { count, plural } from './numbers.js';
 import { CONFIG_LOCATIONS, type JobBuildRules, buildRulesFromText } from '../repo-config/repo-config.js';
+import { codeSpan } from './markdown.js';
 
 /**
  * How much of a change a review builds. Two rules hold builds back while the review still evaluates the change and
@@ -132,7 +133,7 @@ export interface HeldCheck {
 
 /** A held-back check as reports name it (markdown). */
 export function heldCheckName(c: HeldCheck): string {
-  return `\`${c.name}\` on ${c.system}`;
+  return `${codeSpan(c.name)} on ${codeSpan(c.system)}`;
 }
 
 /**
@@ -262,7 +263,7 @@ export function limitReport(
     '',
     attrs.length > 0
       ? `Built only the attributes named by commands or commit titles (${count(attrs.length)}): ` +
-        listed(attrs.map((a) => `\`${a}\``))
+        listed(attrs.map(codeSpan))
       : 'Nothing was built. `@eka-ci build ATTR`, or a commit title such as `ATTR: 1.0 -> 2.0`, builds an attribute anyway.',
   ];
   if ((o.checks?.length ?? 0) > 0) {
@@ -271,7 +272,7 @@ export function limitReport(
   }
   const counts = Object.entries(o.rebuildCountBySystem ?? {}).sort(([a], [b]) => (a < b ? -1 : 1));
   if (counts.length > 0)
-    lines.push('', `Rebuilds per system: ${counts.map(([s, n]) => `${s} ${count(n)}`).join(', ')}.`);
+    lines.push('', `Rebuilds per system: ${counts.map(([s, n]) => `${codeSpan(s)} ${count(n)}`).join(', ')}.`);
   return { title: `${describe(first.limit, 'title')}${more}; ${tail}`, lines };
 }
 
@@ -282,7 +283,9 @@ function listed(items: readonly string[]): string {
 
 function describe(limit: BuildLimit, form: 'title' | 'line'): string {
   if (limit.kind === 'max-rebuild-count') {
-    const what = `${count(limit.rebuilds)} rebuilds on ${limit.system} exceed max_rebuild_count ${count(limit.limit)}`;
+    // A derivation's system is the repository's to write: quoted in the markdown line (a title is plain text).
+    const on = form === 'title' ? limit.system : codeSpan(limit.system);
+    const what = `${count(limit.rebuilds)} rebuilds on ${on} exceed max_rebuild_count ${count(limit.limit)}`;
     if (form === 'title') return `Mass rebuild: ${what}`;
     const whose =
       limit.from === 'job'

@@ -554,8 +554,8 @@ function row(cells: string[]): string {
   return `| ${cells.join(' | ')} |`;
 }
 
-/** Inline code that survives any backticks in its content. */
-function codeSpan(text: string): string {
+/** Inline code that survives any backticks in its content (whitespace, newlines included, made single spaces). */
+export function codeSpan(text: string): string {
   const flat = text.replace(/\s+/g, ' ');
   const fence = '`'.repeat(longestRun(flat, '`') + 1);
   const pad = flat.startsWith('`') || flat.endsWith('`') ? ' ' : '';
@@ -568,7 +568,7 @@ function codeCell(text: string): string {
 }
 
 /** Literal text: every character markdown could act on is backslash-escaped; newlines become `<br>`. */
-function escapeText(text: string): string {
+export function escapeText(text: string): string {
   return text.replace(/[\\`*_[\]<>|~&#!]/g, '\\$&').replace(/\r\n?|\n/g, '<br>');
 }
 
