@@ -121,6 +121,8 @@ describe('parseCommands', () => {
     const reason = (c: PrCommand | undefined): string => (c?.kind === 'invalid' ? c.reason : '');
     expect(reason(unknown)).toMatch(/^unknown command `deploy`; commands are `build <attr>…`, .*`merge cancel`/);
     expect(reason(bare)).toMatch(/^no command given; commands are/);
+    // The verb is the commenter's: quoted like any other word, a backtick in it cannot end the code span.
+    expect(reason(parseCommands('@eka-ci de`**ploy**`')[0])).toMatch(/^unknown command `de'\*\*ploy\*\*'`; /);
   });
 
   it('rejects bad arguments with a reason naming them', () => {

@@ -106,7 +106,7 @@ function parseCommand(line: string, rest: string): PrCommand {
     case 'merge':
       return parseMerge(line, args, invalid);
     default:
-      return invalid(`unknown command \`${verb}\`; ${USAGE}`);
+      return invalid(`unknown command ${quoted([verb])}; ${USAGE}`);
   }
 }
 
