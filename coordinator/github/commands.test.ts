@@ -121,8 +121,8 @@ describe('parseCommands', () => {
     const reason = (c: PrCommand | undefined): string => (c?.kind === 'invalid' ? c.reason : '');
     expect(reason(unknown)).toMatch(/^unknown command `deploy`; commands are `build <attr>…`, .*`merge cancel`/);
     expect(reason(bare)).toMatch(/^no command given; commands are/);
-    // The verb is the commenter's: quoted like any other word, a backtick in it cannot end the code span.
-    expect(reason(parseCommands('@eka-ci de`**ploy**`')[0])).toMatch(/^unknown command `de'\*\*ploy\*\*'`; /);
+    // The verb is the commenter's: shown as written, in a code span a backtick in it cannot end.
+    expect(reason(parseCommands('@eka-ci de`**ploy**`')[0])).toMatch(/^unknown command `` de`\*\*ploy\*\*` ``; /);
   });
 
   it('rejects bad arguments with a reason naming them', () => {
@@ -140,7 +140,7 @@ describe('parseCommands', () => {
     expect(reasons).toEqual([
       '`build` needs at least one attribute, e.g. `build hello`',
       'not attribute paths: `foo..bar`, `.x`, `y.`, `nixos/tests`, `a;b`',
-      "not an attribute path: `'x'`",
+      'not an attribute path: `` `x` ``',
       '`rebuild` takes no arguments: it rebuilds what failed; use `build <attr>`',
       '`approve` takes at most one argument: the commit to approve (7 to 40 hex digits)',
       'unknown merge method `fast-forward`; use merge, squash or rebase',

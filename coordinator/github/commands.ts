@@ -16,6 +16,7 @@
  * Parsing never fails: a line addressed to the bot that is not a valid command becomes `invalid` with a reason
  * meant to be shown to its author. Whether the author may run a command is decided elsewhere (`authorize`).
  */
+import { codeSpan } from '../review/markdown.js';
 
 export const DEFAULT_BOT_NAME = 'eka-ci';
 
@@ -123,6 +124,7 @@ function parseMerge(line: string, args: string[], invalid: (reason: string) => P
 const USAGE =
   'commands are `build <attr>…`, `rebuild`, `merge [merge|squash|rebase]`, `merge cancel` and `approve [SHA]`';
 
+/** The commenter's words as code, shown as written: a backtick in one cannot end its span (codeSpan). */
 function quoted(words: readonly string[]): string {
-  return words.map((w) => `\`${w.replace(/`/g, "'")}\``).join(', ');
+  return words.map(codeSpan).join(', ');
 }
