@@ -11,11 +11,6 @@ import type { Review } from '../coordinator/review/model.js';
 import { ekaci, git } from './support/cli.js';
 import { nonce, tempDir } from './support/nix-project.js';
 
-/**
- * A repository whose change covers the common review categories: a library change that reaches an
- * application only through its dependency, a package that starts failing, one that is fixed, one added, one
- * removed, and an attribute whose evaluation breaks.
- */
 /** An empty git repository whose `.eka-ci/config.json` holds `config`, and a fresh tag for its derivations. */
 function configuredRepo(config: object): { repo: string; tag: string } {
   const repo = tempDir('ekaci-review-repo-');
@@ -25,6 +20,11 @@ function configuredRepo(config: object): { repo: string; tag: string } {
   return { repo, tag: nonce() };
 }
 
+/**
+ * A repository whose change covers the common review categories: a library change that reaches an
+ * application only through its dependency, a package that starts failing, one that is fixed, one added, one
+ * removed, and an attribute whose evaluation breaks.
+ */
 function changeRepo(job: { allow_eval_failures?: boolean } = {}): { repo: string; base: string; head: string } {
   const { repo, tag } = configuredRepo({ jobs: { pkgs: { file: 'default.nix', ...job } } });
   const write = (body: string): void =>

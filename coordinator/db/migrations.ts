@@ -2,13 +2,13 @@ import { createHash } from 'node:crypto';
 import type { Db } from './database.js';
 import { seedBuildDurations } from '../scheduler/build-durations.js';
 
+/** A schema change: SQL, or a function for one that must move data SQL alone cannot (it runs in a transaction). */
+export type Migration = string | ((db: Db) => void);
+
 /**
  * The schema, as an append-only list of migrations. Never edit a released migration: add one. Each runs in
  * its own transaction and is recorded in `schema_migrations`.
  */
-/** A schema change: SQL, or a function for one that must move data SQL alone cannot (it runs in a transaction). */
-export type Migration = string | ((db: Db) => void);
-
 export const MIGRATIONS: readonly Migration[] = [
   `
   CREATE TABLE derivations (

@@ -27,7 +27,6 @@ export interface EvalScope {
   policy: EvalPolicy;
 }
 
-/** Starts the Nix processes of one evaluation (see `EvalEnvironment.launcher`). */
 /** Directories one command needs beyond its evaluation's scope (they must exist). */
 export interface ExtraPaths {
   /** Readable by the evaluation like its roots: the evaluator's request files. */
@@ -36,6 +35,7 @@ export interface ExtraPaths {
   writable?: readonly string[];
 }
 
+/** Starts the Nix processes of one evaluation (see `EvalEnvironment.launcher`). */
 export interface NixLauncher {
   command(program: EvalProgram, args: readonly string[], extra?: ExtraPaths): SandboxedCommand;
   /** Per-attribute time limit, in ms. */

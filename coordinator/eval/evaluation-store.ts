@@ -30,17 +30,6 @@ interface StoredAttr {
 /** What an evaluated attribute is, without its name: stored once however many commits and attributes share it. */
 type AttrValue = Omit<EvalResult, 'attr'>;
 
-/**
- * Evaluations kept per repository, commit and job, so reviews can be recomputed from the database.
- *
- * Stored as rows, not one document per commit: an attribute of an evaluation is a row (`evaluation_attrs`: its
- * position, its name's id, its value's id); names (`eval_attr_names`) and values (`eval_values`: drv path, outputs,
- * meta, errors as JSON, keyed by a digest of that JSON) are each stored once. Between two commits of a package set
- * almost every attribute evaluates to the same value, so a commit costs a few bytes per attribute plus what changed.
- *
- * An evaluation becomes visible (`load`) only once all its attributes are stored (`complete = 1`); a save cut short
- * by a crash leaves an incomplete one, which the next save of that commit and `retain` remove.
- */
 /** A job's evaluation of a commit in figures. */
 export interface EvaluationSummary {
   job: string;
@@ -62,6 +51,17 @@ export interface AttrInCommit {
   error: string | null;
 }
 
+/**
+ * Evaluations kept per repository, commit and job, so reviews can be recomputed from the database.
+ *
+ * Stored as rows, not one document per commit: an attribute of an evaluation is a row (`evaluation_attrs`: its
+ * position, its name's id, its value's id); names (`eval_attr_names`) and values (`eval_values`: drv path, outputs,
+ * meta, errors as JSON, keyed by a digest of that JSON) are each stored once. Between two commits of a package set
+ * almost every attribute evaluates to the same value, so a commit costs a few bytes per attribute plus what changed.
+ *
+ * An evaluation becomes visible (`load`) only once all its attributes are stored (`complete = 1`); a save cut short
+ * by a crash leaves an incomplete one, which the next save of that commit and `retain` remove.
+ */
 export class EvaluationStore {
   private readonly s;
 

@@ -40,12 +40,12 @@ export interface FetchOptions {
   objectsFrom?: string;
 }
 
-/** A worktree of one commit, shared by everyone who asked for that commit until the last one releases it. */
 /** Where the mirrors under a git directory (`<data dir>/git`) keep `url`'s bare mirror. */
 export function mirrorDirFor(gitDir: string, url: string): string {
   return join(gitDir, 'mirrors', parseRepoUrl(url).mirrorName);
 }
 
+/** A worktree of one commit, shared by everyone who asked for that commit until the last one releases it. */
 export interface Checkout {
   dir: string;
   commit: string;

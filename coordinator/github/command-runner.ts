@@ -51,12 +51,6 @@ const COMMAND_BURST = 10;
 const COMMANDS_PER_SECOND = 1 / 60;
 const MAX_TRACKED_USERS = 10_000;
 
-/**
- * Pull-request comment commands (`@eka-ci build …`, `rebuild`, `merge`, `merge cancel`, `approve`), and the
- * pending `@eka-ci merge` they leave behind: it merges once every eka-ci check of the head is green, and is
- * cancelled when the head moves. Each command is answered with a reaction: +1 accepted, -1 refused (with a reply
- * saying why), rocket when merged.
- */
 /** How a command is answered: on the pull request (a comment's), or to the web UI's caller. */
 interface Answer {
   accepted(note?: string): Promise<void>;
@@ -71,6 +65,12 @@ interface CommandSource {
   answer: (line: string) => Answer;
 }
 
+/**
+ * Pull-request comment commands (`@eka-ci build …`, `rebuild`, `merge`, `merge cancel`, `approve`), and the
+ * pending `@eka-ci merge` they leave behind: it merges once every eka-ci check of the head is green, and is
+ * cancelled when the head moves. Each command is answered with a reaction: +1 accepted, -1 refused (with a reply
+ * saying why), rocket when merged.
+ */
 export class CommandRunner {
   private readonly limiter = new KeyedRateLimiter(MAX_TRACKED_USERS, COMMAND_BURST, COMMANDS_PER_SECOND);
 

@@ -156,7 +156,6 @@ export class GitHubService {
     this.queue = new DeliveryQueue(deps.db, { logger: log, observe: (o) => this.metrics.observe(o) });
   }
 
-  /** `POST /github/webhook`, for the coordinator's HTTP server. */
   /**
    * A GitHub user's permission on a repository, asked through the App that serves it (and remembered for a few
    * minutes: a page of buttons asks often); undefined when no App serves the repository or GitHub cannot say.
@@ -178,6 +177,7 @@ export class GitHubService {
     }
   }
 
+  /** `POST /github/webhook`, for the coordinator's HTTP server. */
   router(): Router {
     return webhookReceiver({
       queue: this.queue,

@@ -763,10 +763,6 @@ export class BuildManager extends EventEmitter {
   }
 
   /**
-   * Buildable derivations that no connected agent can build, past the grace period, become `unbuildable` and
-   * their dependents `dependency-failed`.
-   */
-  /**
    * The queues as an operator reads them: per lane (system, features, fixed-output or not, untrusted or not) what
    * is buildable, since when, which connected agents serve it, and — when none does — why it waits.
    */
@@ -799,6 +795,10 @@ export class BuildManager extends EventEmitter {
       : `no connected agent builds ${what}`;
   }
 
+  /**
+   * Buildable derivations that no connected agent can build, past the grace period, become `unbuildable` and
+   * their dependents `dependency-failed`.
+   */
   markUnbuildable(agents: readonly AgentCapabilities[]): void {
     const now = this.now();
     let changed = false;
