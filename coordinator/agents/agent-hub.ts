@@ -41,8 +41,8 @@ export interface AgentHubOptions {
  * loop: a thousand free slots and a layer of work that just became buildable took one round of ≈200 ms, holding
  * every agent's result and every other slot's Assign behind it. bench/fleet at 20,000 (100 agents × 10 slots,
  * immediate results), rounds alternating: event-loop delay p99 87–173 ms with rounds of 100, 69–112 with 50, 63–82
- * with 30, 51–74 with 20, 51–68 with 10; assignments per second the same within the machine's noise (≈900–1,180).
- * At 100,000: 95–99 ms with 20, 152–190 ms with 100. The slots wait as long either way; what changes is where the
+ * with 30, 51–74 with 20, 51–68 with 10; assignments per second the same within the machine's noise (≈800–1,180).
+ * At 100,000: 82–99 ms with 20, 152–190 ms with 100. The slots wait as long either way; what changes is where the
  * queue of work waits, in the sockets and one long turn or in the scheduler.
  */
 const DISPATCH_ROUND_MAX = 20;
